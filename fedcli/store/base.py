@@ -1,0 +1,38 @@
+"""The store interface every backend implements.
+
+Keys are relative posix paths checked by `names.check_key`. Writes are atomic: a reader
+sees the whole object or nothing. `create_only=True` is the commit primitive: exactly one
+of several racing writers wins, the others get `AlreadyExists`.
+"""
+
+from abc import ABC, abstractmethod
+
+
+class Store(ABC):
+    url: str
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """Whole object; raises NotFound."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        """Atomic write; raises AlreadyExists when create_only and the key exists."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """Size in bytes, so callers can refuse oversized objects before reading; raises NotFound."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys under prefix (recursive), sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove a key if present (used only for locks and temp objects)."""
+
+    def __str__(self) -> str:
+        return self.url
