@@ -34,7 +34,7 @@ def failures():
     try:
         yield
     except FedcliError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
 
 
@@ -118,7 +118,7 @@ def train(
     with failures():
         res = train_round(_store(store), key, data, coordinator, state, err)
     for note in res.data_notes:
-        err.print(f"[yellow]note:[/] {note}", highlight=False)
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if not res.submitted:
         out.print(res.message)
         return
@@ -157,7 +157,7 @@ def aggregate(
         table.add_row(m, "[dim]missing[/]", "")
     out.print(table)
     for m, reason in res.rejected.items():
-        err.print(f"[red]rejected[/] {m}: {reason}", highlight=False)
+        err.print(f"[red]rejected[/] {m}: {reason}", highlight=False, soft_wrap=True)
     if res.published:
         out.print(f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates")
     else:
