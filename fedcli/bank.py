@@ -101,8 +101,17 @@ def train_round(
     base_round = R.latest_round(store)
     r = base_round + 1
     tkey, mkey = R.update_keys(r, me.name)
+    secure = spec.secagg.enabled
+    if secure:
+        from . import secagg_rounds as SR
+
+        mask_key = keys.load_mask_key(key_path)
     if store.exists(mkey):
-        return TrainResult(me.name, r, False, f"{me.name} already submitted an update for round {r}; nothing to do")
+        # Secure aggregation's second exchange: reveal seeds with members declared dropped.
+        msg = SR.publish_recovery(store, spec, r, me.name, private, mask_key) if secure else None
+        return TrainResult(me.name, r, False, msg or f"{me.name} already submitted an update for round {r}; nothing to do")
+    if secure:
+        SR.refuse_if_dropped(store, spec, r, me.name)
     base = R.load_global(store, spec, spec_sha, base_round, shapes)
     state.check(spec.federation_id, base)
 
@@ -124,6 +133,12 @@ def train_round(
     delta = {k: weights[k] - base.tensors[k] for k in weights}
     metrics = {"loss": round(loss, 6), "auc_before": round(before["auc"], 6), "auc_after": round(after["auc"], 6)}
 
+    extra = {}
+    if secure:
+        SR.refuse_if_dropped(store, spec, r, me.name)  # again: training took a while
+        delta, extra["secagg"], clipped = SR.mask_delta(spec, r, me.name, mask_key, delta)
+        if clipped:
+            notes.append(f"secure aggregation: {clipped} update values beyond ±{spec.secagg.clip} were clipped")
     data = T.encode(delta)
     store.put(tkey, data)
     manifest = {
@@ -138,6 +153,7 @@ def train_round(
         "metrics": metrics,
         "created_at": R.now(),
         "nonce": secrets.token_hex(16),
+        **extra,
     }
     try:
         store.put(mkey, keys.sign_manifest(private, manifest), create_only=True)

@@ -46,7 +46,10 @@ def init_federation(
         ident = keys.load_public(p)
         if any(m.get("name") == ident.name for m in members):
             raise FedcliError(f"member {ident.name} is enrolled twice (template and {p})")
-        members.append({"name": ident.name, "ed25519": ident.ed25519})
+        entry = {"name": ident.name, "ed25519": ident.ed25519}
+        if ident.x25519:
+            entry["x25519"] = ident.x25519
+        members.append(entry)
     spec = S.parse(raw)  # validates everything before anything is written
     spec_bytes = S.dumps(raw)
     store.put(R.SPEC_KEY, spec_bytes)
@@ -118,29 +121,48 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
     committed, result.pending = R.submitted_members(store, r)
     result.missing = [m.name for m in spec.members if m.name not in committed and m.name not in result.pending]
 
+    secure = spec.secagg.enabled
+    if secure:
+        from . import secagg_rounds as SR
+
+        drops = SR.load_drops(store, spec, r)
+        masked = SR.MaskedSum(spec, shapes)
     avg = FedAvg(shapes)
     with Progress(console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"verifying round {r}", total=len(committed))
         for member in committed:
             try:
-                manifest, delta = R.verify_update(store, spec, r, member, base.sha256, shapes)
+                manifest, delta = R.verify_update(store, spec, r, member, base.sha256, shapes,
+                                                  "uint32" if secure else "float32")
+                if secure:
+                    masked.check(member, manifest, drops)
             except FedcliError as e:  # one bad update never stops the others
                 result.rejected[member] = str(e)
             else:
-                avg.add(delta, float(manifest["num_examples"]))
+                if secure:
+                    masked.add(member, manifest, delta)
+                else:
+                    avg.add(delta, float(manifest["num_examples"]))
                 result.accepted.append({"member": member, "num_examples": manifest["num_examples"],
                                         "metrics": manifest.get("metrics", {})})
             progress.advance(task)
     if result.rejected:
         store.put(R.rejections_key(r), keys.canonical(result.rejected))
 
-    ready, result.waiting_reason = quorum_reached(spec, len(result.accepted), base.manifest["created_at"])
-    if not ready:
+    quorum = quorum_reached(spec, len(result.accepted), base.manifest["created_at"])
+    if secure:  # the coordinator only ever sees the (unmasked) sum
+        mean, result.waiting_reason, extra = SR.close_round(store, private, spec, r, masked, drops,
+                                                            sorted(result.rejected), quorum)
+        rule = "secagg-mean"
+    else:
+        (ready, result.waiting_reason), extra, rule = quorum, {}, "fedavg"
+        mean = avg.mean() if ready else None
+    if mean is None:
         return result
-    weights = apply(base.tensors, avg.mean())
+    weights = apply(base.tensors, mean)
     try:
         publish_global(store, private, spec, spec_sha, r, weights, prev_sha=base.sha256,
-                       contributors=result.accepted, rule="fedavg")
+                       contributors=result.accepted, rule=rule, **extra)
     except AlreadyExists:
         raise FedcliError(f"round {r} was published by another aggregate run meanwhile") from None
     result.published = True

@@ -2,7 +2,8 @@
 
 Private keys are PKCS#8 PEM files (mode 0600, optionally passphrase-encrypted). Public keys
 are small TOML files a bank can mail to the coordinator; the fingerprint is what both sides
-read aloud over the phone to compare out of band.
+read aloud over the phone to compare out of band. Next to the Ed25519 signing key, keygen makes
+an X25519 key (NAME.x25519.key) for secure aggregation's pairwise masks.
 """
 
 import base64
@@ -17,6 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from . import secagg
 from .errors import FedcliError, VerificationError
 from .names import check_name
 
@@ -47,6 +49,7 @@ def fingerprint(raw_public: bytes) -> str:
 class PublicIdentity:
     name: str
     ed25519: str  # base64 of the 32-byte raw public key
+    x25519: str = ""  # base64 X25519 key for secure aggregation masks ("" if none enrolled)
 
     @property
     def raw(self) -> bytes:
@@ -62,13 +65,31 @@ class PublicIdentity:
             raise FedcliError(f"public key of {self.name} is not a 32-byte Ed25519 key")
         return Ed25519PublicKey.from_public_bytes(raw)
 
+    def mask_key(self):
+        """The enrolled X25519 public key (secure aggregation)."""
+        if not self.x25519:
+            raise FedcliError(f"{self.name} has no X25519 key enrolled (needed for secure aggregation)")
+        return secagg.public_from_text(self.x25519)
+
+
+def x25519_path_for(key_path: Path) -> Path:
+    """NAME.key -> NAME.x25519.key: the mask key lives next to the signing key."""
+    return Path(key_path).with_suffix(".x25519.key")
+
+
+def _write_private(path: Path, pem: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+
 
 def generate(name: str, out_dir: Path, passphrase: str | None = None) -> tuple[Path, Path, PublicIdentity]:
-    """Write NAME.key (0600) and NAME.pub into out_dir; refuse to overwrite an existing key."""
+    """Write NAME.key and NAME.x25519.key (0600) and NAME.pub; refuse to overwrite a key."""
     check_name(name, "key name")
     out_dir.mkdir(parents=True, exist_ok=True)
     key_path, pub_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
-    for p in (key_path, pub_path):
+    mask_path = x25519_path_for(key_path)
+    for p in (key_path, mask_path, pub_path):
         if p.exists():
             raise FedcliError(f"{p} already exists; refusing to overwrite a key (move it away first)")
     private = Ed25519PrivateKey.generate()
@@ -78,13 +99,14 @@ def generate(name: str, out_dir: Path, passphrase: str | None = None) -> tuple[P
         else serialization.NoEncryption()
     )
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    _write_private(key_path, pem)
+    mask = secagg.generate_key()
+    _write_private(mask_path, secagg.private_to_pem(mask, passphrase.encode() if passphrase else None))
     raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    ident = PublicIdentity(name=name, ed25519=b64(raw))
+    ident = PublicIdentity(name=name, ed25519=b64(raw), x25519=secagg.public_to_text(mask))
     pub_path.write_text(
         f'# fedcli public key. Fingerprint: {ident.fingerprint}\nname = "{name}"\ned25519 = "{ident.ed25519}"\n'
+        f'x25519 = "{ident.x25519}"\n'
     )
     return key_path, pub_path, ident
 
@@ -111,6 +133,27 @@ def load_private(path: Path, passphrase: str | None = None) -> tuple[Ed25519Priv
     return key, b64(raw)
 
 
+def load_mask_key(key_path: Path, passphrase: str | None = None):
+    """Load the X25519 key that sits next to the signing key at key_path."""
+    path = x25519_path_for(key_path)
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        raise FedcliError(
+            f"{path} not found: secure aggregation needs the X25519 key `fedcli keygen` makes next to {Path(key_path).name}"
+        ) from None
+    except OSError as e:
+        raise FedcliError(f"cannot read private key {path}: {e.strerror}") from None
+    if passphrase is None:
+        passphrase = os.environ.get(PASSPHRASE_ENV)
+    try:
+        return secagg.private_from_pem(pem, passphrase.encode() if passphrase else None)
+    except FedcliError:
+        raise FedcliError(
+            f"{path} is not a valid X25519 key, or it is passphrase-protected and {PASSPHRASE_ENV} is unset or wrong"
+        ) from None
+
+
 def load_public(path: Path) -> PublicIdentity:
     try:
         data = tomllib.loads(Path(path).read_text())
@@ -119,10 +162,13 @@ def load_public(path: Path) -> PublicIdentity:
     except tomllib.TOMLDecodeError as e:
         raise FedcliError(f"{path} is not a fedcli public key file: {e}") from None
     try:
-        ident = PublicIdentity(name=check_name(data["name"], "key name"), ed25519=data["ed25519"])
+        ident = PublicIdentity(name=check_name(data["name"], "key name"), ed25519=data["ed25519"],
+                               x25519=data.get("x25519", ""))
     except KeyError as e:
         raise FedcliError(f"{path} lacks the field {e.args[0]!r}") from None
     ident.key()  # validates length and encoding
+    if ident.x25519:
+        ident.mask_key()
     return ident
 
 

@@ -132,8 +132,11 @@ def load_global(store: Store, spec: Spec, spec_sha: str, r: int, shapes: T.Shape
     return Global(r, read_tensors(store, tkey, manifest["tensors_sha256"], shapes, what), manifest)
 
 
-def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, shapes: T.Shapes):
-    """Check one submitted update; return (manifest, delta tensors) or raise with the reason."""
+def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, shapes: T.Shapes,
+                  dtype: str = "float32"):
+    """Check one submitted update; return (manifest, delta tensors) or raise with the reason.
+
+    dtype is uint32 for masked updates (secure aggregation)."""
     what = f"update from {member}"
     signer = spec.member(member)
     if signer is None:
@@ -146,7 +149,7 @@ def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, 
     n = manifest.get("num_examples")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise VerificationError(f"{what}: num_examples must be a positive integer")
-    return manifest, read_tensors(store, tkey, manifest.get("tensors_sha256"), shapes, what)
+    return manifest, read_tensors(store, tkey, manifest.get("tensors_sha256"), shapes, what, dtype)
 
 
 def submitted_members(store: Store, r: int) -> tuple[list[str], list[str]]:

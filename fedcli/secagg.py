@@ -179,6 +179,35 @@ def _apply(acc: np.ndarray, seed: bytes, sign: int) -> None:
         np.subtract(acc, mask, out=acc)
 
 
+def pair_seeds(
+    federation: str,
+    round_: int,
+    me: str,
+    my_key: X25519PrivateKey,
+    roster: Mapping[str, X25519PublicKey],
+) -> dict[str, bytes]:
+    """The seed `me` shares with every other member of the round's roster.
+
+    roster maps every member id (me included) to its enrolled X25519 public key.
+    """
+    _check_roster(roster, me)
+    if _raw(roster[me]) != _raw(my_key.public_key()):
+        raise FedcliError(f"the X25519 key of {me!r} does not match the one enrolled in the spec")
+    return {
+        peer: pair_seed(federation, round_, me, my_key, peer, roster[peer])
+        for peer in sorted(roster)
+        if peer != me
+    }
+
+
+def apply_masks(quantized: np.ndarray, me: str, seeds: Mapping[str, bytes]) -> np.ndarray:
+    """quantized + sum of signed pairwise masks (mod 2**32), as a new flat uint32 vector."""
+    out = np.array(quantized, dtype=np.uint32, copy=True).reshape(-1)
+    for peer in sorted(seeds):
+        _apply(out, seeds[peer], _sign(me, peer))
+    return out
+
+
 def mask_update(
     quantized: np.ndarray,
     federation: str,
@@ -187,20 +216,8 @@ def mask_update(
     my_key: X25519PrivateKey,
     roster: Mapping[str, X25519PublicKey],
 ) -> np.ndarray:
-    """quantized + sum of pairwise masks (mod 2**32), for the fixed roster of this round.
-
-    roster maps every member id (me included) to its enrolled X25519 public key.
-    """
-    _check_roster(roster, me)
-    if _raw(roster[me]) != _raw(my_key.public_key()):
-        raise FedcliError(f"the X25519 key of {me!r} does not match the one enrolled in the spec")
-    out = np.array(quantized, dtype=np.uint32, copy=True).reshape(-1)
-    for peer in sorted(roster):
-        if peer == me:
-            continue
-        seed = pair_seed(federation, round_, me, my_key, peer, roster[peer])
-        _apply(out, seed, _sign(me, peer))
-    return out
+    """quantized + sum of pairwise masks (mod 2**32), for the fixed roster of this round."""
+    return apply_masks(quantized, me, pair_seeds(federation, round_, me, my_key, roster))
 
 
 def _check_roster(roster: Mapping[str, X25519PublicKey], me: str | None = None) -> None:

@@ -59,6 +59,15 @@ class TrainingSpec:
 
 
 @dataclass(frozen=True)
+class SecAggSpec:
+    """[secagg]: pairwise-masked updates so the coordinator sees only their sum."""
+
+    enabled: bool = False
+    clip: float = 10.0  # each update coordinate is clipped to [-clip, clip] before fixed point
+    noise: str = "full"  # DP noise per bank: "full" or "shared" (see docs/security.md)
+
+
+@dataclass(frozen=True)
 class Spec:
     federation_id: str
     coordinator: PublicIdentity
@@ -69,6 +78,7 @@ class Spec:
     training: TrainingSpec
     members: tuple[PublicIdentity, ...]
     raw: dict = field(repr=False, compare=False)
+    secagg: SecAggSpec = SecAggSpec()
 
     def member(self, name: str) -> PublicIdentity | None:
         return next((m for m in self.members if m.name == name), None)
@@ -109,8 +119,11 @@ def parse(raw: dict) -> Spec:
     members = []
     for m in _get(raw, "members", list, "members"):
         ident = PublicIdentity(name=check_name(_get(m, "name", str, "members"), "member name"),
-                               ed25519=_get(m, "ed25519", str, "members"))
+                               ed25519=_get(m, "ed25519", str, "members"),
+                               x25519=_get(m, "x25519", str, "members", default=""))
         ident.key()
+        if ident.x25519:
+            ident.mask_key()
         members.append(ident)
     names = [m.name for m in members]
     if len(set(names)) != len(names):
@@ -173,9 +186,34 @@ def parse(raw: dict) -> Spec:
         raise FedcliError("federation spec: [training] epochs and batch_size must be >= 1")
     _positive(training.lr, "lr", "training")
 
+    secagg = _parse_secagg(_get(raw, "secagg", dict, "secagg", default={}), members, min_clients)
+
     return Spec(federation_id=fid, coordinator=coordinator, min_clients=min_clients,
                 deadline_minutes=float(deadline), model=model, data=data, training=training,
-                members=tuple(members), raw=raw)
+                members=tuple(members), raw=raw, secagg=secagg)
+
+
+def _parse_secagg(t: dict, members: list[PublicIdentity], min_clients: int) -> SecAggSpec:
+    """Secure aggregation needs every member's X25519 key and at least 2 survivors per round."""
+    from .secagg import fixed_point_scale, member_noise_multiplier
+
+    enabled = _get(t, "enabled", bool, "secagg", default=False)
+    clip = float(_positive(_get(t, "clip", (int, float), "secagg", default=SecAggSpec.clip), "clip", "secagg"))
+    noise = _get(t, "noise", str, "secagg", default=SecAggSpec.noise)
+    if not enabled:
+        return SecAggSpec(False, clip, noise)
+    member_noise_multiplier(1.0, noise, max(2, min_clients))  # validates the mode
+    missing = [m.name for m in members if not m.x25519]
+    if missing:
+        raise FedcliError(f"federation spec: [secagg] is enabled but {', '.join(missing)} enrolled no x25519 key "
+                          "(re-run `fedcli keygen` and enrol the new .pub)")
+    if len({m.x25519 for m in members}) != len(members):
+        raise FedcliError("federation spec: two members share an x25519 key")
+    if len(members) < 2 or min_clients < 2:
+        raise FedcliError("federation spec: [secagg] needs at least 2 members and min_clients >= 2 "
+                          "(a sum of one update is that update)")
+    fixed_point_scale(clip, len(members))  # fails early if the roster cannot fit in 32 bits
+    return SecAggSpec(True, clip, noise)
 
 
 def loads(data: bytes, what: str = "federation spec") -> Spec:

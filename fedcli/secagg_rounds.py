@@ -1,0 +1,276 @@
+"""Secure aggregation's part of the round protocol: masked updates and the dropout exchange.
+
+    rounds/00000N/updates/<member>.safetensors      masked uint32 tensors (same names and shapes)
+    rounds/00000N/updates/<member>.json             manifest with a "secagg" record: clip, scale,
+                                                    a SHA-256 commitment to each pairwise seed
+    rounds/00000N/secagg/drops.json                 coordinator: who survived, who dropped (signed)
+    rounds/00000N/secagg/recovery/<member>.json     survivor: its seeds with the dropped (signed)
+
+The drop declaration is create-only and final: a member it lists as dropped never gets an
+update accepted for that round (train refuses to write one, aggregate rejects one), because
+with the revealed seeds the coordinator could unmask it. The maths is in secagg.py.
+"""
+
+import base64
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import keys, secagg
+from . import rounds as R
+from .errors import AlreadyExists, FedcliError, NotFound, VerificationError
+from .spec import Spec, sha256
+
+DROPS_KIND = "secagg-drops"
+RECOVERY_KIND = "secagg-recovery"
+
+
+def drops_key(r: int) -> str:
+    return f"{R.round_dir(r)}/secagg/drops.json"
+
+
+def recovery_key(r: int, member: str) -> str:
+    return f"{R.round_dir(r)}/secagg/recovery/{member}.json"
+
+
+def roster(spec: Spec) -> dict:
+    return {m.name: m.mask_key() for m in spec.members}
+
+
+def scale(spec: Spec) -> float:
+    return secagg.fixed_point_scale(spec.secagg.clip, len(spec.members))
+
+
+def min_survivors(spec: Spec) -> int:
+    return max(2, spec.min_clients)
+
+
+# --- bank side ---------------------------------------------------------------------------
+
+
+def mask_delta(spec: Spec, r: int, me: str, mask_key, delta: dict) -> tuple[dict, dict, int]:
+    """Clip, quantize and mask a delta; return (uint32 tensors, manifest record, coordinates clipped)."""
+    flat, layout = secagg.flatten(delta)
+    clip, sc = spec.secagg.clip, scale(spec)
+    clipped = int(np.count_nonzero(np.abs(flat) > clip))
+    seeds = secagg.pair_seeds(spec.federation_id, r, me, mask_key, roster(spec))
+    masked = secagg.apply_masks(secagg.quantize(flat, clip, sc), me, seeds)
+    record = {
+        "clip": clip,
+        "scale": sc,
+        "commitments": {peer: secagg.seed_commitment(seed) for peer, seed in seeds.items()},
+    }
+    return secagg.unflatten(masked, layout), record, clipped
+
+
+@dataclass
+class Drops:
+    survivors: dict[str, str]  # member -> tensors_sha256 of its update
+    dropped: list[str]
+    sha256: str  # of the declaration file, which recovery shares name
+    created_at: str
+
+
+def load_drops(store, spec: Spec, r: int) -> Drops | None:
+    """The verified drop declaration of round r, or None if the coordinator made none."""
+    what = f"drop declaration of round {r}"
+    try:
+        data = R.read_manifest(store, drops_key(r), what)
+    except NotFound:
+        return None
+    doc = keys.verify_manifest(data, spec.coordinator, what)
+    R.expect(doc, what, kind=DROPS_KIND, federation_id=spec.federation_id, round=r)
+    survivors, dropped = doc.get("survivors"), doc.get("dropped")
+    if not isinstance(survivors, dict) or not isinstance(dropped, list):
+        raise VerificationError(f"{what}: survivors or dropped is malformed")
+    if not all(isinstance(v, str) for v in survivors.values()) or not all(isinstance(d, str) for d in dropped):
+        raise VerificationError(f"{what}: survivors or dropped is malformed")
+    secagg.check_recovery([m.name for m in spec.members], survivors, dropped, min_survivors(spec))
+    return Drops(dict(survivors), sorted(dropped), sha256(data), str(doc.get("created_at", "")))
+
+
+def refuse_if_dropped(store, spec: Spec, r: int, me: str) -> None:
+    """A member declared dropped must not publish its update: it could be unmasked."""
+    drops = load_drops(store, spec, r)
+    if drops is not None and me not in drops.survivors:
+        raise FedcliError(
+            f"{me} was declared dropped from round {r} by the coordinator ({drops.created_at}): "
+            f"an update now would never be accepted and could be unmasked; wait for round {r + 1}"
+        )
+
+
+def publish_recovery(store, spec: Spec, r: int, me: str, private, mask_key) -> str | None:
+    """If round r has a drop declaration, reveal my seeds with the dropped members (signed).
+
+    Returns a message, or None when there is no declaration (nothing to do).
+    """
+    drops = load_drops(store, spec, r)
+    if drops is None:
+        return None
+    if me not in drops.survivors:
+        raise FedcliError(f"{me} is declared dropped from round {r}: it has nothing to reveal")
+    if store.exists(recovery_key(r, me)):
+        return f"{me} already published its recovery shares for round {r}; waiting for the coordinator"
+    what = f"own update of {me}"
+    mine = keys.verify_manifest(R.read_manifest(store, R.update_keys(r, me)[1], what), spec.member(me), what)
+    if drops.survivors[me] != mine.get("tensors_sha256"):
+        raise VerificationError(f"drop declaration of round {r} names another update of {me} than the one it submitted")
+    seeds = secagg.recovery_seeds(spec.federation_id, r, me, mask_key, roster(spec), drops.dropped)
+    doc = {
+        "kind": RECOVERY_KIND,
+        "format": R.FORMAT,
+        "federation_id": spec.federation_id,
+        "round": r,
+        "member": me,
+        "drops_sha256": drops.sha256,
+        "seeds": {d: base64.b64encode(s).decode("ascii") for d, s in seeds.items()},
+        "created_at": R.now(),
+    }
+    try:
+        store.put(recovery_key(r, me), keys.sign_manifest(private, doc), create_only=True)
+    except AlreadyExists:
+        return f"{me} already published its recovery shares for round {r}; waiting for the coordinator"
+    return f"published recovery shares for round {r} (masks shared with {', '.join(drops.dropped)})"
+
+
+# --- coordinator side ----------------------------------------------------------------------
+
+
+class MaskedSum:
+    """Running mod-2**32 sum of masked updates, plus each contributor's seed commitments."""
+
+    def __init__(self, spec: Spec, shapes: dict):
+        self.spec, self.shapes = spec, shapes
+        self.layout = [(k, tuple(shapes[k])) for k in sorted(shapes)]
+        self.total = np.zeros(sum(int(np.prod(s)) for _, s in self.layout), dtype=np.uint32)
+        self.commitments: dict[str, dict] = {}  # member -> {peer: seed commitment}
+        self.shas: dict[str, str] = {}  # member -> tensors_sha256
+
+    def check(self, member: str, manifest: dict, drops: Drops | None) -> None:
+        """Refuse an update that is not a proper member of this round's masked sum."""
+        what = f"update from {member}"
+        if drops is not None and member not in drops.survivors:
+            raise VerificationError(
+                f"{what}: {member} was declared dropped from this round before its update arrived; "
+                "a late update is never accepted"
+            )
+        rec = manifest.get("secagg")
+        if not isinstance(rec, dict):
+            raise VerificationError(f"{what}: not masked (secure aggregation is enabled)")
+        if rec.get("clip") != self.spec.secagg.clip or rec.get("scale") != scale(self.spec):
+            raise VerificationError(f"{what}: fixed-point clip/scale differ from the spec's")
+        peers = sorted(m.name for m in self.spec.members if m.name != member)
+        com = rec.get("commitments")
+        if not isinstance(com, dict) or sorted(com) != peers:
+            raise VerificationError(f"{what}: seed commitments do not cover exactly the other members")
+        if drops is not None and drops.survivors[member] != manifest.get("tensors_sha256"):
+            raise VerificationError(f"{what}: differs from the update named in the drop declaration")
+
+    def add(self, member: str, manifest: dict, tensors: dict) -> None:
+        flat = np.concatenate([np.asarray(tensors[k], dtype=np.uint32).reshape(-1) for k, _ in self.layout])
+        np.add(self.total, flat, out=self.total)
+        self.commitments[member] = manifest["secagg"]["commitments"]
+        self.shas[member] = manifest["tensors_sha256"]
+
+    def mean(self, revealed: dict) -> dict:
+        """Unmask with the revealed seeds and return the mean delta (float64 tensors)."""
+        survivors = sorted(self.commitments)
+        unmasked = secagg.unmask_sum(self.total, survivors, revealed)
+        flat = secagg.dequantize(unmasked, scale(self.spec)) / len(survivors)
+        return secagg.unflatten(flat, self.layout)
+
+
+def signed_rejections(store, spec: Spec, r: int, rejected: list[str]) -> list[str]:
+    """Rejected members whose file is nonetheless a genuine, signed round-r update: declaring them
+    dropped would let the coordinator unmask it, so the round must wait for it to be removed."""
+    genuine = []
+    for m in rejected:
+        ident = spec.member(m)
+        if ident is None:
+            continue
+        try:
+            doc = keys.verify_manifest(R.read_manifest(store, R.update_keys(r, m)[1], m), ident, m)
+        except FedcliError:
+            continue
+        if doc.get("round") == r and doc.get("federation_id") == spec.federation_id:
+            genuine.append(m)
+    return genuine
+
+
+def declare_drops(store, private, spec: Spec, r: int, survivors: dict[str, str]) -> Drops:
+    """Write the final, signed drop declaration: survivors' update hashes and the dropped rest."""
+    dropped = sorted(m.name for m in spec.members if m.name not in survivors)
+    secagg.check_recovery([m.name for m in spec.members], survivors, dropped, min_survivors(spec))
+    doc = {
+        "kind": DROPS_KIND,
+        "format": R.FORMAT,
+        "federation_id": spec.federation_id,
+        "round": r,
+        "survivors": dict(sorted(survivors.items())),
+        "dropped": dropped,
+        "created_at": R.now(),
+    }
+    try:
+        store.put(drops_key(r), keys.sign_manifest(private, doc), create_only=True)
+    except AlreadyExists:
+        pass  # another aggregate run declared first; use the one on the store
+    return load_drops(store, spec, r)
+
+
+def load_recoveries(store, spec: Spec, r: int, drops: Drops, commitments: dict) -> tuple[dict, list[str]]:
+    """Verified revealed seeds {(survivor, dropped): seed}, and the survivors still to publish."""
+    revealed, missing = {}, []
+    for s in sorted(drops.survivors):
+        what = f"recovery shares of {s}"
+        try:
+            data = R.read_manifest(store, recovery_key(r, s), what)
+        except NotFound:
+            missing.append(s)
+            continue
+        doc = keys.verify_manifest(data, spec.member(s), what)
+        R.expect(doc, what, kind=RECOVERY_KIND, federation_id=spec.federation_id, round=r, member=s,
+                 drops_sha256=drops.sha256)
+        seeds = doc.get("seeds")
+        if not isinstance(seeds, dict) or sorted(seeds) != drops.dropped:
+            raise VerificationError(f"{what}: seeds do not cover exactly the dropped members")
+        for d, text in seeds.items():
+            seed = keys.unb64(text if isinstance(text, str) else "", f"{what}: seed for {d}")
+            if len(seed) != 32 or secagg.seed_commitment(seed) != commitments[s].get(d):
+                raise VerificationError(f"{what}: seed for {d} does not match {s}'s signed commitment")
+            revealed[(s, d)] = seed
+    return revealed, missing
+
+
+def close_round(store, private, spec: Spec, r: int, acc: MaskedSum, drops: Drops | None,
+                rejected: list[str], quorum: tuple[bool, str]) -> tuple[dict | None, str, dict]:
+    """Decide what the masked round needs next: (mean delta or None, waiting reason, manifest extra).
+
+    All members in: masks cancel. Quorum without everyone: declare the missing dropped, wait for
+    recovery shares. Declaration and all shares in: unmask and publish.
+    """
+    everyone = {m.name for m in spec.members}
+    if drops is None:
+        if set(acc.commitments) == everyone:
+            return acc.mean({}), "", {"secagg": {"dropped": [], "scale": scale(spec)}}
+        ready, reason = quorum
+        if not ready:
+            return None, reason, {}
+        genuine = signed_rejections(store, spec, r, rejected)
+        if genuine:
+            raise VerificationError(
+                f"round {r}: the signed update of {', '.join(genuine)} was rejected; declaring it dropped would "
+                "let the coordinator unmask it, so remove that update (the bank then re-submits) before aggregating"
+            )
+        drops = declare_drops(store, private, spec, r, dict(acc.shas))
+        return None, (f"declared {', '.join(drops.dropped)} dropped from round {r}; waiting for recovery shares from "
+                      f"{', '.join(sorted(drops.survivors))} (each publishes them on its next `fedcli train`)"), {}
+    lost = sorted(set(drops.survivors) - set(acc.commitments))
+    if lost:
+        raise VerificationError(
+            f"round {r}: {', '.join(lost)} survived the drop declaration but has no valid update; the round cannot complete"
+        )
+    revealed, missing = load_recoveries(store, spec, r, drops, acc.commitments)
+    if missing:
+        return None, f"recovery shares of round {r} still missing from {', '.join(missing)}", {}
+    return acc.mean(revealed), "", {"secagg": {"dropped": drops.dropped, "drops_sha256": drops.sha256,
+                                               "scale": scale(spec)}}

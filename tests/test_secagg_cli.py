@@ -1,0 +1,162 @@
+"""Secure aggregation through the CLI: masked files, dropout recovery, late updates refused.
+
+The reference is a plain federation with the same data, ids and seeds: training is
+deterministic, so its (unmasked) update files are exactly what the masked banks trained.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import ROOT, make_fed
+from safetensors.numpy import load_file
+
+from fedcli import keys
+from fedcli.errors import EXIT_VERIFY, EXIT_WAITING
+
+BANKS5 = ("bank-a", "bank-b", "bank-c", "bank-d", "bank-e")
+# one epoch keeps the suite fast; the plain reference uses the same spec
+SPEC = (ROOT / "examples" / "federation.toml").read_text().replace("epochs = 3", "epochs = 1")
+SECAGG_SPEC = SPEC + "\n[secagg]\nenabled = true\nclip = 4.0\n"
+# data per bank: bank-e reuses bank-a's rows (the demo split has four banks)
+DATA = {b: f"{b if b != 'bank-e' else 'bank-a'}.csv" for b in BANKS5}
+
+
+def train(fed, bank, code=0):
+    return fed.train(bank, code=code, data=fed.data / DATA[bank])
+
+
+def text(res) -> str:
+    """CLI output with rich's line wrapping undone."""
+    return " ".join(res.output.split())
+
+
+@pytest.fixture(scope="module")
+def plain_deltas(tmp_path_factory, credit_split):
+    """Round-1 deltas of the same banks without secure aggregation."""
+    fed = make_fed(tmp_path_factory.mktemp("plain"), credit_split, SPEC, banks=BANKS5)
+    for b in BANKS5:
+        train(fed, b)
+    return {b: load_file(fed.store / f"rounds/000001/updates/{b}.safetensors") for b in BANKS5}
+
+
+def expected_global(fed, plain, members):
+    base = load_file(fed.store / "rounds/000000/global.safetensors")
+    return {k: base[k].astype(np.float64) + sum(plain[b][k].astype(np.float64) for b in members) / len(members)
+            for k in base}
+
+
+def assert_close(fed, r, expected):
+    new = load_file(fed.store / f"rounds/{r:06d}/global.safetensors")
+    for k, v in expected.items():
+        # quantization error (< n/scale) is far below float32 rounding of the weights
+        np.testing.assert_allclose(new[k], v.astype(np.float32), rtol=0, atol=1e-6)
+
+
+def test_keygen_enrols_an_x25519_key(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, SECAGG_SPEC.replace("min_clients = 3", "min_clients = 2"),
+                   banks=BANKS5[:2])
+    assert keys.x25519_path_for(fed.key("bank-a")).exists()
+    ident = keys.load_public(fed.pub("bank-a"))
+    spec = (fed.store / "federation.toml").read_text()
+    assert ident.x25519 and ident.x25519 in spec
+    # a member enrolled without an X25519 key cannot join a secure federation
+    old = tmp_path / "old.pub"
+    old.write_text("\n".join(l for l in fed.pub("bank-b").read_text().splitlines() if not l.startswith("x25519")))
+    res = fed.cli("init", tmp_path / "store2", "--spec", fed.root / "federation.toml", "--key",
+                  fed.key("coordinator"), "--member", fed.pub("bank-a"), "--member", old, code=1)
+    assert "enrolled no x25519 key" in text(res)
+
+
+def test_all_members_in_masks_cancel(tmp_path, credit_split, plain_deltas):
+    fed = make_fed(tmp_path, credit_split, SECAGG_SPEC, banks=BANKS5)
+    for b in BANKS5:
+        train(fed, b)
+    upd = load_file(fed.store / "rounds/000001/updates/bank-a.safetensors")
+    assert all(v.dtype == np.uint32 for v in upd.values())
+    manifest = json.loads((fed.store / "rounds/000001/updates/bank-a.json").read_text())
+    # unmasked, every word would decode inside [-clip, clip]; masked words spread over the whole
+    # 32-bit range (only clip*scale/2**31, here 1/8, of it is inside)
+    words = np.concatenate([v.reshape(-1) for v in upd.values()]).view(np.int32).astype(np.float64)
+    inside = np.abs(words) <= 4.0 * manifest["secagg"]["scale"]
+    assert inside.mean() < 0.5
+    assert sorted(manifest["secagg"]["commitments"]) == [b for b in BANKS5 if b != "bank-a"]
+
+    res = fed.aggregate()
+    assert "published global model of round 1" in res.output
+    g = json.loads((fed.store / "rounds/000001/global.json").read_text())
+    assert g["rule"] == "secagg-mean" and g["secagg"]["dropped"] == []
+    assert_close(fed, 1, expected_global(fed, plain_deltas, BANKS5))
+    # the next round works on top of the unmasked global
+    train(fed, "bank-a")
+
+
+def test_dropout_recovery_and_late_update_refused(tmp_path, credit_split, plain_deltas):
+    fed = make_fed(tmp_path, credit_split, SECAGG_SPEC, banks=BANKS5)
+    survivors = BANKS5[:4]
+    for b in survivors:
+        train(fed, b)
+    # bank-e trains too, but its upload only lands after the deadline (kept aside for now)
+    aside = tmp_path / "aside"
+    shutil.copytree(fed.store, aside)
+    fed.cli("train", "--store", aside, "--key", fed.key("bank-e"), "--data", fed.data / DATA["bank-e"],
+            "--coordinator", fed.pub("coordinator"), "--state", tmp_path / "e-aside.json")
+
+    res = fed.aggregate(code=EXIT_WAITING)  # quorum (3) reached, deadline 0: declare bank-e dropped
+    assert "declared bank-e dropped" in text(res)
+    drops = json.loads((fed.store / "rounds/000001/secagg/drops.json").read_text())
+    assert drops["dropped"] == ["bank-e"] and sorted(drops["survivors"]) == list(survivors)
+
+    # bank-e is refused from now on: its update could be unmasked with the revealed seeds
+    res = train(fed, "bank-e", code=1)
+    assert "declared dropped from round 1" in text(res)
+    assert not (fed.store / "rounds/000001/updates/bank-e.json").exists()
+    # and an update that lands anyway is rejected by the coordinator
+    for ext in ("safetensors", "json"):
+        shutil.copy(aside / f"rounds/000001/updates/bank-e.{ext}", fed.store / f"rounds/000001/updates/bank-e.{ext}")
+    res = fed.aggregate(code=EXIT_WAITING)
+    assert "late update is never accepted" in text(res)
+    assert "recovery shares of round 1 still missing from bank-a, bank-b, bank-c, bank-d" in text(res)
+
+    for b in survivors[:3]:
+        assert "published recovery shares for round 1" in text(train(fed, b))
+    res = fed.aggregate(code=EXIT_WAITING)
+    assert "still missing from bank-d" in text(res)
+    assert "published recovery shares" in text(train(fed, "bank-d"))
+    assert "already published" in text(train(fed, "bank-d"))
+
+    res = fed.aggregate()
+    assert "published global model of round 1" in res.output
+    g = json.loads((fed.store / "rounds/000001/global.json").read_text())
+    assert g["secagg"]["dropped"] == ["bank-e"]
+    assert sorted(c["member"] for c in g["contributors"]) == list(survivors)
+    assert_close(fed, 1, expected_global(fed, plain_deltas, survivors))
+
+
+def test_no_drop_declaration_before_quorum(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, SECAGG_SPEC, banks=BANKS5[:3])
+    for b in BANKS5[:2]:
+        train(fed, b)
+    fed.aggregate(code=EXIT_WAITING)  # min_clients 3 > 2 in: just waiting, no declaration
+    assert not (fed.store / "rounds/000001/secagg/drops.json").exists()
+
+
+def test_recovery_share_must_match_commitment(tmp_path, credit_split):
+    spec = SECAGG_SPEC.replace("min_clients = 3", "min_clients = 2")
+    fed = make_fed(tmp_path, credit_split, spec, banks=BANKS5[:3])
+    for b in BANKS5[:2]:
+        train(fed, b)
+    assert "declared bank-c dropped" in text(fed.aggregate(code=EXIT_WAITING))
+    for b in BANKS5[:2]:
+        train(fed, b)
+    # bank-b's share is replaced by a validly signed one with a wrong seed
+    path = fed.store / "rounds/000001/secagg/recovery/bank-b.json"
+    doc = json.loads(path.read_text())
+    doc.pop("signature")
+    doc["seeds"]["bank-c"] = keys.b64(bytes(32))
+    private, _ = keys.load_private(fed.key("bank-b"))
+    path.write_bytes(keys.sign_manifest(private, doc))
+    res = fed.aggregate(code=EXIT_VERIFY)
+    assert "does not match bank-b's signed commitment" in text(res)
+    assert not (fed.store / "rounds/000001/global.json").exists()
