@@ -50,7 +50,7 @@ def keygen(
     out_dir: Path = typer.Option(Path("."), "--out", "-o", help="Folder for NAME.key and NAME.pub."),
     encrypt: bool = typer.Option(False, "--encrypt", help="Protect the private key with a passphrase (prompted, or from FEDCLI_PASSPHRASE)."),
 ):
-    """Make an Ed25519 key pair: NAME.key (private, 0600) and NAME.pub (send this one)."""
+    """Make keys: NAME.key (Ed25519 signing), NAME.x25519.key (secure aggregation), both 0600, and NAME.pub (send this one)."""
     from . import keys
 
     with failures():
@@ -61,6 +61,7 @@ def keygen(
             )
         key_path, pub_path, ident = keys.generate(name, out_dir, passphrase)
     out.print(f"private key: {key_path} (keep it here; mode 0600{', encrypted' if encrypt else ''})")
+    out.print(f"mask key:    {keys.x25519_path_for(key_path)} (secure aggregation; same protection)")
     out.print(f"public key:  {pub_path}")
     out.print(f"fingerprint: [bold]{ident.fingerprint}[/] (compare it out of band)")
 
