@@ -89,10 +89,20 @@ def load_drops(store, spec: Spec, r: int) -> Drops | None:
     return Drops(dict(survivors), sorted(dropped), sha256(data), str(doc.get("created_at", "")))
 
 
+def _orphan_recovery(store, r: int) -> None:
+    """Recovery shares without their declaration mean someone deleted it: nothing is safe then."""
+    if store.list(f"{R.round_dir(r)}/secagg"):
+        raise VerificationError(
+            f"round {r} holds secure-aggregation recovery files but no drop declaration (deleted?): refusing to go on"
+        )
+
+
 def refuse_if_dropped(store, spec: Spec, r: int, me: str) -> None:
     """A member declared dropped must not publish its update: it could be unmasked."""
     drops = load_drops(store, spec, r)
-    if drops is not None and me not in drops.survivors:
+    if drops is None:
+        _orphan_recovery(store, r)
+    elif me not in drops.survivors:
         raise FedcliError(
             f"{me} was declared dropped from round {r} by the coordinator ({drops.created_at}): "
             f"an update now would never be accepted and could be unmasked; wait for round {r + 1}"
@@ -250,6 +260,7 @@ def close_round(store, private, spec: Spec, r: int, acc: MaskedSum, drops: Drops
     """
     everyone = {m.name for m in spec.members}
     if drops is None:
+        _orphan_recovery(store, r)
         if set(acc.commitments) == everyone:
             return acc.mean({}), "", {"secagg": {"dropped": [], "scale": scale(spec)}}
         ready, reason = quorum

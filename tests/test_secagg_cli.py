@@ -160,3 +160,19 @@ def test_recovery_share_must_match_commitment(tmp_path, credit_split):
     res = fed.aggregate(code=EXIT_VERIFY)
     assert "does not match bank-b's signed commitment" in text(res)
     assert not (fed.store / "rounds/000001/global.json").exists()
+
+
+def test_deleted_declaration_is_detected(tmp_path, credit_split):
+    """A store attacker deletes drops.json after the survivors revealed their seeds: the dropped
+    bank must still refuse to publish (its update could be unmasked), and aggregate must stop."""
+    spec = SECAGG_SPEC.replace("min_clients = 3", "min_clients = 2")
+    fed = make_fed(tmp_path, credit_split, spec, banks=BANKS5[:3])
+    for b in BANKS5[:2]:
+        train(fed, b)
+    fed.aggregate(code=EXIT_WAITING)
+    train(fed, "bank-a")  # reveals its seed with bank-c
+    (fed.store / "rounds/000001/secagg/drops.json").unlink()
+    res = train(fed, "bank-c", code=EXIT_VERIFY)
+    assert "no drop declaration" in text(res)
+    assert not (fed.store / "rounds/000001/updates/bank-c.json").exists()
+    assert "no drop declaration" in text(fed.aggregate(code=EXIT_VERIFY))
