@@ -67,6 +67,18 @@ def test_keygen_enrols_an_x25519_key(tmp_path, credit_split):
     res = fed.cli("init", tmp_path / "store2", "--spec", fed.root / "federation.toml", "--key",
                   fed.key("coordinator"), "--member", fed.pub("bank-a"), "--member", old, code=1)
     assert "enrolled no x25519 key" in text(res)
+    # spec checks: a noise mode that does not exist, a bad clip, a quorum of one ("sum" of one update)
+    plain = (fed.root / "federation.toml").read_text().split("\n[secagg]")[0]
+    bad = tmp_path / "bad.toml"
+    for template, message in (
+        (plain + '\n[secagg]\nenabled = true\nnoise = "half"\n', "noise mode must be one of"),
+        (plain + "\n[secagg]\nenabled = true\nclip = -1.0\n", "'clip' must be a positive number"),
+        (plain.replace("min_clients = 2", "min_clients = 1") + "\n[secagg]\nenabled = true\n", "min_clients >= 2"),
+    ):
+        bad.write_text(template)
+        res = fed.cli("init", tmp_path / "store3", "--spec", bad, "--key", fed.key("coordinator"),
+                      "--member", fed.pub("bank-a"), "--member", fed.pub("bank-b"), code=1)
+        assert message in text(res), text(res)
 
 
 def test_all_members_in_masks_cancel(tmp_path, credit_split, plain_deltas):
