@@ -45,6 +45,11 @@ def min_survivors(spec: Spec) -> int:
     return max(2, spec.min_clients)
 
 
+def member_noise(spec: Spec, noise_multiplier: float) -> float:
+    """Update-level DP noise multiplier this bank applies (see secagg.member_noise_multiplier)."""
+    return secagg.member_noise_multiplier(noise_multiplier, spec.secagg.noise, min_survivors(spec))
+
+
 # --- bank side ---------------------------------------------------------------------------
 
 
@@ -58,6 +63,7 @@ def mask_delta(spec: Spec, r: int, me: str, mask_key, delta: dict) -> tuple[dict
     record = {
         "clip": clip,
         "scale": sc,
+        "noise": spec.secagg.noise,
         "commitments": {peer: secagg.seed_commitment(seed) for peer, seed in seeds.items()},
     }
     return secagg.unflatten(masked, layout), record, clipped
@@ -169,6 +175,8 @@ class MaskedSum:
             raise VerificationError(f"{what}: not masked (secure aggregation is enabled)")
         if rec.get("clip") != self.spec.secagg.clip or rec.get("scale") != scale(self.spec):
             raise VerificationError(f"{what}: fixed-point clip/scale differ from the spec's")
+        if rec.get("noise") != self.spec.secagg.noise:
+            raise VerificationError(f"{what}: declares {rec.get('noise')!r} DP noise, the spec says {self.spec.secagg.noise!r}")
         peers = sorted(m.name for m in self.spec.members if m.name != member)
         com = rec.get("commitments")
         if not isinstance(com, dict) or sorted(com) != peers:
