@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from fedcli.errors import EXIT_BUDGET, FedcliError
+from fedcli.errors import EXIT_BUDGET, FedcliError, VerificationError
 
 if TYPE_CHECKING:  # torch is heavy; import it only where tensors are touched
     import torch
@@ -77,40 +77,41 @@ def secure_torch_generator() -> "torch.Generator":
 # --------------------------------------------------------------------------- update-level DP
 
 
-def update_norm(update: dict[str, "torch.Tensor"]) -> float:
-    """L2 norm of all tensors of an update taken together, computed in float64."""
+def update_norm(update: dict[str, np.ndarray]) -> float:
+    """L2 norm of all arrays of an update taken together, computed in float64."""
     total = 0.0
-    for name, t in update.items():
-        if not t.is_floating_point():
+    for name, a in update.items():
+        a = np.asarray(a)
+        if a.dtype.kind != "f":
             raise FedcliError(f"update tensor {name!r} is not floating point; it cannot be clipped and noised")
-        total += float((t.detach().double() ** 2).sum())
+        total += float(np.sum(a.astype(np.float64) ** 2))
     return math.sqrt(total)
 
 
-def clip_update(update: dict[str, "torch.Tensor"], clip: float) -> tuple[dict[str, "torch.Tensor"], float]:
+def clip_update(update: dict[str, np.ndarray], clip: float) -> tuple[dict[str, np.ndarray], float]:
     """Scale the whole update so its L2 norm is at most ``clip``; returns (clipped, norm before).
 
-    The bound is enforced after casting back to each tensor's dtype (float32 rounding could
+    The bound is enforced after casting back to each array's dtype (float32 rounding could
     otherwise overshoot by ~1e-7), because the sensitivity the accountant assumes must hold exactly.
     """
-    if not clip > 0 or not math.isfinite(clip):
+    if not (clip > 0 and math.isfinite(clip)):
         raise FedcliError(f"clip must be a positive number, got {clip}")
     norm = update_norm(update)
     if not math.isfinite(norm):
         raise FedcliError("update contains NaN or infinite values")
     if norm <= clip:
-        return {k: v.detach().clone() for k, v in update.items()}, norm
+        return {k: np.array(v, copy=True) for k, v in update.items()}, norm
     factor = clip / norm
     while True:
-        clipped = {k: (v.detach().double() * factor).to(v.dtype) for k, v in update.items()}
+        clipped = {k: (np.asarray(v, dtype=np.float64) * factor).astype(np.asarray(v).dtype) for k, v in update.items()}
         if update_norm(clipped) <= clip:
             return clipped, norm
-        factor = np.nextafter(factor * (1 - 1e-7), 0.0)
+        factor *= 1 - 1e-7
 
 
 def add_gaussian_noise(
-    update: dict[str, "torch.Tensor"], std: float, rng: np.random.Generator | None = None
-) -> dict[str, "torch.Tensor"]:
+    update: dict[str, np.ndarray], std: float, rng: np.random.Generator | None = None
+) -> dict[str, np.ndarray]:
     """Add N(0, std^2) to every coordinate of the update.
 
     Each noise value is the sum of four standard normals divided by two (std 1), drawn in
@@ -118,36 +119,31 @@ def add_gaussian_noise(
     attacks on naive Gaussian samplers (Holohan & Braghin 2021; Jin et al. 2022).
     ``rng`` defaults to a fresh :func:`secure_numpy_rng`; pass one only in tests.
     """
-    import torch
-
-    if std < 0 or not math.isfinite(std):
+    if not (std >= 0 and math.isfinite(std)):
         raise FedcliError(f"noise std must be a non-negative number, got {std}")
     rng = rng or secure_numpy_rng()
     out = {}
-    for name, t in update.items():
-        if not t.is_floating_point():
+    for name, a in update.items():
+        a = np.asarray(a)
+        if a.dtype.kind != "f":
             raise FedcliError(f"update tensor {name!r} is not floating point; it cannot be noised")
-        base = t.detach().double().cpu().numpy()
-        noise = rng.standard_normal((4, *base.shape)).sum(axis=0) / 2.0
-        out[name] = torch.from_numpy(base + std * noise).to(t.dtype)
+        noise = rng.standard_normal((4, *a.shape)).sum(axis=0) / 2.0
+        out[name] = (a.astype(np.float64) + std * noise).astype(a.dtype)
     return out
 
 
 def privatize_update(
-    update: dict[str, "torch.Tensor"], clip: float, noise_multiplier: float
-) -> tuple[dict[str, "torch.Tensor"], dict]:
+    update: dict[str, np.ndarray], clip: float, noise_multiplier: float
+) -> tuple[dict[str, np.ndarray], dict]:
     """Clip the whole update to ``clip`` and add Gaussian noise of std ``noise_multiplier*clip``.
 
     Returns the noised update and the manifest's ``dp`` record (no epsilon: that is the
     ledger's job, since it depends on every round the bank has joined). The raw norm, and
     whether clipping bit, are data-dependent and deliberately left out of the record.
     """
-    if not noise_multiplier > 0:
-        raise FedcliError("update-level DP needs a positive noise multiplier")
-    clipped, _ = clip_update(update, clip)
-    noised = add_gaussian_noise(clipped, noise_multiplier * clip)
     mech = Mechanism(mode="update", noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1, clip=clip)
-    return noised, mech.manifest()
+    clipped, _ = clip_update(update, clip)
+    return add_gaussian_noise(clipped, noise_multiplier * clip), mech.manifest()
 
 
 # --------------------------------------------------------------------------- accounting
@@ -226,6 +222,18 @@ def epsilon_dp_sgd(noise_multiplier: float, sample_rate: float, steps: int, delt
     return epsilon([Mechanism("record", noise_multiplier, sample_rate, steps, 1.0)], delta)
 
 
+def dp_sgd_schedule(n: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """(sample_rate, steps) that :func:`train_dp_sgd` will use on ``n`` rows, as Opacus computes them.
+
+    Known before training, so the budget can be checked (and a target epsilon turned into a
+    noise multiplier) before any work is done.
+    """
+    if n < 1 or batch_size < 1 or epochs < 1:
+        raise FedcliError("DP-SGD needs at least one row, batch_size >= 1 and epochs >= 1")
+    batches = math.ceil(n / min(batch_size, n))
+    return 1.0 / batches, epochs * batches
+
+
 def noise_multiplier_for(
     target_epsilon: float, delta: float, rounds: int, sample_rate: float = 1.0, steps_per_round: int = 1
 ) -> float:
@@ -251,6 +259,118 @@ def noise_multiplier_for(
         )
     except ValueError as e:
         raise FedcliError(f"cannot reach epsilon={target_epsilon} at delta={delta}: {e}") from None
+
+
+# --------------------------------------------------------------------------- federation policy
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """The spec's [privacy] table: which DP every update must carry, and each bank's budget.
+
+    Either ``noise_multiplier`` is fixed, or ``target_epsilon`` is what ``rounds`` rounds may
+    cost (each bank then derives its noise multiplier; in record mode from its own row count).
+    ``budget_epsilon`` caps what a bank's ledger may reach, at ``delta``, over all rounds.
+    """
+
+    mode: str = "none"
+    clip: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    rounds: int = 10
+    delta: float = 1e-5
+    budget_epsilon: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def noise_for(self, sample_rate: float = 1.0, steps_per_round: int = 1) -> float:
+        """The noise multiplier a bank uses (record mode: pass its DP-SGD schedule)."""
+        if self.noise_multiplier is not None:
+            return self.noise_multiplier
+        return noise_multiplier_for(self.target_epsilon, self.delta, self.rounds, sample_rate, steps_per_round)
+
+
+def parse_privacy(table: dict | None) -> PrivacySpec:
+    """Validate the spec's [privacy] table; every error names the field."""
+    if table is None:
+        return PrivacySpec()
+    if not isinstance(table, dict):
+        raise FedcliError("federation spec: [privacy] must be a table")
+    known = {"mode", "clip", "noise_multiplier", "target_epsilon", "rounds", "delta", "budget_epsilon"}
+    if unknown := sorted(set(table) - known):
+        raise FedcliError(f"federation spec: [privacy] has unknown key(s) {', '.join(unknown)}")
+
+    def num(key, default=None):
+        v = table.get(key, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise FedcliError(f"federation spec: [privacy] '{key}' must be a positive number")
+        return float(v)
+
+    mode = table.get("mode", "none")
+    if mode not in MODES:
+        raise FedcliError(f"federation spec: [privacy] mode must be one of {', '.join(MODES)}")
+    rounds = table.get("rounds", 10)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise FedcliError("federation spec: [privacy] 'rounds' must be a positive integer")
+    ps = PrivacySpec(mode=mode, clip=num("clip", 1.0), noise_multiplier=num("noise_multiplier"),
+                     target_epsilon=num("target_epsilon"), rounds=rounds, delta=num("delta", 1e-5),
+                     budget_epsilon=num("budget_epsilon"))
+    if not ps.delta < 1:
+        raise FedcliError("federation spec: [privacy] 'delta' must be below 1 (and far below 1/rows)")
+    if not ps.enabled:
+        return ps
+    if (ps.noise_multiplier is None) == (ps.target_epsilon is None):
+        raise FedcliError(f"federation spec: [privacy] mode {mode} needs exactly one of noise_multiplier or target_epsilon")
+    if ps.budget_epsilon is None:
+        if ps.target_epsilon is None:
+            raise FedcliError("federation spec: [privacy] with a fixed noise_multiplier needs budget_epsilon")
+        ps = PrivacySpec(**{**asdict(ps), "budget_epsilon": ps.target_epsilon})
+    if ps.target_epsilon is not None and ps.mode == "update":
+        ps.noise_for()  # fail at spec time, not at a bank, if the target is unreachable
+    return ps
+
+
+def check_declared(dp: dict | None, ps: PrivacySpec, what: str) -> Mechanism | None:
+    """Coordinator side: reject an update whose manifest declares weaker DP than the spec requires.
+
+    The declaration is signed by the bank, so a bank that lies is identifiable, but this check
+    cannot prove the noise was drawn: it stops misconfigured banks, not malicious ones.
+    """
+    if not ps.enabled:
+        return None if dp is None else _mechanism(dp, what)
+    if dp is None:
+        raise VerificationError(f"{what}: declares no differential privacy; the federation requires {ps.mode}-level DP")
+    mech = _mechanism(dp, what)
+    if mech.mode != ps.mode:
+        raise VerificationError(f"{what}: declares {mech.mode}-level DP; the federation requires {ps.mode}-level DP")
+    if mech.mode == "update" and (mech.sample_rate != 1.0 or mech.steps != 1):
+        raise VerificationError(f"{what}: update-level DP cannot claim subsampling or several steps")
+    if ps.noise_multiplier is not None and mech.noise_multiplier < ps.noise_multiplier:
+        raise VerificationError(
+            f"{what}: noise multiplier {mech.noise_multiplier:g} is below the required {ps.noise_multiplier:g}"
+        )
+    if ps.target_epsilon is not None:
+        planned = Mechanism(mech.mode, mech.noise_multiplier, mech.sample_rate, mech.steps * ps.rounds, mech.clip)
+        eps = epsilon([planned], ps.delta)
+        if eps > ps.target_epsilon * (1 + 1e-9):
+            raise VerificationError(
+                f"{what}: its DP would cost epsilon {eps:.3g} over {ps.rounds} rounds, "
+                f"more than the required {ps.target_epsilon:g} (delta={ps.delta:g})"
+            )
+    return mech
+
+
+def _mechanism(dp, what: str) -> Mechanism:
+    if not isinstance(dp, dict):
+        raise VerificationError(f"{what}: manifest dp field is not an object")
+    try:
+        return Mechanism.from_dict(dp)
+    except FedcliError as e:
+        raise VerificationError(f"{what}: {e}") from None
 
 
 # --------------------------------------------------------------------------- ledger
@@ -366,6 +486,8 @@ def train_dp_sgd(
 ) -> Mechanism:
     """Train ``model`` in place with DP-SGD (Opacus) and return the mechanism to charge.
 
+    The optimizer is Adam, as in the non-private loop; Adam only post-processes the noised
+    gradients, so the guarantee is DP-SGD's.
     Per-example gradients are clipped to ``max_grad_norm`` and Gaussian noise of std
     ``noise_multiplier * max_grad_norm`` is added to their sum; batches are Poisson-sampled
     with rate batch_size/len(x), as the RDP analysis assumes. Sampling and noise come from
@@ -389,7 +511,7 @@ def train_dp_sgd(
     loader = DataLoader(
         TensorDataset(x, y), batch_size=min(batch_size, len(x)), shuffle=True, generator=secure_torch_generator()
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)  # as fedcli.train.fit: same lr meaning
     with warnings.catch_warnings():  # "Secure RNG turned off": we pass secret-seeded generators
         warnings.simplefilter("ignore", UserWarning)
         engine = PrivacyEngine(accountant=ACCOUNTANT)
