@@ -38,6 +38,9 @@ if TYPE_CHECKING:  # torch is heavy; import it only where tensors are touched
 
 MODES = ("none", "update", "record")
 ACCOUNTANT = "rdp"  # Opacus RDPAccountant; conservative and composes across mixed mechanisms
+# Opacus's default RDP orders plus large ones: small-noise or many-step settings otherwise hit
+# the top order and report a looser (still valid) epsilon.
+ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [64, 80, 96, 128, 192, 256, 512, 1024]
 
 
 class BudgetExceeded(FedcliError):
@@ -209,7 +212,7 @@ def epsilon(mechanisms: Iterable[Mechanism], delta: float) -> float:
         raise FedcliError(f"delta must be in (0, 1), got {delta}")
     acc = RDPAccountant()
     acc.history = [(m.noise_multiplier, m.sample_rate, int(m.steps)) for m in mechanisms]
-    return float(acc.get_epsilon(delta=delta)) if acc.history else 0.0
+    return float(acc.get_epsilon(delta=delta, alphas=ALPHAS)) if acc.history else 0.0
 
 
 def epsilon_update_level(noise_multiplier: float, rounds: int, delta: float) -> float:
@@ -255,6 +258,7 @@ def noise_multiplier_for(
                 steps=rounds * steps_per_round,
                 accountant=ACCOUNTANT,
                 epsilon_tolerance=0.01,
+                alphas=ALPHAS,
             )
         )
     except ValueError as e:
