@@ -27,7 +27,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
@@ -296,6 +296,16 @@ class PrivacySpec:
         return noise_multiplier_for(self.target_epsilon, self.delta, self.rounds, sample_rate, steps_per_round)
 
 
+def plan(ps: PrivacySpec, n_rows: int, batch_size: int, epochs: int) -> Mechanism:
+    """The mechanism a bank's next release will be, known before training (for the budget check)."""
+    if ps.mode == "update":
+        return Mechanism("update", ps.noise_for(), 1.0, 1, ps.clip)
+    if ps.mode == "record":
+        q, steps = dp_sgd_schedule(n_rows, batch_size, epochs)
+        return Mechanism("record", ps.noise_for(q, steps), q, steps, ps.clip)
+    raise FedcliError("this federation does not use differential privacy")
+
+
 def parse_privacy(table: dict | None) -> PrivacySpec:
     """Validate the spec's [privacy] table; every error names the field."""
     if table is None:
@@ -417,6 +427,17 @@ class Ledger:
         """Epsilon spent so far in ``mode`` at ``delta``, composed over the whole history."""
         return epsilon(self.mechanisms(mode), delta)
 
+    def summary(self) -> list[dict]:
+        """Per mode: releases, epsilon spent now and the budget, at the latest entry's delta."""
+        rows = []
+        for mode in ("update", "record"):
+            entries = [e for e in self.entries() if e.get("mode") == mode]
+            if entries:
+                last = entries[-1]
+                rows.append({"mode": mode, "releases": len(entries), "delta": last["delta"],
+                             "epsilon": self.spent(mode, last["delta"]), "budget_epsilon": last["budget_epsilon"]})
+        return rows
+
     def check(self, mech: Mechanism, budget_epsilon: float, delta: float) -> float:
         """Epsilon after also releasing ``mech``; raises BudgetExceeded if over budget."""
         before = self.spent(mech.mode, delta)
@@ -487,6 +508,7 @@ def train_dp_sgd(
     max_grad_norm: float,
     noise_multiplier: float,
     loss_fn: "torch.nn.Module | None" = None,
+    on_step: "Callable[[int, int, float], None] | None" = None,
 ) -> Mechanism:
     """Train ``model`` in place with DP-SGD (Opacus) and return the mechanism to charge.
 
@@ -498,6 +520,7 @@ def train_dp_sgd(
     generators seeded with fresh OS randomness, and the optimizer's ``secure_mode`` noise
     (sum of four Gaussians) is switched on against floating-point attacks.
     The default loss is BCEWithLogits for a binary target (model output of shape (n,) or (n, 1)).
+    ``on_step(done, total, loss)`` is called after each step (total is the expected count).
     """
     import torch
     from opacus import PrivacyEngine
@@ -532,7 +555,7 @@ def train_dp_sgd(
     dp_model.train()
     with warnings.catch_warnings():  # torch's full-backward-hook notice on input layers is noise here
         warnings.simplefilter("ignore", UserWarning)
-        _dp_sgd_epochs(dp_model, dp_optimizer, dp_loader, epochs, loss_fn)
+        _dp_sgd_epochs(dp_model, dp_optimizer, dp_loader, epochs, loss_fn, on_step)
     dp_model._close()  # remove hooks and grad_sample attributes; ``model`` holds the trained weights
     hist = engine.accountant.history
     if len(hist) != 1:
@@ -541,7 +564,8 @@ def train_dp_sgd(
     return Mechanism(mode="record", noise_multiplier=float(z), sample_rate=float(q), steps=int(steps), clip=max_grad_norm)
 
 
-def _dp_sgd_epochs(dp_model, dp_optimizer, dp_loader, epochs, loss_fn) -> None:
+def _dp_sgd_epochs(dp_model, dp_optimizer, dp_loader, epochs, loss_fn, on_step) -> None:
+    done, total = 0, epochs * len(dp_loader)
     for _ in range(epochs):
         for xb, yb in dp_loader:
             dp_optimizer.zero_grad(set_to_none=True)
@@ -552,3 +576,6 @@ def _dp_sgd_epochs(dp_model, dp_optimizer, dp_loader, epochs, loss_fn) -> None:
             loss = loss_fn(out, yb.to(out.dtype)) if len(xb) else out.sum() * 0.0
             loss.backward()
             dp_optimizer.step()
+            done += 1
+            if on_step:
+                on_step(done, total, float(loss))
