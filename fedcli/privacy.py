@@ -17,6 +17,7 @@ budget check runs against the ledger *before* an update leaves the bank.
 from __future__ import annotations
 
 import contextlib
+import functools
 import fcntl
 import json
 import math
@@ -210,8 +211,11 @@ def epsilon(mechanisms: Iterable[Mechanism], delta: float) -> float:
 
     if not 0 < delta < 1:
         raise FedcliError(f"delta must be in (0, 1), got {delta}")
+    steps: dict[tuple[float, float], int] = {}  # identical mechanisms compose by adding steps
+    for m in mechanisms:
+        steps[(m.noise_multiplier, m.sample_rate)] = steps.get((m.noise_multiplier, m.sample_rate), 0) + int(m.steps)
     acc = RDPAccountant()
-    acc.history = [(m.noise_multiplier, m.sample_rate, int(m.steps)) for m in mechanisms]
+    acc.history = [(z, q, n) for (z, q), n in steps.items()]
     return float(acc.get_epsilon(delta=delta, alphas=ALPHAS)) if acc.history else 0.0
 
 
@@ -237,6 +241,7 @@ def dp_sgd_schedule(n: int, batch_size: int, epochs: int) -> tuple[float, int]:
     return 1.0 / batches, epochs * batches
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of its arguments, and a binary search over the accountant
 def noise_multiplier_for(
     target_epsilon: float, delta: float, rounds: int, sample_rate: float = 1.0, steps_per_round: int = 1
 ) -> float:
@@ -440,9 +445,10 @@ class Ledger:
 
     def check(self, mech: Mechanism, budget_epsilon: float, delta: float) -> float:
         """Epsilon after also releasing ``mech``; raises BudgetExceeded if over budget."""
-        before = self.spent(mech.mode, delta)
-        after = epsilon([*self.mechanisms(mech.mode), mech], delta)
+        history = self.mechanisms(mech.mode)
+        after = epsilon([*history, mech], delta)
         if after > budget_epsilon:
+            before = epsilon(history, delta)
             raise BudgetExceeded(
                 f"privacy budget exceeded: exporting would bring {mech.mode}-level epsilon from "
                 f"{before:.3g} to {after:.3g} (budget {budget_epsilon:g} at delta={delta:g}); update not exported"
