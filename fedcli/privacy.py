@@ -68,8 +68,8 @@ def secure_torch_generator() -> "torch.Generator":
     """A torch generator seeded from the OS CSPRNG (64 bits: the most ``manual_seed`` takes).
 
     Used for Opacus's Poisson sampling and gradient noise. Opacus's own ``secure_mode`` needs
-    torchcsprng, which is unmaintained; a fresh secret seed per training run is the best the
-    installed stack offers (see docs/privacy.md, limitations).
+    torchcsprng, which has no build for Python 3.11 / torch 2.x; a fresh secret seed per
+    training run is the best the installed stack offers (see docs/privacy.md, Randomness).
     """
     import torch
 
