@@ -89,7 +89,8 @@ def main() -> None:
                 f"{statistics.mean(aucs):.4f} ± {sd:.4f} | {pr_auc:.4f} | {runs[0]['local_auc']:.4f} | {len(runs)} |"
             )
             print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    print(f"Credit demo, 4 banks, {args.rounds} rounds, {TRAINING.strip().replace(chr(10), ', ')}, delta={DELTA:g}.\n")
+    training = ", ".join(TRAINING.strip().splitlines()[1:])
+    print(f"Credit demo, 4 banks, {args.rounds} rounds, training {training}, delta={DELTA:g}.\n")
     print("| DP mode | target ε | clip | noise multiplier | ε spent (max bank) | federated AUC | PR-AUC | local-only AUC (mean of banks) | runs |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
