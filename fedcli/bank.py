@@ -95,6 +95,7 @@ def train_round(
     state_path: Path | None = None,
     console: Console | None = None,
     ledger_path: Path | None = None,
+    max_epsilon: float | None = None,
 ) -> TrainResult:
     private, my_pub = keys.load_private(key_path)
     spec, spec_sha = R.load_spec(store, keys.load_public(coordinator_pub))
@@ -121,8 +122,9 @@ def train_round(
     ps = spec.privacy
     if ps.enabled:  # refuse before any work if even this release would break the budget
         ledger = P.Ledger(ledger_path or ledger_path_for(key_path))
+        budget = ps.budget_epsilon if max_epsilon is None else min(ps.budget_epsilon, max_epsilon)
         mech = P.plan(ps, len(prep.X), spec.training.batch_size, spec.training.epochs)
-        ledger.check(mech, ps.budget_epsilon, ps.delta)
+        ledger.check(mech, budget, ps.delta)
 
     # Training seed is not a secret: it only makes a bank's rerun reproducible.
     seed = int.from_bytes(hashlib.sha256(f"{spec.federation_id}/{r}/{me.name}".encode()).digest()[:4], "little")
@@ -149,8 +151,7 @@ def train_round(
     if ps.mode == "update":
         delta, _ = P.privatize_update(delta, ps.clip, mech.noise_multiplier)
     if ps.enabled:  # charged before anything leaves the bank: a crash after this over-counts, never under
-        charged = ledger.charge(mech, round=r, federation=spec.federation_id, budget_epsilon=ps.budget_epsilon,
-                                delta=ps.delta)
+        charged = ledger.charge(mech, round=r, federation=spec.federation_id, budget_epsilon=budget, delta=ps.delta)
 
     data = T.encode(delta)
     store.put(tkey, data)

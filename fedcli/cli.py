@@ -113,6 +113,7 @@ def train(
     coordinator: Path = CoordOpt,
     state: Optional[Path] = typer.Option(None, "--state", help="Bank state file (default: next to the key)."),
     ledger: Optional[Path] = LedgerOpt,
+    max_epsilon: Optional[float] = typer.Option(None, "--max-epsilon", min=0.0, help="This bank's own privacy budget, if stricter than the spec's budget_epsilon."),
 ):
     """Bank: verify the latest global model, train locally and submit a signed update.
 
@@ -121,7 +122,7 @@ def train(
     from .bank import train_round
 
     with failures():
-        res = train_round(_store(store), key, data, coordinator, state, err, ledger)
+        res = train_round(_store(store), key, data, coordinator, state, err, ledger, max_epsilon)
     for note in res.data_notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if not res.submitted:

@@ -55,6 +55,11 @@ def test_update_level_rounds_ledger_and_budget_refusal(tmp_path, credit_split):
     assert not list((fed.store / "rounds").glob("000003/updates/*"))  # nothing left the bank
     assert len(json.loads(ledger.read_text())["entries"]) == 2
 
+    # a bank's own, stricter budget wins over the spec's: bank-b refuses already
+    res = fed.cli("train", "--store", fed.store, "--key", fed.key("bank-b"), "--data", fed.data / "bank-b.csv",
+                  "--coordinator", fed.pub("coordinator"), "--max-epsilon", "1", code=EXIT_BUDGET)
+    assert "budget 1 " in res.output
+
     res = fed.cli("privacy", "--key", fed.key("bank-a"))
     assert "credit-demo" in res.output and "update-level: epsilon" in res.output and "over 2 release(s)" in res.output
     fed.cli("privacy", code=1)  # neither --key nor --ledger
