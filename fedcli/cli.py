@@ -226,12 +226,13 @@ def privacy(
             raise FedcliError("give --key or --ledger")
         led = Ledger(ledger or ledger_path_for(key))
         entries, summary = led.entries(), led.summary()
-    table = Table(title=f"privacy ledger {led.path.name}")
-    for col in ("federation", "round", "mode", "noise", "sample rate", "steps", "clip", "epsilon after", "delta"):
-        table.add_column(col, justify="left" if col in ("federation", "mode") else "right", no_wrap=col == "federation")
+    table = Table(title=f"privacy ledger {led.path.name}",
+                  caption="z: noise multiplier, q: sample rate, ε: cumulative per mode")
+    for col in ("federation", "round", "mode", "z", "q", "steps", "clip", "ε after"):
+        table.add_column(col, justify="left" if col in ("federation", "mode") else "right", no_wrap=True)
     for e in entries:
-        table.add_row(e["federation"], str(e["round"]), e["mode"], f"{e['noise_multiplier']:.4g}", f"{e['sample_rate']:.4g}",
-                      str(e["steps"]), f"{e['clip']:g}", f"{e['epsilon_after']:.4g}", f"{e['delta']:g}")
+        table.add_row(e["federation"], str(e["round"]), e["mode"], f"{e['noise_multiplier']:.4g}", f"{e['sample_rate']:.3g}",
+                      str(e["steps"]), f"{e['clip']:g}", f"{e['epsilon_after']:.4g}")
     out.print(table)
     if not entries:
         out.print("no DP release recorded yet")
