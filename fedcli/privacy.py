@@ -17,8 +17,8 @@ budget check runs against the ledger *before* an update leaves the bank.
 from __future__ import annotations
 
 import contextlib
-import functools
 import fcntl
+import functools
 import json
 import math
 import os
