@@ -142,8 +142,8 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
                 if secure:
                     masked.add(member, manifest, delta)
                 else:
-                    avg.add(delta, float(manifest["num_examples"]))
-                result.accepted.append({"member": member, "num_examples": manifest["num_examples"],
+                    avg.add(delta, 1.0 if spec.privacy.enabled else float(manifest["num_examples"]))
+                result.accepted.append({"member": member, "num_examples": manifest.get("num_examples", 0),
                                         "metrics": manifest.get("metrics", {})})
             progress.advance(task)
     if result.rejected:
@@ -155,7 +155,8 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
                                                             sorted(result.rejected), quorum)
         rule = "secagg-mean"
     else:
-        (ready, result.waiting_reason), extra, rule = quorum, {}, "fedavg"
+        (ready, result.waiting_reason), extra = quorum, {}
+        rule = "mean" if spec.privacy.enabled else "fedavg"
         mean = avg.mean() if ready else None
     if mean is None:
         return result

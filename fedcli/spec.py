@@ -15,6 +15,7 @@ import tomli_w
 from .errors import FedcliError
 from .keys import PublicIdentity
 from .names import check_name
+from .privacy import PrivacySpec, parse_privacy
 
 MODEL_KINDS = ("logreg", "mlp")
 
@@ -79,6 +80,7 @@ class Spec:
     members: tuple[PublicIdentity, ...]
     raw: dict = field(repr=False, compare=False)
     secagg: SecAggSpec = SecAggSpec()
+    privacy: PrivacySpec = PrivacySpec()
 
     def member(self, name: str) -> PublicIdentity | None:
         return next((m for m in self.members if m.name == name), None)
@@ -186,14 +188,15 @@ def parse(raw: dict) -> Spec:
         raise FedcliError("federation spec: [training] epochs and batch_size must be >= 1")
     _positive(training.lr, "lr", "training")
 
-    secagg = _parse_secagg(_get(raw, "secagg", dict, "secagg", default={}), members, min_clients)
+    privacy = parse_privacy(raw.get("privacy"))
+    secagg = _parse_secagg(_get(raw, "secagg", dict, "secagg", default={}), members, min_clients, privacy.mode)
 
     return Spec(federation_id=fid, coordinator=coordinator, min_clients=min_clients,
                 deadline_minutes=float(deadline), model=model, data=data, training=training,
-                members=tuple(members), raw=raw, secagg=secagg)
+                members=tuple(members), raw=raw, privacy=privacy, secagg=secagg)
 
 
-def _parse_secagg(t: dict, members: list[PublicIdentity], min_clients: int) -> SecAggSpec:
+def _parse_secagg(t: dict, members: list[PublicIdentity], min_clients: int, privacy_mode: str) -> SecAggSpec:
     """Secure aggregation needs every member's X25519 key and at least 2 survivors per round."""
     from .secagg import fixed_point_scale, member_noise_multiplier
 
@@ -203,6 +206,9 @@ def _parse_secagg(t: dict, members: list[PublicIdentity], min_clients: int) -> S
     if not enabled:
         return SecAggSpec(False, clip, noise)
     member_noise_multiplier(1.0, noise, max(2, min_clients))  # validates the mode
+    if noise == "shared" and privacy_mode != "update":
+        raise FedcliError('federation spec: [secagg] noise = "shared" splits update-level DP noise across banks; '
+                          'it needs [privacy] mode = "update"')
     missing = [m.name for m in members if not m.x25519]
     if missing:
         raise FedcliError(f"federation spec: [secagg] is enabled but {', '.join(missing)} enrolled no x25519 key "

@@ -188,3 +188,27 @@ def test_deleted_declaration_is_detected(tmp_path, credit_split):
     assert "no drop declaration" in text(res)
     assert not (fed.store / "rounds/000001/updates/bank-c.json").exists()
     assert "no drop declaration" in text(fed.aggregate(code=EXIT_VERIFY))
+
+
+def test_update_dp_shared_noise_sums_to_the_required_noise(tmp_path, credit_split):
+    """[privacy] mode update + [secagg] noise shared: each bank adds z/sqrt(t) of the noise,
+    so the sum of the 5 updates carries z*clip*sqrt(5/t) per coordinate (t = min_clients = 3)."""
+    z, clip, t, n = 1.0, 0.5, 3, len(BANKS5)
+    spec = (SPEC.replace('kind = "logreg"', 'kind = "mlp"').replace("hidden = [16]", "hidden = [256]")
+            + f"\n[privacy]\nmode = \"update\"\nclip = {clip}\nnoise_multiplier = {z}\nbudget_epsilon = 1000.0\n"
+            + "\n[secagg]\nenabled = true\nclip = 4.0\nnoise = \"shared\"\n")
+    fed = make_fed(tmp_path, credit_split, spec, banks=BANKS5)
+    for b in BANKS5:
+        train(fed, b)
+    m = json.loads((fed.store / "rounds/000001/updates/bank-a.json").read_text())
+    assert m["dp"]["noise_multiplier"] == z  # what the ledger and the coordinator account
+    assert abs(m["secagg"]["member_noise_multiplier"] - z / np.sqrt(t)) < 1e-12  # what the bank added
+    fed.aggregate()
+    base = load_file(fed.store / "rounds/000000/global.safetensors")
+    new = load_file(fed.store / "rounds/000001/global.safetensors")
+    step = np.concatenate([(new[k].astype(np.float64) - base[k]).reshape(-1) for k in base])
+    # the clipped deltas (L2 norm <= 0.5 over ~7k coordinates) are negligible next to the noise
+    shared = z * clip * np.sqrt(n / t) / n
+    full = z * clip * np.sqrt(n) / n
+    assert step.size > 5000
+    assert abs(step.std() / shared - 1) < 0.1, (step.std(), shared, full)
