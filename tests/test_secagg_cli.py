@@ -73,6 +73,7 @@ def test_keygen_enrols_an_x25519_key(tmp_path, credit_split):
     for template, message in (
         (plain + '\n[secagg]\nenabled = true\nnoise = "half"\n', "noise mode must be one of"),
         (plain + "\n[secagg]\nenabled = true\nclip = -1.0\n", "'clip' must be a positive number"),
+        (plain + '\n[secagg]\nenabled = true\nnoise = "shared"\n', 'it needs [privacy] mode = "update"'),
         (plain.replace("min_clients = 2", "min_clients = 1") + "\n[secagg]\nenabled = true\n", "min_clients >= 2"),
     ):
         bad.write_text(template)
