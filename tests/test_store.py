@@ -13,8 +13,8 @@ from fedcli.store.lock import _KEEP, LeaseLock, LockHeld, LockLost
 from fedcli.store.retry import RetryPolicy, with_retry
 from fedcli.store.s3 import S3Store
 
-from .conftest import FAST_RETRY
-from .s3server import FaultyProxy, free_ports
+from conftest import FAST_RETRY, s3_store_on
+from s3server import FaultyProxy, free_ports
 
 # -- basic operations, every backend ---------------------------------------------------
 
@@ -119,8 +119,6 @@ def test_paths_that_could_escape_are_refused(store, bad, tmp_path):
 
 
 def test_s3_prefixes_are_isolated(moto_s3, monkeypatch):
-    from .conftest import s3_store_on
-
     a, b = s3_store_on(moto_s3, monkeypatch), s3_store_on(moto_s3, monkeypatch)
     a.put("federation.toml", b"a")
     assert b.list() == []
@@ -256,8 +254,6 @@ def test_s3_create_only_whose_reply_was_lost_still_succeeds(moto_s3, monkeypatch
 
 def test_s3_wrong_credentials_fail_at_once(seaweed_s3, monkeypatch):
     """SeaweedFS checks signatures: a wrong secret is a clear, non-retried StoreError."""
-    from .conftest import s3_store_on
-
     store = s3_store_on(seaweed_s3, monkeypatch)
     store.put("federation.toml", b"x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
