@@ -34,7 +34,8 @@ def failures():
     try:
         yield
     except FedcliError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        label = "[bold yellow]waiting:[/]" if e.exit_code == EXIT_WAITING else "[bold red]error:[/]"
+        err.print(f"{label} {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
 
 

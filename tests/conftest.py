@@ -24,10 +24,16 @@ BANKS = ("bank-a", "bank-b", "bank-c", "bank-d")
 class Fed:
     root: Path
     runner: CliRunner
+    url: str | None = None  # an s3:// store instead of the folder root/store
 
     @property
     def store(self) -> Path:
         return self.root / "store"
+
+    @property
+    def loc(self) -> str:
+        """The --store argument: the S3 URL if any, else the folder."""
+        return self.url or str(self.store)
 
     @property
     def data(self) -> Path:
@@ -46,11 +52,11 @@ class Fed:
         return res
 
     def train(self, bank: str, code: int | None = 0, data: Path | None = None):
-        return self.cli("train", "--store", self.store, "--key", self.key(bank), "--data",
+        return self.cli("train", "--store", self.loc, "--key", self.key(bank), "--data",
                         data or self.data / f"{bank}.csv", "--coordinator", self.pub("coordinator"), code=code)
 
     def aggregate(self, code: int | None = 0):
-        return self.cli("aggregate", "--store", self.store, "--key", self.key("coordinator"), code=code)
+        return self.cli("aggregate", "--store", self.loc, "--key", self.key("coordinator"), code=code)
 
 
 @pytest.fixture(scope="session")
@@ -62,16 +68,16 @@ def credit_split(tmp_path_factory) -> Path:
     return out
 
 
-def make_fed(root: Path, credit_split: Path, spec_text: str | None = None, banks=BANKS) -> Fed:
+def make_fed(root: Path, credit_split: Path, spec_text: str | None = None, banks=BANKS, url: str | None = None) -> Fed:
     root.mkdir(parents=True, exist_ok=True)
-    fed = Fed(root, CliRunner())
+    fed = Fed(root, CliRunner(), url)
     (root / "data").symlink_to(credit_split)
     fed.cli("keygen", "coordinator", "--out", root / "coordinator")
     for b in banks:
         fed.cli("keygen", b, "--out", root / b)
     template = root / "federation.toml"
     template.write_text(spec_text or (ROOT / "examples" / "federation.toml").read_text())
-    fed.cli("init", fed.store, "--spec", template, "--key", fed.key("coordinator"),
+    fed.cli("init", fed.loc, "--spec", template, "--key", fed.key("coordinator"),
             *[x for b in banks for x in ("--member", fed.pub(b))])
     return fed
 
@@ -99,13 +105,18 @@ def seaweed_s3(tmp_path_factory):
         yield srv
 
 
-def s3_store_on(srv, monkeypatch) -> S3Store:
-    """A fresh prefix on srv, opened the way users do: s3:// URL + standard AWS variables."""
+def use_s3(srv, monkeypatch) -> str:
+    """Point the standard AWS variables at srv (as a user would) and return a fresh s3:// URL on it."""
     for name, value in srv.env().items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
-    return S3Store.from_url(f"s3://{srv.bucket}/t-{secrets.token_hex(6)}", policy=FAST_RETRY)
+    return f"s3://{srv.bucket}/t-{secrets.token_hex(6)}"
+
+
+def s3_store_on(srv, monkeypatch) -> S3Store:
+    """A store on a fresh prefix of srv, opened the way users do."""
+    return S3Store.from_url(use_s3(srv, monkeypatch), policy=FAST_RETRY)
 
 
 @pytest.fixture(params=["folder", "moto"])

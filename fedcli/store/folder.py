@@ -15,7 +15,8 @@ from typing import Callable, TypeVar
 from ..errors import AlreadyExists, NotFound, StoreError
 from ..names import check_key
 from .base import Store
-from .retry import DEFAULT_POLICY, RetryPolicy, with_retry
+from . import retry
+from .retry import RetryPolicy, with_retry
 
 T = TypeVar("T")
 
@@ -41,10 +42,10 @@ def is_transient(e: BaseException) -> bool:
 
 
 class FolderStore(Store):
-    def __init__(self, root: str | os.PathLike, *, policy: RetryPolicy = DEFAULT_POLICY):
+    def __init__(self, root: str | os.PathLike, *, policy: RetryPolicy | None = None):
         self.root = Path(root).expanduser().resolve()
         self.url = str(self.root)
-        self.policy = policy
+        self.policy = policy or retry.DEFAULT_POLICY  # looked up now, so tests and tools can tune it
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)

@@ -28,7 +28,8 @@ from botocore.config import Config
 from ..errors import AlreadyExists, FedcliError, NotFound, StoreError
 from ..names import check_key
 from .base import Store
-from .retry import DEFAULT_POLICY, RetryPolicy, describe, with_retry
+from . import retry
+from .retry import RetryPolicy, describe, with_retry
 
 T = TypeVar("T")
 
@@ -78,7 +79,7 @@ class S3Store(Store):
         prefix: str = "",
         *,
         client=None,
-        policy: RetryPolicy = DEFAULT_POLICY,
+        policy: RetryPolicy | None = None,
     ):
         if not _BUCKET.match(bucket):
             raise StoreError(f"invalid S3 bucket name {bucket!r}")
@@ -88,11 +89,11 @@ class S3Store(Store):
         self.bucket = bucket
         self.prefix = prefix
         self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
-        self.policy = policy
+        self.policy = policy or retry.DEFAULT_POLICY  # looked up now, so tests and tools can tune it
         self.client = client if client is not None else make_client()
 
     @classmethod
-    def from_url(cls, url: str, *, policy: RetryPolicy = DEFAULT_POLICY) -> "S3Store":
+    def from_url(cls, url: str, *, policy: RetryPolicy | None = None) -> "S3Store":
         """`s3://bucket` or `s3://bucket/some/prefix`, configured from the AWS environment."""
         if not url.startswith("s3://"):
             raise StoreError(f"not an S3 URL: {url!r} (expected s3://bucket/prefix)")
