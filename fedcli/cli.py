@@ -232,6 +232,17 @@ def predict(
     out.print(f"scored {n} rows with the global model of round {r} -> {output}")
 
 
+@app.command("check-store")
+def check_store(store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix.")):
+    """Check a store is reachable and refuses to overwrite on create-only writes (run once at setup)."""
+    from .store import check_create_only
+
+    with failures():
+        s = _store(store)
+        check_create_only(s)
+    out.print(f"[green]ok:[/] {s} is reachable, writable and honours create-only writes", soft_wrap=True)
+
+
 bundle_app = typer.Typer(help="Air gap: carry the files that must cross in one signed archive.", no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
 

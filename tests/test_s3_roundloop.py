@@ -64,3 +64,18 @@ def test_tampered_global_on_s3_is_refused(moto_s3, tmp_path, credit_split, monke
     store.put(tkey, bytes(data))
     res = fed.train("bank-a", code=EXIT_VERIFY)
     assert "do not match the sha256" in res.output
+
+
+def test_check_store_command(seaweed_s3, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedcli.cli import app
+
+    url = use_s3(seaweed_s3, monkeypatch)
+    res = CliRunner().invoke(app, ["check-store", url])
+    assert res.exit_code == 0 and "honours create-only writes" in res.output
+    res = CliRunner().invoke(app, ["check-store", str(tmp_path / "shared")])
+    assert res.exit_code == 0
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    res = CliRunner().invoke(app, ["check-store", url])
+    assert res.exit_code == EXIT_STORE and "access denied" in res.output

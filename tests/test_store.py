@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from fedcli.errors import EXIT_STORE, EXIT_WAITING, AlreadyExists, FedcliError, NotFound, StoreError
-from fedcli.store import open_store
+from fedcli.store import check_create_only, open_store
 from fedcli.store.folder import FolderStore
 from fedcli.store.folder import is_transient as folder_transient
 from fedcli.store.lock import _KEEP, LeaseLock, LockHeld, LockLost
@@ -142,11 +142,22 @@ def test_bad_s3_urls_are_refused(url):
         S3Store.from_url(url)
 
 
-def test_conditional_put_probe(any_store):
-    if not isinstance(any_store, S3Store):
-        pytest.skip("S3 only")
-    assert any_store.probe_conditional_put() is True
-    assert any_store.list() == []  # the probe cleans up
+def test_check_create_only_passes_on_real_backends(any_store):
+    check_create_only(any_store)
+    assert any_store.list() == []  # the probe cleans up after itself
+
+
+class OverwritingStore(FolderStore):
+    """A backend that ignores create_only, like an S3 server that ignores If-None-Match."""
+
+    def put(self, key, data, *, create_only=False):
+        super().put(key, data)
+
+
+def test_check_create_only_catches_a_store_that_overwrites(tmp_path):
+    with pytest.raises(StoreError, match="does not honour create-only writes"):
+        check_create_only(OverwritingStore(tmp_path))
+    assert list(tmp_path.rglob("create-only-*")) == []
 
 
 # -- errors and retries ----------------------------------------------------------------

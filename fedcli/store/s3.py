@@ -8,7 +8,7 @@ AWS_ENDPOINT_URL; the region from AWS_REGION / AWS_DEFAULT_REGION (us-east-1 if 
 Atomicity: one PUT of the whole object is atomic on S3. `create_only=True` sends
 `If-None-Match: *`, so the server refuses to overwrite an existing key (412) and exactly one
 of several racing writers wins. A server that ignores the header would silently
-overwrite; `probe_conditional_put()` detects that (see docs/operations.md).
+overwrite; `fedcli check-store` (store.check_create_only) detects that (docs/operations.md).
 
 botocore's own retries are switched off: retries happen once, in `retry.with_retry`, where
 they are bounded and logged.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from typing import Callable, TypeVar
 
 import boto3
@@ -215,23 +214,6 @@ class S3Store(Store):
             self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=k))
         except NotFound:
             pass
-
-    def probe_conditional_put(self) -> bool:
-        """Write a probe object twice with If-None-Match: * and report whether the second was refused.
-
-        Servers that ignore the header would let two coordinators both publish a round;
-        run this once when setting up a store (it cleans up after itself).
-        """
-        key = f"probe/conditional-{secrets.token_hex(8)}"
-        try:
-            self.put(key, b"first", create_only=True)
-            try:
-                self.put(key, b"second", create_only=True)
-            except AlreadyExists:
-                return self.get(key) == b"first"
-            return False
-        finally:
-            self.delete(key)
 
 
 def make_client():
