@@ -187,3 +187,13 @@ def test_symlinks_and_stray_members_are_refused(fed, tmp_path):
     res = _import(fed, out, tmp_path / "mirror", code=EXIT_VERIFY)
     assert "unexpected or repeated member" in res.output
     assert not (tmp_path / "outside").exists()
+
+
+def test_export_needs_something_to_send(fed, tmp_path):
+    res = fed.cli("bundle", "export", "--store", fed.store, "--key", fed.key("bank-a"), "--out", tmp_path / "a.bundle",
+                  code=1)
+    assert "no committed update for round 1" in res.output and not (tmp_path / "a.bundle").exists()
+    fed.cli("keygen", "stranger", "--out", tmp_path / "s")
+    res = fed.cli("bundle", "export", "--store", fed.store, "--key", tmp_path / "s" / "stranger.key",
+                  "--out", tmp_path / "s.bundle", code=1)
+    assert "neither the coordinator nor a member" in res.output

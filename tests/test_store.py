@@ -138,8 +138,10 @@ def test_open_store_picks_backend(tmp_path, moto_s3, monkeypatch):
 
 @pytest.mark.parametrize("url", ["s3://Bad_Bucket/x", "s3://b/x", "s3://bucket/../x", "s3://bucket/a//b"])
 def test_bad_s3_urls_are_refused(url):
-    with pytest.raises(FedcliError):
+    with pytest.raises(FedcliError) as info:
         S3Store.from_url(url)
+    assert info.value.exit_code == 1  # a typo in the command, not a store outage
+    assert "invalid" in str(info.value)
 
 
 def test_check_create_only_passes_on_real_backends(any_store):

@@ -53,8 +53,11 @@ class LockLost(FedcliError):
     """Our lease expired and another run took over; stop before publishing anything."""
 
 
-def _when(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+def _when(t) -> str:
+    try:
+        return datetime.fromtimestamp(float(t), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "?"
 
 
 class LeaseLock:
@@ -121,7 +124,7 @@ class LeaseLock:
     def _held_error(self, rec: dict) -> LockHeld:
         return LockHeld(
             f"another run holds the {self.name} lock on {self.store} (host {rec.get('host', '?')}, "
-            f"pid {rec.get('pid', '?')}, lease until {_when(float(rec.get('expires', 0)))}); try again later"
+            f"pid {rec.get('pid', '?')}, lease until {_when(rec.get('expires'))}); try again later"
         )
 
     # -- protocol ----------------------------------------------------------------
@@ -140,7 +143,7 @@ class LeaseLock:
                     self.name,
                     rec.get("host", "?"),
                     rec.get("pid", "?"),
-                    _when(float(rec.get("expires", 0) or 0)),
+                    _when(rec.get("expires")),
                 )
             if self._claim(top + 1):
                 self._cleanup(below=top + 1 - _KEEP)

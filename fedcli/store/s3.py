@@ -40,7 +40,6 @@ _TRANSIENT_CODES = {
     "Throttling",
     "ThrottlingException",
     "RequestTimeout",
-    "RequestTimeTooSkewed",
     "InternalError",
     "ServiceUnavailable",
     "OperationAborted",
@@ -81,7 +80,7 @@ class S3Store(Store):
         policy: RetryPolicy | None = None,
     ):
         if not _BUCKET.match(bucket):
-            raise StoreError(f"invalid S3 bucket name {bucket!r}")
+            raise FedcliError(f"invalid S3 bucket name {bucket!r}")
         prefix = prefix.strip("/")
         if prefix:
             check_key(prefix)
@@ -95,7 +94,7 @@ class S3Store(Store):
     def from_url(cls, url: str, *, policy: RetryPolicy | None = None) -> "S3Store":
         """`s3://bucket` or `s3://bucket/some/prefix`, configured from the AWS environment."""
         if not url.startswith("s3://"):
-            raise StoreError(f"not an S3 URL: {url!r} (expected s3://bucket/prefix)")
+            raise FedcliError(f"not an S3 URL: {url!r} (expected s3://bucket/prefix)")
         bucket, _, prefix = url[len("s3://") :].partition("/")
         return cls(bucket, prefix, policy=policy)
 
