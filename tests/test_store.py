@@ -400,3 +400,4 @@ def test_torn_lock_record_counts_as_expired(store):
 def test_lock_name_is_validated(store):
     with pytest.raises(FedcliError, match="invalid lock name"):
         LeaseLock(store, "../x")
+

@@ -109,7 +109,12 @@ class FolderStore(Store):
             return False
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        # An I/O error must not read as "absent": callers decide what to write from this.
+        path = self._path(key)
+        try:
+            return self._retry("inspect", key, path.is_file)
+        except OSError as e:
+            raise StoreError(f"cannot inspect {key} in {self.url}: {e.strerror}") from None
 
     def size(self, key: str) -> int:
         path = self._path(key)
@@ -128,7 +133,7 @@ class FolderStore(Store):
             if not base.is_dir():
                 return []
             keys = []
-            for dirpath, _dirs, files in os.walk(base):
+            for dirpath, _dirs, files in os.walk(base, onerror=_raise_unless_gone):
                 for name in files:
                     if name.startswith(".tmp-"):
                         continue
@@ -146,6 +151,12 @@ class FolderStore(Store):
             self._retry("delete", key, lambda: path.unlink(missing_ok=True))
         except OSError as e:
             raise StoreError(f"cannot delete {key} in {self.url}: {e.strerror}") from None
+
+
+def _raise_unless_gone(e: OSError) -> None:
+    """os.walk skips unreadable folders silently; a listing with holes would hide files."""
+    if not isinstance(e, FileNotFoundError):
+        raise e
 
 
 def _fsync_dir(path: Path) -> None:
