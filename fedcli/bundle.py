@@ -137,36 +137,44 @@ def _write_tar(out: Path, entries: list[tuple[str, bytes]]) -> None:
 
 
 def import_bundle(store: Store, path: Path, coordinator_pub: Path | None = None) -> BundleResult:
-    """Verify a bundle and write its files into store; files already there unchanged are skipped."""
-    entries = _read_tar(Path(path))
-    body, sig = entries.pop("bundle.json", None), entries.pop("bundle.sig", None)
-    if body is None or sig is None:
-        raise VerificationError(f"{path} is not a fedcli bundle (no bundle.json / bundle.sig)")
-    try:
-        index = json.loads(body)
-        signer_name = index["signer"]
-        listed = {f["key"]: f for f in index["files"]}
-    except (ValueError, KeyError, TypeError):
-        raise VerificationError(f"{path}: bundle index is malformed") from None
-    if index.get("kind") != "bundle" or index.get("format") != FORMAT:
-        raise VerificationError(f"{path}: not a format-{FORMAT} fedcli bundle")
+    """Verify a bundle and write its files into store; files already there unchanged are skipped.
 
+    Only the small signed index is read before its signature checks out; file contents are
+    read after their sizes matched the index, so a forged archive cannot make us load gigabytes.
+    """
+    path = Path(path)
     pinned = keys.load_public(coordinator_pub) if coordinator_pub else None
     spec = _store_spec(store, pinned)
-    role, signer = _signer(spec, pinned, signer_name, path)
-    keys.verify_bytes(body, sig.decode("ascii", "replace"), signer, f"bundle {path.name}", BUNDLE_DOMAIN)
+    try:
+        with tarfile.open(path, mode="r:") as tar:  # uncompressed only: no decompression bombs
+            members = _members(tar, path)
+            body, sig = (_read(tar, members.pop(n, None), n, path) for n in ("bundle.json", "bundle.sig"))
+            index, listed = _parse_index(body, path)
+            role, signer = _signer(spec, pinned, index["signer"], path)
+            keys.verify_bytes(body, sig.decode("ascii", "replace"), signer, f"bundle {path.name}", BUNDLE_DOMAIN)
 
-    # From here on the index is authentic: check the archive matches it exactly.
-    if set(entries) != set(listed):
-        raise VerificationError(f"{path}: archive files differ from the signed index")
-    allowed = _COORD_KEYS if role == "coordinator" else _member_keys(signer.name)
-    for key, meta in listed.items():
-        check_key(key)
-        if not allowed.match(key):
-            raise VerificationError(f"{path}: {signer.name} may not write {key}")
-        data = entries[key]
-        if len(data) != meta.get("size") or _sha(data) != meta.get("sha256"):
-            raise VerificationError(f"{path}: {key} does not match its size and sha256 in the signed index")
+            # From here on the index is authentic: the archive must match it exactly.
+            if set(members) != {f"files/{k}" for k in listed}:
+                raise VerificationError(f"{path}: archive files differ from the signed index")
+            allowed = _COORD_KEYS if role == "coordinator" else _member_keys(signer.name)
+            entries = {}
+            for key, meta in listed.items():
+                check_key(key)
+                if not allowed.match(key):
+                    raise VerificationError(f"{path}: {signer.name} may not write {key}")
+                info = members[f"files/{key}"]
+                if info.size != meta.get("size"):
+                    raise VerificationError(f"{path}: {key} does not match its size in the signed index")
+                data = _read(tar, info, key, path)
+                if _sha(data) != meta.get("sha256"):
+                    raise VerificationError(f"{path}: {key} does not match its sha256 in the signed index")
+                entries[key] = data
+    except FileNotFoundError:
+        raise FedcliError(f"bundle {path} does not exist") from None
+    except (tarfile.TarError, EOFError):
+        raise VerificationError(f"{path} is not a readable bundle (truncated or not a tar archive)") from None
+    except OSError as e:
+        raise FedcliError(f"cannot read bundle {path}: {e.strerror}") from None
 
     if spec is None:  # an empty store: the bundle must bring the spec, signed by the pinned coordinator
         spec = _bundle_spec(entries, pinned, path)
@@ -174,34 +182,48 @@ def import_bundle(store: Store, path: Path, coordinator_pub: Path | None = None)
         raise VerificationError(
             f"{path} is for federation {index.get('federation_id')!r}, the store holds {spec.federation_id!r}"
         )
-    result = BundleResult(Path(path), signer.name, role, spec.federation_id)
+    result = BundleResult(path, signer.name, role, spec.federation_id)
     _write(store, entries, result)
     return result
 
 
-def _read_tar(path: Path) -> dict[str, bytes]:
+def _members(tar: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarInfo]:
+    """Headers only: regular files named bundle.json, bundle.sig or files/..., each once."""
+    if path.stat().st_size > MAX_BUNDLE_BYTES:
+        raise VerificationError(f"{path} is larger than {MAX_BUNDLE_BYTES >> 30} GiB")
+    members: dict[str, tarfile.TarInfo] = {}
+    for m in tar:
+        if not m.isreg():
+            raise VerificationError(f"{path}: {m.name} is not a regular file")
+        if m.name in members or (m.name not in ("bundle.json", "bundle.sig") and not m.name.startswith("files/")):
+            raise VerificationError(f"{path}: unexpected or repeated member {m.name!r}")
+        members[m.name] = m
+    return members
+
+
+def _read(tar: tarfile.TarFile, info: tarfile.TarInfo | None, name: str, path: Path) -> bytes:
+    if info is None:
+        raise VerificationError(f"{path} is not a fedcli bundle (no {name})")
+    if name in ("bundle.json", "bundle.sig") and info.size > MAX_INDEX_BYTES:
+        raise VerificationError(f"{path}: {name} is too large")
+    f = tar.extractfile(info)
+    data = f.read() if f else b""
+    if len(data) != info.size:
+        raise VerificationError(f"{path} is truncated ({name} is incomplete)")
+    return data
+
+
+def _parse_index(body: bytes, path: Path) -> tuple[dict, dict[str, dict]]:
     try:
-        if path.stat().st_size > MAX_BUNDLE_BYTES:
-            raise VerificationError(f"{path} is larger than {MAX_BUNDLE_BYTES >> 30} GiB")
-        entries: dict[str, bytes] = {}
-        with tarfile.open(path, mode="r:") as tar:  # uncompressed only: no decompression bombs
-            for m in tar:
-                name = m.name
-                if not m.isreg():
-                    raise VerificationError(f"{path}: {name} is not a regular file")
-                if name in entries or (name not in ("bundle.json", "bundle.sig") and not name.startswith("files/")):
-                    raise VerificationError(f"{path}: unexpected or repeated member {name!r}")
-                if name in ("bundle.json", "bundle.sig") and m.size > MAX_INDEX_BYTES:
-                    raise VerificationError(f"{path}: {name} is too large")
-                f = tar.extractfile(m)
-                entries[name if not name.startswith("files/") else name[len("files/"):]] = f.read() if f else b""
-        return entries
-    except FileNotFoundError:
-        raise FedcliError(f"bundle {path} does not exist") from None
-    except (tarfile.TarError, EOFError):
-        raise VerificationError(f"{path} is not a readable bundle (truncated or not a tar archive)") from None
-    except OSError as e:
-        raise FedcliError(f"cannot read bundle {path}: {e.strerror}") from None
+        index = json.loads(body)
+        if not isinstance(index["signer"], str):
+            raise TypeError
+        listed = {f["key"]: f for f in index["files"]}
+    except (ValueError, KeyError, TypeError):
+        raise VerificationError(f"{path}: bundle index is malformed") from None
+    if index.get("kind") != "bundle" or index.get("format") != FORMAT:
+        raise VerificationError(f"{path}: not a format-{FORMAT} fedcli bundle")
+    return index, listed
 
 
 def _store_spec(store: Store, pinned: keys.PublicIdentity | None) -> Spec | None:

@@ -88,7 +88,7 @@ def test_tampered_bundle_is_refused_and_nothing_written(fed, tmp_path):
     _rewrite(out, lambda n, d: d[:-1] + bytes([d[-1] ^ 1]) if n == key else d)
     mirror = tmp_path / "mirror"
     res = _import(fed, out, mirror, code=EXIT_VERIFY)
-    assert "does not match its size and sha256" in res.output
+    assert "does not match its sha256" in res.output
     assert not mirror.exists() or not any(mirror.rglob("*.json"))
 
     _export(fed, fed.store, "coordinator", out)
@@ -197,3 +197,14 @@ def test_export_needs_something_to_send(fed, tmp_path):
     res = fed.cli("bundle", "export", "--store", fed.store, "--key", tmp_path / "s" / "stranger.key",
                   "--out", tmp_path / "s.bundle", code=1)
     assert "neither the coordinator nor a member" in res.output
+
+
+def test_member_larger_than_its_signed_size_is_refused_before_reading(fed, tmp_path):
+    """Sizes are checked against the signed index from the tar headers, before any content is loaded."""
+    fed.train("bank-a")
+    out = tmp_path / "a.bundle"
+    _export(fed, fed.store, "bank-a", out)
+    key = "files/" + R.update_keys(1, "bank-a")[0]
+    _rewrite(out, lambda n, d: d + b"\0" * 4096 if n == key else d)
+    res = _import(fed, out, fed.store, code=EXIT_VERIFY, pinned=False)
+    assert "does not match its size in the signed index" in res.output
