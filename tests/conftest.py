@@ -109,8 +109,8 @@ def use_s3(srv, monkeypatch) -> str:
     """Point the standard AWS variables at srv (as a user would) and return a fresh s3:// URL on it."""
     for name, value in srv.env().items():
         monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
     return f"s3://{srv.bucket}/t-{secrets.token_hex(6)}"
 
 

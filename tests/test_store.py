@@ -222,6 +222,8 @@ def test_s3_store_that_stays_down_fails_with_exit_5(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDX")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
     store = S3Store.from_url("s3://fedcli-down/p", policy=FAST_RETRY)
     with pytest.raises(StoreError) as info:
         store.put("rounds/000001/global.json", b"x", create_only=True)
