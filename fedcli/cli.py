@@ -26,6 +26,7 @@ err = Console(stderr=True)
 
 StoreOpt = typer.Option(..., "--store", "-s", help="Shared folder or s3://bucket/prefix.")
 CoordOpt = typer.Option(..., "--coordinator", "-c", help="Pinned coordinator public key file (coordinator.pub).")
+LedgerOpt = typer.Option(None, "--ledger", help="Privacy ledger file (default: next to the key; share one across federations on the same data).")
 
 
 @contextlib.contextmanager
@@ -112,12 +113,17 @@ def train(
     data: Path = typer.Option(..., "--data", "-d", help="This bank's CSV or Parquet training table."),
     coordinator: Path = CoordOpt,
     state: Optional[Path] = typer.Option(None, "--state", help="Bank state file (default: next to the key)."),
+    ledger: Optional[Path] = LedgerOpt,
+    max_epsilon: Optional[float] = typer.Option(None, "--max-epsilon", min=0.0, help="This bank's own privacy budget, if stricter than the spec's budget_epsilon."),
 ):
-    """Bank: verify the latest global model, train locally and submit a signed update."""
+    """Bank: verify the latest global model, train locally and submit a signed update.
+
+    Exit code 6: exporting would exceed this bank's privacy budget (nothing was exported).
+    """
     from .bank import train_round
 
     with failures():
-        res = train_round(_store(store), key, data, coordinator, state, err)
+        res = train_round(_store(store), key, data, coordinator, state, err, ledger, max_epsilon)
     for note in res.data_notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if not res.submitted:
@@ -129,6 +135,10 @@ def train(
         table.add_column(k, justify="right")
     table.add_row(str(res.num_examples), *(f"{v:.4f}" for v in res.metrics.values()))
     out.print(table)
+    if res.privacy:
+        p = res.privacy
+        out.print(f"privacy: {p['mode']}-level DP (noise multiplier {p['noise_multiplier']:.3g}); epsilon spent "
+                  f"{p['epsilon_after']:.3g} of budget {p['budget_epsilon']:g} at delta={p['delta']:g}", soft_wrap=True)
     out.print(res.message)
 
 
@@ -149,7 +159,7 @@ def aggregate(
     for col in ("member", "status", "rows / reason"):
         table.add_column(col)
     for a in res.accepted:
-        table.add_row(a["member"], "[green]accepted[/]", str(a["num_examples"]))
+        table.add_row(a["member"], "[green]accepted[/]", str(a["num_examples"] or "withheld (DP)"))
     for m, reason in res.rejected.items():
         table.add_row(m, "[red]rejected[/]", reason)
     for m in res.pending:
@@ -201,6 +211,36 @@ def status(store: str = typer.Argument(..., help="Shared folder or s3://bucket/p
     out.print(table)
     if problems.row_count:
         out.print(problems)
+
+
+@app.command()
+def privacy(
+    key: Optional[Path] = typer.Option(None, "--key", "-k", help="This bank's private key (the ledger sits next to it)."),
+    ledger: Optional[Path] = LedgerOpt,
+):
+    """Bank: show the privacy ledger, every DP release and the epsilon spent against the budget."""
+    from .bank import ledger_path_for
+    from .privacy import Ledger
+
+    with failures():
+        if ledger is None and key is None:
+            raise FedcliError("give --key or --ledger")
+        led = Ledger(ledger or ledger_path_for(key))
+        entries, summary = led.entries(), led.summary()
+    table = Table(title=f"privacy ledger {led.path.name}",
+                  caption="z: noise multiplier, q: sample rate, ε: cumulative per mode")
+    for col in ("federation", "round", "mode", "z", "q", "steps", "clip", "ε after"):
+        table.add_column(col, justify="left" if col in ("federation", "mode") else "right", no_wrap=True)
+    for e in entries:
+        table.add_row(e["federation"], str(e["round"]), e["mode"], f"{e['noise_multiplier']:.4g}", f"{e['sample_rate']:.3g}",
+                      str(e["steps"]), f"{e['clip']:g}", f"{e['epsilon_after']:.4g}")
+    out.print(table)
+    if not entries:
+        out.print("no DP release recorded yet")
+    for s in summary:
+        left = s["budget_epsilon"] - s["epsilon"]
+        out.print(f"{s['mode']}-level: epsilon {s['epsilon']:.4g} spent of budget {s['budget_epsilon']:g} at "
+                  f"delta={s['delta']:g} over {s['releases']} release(s); {max(left, 0):.4g} left", soft_wrap=True)
 
 
 def _metrics_table(title: str, metrics: dict) -> Table:

@@ -137,8 +137,8 @@ def _aggregate_locked(store, private, spec, spec_sha, lock: LeaseLock, console) 
             except FedcliError as e:  # one bad update never stops the others
                 result.rejected[member] = str(e)
             else:
-                avg.add(delta, float(manifest["num_examples"]))
-                result.accepted.append({"member": member, "num_examples": manifest["num_examples"],
+                avg.add(delta, 1.0 if spec.privacy.enabled else float(manifest["num_examples"]))
+                result.accepted.append({"member": member, "num_examples": manifest.get("num_examples", 0),
                                         "metrics": manifest.get("metrics", {})})
             progress.advance(task)
     if result.rejected:
@@ -151,7 +151,7 @@ def _aggregate_locked(store, private, spec, spec_sha, lock: LeaseLock, console) 
     lock.check()  # fencing: a run whose lease ran out must not publish
     try:
         publish_global(store, private, spec, spec_sha, r, weights, prev_sha=base.sha256,
-                       contributors=result.accepted, rule="fedavg")
+                       contributors=result.accepted, rule="mean" if spec.privacy.enabled else "fedavg")
     except AlreadyExists:
         raise FedcliError(f"round {r} was published by another aggregate run meanwhile") from None
     result.published = True

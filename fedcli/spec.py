@@ -15,6 +15,7 @@ import tomli_w
 from .errors import FedcliError
 from .keys import PublicIdentity
 from .names import check_name
+from .privacy import PrivacySpec, parse_privacy
 
 MODEL_KINDS = ("logreg", "mlp")
 
@@ -69,6 +70,7 @@ class Spec:
     training: TrainingSpec
     members: tuple[PublicIdentity, ...]
     raw: dict = field(repr=False, compare=False)
+    privacy: PrivacySpec = PrivacySpec()
 
     def member(self, name: str) -> PublicIdentity | None:
         return next((m for m in self.members if m.name == name), None)
@@ -175,7 +177,7 @@ def parse(raw: dict) -> Spec:
 
     return Spec(federation_id=fid, coordinator=coordinator, min_clients=min_clients,
                 deadline_minutes=float(deadline), model=model, data=data, training=training,
-                members=tuple(members), raw=raw)
+                members=tuple(members), raw=raw, privacy=parse_privacy(raw.get("privacy")))
 
 
 def loads(data: bytes, what: str = "federation spec") -> Spec:
