@@ -134,7 +134,8 @@ def seaweed_server(workdir: Path, weed: str) -> Iterator[S3Server]:
             }
         )
     )
-    master, master_grpc, vol, vol_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
+    ports = free_ports(8)
+    master, master_grpc, vol, vol_grpc, filer, filer_grpc, s3, s3_grpc = ports
     cmd = [
         weed,
         "server",
@@ -185,6 +186,10 @@ def seaweed_server(workdir: Path, weed: str) -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:  # it lingers ~10 s in graceful stop; its data is scratch
             proc.kill()
             proc.wait(timeout=15)
+        for port in ports:  # weed leaves its gRPC unix sockets in /tmp when killed
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                with contextlib.suppress(OSError):
+                    sock.unlink()
 
 
 class FaultyProxy:
