@@ -36,7 +36,8 @@ def failures():
     try:
         yield
     except FedcliError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # "[secagg]" is text
+        label = "[bold yellow]waiting:[/]" if e.exit_code == EXIT_WAITING else "[bold red]error:[/]"
+        err.print(f"{label} {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
 
 
@@ -281,6 +282,60 @@ def predict(
     with failures():
         r, n = run(_store(store), coordinator, data, output, round_)
     out.print(f"scored {n} rows with the global model of round {r} -> {output}")
+
+
+@app.command("check-store")
+def check_store(store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix.")):
+    """Check a store is reachable and refuses to overwrite on create-only writes (run once at setup)."""
+    from .store import check_create_only
+
+    with failures():
+        s = _store(store)
+        check_create_only(s)
+    out.print(f"[green]ok:[/] {s} is reachable, writable and honours create-only writes", soft_wrap=True)
+
+
+bundle_app = typer.Typer(help="Air gap: carry the files that must cross in one signed archive.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+def _bundle_table(res, verb: str) -> None:
+    table = Table(title=f"bundle {res.path.name}: signed by {res.signer} ({res.role}), federation {res.federation_id}")
+    table.add_column("file")
+    table.add_column("status")
+    for k in res.written:
+        table.add_row(k, f"[green]{verb}[/]")
+    for k in res.unchanged:
+        table.add_row(k, "[dim]already there[/]")
+    out.print(table)
+
+
+@bundle_app.command("export")
+def bundle_export(
+    store: str = StoreOpt,
+    key: Path = typer.Option(..., "--key", "-k", help="Your private key: the coordinator's exports the global model, a bank's its update."),
+    output: Path = typer.Option(..., "--out", "-o", help="Bundle file to write (e.g. on removable media)."),
+):
+    """Pack what must cross the air gap: coordinator -> the latest global model; bank -> its update."""
+    from .bundle import export_bundle
+
+    with failures():
+        res = export_bundle(_store(store), key, output)
+    _bundle_table(res, "exported")
+
+
+@bundle_app.command("import")
+def bundle_import(
+    bundle: Path = typer.Argument(..., help="Bundle file made by `fedcli bundle export`."),
+    store: str = StoreOpt,
+    coordinator: Optional[Path] = typer.Option(None, "--coordinator", "-c", help="Pinned coordinator public key (banks; required for an empty store)."),
+):
+    """Verify a bundle's signature and hashes, then write its files; importing twice changes nothing."""
+    from .bundle import import_bundle
+
+    with failures():
+        res = import_bundle(_store(store), bundle, coordinator)
+    _bundle_table(res, "imported")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from . import tensors as T
 from .aggregate import FedAvg, apply
 from .errors import AlreadyExists, FedcliError, VerificationError
 from .store import Store
+from .store.lock import LeaseLock
 
 
 def init_federation(
@@ -108,11 +109,20 @@ def quorum_reached(spec: S.Spec, n_accepted: int, base_created_at: str) -> tuple
 
 
 def aggregate_round(store: Store, key_path: Path, console: Console | None = None) -> AggregateResult:
-    """Verify every update for the next round, FedAvg the good ones, publish if quorum is met."""
+    """Verify every update for the next round, FedAvg the good ones, publish if quorum is met.
+
+    Runs under the store's `aggregate` lease lock, so overlapping cron runs (even on two
+    hosts) do the work once; a second run gets LockHeld (exit 3, try later).
+    """
     private, pub_b64 = keys.load_private(key_path)
     spec, spec_sha = R.load_spec(store, None)
     if pub_b64 != spec.coordinator.ed25519:
         raise VerificationError(f"{key_path} is not the coordinator key of federation {spec.federation_id}")
+    with LeaseLock(store, "aggregate") as lock:
+        return _aggregate_locked(store, private, spec, spec_sha, lock, console)
+
+
+def _aggregate_locked(store, private, spec, spec_sha, lock: LeaseLock, console) -> AggregateResult:
     shapes = models.shapes(spec.model, spec.data.n_features)
     base_round = R.latest_round(store)
     base = R.load_global(store, spec, spec_sha, base_round, shapes)
@@ -161,6 +171,7 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
     if mean is None:
         return result
     weights = apply(base.tensors, mean)
+    lock.check()  # fencing: a run whose lease ran out must not publish
     try:
         publish_global(store, private, spec, spec_sha, r, weights, prev_sha=base.sha256,
                        contributors=result.accepted, rule=rule, **extra)
