@@ -1,8 +1,9 @@
 """Air-gap bundles: one signed archive carries the files that must cross between two stores.
 
 Out (coordinator -> banks): the signed spec, every global manifest and rejections list, and
-the latest global tensors. In (bank -> coordinator): that bank's committed update for the
-open round. The archive is a plain tar holding
+the latest global tensors (and, with secure aggregation, the open round's drop declaration).
+In (bank -> coordinator): that bank's committed update for the open round (and its recovery
+shares once it published them). The archive is a plain tar holding
 
     bundle.json      canonical JSON index: kind, federation, signer, every file's key, size, sha256
     bundle.sig       Ed25519 signature of the signer over "fedcli-bundle-v1\\n" + bundle.json
@@ -38,12 +39,15 @@ BUNDLE_DOMAIN = b"fedcli-bundle-v1\n"
 FORMAT = 1
 MAX_INDEX_BYTES = 1 << 20
 MAX_BUNDLE_BYTES = 4 << 30  # refuse absurd archives before reading them into memory
-_COORD_KEYS = re.compile(r"^(federation\.toml(\.sig)?|rounds/\d{6}/(global\.(json|safetensors)|rejections\.json))$")
+_COORD_KEYS = re.compile(
+    r"^(federation\.toml(\.sig)?|rounds/\d{6}/(global\.(json|safetensors)|rejections\.json|secagg/drops\.json))$"
+)
 _SPEC_KEYS = (R.SPEC_KEY, R.SPEC_SIG_KEY)
 
 
 def _member_keys(member: str) -> re.Pattern:
-    return re.compile(rf"^rounds/\d{{6}}/updates/{re.escape(member)}\.(json|safetensors)$")
+    m = re.escape(member)
+    return re.compile(rf"^rounds/\d{{6}}/(updates/{m}\.(json|safetensors)|secagg/recovery/{m}\.json)$")
 
 
 @dataclass
@@ -100,6 +104,9 @@ def _coordinator_files(store: Store) -> list[str]:
             keys_.append(R.rejections_key(r))
     keys_.append(R.global_keys(rounds[-1])[0])  # the latest model's tensors, before the manifests
     keys_ += [R.global_keys(r)[1] for r in rounds]
+    drops = f"{R.round_dir(rounds[-1] + 1)}/secagg/drops.json"  # secure aggregation's dropouts
+    if store.exists(drops):
+        keys_.append(drops)
     return keys_
 
 
@@ -108,7 +115,11 @@ def _member_files(store: Store, member: str) -> list[str]:
     tkey, mkey = R.update_keys(r, member)
     if not store.exists(mkey):
         raise FedcliError(f"{member} has no committed update for round {r} in {store}: run `fedcli train` first")
-    return [tkey, mkey]
+    files = [tkey, mkey]
+    recovery = f"{R.round_dir(r)}/secagg/recovery/{member}.json"  # secure aggregation's dropouts
+    if store.exists(recovery):
+        files.append(recovery)
+    return files
 
 
 def _write_tar(out: Path, entries: list[tuple[str, bytes]]) -> None:

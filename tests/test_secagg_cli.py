@@ -213,3 +213,31 @@ def test_update_dp_shared_noise_sums_to_the_required_noise(tmp_path, credit_spli
     full = z * clip * np.sqrt(n) / n
     assert step.size > 5000
     assert abs(step.std() / shared - 1) < 0.1, (step.std(), shared, full)
+
+
+def test_dropout_round_across_an_air_gap(tmp_path, credit_split):
+    """Banks on their own mirror stores: the drop declaration and the recovery shares travel in
+    signed bundles like everything else."""
+    spec = SECAGG_SPEC.replace("min_clients = 3", "min_clients = 2")
+    fed = make_fed(tmp_path, credit_split, spec, banks=BANKS5[:3])
+    mirrors = {b: tmp_path / f"mirror-{b}" for b in BANKS5[:2]}  # bank-c never shows up
+
+    def carry(who, src, dst, pinned):
+        out = tmp_path / f"{who}.bundle"
+        fed.cli("bundle", "export", "--store", src, "--key", fed.key(who), "--out", out)
+        extra = ["--coordinator", fed.pub("coordinator")] if pinned else []
+        return fed.cli("bundle", "import", out, "--store", dst, *extra)
+
+    def bank_step(b):
+        carry("coordinator", fed.store, mirrors[b], True)
+        res = fed.cli("train", "--store", mirrors[b], "--key", fed.key(b), "--data", fed.data / DATA[b],
+                      "--coordinator", fed.pub("coordinator"))
+        carry(b, mirrors[b], fed.store, False)
+        return res
+
+    for b in mirrors:
+        bank_step(b)
+    assert "declared bank-c dropped" in text(fed.aggregate(code=EXIT_WAITING))
+    for b in mirrors:
+        assert "published recovery shares" in text(bank_step(b))
+    assert "published global model of round 1" in fed.aggregate().output
