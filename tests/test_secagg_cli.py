@@ -9,11 +9,12 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import ROOT, make_fed
+from conftest import ROOT, make_fed, use_s3
 from safetensors.numpy import load_file
 
 from fedcli import keys
 from fedcli.errors import EXIT_VERIFY, EXIT_WAITING
+from fedcli.store import open_store
 
 BANKS5 = ("bank-a", "bank-b", "bank-c", "bank-d", "bank-e")
 # one epoch keeps the suite fast; the plain reference uses the same spec
@@ -241,3 +242,18 @@ def test_dropout_round_across_an_air_gap(tmp_path, credit_split):
     for b in mirrors:
         assert "published recovery shares" in text(bank_step(b))
     assert "published global model of round 1" in fed.aggregate().output
+
+
+def test_dropout_round_on_s3(moto_s3, tmp_path, credit_split, monkeypatch):
+    """The same exchange through s3:// on a loopback S3 server (create-only declaration included)."""
+    spec = SECAGG_SPEC.replace("min_clients = 3", "min_clients = 2")
+    fed = make_fed(tmp_path, credit_split, spec, banks=BANKS5[:3], url=use_s3(moto_s3, monkeypatch))
+    for b in BANKS5[:2]:
+        train(fed, b)
+    assert "declared bank-c dropped" in text(fed.aggregate(code=EXIT_WAITING))
+    assert "declared dropped from round 1" in text(train(fed, "bank-c", code=1))
+    for b in BANKS5[:2]:
+        assert "published recovery shares" in text(train(fed, b))
+    assert "published global model of round 1" in fed.aggregate().output
+    g = json.loads(open_store(fed.url).get("rounds/000001/global.json"))
+    assert g["secagg"]["dropped"] == ["bank-c"]
