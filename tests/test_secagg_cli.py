@@ -5,7 +5,9 @@ deterministic, so its (unmasked) update files are exactly what the masked banks 
 """
 
 import json
+import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -58,7 +60,8 @@ def assert_close(fed, r, expected):
 def test_keygen_enrols_an_x25519_key(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split, SECAGG_SPEC.replace("min_clients = 3", "min_clients = 2"),
                    banks=BANKS5[:2])
-    assert keys.x25519_path_for(fed.key("bank-a")).exists()
+    mask_path = keys.x25519_path_for(fed.key("bank-a"))
+    assert stat.S_IMODE(os.stat(mask_path).st_mode) == 0o600
     ident = keys.load_public(fed.pub("bank-a"))
     spec = (fed.store / "federation.toml").read_text()
     assert ident.x25519 and ident.x25519 in spec
@@ -81,6 +84,18 @@ def test_keygen_enrols_an_x25519_key(tmp_path, credit_split):
         res = fed.cli("init", tmp_path / "store3", "--spec", bad, "--key", fed.key("coordinator"),
                       "--member", fed.pub("bank-a"), "--member", fed.pub("bank-b"), code=1)
         assert message in text(res), text(res)
+
+
+def test_encrypted_mask_key_needs_the_passphrase(tmp_path, monkeypatch):
+    monkeypatch.delenv(keys.PASSPHRASE_ENV, raising=False)
+    key_path, _, ident = keys.generate("bank-z", tmp_path, passphrase="s3cret")
+    assert b"ENCRYPTED" in keys.x25519_path_for(key_path).read_bytes()
+    with pytest.raises(Exception, match="passphrase"):
+        keys.load_mask_key(key_path)
+    monkeypatch.setenv(keys.PASSPHRASE_ENV, "s3cret")
+    from fedcli import secagg
+
+    assert secagg.public_to_text(keys.load_mask_key(key_path)) == ident.x25519
 
 
 def test_all_members_in_masks_cancel(tmp_path, credit_split, plain_deltas):
