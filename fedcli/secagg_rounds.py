@@ -131,6 +131,13 @@ def publish_recovery(store, spec: Spec, r: int, me: str, private, mask_key) -> s
     mine = keys.verify_manifest(R.read_manifest(store, R.update_keys(r, me)[1], what), spec.member(me), what)
     if drops.survivors[me] != mine.get("tensors_sha256"):
         raise VerificationError(f"drop declaration of round {r} names another update of {me} than the one it submitted")
+    late = genuine_updates(store, spec, r, drops.dropped)
+    if late:  # safety over liveness: one survivor refusing keeps a mask on the late update
+        raise VerificationError(
+            f"refusing to reveal seeds: {', '.join(late)} is declared dropped from round {r} but its update is on the "
+            f"store, and the seeds would unmask it; the coordinator should delete rounds/{r:06d}/secagg/ so the "
+            "round completes with everyone in"
+        )
     seeds = secagg.recovery_seeds(spec.federation_id, r, me, mask_key, roster(spec), drops.dropped)
     doc = {
         "kind": RECOVERY_KIND,
@@ -198,13 +205,13 @@ class MaskedSum:
         return secagg.unflatten(flat, self.layout)
 
 
-def signed_rejections(store, spec: Spec, r: int, rejected: list[str]) -> list[str]:
-    """Rejected members whose file is nonetheless a genuine, signed round-r update: declaring them
-    dropped would let the coordinator unmask it, so the round must wait for it to be removed."""
+def genuine_updates(store, spec: Spec, r: int, members) -> list[str]:
+    """Members with a genuine (signed by them, for this round) masked update on the store, valid
+    or not: revealing the seeds shared with such a member would let the coordinator unmask it."""
     genuine = []
-    for m in rejected:
+    for m in members:
         ident = spec.member(m)
-        if ident is None:
+        if ident is None or not store.exists(R.update_keys(r, m)[1]):
             continue
         try:
             doc = keys.verify_manifest(R.read_manifest(store, R.update_keys(r, m)[1], m), ident, m)
@@ -274,7 +281,7 @@ def close_round(store, private, spec: Spec, r: int, acc: MaskedSum, drops: Drops
         ready, reason = quorum
         if not ready:
             return None, reason, {}
-        genuine = signed_rejections(store, spec, r, rejected)
+        genuine = genuine_updates(store, spec, r, rejected)
         if genuine:
             raise VerificationError(
                 f"round {r}: the signed update of {', '.join(genuine)} was rejected; declaring it dropped would "

@@ -141,26 +141,52 @@ def test_dropout_recovery_and_late_update_refused(tmp_path, credit_split, plain_
     res = train(fed, "bank-e", code=1)
     assert "declared dropped from round 1" in text(res)
     assert not (fed.store / "rounds/000001/updates/bank-e.json").exists()
-    # and an update that lands anyway is rejected by the coordinator
-    for ext in ("safetensors", "json"):
-        shutil.copy(aside / f"rounds/000001/updates/bank-e.{ext}", fed.store / f"rounds/000001/updates/bank-e.{ext}")
-    res = fed.aggregate(code=EXIT_WAITING)
-    assert "late update is never accepted" in text(res)
-    assert "recovery shares of round 1 still missing from bank-a, bank-b, bank-c, bank-d" in text(res)
 
     for b in survivors[:3]:
         assert "published recovery shares for round 1" in text(train(fed, b))
     res = fed.aggregate(code=EXIT_WAITING)
-    assert "still missing from bank-d" in text(res)
+    assert "recovery shares of round 1 still missing from bank-d" in text(res)
     assert "published recovery shares" in text(train(fed, "bank-d"))
     assert "already published" in text(train(fed, "bank-d"))
 
+    # bank-e's update lands anyway: the coordinator never accepts it
+    for ext in ("safetensors", "json"):
+        shutil.copy(aside / f"rounds/000001/updates/bank-e.{ext}", fed.store / f"rounds/000001/updates/bank-e.{ext}")
     res = fed.aggregate()
+    assert "late update is never accepted" in text(res)
     assert "published global model of round 1" in res.output
     g = json.loads((fed.store / "rounds/000001/global.json").read_text())
     assert g["secagg"]["dropped"] == ["bank-e"]
     assert sorted(c["member"] for c in g["contributors"]) == list(survivors)
     assert_close(fed, 1, expected_global(fed, plain_deltas, survivors))
+
+
+def test_late_update_mid_recovery_keeps_a_mask_on_it(tmp_path, credit_split):
+    """A dropped bank's update lands while survivors are still revealing: the rest refuse (so at
+    least one mask stays on it); the coordinator's way out is to drop the declaration, and with
+    everyone in, the masks cancel without any seed revealed."""
+    spec = SECAGG_SPEC.replace("min_clients = 3", "min_clients = 2")
+    fed = make_fed(tmp_path, credit_split, spec, banks=BANKS5[:3])
+    for b in BANKS5[:2]:
+        train(fed, b)
+    aside = tmp_path / "aside"
+    shutil.copytree(fed.store, aside)
+    fed.cli("train", "--store", aside, "--key", fed.key("bank-c"), "--data", fed.data / DATA["bank-c"],
+            "--coordinator", fed.pub("coordinator"), "--state", tmp_path / "c-aside.json")
+    assert "declared bank-c dropped" in text(fed.aggregate(code=EXIT_WAITING))
+    assert "published recovery shares" in text(train(fed, "bank-a"))
+    for ext in ("safetensors", "json"):
+        shutil.copy(aside / f"rounds/000001/updates/bank-c.{ext}", fed.store / f"rounds/000001/updates/bank-c.{ext}")
+    res = train(fed, "bank-b", code=EXIT_VERIFY)
+    assert "refusing to reveal seeds: bank-c is declared dropped" in text(res)
+    assert not (fed.store / "rounds/000001/secagg/recovery/bank-b.json").exists()
+    res = fed.aggregate(code=EXIT_WAITING)
+    assert "late update is never accepted" in text(res) and "still missing from bank-b" in text(res)
+
+    shutil.rmtree(fed.store / "rounds/000001/secagg")  # the operator's way out
+    assert "published global model of round 1" in fed.aggregate().output
+    g = json.loads((fed.store / "rounds/000001/global.json").read_text())
+    assert g["secagg"]["dropped"] == [] and len(g["contributors"]) == 3
 
 
 def test_no_drop_declaration_before_quorum(tmp_path, credit_split):
