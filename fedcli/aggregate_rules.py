@@ -103,7 +103,8 @@ def streamed_norm(shapes: Shapes, read: ReadRows, i: int, chunk_elems: int = DEF
 # ----- chunked coordinate-wise rules -----
 
 
-def _rows(shape: tuple[int, ...]) -> int:
+def n_rows(shape: tuple[int, ...]) -> int:
+    """Rows along the first axis (a 0-d tensor is one row)."""
     return shape[0] if len(shape) else 1
 
 
@@ -114,7 +115,7 @@ def iter_chunks(shapes: Shapes, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Itera
     safetensors)."""
     for name in sorted(shapes):
         shape = tuple(shapes[name])
-        rows = _rows(shape)
+        rows = n_rows(shape)
         row_size = max(1, math.prod(shape[1:]))
         step = max(1, chunk_elems // row_size)
         for a in range(0, rows, step):
@@ -133,7 +134,7 @@ def _coordinatewise(shapes: Shapes, n: int, read: ReadRows, reduce, chunk_elems:
     out = {name: np.empty(tuple(s), dtype=np.float32) for name, s in shapes.items()}
     for name, a, b in iter_chunks(shapes, chunk_elems):
         block = _stack(read, n, name, a, b)
-        view = out[name].reshape(_rows(tuple(shapes[name])), -1)
+        view = out[name].reshape(n_rows(tuple(shapes[name])), -1)
         view[a:b] = reduce(block)
     return out
 
@@ -232,7 +233,7 @@ def memory_reader(updates: Sequence[Delta]) -> ReadRows:
 
     def read(i: int, name: str, a: int, b: int) -> np.ndarray:
         arr = np.asarray(updates[i][name])
-        return arr.reshape(_rows(arr.shape), -1)[a:b]
+        return arr.reshape(n_rows(arr.shape), -1)[a:b]
 
     return read
 

@@ -392,3 +392,75 @@ def test_compression_settings_checked():
     np.testing.assert_array_equal(t["w"], [1, 2])
     np.testing.assert_array_equal(res["w"], 0)
     assert math.isclose(comp.wire_bytes(t), 8)
+
+
+# ----- [strategy] spec section and the coordinator's combiner -----
+
+from fedcli import strategy as st  # noqa: E402
+
+
+def test_strategy_defaults_are_plain_sync_fedavg():
+    s = st.parse(None, n_members=3, min_clients=2)
+    assert (s.mode, s.rule, s.server, s.compression, s.max_norm, s.prox_mu) == ("sync", "fedavg", "fedavg", "none", 0, 0)
+    assert s.compression_meta == {"method": "none"}
+
+
+def test_strategy_full_table_parses():
+    s = st.parse({
+        "mode": "async", "rule": "trimmed_mean", "trim_ratio": 0.2, "max_norm": 3, "prox_mu": 0.01,
+        "server": {"optimizer": "fedadam", "lr": 0.05},
+        "compression": {"method": "topk", "ratio": 0.1},
+        "async": {"buffer_size": 3, "max_staleness": 2, "discount": "hinge", "exponent": 10, "hinge_after": 1},
+    }, n_members=5, min_clients=2)
+    assert s.mode == "async" and s.server_params == {"lr": 0.05} and s.max_norm == 3.0
+    assert s.compression_meta == {"method": "topk", "ratio": 0.1}
+    assert s.discount_for(1) == 1.0 and s.discount_for(2) == pytest.approx(1 / 11)
+
+
+@pytest.mark.parametrize("table,msg", [
+    ({"rule": "mean"}, "rule must be one of"),
+    ({"mode": "later"}, "mode must be one of"),
+    ({"max_norm": -1}, "max_norm must be >= 0"),
+    ({"prox_mu": "a lot"}, "'prox_mu' must be a number"),
+    ({"rule": "krum", "krum_f": 1}, r"needs at least 5 updates per round; raise min_clients \(now 2\)"),
+    ({"server": {"optimizer": "fedadam", "momentum": 0.9}}, "no parameter 'momentum'"),
+    ({"compression": {"method": "topk", "ratio": 2}}, "ratio in"),
+    ({"async": {"buffer_size": 9}}, "buffer_size must be between 1 and"),
+    ({"async": {"discount": "exp"}}, "unknown staleness discount"),
+    ({"colour": "blue"}, "unknown setting 'colour'"),
+])
+def test_strategy_errors_name_the_setting(table, msg):
+    with pytest.raises(FedcliError, match=msg) as e:
+        st.parse(table, n_members=5, min_clients=2)
+    assert str(e.value).startswith("federation spec: [strategy]") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "median", "trimmed_mean", "krum"])
+def test_combiner_resists_one_poisoned_bank_only_with_robust_rules(rule):
+    honest, poison = _honest_and_poison(n=6, size=30)
+    s = st.parse({"rule": rule, "trim_ratio": 0.2, "krum_f": 1, "krum_m": 3}, n_members=7, min_clients=7)
+    comb = st.Combiner(s, {"w": (30,)}, chunk_elems=7)
+    for i, u in enumerate(honest):
+        comb.add(f"bank-{i}", u, num_examples=100)
+    comb.add("evil", poison, num_examples=100)
+    delta, info = comb.result()
+    assert info["rule"] == rule
+    worst = np.max(np.abs(delta["w"]))
+    if rule == "fedavg":
+        assert worst > 1e5
+    else:
+        assert worst < 1.0
+    if rule == "krum":
+        assert len(info["krum_selected"]) == 3 and "evil" not in info["krum_selected"]
+    assert comb._tmp is None  # temporary spill files are gone
+
+
+def test_combiner_norm_bound_and_staleness_scale_updates():
+    s = st.parse({"max_norm": 1.0, "mode": "async", "async": {"buffer_size": 2}}, n_members=2, min_clients=1)
+    comb = st.Combiner(s, {"w": (2,)})
+    comb.add("a", {"w": f32([3, 4])}, num_examples=1)  # norm 5 -> clipped by 0.2 -> [0.6, 0.8]
+    comb.add("b", {"w": f32([0, 0.5])}, num_examples=1, staleness=3)  # discount (1+3)^-0.5 = 0.5
+    delta, info = comb.result()
+    np.testing.assert_allclose(delta["w"], [(0.6 + 0) / 2, (0.8 + 0.25) / 2], rtol=1e-6)
+    assert comb.notes["a"]["clipped_by"] == 0.2 and comb.notes["b"]["discount"] == 0.5
+    assert info == {"rule": "fedavg", "max_norm": 1.0}
