@@ -1,0 +1,166 @@
+"""Ed25519 keys and signatures over canonical JSON and raw documents.
+
+Private keys are PKCS#8 PEM files (mode 0600, optionally passphrase-encrypted). Public keys
+are small TOML files a bank can mail to the coordinator; the fingerprint is what both sides
+read aloud over the phone to compare out of band.
+"""
+
+import base64
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .errors import FedcliError, VerificationError
+from .names import check_name
+
+PASSPHRASE_ENV = "FEDCLI_PASSPHRASE"
+# Domain separation: a signature over one kind of document never verifies as another.
+MANIFEST_DOMAIN = b"fedcli-manifest-v1\n"
+SPEC_DOMAIN = b"fedcli-spec-v1\n"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str, what: str = "value") -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        raise FedcliError(f"{what} is not valid base64") from None
+
+
+def fingerprint(raw_public: bytes) -> str:
+    """Short, human-comparable digest of a raw public key: four groups of four hex digits."""
+    h = hashlib.sha256(raw_public).hexdigest()[:16]
+    return " ".join(h[i : i + 4] for i in range(0, 16, 4))
+
+
+@dataclass(frozen=True)
+class PublicIdentity:
+    name: str
+    ed25519: str  # base64 of the 32-byte raw public key
+
+    @property
+    def raw(self) -> bytes:
+        return unb64(self.ed25519, f"public key of {self.name}")
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.raw)
+
+    def key(self) -> Ed25519PublicKey:
+        raw = self.raw
+        if len(raw) != 32:
+            raise FedcliError(f"public key of {self.name} is not a 32-byte Ed25519 key")
+        return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def generate(name: str, out_dir: Path, passphrase: str | None = None) -> tuple[Path, Path, PublicIdentity]:
+    """Write NAME.key (0600) and NAME.pub into out_dir; refuse to overwrite an existing key."""
+    check_name(name, "key name")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key_path, pub_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
+    for p in (key_path, pub_path):
+        if p.exists():
+            raise FedcliError(f"{p} already exists; refusing to overwrite a key (move it away first)")
+    private = Ed25519PrivateKey.generate()
+    enc = (
+        serialization.BestAvailableEncryption(passphrase.encode())
+        if passphrase
+        else serialization.NoEncryption()
+    )
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    ident = PublicIdentity(name=name, ed25519=b64(raw))
+    pub_path.write_text(
+        f'# fedcli public key. Fingerprint: {ident.fingerprint}\nname = "{name}"\ned25519 = "{ident.ed25519}"\n'
+    )
+    return key_path, pub_path, ident
+
+
+def load_private(path: Path, passphrase: str | None = None) -> tuple[Ed25519PrivateKey, str]:
+    """Load a private key and return it with the base64 of its public half."""
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as e:
+        raise FedcliError(f"cannot read private key {path}: {e.strerror}") from None
+    if passphrase is None:
+        passphrase = os.environ.get(PASSPHRASE_ENV)
+    try:
+        key = serialization.load_pem_private_key(pem, password=passphrase.encode() if passphrase else None)
+    except TypeError:
+        raise FedcliError(
+            f"{path} is passphrase-protected: set {PASSPHRASE_ENV} or pass --passphrase"
+        ) from None
+    except ValueError:
+        raise FedcliError(f"{path} is not a valid private key, or the passphrase is wrong") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise FedcliError(f"{path} is not an Ed25519 key")
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return key, b64(raw)
+
+
+def load_public(path: Path) -> PublicIdentity:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise FedcliError(f"cannot read public key {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise FedcliError(f"{path} is not a fedcli public key file: {e}") from None
+    try:
+        ident = PublicIdentity(name=check_name(data["name"], "key name"), ed25519=data["ed25519"])
+    except KeyError as e:
+        raise FedcliError(f"{path} lacks the field {e.args[0]!r}") from None
+    ident.key()  # validates length and encoding
+    return ident
+
+
+def canonical(obj: dict) -> bytes:
+    """The exact bytes that are signed: sorted keys, no whitespace, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def sign_manifest(key: Ed25519PrivateKey, manifest: dict) -> bytes:
+    """Return the JSON file content: the manifest plus a signature over its canonical form."""
+    if "signature" in manifest:
+        raise ValueError("manifest already has a signature")
+    sig = key.sign(MANIFEST_DOMAIN + canonical(manifest))
+    return canonical({**manifest, "signature": b64(sig)})
+
+
+def verify_manifest(data: bytes, signer: PublicIdentity, what: str) -> dict:
+    """Parse a signed manifest file and check its signature; return the manifest without it."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise VerificationError(f"{what}: manifest is not valid JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("signature"), str):
+        raise VerificationError(f"{what}: manifest has no signature")
+    sig = unb64(doc.pop("signature"), f"{what}: signature")
+    try:
+        signer.key().verify(sig, MANIFEST_DOMAIN + canonical(doc))
+    except (InvalidSignature, ValueError):
+        raise VerificationError(f"{what}: signature does not verify with {signer.name}'s key") from None
+    return doc
+
+
+def sign_bytes(key: Ed25519PrivateKey, data: bytes, domain: bytes = SPEC_DOMAIN) -> str:
+    return b64(key.sign(domain + data))
+
+
+def verify_bytes(data: bytes, signature_b64: str, signer: PublicIdentity, what: str, domain: bytes = SPEC_DOMAIN) -> None:
+    try:
+        signer.key().verify(unb64(signature_b64.strip(), f"{what} signature"), domain + data)
+    except (InvalidSignature, ValueError, FedcliError):
+        raise VerificationError(f"{what}: signature does not verify with {signer.name}'s key") from None

@@ -1,0 +1,16 @@
+"""Scores credit-risk teams read: ROC AUC, PR AUC (average precision) and the KS statistic."""
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+
+def score(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """Metrics for labels y (0/1) and scores p; NaN where a metric needs both classes."""
+    if len(np.unique(y)) < 2:
+        return {"auc": float("nan"), "pr_auc": float("nan"), "ks": float("nan")}
+    fpr, tpr, _ = roc_curve(y, p)
+    return {
+        "auc": float(roc_auc_score(y, p)),
+        "pr_auc": float(average_precision_score(y, p)),
+        "ks": float(np.max(tpr - fpr)),
+    }

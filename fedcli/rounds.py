@@ -1,0 +1,210 @@
+"""The round protocol: which file in the store means what, and how each one is verified.
+
+    federation.toml, federation.toml.sig          signed spec
+    rounds/000000/global.safetensors, global.json  round-0 model and its signed manifest
+    rounds/00000N/updates/<member>.safetensors     update trained on global N-1 (a delta)
+    rounds/00000N/updates/<member>.json            its signed manifest: the commit marker
+    rounds/00000N/rejections.json                  why the coordinator refused some updates
+    rounds/00000N/global.safetensors, global.json  the aggregate of round N
+
+Tensors are always written before their manifest, so a manifest that exists names tensors
+that exist; a crash leaves at worst tensors without a manifest, which everyone ignores.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+
+from . import tensors as T
+from .errors import FedcliError, NotFound, VerificationError
+from .keys import PublicIdentity, verify_bytes, verify_manifest
+from .spec import Spec, loads, sha256
+from .store import Store
+
+SPEC_KEY = "federation.toml"
+SPEC_SIG_KEY = "federation.toml.sig"
+MAX_MANIFEST_BYTES = 64 * 1024
+FORMAT = 1
+
+
+def round_dir(r: int) -> str:
+    return f"rounds/{r:06d}"
+
+
+def global_keys(r: int) -> tuple[str, str]:
+    return f"{round_dir(r)}/global.safetensors", f"{round_dir(r)}/global.json"
+
+
+def update_keys(r: int, member: str) -> tuple[str, str]:
+    return f"{round_dir(r)}/updates/{member}.safetensors", f"{round_dir(r)}/updates/{member}.json"
+
+
+def rejections_key(r: int) -> str:
+    return f"{round_dir(r)}/rejections.json"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def load_spec(store: Store, pinned: PublicIdentity | None) -> tuple[Spec, str]:
+    """Read and verify the spec; with a pinned key, the spec must name that exact coordinator."""
+    try:
+        data, sig = store.get(SPEC_KEY), store.get(SPEC_SIG_KEY).decode("ascii", "replace")
+    except NotFound:
+        raise FedcliError(f"{store} holds no federation: run `fedcli init` first") from None
+    spec = loads(data)
+    if pinned is not None and pinned.ed25519 != spec.coordinator.ed25519:
+        raise VerificationError(
+            f"the federation spec names coordinator key {spec.coordinator.fingerprint}, "
+            f"but you pinned {pinned.fingerprint}: refusing to trust this store"
+        )
+    verify_bytes(data, sig, pinned or spec.coordinator, "federation spec")
+    return spec, sha256(data)
+
+
+def global_rounds(store: Store) -> list[int]:
+    """Rounds whose global manifest exists (committed), ascending."""
+    found = []
+    for key in store.list("rounds"):
+        m = re.fullmatch(r"rounds/(\d{6})/global\.json", key)
+        if m:
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def latest_round(store: Store) -> int:
+    rounds = global_rounds(store)
+    if not rounds:
+        raise FedcliError(f"{store} has no global model yet: run `fedcli init` first")
+    return rounds[-1]
+
+
+def read_manifest(store: Store, key: str, what: str) -> bytes:
+    if store.size(key) > MAX_MANIFEST_BYTES:
+        raise VerificationError(f"{what}: manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+    return store.get(key)
+
+
+def read_tensors(store: Store, key: str, expected_sha: str, shapes: T.Shapes, what: str, dtype: str = "float32"):
+    """Fetch, hash and decode a tensor file; the hash must match the signed manifest."""
+    try:
+        size = store.size(key)
+    except NotFound:
+        raise VerificationError(f"{what}: tensor file is missing") from None
+    if size > T.max_file_size(shapes, np.dtype(dtype).itemsize):
+        raise VerificationError(f"{what}: tensor file is larger than the model allows ({size} bytes)")
+    data = store.get(key)
+    if T.sha256(data) != expected_sha:
+        raise VerificationError(f"{what}: tensors do not match the sha256 in the signed manifest")
+    return T.decode(data, shapes, what, dtype)
+
+
+def expect(manifest: dict, what: str, **fields) -> None:
+    for name, value in fields.items():
+        if manifest.get(name) != value:
+            raise VerificationError(f"{what}: manifest {name} is {manifest.get(name)!r}, expected {value!r}")
+
+
+@dataclass
+class Global:
+    round: int
+    tensors: dict[str, np.ndarray]
+    manifest: dict
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest["tensors_sha256"]
+
+
+def load_global(store: Store, spec: Spec, spec_sha: str, r: int, shapes: T.Shapes) -> Global:
+    """Verify and load the global model of round r (signature, spec binding, hash, shapes)."""
+    what = f"global model of round {r}"
+    tkey, mkey = global_keys(r)
+    try:
+        manifest = verify_manifest(read_manifest(store, mkey, what), spec.coordinator, what)
+    except NotFound:
+        raise FedcliError(f"{what} is not published") from None
+    expect(manifest, what, kind="global", federation_id=spec.federation_id, round=r, spec_sha256=spec_sha)
+    return Global(r, read_tensors(store, tkey, manifest["tensors_sha256"], shapes, what), manifest)
+
+
+def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, shapes: T.Shapes):
+    """Check one submitted update; return (manifest, delta tensors) or raise with the reason."""
+    what = f"update from {member}"
+    signer = spec.member(member)
+    if signer is None:
+        raise VerificationError(f"{what}: {member!r} is not an enrolled member")
+    tkey, mkey = update_keys(r, member)
+    manifest = verify_manifest(read_manifest(store, mkey, what), signer, what)
+    expect(manifest, what, kind="update", federation_id=spec.federation_id, round=r, member=member)
+    if manifest.get("base_sha256") != base_sha:
+        raise VerificationError(f"{what}: trained on a different global model (stale or forged base)")
+    n = manifest.get("num_examples")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise VerificationError(f"{what}: num_examples must be a positive integer")
+    return manifest, read_tensors(store, tkey, manifest.get("tensors_sha256"), shapes, what)
+
+
+def submitted_members(store: Store, r: int) -> tuple[list[str], list[str]]:
+    """(members with a manifest, members with tensors but no manifest yet) in round r."""
+    committed, partial = set(), set()
+    prefix = f"{round_dir(r)}/updates/"
+    for key in store.list(prefix.rstrip("/")):
+        name = key[len(prefix):]
+        if name.endswith(".json"):
+            committed.add(name[:-5])
+        elif name.endswith(".safetensors"):
+            partial.add(name[: -len(".safetensors")])
+    return sorted(committed), sorted(partial - committed)
+
+
+def read_rejections(store: Store, r: int) -> dict[str, str]:
+    try:
+        data = json.loads(store.get(rejections_key(r)))
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (NotFound, ValueError):
+        return {}
+
+
+@dataclass
+class RoundSummary:
+    round: int
+    published: bool
+    contributors: list[str]
+    submitted: list[str]
+    pending: list[str]
+    rejected: dict[str, str]
+    examples: int
+    metrics: dict[str, float]  # mean over contributors of each metric they reported
+    created_at: str = ""
+
+
+def history(store: Store) -> tuple[Spec, list[RoundSummary]]:
+    """Every round's state, read from signed manifests (signatures checked with the spec's key)."""
+    spec, spec_sha = load_spec(store, None)
+    published = global_rounds(store)
+    last = published[-1] if published else -1
+    rows = []
+    for r in range(0, last + 2):
+        manifest = {}
+        if r in published:
+            what = f"global model of round {r}"
+            manifest = verify_manifest(read_manifest(store, global_keys(r)[1], what), spec.coordinator, what)
+        submitted, pending = submitted_members(store, r)
+        if r > last and not submitted and not pending:
+            continue
+        contributors = manifest.get("contributors", [])
+        names = [c["member"] for c in contributors]
+        means = {}
+        for key in sorted({k for c in contributors for k in c.get("metrics", {})}):
+            vals = [c["metrics"][key] for c in contributors if isinstance(c.get("metrics", {}).get(key), (int, float))]
+            if vals:
+                means[key] = sum(vals) / len(vals)
+        rows.append(RoundSummary(r, r in published, names, submitted, pending, read_rejections(store, r),
+                                 sum(c.get("num_examples", 0) for c in contributors), means,
+                                 manifest.get("created_at", "")))
+    return spec, rows

@@ -1,0 +1,194 @@
+"""The federation spec (TOML): who is in, which model, which features, how to train.
+
+The coordinator signs it at `fedcli init`; every bank verifies it against the pinned
+coordinator key before using anything in it, so preprocessing and hyper-parameters are
+identical everywhere and cannot be changed behind a bank's back.
+"""
+
+import hashlib
+import math
+import tomllib
+from dataclasses import dataclass, field
+
+import tomli_w
+
+from .errors import FedcliError
+from .keys import PublicIdentity
+from .names import check_name
+
+MODEL_KINDS = ("logreg", "mlp")
+
+
+@dataclass(frozen=True)
+class NumericFeature:
+    name: str
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class CategoricalFeature:
+    name: str
+    levels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    target: str
+    positive: str
+    numeric: tuple[NumericFeature, ...]
+    categorical: tuple[CategoricalFeature, ...]
+
+    @property
+    def n_features(self) -> int:
+        return len(self.numeric) + sum(len(c.levels) for c in self.categorical)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str = "logreg"
+    hidden: tuple[int, ...] = (32,)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 0.01
+
+
+@dataclass(frozen=True)
+class Spec:
+    federation_id: str
+    coordinator: PublicIdentity
+    min_clients: int
+    deadline_minutes: float
+    model: ModelSpec
+    data: DataSpec
+    training: TrainingSpec
+    members: tuple[PublicIdentity, ...]
+    raw: dict = field(repr=False, compare=False)
+
+    def member(self, name: str) -> PublicIdentity | None:
+        return next((m for m in self.members if m.name == name), None)
+
+    def member_by_key(self, ed25519_b64: str) -> PublicIdentity | None:
+        return next((m for m in self.members if m.ed25519 == ed25519_b64), None)
+
+
+def _get(table: dict, key: str, kind, where: str, default=None):
+    if key not in table:
+        if default is None:
+            raise FedcliError(f"federation spec: [{where}] needs '{key}'")
+        return default
+    value = table[key]
+    ok = isinstance(value, kind) and not (kind in (int, (int, float)) and isinstance(value, bool))
+    if not ok:
+        raise FedcliError(f"federation spec: [{where}] '{key}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _positive(value, name: str, where: str):
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise FedcliError(f"federation spec: [{where}] '{name}' must be a positive number")
+    return value
+
+
+def parse(raw: dict) -> Spec:
+    """Validate a spec dict and build a Spec; every problem names the field."""
+    fed = _get(raw, "federation", dict, "federation")
+    fid = check_name(_get(fed, "id", str, "federation"), "federation id")
+    coord = _get(fed, "coordinator", dict, "federation")
+    coordinator = PublicIdentity(
+        name=check_name(_get(coord, "name", str, "federation.coordinator"), "coordinator name"),
+        ed25519=_get(coord, "ed25519", str, "federation.coordinator"),
+    )
+    coordinator.key()
+
+    members = []
+    for m in _get(raw, "members", list, "members"):
+        ident = PublicIdentity(name=check_name(_get(m, "name", str, "members"), "member name"),
+                               ed25519=_get(m, "ed25519", str, "members"))
+        ident.key()
+        members.append(ident)
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise FedcliError("federation spec: member names must be unique")
+    if len({m.ed25519 for m in members}) != len(members):
+        raise FedcliError("federation spec: two members share a public key")
+    if not members:
+        raise FedcliError("federation spec: no members enrolled")
+
+    min_clients = _get(fed, "min_clients", int, "federation", default=min(2, len(members)))
+    if not 1 <= min_clients <= len(members):
+        raise FedcliError(f"federation spec: min_clients must be between 1 and the number of members ({len(members)})")
+    deadline = _get(fed, "deadline_minutes", (int, float), "federation", default=0)
+    if deadline < 0:
+        raise FedcliError("federation spec: deadline_minutes must be >= 0")
+
+    m = _get(raw, "model", dict, "model")
+    kind = _get(m, "kind", str, "model")
+    if kind not in MODEL_KINDS:
+        raise FedcliError(f"federation spec: [model] kind must be one of {', '.join(MODEL_KINDS)}")
+    hidden = tuple(_get(m, "hidden", list, "model", default=[32]))
+    if kind == "mlp" and (not hidden or any(not isinstance(h, int) or h <= 0 for h in hidden)):
+        raise FedcliError("federation spec: [model] hidden must be a list of positive integers")
+    model = ModelSpec(kind=kind, hidden=hidden, seed=_get(m, "seed", int, "model", default=0))
+
+    d = _get(raw, "data", dict, "data")
+    numeric = []
+    for f in _get(d, "numeric", list, "data", default=[]):
+        nf = NumericFeature(name=_get(f, "name", str, "data.numeric"),
+                            mean=float(_get(f, "mean", (int, float), "data.numeric")),
+                            std=float(_get(f, "std", (int, float), "data.numeric")))
+        _positive(nf.std, f"std of {nf.name}", "data.numeric")
+        if not math.isfinite(nf.mean):
+            raise FedcliError(f"federation spec: mean of {nf.name} must be finite")
+        numeric.append(nf)
+    categorical = []
+    for f in _get(d, "categorical", list, "data", default=[]):
+        levels = tuple(str(x) for x in _get(f, "levels", list, "data.categorical"))
+        if not levels or len(set(levels)) != len(levels):
+            raise FedcliError(f"federation spec: levels of {f.get('name')} must be non-empty and unique")
+        categorical.append(CategoricalFeature(name=_get(f, "name", str, "data.categorical"), levels=levels))
+    cols = [f.name for f in numeric] + [f.name for f in categorical]
+    if not cols:
+        raise FedcliError("federation spec: [data] declares no features")
+    if len(set(cols)) != len(cols):
+        raise FedcliError("federation spec: a feature is declared twice")
+    target = _get(d, "target", str, "data")
+    if target in cols:
+        raise FedcliError(f"federation spec: the target {target!r} is also declared as a feature")
+    data = DataSpec(target=target, positive=str(_get(d, "positive", (str, int), "data")),
+                    numeric=tuple(numeric), categorical=tuple(categorical))
+
+    t = _get(raw, "training", dict, "training", default={})
+    training = TrainingSpec(
+        epochs=_get(t, "epochs", int, "training", default=5),
+        batch_size=_get(t, "batch_size", int, "training", default=64),
+        lr=float(_get(t, "lr", (int, float), "training", default=0.01)),
+    )
+    if training.epochs < 1 or training.batch_size < 1:
+        raise FedcliError("federation spec: [training] epochs and batch_size must be >= 1")
+    _positive(training.lr, "lr", "training")
+
+    return Spec(federation_id=fid, coordinator=coordinator, min_clients=min_clients,
+                deadline_minutes=float(deadline), model=model, data=data, training=training,
+                members=tuple(members), raw=raw)
+
+
+def loads(data: bytes, what: str = "federation spec") -> Spec:
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise FedcliError(f"{what} is not valid TOML: {e}") from None
+    return parse(raw)
+
+
+def dumps(raw: dict) -> bytes:
+    return tomli_w.dumps(raw).encode("utf-8")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,53 @@
+"""The local training loop a bank runs on its own rows (BCE-with-logits, Adam).
+
+Batches are sliced from one in-memory tensor after a seeded shuffle: for tabular data
+this is several times faster than a DataLoader and gives the same updates.
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import models
+from .spec import ModelSpec, TrainingSpec
+
+
+def fit(
+    model_spec: ModelSpec,
+    training: TrainingSpec,
+    start: dict[str, np.ndarray],
+    X: np.ndarray,
+    y: np.ndarray,
+    seed: int,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> tuple[dict[str, np.ndarray], float]:
+    """Train from `start` and return the new weights and the last epoch's mean loss.
+
+    on_step(done, total, loss) is called after each batch so the CLI can draw progress.
+    """
+    torch.manual_seed(seed)
+    model = models.load_arrays(models.build(model_spec, X.shape[1]), start).train()
+    opt = torch.optim.Adam(model.parameters(), lr=training.lr)
+    loss_fn = nn.BCEWithLogitsLoss()
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    n, bs = len(Xt), training.batch_size
+    batches = (n + bs - 1) // bs
+    total, done, epoch_loss = training.epochs * batches, 0, float("nan")
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(training.epochs):
+        order = torch.randperm(n, generator=gen)
+        running = 0.0
+        for b in range(batches):
+            idx = order[b * bs : (b + 1) * bs]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(Xt[idx]).squeeze(1), yt[idx])
+            loss.backward()
+            opt.step()
+            running += loss.item() * len(idx)
+            done += 1
+            if on_step:
+                on_step(done, total, loss.item())
+        epoch_loss = running / n
+    return models.to_arrays(model), epoch_loss
