@@ -30,7 +30,7 @@ DEFAULT_CHUNK_ELEMS = 1 << 16
 
 
 class WeightedMean:
-    """Streaming FedAvg: add(delta, weight) one update at a time, then result().
+    """Streaming FedAvg: add(delta, weight) one update at a time, then result() (float64).
 
     `scale` multiplies the contribution but not the denominator: it carries a norm-bounding
     factor or a staleness discount, so a clipped or stale update counts less in absolute
@@ -66,7 +66,7 @@ class WeightedMean:
     def result(self) -> dict[str, np.ndarray]:
         if self.count == 0:
             raise FedcliError("no updates to aggregate")
-        return {k: (v / self.total_weight).astype(np.float32) for k, v in self._sum.items()}
+        return {k: v / self.total_weight for k, v in self._sum.items()}  # float64: the server step adds it
 
 
 # ----- norm bounding -----

@@ -173,9 +173,9 @@ def status(store: str = typer.Argument(..., help="Shared folder or s3://bucket/p
     with failures():
         spec, rows = history(_store(store))
     table = Table(title=f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}")
-    for col, just in (("round", "right"), ("global", "left"), ("updates in", "right"), ("rows", "right"),
-                      ("mean auc before", "right"), ("mean loss", "right"), ("pending / rejected", "left")):
-        table.add_column(col, justify=just)
+    for col, just in (("round", "right"), ("global", "left"), ("updates", "right"), ("rows", "right"),
+                      ("auc before", "right"), ("loss", "right"), ("bytes in", "right"), ("pending / rejected", "left")):
+        table.add_column(col, justify=just, no_wrap=just == "right" or col == "global")
     for row in rows:
         other = [f"{m} (submitted)" for m in row.submitted if m not in row.contributors and m not in row.rejected]
         other += [f"{m} (incomplete)" for m in row.pending]
@@ -187,6 +187,7 @@ def status(store: str = typer.Argument(..., help="Shared folder or s3://bucket/p
             str(row.examples) if row.examples else "",
             f"{row.metrics['auc_before']:.4f}" if "auc_before" in row.metrics else "",
             f"{row.metrics['loss']:.4f}" if "loss" in row.metrics else "",
+            f"{row.bytes_in:,}" if row.bytes_in else "",
             "\n".join(other),
         )
     out.print(table)

@@ -12,7 +12,10 @@ the global model's shapes, refusing anything malformed.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
@@ -78,6 +81,27 @@ def encode(delta: Arrays, method: str, ratio: float | None = None, residual: Arr
     return tensors, meta, new_residual
 
 
+def layout(meta: Mapping, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Exact names, shapes and dtypes an encoded update must have, so the file is checked before decoding."""
+    method = meta.get("method", "none")
+    check(method, meta.get("ratio"))
+    enc_shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    for k, shape in shapes.items():
+        shape = tuple(shape)
+        if method == "none":
+            enc_shapes[k], dtypes[k] = shape, "float32"
+        elif method == "int8":
+            enc_shapes[f"{k}#q8"], dtypes[f"{k}#q8"] = shape, "int8"
+            enc_shapes[f"{k}#scale"], dtypes[f"{k}#scale"] = (1,), "float32"
+        else:
+            size = math.prod(shape)
+            n = _topk_count(size, meta["ratio"])
+            enc_shapes[f"{k}#idx"], dtypes[f"{k}#idx"] = (n,), "int32" if size < 2**31 else "int64"
+            enc_shapes[f"{k}#val"], dtypes[f"{k}#val"] = (n,), "float32"
+    return enc_shapes, dtypes
+
+
 def decode(tensors: Arrays, meta: Mapping, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Dense float32 delta from encoded tensors; `shapes` come from the global model, not the sender."""
     method = meta.get("method", "none")
@@ -122,3 +146,43 @@ def decode(tensors: Arrays, meta: Mapping, shapes: Mapping[str, tuple[int, ...]]
 def wire_bytes(tensors: Arrays) -> int:
     """Payload bytes of an encoded update (the safetensors file adds a small JSON header)."""
     return int(sum(np.asarray(v).nbytes for v in tensors.values()))
+
+
+# ----- the bank's local error-feedback state (never sent) -----
+
+
+def residual_path(state_path: Path) -> Path:
+    """Where a bank keeps its residual: next to its state file."""
+    return Path(state_path).with_suffix(".residual.safetensors")
+
+
+def load_residual(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
+    """The residual left by the last compressed update, or None on the first one."""
+    from safetensors.numpy import load_file
+
+    if not Path(path).exists():
+        return None
+    try:
+        res = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise FedcliError(f"error-feedback residual {path} is unreadable ({e}); delete it to start afresh") from None
+    if {k: tuple(v.shape) for k, v in res.items()} != {k: tuple(s) for k, s in shapes.items()}:
+        raise FedcliError(f"error-feedback residual {path} does not match the model; delete it to start afresh")
+    return res
+
+
+def save_residual(path: Path, residual: Arrays) -> None:
+    """Atomic write (temp file + rename), so a crash never leaves half a residual."""
+    from safetensors.numpy import save
+
+    data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in residual.items()})
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".residual-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -15,6 +15,8 @@ import tomli_w
 from .errors import FedcliError
 from .keys import PublicIdentity
 from .names import check_name
+from .strategy import StrategySpec
+from .strategy import parse as parse_strategy
 
 MODEL_KINDS = ("logreg", "mlp")
 
@@ -69,6 +71,7 @@ class Spec:
     training: TrainingSpec
     members: tuple[PublicIdentity, ...]
     raw: dict = field(repr=False, compare=False)
+    strategy: StrategySpec = field(default_factory=StrategySpec)
 
     def member(self, name: str) -> PublicIdentity | None:
         return next((m for m in self.members if m.name == name), None)
@@ -175,7 +178,8 @@ def parse(raw: dict) -> Spec:
 
     return Spec(federation_id=fid, coordinator=coordinator, min_clients=min_clients,
                 deadline_minutes=float(deadline), model=model, data=data, training=training,
-                members=tuple(members), raw=raw)
+                members=tuple(members), raw=raw,
+                strategy=parse_strategy(raw.get("strategy"), len(members), min_clients))
 
 
 def loads(data: bytes, what: str = "federation spec") -> Spec:

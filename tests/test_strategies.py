@@ -28,7 +28,7 @@ def test_weighted_mean_hand_values():
     acc.add({"w": f32([1, 2])}, weight=1)
     acc.add({"w": f32([3, 6])}, weight=3)
     np.testing.assert_allclose(acc.result()["w"], [2.5, 5.0])
-    assert acc.result()["w"].dtype == np.float32
+    assert acc.result()["w"].dtype == np.float64  # no rounding before the server step
     assert acc.total_weight == 4 and acc.count == 2
 
 
@@ -464,3 +464,12 @@ def test_combiner_norm_bound_and_staleness_scale_updates():
     np.testing.assert_allclose(delta["w"], [(0.6 + 0) / 2, (0.8 + 0.25) / 2], rtol=1e-6)
     assert comb.notes["a"]["clipped_by"] == 0.2 and comb.notes["b"]["discount"] == 0.5
     assert info == {"rule": "fedavg", "max_norm": 1.0}
+
+
+@pytest.mark.parametrize("method,ratio", [("none", None), ("int8", None), ("topk", 0.3)])
+def test_layout_matches_what_encode_produces(method, ratio):
+    d = {"w": np.ones((4, 5), np.float32), "b": f32([1.0])}
+    t, meta, _ = comp.encode(d, method, ratio=ratio)
+    shapes, dtypes = comp.layout(meta, shapes_of(d))
+    assert shapes == {k: v.shape for k, v in t.items()}
+    assert dtypes == {k: str(v.dtype) for k, v in t.items()}
