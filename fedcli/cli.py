@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import EXIT_WAITING, FedcliError
@@ -34,7 +35,7 @@ def failures():
     try:
         yield
     except FedcliError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
 
 
@@ -118,7 +119,7 @@ def train(
     with failures():
         res = train_round(_store(store), key, data, coordinator, state, err)
     for note in res.data_notes:
-        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if not res.submitted:
         out.print(res.message)
         return
@@ -150,14 +151,14 @@ def aggregate(
     for a in res.accepted:
         table.add_row(a["member"], "[green]accepted[/]", str(a["num_examples"]))
     for m, reason in res.rejected.items():
-        table.add_row(m, "[red]rejected[/]", reason)
+        table.add_row(m, "[red]rejected[/]", escape(reason))
     for m in res.pending:
         table.add_row(m, "[yellow]incomplete[/]", "tensors without manifest (upload in progress or crashed)")
     for m in res.missing:
         table.add_row(m, "[dim]missing[/]", "")
     out.print(table)
     for m, reason in res.rejected.items():
-        err.print(f"[red]rejected[/] {m}: {reason}", highlight=False, soft_wrap=True)
+        err.print(f"[red]rejected[/] {m}: {escape(reason)}", highlight=False, soft_wrap=True)
     if res.published:
         out.print(f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates")
     else:
@@ -179,7 +180,7 @@ def status(store: str = typer.Argument(..., help="Shared folder or s3://bucket/p
     for row in rows:
         other = [f"{m} (submitted)" for m in row.submitted if m not in row.contributors and m not in row.rejected]
         other += [f"{m} (incomplete)" for m in row.pending]
-        other += [f"[red]{m}: {why}[/]" for m, why in row.rejected.items()]
+        other += [f"[red]{m}: {escape(why)}[/]" for m, why in row.rejected.items()]
         table.add_row(
             str(row.round),
             "[green]published[/]" if row.published else "[yellow]open[/]",
