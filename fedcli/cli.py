@@ -174,24 +174,34 @@ def status(store: str = typer.Argument(..., help="Shared folder or s3://bucket/p
     with failures():
         spec, rows = history(_store(store))
     table = Table(title=f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}")
-    for col, just in (("round", "right"), ("global", "left"), ("updates", "right"), ("rows", "right"),
-                      ("auc before", "right"), ("loss", "right"), ("bytes in", "right"), ("pending / rejected", "left")):
-        table.add_column(col, justify=just, no_wrap=just == "right" or col == "global")
+    for col, just in (("round", "right"), ("global", "left"), ("updates in", "right"), ("rows", "right"),
+                      ("mean auc before", "right"), ("mean loss", "right"), ("other", "left")):
+        table.add_column(col, justify=just)
+    problems = Table(title="rejected or incomplete updates")
+    for col in ("round", "member", "reason"):
+        problems.add_column(col)
     for row in rows:
-        other = [f"{m} (submitted)" for m in row.submitted if m not in row.contributors and m not in row.rejected]
-        other += [f"{m} (incomplete)" for m in row.pending]
-        other += [f"[red]{m}: {escape(why)}[/]" for m, why in row.rejected.items()]
+        waiting = [m for m in row.submitted if m not in row.contributors and m not in row.rejected]
+        other = [f"{len(waiting)} submitted"] if waiting else []
+        other += [f"[yellow]{len(row.pending)} incomplete[/]"] if row.pending else []
+        other += [f"[red]{len(row.rejected)} rejected[/]"] if row.rejected else []
         table.add_row(
             str(row.round),
             "[green]published[/]" if row.published else "[yellow]open[/]",
-            f"{len(row.contributors)}/{len(spec.members)}" if row.round else "(initial)",
+            (f"{len(row.contributors)}/{len(spec.members)}" if row.round else "(initial)")
+            + (f"\n{row.bytes_in:,} B" if row.bytes_in else ""),  # bytes the banks uploaded: the wire cost
             str(row.examples) if row.examples else "",
             f"{row.metrics['auc_before']:.4f}" if "auc_before" in row.metrics else "",
             f"{row.metrics['loss']:.4f}" if "loss" in row.metrics else "",
-            f"{row.bytes_in:,}" if row.bytes_in else "",
-            "\n".join(other),
+            ", ".join(other),
         )
+        for m, why in row.rejected.items():
+            problems.add_row(str(row.round), m, escape(why))
+        for m in row.pending:
+            problems.add_row(str(row.round), m, "tensors without manifest (upload in progress or crashed)")
     out.print(table)
+    if problems.row_count:
+        out.print(problems)
 
 
 def _metrics_table(title: str, metrics: dict) -> Table:

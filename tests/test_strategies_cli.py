@@ -79,7 +79,7 @@ method = "int8"
 
     res = fed.cli("status", fed.store)
     per_round = 4 * (fed.store / "rounds/000002/updates/bank-a.safetensors").stat().st_size
-    assert f"{per_round:,}" in res.output
+    assert f"{per_round:,} B" in res.output
     payload = compression.wire_bytes(load_file(fed.store / "rounds/000002/updates/bank-a.safetensors"))
     assert payload == sum(v.size + 4 for v in g0.values())  # one byte per weight plus a float32 scale per tensor
 
