@@ -130,3 +130,39 @@ def test_bad_strategy_is_a_one_line_init_error(tmp_path, credit_split):
                   *[x for b in BANKS for x in ("--member", fed.pub(b))], code=1)
     assert "[strategy] krum with krum_f=1 needs at least 5 updates per round" in res.output
     assert not (tmp_path / "store2" / "rounds").exists()
+
+
+def _forge(fed, member, tensors: dict, compression_meta: dict):
+    """A correctly signed update from `member` with chosen tensors and compression claim."""
+    from fedcli import keys
+
+    base = read_json(fed.store / "rounds/000000/global.json")
+    data = T.encode(tensors)
+    manifest = {"kind": "update", "format": 1, "federation_id": "credit-demo", "round": 1, "member": member,
+                "base_sha256": base["tensors_sha256"], "tensors_sha256": T.sha256(data), "num_examples": 100,
+                "compression": compression_meta, "metrics": {}, "created_at": "2026-01-01T00:00:00+00:00",
+                "nonce": "00"}
+    private, _ = keys.load_private(fed.key(member))
+    upd = fed.store / "rounds/000001/updates"
+    upd.mkdir(parents=True, exist_ok=True)
+    (upd / f"{member}.safetensors").write_bytes(data)
+    (upd / f"{member}.json").write_bytes(keys.sign_manifest(private, manifest))
+
+
+def test_topk_updates_checked_before_use(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, TEMPLATE + '\n[strategy.compression]\nmethod = "topk"\nratio = 0.1\n')
+    assert "topk" in fed.train("bank-a").output
+    upd = load_file(fed.store / "rounds/000001/updates/bank-a.safetensors")
+    g0 = load_file(fed.store / "rounds/000000/global.safetensors")
+    assert all(upd[f"{k}#idx"].size == -(-v.size // 10) for k, v in g0.items())  # ceil(10%) per tensor
+    bad = dict(upd)
+    k = next(iter(g0))
+    bad[f"{k}#idx"] = bad[f"{k}#idx"].copy()
+    bad[f"{k}#idx"][-1] = g0[k].size  # one past the end
+    _forge(fed, "bank-b", bad, {"method": "topk", "ratio": 0.1})
+    _forge(fed, "bank-c", {k: np.zeros_like(v) for k, v in g0.items()}, {"method": "none"})
+    res = fed.aggregate(code=EXIT_WAITING)
+    rejections = read_json(fed.store / "rounds/000001/rejections.json")
+    assert "out of range" in rejections["bank-b"]
+    assert "is not the spec's" in rejections["bank-c"]
+    assert "1 of 3 required" in res.output
