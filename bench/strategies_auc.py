@@ -130,15 +130,18 @@ def run(work: Path, data: Path, strategy: str, rounds: int, poisoner: str | None
     return out
 
 
-def table(title: str, results: dict[str, list[dict]], show_bytes: bool = False) -> str:
+def table(title: str, results: dict[str, list[dict]], show_bytes: bool = False, clean: dict | None = None) -> str:
     rounds = len(next(iter(results.values())))
     shown = sorted({1, 2, 3, 5, rounds} & set(range(1, rounds + 1)))
     head = ["setting"] + [f"AUC r{r}" for r in shown] + (["bytes / round (5 banks)"] if show_bytes else [])
+    head += [f"AUC r{rounds} without the attack"] if clean else []
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rows in results.items():
         cells = [name] + [f"{rows[r - 1]['auc']:.4f}" for r in shown]
         if show_bytes:
             cells.append(f"{rows[-1]['bytes']:,}")
+        if clean:
+            cells.append(f"{clean[name][-1]['auc']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -161,13 +164,15 @@ def main() -> None:
         for key, title, settings, poisoner, show_bytes in experiments:
             if args.only and key != args.only:
                 continue
-            results = {}
+            results, clean = {}, {}
             for name, strategy in settings.items():
                 t0 = time.perf_counter()
                 results[name] = run(work, work / "data", strategy, args.rounds, poisoner)
+                if poisoner:  # what the defence costs when nobody attacks
+                    clean[name] = run(work, work / "data", strategy, args.rounds)
                 print(f"  {name}: final AUC {results[name][-1]['auc']:.4f} ({time.perf_counter() - t0:.0f} s)",
                       file=sys.stderr)
-            print(table(title, results, show_bytes))
+            print(table(title, results, show_bytes, clean))
 
 
 if __name__ == "__main__":

@@ -160,7 +160,8 @@ def aggregate(
     for m, reason in res.rejected.items():
         err.print(f"[red]rejected[/] {m}: {escape(reason)}", highlight=False, soft_wrap=True)
     if res.published:
-        out.print(f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates")
+        out.print(f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates ({res.how})",
+                  soft_wrap=True)
     else:
         out.print(f"[yellow]waiting:[/] {res.waiting_reason}")
         raise typer.Exit(EXIT_WAITING)

@@ -87,6 +87,7 @@ class AggregateResult:
     missing: list[str] = field(default_factory=list)  # enrolled members with nothing submitted
     published: bool = False
     waiting_reason: str = ""
+    how: str = ""  # e.g. "trimmed_mean, fedadam": what the spec's strategy did
 
 
 def quorum_reached(spec: S.Spec, n_accepted: int, base_created_at: str) -> tuple[bool, str]:
@@ -175,6 +176,7 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
     except AlreadyExists:
         raise FedcliError(f"round {r} was published by another aggregate run meanwhile") from None
     result.published = True
+    result.how = f"rule {extra['rule']}, server {strat.server}" + (", async" if strat.mode == "async" else "")
     return result
 
 

@@ -33,7 +33,7 @@ method = "int8"
 """)
     for b in BANKS:
         assert "int8" in fed.train(b).output
-    fed.aggregate()
+    assert "(rule trimmed_mean, server fedadam)" in fed.aggregate().output
     g0 = load_file(fed.store / "rounds/000000/global.safetensors")
     upd = load_file(fed.store / "rounds/000001/updates/bank-a.safetensors")
     assert {k for k in upd} == {f"{k}#{s}" for k in g0 for s in ("q8", "scale")}
@@ -97,7 +97,7 @@ exponent = 0.5
     for b in ("bank-a", "bank-b", "bank-c"):
         fed.train(b)  # all three trained on global 0
     res = fed.aggregate()
-    assert "published global model of round 1" in res.output
+    assert "published global model of round 1 from 2 updates (rule fedavg, server fedavg, async)" in res.output
     g1m = read_json(fed.store / "rounds/000001/global.json")
     assert [c["member"] for c in g1m["contributors"]] == ["bank-a", "bank-b"] and g1m["mode"] == "async"
 
