@@ -15,6 +15,7 @@ from . import spec as S
 from . import tensors as T
 from .errors import AlreadyExists, FedcliError, NotFound, VerificationError
 from .store import Store
+from .store.lock import LeaseLock
 from .strategy import Combiner
 
 
@@ -110,11 +111,18 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
 
     sync: every update for the next round; publish at quorum (or deadline).
     async: the oldest `buffer_size` not yet used, stale ones (trained on older globals) discounted.
+    Runs under the store's `aggregate` lease lock, so overlapping cron runs (even on two
+    hosts) do the work once; a second run gets LockHeld (exit 3, try later).
     """
     private, pub_b64 = keys.load_private(key_path)
     spec, spec_sha = R.load_spec(store, None)
     if pub_b64 != spec.coordinator.ed25519:
         raise VerificationError(f"{key_path} is not the coordinator key of federation {spec.federation_id}")
+    with LeaseLock(store, "aggregate") as lock:
+        return _aggregate_locked(store, private, spec, spec_sha, lock, console)
+
+
+def _aggregate_locked(store, private, spec, spec_sha, lock: LeaseLock, console) -> AggregateResult:
     strat = spec.strategy
     shapes = models.shapes(spec.model, spec.data.n_features)
     base_round = R.latest_round(store)
@@ -140,8 +148,10 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
                 except FedcliError as e:  # one bad update never stops the others
                     result.rejected[label] = str(e)
                 else:
-                    combiner.add(label, delta, float(manifest["num_examples"]), staleness=r - u)
-                    entry = {"member": member, "num_examples": manifest["num_examples"],
+                    # DP updates withhold their row count: equal weights
+                    weight = 1.0 if spec.privacy.enabled else float(manifest["num_examples"])
+                    combiner.add(label, delta, weight, staleness=r - u)
+                    entry = {"member": member, "num_examples": manifest.get("num_examples", 0),
                              "metrics": manifest.get("metrics", {}),
                              "bytes": store.size(R.update_keys(u, member)[0])}
                     if u != r:
@@ -165,7 +175,10 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
         combiner.close()
     weights, state = server_opt.server_step(strat.server, base.tensors, delta, _server_state(store, spec, base, shapes),
                                             strat.server_params)
-    extra = {"rule": info.pop("rule"), "mode": strat.mode, "server_optimizer": strat.server, **info}
+    rule = info.pop("rule")
+    extra = {"rule": "mean" if rule == "fedavg" and spec.privacy.enabled else rule, "mode": strat.mode,
+             "server_optimizer": strat.server, **info}
+    lock.check()  # fencing: a run whose lease ran out must not publish
     if state:
         data = server_opt.state_to_bytes(strat.server, state, r)
         store.put(R.server_state_key(r), data)

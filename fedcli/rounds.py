@@ -20,6 +20,7 @@ import numpy as np
 
 from . import compression
 from . import tensors as T
+from .privacy import check_declared
 from .errors import FedcliError, NotFound, VerificationError
 from .keys import PublicIdentity, verify_bytes, verify_manifest
 from .spec import Spec, loads, sha256
@@ -155,8 +156,12 @@ def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, 
     expect(manifest, what, kind="update", federation_id=spec.federation_id, round=r, member=member)
     if manifest.get("base_sha256") != base_sha:
         raise VerificationError(f"{what}: trained on a different global model (stale or forged base)")
+    check_declared(manifest.get("dp"), spec.privacy, what)  # no weaker DP than the spec requires
     n = manifest.get("num_examples")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if spec.privacy.enabled:  # DP updates carry no row count (it is not privatised); equal weights
+        if n is not None:
+            raise VerificationError(f"{what}: a DP update must not disclose num_examples")
+    elif not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise VerificationError(f"{what}: num_examples must be a positive integer")
     cmeta = manifest.get("compression", {"method": "none"})
     if cmeta != spec.strategy.compression_meta:

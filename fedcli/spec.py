@@ -15,6 +15,7 @@ import tomli_w
 from .errors import FedcliError
 from .keys import PublicIdentity
 from .names import check_name
+from .privacy import PrivacySpec, parse_privacy
 from .strategy import StrategySpec
 from .strategy import parse as parse_strategy
 
@@ -72,6 +73,7 @@ class Spec:
     members: tuple[PublicIdentity, ...]
     raw: dict = field(repr=False, compare=False)
     strategy: StrategySpec = field(default_factory=StrategySpec)
+    privacy: PrivacySpec = PrivacySpec()
 
     def member(self, name: str) -> PublicIdentity | None:
         return next((m for m in self.members if m.name == name), None)
@@ -178,7 +180,7 @@ def parse(raw: dict) -> Spec:
 
     return Spec(federation_id=fid, coordinator=coordinator, min_clients=min_clients,
                 deadline_minutes=float(deadline), model=model, data=data, training=training,
-                members=tuple(members), raw=raw,
+                members=tuple(members), raw=raw, privacy=parse_privacy(raw.get("privacy")),
                 strategy=parse_strategy(raw.get("strategy"), len(members), min_clients))
 
 

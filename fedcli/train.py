@@ -56,3 +56,26 @@ def fit(
                 on_step(done, total, loss.item())
         epoch_loss = running / n
     return models.to_arrays(model), epoch_loss
+
+
+def fit_private(
+    model_spec: ModelSpec,
+    training: TrainingSpec,
+    start: dict[str, np.ndarray],
+    X: np.ndarray,
+    y: np.ndarray,
+    clip: float,
+    noise_multiplier: float,
+    on_step: Callable[[int, int, float], None] | None = None,
+):
+    """Record-level DP version of `fit`: DP-SGD through Opacus (see fedcli.privacy.train_dp_sgd).
+
+    Returns the new weights and the mechanism that was actually run, for the privacy ledger.
+    """
+    from .privacy import train_dp_sgd
+
+    model = models.load_arrays(models.build(model_spec, X.shape[1]), start).train()
+    mech = train_dp_sgd(model, torch.from_numpy(X), torch.from_numpy(y), epochs=training.epochs,
+                        batch_size=training.batch_size, lr=training.lr, max_grad_norm=clip,
+                        noise_multiplier=noise_multiplier, on_step=on_step)
+    return models.to_arrays(model), mech
