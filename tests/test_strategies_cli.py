@@ -166,3 +166,41 @@ def test_topk_updates_checked_before_use(tmp_path, credit_split):
     assert "out of range" in rejections["bank-b"]
     assert "is not the spec's" in rejections["bank-c"]
     assert "1 of 3 required" in res.output
+
+
+def test_fedprox_refused_with_record_level_dp(tmp_path, credit_split):
+    fed = make_fed(tmp_path / "ok", credit_split)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TEMPLATE + '\n[privacy]\nmode = "record"\nnoise_multiplier = 1.0\nbudget_epsilon = 10.0\n\n[strategy]\nprox_mu = 0.1\n')
+    res = fed.cli("init", tmp_path / "store2", "--spec", bad, "--key", fed.key("coordinator"),
+                  *[x for b in BANKS for x in ("--member", fed.pub(b))], code=1)
+    assert "prox_mu (FedProx) is not supported with record-level DP" in res.output
+
+
+def test_update_level_dp_with_median_and_int8(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, TEMPLATE + """
+[privacy]
+mode = "update"
+noise_multiplier = 0.5
+budget_epsilon = 1000.0
+
+[strategy]
+rule = "median"
+[strategy.compression]
+method = "int8"
+""")
+    for b in BANKS[:3]:
+        fed.train(b)
+    assert "(rule median, server fedavg)" in fed.aggregate().output
+    g1m = read_json(fed.store / "rounds/000001/global.json")
+    assert len(g1m["contributors"]) == 3 and all("num_examples" not in read_json(
+        fed.store / f"rounds/000001/updates/{b}.json") for b in BANKS[:3])
+    # the published delta is the coordinate-wise median of the three decoded (noised) updates
+    g0 = load_file(fed.store / "rounds/000000/global.safetensors")
+    g1 = load_file(fed.store / "rounds/000001/global.safetensors")
+    shapes = {k: v.shape for k, v in g0.items()}
+    dec = [compression.decode(load_file(fed.store / f"rounds/000001/updates/{b}.safetensors"), {"method": "int8"}, shapes)
+           for b in BANKS[:3]]
+    med = ar.coordinate_median(shapes, 3, ar.memory_reader(dec))
+    for k in g1:
+        np.testing.assert_allclose(g1[k], g0[k] + med[k], rtol=0, atol=1e-6)
