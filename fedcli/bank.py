@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from . import compression
 from . import data as D
 from . import keys, models
 from . import privacy as P
@@ -152,7 +153,8 @@ def train_round(
                                         ps.clip, mech.noise_multiplier, step)
             loss = last[0]
         else:
-            weights, loss = fit(spec.model, spec.training, base.tensors, prep.X, prep.y, seed, step)
+            weights, loss = fit(spec.model, spec.training, base.tensors, prep.X, prep.y, seed, step,
+                                prox_mu=spec.strategy.prox_mu)
     after = score(prep.y, models.predict(spec.model, weights, prep.X))
     delta = {k: weights[k] - base.tensors[k] for k in weights}
     metrics = {"loss": round(loss, 6), "auc_before": round(before["auc"], 6), "auc_after": round(after["auc"], 6)}
@@ -163,6 +165,13 @@ def train_round(
     if ps.enabled:  # charged before anything leaves the bank: a crash after this over-counts, never under
         charged = ledger.charge(mech, round=r, federation=spec.federation_id, budget_epsilon=budget, delta=ps.delta)
 
+    # Compression (with the bank's error-feedback residual) only post-processes the delta; secure
+    # aggregation's masking (never combined with compression) comes after it.
+    cmeta = spec.strategy.compression_meta
+    res_path, residual = compression.residual_path(state.path), None
+    if cmeta["method"] != "none":
+        delta, cmeta, residual = compression.encode(delta, cmeta["method"], cmeta.get("ratio"),
+                                                    compression.load_residual(res_path, shapes))
     extra = {}
     if secure:
         SR.refuse_if_dropped(store, spec, r, me.name)  # again: training took a while
@@ -182,6 +191,7 @@ def train_round(
         "base_sha256": base.sha256,
         "tensors_sha256": T.sha256(data),
         "num_examples": int(len(prep.X)),
+        "compression": cmeta,
         "metrics": metrics,
         "created_at": R.now(),
         "nonce": secrets.token_hex(16),
@@ -194,5 +204,9 @@ def train_round(
         store.put(mkey, keys.sign_manifest(private, manifest), create_only=True)
     except AlreadyExists:
         return TrainResult(me.name, r, False, f"{me.name} already submitted an update for round {r}; nothing to do")
+    if residual is not None:
+        compression.save_residual(res_path, residual)
     state.save(spec.federation_id, base)
-    return TrainResult(me.name, r, True, f"submitted update for round {r}", len(prep.X), metrics, notes, charged)
+    sent = f"{len(data):,} bytes" + ("" if cmeta["method"] == "none" else f", {cmeta['method']}")
+    return TrainResult(me.name, r, True, f"submitted update for round {r} ({sent})", len(prep.X), metrics, notes,
+                       charged)

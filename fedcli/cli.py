@@ -127,7 +127,7 @@ def train(
     with failures():
         res = train_round(_store(store), key, data, coordinator, state, err, ledger, max_epsilon)
     for note in res.data_notes:
-        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if not res.submitted:
         out.print(res.message)
         return
@@ -163,16 +163,17 @@ def aggregate(
     for a in res.accepted:
         table.add_row(a["member"], "[green]accepted[/]", str(a["num_examples"] or "withheld (DP)"))
     for m, reason in res.rejected.items():
-        table.add_row(m, "[red]rejected[/]", reason)
+        table.add_row(m, "[red]rejected[/]", escape(reason))
     for m in res.pending:
         table.add_row(m, "[yellow]incomplete[/]", "tensors without manifest (upload in progress or crashed)")
     for m in res.missing:
         table.add_row(m, "[dim]missing[/]", "")
     out.print(table)
     for m, reason in res.rejected.items():
-        err.print(f"[red]rejected[/] {m}: {reason}", highlight=False, soft_wrap=True)
+        err.print(f"[red]rejected[/] {m}: {escape(reason)}", highlight=False, soft_wrap=True)
     if res.published:
-        out.print(f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates")
+        out.print(f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates ({res.how})",
+                  soft_wrap=True)
     else:
         out.print(f"[yellow]waiting:[/] {res.waiting_reason}")
         raise typer.Exit(EXIT_WAITING)
@@ -200,14 +201,15 @@ def status(store: str = typer.Argument(..., help="Shared folder or s3://bucket/p
         table.add_row(
             str(row.round),
             "[green]published[/]" if row.published else "[yellow]open[/]",
-            f"{len(row.contributors)}/{len(spec.members)}" if row.round else "(initial)",
+            (f"{len(row.contributors)}/{len(spec.members)}" if row.round else "(initial)")
+            + (f"\n{row.bytes_in:,} B" if row.bytes_in else ""),  # bytes the banks uploaded: the wire cost
             str(row.examples) if row.examples else "",
             f"{row.metrics['auc_before']:.4f}" if "auc_before" in row.metrics else "",
             f"{row.metrics['loss']:.4f}" if "loss" in row.metrics else "",
             ", ".join(other),
         )
         for m, why in row.rejected.items():
-            problems.add_row(str(row.round), m, why)
+            problems.add_row(str(row.round), m, escape(why))
         for m in row.pending:
             problems.add_row(str(row.round), m, "tensors without manifest (upload in progress or crashed)")
     out.print(table)

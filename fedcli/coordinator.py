@@ -9,14 +9,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from . import keys, models
+from . import keys, models, server_opt
 from . import rounds as R
 from . import spec as S
 from . import tensors as T
-from .aggregate import FedAvg, apply
-from .errors import AlreadyExists, FedcliError, VerificationError
+from .errors import AlreadyExists, FedcliError, NotFound, VerificationError
 from .store import Store
 from .store.lock import LeaseLock
+from .strategy import Combiner
 
 
 def init_federation(
@@ -91,6 +91,7 @@ class AggregateResult:
     missing: list[str] = field(default_factory=list)  # enrolled members with nothing submitted
     published: bool = False
     waiting_reason: str = ""
+    how: str = ""  # e.g. "trimmed_mean, fedadam": what the spec's strategy did
 
 
 def quorum_reached(spec: S.Spec, n_accepted: int, base_created_at: str) -> tuple[bool, str]:
@@ -109,8 +110,10 @@ def quorum_reached(spec: S.Spec, n_accepted: int, base_created_at: str) -> tuple
 
 
 def aggregate_round(store: Store, key_path: Path, console: Console | None = None) -> AggregateResult:
-    """Verify every update for the next round, FedAvg the good ones, publish if quorum is met.
+    """Verify updates, combine the good ones under the spec's strategy, publish when ready.
 
+    sync: every update for the next round; publish at quorum (or deadline).
+    async: the oldest `buffer_size` not yet used, stale ones (trained on older globals) discounted.
     Runs under the store's `aggregate` lease lock, so overlapping cron runs (even on two
     hosts) do the work once; a second run gets LockHeld (exit 3, try later).
     """
@@ -123,6 +126,7 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
 
 
 def _aggregate_locked(store, private, spec, spec_sha, lock: LeaseLock, console) -> AggregateResult:
+    strat = spec.strategy
     shapes = models.shapes(spec.model, spec.data.n_features)
     base_round = R.latest_round(store)
     base = R.load_global(store, spec, spec_sha, base_round, shapes)
@@ -130,52 +134,97 @@ def _aggregate_locked(store, private, spec, spec_sha, lock: LeaseLock, console) 
     result = AggregateResult(round=r)
     committed, result.pending = R.submitted_members(store, r)
     result.missing = [m.name for m in spec.members if m.name not in committed and m.name not in result.pending]
+    candidates = [(r, m, base.sha256) for m in committed]
+    if strat.mode == "async":
+        candidates = R.unconsumed_updates(store, spec, spec_sha, r, strat.max_staleness) + candidates
 
-    secure = spec.secagg.enabled
+    combiner = Combiner(strat, shapes)
+    secure = spec.secagg.enabled  # then the coordinator only ever decodes the sum (sync, fedavg only)
     if secure:
         from . import secagg_rounds as SR
 
         drops = SR.load_drops(store, spec, r)
         masked = SR.MaskedSum(spec, shapes)
-    avg = FedAvg(shapes)
-    with Progress(console=console or Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(f"verifying round {r}", total=len(committed))
-        for member in committed:
-            try:
-                manifest, delta = R.verify_update(store, spec, r, member, base.sha256, shapes,
-                                                  "uint32" if secure else "float32")
-                if secure:
-                    masked.check(member, manifest, drops)
-            except FedcliError as e:  # one bad update never stops the others
-                result.rejected[member] = str(e)
-            else:
-                if secure:
-                    masked.add(member, manifest, delta)
+    try:
+        with Progress(console=console or Console(stderr=True), transient=True) as progress:
+            task = progress.add_task(f"verifying round {r}", total=len(candidates))
+            for u, member, base_sha in candidates:
+                if strat.mode == "async" and len(result.accepted) == strat.buffer_size:
+                    break  # FedBuff: the rest wait for the next round
+                label = member if u == r else f"{member} (round {u})"
+                try:
+                    manifest, delta = R.verify_update(store, spec, u, member, base_sha, shapes)
+                    if secure:
+                        masked.check(member, manifest, drops)
+                except FedcliError as e:  # one bad update never stops the others
+                    result.rejected[label] = str(e)
                 else:
-                    avg.add(delta, 1.0 if spec.privacy.enabled else float(manifest["num_examples"]))
-                result.accepted.append({"member": member, "num_examples": manifest.get("num_examples", 0),
-                                        "metrics": manifest.get("metrics", {})})
-            progress.advance(task)
-    if result.rejected:
-        store.put(R.rejections_key(r), keys.canonical(result.rejected))
+                    # DP updates withhold their row count: equal weights
+                    weight = 1.0 if spec.privacy.enabled else float(manifest["num_examples"])
+                    if secure:
+                        masked.add(member, manifest, delta)
+                    else:
+                        combiner.add(label, delta, weight, staleness=r - u)
+                    entry = {"member": member, "num_examples": manifest.get("num_examples", 0),
+                             "metrics": manifest.get("metrics", {}),
+                             "bytes": store.size(R.update_keys(u, member)[0])}
+                    if u != r:
+                        entry["update_round"] = u
+                    if combiner.notes.get(label):
+                        entry["aggregation"] = combiner.notes[label]
+                    result.accepted.append(entry)
+                progress.advance(task)
+        if result.rejected:
+            store.put(R.rejections_key(r), keys.canonical(result.rejected))
 
-    quorum = quorum_reached(spec, len(result.accepted), base.manifest["created_at"])
-    if secure:  # the coordinator only ever sees the (unmasked) sum
-        mean, result.waiting_reason, extra = SR.close_round(store, private, spec, r, masked, drops,
-                                                            sorted(result.rejected), quorum)
-        rule = "secagg-mean"
-    else:
-        (ready, result.waiting_reason), extra = quorum, {}
-        rule = "mean" if spec.privacy.enabled else "fedavg"
-        mean = avg.mean() if ready else None
-    if mean is None:
-        return result
-    weights = apply(base.tensors, mean)
+        if strat.mode == "async":
+            ready = len(result.accepted) >= strat.buffer_size
+            result.waiting_reason = f"{len(result.accepted)} of {strat.buffer_size} buffered updates are in"
+        else:
+            quorum = quorum_reached(spec, len(result.accepted), base.manifest["created_at"])
+            ready, result.waiting_reason = quorum
+            if secure:  # all in, or the dropout exchange (declare, wait for recovery shares, unmask)
+                delta, result.waiting_reason, sec_info = SR.close_round(
+                    store, private, spec, r, masked, drops, sorted(result.rejected), quorum)
+                ready = delta is not None
+        if not ready:
+            return result
+        delta, info = (delta, {"rule": "secagg-mean", **sec_info}) if secure else combiner.result()
+    finally:
+        combiner.close()
+    weights, state = server_opt.server_step(strat.server, base.tensors, delta, _server_state(store, spec, base, shapes),
+                                            strat.server_params)
+    rule = info.pop("rule")
+    extra = {"rule": "mean" if rule == "fedavg" and spec.privacy.enabled else rule, "mode": strat.mode,
+             "server_optimizer": strat.server, **info}
     lock.check()  # fencing: a run whose lease ran out must not publish
+    if state:
+        data = server_opt.state_to_bytes(strat.server, state, r)
+        store.put(R.server_state_key(r), data)
+        extra["server_state_sha256"] = T.sha256(data)
     try:
         publish_global(store, private, spec, spec_sha, r, weights, prev_sha=base.sha256,
-                       contributors=result.accepted, rule=rule, **extra)
+                       contributors=result.accepted, **extra)
     except AlreadyExists:
         raise FedcliError(f"round {r} was published by another aggregate run meanwhile") from None
     result.published = True
+    result.how = f"rule {extra['rule']}, server {strat.server}" + (", async" if strat.mode == "async" else "")
     return result
+
+
+def _server_state(store: Store, spec: S.Spec, base: R.Global, shapes: T.Shapes) -> dict:
+    """The server optimiser state the base global was published with, checked against its signed sha256."""
+    sha = base.manifest.get("server_state_sha256")
+    if not sha:
+        return {}
+    what = f"server optimizer state of round {base.round}"
+    key = R.server_state_key(base.round)
+    try:
+        if store.size(key) > 2 * T.max_file_size(shapes):
+            raise VerificationError(f"{what} is larger than the model allows")
+        data = store.get(key)
+    except NotFound:
+        raise VerificationError(f"{what} is missing from the store") from None
+    if T.sha256(data) != sha:
+        raise VerificationError(f"{what} does not match the sha256 in the signed global manifest")
+    return server_opt.state_from_bytes(data, spec.strategy.server, base.round)

@@ -16,6 +16,8 @@ from .errors import FedcliError
 from .keys import PublicIdentity
 from .names import check_name
 from .privacy import PrivacySpec, parse_privacy
+from .strategy import StrategySpec
+from .strategy import parse as parse_strategy
 
 MODEL_KINDS = ("logreg", "mlp")
 
@@ -80,6 +82,7 @@ class Spec:
     members: tuple[PublicIdentity, ...]
     raw: dict = field(repr=False, compare=False)
     secagg: SecAggSpec = SecAggSpec()
+    strategy: StrategySpec = field(default_factory=StrategySpec)
     privacy: PrivacySpec = PrivacySpec()
 
     def member(self, name: str) -> PublicIdentity | None:
@@ -189,14 +192,19 @@ def parse(raw: dict) -> Spec:
     _positive(training.lr, "lr", "training")
 
     privacy = parse_privacy(raw.get("privacy"))
-    secagg = _parse_secagg(_get(raw, "secagg", dict, "secagg", default={}), members, min_clients, privacy.mode)
-
+    strategy = parse_strategy(raw.get("strategy"), len(members), min_clients)
+    if strategy.prox_mu > 0 and privacy.mode == "record":
+        raise FedcliError("federation spec: [strategy] prox_mu (FedProx) is not supported with record-level DP "
+                          "(DP-SGD); use [privacy] mode = \"update\" or prox_mu = 0")
+    secagg = _parse_secagg(_get(raw, "secagg", dict, "secagg", default={}), members, min_clients, privacy.mode,
+                           strategy)
     return Spec(federation_id=fid, coordinator=coordinator, min_clients=min_clients,
                 deadline_minutes=float(deadline), model=model, data=data, training=training,
-                members=tuple(members), raw=raw, privacy=privacy, secagg=secagg)
+                members=tuple(members), raw=raw, privacy=privacy, strategy=strategy, secagg=secagg)
 
 
-def _parse_secagg(t: dict, members: list[PublicIdentity], min_clients: int, privacy_mode: str) -> SecAggSpec:
+def _parse_secagg(t: dict, members: list[PublicIdentity], min_clients: int, privacy_mode: str,
+                  strategy: StrategySpec) -> SecAggSpec:
     """Secure aggregation needs every member's X25519 key and at least 2 survivors per round."""
     from .secagg import fixed_point_scale, member_noise_multiplier
 
@@ -209,6 +217,10 @@ def _parse_secagg(t: dict, members: list[PublicIdentity], min_clients: int, priv
     if noise == "shared" and privacy_mode != "update":
         raise FedcliError('federation spec: [secagg] noise = "shared" splits update-level DP noise across banks; '
                           'it needs [privacy] mode = "update"')
+    if strategy.mode != "sync" or strategy.rule != "fedavg" or strategy.max_norm > 0 or strategy.compression != "none":
+        raise FedcliError("federation spec: [secagg] needs [strategy] mode = \"sync\", rule = \"fedavg\", no max_norm and "
+                          "no compression: the coordinator only sees the sum, never one update (server optimisers and "
+                          "prox_mu are fine)")
     missing = [m.name for m in members if not m.x25519]
     if missing:
         raise FedcliError(f"federation spec: [secagg] is enabled but {', '.join(missing)} enrolled no x25519 key "

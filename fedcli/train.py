@@ -22,13 +22,17 @@ def fit(
     y: np.ndarray,
     seed: int,
     on_step: Callable[[int, int, float], None] | None = None,
+    prox_mu: float = 0.0,
 ) -> tuple[dict[str, np.ndarray], float]:
     """Train from `start` and return the new weights and the last epoch's mean loss.
 
     on_step(done, total, loss) is called after each batch so the CLI can draw progress.
+    prox_mu > 0 adds FedProx's (mu/2)||w - start||^2 (Li et al. 2020), which keeps a bank
+    with skewed data from drifting far from the global model; the reported loss excludes it.
     """
     torch.manual_seed(seed)
     model = models.load_arrays(models.build(model_spec, X.shape[1]), start).train()
+    anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else []
     opt = torch.optim.Adam(model.parameters(), lr=training.lr)
     loss_fn = nn.BCEWithLogitsLoss()
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
@@ -43,7 +47,8 @@ def fit(
             idx = order[b * bs : (b + 1) * bs]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(Xt[idx]).squeeze(1), yt[idx])
-            loss.backward()
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+            (loss + 0.5 * prox_mu * prox).backward()
             opt.step()
             running += loss.item() * len(idx)
             done += 1

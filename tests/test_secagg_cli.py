@@ -78,6 +78,9 @@ def test_keygen_enrols_an_x25519_key(tmp_path, credit_split):
         (plain + '\n[secagg]\nenabled = true\nnoise = "half"\n', "noise mode must be one of"),
         (plain + "\n[secagg]\nenabled = true\nclip = -1.0\n", "'clip' must be a positive number"),
         (plain + '\n[secagg]\nenabled = true\nnoise = "shared"\n', 'it needs [privacy] mode = "update"'),
+        # robust rules, norm bounding, compression and async need individual updates
+        (plain + '\n[strategy]\nrule = "median"\n\n[secagg]\nenabled = true\n', 'needs [strategy] mode = "sync"'),
+        (plain + '\n[strategy.compression]\nmethod = "int8"\n\n[secagg]\nenabled = true\n', "no compression"),
         (plain.replace("min_clients = 2", "min_clients = 1") + "\n[secagg]\nenabled = true\n", "min_clients >= 2"),
     ):
         bad.write_text(template)
