@@ -8,7 +8,8 @@
 
 The drop declaration is create-only and final: a member it lists as dropped never gets an
 update accepted for that round (train refuses to write one, aggregate rejects one), because
-with the revealed seeds the coordinator could unmask it. The maths is in secagg.py.
+with the revealed seeds the coordinator could unmask it; and a survivor refuses to reveal
+anything while a dropped member's update is on the store. The maths is in secagg.py.
 """
 
 import base64
