@@ -28,8 +28,7 @@ import time
 import tomllib
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import PYTHON, ROOT, machine, median, rss_mb, run_child, wait4  # noqa: E402
+from common import PYTHON, ROOT, export_ref, machine, median, rss_mb, run_child, wait4
 
 N_FEATURES = 25  # the credit demo's feature count (examples/federation.toml)
 
@@ -140,10 +139,12 @@ def child_fedcli(root: Path) -> dict:
     _, peak = rss_mb()
     if not res.published or res.rejected:
         raise SystemExit(f"round not published cleanly: {res}")
-    return {"seconds": seconds, "base_mb": base, "peak_mb": peak, "accepted": len(res.accepted)}
+    import fedcli
+
+    return {"seconds": seconds, "base_mb": base, "peak_mb": peak, "accepted": len(res.accepted), "module": fedcli.__file__}
 
 
-def measure(root: Path, files: list[Path], runs: int, flower: bool) -> dict:
+def measure(root: Path, files: list[Path], runs: int, flower: bool, baseline: Path | None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     gb = sum(f.stat().st_size for f in files) / 1e9
     row = {"gb": gb}
@@ -153,10 +154,17 @@ def measure(root: Path, files: list[Path], runs: int, flower: bool) -> dict:
     ossl = [wait4(["openssl", "dgst", "-sha256", *map(str, files)]) for _ in range(runs)]
     row["openssl_s"] = median([s for s, _ in ossl])
     fed = [run_child([PYTHON, __file__, "_fedcli", str(root)], env) for _ in range(runs)]
-    assert all(r["accepted"] == len(files) for r in fed)
+    assert all(r["accepted"] == len(files) and r["module"].startswith(str(ROOT / "fedcli")) for r in fed)
     row["fedcli_s"] = median([r["seconds"] for r in fed])
     row["fedcli_base_mb"] = median([r["base_mb"] for r in fed])
     row["fedcli_peak_mb"] = max(r["peak_mb"] for r in fed)
+    if baseline:
+        old = [run_child([PYTHON, __file__, "_fedcli", str(root)], dict(env, PYTHONPATH=str(baseline)))
+               for _ in range(runs)]
+        assert all(r["module"].startswith(str(baseline)) for r in old)
+        row["before_s"] = median([r["seconds"] for r in old])
+        row["before_base_mb"] = median([r["base_mb"] for r in old])
+        row["before_peak_mb"] = max(r["peak_mb"] for r in old)
     if flower:
         import flwr_env
 
@@ -175,6 +183,8 @@ def fmt(row: dict) -> str:
 
     cells = [f"{row['params'] / 1e6:g}M", str(row["banks"]), f"{row['gb']:.2f}", rate("sha256sum_s"),
              rate("openssl_s"), rate("fedcli_s"), f"{row['fedcli_peak_mb']:.0f} (+{row['fedcli_peak_mb'] - row['fedcli_base_mb']:.0f})"]
+    if "before_s" in row:
+        cells += [rate("before_s"), f"{row['before_peak_mb']:.0f} (+{row['before_peak_mb'] - row['before_base_mb']:.0f})"]
     if "flwr_s" in row:
         cells += [rate("flwr_s"), f"{row['flwr_load_s']:.2f} s",
                   f"{row['flwr_peak_mb']:.0f} (+{row['flwr_peak_mb'] - row['flwr_base_mb']:.0f})"]
@@ -183,9 +193,13 @@ def fmt(row: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-HEADER = ("| P | N | GB of updates | sha256sum | openssl dgst -sha256 | fedcli aggregate (verify + FedAvg + publish) | fedcli peak RSS MB "
-          "(+ over base) | Flower aggregate() | Flower load | Flower peak RSS MB (+ over base) |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+def header(baseline: str | None) -> str:
+    cols = ["P", "N", "GB of updates", "sha256sum", "openssl dgst -sha256",
+            "fedcli aggregate (verify + FedAvg + publish)", "fedcli peak RSS MB (+ over base)"]
+    if baseline:
+        cols += [f"fedcli at {baseline} (before)", f"at {baseline}: peak RSS MB (+ over base)"]
+    cols += ["Flower aggregate()", "Flower load", "Flower peak RSS MB (+ over base)"]
+    return "| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|"
 
 
 def main() -> None:
@@ -198,12 +212,14 @@ def main() -> None:
     ap.add_argument("--flower-max-gb", type=float, default=2.5,
                     help="skip Flower above this many GB of updates: it holds all N in memory (twice)")
     ap.add_argument("--json", type=Path, help="also append raw rows here")
+    ap.add_argument("--baseline", metavar="REF", help="also time fedcli as of this git ref (e.g. main): before/after")
     args = ap.parse_args()
     sizes = [int(float(x)) for x in args.params.split(",")]
     banks = sorted(int(x) for x in args.banks.split(","))
     sys.path.insert(0, str(ROOT))
     print(machine())
-    print(HEADER)
+    baseline = export_ref(args.baseline, args.workdir) if args.baseline else None
+    print(header(args.baseline))
     for p in sizes:
         root = args.workdir / f"p{p}"
         info = build(root, p, max(banks))
@@ -211,7 +227,7 @@ def main() -> None:
             files = write_updates(root, n)
             visible_updates(root, n)
             too_big = sum(f.stat().st_size for f in files) / 1e9 > args.flower_max_gb
-            row = measure(root, files, args.runs, not args.no_flower and not too_big)
+            row = measure(root, files, args.runs, not args.no_flower and not too_big, baseline)
             row.update(params=info["params"], banks=n)
             if too_big and not args.no_flower:
                 row["flwr_note"] = f"skipped (> {args.flower_max_gb:g} GB in RAM)"

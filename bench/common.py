@@ -45,6 +45,18 @@ def wait4(argv: list[str]) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024
 
 
+def export_ref(ref: str, dest: Path) -> Path:
+    """A clean copy of the fedcli package at git REF (git archive), for before/after rows."""
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    out = Path(dest) / f"fedcli-{sha}"
+    if not (out / "fedcli").is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "fedcli"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return out
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
