@@ -133,64 +133,69 @@ def child_fedcli(root: Path) -> dict:
     for key in ("rounds/000001/global.json", "rounds/000001/global.safetensors", "rounds/000001/rejections.json"):
         store.delete(key)
     base, _ = rss_mb()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     res = aggregate_round(store, root / "keys" / "coordinator.key", Console(file=io.StringIO()))
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     _, peak = rss_mb()
     if not res.published or res.rejected:
         raise SystemExit(f"round not published cleanly: {res}")
     import fedcli
 
-    return {"seconds": seconds, "base_mb": base, "peak_mb": peak, "accepted": len(res.accepted), "module": fedcli.__file__}
+    return {"seconds": seconds, "cpu_s": cpu, "base_mb": base, "peak_mb": peak, "accepted": len(res.accepted), "module": fedcli.__file__}
 
 
 def measure(root: Path, files: list[Path], runs: int, flower: bool, baseline: Path | None) -> dict:
+    """Each run does every contender once, in turn, so load drift on a shared machine hits all alike."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    gb = sum(f.stat().st_size for f in files) / 1e9
-    row = {"gb": gb}
-    sha = [wait4(["sha256sum", *map(str, files)]) for _ in range(runs)]
-    row["sha256sum_s"] = median([s for s, _ in sha])
-    row["sha256sum_peak_mb"] = max(m for _, m in sha)
-    ossl = [wait4(["openssl", "dgst", "-sha256", *map(str, files)]) for _ in range(runs)]
-    row["openssl_s"] = median([s for s, _ in ossl])
-    fed = [run_child([PYTHON, __file__, "_fedcli", str(root)], env) for _ in range(runs)]
-    assert all(r["accepted"] == len(files) and r["module"].startswith(str(ROOT / "fedcli")) for r in fed)
-    row["fedcli_s"] = median([r["seconds"] for r in fed])
-    row["fedcli_base_mb"] = median([r["base_mb"] for r in fed])
-    row["fedcli_peak_mb"] = max(r["peak_mb"] for r in fed)
+    contenders = {
+        "sha256sum": lambda: dict(zip(("seconds", "peak_mb", "cpu_s"), wait4(["sha256sum", *map(str, files)]))),
+        "openssl": lambda: dict(zip(("seconds", "peak_mb", "cpu_s"),
+                                    wait4(["openssl", "dgst", "-sha256", *map(str, files)]))),
+        "fedcli": lambda: run_child([PYTHON, __file__, "_fedcli", str(root)], env),
+    }
     if baseline:
-        old = [run_child([PYTHON, __file__, "_fedcli", str(root)], dict(env, PYTHONPATH=str(baseline)))
-               for _ in range(runs)]
-        assert all(r["module"].startswith(str(baseline)) for r in old)
-        row["before_s"] = median([r["seconds"] for r in old])
-        row["before_base_mb"] = median([r["base_mb"] for r in old])
-        row["before_peak_mb"] = max(r["peak_mb"] for r in old)
+        contenders["before"] = lambda: run_child([PYTHON, __file__, "_fedcli", str(root)],
+                                                 dict(env, PYTHONPATH=str(baseline)))
     if flower:
         import flwr_env
 
-        fl = [run_child([str(flwr_env.python()), str(Path(__file__).with_name("flwr_child.py")), str(root / "store"),
-                         *map(str, files)]) for _ in range(runs)]
-        row["flwr_s"] = median([r["aggregate_s"] for r in fl])
-        row["flwr_load_s"] = median([r["load_s"] for r in fl])
-        row["flwr_base_mb"] = median([r["base_mb"] for r in fl])
-        row["flwr_peak_mb"] = max(r["peak_mb"] for r in fl)
+        argv = [str(flwr_env.python()), str(Path(__file__).with_name("flwr_child.py")), str(root / "store"),
+                *map(str, files)]
+        contenders["flwr"] = lambda: {**(r := run_child(argv)), "seconds": r["aggregate_s"]}
+    results = {name: [] for name in contenders}
+    for _ in range(runs):
+        for name, run in contenders.items():
+            results[name].append(run())
+    assert all(r["accepted"] == len(files) and r["module"].startswith(str(ROOT / "fedcli")) for r in results["fedcli"])
+    assert all(r["module"].startswith(str(baseline)) for r in results.get("before", []))
+    row = {"gb": sum(f.stat().st_size for f in files) / 1e9, "load_avg": os.getloadavg()[0]}
+    for name, rs in results.items():
+        row[f"{name}_s"] = median([r["seconds"] for r in rs])
+        row[f"{name}_cpu_s"] = median([r["cpu_s"] for r in rs])
+        row[f"{name}_peak_mb"] = max(r["peak_mb"] for r in rs)
+        if "base_mb" in rs[0]:
+            row[f"{name}_base_mb"] = median([r["base_mb"] for r in rs])
+        if "load_s" in rs[0]:
+            row[f"{name}_load_s"] = median([r["load_s"] for r in rs])
     return row
 
 
 def fmt(row: dict) -> str:
-    def rate(s):
-        return f"{row[s]:.2f} s ({row['gb'] / row[s]:.2f} GB/s)"
+    def rate(name):
+        return f"{row[name + '_s']:.2f} s ({row['gb'] / row[name + '_s']:.2f} GB/s; CPU {row[name + '_cpu_s']:.2f} s)"
 
-    cells = [f"{row['params'] / 1e6:g}M", str(row["banks"]), f"{row['gb']:.2f}", rate("sha256sum_s"),
-             rate("openssl_s"), rate("fedcli_s"), f"{row['fedcli_peak_mb']:.0f} (+{row['fedcli_peak_mb'] - row['fedcli_base_mb']:.0f})"]
+    def mem(name):
+        return f"{row[name + '_peak_mb']:.0f} (+{row[name + '_peak_mb'] - row[name + '_base_mb']:.0f})"
+
+    cells = [f"{row['params'] / 1e6:.1f}M", str(row["banks"]), f"{row['gb']:.2f}", rate("sha256sum"), rate("openssl"),
+             rate("fedcli"), mem("fedcli")]
     if "before_s" in row:
-        cells += [rate("before_s"), f"{row['before_peak_mb']:.0f} (+{row['before_peak_mb'] - row['before_base_mb']:.0f})"]
+        cells += [rate("before"), mem("before")]
     if "flwr_s" in row:
-        cells += [rate("flwr_s"), f"{row['flwr_load_s']:.2f} s",
-                  f"{row['flwr_peak_mb']:.0f} (+{row['flwr_peak_mb'] - row['flwr_base_mb']:.0f})"]
+        cells += [rate("flwr"), f"{row['flwr_load_s']:.2f} s", mem("flwr")]
     else:
         cells += [row.get("flwr_note", "not run")] * 3
-    return "| " + " | ".join(cells) + " |"
+    return "| " + " | ".join(cells + [f"{row['load_avg']:.1f}"]) + " |"
 
 
 def header(baseline: str | None) -> str:
@@ -198,7 +203,7 @@ def header(baseline: str | None) -> str:
             "fedcli aggregate (verify + FedAvg + publish)", "fedcli peak RSS MB (+ over base)"]
     if baseline:
         cols += [f"fedcli at {baseline} (before)", f"at {baseline}: peak RSS MB (+ over base)"]
-    cols += ["Flower aggregate()", "Flower load", "Flower peak RSS MB (+ over base)"]
+    cols += ["Flower aggregate()", "Flower load", "Flower peak RSS MB (+ over base)", "load avg"]
     return "| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|"
 
 

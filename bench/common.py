@@ -31,8 +31,8 @@ def run_child(argv: list[str], env: dict | None = None) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def wait4(argv: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one external command (its own rusage, via wait4)."""
+def wait4(argv: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MB) and CPU seconds (user + sys) of one external command (wait4 rusage)."""
     import time
 
     t = time.perf_counter()
@@ -42,7 +42,7 @@ def wait4(argv: list[str]) -> tuple[float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[0]} exited {proc.returncode}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def export_ref(ref: str, dest: Path) -> Path:

@@ -24,12 +24,12 @@ def main(files: list[Path]) -> dict:
         n = json.loads(f.with_suffix(".json").read_text())["num_examples"]
         results.append(([tensors[k] for k in sorted(tensors)], n))
     load_s = time.perf_counter() - t
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     mean = aggregate(results)
-    aggregate_s = time.perf_counter() - t
+    aggregate_s, cpu = time.perf_counter() - t, time.process_time() - cpu
     _, peak = rss_mb()
     assert all(np.isfinite(a).all() for a in mean)
-    return {"load_s": load_s, "aggregate_s": aggregate_s, "base_mb": base, "peak_mb": peak}
+    return {"load_s": load_s, "aggregate_s": aggregate_s, "cpu_s": cpu, "base_mb": base, "peak_mb": peak}
 
 
 if __name__ == "__main__":
