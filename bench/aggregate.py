@@ -30,7 +30,7 @@ from pathlib import Path
 
 from common import PYTHON, ROOT, export_ref, machine, median, rss_mb, run_child, wait4
 
-N_FEATURES = 25  # the credit demo's feature count (examples/federation.toml)
+N_FEATURES = 26  # the credit demo's feature count after one-hot (examples/federation.toml)
 
 
 def hidden_for(p: int) -> int:
