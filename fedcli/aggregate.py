@@ -16,6 +16,15 @@ def _chunks(n: int):
         yield slice(start, min(start + CHUNK, n))
 
 
+def axpy(acc: np.ndarray, x: np.ndarray, a: float, scratch: np.ndarray) -> None:
+    """acc += a * x in float64, chunk by chunk through `scratch` (float64, CHUNK long)."""
+    flat_acc, flat_x = acc.reshape(-1), np.asarray(x).reshape(-1)
+    for s in _chunks(flat_acc.size):
+        tmp = scratch[: s.stop - s.start]
+        np.multiply(flat_x[s], a, out=tmp, dtype=np.float64)
+        np.add(flat_acc[s], tmp, out=flat_acc[s])
+
+
 class FedAvg:
     """Weighted mean of deltas, weights = num_examples (McMahan et al. 2017)."""
 
@@ -33,11 +42,7 @@ class FedAvg:
             d = np.asarray(delta[k])
             if d.shape != acc.shape:
                 raise ValueError(f"{k}: shape {d.shape} != {acc.shape}")
-            flat_acc, flat_d = acc.reshape(-1), d.reshape(-1)
-            for s in _chunks(flat_acc.size):
-                tmp = self._scratch[: s.stop - s.start]
-                np.multiply(flat_d[s], weight, out=tmp, dtype=np.float64)
-                np.add(flat_acc[s], tmp, out=flat_acc[s])
+            axpy(acc, d, weight, self._scratch)
         self.weight += weight
         self.count += 1
 

@@ -11,14 +11,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from . import compression
 from . import data as D
 from . import keys, models
+from . import privacy as P
 from . import rounds as R
 from . import tensors as T
 from .errors import AlreadyExists, FedcliError, VerificationError
 from .metrics import score
 from .store import Store
-from .train import fit
+from .train import fit, fit_private
 
 
 @dataclass
@@ -75,10 +77,15 @@ class TrainResult:
     num_examples: int = 0
     metrics: dict = field(default_factory=dict)
     data_notes: list[str] = field(default_factory=list)
+    privacy: dict = field(default_factory=dict)  # the ledger entry charged for this release
 
 
 def state_path_for(key_path: Path) -> Path:
     return Path(key_path).with_suffix(".state.json")
+
+
+def ledger_path_for(key_path: Path) -> Path:
+    return Path(key_path).with_suffix(".ledger.json")
 
 
 def train_round(
@@ -88,6 +95,8 @@ def train_round(
     coordinator_pub: Path,
     state_path: Path | None = None,
     console: Console | None = None,
+    ledger_path: Path | None = None,
+    max_epsilon: float | None = None,
 ) -> TrainResult:
     private, my_pub = keys.load_private(key_path)
     spec, spec_sha = R.load_spec(store, keys.load_public(coordinator_pub))
@@ -111,6 +120,12 @@ def train_round(
     notes += [f"{c}: {n} missing or non-numeric values filled with the spec's mean" for c, n in prep.filled.items()]
     notes += [f"{c}: {n} rows with a category the spec does not declare (encoded as none)" for c, n in prep.unknown.items()]
     before = score(prep.y, models.predict(spec.model, base.tensors, prep.X))
+    ps = spec.privacy
+    if ps.enabled:  # refuse before any work if even this release would break the budget
+        ledger = P.Ledger(ledger_path or ledger_path_for(key_path))
+        budget = ps.budget_epsilon if max_epsilon is None else min(ps.budget_epsilon, max_epsilon)
+        mech = P.plan(ps, len(prep.X), spec.training.batch_size, spec.training.epochs)
+        ledger.check(mech, budget, ps.delta)
 
     # Training seed is not a secret: it only makes a bank's rerun reproducible.
     seed = int.from_bytes(hashlib.sha256(f"{spec.federation_id}/{r}/{me.name}".encode()).digest()[:4], "little")
@@ -118,12 +133,34 @@ def train_round(
                   TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
                   console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task("train", total=None, r=r, loss=float("nan"))
-        weights, loss = fit(spec.model, spec.training, base.tensors, prep.X, prep.y, seed,
-                            lambda done, total, l: progress.update(task, completed=done, total=total, loss=l))
+        last = [float("nan")]
+
+        def step(done, total, loss):
+            last[0] = loss
+            progress.update(task, completed=done, total=total, loss=loss)
+
+        if ps.mode == "record":
+            weights, mech = fit_private(spec.model, spec.training, base.tensors, prep.X, prep.y,
+                                        ps.clip, mech.noise_multiplier, step)
+            loss = last[0]
+        else:
+            weights, loss = fit(spec.model, spec.training, base.tensors, prep.X, prep.y, seed, step,
+                                prox_mu=spec.strategy.prox_mu)
     after = score(prep.y, models.predict(spec.model, weights, prep.X))
     delta = {k: weights[k] - base.tensors[k] for k in weights}
     metrics = {"loss": round(loss, 6), "auc_before": round(before["auc"], 6), "auc_after": round(after["auc"], 6)}
+    charged = {}
+    if ps.mode == "update":
+        delta, _ = P.privatize_update(delta, ps.clip, mech.noise_multiplier)
+    if ps.enabled:  # charged before anything leaves the bank: a crash after this over-counts, never under
+        charged = ledger.charge(mech, round=r, federation=spec.federation_id, budget_epsilon=budget, delta=ps.delta)
 
+    # Compression (with the bank's error-feedback residual) goes last: it only post-processes the delta.
+    cmeta = spec.strategy.compression_meta
+    res_path, residual = compression.residual_path(state.path), None
+    if cmeta["method"] != "none":
+        delta, cmeta, residual = compression.encode(delta, cmeta["method"], cmeta.get("ratio"),
+                                                    compression.load_residual(res_path, shapes))
     data = T.encode(delta)
     store.put(tkey, data)
     manifest = {
@@ -135,13 +172,21 @@ def train_round(
         "base_sha256": base.sha256,
         "tensors_sha256": T.sha256(data),
         "num_examples": int(len(prep.X)),
+        "compression": cmeta,
         "metrics": metrics,
         "created_at": R.now(),
         "nonce": secrets.token_hex(16),
     }
+    if ps.enabled:  # row count and local metrics are not privatised: they stay at the bank
+        del manifest["num_examples"], manifest["metrics"]
+        manifest["dp"] = mech.manifest() | {"delta": ps.delta}
     try:
         store.put(mkey, keys.sign_manifest(private, manifest), create_only=True)
     except AlreadyExists:
         return TrainResult(me.name, r, False, f"{me.name} already submitted an update for round {r}; nothing to do")
+    if residual is not None:
+        compression.save_residual(res_path, residual)
     state.save(spec.federation_id, base)
-    return TrainResult(me.name, r, True, f"submitted update for round {r}", len(prep.X), metrics, notes)
+    sent = f"{len(data):,} bytes" + ("" if cmeta["method"] == "none" else f", {cmeta['method']}")
+    return TrainResult(me.name, r, True, f"submitted update for round {r} ({sent})", len(prep.X), metrics, notes,
+                       charged)

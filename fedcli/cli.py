@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import EXIT_WAITING, FedcliError
@@ -26,6 +27,7 @@ err = Console(stderr=True)
 
 StoreOpt = typer.Option(..., "--store", "-s", help="Shared folder or s3://bucket/prefix.")
 CoordOpt = typer.Option(..., "--coordinator", "-c", help="Pinned coordinator public key file (coordinator.pub).")
+LedgerOpt = typer.Option(None, "--ledger", help="Privacy ledger file (default: next to the key; share one across federations on the same data).")
 
 
 @contextlib.contextmanager
@@ -34,7 +36,8 @@ def failures():
     try:
         yield
     except FedcliError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        label = "[bold yellow]waiting:[/]" if e.exit_code == EXIT_WAITING else "[bold red]error:[/]"
+        err.print(f"{label} {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
 
 
@@ -111,14 +114,19 @@ def train(
     data: Path = typer.Option(..., "--data", "-d", help="This bank's CSV or Parquet training table."),
     coordinator: Path = CoordOpt,
     state: Optional[Path] = typer.Option(None, "--state", help="Bank state file (default: next to the key)."),
+    ledger: Optional[Path] = LedgerOpt,
+    max_epsilon: Optional[float] = typer.Option(None, "--max-epsilon", min=0.0, help="This bank's own privacy budget, if stricter than the spec's budget_epsilon."),
 ):
-    """Bank: verify the latest global model, train locally and submit a signed update."""
+    """Bank: verify the latest global model, train locally and submit a signed update.
+
+    Exit code 6: exporting would exceed this bank's privacy budget (nothing was exported).
+    """
     from .bank import train_round
 
     with failures():
-        res = train_round(_store(store), key, data, coordinator, state, err)
+        res = train_round(_store(store), key, data, coordinator, state, err, ledger, max_epsilon)
     for note in res.data_notes:
-        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if not res.submitted:
         out.print(res.message)
         return
@@ -128,6 +136,10 @@ def train(
         table.add_column(k, justify="right")
     table.add_row(str(res.num_examples), *(f"{v:.4f}" for v in res.metrics.values()))
     out.print(table)
+    if res.privacy:
+        p = res.privacy
+        out.print(f"privacy: {p['mode']}-level DP (noise multiplier {p['noise_multiplier']:.3g}); epsilon spent "
+                  f"{p['epsilon_after']:.3g} of budget {p['budget_epsilon']:g} at delta={p['delta']:g}", soft_wrap=True)
     out.print(res.message)
 
 
@@ -148,18 +160,19 @@ def aggregate(
     for col in ("member", "status", "rows / reason"):
         table.add_column(col)
     for a in res.accepted:
-        table.add_row(a["member"], "[green]accepted[/]", str(a["num_examples"]))
+        table.add_row(a["member"], "[green]accepted[/]", str(a["num_examples"] or "withheld (DP)"))
     for m, reason in res.rejected.items():
-        table.add_row(m, "[red]rejected[/]", reason)
+        table.add_row(m, "[red]rejected[/]", escape(reason))
     for m in res.pending:
         table.add_row(m, "[yellow]incomplete[/]", "tensors without manifest (upload in progress or crashed)")
     for m in res.missing:
         table.add_row(m, "[dim]missing[/]", "")
     out.print(table)
     for m, reason in res.rejected.items():
-        err.print(f"[red]rejected[/] {m}: {reason}", highlight=False, soft_wrap=True)
+        err.print(f"[red]rejected[/] {m}: {escape(reason)}", highlight=False, soft_wrap=True)
     if res.published:
-        out.print(f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates")
+        out.print(f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates ({res.how})",
+                  soft_wrap=True)
     else:
         out.print(f"[yellow]waiting:[/] {res.waiting_reason}")
         raise typer.Exit(EXIT_WAITING)
@@ -174,22 +187,63 @@ def status(store: str = typer.Argument(..., help="Shared folder or s3://bucket/p
         spec, rows = history(_store(store))
     table = Table(title=f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}")
     for col, just in (("round", "right"), ("global", "left"), ("updates in", "right"), ("rows", "right"),
-                      ("mean auc before", "right"), ("mean loss", "right"), ("pending / rejected", "left")):
+                      ("mean auc before", "right"), ("mean loss", "right"), ("other", "left")):
         table.add_column(col, justify=just)
+    problems = Table(title="rejected or incomplete updates")
+    for col in ("round", "member", "reason"):
+        problems.add_column(col)
     for row in rows:
-        other = [f"{m} (submitted)" for m in row.submitted if m not in row.contributors and m not in row.rejected]
-        other += [f"{m} (incomplete)" for m in row.pending]
-        other += [f"[red]{m}: {why}[/]" for m, why in row.rejected.items()]
+        waiting = [m for m in row.submitted if m not in row.contributors and m not in row.rejected]
+        other = [f"{len(waiting)} submitted"] if waiting else []
+        other += [f"[yellow]{len(row.pending)} incomplete[/]"] if row.pending else []
+        other += [f"[red]{len(row.rejected)} rejected[/]"] if row.rejected else []
         table.add_row(
             str(row.round),
             "[green]published[/]" if row.published else "[yellow]open[/]",
-            f"{len(row.contributors)}/{len(spec.members)}" if row.round else "(initial)",
+            (f"{len(row.contributors)}/{len(spec.members)}" if row.round else "(initial)")
+            + (f"\n{row.bytes_in:,} B" if row.bytes_in else ""),  # bytes the banks uploaded: the wire cost
             str(row.examples) if row.examples else "",
             f"{row.metrics['auc_before']:.4f}" if "auc_before" in row.metrics else "",
             f"{row.metrics['loss']:.4f}" if "loss" in row.metrics else "",
-            "\n".join(other),
+            ", ".join(other),
         )
+        for m, why in row.rejected.items():
+            problems.add_row(str(row.round), m, escape(why))
+        for m in row.pending:
+            problems.add_row(str(row.round), m, "tensors without manifest (upload in progress or crashed)")
     out.print(table)
+    if problems.row_count:
+        out.print(problems)
+
+
+@app.command()
+def privacy(
+    key: Optional[Path] = typer.Option(None, "--key", "-k", help="This bank's private key (the ledger sits next to it)."),
+    ledger: Optional[Path] = LedgerOpt,
+):
+    """Bank: show the privacy ledger, every DP release and the epsilon spent against the budget."""
+    from .bank import ledger_path_for
+    from .privacy import Ledger
+
+    with failures():
+        if ledger is None and key is None:
+            raise FedcliError("give --key or --ledger")
+        led = Ledger(ledger or ledger_path_for(key))
+        entries, summary = led.entries(), led.summary()
+    table = Table(title=f"privacy ledger {led.path.name}",
+                  caption="z: noise multiplier, q: sample rate, ε: cumulative per mode")
+    for col in ("federation", "round", "mode", "z", "q", "steps", "clip", "ε after"):
+        table.add_column(col, justify="left" if col in ("federation", "mode") else "right", no_wrap=True)
+    for e in entries:
+        table.add_row(e["federation"], str(e["round"]), e["mode"], f"{e['noise_multiplier']:.4g}", f"{e['sample_rate']:.3g}",
+                      str(e["steps"]), f"{e['clip']:g}", f"{e['epsilon_after']:.4g}")
+    out.print(table)
+    if not entries:
+        out.print("no DP release recorded yet")
+    for s in summary:
+        left = s["budget_epsilon"] - s["epsilon"]
+        out.print(f"{s['mode']}-level: epsilon {s['epsilon']:.4g} spent of budget {s['budget_epsilon']:g} at "
+                  f"delta={s['delta']:g} over {s['releases']} release(s); {max(left, 0):.4g} left", soft_wrap=True)
 
 
 @app.command()
@@ -243,6 +297,60 @@ def predict(
     with failures():
         r, n = run(_store(store), coordinator, data, output, round_)
     out.print(f"scored {n} rows with the global model of round {r} -> {output}")
+
+
+@app.command("check-store")
+def check_store(store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix.")):
+    """Check a store is reachable and refuses to overwrite on create-only writes (run once at setup)."""
+    from .store import check_create_only
+
+    with failures():
+        s = _store(store)
+        check_create_only(s)
+    out.print(f"[green]ok:[/] {s} is reachable, writable and honours create-only writes", soft_wrap=True)
+
+
+bundle_app = typer.Typer(help="Air gap: carry the files that must cross in one signed archive.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+def _bundle_table(res, verb: str) -> None:
+    table = Table(title=f"bundle {res.path.name}: signed by {res.signer} ({res.role}), federation {res.federation_id}")
+    table.add_column("file")
+    table.add_column("status")
+    for k in res.written:
+        table.add_row(k, f"[green]{verb}[/]")
+    for k in res.unchanged:
+        table.add_row(k, "[dim]already there[/]")
+    out.print(table)
+
+
+@bundle_app.command("export")
+def bundle_export(
+    store: str = StoreOpt,
+    key: Path = typer.Option(..., "--key", "-k", help="Your private key: the coordinator's exports the global model, a bank's its update."),
+    output: Path = typer.Option(..., "--out", "-o", help="Bundle file to write (e.g. on removable media)."),
+):
+    """Pack what must cross the air gap: coordinator -> the latest global model; bank -> its update."""
+    from .bundle import export_bundle
+
+    with failures():
+        res = export_bundle(_store(store), key, output)
+    _bundle_table(res, "exported")
+
+
+@bundle_app.command("import")
+def bundle_import(
+    bundle: Path = typer.Argument(..., help="Bundle file made by `fedcli bundle export`."),
+    store: str = StoreOpt,
+    coordinator: Optional[Path] = typer.Option(None, "--coordinator", "-c", help="Pinned coordinator public key (banks; required for an empty store)."),
+):
+    """Verify a bundle's signature and hashes, then write its files; importing twice changes nothing."""
+    from .bundle import import_bundle
+
+    with failures():
+        res = import_bundle(_store(store), bundle, coordinator)
+    _bundle_table(res, "imported")
 
 
 if __name__ == "__main__":

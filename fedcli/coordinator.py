@@ -10,13 +10,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from . import keys, models
+from . import keys, models, server_opt
 from . import rounds as R
 from . import spec as S
 from . import tensors as T
-from .aggregate import FedAvg, apply
-from .errors import AlreadyExists, FedcliError, VerificationError
+from .errors import AlreadyExists, FedcliError, NotFound, VerificationError
 from .store import Store
+from .store.lock import LeaseLock
+from .strategy import Combiner
 
 
 def init_federation(
@@ -88,6 +89,7 @@ class AggregateResult:
     missing: list[str] = field(default_factory=list)  # enrolled members with nothing submitted
     published: bool = False
     waiting_reason: str = ""
+    how: str = ""  # e.g. "trimmed_mean, fedadam": what the spec's strategy did
 
 
 def quorum_reached(spec: S.Spec, n_accepted: int, base_created_at: str) -> tuple[bool, str]:
@@ -105,34 +107,47 @@ def quorum_reached(spec: S.Spec, n_accepted: int, base_created_at: str) -> tuple
     return True, ""
 
 
-def verified_updates(store: Store, spec: S.Spec, r: int, members: list[str], base_sha: str, shapes: T.Shapes):
-    """Yield (member, future of rounds.verify_update) in order, verifying one update ahead.
+def verified_updates(store: Store, spec: S.Spec, candidates: list[tuple[int, str, str]], shapes: T.Shapes):
+    """Yield ((round, member, base sha), future of rounds.verify_update) in order, one ahead.
 
     A worker thread reads, hashes and checks update i+1 while the caller folds in update i
     (hashing and file reads release the GIL), so a round runs at about hashing speed. Two
-    reusable read buffers alternate: memory stays O(model), and a delta's arrays are views
-    that stay valid until the caller asks for the next item.
+    reusable read buffers alternate: memory stays O(model), and a delta's arrays may be views
+    that stay valid only until the caller asks for the next item.
     """
     size = T.max_file_size(shapes)
-    buffers = [bytearray(size) for _ in range(min(2, len(members)))]
+    buffers = [bytearray(size) for _ in range(min(2, len(candidates)))]
     with ThreadPoolExecutor(max_workers=1) as pool:
         def submit(i: int):
-            return pool.submit(R.verify_update, store, spec, r, members[i], base_sha, shapes, buffers[i % 2])
+            u, member, base_sha = candidates[i]
+            return pool.submit(R.verify_update, store, spec, u, member, base_sha, shapes, buffers[i % 2])
 
-        pending = submit(0) if members else None
-        for i, member in enumerate(members):
+        pending = submit(0) if candidates else None
+        for i, candidate in enumerate(candidates):
             current = pending
-            if i + 1 < len(members):
+            if i + 1 < len(candidates):
                 pending = submit(i + 1)
-            yield member, current
+            yield candidate, current
 
 
 def aggregate_round(store: Store, key_path: Path, console: Console | None = None) -> AggregateResult:
-    """Verify every update for the next round, FedAvg the good ones, publish if quorum is met."""
+    """Verify updates, combine the good ones under the spec's strategy, publish when ready.
+
+    sync: every update for the next round; publish at quorum (or deadline).
+    async: the oldest `buffer_size` not yet used, stale ones (trained on older globals) discounted.
+    Runs under the store's `aggregate` lease lock, so overlapping cron runs (even on two
+    hosts) do the work once; a second run gets LockHeld (exit 3, try later).
+    """
     private, pub_b64 = keys.load_private(key_path)
     spec, spec_sha = R.load_spec(store, None)
     if pub_b64 != spec.coordinator.ed25519:
         raise VerificationError(f"{key_path} is not the coordinator key of federation {spec.federation_id}")
+    with LeaseLock(store, "aggregate") as lock:
+        return _aggregate_locked(store, private, spec, spec_sha, lock, console)
+
+
+def _aggregate_locked(store, private, spec, spec_sha, lock: LeaseLock, console) -> AggregateResult:
+    strat = spec.strategy
     shapes = models.shapes(spec.model, spec.data.n_features)
     base_round = R.latest_round(store)
     base = R.load_global(store, spec, spec_sha, base_round, shapes)
@@ -140,31 +155,81 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
     result = AggregateResult(round=r)
     committed, result.pending = R.submitted_members(store, r)
     result.missing = [m.name for m in spec.members if m.name not in committed and m.name not in result.pending]
+    candidates = [(r, m, base.sha256) for m in committed]
+    if strat.mode == "async":
+        candidates = R.unconsumed_updates(store, spec, spec_sha, r, strat.max_staleness) + candidates
 
-    avg = FedAvg(shapes)
-    with Progress(console=console or Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(f"verifying round {r}", total=len(committed))
-        for member, checked in verified_updates(store, spec, r, committed, base.sha256, shapes):
-            try:
-                manifest, delta = checked.result()
-            except FedcliError as e:  # one bad update never stops the others
-                result.rejected[member] = str(e)
-            else:
-                avg.add(delta, float(manifest["num_examples"]))
-                result.accepted.append({"member": member, "num_examples": manifest["num_examples"],
-                                        "metrics": manifest.get("metrics", {})})
-            progress.advance(task)
-    if result.rejected:
-        store.put(R.rejections_key(r), keys.canonical(result.rejected))
+    combiner = Combiner(strat, shapes)
+    try:
+        with Progress(console=console or Console(stderr=True), transient=True) as progress:
+            task = progress.add_task(f"verifying round {r}", total=len(candidates))
+            for (u, member, base_sha), checked in verified_updates(store, spec, candidates, shapes):
+                if strat.mode == "async" and len(result.accepted) == strat.buffer_size:
+                    break  # FedBuff: the rest wait for the next round
+                label = member if u == r else f"{member} (round {u})"
+                try:
+                    manifest, delta = checked.result()
+                except FedcliError as e:  # one bad update never stops the others
+                    result.rejected[label] = str(e)
+                else:
+                    # DP updates withhold their row count: equal weights
+                    weight = 1.0 if spec.privacy.enabled else float(manifest["num_examples"])
+                    combiner.add(label, delta, weight, staleness=r - u)
+                    entry = {"member": member, "num_examples": manifest.get("num_examples", 0),
+                             "metrics": manifest.get("metrics", {}),
+                             "bytes": store.size(R.update_keys(u, member)[0])}
+                    if u != r:
+                        entry["update_round"] = u
+                    if combiner.notes[label]:
+                        entry["aggregation"] = combiner.notes[label]
+                    result.accepted.append(entry)
+                progress.advance(task)
+        if result.rejected:
+            store.put(R.rejections_key(r), keys.canonical(result.rejected))
 
-    ready, result.waiting_reason = quorum_reached(spec, len(result.accepted), base.manifest["created_at"])
-    if not ready:
-        return result
-    weights = apply(base.tensors, avg.mean())
+        if strat.mode == "async":
+            ready = len(result.accepted) >= strat.buffer_size
+            result.waiting_reason = f"{len(result.accepted)} of {strat.buffer_size} buffered updates are in"
+        else:
+            ready, result.waiting_reason = quorum_reached(spec, len(result.accepted), base.manifest["created_at"])
+        if not ready:
+            return result
+        delta, info = combiner.result()
+    finally:
+        combiner.close()
+    weights, state = server_opt.server_step(strat.server, base.tensors, delta, _server_state(store, spec, base, shapes),
+                                            strat.server_params)
+    rule = info.pop("rule")
+    extra = {"rule": "mean" if rule == "fedavg" and spec.privacy.enabled else rule, "mode": strat.mode,
+             "server_optimizer": strat.server, **info}
+    lock.check()  # fencing: a run whose lease ran out must not publish
+    if state:
+        data = server_opt.state_to_bytes(strat.server, state, r)
+        store.put(R.server_state_key(r), data)
+        extra["server_state_sha256"] = T.sha256(data)
     try:
         publish_global(store, private, spec, spec_sha, r, weights, prev_sha=base.sha256,
-                       contributors=result.accepted, rule="fedavg")
+                       contributors=result.accepted, **extra)
     except AlreadyExists:
         raise FedcliError(f"round {r} was published by another aggregate run meanwhile") from None
     result.published = True
+    result.how = f"rule {extra['rule']}, server {strat.server}" + (", async" if strat.mode == "async" else "")
     return result
+
+
+def _server_state(store: Store, spec: S.Spec, base: R.Global, shapes: T.Shapes) -> dict:
+    """The server optimiser state the base global was published with, checked against its signed sha256."""
+    sha = base.manifest.get("server_state_sha256")
+    if not sha:
+        return {}
+    what = f"server optimizer state of round {base.round}"
+    key = R.server_state_key(base.round)
+    try:
+        if store.size(key) > 2 * T.max_file_size(shapes):
+            raise VerificationError(f"{what} is larger than the model allows")
+        data = store.get(key)
+    except NotFound:
+        raise VerificationError(f"{what} is missing from the store") from None
+    if T.sha256(data) != sha:
+        raise VerificationError(f"{what} does not match the sha256 in the signed global manifest")
+    return server_opt.state_from_bytes(data, spec.strategy.server, base.round)

@@ -68,7 +68,7 @@ def _epsilons(entries: list[Entry], delta: float) -> None:
         try:
             released.setdefault(e.member, []).append(privacy.Mechanism.from_dict(e.dp))
             if e.epsilon is None:
-                e.epsilon = privacy.epsilon(released[e.member], delta)
+                e.epsilon = privacy.epsilon(released[e.member], _number(e.dp.get("delta")) or delta)
         except (FedcliError, ImportError, ValueError, TypeError):
             return
 

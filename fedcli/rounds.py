@@ -19,7 +19,9 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from . import compression
 from . import tensors as T
+from .privacy import check_declared
 from .errors import FedcliError, NotFound, VerificationError
 from .keys import PublicIdentity, verify_bytes, verify_manifest
 from .spec import Spec, loads, sha256
@@ -41,6 +43,11 @@ def global_keys(r: int) -> tuple[str, str]:
 
 def update_keys(r: int, member: str) -> tuple[str, str]:
     return f"{round_dir(r)}/updates/{member}.safetensors", f"{round_dir(r)}/updates/{member}.json"
+
+
+def server_state_key(r: int) -> str:
+    """Server optimiser state after round r; its sha256 is in round r's signed global manifest."""
+    return f"{round_dir(r)}/server_state.safetensors"
 
 
 def rejections_key(r: int) -> str:
@@ -90,7 +97,8 @@ def read_manifest(store: Store, key: str, what: str) -> bytes:
     return store.get(key)
 
 
-def read_tensors(store: Store, key: str, expected_sha: str, shapes: T.Shapes, what: str, dtype: str = "float32",
+def read_tensors(store: Store, key: str, expected_sha: str, shapes: T.Shapes, what: str,
+                 dtype: str | dict[str, str] = "float32",
                  buffer: bytearray | None = None):
     """Stream, hash and decode a tensor file; the hash must match the signed manifest.
 
@@ -102,7 +110,7 @@ def read_tensors(store: Store, key: str, expected_sha: str, shapes: T.Shapes, wh
         size = store.size(key)
     except NotFound:
         raise VerificationError(f"{what}: tensor file is missing") from None
-    if size > T.max_file_size(shapes, np.dtype(dtype).itemsize):
+    if size > T.max_file_size(shapes, T.itemsizes(shapes, dtype)):
         raise VerificationError(f"{what}: tensor file is larger than the model allows ({size} bytes)")
     buf = memoryview(buffer if buffer is not None and len(buffer) >= size else bytearray(size))
     digest, n = hashlib.sha256(), 0
@@ -134,16 +142,22 @@ class Global:
         return self.manifest["tensors_sha256"]
 
 
-def load_global(store: Store, spec: Spec, spec_sha: str, r: int, shapes: T.Shapes) -> Global:
-    """Verify and load the global model of round r (signature, spec binding, hash, shapes)."""
+def global_manifest(store: Store, spec: Spec, spec_sha: str, r: int) -> dict:
+    """The verified manifest of round r's global model (signature and spec binding), without its tensors."""
     what = f"global model of round {r}"
-    tkey, mkey = global_keys(r)
     try:
-        manifest = verify_manifest(read_manifest(store, mkey, what), spec.coordinator, what)
+        manifest = verify_manifest(read_manifest(store, global_keys(r)[1], what), spec.coordinator, what)
     except NotFound:
         raise FedcliError(f"{what} is not published") from None
     expect(manifest, what, kind="global", federation_id=spec.federation_id, round=r, spec_sha256=spec_sha)
-    return Global(r, read_tensors(store, tkey, manifest["tensors_sha256"], shapes, what), manifest)
+    return manifest
+
+
+def load_global(store: Store, spec: Spec, spec_sha: str, r: int, shapes: T.Shapes) -> Global:
+    """Verify and load the global model of round r (signature, spec binding, hash, shapes)."""
+    manifest = global_manifest(store, spec, spec_sha, r)
+    what = f"global model of round {r}"
+    return Global(r, read_tensors(store, global_keys(r)[0], manifest["tensors_sha256"], shapes, what), manifest)
 
 
 def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, shapes: T.Shapes,
@@ -161,10 +175,40 @@ def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, 
     expect(manifest, what, kind="update", federation_id=spec.federation_id, round=r, member=member)
     if manifest.get("base_sha256") != base_sha:
         raise VerificationError(f"{what}: trained on a different global model (stale or forged base)")
+    check_declared(manifest.get("dp"), spec.privacy, what)  # no weaker DP than the spec requires
     n = manifest.get("num_examples")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if spec.privacy.enabled:  # DP updates carry no row count (it is not privatised); equal weights
+        if n is not None:
+            raise VerificationError(f"{what}: a DP update must not disclose num_examples")
+    elif not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise VerificationError(f"{what}: num_examples must be a positive integer")
-    return manifest, read_tensors(store, tkey, manifest.get("tensors_sha256"), shapes, what, buffer=buffer)
+    cmeta = manifest.get("compression", {"method": "none"})
+    if cmeta != spec.strategy.compression_meta:
+        raise VerificationError(f"{what}: compression {cmeta!r} is not the spec's {spec.strategy.compression_meta!r}")
+    enc_shapes, dtypes = compression.layout(cmeta, shapes)
+    tensors = read_tensors(store, tkey, manifest.get("tensors_sha256"), enc_shapes, what, dtypes, buffer)
+    try:
+        return manifest, compression.decode(tensors, cmeta, shapes)
+    except VerificationError as e:
+        raise VerificationError(f"{what}: {e}") from None
+
+
+def unconsumed_updates(store: Store, spec: Spec, spec_sha: str, r: int, max_staleness: int) -> list[tuple[int, str, str]]:
+    """Async mode: committed updates from rounds r-max_staleness..r-1 that no global has folded in yet.
+
+    Returns (update round, member, sha256 of the global it was trained on), oldest first. An
+    update in round u was trained on global u-1; the globals since then list what they used.
+    """
+    first = max(1, r - max_staleness)
+    if first >= r:
+        return []
+    manifests = {g: global_manifest(store, spec, spec_sha, g) for g in range(first - 1, r)}
+    used = {(c.get("update_round", g), c["member"]) for g in range(first, r) for c in manifests[g].get("contributors", [])}
+    out = []
+    for u in range(first, r):
+        committed, _ = submitted_members(store, u)
+        out += [(u, m, manifests[u - 1]["tensors_sha256"]) for m in committed if (u, m) not in used]
+    return out
 
 
 def submitted_members(store: Store, r: int) -> tuple[list[str], list[str]]:
@@ -199,6 +243,7 @@ class RoundSummary:
     examples: int
     metrics: dict[str, float]  # mean over contributors of each metric they reported
     created_at: str = ""
+    bytes_in: int = 0  # update tensor bytes the banks uploaded into this round (what crossed the wire)
 
 
 def history(store: Store) -> tuple[Spec, list[RoundSummary]]:
@@ -224,5 +269,15 @@ def history(store: Store) -> tuple[Spec, list[RoundSummary]]:
                 means[key] = sum(vals) / len(vals)
         rows.append(RoundSummary(r, r in published, names, submitted, pending, read_rejections(store, r),
                                  sum(c.get("num_examples", 0) for c in contributors), means,
-                                 manifest.get("created_at", "")))
+                                 manifest.get("created_at", ""), _bytes_in(store, r, submitted)))
     return spec, rows
+
+
+def _bytes_in(store: Store, r: int, members: list[str]) -> int:
+    total = 0
+    for m in members:
+        try:
+            total += store.size(update_keys(r, m)[0])
+        except NotFound:
+            pass
+    return total

@@ -15,6 +15,9 @@ import tomli_w
 from .errors import FedcliError
 from .keys import PublicIdentity
 from .names import check_name
+from .privacy import PrivacySpec, parse_privacy
+from .strategy import StrategySpec
+from .strategy import parse as parse_strategy
 
 MODEL_KINDS = ("logreg", "mlp")
 
@@ -69,6 +72,8 @@ class Spec:
     training: TrainingSpec
     members: tuple[PublicIdentity, ...]
     raw: dict = field(repr=False, compare=False)
+    strategy: StrategySpec = field(default_factory=StrategySpec)
+    privacy: PrivacySpec = PrivacySpec()
 
     def member(self, name: str) -> PublicIdentity | None:
         return next((m for m in self.members if m.name == name), None)
@@ -173,9 +178,14 @@ def parse(raw: dict) -> Spec:
         raise FedcliError("federation spec: [training] epochs and batch_size must be >= 1")
     _positive(training.lr, "lr", "training")
 
+    privacy = parse_privacy(raw.get("privacy"))
+    strategy = parse_strategy(raw.get("strategy"), len(members), min_clients)
+    if strategy.prox_mu > 0 and privacy.mode == "record":
+        raise FedcliError("federation spec: [strategy] prox_mu (FedProx) is not supported with record-level DP "
+                          "(DP-SGD); use [privacy] mode = \"update\" or prox_mu = 0")
     return Spec(federation_id=fid, coordinator=coordinator, min_clients=min_clients,
                 deadline_minutes=float(deadline), model=model, data=data, training=training,
-                members=tuple(members), raw=raw)
+                members=tuple(members), raw=raw, privacy=privacy, strategy=strategy)
 
 
 def loads(data: bytes, what: str = "federation spec") -> Spec:

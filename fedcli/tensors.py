@@ -32,8 +32,14 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def max_file_size(shapes: Shapes, itemsize: int = 4) -> int:
-    return 8 + MAX_HEADER_BYTES + itemsize * sum(int(np.prod(s)) for s in shapes.values())
+def itemsizes(shapes: Shapes, dtype: str | dict[str, str] = "float32") -> dict[str, int]:
+    """Bytes per element of each tensor; `dtype` is one for all or one per name (compressed updates)."""
+    return {k: np.dtype(dtype[k] if isinstance(dtype, dict) else dtype).itemsize for k in shapes}
+
+
+def max_file_size(shapes: Shapes, itemsize: int | dict[str, int] = 4) -> int:
+    size = itemsize if isinstance(itemsize, dict) else dict.fromkeys(shapes, itemsize)
+    return 8 + MAX_HEADER_BYTES + sum(size[k] * int(np.prod(s)) for k, s in shapes.items())
 
 
 def views(data, header: dict, start: int) -> dict[str, np.ndarray]:
@@ -71,7 +77,7 @@ def _naturals(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
-def decode(data: bytes | memoryview, shapes: Shapes, what: str, dtype: str = "float32") -> dict[str, np.ndarray]:
+def decode(data: bytes | memoryview, shapes: Shapes, what: str, dtype: str | dict[str, str] = "float32") -> dict[str, np.ndarray]:
     """Parse and check a safetensors file; raise VerificationError naming the first problem.
 
     The arrays returned are read-only views into `data` when it is bytes (no copy).
@@ -81,7 +87,7 @@ def decode(data: bytes | memoryview, shapes: Shapes, what: str, dtype: str = "fl
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > MAX_HEADER_BYTES or header_len > len(data) - 8:
         raise VerificationError(f"{what}: safetensors header length {header_len} is too large or truncated")
-    if len(data) > max_file_size(shapes, np.dtype(dtype).itemsize):
+    if len(data) > max_file_size(shapes, itemsizes(shapes, dtype)):
         raise VerificationError(f"{what}: file is larger than the model allows ({len(data)} bytes)")
     try:
         header = json.loads(bytes(data[8 : 8 + header_len]))
@@ -93,9 +99,9 @@ def decode(data: bytes | memoryview, shapes: Shapes, what: str, dtype: str = "fl
         missing, extra = sorted(set(shapes) - names), sorted(names - set(shapes))
         raise VerificationError(f"{what}: tensor names do not match the model (missing {missing}, unexpected {extra})")
     for name, expected in shapes.items():
-        arr = tensors[name]
-        if arr.dtype != np.dtype(dtype):
-            raise VerificationError(f"{what}: tensor {name} has dtype {arr.dtype}, expected {dtype}")
+        arr, want = tensors[name], np.dtype(dtype[name] if isinstance(dtype, dict) else dtype)
+        if arr.dtype != want:
+            raise VerificationError(f"{what}: tensor {name} has dtype {arr.dtype}, expected {want}")
         if tuple(arr.shape) != tuple(expected):
             raise VerificationError(f"{what}: tensor {name} has shape {tuple(arr.shape)}, expected {tuple(expected)}")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():

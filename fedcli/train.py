@@ -41,13 +41,17 @@ def fit(
     y: np.ndarray,
     seed: int,
     on_step: Callable[[int, int, float], None] | None = None,
+    prox_mu: float = 0.0,
 ) -> tuple[dict[str, np.ndarray], float]:
     """Train from `start` and return the new weights and the last epoch's mean loss.
 
     on_step(done, total, loss) is called after each batch so the CLI can draw progress.
+    prox_mu > 0 adds FedProx's (mu/2)||w - start||^2 (Li et al. 2020), which keeps a bank
+    with skewed data from drifting far from the global model; the reported loss excludes it.
     """
     torch.manual_seed(seed)
     model = models.load_arrays(models.build(model_spec, X.shape[1]), start).train()
+    anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else []
     opt = torch.optim.Adam(model.parameters(), lr=training.lr, fused=True)
     loss_fn = nn.BCEWithLogitsLoss()
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
@@ -63,7 +67,8 @@ def fit(
             xb, yb = Xe[b * bs : (b + 1) * bs], ye[b * bs : (b + 1) * bs]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb).squeeze(1), yb)
-            loss.backward()
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+            (loss + 0.5 * prox_mu * prox).backward()
             opt.step()
             value = loss.item()
             running += value * len(xb)
@@ -72,3 +77,26 @@ def fit(
                 on_step(done, total, value)
         epoch_loss = running / n
     return models.to_arrays(model), epoch_loss
+
+
+def fit_private(
+    model_spec: ModelSpec,
+    training: TrainingSpec,
+    start: dict[str, np.ndarray],
+    X: np.ndarray,
+    y: np.ndarray,
+    clip: float,
+    noise_multiplier: float,
+    on_step: Callable[[int, int, float], None] | None = None,
+):
+    """Record-level DP version of `fit`: DP-SGD through Opacus (see fedcli.privacy.train_dp_sgd).
+
+    Returns the new weights and the mechanism that was actually run, for the privacy ledger.
+    """
+    from .privacy import train_dp_sgd
+
+    model = models.load_arrays(models.build(model_spec, X.shape[1]), start).train()
+    mech = train_dp_sgd(model, torch.from_numpy(X), torch.from_numpy(y), epochs=training.epochs,
+                        batch_size=training.batch_size, lr=training.lr, max_grad_norm=clip,
+                        noise_multiplier=noise_multiplier, on_step=on_step)
+    return models.to_arrays(model), mech

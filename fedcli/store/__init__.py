@@ -1,5 +1,8 @@
 """Store backends behind one small interface; `open_store` picks one from a URL or path."""
 
+import secrets
+
+from ..errors import AlreadyExists, StoreError
 from .base import Store
 
 
@@ -14,4 +17,26 @@ def open_store(location: str) -> Store:
     return FolderStore(location)
 
 
-__all__ = ["Store", "open_store"]
+def check_create_only(store: Store) -> None:
+    """Prove the store refuses a second create-only write of one key; raise StoreError if not.
+
+    Everything fedcli commits relies on it. Some S3-compatible servers ignore If-None-Match
+    and some network mounts refuse hard links: run this once when setting a store up.
+    """
+    key = f"probe/create-only-{secrets.token_hex(8)}"
+    try:
+        store.put(key, b"first", create_only=True)
+        try:
+            store.put(key, b"second", create_only=True)
+        except AlreadyExists:
+            if store.get(key) == b"first":
+                return
+        raise StoreError(
+            f"{store} does not honour create-only writes (the second write replaced the first): "
+            "two coordinators could both publish a round; use a server that supports If-None-Match"
+        )
+    finally:
+        store.delete(key)
+
+
+__all__ = ["Store", "open_store", "check_create_only"]

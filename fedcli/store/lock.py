@@ -1,0 +1,214 @@
+"""A lease lock kept in the store itself, so overlapping cron runs on different hosts exclude each other.
+
+Why a lease: a run that crashes never releases; its lease simply expires and the next
+run takes over. Why generations: the store offers no compare-and-swap on an existing key,
+only create-only puts. So the lock is a numbered sequence of small JSON records:
+
+    locks/<name>/000000000001.json  {"state": "held", "owner": ..., "expires": ...}
+    locks/<name>/000000000002.json  {"state": "free", ...}        (the release)
+    locks/<name>/000000000003.json  {"state": "held", ...}        (the next run)
+
+The record with the highest number says who holds the lock. To acquire, a run reads the
+top record; if it is free or expired it create-only-puts number top+1. Exactly one racer
+can create a given number, so exactly one takes over even from a stale lease. The top
+record is never deleted (clean-up removes only numbers below the caller's own), so a
+number can only be reused below the top; a racer that lands there sees a higher number
+when it checks right after its write, withdraws, and reports the lock as held.
+
+The lease is judged by wall clocks: keep the TTL well above clock skew between hosts and
+renew during long runs. Publishing stays safe even if a lease runs out mid-run, because
+the round manifest itself is written create-only: the lock saves duplicate work, the
+create-only commit prevents a double publish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+from ..errors import EXIT_WAITING, AlreadyExists, FedcliError, NotFound
+from ..names import check_name
+from .base import Store
+
+log = logging.getLogger("fedcli.store")
+_RECORD = re.compile(r"^(\d{12})\.json$")
+DEFAULT_TTL = 30 * 60.0
+_KEEP = 2  # older records kept below one's own, for the audit trail
+
+
+class LockHeld(FedcliError):
+    """Another live run holds the lock: not an error of this run, try again later."""
+
+    exit_code = EXIT_WAITING
+
+
+class LockLost(FedcliError):
+    """Our lease expired and another run took over; stop before publishing anything."""
+
+
+def _when(t) -> str:
+    try:
+        return datetime.fromtimestamp(float(t), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "?"
+
+
+class LeaseLock:
+    """`with LeaseLock(store, "aggregate"):` runs the block while holding the lease."""
+
+    def __init__(
+        self,
+        store: Store,
+        name: str = "aggregate",
+        *,
+        ttl: float = DEFAULT_TTL,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.store = store
+        self.name = check_name(name, "lock name")
+        self.ttl = float(ttl)
+        self.clock = clock
+        self.owner = secrets.token_hex(16)
+        self.gen: int | None = None  # our record number while we hold the lock
+
+    # -- records -----------------------------------------------------------------
+
+    def _key(self, gen: int) -> str:
+        return f"locks/{self.name}/{gen:012d}.json"
+
+    def _gens(self) -> list[int]:
+        gens = []
+        for key in self.store.list(f"locks/{self.name}"):
+            m = _RECORD.match(key.rsplit("/", 1)[-1])
+            if m:
+                gens.append(int(m.group(1)))
+        return sorted(gens)
+
+    def _read(self, gen: int) -> dict | None:
+        try:
+            rec = json.loads(self.store.get(self._key(gen)))
+            return rec if isinstance(rec, dict) else {}
+        except NotFound:
+            return None
+        except ValueError:
+            return {}  # unreadable: treated as expired, never as held
+
+    def _record(self, state: str) -> bytes:
+        now = self.clock()
+        rec = {
+            "state": state,
+            "owner": self.owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "at": now,
+            "expires": now + self.ttl if state == "held" else now,
+        }
+        return json.dumps(rec, sort_keys=True).encode()
+
+    def _live(self, rec: dict | None) -> bool:
+        """True if rec is a held lease that has not expired."""
+        if not rec or rec.get("state") != "held":
+            return False
+        try:
+            return float(rec.get("expires", 0)) > self.clock()
+        except (TypeError, ValueError):
+            return False
+
+    def _held_error(self, rec: dict) -> LockHeld:
+        return LockHeld(
+            f"another run holds the {self.name} lock on {self.store} (host {rec.get('host', '?')}, "
+            f"pid {rec.get('pid', '?')}, lease until {_when(rec.get('expires'))}); try again later"
+        )
+
+    # -- protocol ----------------------------------------------------------------
+
+    def acquire(self) -> "LeaseLock":
+        """Take the lock, taking over an expired lease; raise LockHeld if a live run has it."""
+        for _ in range(3):
+            gens = self._gens()
+            top = gens[-1] if gens else 0
+            rec = self._read(top) if top else None
+            if self._live(rec) and rec.get("owner") != self.owner:
+                raise self._held_error(rec)
+            if rec and rec.get("state") == "held" and rec.get("owner") != self.owner:
+                log.warning(
+                    "taking over the %s lock: the lease of host %s pid %s expired at %s",
+                    self.name,
+                    rec.get("host", "?"),
+                    rec.get("pid", "?"),
+                    _when(rec.get("expires")),
+                )
+            if self._claim(top + 1):
+                self._cleanup(below=top + 1 - _KEEP)
+                return self
+        gens = self._gens()
+        rec = self._read(gens[-1]) if gens else None
+        raise self._held_error(rec or {})
+
+    def _claim(self, gen: int) -> bool:
+        """Create record `gen` as ours; True if it is now the top record."""
+        try:
+            self.store.put(self._key(gen), self._record("held"), create_only=True)
+        except AlreadyExists:
+            return False
+        if any(g > gen for g in self._gens()):
+            # We filled a number below the top (a cleaned-up one): not the holder.
+            self.store.delete(self._key(gen))
+            return False
+        self.gen = gen
+        return True
+
+    def check(self) -> None:
+        """Raise LockLost unless we still hold an unexpired lease; call before committing."""
+        if self.gen is None:
+            raise LockLost(f"the {self.name} lock on {self.store} is not held by this run")
+        gens = self._gens()
+        if gens and gens[-1] != self.gen:
+            raise LockLost(f"the {self.name} lock on {self.store} was taken over by another run")
+        if not self._live(self._read(self.gen)):
+            raise LockLost(f"the {self.name} lock lease on {self.store} expired during this run")
+
+    def renew(self) -> None:
+        """Extend the lease by another TTL (a new record on top of ours)."""
+        self.check()
+        if not self._claim(self.gen + 1):
+            raise LockLost(f"the {self.name} lock on {self.store} was taken over by another run")
+        self._cleanup(below=self.gen - _KEEP)
+
+    def release(self) -> None:
+        """Mark the lock free. A run whose lease was taken over leaves the new holder alone."""
+        if self.gen is None:
+            return
+        gen, self.gen = self.gen, None
+        try:
+            self.store.put(self._key(gen + 1), self._record("free"), create_only=True)
+        except AlreadyExists:
+            log.warning("the %s lock had already been taken over by another run", self.name)
+            return
+        self._cleanup(below=gen - _KEEP)
+
+    def _cleanup(self, below: int) -> None:
+        """Delete old records (never the top one: the caller holds a higher number)."""
+        for g in self._gens():
+            if g >= below:
+                break
+            self.store.delete(self._key(g))
+
+    def __enter__(self) -> "LeaseLock":
+        return self.acquire()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.release()
+            return
+        try:
+            self.release()
+        except FedcliError as e:  # the lease expires anyway; keep the original error
+            log.warning("could not release the %s lock: %s", self.name, e)
