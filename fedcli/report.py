@@ -172,7 +172,6 @@ def plot(rep: Report) -> bytes:
         ax_eps.set_ylim(0, top * 1.15 or 1)
     else:
         _say(ax_eps, rep.dp_note)
-        ax_eps.set_yticks([])
 
     for ax in axes.flat:
         ax.set_xlabel("round")
@@ -187,6 +186,10 @@ def plot(rep: Report) -> bytes:
                         fontsize=8, color="0.35")
     if not good:
         _say(ax_auc, "no verified updates on the store yet")
+    else:
+        for ax, key in ((ax_auc, "auc_after"), (ax_loss, "loss")):
+            if not any(key in e.metrics for e in good):
+                _say(ax, "no metrics in the manifests\n(DP updates withhold them)")
     handles = [plt.Line2D([], [], color=colors[m], marker="o", label=m) for m in rep.members]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False, fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
@@ -197,6 +200,8 @@ def plot(rep: Report) -> bytes:
 
 
 def _say(ax, text: str) -> None:
+    """An empty panel that says why it is empty (and shows no meaningless y scale)."""
+    ax.set_yticks([])
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.35")
 
 

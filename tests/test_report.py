@@ -145,3 +145,27 @@ def test_streamed_read_hashes_and_reuses_the_buffer(tmp_path):
         R.read_tensors(store, "u/two.safetensors", T.sha256(one), shp, "two")
     with pytest.raises(StoreError, match="larger than expected"):
         list(store.read_into("u/two.safetensors", memoryview(bytearray(len(two) - 1))))
+
+
+def test_report_epsilon_from_real_dp_manifests(tmp_path, credit_split):
+    from conftest import ROOT, make_fed
+
+    from fedcli import privacy
+
+    template = (ROOT / "examples" / "federation.toml").read_text()
+    dp = '\n[privacy]\nmode = "update"\nclip = 0.5\nnoise_multiplier = 1.0\nbudget_epsilon = 40\n'
+    fed = make_fed(tmp_path, credit_split, template + dp)
+    for _ in (1, 2):
+        for b in BANKS:
+            fed.train(b)
+        fed.aggregate()
+    out = tmp_path / "dp.html"
+    fed.cli("report", fed.store, "--out", out)
+    page = out.read_text()
+    assert "no DP recorded" not in page and "budget ε=40" in page
+    for r in (1, 2):  # the same composition the bank's ledger makes: r update-level releases
+        eps = privacy.epsilon_update_level(1.0, r, 1e-5)
+        for b in BANKS:
+            assert re.search(rf"<td>{r}</td><td>{b}</td>.*<td>{eps:.3f}</td>", page)
+    with Image.open(out.with_suffix(".png")) as im:
+        assert im.format == "PNG" and im.size[0] >= 1000
