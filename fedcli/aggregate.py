@@ -60,15 +60,19 @@ class FedAvg:
         return self.sum
 
 
+def add_cast(base: np.ndarray, step: np.ndarray, lr: float = 1.0) -> np.ndarray:
+    """base + lr * step computed in float64 chunk by chunk, returned in base's float dtype."""
+    b = np.asarray(base)
+    out, scratch = np.empty(b.shape, dtype=b.dtype), np.empty(CHUNK, dtype=np.float64)
+    flat_b, flat_s, flat_o = b.reshape(-1), np.asarray(step).reshape(-1), out.reshape(-1)
+    for s in _chunks(flat_o.size):
+        tmp = scratch[: s.stop - s.start]
+        np.multiply(flat_s[s], lr, out=tmp, dtype=np.float64)
+        np.add(tmp, flat_b[s], out=tmp)
+        flat_o[s] = tmp
+    return out
+
+
 def apply(base: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Next global = base + mean delta, computed in float64 and stored as float32."""
-    out, scratch = {}, np.empty(CHUNK, dtype=np.float64)
-    for k, b in base.items():
-        res = np.empty(b.shape, dtype=np.float32)
-        flat_b, flat_d, flat_r = np.asarray(b).reshape(-1), np.asarray(delta[k]).reshape(-1), res.reshape(-1)
-        for s in _chunks(flat_r.size):
-            tmp = scratch[: s.stop - s.start]
-            np.add(flat_b[s], flat_d[s], out=tmp, dtype=np.float64)
-            flat_r[s] = tmp
-        out[k] = res
-    return out
+    return {k: add_cast(np.asarray(b, dtype=np.float32), delta[k]) for k, b in base.items()}

@@ -46,6 +46,8 @@ class WeightedMean:
         self._scratch = np.empty(CHUNK, dtype=np.float64)
 
     def add(self, delta: Delta, weight: float = 1.0, scale: float = 1.0) -> None:
+        if self._scratch is None:
+            raise FedcliError("the mean was already taken; start a new WeightedMean")
         if not (math.isfinite(weight) and weight > 0):
             raise FedcliError(f"update weight must be a positive number, got {weight}")
         if not (math.isfinite(scale) and scale >= 0):
@@ -65,9 +67,17 @@ class WeightedMean:
         self.count += 1
 
     def result(self) -> dict[str, np.ndarray]:
+        """The mean (float64: the server step adds it), divided in place: no second model-sized copy.
+
+        Taking it ends the aggregation: add() refuses afterwards; result() again returns the same.
+        """
         if self.count == 0:
             raise FedcliError("no updates to aggregate")
-        return {k: v / self.total_weight for k, v in self._sum.items()}  # float64: the server step adds it
+        if self._scratch is not None:
+            for v in self._sum.values():
+                np.divide(v, self.total_weight, out=v)
+            self._scratch = None
+        return self._sum
 
 
 # ----- norm bounding -----
