@@ -67,8 +67,11 @@ def fit(
             xb, yb = Xe[b * bs : (b + 1) * bs], ye[b * bs : (b + 1) * bs]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb).squeeze(1), yb)
-            prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-            (loss + 0.5 * prox_mu * prox).backward()
+            if anchor:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                (loss + 0.5 * prox_mu * prox).backward()
+            else:
+                loss.backward()
             opt.step()
             value = loss.item()
             running += value * len(xb)
