@@ -145,6 +145,9 @@ def test_streamed_read_hashes_and_reuses_the_buffer(tmp_path):
         R.read_tensors(store, "u/two.safetensors", T.sha256(one), shp, "two")
     with pytest.raises(StoreError, match="larger than expected"):
         list(store.read_into("u/two.safetensors", memoryview(bytearray(len(two) - 1))))
+    # the folder store really streams (chunk by chunk into the caller's buffer)
+    chunks = list(store.read_into("u/two.safetensors", memoryview(buf), chunk=1000))
+    assert len(chunks) == -(-len(two) // 1000) and bytes(buf[: len(two)]) == two
 
 
 def test_report_epsilon_from_real_dp_manifests(tmp_path, credit_split):

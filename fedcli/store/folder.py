@@ -153,12 +153,6 @@ class FolderStore(Store):
         except OSError as e:
             raise StoreError(f"cannot delete {key} in {self.url}: {e.strerror}") from None
 
-
-def _raise_unless_gone(e: OSError) -> None:
-    """os.walk skips unreadable folders silently; a listing with holes would hide files."""
-    if not isinstance(e, FileNotFoundError):
-        raise e
-
     def read_into(self, key: str, buf: memoryview, chunk: int = 1 << 20) -> Iterator[memoryview]:
         """Read straight into `buf` in 1 MiB chunks: no intermediate bytes object, cache-hot hashing."""
         path = self._path(key)
@@ -174,6 +168,12 @@ def _raise_unless_gone(e: OSError) -> None:
             raise NotFound(f"{key} not found in {self.url}") from None
         except OSError as e:
             raise StoreError(f"cannot read {key} from {self.url}: {e.strerror}") from None
+
+
+def _raise_unless_gone(e: OSError) -> None:
+    """os.walk skips unreadable folders silently; a listing with holes would hide files."""
+    if not isinstance(e, FileNotFoundError):
+        raise e
 
 
 def _fsync_dir(path: Path) -> None:
