@@ -75,20 +75,20 @@ def _epsilons(entries: list[Entry], delta: float) -> None:
 
 def collect(store: Store) -> Report:
     """Read every round's update manifests and what the coordinator decided about them."""
-    spec, spec_sha = R.load_spec(store, None)
+    spec, _ = R.load_spec(store, None)
     published = R.global_rounds(store)
     last = published[-1] if published else 0
+    used = set()  # (round the update was made for, member): async rounds may fold in older updates
+    for g_round in published:
+        what = f"global model of round {g_round}"
+        g = verify_manifest(R.read_manifest(store, R.global_keys(g_round)[1], what), spec.coordinator, what)
+        used |= {(c.get("update_round", g_round), c.get("member")) for c in g.get("contributors", [])}
     entries = []
     for r in range(1, last + 2):
-        contributors = set()
-        if r in published:
-            what = f"global model of round {r}"
-            g = verify_manifest(R.read_manifest(store, R.global_keys(r)[1], what), spec.coordinator, what)
-            contributors = {c.get("member") for c in g.get("contributors", [])}
         rejected = R.read_rejections(store, r)
         committed, _ = R.submitted_members(store, r)
         for member in committed:
-            status = "accepted" if member in contributors else "rejected" if member in rejected else "submitted"
+            status = "accepted" if (r, member) in used else "rejected" if member in rejected else "submitted"
             signer, what = spec.member(member), f"update from {member} in round {r}"
             try:
                 if signer is None:
@@ -97,7 +97,8 @@ def collect(store: Store) -> Report:
             except FedcliError as e:
                 entries.append(Entry(r, member, "invalid", note=str(e)))
                 continue
-            metrics = {k: v for k in METRICS if (v := _number(m.get("metrics", {}).get(k))) is not None}
+            reported = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
+            metrics = {k: v for k in METRICS if (v := _number(reported.get(k))) is not None}
             rows = m.get("num_examples")
             dp = m.get("dp") if isinstance(m.get("dp"), dict) else None
             entries.append(Entry(r, member, status, rows if isinstance(rows, int) and not isinstance(rows, bool) else None,
