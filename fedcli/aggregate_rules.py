@@ -17,6 +17,7 @@ from contextlib import ExitStack
 
 import numpy as np
 
+from .aggregate import CHUNK, axpy
 from .errors import FedcliError
 
 Delta = Mapping[str, np.ndarray]
@@ -42,8 +43,11 @@ class WeightedMean:
         self._shapes: dict[str, tuple[int, ...]] = {}
         self.total_weight = 0.0
         self.count = 0
+        self._scratch = np.empty(CHUNK, dtype=np.float64)
 
     def add(self, delta: Delta, weight: float = 1.0, scale: float = 1.0) -> None:
+        if self._scratch is None:
+            raise FedcliError("the mean was already taken; start a new WeightedMean")
         if not (math.isfinite(weight) and weight > 0):
             raise FedcliError(f"update weight must be a positive number, got {weight}")
         if not (math.isfinite(scale) and scale >= 0):
@@ -54,19 +58,26 @@ class WeightedMean:
             arr = np.asarray(arr)
             if name in self._shapes and arr.shape != self._shapes[name]:
                 raise FedcliError(f"tensor {name!r} has shape {arr.shape}, expected {self._shapes[name]}")
-            contrib = arr.astype(np.float64) * (weight * scale)
-            if name in self._sum:
-                self._sum[name] += contrib
-            else:
-                self._sum[name] = contrib
+            if name not in self._sum:
+                self._sum[name] = np.zeros(arr.shape, dtype=np.float64)
                 self._shapes[name] = arr.shape
+            # chunked multiply-add: no model-sized float64 temporary per update (see docs/benchmarks.md)
+            axpy(self._sum[name], arr, weight * scale, self._scratch)
         self.total_weight += weight
         self.count += 1
 
     def result(self) -> dict[str, np.ndarray]:
+        """The mean (float64: the server step adds it), divided in place: no second model-sized copy.
+
+        Taking it ends the aggregation: add() refuses afterwards; result() again returns the same.
+        """
         if self.count == 0:
             raise FedcliError("no updates to aggregate")
-        return {k: v / self.total_weight for k, v in self._sum.items()}  # float64: the server step adds it
+        if self._scratch is not None:
+            for v in self._sum.values():
+                np.divide(v, self.total_weight, out=v)
+            self._scratch = None
+        return self._sum
 
 
 # ----- norm bounding -----

@@ -247,6 +247,20 @@ def privacy(
                   f"delta={s['delta']:g} over {s['releases']} release(s); {max(left, 0):.4g} left", soft_wrap=True)
 
 
+@app.command()
+def report(
+    store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
+    output: Path = typer.Option(Path("fedcli-report.html"), "--out", "-o",
+                                help="HTML page to write; the PNG goes next to it with the same name."),
+):
+    """Plot each bank's loss, AUC and rows per round and the privacy budget spent: a PNG and an HTML page."""
+    from .report import write_report
+
+    with failures():
+        html_path, png_path, rep = write_report(_store(store), output)
+    out.print(f"{len(rep.entries)} updates over {len(rep.rounds)} rounds -> {html_path} and {png_path}")
+
+
 def _metrics_table(title: str, metrics: dict) -> Table:
     table = Table(title=title)
     for k in metrics:

@@ -118,7 +118,7 @@ def decode(tensors: Arrays, meta: Mapping, shapes: Mapping[str, tuple[int, ...]]
             v = np.asarray(tensors[k])
             if v.shape != shape or not np.issubdtype(v.dtype, np.floating):
                 raise VerificationError(f"tensor {k!r}: got {v.dtype}{list(v.shape)}, expected float{list(shape)}")
-            out[k] = v.astype(np.float32)
+            out[k] = v.astype(np.float32, copy=False)  # a float32 view stays a view: no copy
         elif method == "int8":
             q, s = np.asarray(tensors[f"{k}#q8"]), np.asarray(tensors[f"{k}#scale"])
             if q.dtype != np.int8 or q.shape != shape or s.shape != (1,) or not np.issubdtype(s.dtype, np.floating):

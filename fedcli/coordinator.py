@@ -2,6 +2,7 @@
 
 import secrets
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,6 +110,29 @@ def quorum_reached(spec: S.Spec, n_accepted: int, base_created_at: str) -> tuple
     return True, ""
 
 
+def verified_updates(store: Store, spec: S.Spec, candidates: list[tuple[int, str, str]], shapes: T.Shapes):
+    """Yield ((round, member, base sha), future of rounds.verify_update) in order, one ahead.
+
+    A worker thread reads, hashes and checks update i+1 while the caller folds in update i
+    (hashing and file reads release the GIL), so a round runs at about hashing speed. Two
+    reusable read buffers alternate: memory stays O(model), and a delta's arrays may be views
+    that stay valid only until the caller asks for the next item.
+    """
+    size = T.max_file_size(shapes)
+    buffers = [bytearray(size) for _ in range(min(2, len(candidates)))]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        def submit(i: int):
+            u, member, base_sha = candidates[i]
+            return pool.submit(R.verify_update, store, spec, u, member, base_sha, shapes, buffers[i % 2])
+
+        pending = submit(0) if candidates else None
+        for i, candidate in enumerate(candidates):
+            current = pending
+            if i + 1 < len(candidates):
+                pending = submit(i + 1)
+            yield candidate, current
+
+
 def aggregate_round(store: Store, key_path: Path, console: Console | None = None) -> AggregateResult:
     """Verify updates, combine the good ones under the spec's strategy, publish when ready.
 
@@ -148,12 +172,12 @@ def _aggregate_locked(store, private, spec, spec_sha, lock: LeaseLock, console) 
     try:
         with Progress(console=console or Console(stderr=True), transient=True) as progress:
             task = progress.add_task(f"verifying round {r}", total=len(candidates))
-            for u, member, base_sha in candidates:
+            for (u, member, base_sha), checked in verified_updates(store, spec, candidates, shapes):
                 if strat.mode == "async" and len(result.accepted) == strat.buffer_size:
                     break  # FedBuff: the rest wait for the next round
                 label = member if u == r else f"{member} (round {u})"
                 try:
-                    manifest, delta = R.verify_update(store, spec, u, member, base_sha, shapes)
+                    manifest, delta = checked.result()
                     if secure:
                         masked.check(member, manifest, drops)
                 except FedcliError as e:  # one bad update never stops the others

@@ -11,6 +11,7 @@ Tensors are always written before their manifest, so a manifest that exists name
 that exist; a crash leaves at worst tensors without a manifest, which everyone ignores.
 """
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -96,18 +97,32 @@ def read_manifest(store: Store, key: str, what: str) -> bytes:
     return store.get(key)
 
 
-def read_tensors(store: Store, key: str, expected_sha: str, shapes: T.Shapes, what: str, dtype: str | dict[str, str] = "float32"):
-    """Fetch, hash and decode a tensor file; the hash must match the signed manifest."""
+def read_tensors(store: Store, key: str, expected_sha: str, shapes: T.Shapes, what: str,
+                 dtype: str | dict[str, str] = "float32",
+                 buffer: bytearray | None = None):
+    """Stream, hash and decode a tensor file; the hash must match the signed manifest.
+
+    The bytes are hashed chunk by chunk as they land (one pass, cache-hot) and decoded in
+    place, never copied. With `buffer` (the coordinator reuses one for every update) nothing
+    is allocated per file; the arrays returned are then views into it, valid until its next use.
+    """
     try:
         size = store.size(key)
     except NotFound:
         raise VerificationError(f"{what}: tensor file is missing") from None
     if size > T.max_file_size(shapes, T.itemsizes(shapes, dtype)):
         raise VerificationError(f"{what}: tensor file is larger than the model allows ({size} bytes)")
-    data = store.get(key)
-    if T.sha256(data) != expected_sha:
+    buf = memoryview(buffer if buffer is not None and len(buffer) >= size else bytearray(size))
+    digest, n = hashlib.sha256(), 0
+    try:
+        for chunk in store.read_into(key, buf):
+            digest.update(chunk)
+            n += len(chunk)
+    except NotFound:
+        raise VerificationError(f"{what}: tensor file is missing") from None
+    if digest.hexdigest() != expected_sha:
         raise VerificationError(f"{what}: tensors do not match the sha256 in the signed manifest")
-    return T.decode(data, shapes, what, dtype)
+    return T.decode(buf[:n], shapes, what, dtype)
 
 
 def expect(manifest: dict, what: str, **fields) -> None:
@@ -145,10 +160,13 @@ def load_global(store: Store, spec: Spec, spec_sha: str, r: int, shapes: T.Shape
     return Global(r, read_tensors(store, global_keys(r)[0], manifest["tensors_sha256"], shapes, what), manifest)
 
 
-def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, shapes: T.Shapes):
+def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, shapes: T.Shapes,
+                  buffer: bytearray | None = None):
     """Check one submitted update; return (manifest, delta tensors) or raise with the reason.
 
-    With secure aggregation the tensors are masked uint32 words."""
+    `buffer` is passed to read_tensors: the delta's arrays are views into it. With secure
+    aggregation the tensors are masked uint32 words.
+    """
     what = f"update from {member}"
     signer = spec.member(member)
     if signer is None:
@@ -169,9 +187,9 @@ def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, 
     if cmeta != spec.strategy.compression_meta:
         raise VerificationError(f"{what}: compression {cmeta!r} is not the spec's {spec.strategy.compression_meta!r}")
     if spec.secagg.enabled:  # masked uint32 words, only ever decoded in their sum (secagg_rounds)
-        return manifest, read_tensors(store, tkey, manifest.get("tensors_sha256"), shapes, what, "uint32")
+        return manifest, read_tensors(store, tkey, manifest.get("tensors_sha256"), shapes, what, "uint32", buffer)
     enc_shapes, dtypes = compression.layout(cmeta, shapes)
-    tensors = read_tensors(store, tkey, manifest.get("tensors_sha256"), enc_shapes, what, dtypes)
+    tensors = read_tensors(store, tkey, manifest.get("tensors_sha256"), enc_shapes, what, dtypes, buffer)
     try:
         return manifest, compression.decode(tensors, cmeta, shapes)
     except VerificationError as e:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from .aggregate import add_cast
 from .errors import FedcliError, VerificationError
 
 Arrays = Mapping[str, np.ndarray]
@@ -63,6 +64,8 @@ def _split(global_: Arrays, delta: Arrays):
 
 def _add_cast(g: np.ndarray, step: np.ndarray, lr: float) -> np.ndarray:
     g = np.asarray(g)
+    if np.issubdtype(g.dtype, np.floating):  # chunked: no model-sized float64 temporaries
+        return add_cast(g, step, lr)
     new = g.astype(np.float64) + lr * np.asarray(step, dtype=np.float64)
     if not np.issubdtype(g.dtype, np.floating):
         new = np.rint(new)

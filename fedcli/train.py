@@ -1,9 +1,12 @@
 """The local training loop a bank runs on its own rows (BCE-with-logits, Adam).
 
-Batches are sliced from one in-memory tensor after a seeded shuffle: for tabular data
-this is several times faster than a DataLoader and gives the same updates.
+Each epoch gathers the rows once in a seeded random order and batches are views into that
+copy; Adam runs fused, on one intra-op thread (a tabular model's step is microseconds of
+work: extra threads only add synchronisation, and stall badly on shared cores). Measured
+against a textbook DataLoader loop in docs/benchmarks.md.
 """
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -14,6 +17,22 @@ from . import models
 from .spec import ModelSpec, TrainingSpec
 
 
+def one_thread(fn):
+    """Run `fn` with one intra-op torch thread, restoring the caller's setting afterwards."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
+@one_thread
 def fit(
     model_spec: ModelSpec,
     training: TrainingSpec,
@@ -33,7 +52,7 @@ def fit(
     torch.manual_seed(seed)
     model = models.load_arrays(models.build(model_spec, X.shape[1]), start).train()
     anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else []
-    opt = torch.optim.Adam(model.parameters(), lr=training.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=training.lr, fused=True)
     loss_fn = nn.BCEWithLogitsLoss()
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     n, bs = len(Xt), training.batch_size
@@ -42,18 +61,23 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     for _ in range(training.epochs):
         order = torch.randperm(n, generator=gen)
+        Xe, ye = Xt[order], yt[order]  # one gather per epoch; batches below are views
         running = 0.0
         for b in range(batches):
-            idx = order[b * bs : (b + 1) * bs]
+            xb, yb = Xe[b * bs : (b + 1) * bs], ye[b * bs : (b + 1) * bs]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(Xt[idx]).squeeze(1), yt[idx])
-            prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-            (loss + 0.5 * prox_mu * prox).backward()
+            loss = loss_fn(model(xb).squeeze(1), yb)
+            if anchor:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                (loss + 0.5 * prox_mu * prox).backward()
+            else:
+                loss.backward()
             opt.step()
-            running += loss.item() * len(idx)
+            value = loss.item()
+            running += value * len(xb)
             done += 1
             if on_step:
-                on_step(done, total, loss.item())
+                on_step(done, total, value)
         epoch_loss = running / n
     return models.to_arrays(model), epoch_loss
 

@@ -6,6 +6,9 @@ of several racing writers wins, the others get `AlreadyExists`.
 """
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+from ..errors import StoreError
 
 
 class Store(ABC):
@@ -33,6 +36,18 @@ class Store(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove a key if present (used only for locks and temp objects)."""
+
+    def read_into(self, key: str, buf: memoryview) -> Iterator[memoryview]:
+        """Fill `buf` with the object, yielding each chunk as it lands so callers hash while reading.
+
+        Raises NotFound, or StoreError if the object does not fit in `buf`. This default reads
+        the whole object with get(); backends that can stream override it.
+        """
+        data = self.get(key)
+        if len(data) > len(buf):
+            raise StoreError(f"{key} in {self.url} is larger than expected ({len(data)} bytes)")
+        buf[: len(data)] = data
+        yield buf[: len(data)]
 
     def __str__(self) -> str:
         return self.url

@@ -1,0 +1,262 @@
+"""`fedcli report`: each bank's numbers per round, and the privacy budget spent, as a picture.
+
+Everything comes from the signed update manifests on the store (each signature is checked
+against the member's key in the spec; a manifest that fails is listed, never plotted). The
+output is a PNG and a self-contained HTML page (the PNG embedded, plus a table of the
+numbers) that a risk committee can open offline.
+"""
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import rounds as R
+from .errors import FedcliError
+from .keys import verify_manifest
+from .store import Store
+
+METRICS = ("loss", "auc_before", "auc_after")
+
+
+@dataclass
+class Entry:
+    """One bank's update in one round, as its signed manifest states it."""
+
+    round: int
+    member: str
+    status: str  # accepted, rejected, submitted (round still open) or invalid (signature failed)
+    rows: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    epsilon: float | None = None  # privacy budget spent so far, when DP is recorded
+    dp: dict | None = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    federation_id: str
+    members: list[str]
+    rounds: list[int]
+    entries: list[Entry]
+    published: list[int]
+    budget: float | None  # the spec's epsilon budget, if it declares one
+    dp_note: str  # what the privacy panel says when there is no epsilon to plot
+
+
+def _number(value) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _epsilons(entries: list[Entry], delta: float) -> None:
+    """Fill in epsilon where manifests carry DP parameters but not the epsilon itself.
+
+    Uses fedcli.privacy's accountant (if this install has it) over every update the bank
+    released so far, in round order: the same composition its local ledger makes.
+    """
+    try:
+        from . import privacy
+    except ImportError:
+        return
+    released: dict[str, list] = {}
+    for e in sorted(entries, key=lambda e: e.round):
+        if e.dp is None or e.status == "invalid":
+            continue
+        try:
+            released.setdefault(e.member, []).append(privacy.Mechanism.from_dict(e.dp))
+            if e.epsilon is None:
+                e.epsilon = privacy.epsilon(released[e.member], _number(e.dp.get("delta")) or delta)
+        except (FedcliError, ImportError, ValueError, TypeError):
+            return
+
+
+def collect(store: Store) -> Report:
+    """Read every round's update manifests and what the coordinator decided about them."""
+    spec, _ = R.load_spec(store, None)
+    published = R.global_rounds(store)
+    last = published[-1] if published else 0
+    used = set()  # (round the update was made for, member): async rounds may fold in older updates
+    for g_round in published:
+        what = f"global model of round {g_round}"
+        g = verify_manifest(R.read_manifest(store, R.global_keys(g_round)[1], what), spec.coordinator, what)
+        used |= {(c.get("update_round", g_round), c.get("member")) for c in g.get("contributors", [])}
+    entries = []
+    for r in range(1, last + 2):
+        rejected = R.read_rejections(store, r)
+        committed, _ = R.submitted_members(store, r)
+        for member in committed:
+            status = "accepted" if (r, member) in used else "rejected" if member in rejected else "submitted"
+            signer, what = spec.member(member), f"update from {member} in round {r}"
+            try:
+                if signer is None:
+                    raise FedcliError(f"{member} is not an enrolled member")
+                m = verify_manifest(R.read_manifest(store, R.update_keys(r, member)[1], what), signer, what)
+            except FedcliError as e:
+                entries.append(Entry(r, member, "invalid", note=str(e)))
+                continue
+            reported = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
+            metrics = {k: v for k in METRICS if (v := _number(reported.get(k))) is not None}
+            rows = m.get("num_examples")
+            dp = m.get("dp") if isinstance(m.get("dp"), dict) else None
+            entries.append(Entry(r, member, status, rows if isinstance(rows, int) and not isinstance(rows, bool) else None,
+                                 metrics, _number(dp.get("epsilon")) if dp else None, dp, rejected.get(member, "")))
+    privacy = spec.raw.get("privacy", {}) if isinstance(spec.raw.get("privacy"), dict) else {}
+    if any(e.dp is not None and e.epsilon is None for e in entries):
+        _epsilons(entries, _number(privacy.get("delta")) or 1e-5)
+    has_dp, has_eps = any(e.dp is not None for e in entries), any(e.epsilon is not None for e in entries)
+    note = "" if has_eps else ("DP recorded, but no epsilon could be computed here" if has_dp else "no DP recorded")
+    rounds = sorted({e.round for e in entries})
+    return Report(spec.federation_id, [m.name for m in spec.members], rounds, entries, published,
+                  _number(privacy.get("budget_epsilon")), note)
+
+
+def plot(rep: Report) -> bytes:
+    """The four panels as PNG bytes: AUC, loss, rows, privacy budget, per bank per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(rep.members)}
+    good = [e for e in rep.entries if e.status != "invalid"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=110)
+    fig.suptitle(f"federation {rep.federation_id}: {len(rep.published) - 1 if rep.published else 0} rounds "
+                 f"published, {len(rep.members)} banks", fontsize=14)
+    (ax_auc, ax_loss), (ax_rows, ax_eps) = axes
+
+    def series(member, key):
+        pts = sorted((e.round, e.metrics[key]) for e in good if e.member == member and key in e.metrics)
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    for m in rep.members:
+        x, y = series(m, "auc_after")
+        ax_auc.plot(x, y, "o-", color=colors[m], label=m)
+        x, y = series(m, "auc_before")
+        ax_auc.plot(x, y, "o--", color=colors[m], alpha=0.45, markersize=3)
+        x, y = series(m, "loss")
+        ax_loss.plot(x, y, "o-", color=colors[m], label=m)
+    ax_auc.set_title("local AUC per bank\n(solid: after local training; dashed: the global model it started from)",
+                     fontsize=11)
+    ax_auc.set_ylabel("ROC AUC on the bank's own rows")
+    ax_loss.set_title("local training loss (last epoch)")
+    ax_loss.set_ylabel("binary cross-entropy")
+
+    width = 0.8 / max(1, len(rep.members))
+    any_rows = False
+    for i, m in enumerate(rep.members):
+        pts = [(e.round, e.rows) for e in good if e.member == m and e.rows is not None]
+        if pts:
+            any_rows = True
+            ax_rows.bar([r + (i - (len(rep.members) - 1) / 2) * width for r, _ in pts], [n for _, n in pts],
+                        width=width, color=colors[m], label=m)
+    ax_rows.set_title("rows each bank trained on")
+    ax_rows.set_ylabel("rows")
+    if not any_rows:
+        _say(ax_rows, "no row counts in the manifests\n(DP updates do not disclose them)")
+
+    eps = [e for e in good if e.epsilon is not None]
+    ax_eps.set_title("privacy budget spent (cumulative ε per bank)")
+    ax_eps.set_ylabel("ε")
+    if eps:
+        for m in rep.members:
+            pts = sorted((e.round, e.epsilon) for e in eps if e.member == m)
+            if pts:
+                ax_eps.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[m], label=m)
+        if rep.budget is not None:
+            ax_eps.axhline(rep.budget, color="black", linestyle=":", label=f"budget ε={rep.budget:g}")
+            ax_eps.legend(loc="upper left", fontsize=8)
+        top = max([e.epsilon for e in eps] + ([rep.budget] if rep.budget is not None else []))
+        ax_eps.set_ylim(0, top * 1.15 or 1)
+    else:
+        _say(ax_eps, rep.dp_note)
+
+    for ax in axes.flat:
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if rep.rounds:
+            ax.set_xlim(min(rep.rounds) - 0.6, max(rep.rounds) + 0.6)
+        for r in rep.rounds:
+            if r not in rep.published:  # still collecting updates: numbers may change
+                ax.axvspan(r - 0.5, r + 0.5, color="0.92", zorder=0)
+                ax.text(r, 0.98, "open round", transform=ax.get_xaxis_transform(), ha="center", va="top",
+                        fontsize=8, color="0.35")
+    if not good:
+        _say(ax_auc, "no verified updates on the store yet")
+    else:
+        for ax, key in ((ax_auc, "auc_after"), (ax_loss, "loss")):
+            if not any(key in e.metrics for e in good):
+                _say(ax, "no metrics in the manifests\n(DP updates withhold them)")
+    handles = [plt.Line2D([], [], color=colors[m], marker="o", label=m) for m in rep.members]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _say(ax, text: str) -> None:
+    """An empty panel that says why it is empty (and shows no meaningless y scale)."""
+    ax.set_yticks([])
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.35")
+
+
+def _cell(value, fmt: str = "{:.4f}") -> str:
+    return "" if value is None else html.escape(fmt.format(value))
+
+
+def page(rep: Report, png: bytes) -> str:
+    """A self-contained HTML page: the figure inline (base64) and every number in a table."""
+    rows = []
+    for e in sorted(rep.entries, key=lambda e: (e.round, e.member)):
+        rows.append(
+            "<tr>" + "".join(f"<td>{c}</td>" for c in (
+                e.round, html.escape(e.member), f'<span class="{e.status}">{e.status}</span>', _cell(e.rows, "{:d}"),
+                _cell(e.metrics.get("loss")), _cell(e.metrics.get("auc_before")), _cell(e.metrics.get("auc_after")),
+                _cell(e.epsilon, "{:.3f}"), html.escape(e.note))) + "</tr>")
+    privacy = (f"Privacy: {html.escape(rep.dp_note)}." if rep.dp_note else
+               "Privacy: ε is the cumulative budget each bank had spent after that round"
+               + (f" (budget ε={rep.budget:g})." if rep.budget is not None else "."))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>fedcli report: {html.escape(rep.federation_id)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1320px; color: #222; }}
+table {{ border-collapse: collapse; font-variant-numeric: tabular-nums; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 9px; text-align: right; }}
+th {{ background: #f2f2f2; }} td:nth-child(2), td:nth-child(3), td:last-child {{ text-align: left; }}
+.accepted {{ color: #1a7f37; }} .rejected, .invalid {{ color: #c62828; font-weight: bold; }} .submitted {{ color: #9a6700; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>Federation {html.escape(rep.federation_id)}</h1>
+<p>{len(rep.members)} banks ({html.escape(", ".join(rep.members))}); published rounds:
+{html.escape(", ".join(map(str, rep.published)) or "none")}. Every number below comes from a signed
+update manifest whose signature was checked against the bank's enrolled key.</p>
+<img alt="metrics per round per bank" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">
+<p>{privacy}</p>
+<table>
+<tr><th>round</th><th>bank</th><th>status</th><th>rows</th><th>loss</th><th>auc before</th><th>auc after</th><th>ε spent</th><th>note</th></tr>
+{chr(10).join(rows)}
+</table>
+</body></html>
+"""
+
+
+def write_report(store: Store, out: Path) -> tuple[Path, Path, Report]:
+    """Write OUT (HTML) and OUT with suffix .png; return both paths and the data."""
+    rep = collect(store)
+    png = plot(rep)
+    out = Path(out)
+    html_path, png_path = out.with_suffix(".html"), out.with_suffix(".png")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        png_path.write_bytes(png)
+        html_path.write_text(page(rep, png), encoding="utf-8")
+    except OSError as e:
+        raise FedcliError(f"cannot write the report to {out.parent}: {e.strerror}") from None
+    return html_path, png_path, rep
