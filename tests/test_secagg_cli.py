@@ -162,6 +162,10 @@ def test_dropout_recovery_and_late_update_refused(tmp_path, credit_split, plain_
     assert g["secagg"]["dropped"] == ["bank-e"]
     assert sorted(c["member"] for c in g["contributors"]) == list(survivors)
     assert_close(fed, 1, expected_global(fed, plain_deltas, survivors))
+    # the read-side commands work on a masked federation
+    assert "4/5" in fed.cli("status", fed.store).output
+    assert "updates over 1 rounds" in text(fed.cli("report", fed.store, "--out", tmp_path / "r.html"))
+    assert (tmp_path / "r.png").stat().st_size > 0
 
 
 def test_late_update_mid_recovery_keeps_a_mask_on_it(tmp_path, credit_split):
