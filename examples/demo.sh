@@ -35,3 +35,6 @@ echo "== The federated model on the holdout set"
 fedcli evaluate --store store --coordinator coordinator/coordinator.pub --data data/test.csv
 echo "== Federated vs each bank alone (same epochs, same holdout)"
 python "$here/compare_local.py" store coordinator/coordinator.pub data
+echo "== Report: metrics per round per bank, privacy budget"
+fedcli report store --out report.html
+echo "Open $work/report.html (or $work/report.png) to see the rounds."

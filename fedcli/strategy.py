@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import aggregate_rules as ar
+from . import aggregate as ar
 from . import compression, server_opt
 from .errors import FedcliError
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from fedcli import aggregate_rules as ar
+from fedcli import aggregate as ar
 from fedcli import compression as comp
 from fedcli import server_opt as so
 from fedcli.errors import FedcliError, VerificationError

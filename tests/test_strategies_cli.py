@@ -6,7 +6,7 @@ import numpy as np
 from conftest import BANKS, ROOT, make_fed
 from safetensors.numpy import load_file
 
-from fedcli import aggregate_rules as ar
+from fedcli import aggregate as ar
 from fedcli import compression, server_opt
 from fedcli import tensors as T
 from fedcli.errors import EXIT_VERIFY, EXIT_WAITING

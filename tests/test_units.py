@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from fedcli import tensors as T
-from fedcli.aggregate import FedAvg, apply
+from fedcli.aggregate import WeightedMean, add_cast
 from fedcli.data import prepare
 from fedcli.errors import FedcliError, VerificationError
 from fedcli.metrics import score
@@ -14,16 +14,15 @@ from fedcli.spec import CategoricalFeature, DataSpec, NumericFeature
 
 
 def test_fedavg_is_the_weighted_mean():
-    shapes = {"w": (2,), "b": (1,)}
-    avg = FedAvg(shapes)
+    avg = WeightedMean()
     avg.add({"w": np.array([1.0, 2.0], np.float32), "b": np.array([3.0], np.float32)}, 1)
     avg.add({"w": np.array([4.0, -2.0], np.float32), "b": np.array([0.0], np.float32)}, 3)
-    mean = avg.mean()
+    mean = avg.result()
     np.testing.assert_allclose(mean["w"], [(1 + 12) / 4, (2 - 6) / 4])
     np.testing.assert_allclose(mean["b"], [3 / 4])
-    new = apply({"w": np.array([10, 10], np.float32), "b": np.array([0], np.float32)}, mean)
-    assert new["w"].dtype == np.float32
-    np.testing.assert_allclose(new["w"], [13.25, 9.0])
+    new = add_cast(np.array([10, 10], np.float32), mean["w"])
+    assert new.dtype == np.float32
+    np.testing.assert_allclose(new, [13.25, 9.0])
 
 
 def test_preprocessing_fills_missing_and_unknown_identically():
