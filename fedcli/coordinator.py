@@ -1,7 +1,6 @@
 """The coordinator's two steps: start a federation, and close a round."""
 
 import secrets
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,12 +32,7 @@ def init_federation(
     """
     if store.exists(R.global_keys(0)[1]):
         raise FedcliError(f"{store} already holds a federation (round 0 is published)")
-    try:
-        raw = tomllib.loads(Path(template).read_text())
-    except OSError as e:
-        raise FedcliError(f"cannot read spec template {template}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise FedcliError(f"spec template {template} is not valid TOML: {e}") from None
+    raw = keys.read_toml(template, "spec template")
     private, pub_b64 = keys.load_private(key_path)
     fed = raw.setdefault("federation", {})
     fed["id"] = federation_id or fed.get("id") or f"fed-{secrets.token_hex(4)}"

@@ -154,13 +154,18 @@ def load_mask_key(key_path: Path, passphrase: str | None = None):
         ) from None
 
 
-def load_public(path: Path) -> PublicIdentity:
+def read_toml(path: Path, what: str) -> dict:
+    """Parse a TOML file, turning a missing file or bad syntax into one clear line."""
     try:
-        data = tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text())
     except OSError as e:
-        raise FedcliError(f"cannot read public key {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise FedcliError(f"{path} is not a fedcli public key file: {e}") from None
+        raise FedcliError(f"cannot read {what} {path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise FedcliError(f"{what} {path} is not valid TOML: {e}") from None
+
+
+def load_public(path: Path) -> PublicIdentity:
+    data = read_toml(path, "public key file")
     try:
         ident = PublicIdentity(name=check_name(data["name"], "key name"), ed25519=data["ed25519"],
                                x25519=data.get("x25519", ""))

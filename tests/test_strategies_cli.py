@@ -5,6 +5,7 @@ import json
 import numpy as np
 from conftest import BANKS, ROOT, make_fed
 from safetensors.numpy import load_file
+from test_rejections import forge
 
 from fedcli import aggregate as ar
 from fedcli import compression, server_opt
@@ -132,23 +133,6 @@ def test_bad_strategy_is_a_one_line_init_error(tmp_path, credit_split):
     assert not (tmp_path / "store2" / "rounds").exists()
 
 
-def _forge(fed, member, tensors: dict, compression_meta: dict):
-    """A correctly signed update from `member` with chosen tensors and compression claim."""
-    from fedcli import keys
-
-    base = read_json(fed.store / "rounds/000000/global.json")
-    data = T.encode(tensors)
-    manifest = {"kind": "update", "format": 1, "federation_id": "credit-demo", "round": 1, "member": member,
-                "base_sha256": base["tensors_sha256"], "tensors_sha256": T.sha256(data), "num_examples": 100,
-                "compression": compression_meta, "metrics": {}, "created_at": "2026-01-01T00:00:00+00:00",
-                "nonce": "00"}
-    private, _ = keys.load_private(fed.key(member))
-    upd = fed.store / "rounds/000001/updates"
-    upd.mkdir(parents=True, exist_ok=True)
-    (upd / f"{member}.safetensors").write_bytes(data)
-    (upd / f"{member}.json").write_bytes(keys.sign_manifest(private, manifest))
-
-
 def test_topk_updates_checked_before_use(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split, TEMPLATE + '\n[strategy.compression]\nmethod = "topk"\nratio = 0.1\n')
     assert "topk" in fed.train("bank-a").output
@@ -159,8 +143,8 @@ def test_topk_updates_checked_before_use(tmp_path, credit_split):
     k = next(iter(g0))
     bad[f"{k}#idx"] = bad[f"{k}#idx"].copy()
     bad[f"{k}#idx"][-1] = g0[k].size  # one past the end
-    _forge(fed, "bank-b", bad, {"method": "topk", "ratio": 0.1})
-    _forge(fed, "bank-c", {k: np.zeros_like(v) for k, v in g0.items()}, {"method": "none"})
+    forge(fed, "bank-b", tensors=lambda _: bad, compression={"method": "topk", "ratio": 0.1})
+    forge(fed, "bank-c", compression={"method": "none"})
     res = fed.aggregate(code=EXIT_WAITING)
     rejections = read_json(fed.store / "rounds/000001/rejections.json")
     assert "out of range" in rejections["bank-b"]
