@@ -3,16 +3,20 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
+SHELL := /bin/bash
+
 $(BIN)/fedcli: pyproject.toml
+	@echo "installing fedcli and its dependencies into $(VENV) (torch, pandas, ...: a few minutes on a fresh machine)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	set -o pipefail; $(BIN)/pip install -e '.[dev]' 2>&1 | { grep --line-buffered -E '^(Collecting|Successfully installed|ERROR)' || true; } | cut -c1-100
 	touch $@
 
 install: $(BIN)/fedcli
 
 demo: $(BIN)/fedcli
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/demo.sh demo 5
+	@echo; echo "To run fedcli yourself: . $(VENV)/bin/activate   (then: fedcli --help)"
 
 test: $(BIN)/fedcli
 	$(BIN)/python -m pytest -q

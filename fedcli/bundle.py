@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import keys
 from . import rounds as R
-from .errors import AlreadyExists, FedcliError, NotFound, VerificationError
+from .errors import AlreadyExists, FedcliError, NotFound, Oversize, VerificationError
 from .names import check_key
 from .spec import Spec
 from .store import Store
@@ -78,7 +78,7 @@ def export_bundle(store: Store, key_path: Path, out: Path) -> BundleResult:
         if me is None:
             raise FedcliError(f"{key_path} is neither the coordinator nor a member of federation {spec.federation_id}")
         role, signer, wanted = "member", me.name, _member_files(store, me.name)
-    files = {k: store.get(k) for k in wanted}
+    files = {k: store.get(k, max_bytes=MAX_BUNDLE_BYTES) for k in wanted}
     index = {
         "kind": "bundle",
         "format": FORMAT,
@@ -279,9 +279,11 @@ def _write(store: Store, entries: dict[str, bytes], result: BundleResult) -> Non
     todo = []
     for key, data in entries.items():
         try:
-            current = store.get(key)
+            current = store.get(key, max_bytes=len(data))
         except NotFound:
             current = None
+        except Oversize:
+            current = b""  # larger than ours: different
         if current == data:
             result.unchanged.append(key)
         elif current is None or key.endswith("rejections.json"):  # new, or the coordinator's latest word
@@ -300,7 +302,7 @@ def _write(store: Store, entries: dict[str, bytes], result: BundleResult) -> Non
         try:
             store.put(key, entries[key], create_only=manifest)
         except AlreadyExists:  # another import won the race with, by construction, a manifest of its own
-            if store.get(key) != entries[key]:
+            if store.get(key, max_bytes=len(entries[key]) + 1) != entries[key]:
                 raise VerificationError(f"the store already holds a different {key}; not overwritten") from None
             result.unchanged.append(key)
             continue

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import EXIT_WAITING, FedcliError
+from .errors import ExitCode, FedcliError
 
 app = typer.Typer(
     help="File-based federated learning for banks: signed, privacy-protected updates through a shared folder or object store.",
@@ -36,7 +36,7 @@ def failures():
     try:
         yield
     except FedcliError as e:
-        label = "[bold yellow]waiting:[/]" if e.exit_code == EXIT_WAITING else "[bold red]error:[/]"
+        label = "[bold yellow]waiting:[/]" if e.exit_code == ExitCode.WAITING else "[bold red]error:[/]"
         err.print(f"{label} {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
 
@@ -176,7 +176,7 @@ def aggregate(
                   soft_wrap=True)
     else:
         out.print(f"[yellow]waiting:[/] {res.waiting_reason}")
-        raise typer.Exit(EXIT_WAITING)
+        raise typer.Exit(ExitCode.WAITING)
 
 
 @app.command()

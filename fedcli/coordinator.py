@@ -238,9 +238,7 @@ def _server_state(store: Store, spec: S.Spec, base: R.Global, shapes: T.Shapes) 
     what = f"server optimizer state of round {base.round}"
     key = R.server_state_key(base.round)
     try:
-        if store.size(key) > 2 * T.max_file_size(shapes):
-            raise VerificationError(f"{what} is larger than the model allows")
-        data = store.get(key)
+        data = store.get(key, max_bytes=2 * T.max_file_size(shapes))
     except NotFound:
         raise VerificationError(f"{what} is missing from the store") from None
     if T.sha256(data) != sha:

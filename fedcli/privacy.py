@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
-from fedcli.errors import EXIT_BUDGET, FedcliError, VerificationError
+from fedcli.errors import ExitCode, FedcliError, VerificationError
 
 if TYPE_CHECKING:  # torch is heavy; import it only where tensors are touched
     import torch
@@ -47,7 +47,8 @@ ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [64, 80, 
 class BudgetExceeded(FedcliError):
     """Exporting would push the bank past its configured (epsilon, delta) budget."""
 
-    exit_code = EXIT_BUDGET
+    exit_code = ExitCode.BUDGET
+    reason = "budget"
 
 
 # --------------------------------------------------------------------------- randomness

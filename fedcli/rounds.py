@@ -30,6 +30,8 @@ from .store import Store
 SPEC_KEY = "federation.toml"
 SPEC_SIG_KEY = "federation.toml.sig"
 MAX_MANIFEST_BYTES = 64 * 1024
+MAX_SPEC_BYTES = 1 << 20
+MAX_SIG_BYTES = 1024
 FORMAT = 1
 
 
@@ -61,7 +63,8 @@ def now() -> str:
 def load_spec(store: Store, pinned: PublicIdentity | None) -> tuple[Spec, str]:
     """Read and verify the spec; with a pinned key, the spec must name that exact coordinator."""
     try:
-        data, sig = store.get(SPEC_KEY), store.get(SPEC_SIG_KEY).decode("ascii", "replace")
+        data = store.get(SPEC_KEY, max_bytes=MAX_SPEC_BYTES)
+        sig = store.get(SPEC_SIG_KEY, max_bytes=MAX_SIG_BYTES).decode("ascii", "replace")
     except NotFound:
         raise FedcliError(f"{store} holds no federation: run `fedcli init` first") from None
     spec = loads(data)
@@ -92,9 +95,7 @@ def latest_round(store: Store) -> int:
 
 
 def read_manifest(store: Store, key: str, what: str) -> bytes:
-    if store.size(key) > MAX_MANIFEST_BYTES:
-        raise VerificationError(f"{what}: manifest is larger than {MAX_MANIFEST_BYTES} bytes")
-    return store.get(key)
+    return store.get(key, max_bytes=MAX_MANIFEST_BYTES)
 
 
 def read_tensors(store: Store, key: str, expected_sha: str, shapes: T.Shapes, what: str,
@@ -229,7 +230,7 @@ def submitted_members(store: Store, r: int) -> tuple[list[str], list[str]]:
 
 def read_rejections(store: Store, r: int) -> dict[str, str]:
     try:
-        data = json.loads(store.get(rejections_key(r)))
+        data = json.loads(store.get(rejections_key(r), max_bytes=MAX_MANIFEST_BYTES))
         return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
     except (NotFound, ValueError):
         return {}

@@ -81,6 +81,7 @@ class Spec:
     training: TrainingSpec
     members: tuple[PublicIdentity, ...]
     raw: dict = field(repr=False, compare=False)
+    max_rows_per_member: int = 100_000_000  # bounds num_examples in update manifests (FedAvg weight)
     secagg: SecAggSpec = SecAggSpec()
     strategy: StrategySpec = field(default_factory=StrategySpec)
     privacy: PrivacySpec = PrivacySpec()
@@ -142,6 +143,7 @@ def parse(raw: dict) -> Spec:
     if not 1 <= min_clients <= len(members):
         raise FedcliError(f"federation spec: min_clients must be between 1 and the number of members ({len(members)})")
     deadline = _get(fed, "deadline_minutes", (int, float), "federation", default=0)
+    max_rows = _get(fed, "max_rows_per_member", int, "federation", default=100_000_000)
     if deadline < 0:
         raise FedcliError("federation spec: deadline_minutes must be >= 0")
 
@@ -199,7 +201,7 @@ def parse(raw: dict) -> Spec:
     secagg = _parse_secagg(_get(raw, "secagg", dict, "secagg", default={}), members, min_clients, privacy.mode,
                            strategy)
     return Spec(federation_id=fid, coordinator=coordinator, min_clients=min_clients,
-                deadline_minutes=float(deadline), model=model, data=data, training=training,
+                deadline_minutes=float(deadline), max_rows_per_member=max_rows, model=model, data=data, training=training,
                 members=tuple(members), raw=raw, privacy=privacy, strategy=strategy, secagg=secagg)
 
 

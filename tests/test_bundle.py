@@ -10,7 +10,7 @@ from conftest import BANKS, make_fed, use_s3
 from fedcli import keys
 from fedcli import rounds as R
 from fedcli.bundle import BUNDLE_DOMAIN, _write_tar
-from fedcli.errors import EXIT_VERIFY
+from fedcli.errors import ExitCode
 from fedcli.store import open_store
 
 
@@ -87,13 +87,13 @@ def test_tampered_bundle_is_refused_and_nothing_written(fed, tmp_path):
     key = "files/" + R.global_keys(0)[0]
     _rewrite(out, lambda n, d: d[:-1] + bytes([d[-1] ^ 1]) if n == key else d)
     mirror = tmp_path / "mirror"
-    res = _import(fed, out, mirror, code=EXIT_VERIFY)
+    res = _import(fed, out, mirror, code=ExitCode.VERIFY)
     assert "does not match its sha256" in res.output
     assert not mirror.exists() or not any(mirror.rglob("*.json"))
 
     _export(fed, fed.store, "coordinator", out)
     _rewrite(out, lambda n, d: d.replace(b'"role":"coordinator"', b'"role":"coordinatoR"') if n == "bundle.json" else d)
-    res = _import(fed, out, mirror, code=EXIT_VERIFY)
+    res = _import(fed, out, mirror, code=ExitCode.VERIFY)
     assert "signature does not verify" in res.output
 
 
@@ -101,7 +101,7 @@ def test_half_copied_bundle_is_refused(fed, tmp_path):
     out = tmp_path / "g.bundle"
     _export(fed, fed.store, "coordinator", out)
     out.write_bytes(out.read_bytes()[:3000])
-    res = _import(fed, out, tmp_path / "mirror", code=EXIT_VERIFY)
+    res = _import(fed, out, tmp_path / "mirror", code=ExitCode.VERIFY)
     assert "not a readable bundle" in res.output or "differ from the signed index" in res.output
 
 
@@ -121,13 +121,13 @@ def test_a_bank_cannot_write_what_is_not_its_own(fed, tmp_path):
     fed.train("bank-a")
     store = open_store(fed.loc)
     tkey, mkey = R.update_keys(1, "bank-a")
-    stolen = {R.update_keys(1, "bank-b")[0]: store.get(tkey), R.update_keys(1, "bank-b")[1]: store.get(mkey)}
+    stolen = {R.update_keys(1, "bank-b")[0]: store.get(tkey, max_bytes=1 << 30), R.update_keys(1, "bank-b")[1]: store.get(mkey, max_bytes=1 << 30)}
     bad = tmp_path / "b.bundle"
     _forge(fed, bad, "bank-a", stolen)
-    res = _import(fed, bad, fed.store, code=EXIT_VERIFY, pinned=False)
+    res = _import(fed, bad, fed.store, code=ExitCode.VERIFY, pinned=False)
     assert "bank-a may not write rounds/000001/updates/bank-b" in res.output
     _forge(fed, bad, "bank-a", {"rounds/000001/global.json": b"{}"})
-    res = _import(fed, bad, fed.store, code=EXIT_VERIFY, pinned=False)
+    res = _import(fed, bad, fed.store, code=ExitCode.VERIFY, pinned=False)
     assert "may not write rounds/000001/global.json" in res.output
     assert not store.exists(R.update_keys(1, "bank-b")[1]) and not store.exists("rounds/000001/global.json")
 
@@ -136,12 +136,12 @@ def test_unknown_signer_and_wrong_pinned_coordinator(fed, tmp_path):
     fed.cli("keygen", "mallory", "--out", fed.root / "mallory")
     bad = tmp_path / "m.bundle"
     _forge(fed, bad, "mallory", {R.update_keys(1, "mallory")[1]: b"{}"})
-    res = _import(fed, bad, fed.store, code=EXIT_VERIFY, pinned=False)
+    res = _import(fed, bad, fed.store, code=ExitCode.VERIFY, pinned=False)
     assert "not in federation" in res.output
     out = tmp_path / "g.bundle"
     _export(fed, fed.store, "coordinator", out)
     res = fed.cli("bundle", "import", out, "--store", tmp_path / "mirror", "--coordinator", fed.pub("mallory"),
-                  code=EXIT_VERIFY)
+                  code=ExitCode.VERIFY)
     assert "not by the pinned coordinator" in res.output
     res = _import(fed, out, tmp_path / "mirror", code=1, pinned=False)
     assert "pass --coordinator" in res.output
@@ -153,21 +153,21 @@ def test_conflicting_file_is_never_overwritten(fed, tmp_path):
     _export(fed, fed.store, "bank-a", upd)
     other = make_fed(tmp_path / "other", fed.root / "data", spec_text=(fed.root / "federation.toml").read_text())
     # same federation id and keys are different: the signer check refuses first
-    res = _import(fed, upd, other.store, code=EXIT_VERIFY, pinned=False)
+    res = _import(fed, upd, other.store, code=ExitCode.VERIFY, pinned=False)
     assert "signature does not verify" in res.output or "not in federation" in res.output
     # same store, a different manifest already committed for bank-a: refused, nothing written
     store = open_store(fed.loc)
     mkey = R.update_keys(1, "bank-a")[1]
-    committed = store.get(mkey)
+    committed = store.get(mkey, max_bytes=1 << 30)
     doc = json.loads(committed)
     doc["nonce"] = "ff" * 16
     store.delete(mkey)
     private, _ = keys.load_private(fed.key("bank-a"))
     doc.pop("signature")
     store.put(mkey, keys.sign_manifest(private, doc))
-    res = _import(fed, upd, fed.store, code=EXIT_VERIFY, pinned=False)
+    res = _import(fed, upd, fed.store, code=ExitCode.VERIFY, pinned=False)
     assert "already holds a different" in res.output
-    assert store.get(mkey) != committed
+    assert store.get(mkey, max_bytes=1 << 30) != committed
 
 
 def test_symlinks_and_stray_members_are_refused(fed, tmp_path):
@@ -177,14 +177,14 @@ def test_symlinks_and_stray_members_are_refused(fed, tmp_path):
         info = tarfile.TarInfo("files/evil")
         info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
         tar.addfile(info)
-    res = _import(fed, out, tmp_path / "mirror", code=EXIT_VERIFY)
+    res = _import(fed, out, tmp_path / "mirror", code=ExitCode.VERIFY)
     assert "not a regular file" in res.output
     _export(fed, fed.store, "coordinator", out)
     with tarfile.open(out, "a") as tar:
         info = tarfile.TarInfo("../outside")
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
-    res = _import(fed, out, tmp_path / "mirror", code=EXIT_VERIFY)
+    res = _import(fed, out, tmp_path / "mirror", code=ExitCode.VERIFY)
     assert "unexpected or repeated member" in res.output
     assert not (tmp_path / "outside").exists()
 
@@ -206,5 +206,5 @@ def test_member_larger_than_its_signed_size_is_refused_before_reading(fed, tmp_p
     _export(fed, fed.store, "bank-a", out)
     key = "files/" + R.update_keys(1, "bank-a")[0]
     _rewrite(out, lambda n, d: d + b"\0" * 4096 if n == key else d)
-    res = _import(fed, out, fed.store, code=EXIT_VERIFY, pinned=False)
+    res = _import(fed, out, fed.store, code=ExitCode.VERIFY, pinned=False)
     assert "does not match its size in the signed index" in res.output

@@ -14,7 +14,7 @@ from rich.console import Console
 from conftest import BANKS, ROOT, make_fed, use_s3
 
 from fedcli import rounds as R
-from fedcli.errors import EXIT_WAITING
+from fedcli.errors import ExitCode
 from fedcli.store import open_store
 
 
@@ -60,7 +60,7 @@ def test_overlapping_aggregate_runs_publish_exactly_one_round(any_fed):
         t.join(timeout=300)
     assert outcomes.count("published") == 1, outcomes
     # the others either found the lock held (exit 3) or, arriving later, found round 1 done
-    assert all(o == "waiting" or o.startswith(f"exit {EXIT_WAITING}: another run holds") for o in outcomes if o != "published")
+    assert all(o == "waiting" or o.startswith(f"exit {ExitCode.WAITING}: another run holds") for o in outcomes if o != "published")
     assert _published(any_fed) == [0, 1]
     # the published round is intact: every bank can verify it and train on it
     assert "submitted update for round 2" in any_fed.train("bank-a").output
@@ -78,7 +78,7 @@ def test_crashed_aggregate_leaves_no_round_and_a_rerun_completes(any_fed):
     assert _published(any_fed) == [0]  # tensors without a manifest are not a round
     res = any_fed.train("bank-a")  # banks still see round 0 as the latest: nothing to do
     assert "already submitted" in res.output
-    res = any_fed.aggregate(code=EXIT_WAITING)  # the dead run's lease has not expired yet
+    res = any_fed.aggregate(code=ExitCode.WAITING)  # the dead run's lease has not expired yet
     assert "cron-host" in res.output and "pid 4242" in res.output
     assert not store.exists(mkey)
     dead["expires"] = time.time() - 1  # ... now it has
@@ -94,12 +94,12 @@ def test_bank_crash_before_manifest_is_ignored_and_rerun_completes(s3_fed):
     store = open_store(s3_fed.loc)
     tkey, mkey = R.update_keys(1, "bank-c")
     store.put(tkey, b"\x80\x04 half an upload")
-    res = s3_fed.aggregate(code=EXIT_WAITING)
+    res = s3_fed.aggregate(code=ExitCode.WAITING)
     assert "incomplete" in res.output and "2 of 3 required" in res.output
     assert "submitted update for round 1" in s3_fed.train("bank-c").output
     res = s3_fed.aggregate()
     assert "published global model of round 1 from 3 updates" in res.output
-    contributors = json.loads(store.get(R.global_keys(1)[1]))["contributors"]
+    contributors = json.loads(store.get(R.global_keys(1)[1], max_bytes=1 << 30))["contributors"]
     assert "bank-c" in [c["member"] for c in contributors]
 
 
@@ -111,7 +111,7 @@ def test_committed_update_with_damaged_tensors_is_quarantined(any_fed, damage):
     store = open_store(any_fed.loc)
     tkey, mkey = R.update_keys(1, "bank-d")
     if damage == "truncated":
-        store.put(tkey, store.get(tkey)[:100])
+        store.put(tkey, store.get(tkey, max_bytes=1 << 30)[:100])
     else:
         store.delete(tkey)
     res = any_fed.aggregate()

@@ -12,7 +12,7 @@ from dp_accounting import pld, rdp
 from scipy import optimize, stats
 
 from fedcli import privacy
-from fedcli.errors import EXIT_BUDGET, FedcliError
+from fedcli.errors import ExitCode, FedcliError
 from fedcli.privacy import BudgetExceeded, Ledger, Mechanism
 
 
@@ -210,7 +210,7 @@ def test_ledger_charges_composes_and_refuses_over_budget(tmp_path):
     assert eps[2] == pytest.approx(privacy.epsilon_update_level(2.0, 3, delta))
     with pytest.raises(BudgetExceeded, match="budget exceeded") as info:
         led.charge(m, round=4, federation="fed", budget_epsilon=budget, delta=delta)
-    assert info.value.exit_code == EXIT_BUDGET == 6
+    assert info.value.exit_code == ExitCode.BUDGET == 6
     assert len(led.entries()) == 3  # the refused release is not recorded
     # the ledger is plain JSON with what a reviewer needs per round
     data = json.loads(led.path.read_text())

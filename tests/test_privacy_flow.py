@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 from test_rejections import forge
 
 from fedcli import privacy
-from fedcli.errors import EXIT_BUDGET
+from fedcli.errors import ExitCode
 
 TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
 
@@ -50,14 +50,14 @@ def test_update_level_rounds_ledger_and_budget_refusal(tmp_path, credit_split):
     assert [(e["round"], e["mode"], e["noise_multiplier"]) for e in entries] == [(1, "update", 1.0), (2, "update", 1.0)]
     assert entries[1]["epsilon_after"] == privacy.epsilon_update_level(1.0, 2, 1e-5)
 
-    res = fed.train("bank-a", code=EXIT_BUDGET)
+    res = fed.train("bank-a", code=ExitCode.BUDGET)
     assert "privacy budget exceeded" in res.output and "not exported" in res.output
     assert not list((fed.store / "rounds").glob("000003/updates/*"))  # nothing left the bank
     assert len(json.loads(ledger.read_text())["entries"]) == 2
 
     # a bank's own, stricter budget wins over the spec's: bank-b refuses already
     res = fed.cli("train", "--store", fed.store, "--key", fed.key("bank-b"), "--data", fed.data / "bank-b.csv",
-                  "--coordinator", fed.pub("coordinator"), "--max-epsilon", "1", code=EXIT_BUDGET)
+                  "--coordinator", fed.pub("coordinator"), "--max-epsilon", "1", code=ExitCode.BUDGET)
     assert "budget 1 " in res.output
 
     res = fed.cli("privacy", "--key", fed.key("bank-a"))
@@ -97,4 +97,4 @@ def test_record_level_at_epsilon_3_beats_local_only(tmp_path, credit_split):
     res = compare(str(fed.store), str(fed.pub("coordinator")), fed.data)
     local = [v["auc"] for k, v in res.items() if k != "federated"]
     assert res["federated"]["auc"] > sum(local) / len(local)
-    fed.train("bank-a", code=EXIT_BUDGET)  # a sixth round would exceed epsilon 3
+    fed.train("bank-a", code=ExitCode.BUDGET)  # a sixth round would exceed epsilon 3

@@ -10,7 +10,7 @@ import numpy as np
 from conftest import BANKS, ROOT, make_fed
 from safetensors.numpy import load_file
 
-from fedcli.errors import EXIT_VERIFY, EXIT_WAITING
+from fedcli.errors import ExitCode
 
 
 def test_full_rounds_status_evaluate_predict(fed, tmp_path):
@@ -51,7 +51,7 @@ def test_train_twice_is_a_noop(fed):
 
 def test_waiting_for_quorum_exit_code(fed):
     fed.train("bank-a")
-    res = fed.aggregate(code=EXIT_WAITING)
+    res = fed.aggregate(code=ExitCode.WAITING)
     assert "1 of 3 required" in res.output
     assert not (fed.store / "rounds/000001/global.json").exists()
     fed.train("bank-b")
@@ -122,13 +122,13 @@ def test_help_does_not_import_torch():
 def test_bank_refuses_wrong_pinned_coordinator_and_tampered_global(fed):
     fed.cli("keygen", "impostor", "--out", fed.root / "impostor")
     res = fed.cli("train", "--store", fed.store, "--key", fed.key("bank-a"), "--data", fed.data / "bank-a.csv",
-                  "--coordinator", fed.pub("impostor"), code=EXIT_VERIFY)
+                  "--coordinator", fed.pub("impostor"), code=ExitCode.VERIFY)
     assert "refusing to trust" in res.output
     g = fed.store / "rounds/000000/global.safetensors"
     data = bytearray(g.read_bytes())
     data[-1] ^= 1
     g.write_bytes(bytes(data))
-    res = fed.train("bank-a", code=EXIT_VERIFY)
+    res = fed.train("bank-a", code=ExitCode.VERIFY)
     assert "do not match the sha256" in res.output
     assert not (fed.store / "rounds/000001/updates/bank-a.json").exists()
 
@@ -142,7 +142,7 @@ def test_bank_detects_rollback(fed):
     for p in sorted((fed.store / "rounds/000001").rglob("*"), reverse=True):
         p.unlink() if p.is_file() else p.rmdir()
     (fed.store / "rounds/000001").rmdir()
-    res = fed.train("bank-a", code=EXIT_VERIFY)
+    res = fed.train("bank-a", code=ExitCode.VERIFY)
     assert "rollback" in res.output
 
 

@@ -7,7 +7,7 @@ from conftest import BANKS, FAST_RETRY, make_fed, use_s3
 from s3server import FaultyProxy
 
 from fedcli import rounds as R
-from fedcli.errors import EXIT_STORE, EXIT_VERIFY
+from fedcli.errors import ExitCode
 from fedcli.store import open_store
 
 
@@ -25,7 +25,7 @@ def test_full_round_loop_on_s3(server, request, tmp_path, credit_split, monkeypa
     keys = {o["Key"][len(prefix) + 1 :] for o in listed}
     assert {"federation.toml", "rounds/000002/global.json", "rounds/000002/updates/bank-c.safetensors"} <= keys
     store = open_store(fed.url)
-    g1, g2 = (json.loads(store.get(R.global_keys(r)[1])) for r in (1, 2))
+    g1, g2 = (json.loads(store.get(R.global_keys(r)[1], max_bytes=1 << 30)) for r in (1, 2))
     assert g2["prev_sha256"] == g1["tensors_sha256"]
     res = fed.cli("status", fed.loc)
     assert "published" in res.output and "3/4" in res.output
@@ -34,7 +34,7 @@ def test_full_round_loop_on_s3(server, request, tmp_path, credit_split, monkeypa
     assert "round 2" in res.output
     # the aggregate lock was released, not left behind
     top = sorted(k for k in store.list("locks/aggregate"))[-1]
-    assert json.loads(store.get(top))["state"] == "free"
+    assert json.loads(store.get(top, max_bytes=1 << 30))["state"] == "free"
 
 
 def test_store_down_is_exit_5_and_nothing_is_lost(moto_s3, tmp_path, credit_split, monkeypatch):
@@ -45,7 +45,7 @@ def test_store_down_is_exit_5_and_nothing_is_lost(moto_s3, tmp_path, credit_spli
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         monkeypatch.setattr("fedcli.store.retry.DEFAULT_POLICY", FAST_RETRY)
-        res = fed.train("bank-a", code=EXIT_STORE)
+        res = fed.train("bank-a", code=ExitCode.STORE)
         line = res.output.strip()
         assert line.startswith("error:") and "after 3 attempts" in line and proxy.endpoint.split("//")[1] in line
         assert "Traceback" not in res.output
@@ -59,10 +59,10 @@ def test_tampered_global_on_s3_is_refused(moto_s3, tmp_path, credit_split, monke
     fed = make_fed(tmp_path, credit_split, url=use_s3(moto_s3, monkeypatch))
     store = open_store(fed.url)
     tkey, _ = R.global_keys(0)
-    data = bytearray(store.get(tkey))
+    data = bytearray(store.get(tkey, max_bytes=1 << 30))
     data[-1] ^= 1
     store.put(tkey, bytes(data))
-    res = fed.train("bank-a", code=EXIT_VERIFY)
+    res = fed.train("bank-a", code=ExitCode.VERIFY)
     assert "do not match the sha256" in res.output
 
 
@@ -78,4 +78,4 @@ def test_check_store_command(seaweed_s3, tmp_path, monkeypatch):
     assert res.exit_code == 0
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     res = CliRunner().invoke(app, ["check-store", url])
-    assert res.exit_code == EXIT_STORE and "access denied" in res.output
+    assert res.exit_code == ExitCode.STORE and "access denied" in res.output

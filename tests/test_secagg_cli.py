@@ -15,7 +15,7 @@ from conftest import ROOT, make_fed, use_s3
 from safetensors.numpy import load_file
 
 from fedcli import keys
-from fedcli.errors import EXIT_VERIFY, EXIT_WAITING
+from fedcli.errors import ExitCode
 from fedcli.store import open_store
 
 BANKS5 = ("bank-a", "bank-b", "bank-c", "bank-d", "bank-e")
@@ -135,7 +135,7 @@ def test_dropout_recovery_and_late_update_refused(tmp_path, credit_split, plain_
     fed.cli("train", "--store", aside, "--key", fed.key("bank-e"), "--data", fed.data / DATA["bank-e"],
             "--coordinator", fed.pub("coordinator"), "--state", tmp_path / "e-aside.json")
 
-    res = fed.aggregate(code=EXIT_WAITING)  # quorum (3) reached, deadline 0: declare bank-e dropped
+    res = fed.aggregate(code=ExitCode.WAITING)  # quorum (3) reached, deadline 0: declare bank-e dropped
     assert "declared bank-e dropped" in text(res)
     drops = json.loads((fed.store / "rounds/000001/secagg/drops.json").read_text())
     assert drops["dropped"] == ["bank-e"] and sorted(drops["survivors"]) == list(survivors)
@@ -147,7 +147,7 @@ def test_dropout_recovery_and_late_update_refused(tmp_path, credit_split, plain_
 
     for b in survivors[:3]:
         assert "published recovery shares for round 1" in text(train(fed, b))
-    res = fed.aggregate(code=EXIT_WAITING)
+    res = fed.aggregate(code=ExitCode.WAITING)
     assert "recovery shares of round 1 still missing from bank-d" in text(res)
     assert "published recovery shares" in text(train(fed, "bank-d"))
     assert "already published" in text(train(fed, "bank-d"))
@@ -180,14 +180,14 @@ def test_late_update_mid_recovery_keeps_a_mask_on_it(tmp_path, credit_split):
     shutil.copytree(fed.store, aside)
     fed.cli("train", "--store", aside, "--key", fed.key("bank-c"), "--data", fed.data / DATA["bank-c"],
             "--coordinator", fed.pub("coordinator"), "--state", tmp_path / "c-aside.json")
-    assert "declared bank-c dropped" in text(fed.aggregate(code=EXIT_WAITING))
+    assert "declared bank-c dropped" in text(fed.aggregate(code=ExitCode.WAITING))
     assert "published recovery shares" in text(train(fed, "bank-a"))
     for ext in ("safetensors", "json"):
         shutil.copy(aside / f"rounds/000001/updates/bank-c.{ext}", fed.store / f"rounds/000001/updates/bank-c.{ext}")
-    res = train(fed, "bank-b", code=EXIT_VERIFY)
+    res = train(fed, "bank-b", code=ExitCode.VERIFY)
     assert "refusing to reveal seeds: bank-c is declared dropped" in text(res)
     assert not (fed.store / "rounds/000001/secagg/recovery/bank-b.json").exists()
-    res = fed.aggregate(code=EXIT_WAITING)
+    res = fed.aggregate(code=ExitCode.WAITING)
     assert "late update is never accepted" in text(res) and "still missing from bank-b" in text(res)
 
     shutil.rmtree(fed.store / "rounds/000001/secagg")  # the operator's way out
@@ -200,7 +200,7 @@ def test_no_drop_declaration_before_quorum(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split, SECAGG_SPEC, banks=BANKS5[:3])
     for b in BANKS5[:2]:
         train(fed, b)
-    fed.aggregate(code=EXIT_WAITING)  # min_clients 3 > 2 in: just waiting, no declaration
+    fed.aggregate(code=ExitCode.WAITING)  # min_clients 3 > 2 in: just waiting, no declaration
     assert not (fed.store / "rounds/000001/secagg/drops.json").exists()
 
 
@@ -209,7 +209,7 @@ def test_recovery_share_must_match_commitment(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split, spec, banks=BANKS5[:3])
     for b in BANKS5[:2]:
         train(fed, b)
-    assert "declared bank-c dropped" in text(fed.aggregate(code=EXIT_WAITING))
+    assert "declared bank-c dropped" in text(fed.aggregate(code=ExitCode.WAITING))
     for b in BANKS5[:2]:
         train(fed, b)
     # bank-b's share is replaced by a validly signed one with a wrong seed
@@ -219,7 +219,7 @@ def test_recovery_share_must_match_commitment(tmp_path, credit_split):
     doc["seeds"]["bank-c"] = keys.b64(bytes(32))
     private, _ = keys.load_private(fed.key("bank-b"))
     path.write_bytes(keys.sign_manifest(private, doc))
-    res = fed.aggregate(code=EXIT_VERIFY)
+    res = fed.aggregate(code=ExitCode.VERIFY)
     assert "does not match bank-b's signed commitment" in text(res)
     assert not (fed.store / "rounds/000001/global.json").exists()
 
@@ -231,13 +231,13 @@ def test_deleted_declaration_is_detected(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split, spec, banks=BANKS5[:3])
     for b in BANKS5[:2]:
         train(fed, b)
-    fed.aggregate(code=EXIT_WAITING)
+    fed.aggregate(code=ExitCode.WAITING)
     train(fed, "bank-a")  # reveals its seed with bank-c
     (fed.store / "rounds/000001/secagg/drops.json").unlink()
-    res = train(fed, "bank-c", code=EXIT_VERIFY)
+    res = train(fed, "bank-c", code=ExitCode.VERIFY)
     assert "no drop declaration" in text(res)
     assert not (fed.store / "rounds/000001/updates/bank-c.json").exists()
-    assert "no drop declaration" in text(fed.aggregate(code=EXIT_VERIFY))
+    assert "no drop declaration" in text(fed.aggregate(code=ExitCode.VERIFY))
 
 
 def test_update_dp_shared_noise_sums_to_the_required_noise(tmp_path, credit_split):
@@ -286,7 +286,7 @@ def test_dropout_round_across_an_air_gap(tmp_path, credit_split):
 
     for b in mirrors:
         bank_step(b)
-    assert "declared bank-c dropped" in text(fed.aggregate(code=EXIT_WAITING))
+    assert "declared bank-c dropped" in text(fed.aggregate(code=ExitCode.WAITING))
     for b in mirrors:
         assert "published recovery shares" in text(bank_step(b))
     assert "published global model of round 1" in fed.aggregate().output
@@ -298,10 +298,10 @@ def test_dropout_round_on_s3(moto_s3, tmp_path, credit_split, monkeypatch):
     fed = make_fed(tmp_path, credit_split, spec, banks=BANKS5[:3], url=use_s3(moto_s3, monkeypatch))
     for b in BANKS5[:2]:
         train(fed, b)
-    assert "declared bank-c dropped" in text(fed.aggregate(code=EXIT_WAITING))
+    assert "declared bank-c dropped" in text(fed.aggregate(code=ExitCode.WAITING))
     assert "declared dropped from round 1" in text(train(fed, "bank-c", code=1))
     for b in BANKS5[:2]:
         assert "published recovery shares" in text(train(fed, b))
     assert "published global model of round 1" in fed.aggregate().output
-    g = json.loads(open_store(fed.url).get("rounds/000001/global.json"))
+    g = json.loads(open_store(fed.url).get("rounds/000001/global.json", max_bytes=1 << 30))
     assert g["secagg"]["dropped"] == ["bank-c"]

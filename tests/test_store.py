@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from fedcli.errors import EXIT_STORE, EXIT_WAITING, AlreadyExists, FedcliError, NotFound, StoreError
+from fedcli.errors import AlreadyExists, ExitCode, FedcliError, NotFound, StoreError
 from fedcli.store import check_create_only, open_store
 from fedcli.store.folder import FolderStore
 from fedcli.store.folder import is_transient as folder_transient
@@ -22,7 +22,7 @@ from s3server import FaultyProxy, free_ports
 def test_put_get_size_exists_roundtrip(store):
     data = bytes(range(256)) * 4096  # 1 MiB of every byte value
     store.put("rounds/000001/updates/bank-a.safetensors", data)
-    assert store.get("rounds/000001/updates/bank-a.safetensors") == data
+    assert store.get("rounds/000001/updates/bank-a.safetensors", max_bytes=1 << 30) == data
     assert store.size("rounds/000001/updates/bank-a.safetensors") == len(data)
     assert store.exists("rounds/000001/updates/bank-a.safetensors")
     assert not store.exists("rounds/000001/updates/bank-b.safetensors")
@@ -31,7 +31,7 @@ def test_put_get_size_exists_roundtrip(store):
 def test_plain_put_replaces(store):
     store.put("federation.toml", b"one")
     store.put("federation.toml", b"two")
-    assert store.get("federation.toml") == b"two"
+    assert store.get("federation.toml", max_bytes=1 << 30) == b"two"
 
 
 def test_create_only_refuses_overwrite(store):
@@ -39,7 +39,7 @@ def test_create_only_refuses_overwrite(store):
     with pytest.raises(AlreadyExists) as info:
         store.put("rounds/000000/global.json", b"second", create_only=True)
     assert info.value.exit_code == 1 and "already exists" in str(info.value)
-    assert store.get("rounds/000000/global.json") == b"first"
+    assert store.get("rounds/000000/global.json", max_bytes=1 << 30) == b"first"
 
 
 def test_create_only_race_has_exactly_one_winner(any_store):
@@ -67,12 +67,12 @@ def test_create_only_race_has_exactly_one_winner(any_store):
             t.join(timeout=60)
         assert errors == []
         assert len(winners) == 1 and len(losers) == 7
-        assert any_store.get(key) == f"writer {winners[0]} ".encode() * 5000
+        assert any_store.get(key, max_bytes=1 << 30) == f"writer {winners[0]} ".encode() * 5000
 
 
 def test_missing_key_is_not_found(store):
     with pytest.raises(NotFound):
-        store.get("rounds/000009/global.json")
+        store.get("rounds/000009/global.json", max_bytes=1 << 30)
     with pytest.raises(NotFound):
         store.size("rounds/000009/global.json")
     assert not store.exists("rounds/000009/global.json")
@@ -111,7 +111,7 @@ def test_paths_that_could_escape_are_refused(store, bad, tmp_path):
     with pytest.raises(FedcliError, match="invalid store path"):
         store.put(bad, b"x")
     with pytest.raises(FedcliError, match="invalid store path"):
-        store.get(bad)
+        store.get(bad, max_bytes=1 << 30)
     if bad:
         with pytest.raises(FedcliError, match="invalid store path"):
             store.list(bad)
@@ -189,7 +189,7 @@ def test_with_retry_is_bounded_and_reports_clearly():
     policy = RetryPolicy(attempts=5, base=1.0, cap=2.0)
     with pytest.raises(StoreError) as info:
         with_retry(op, what="write rounds/x", transient=folder_transient, policy=policy, sleep=sleeps.append)
-    assert info.value.exit_code == EXIT_STORE
+    assert info.value.exit_code == ExitCode.STORE
     assert "write rounds/x" in str(info.value) and "after 5 attempts" in str(info.value)
     assert len(sleeps) == 4 and max(sleeps) <= 2.0  # capped
 
@@ -211,9 +211,9 @@ def test_folder_permanent_error_is_one_clear_store_error(tmp_path):
     store = FolderStore(tmp_path, policy=FAST_RETRY)
     with pytest.raises(StoreError, match="cannot write rounds/000001/global.json") as info:
         store.put("rounds/000001/global.json", b"x")
-    assert info.value.exit_code == EXIT_STORE and "\n" not in str(info.value)
+    assert info.value.exit_code == ExitCode.STORE and "\n" not in str(info.value)
     with pytest.raises(StoreError, match="cannot read"):
-        store.get("rounds/000001/global.json")
+        store.get("rounds/000001/global.json", max_bytes=1 << 30)
 
 
 def test_s3_store_that_stays_down_fails_with_exit_5(monkeypatch):
@@ -228,7 +228,7 @@ def test_s3_store_that_stays_down_fails_with_exit_5(monkeypatch):
     with pytest.raises(StoreError) as info:
         store.put("rounds/000001/global.json", b"x", create_only=True)
     msg = str(info.value)
-    assert info.value.exit_code == EXIT_STORE
+    assert info.value.exit_code == ExitCode.STORE
     assert "after 3 attempts" in msg and f"127.0.0.1:{port}" in msg and "\n" not in msg
 
 
@@ -248,7 +248,7 @@ def test_s3_retries_dropped_connections(moto_s3, monkeypatch, caplog):
         with caplog.at_level("WARNING", logger="fedcli.store"):
             store.put("rounds/000001/global.json", b"payload")
         assert proxy.seen[:3] == ["refuse", "refuse", "pass"]
-        assert store.get("rounds/000001/global.json") == b"payload"
+        assert store.get("rounds/000001/global.json", max_bytes=1 << 30) == b"payload"
         assert sum("retrying" in r.getMessage() for r in caplog.records) == 2
     finally:
         proxy.close()
@@ -260,7 +260,7 @@ def test_s3_create_only_whose_reply_was_lost_still_succeeds(moto_s3, monkeypatch
     try:
         store.put("rounds/000001/global.json", b"ours", create_only=True)
         assert proxy.seen[0] == "lose_reply" and len(proxy.seen) >= 2
-        assert store.get("rounds/000001/global.json") == b"ours"
+        assert store.get("rounds/000001/global.json", max_bytes=1 << 30) == b"ours"
         with pytest.raises(AlreadyExists):  # someone else's bytes: still refused
             store.put("rounds/000001/global.json", b"theirs", create_only=True)
     finally:
@@ -274,8 +274,8 @@ def test_s3_wrong_credentials_fail_at_once(seaweed_s3, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     bad = S3Store.from_url(store.url, policy=RetryPolicy(attempts=3, base=30, cap=30))  # a retry would hang
     with pytest.raises(StoreError, match="access denied") as info:
-        bad.get("federation.toml")
-    assert info.value.exit_code == EXIT_STORE and "SignatureDoesNotMatch" in str(info.value)
+        bad.get("federation.toml", max_bytes=1 << 30)
+    assert info.value.exit_code == ExitCode.STORE and "SignatureDoesNotMatch" in str(info.value)
 
 
 def test_s3_missing_bucket_is_clear(moto_s3, monkeypatch):
@@ -301,7 +301,7 @@ def test_lock_excludes_a_second_run_until_released(store):
     a = LeaseLock(store, "aggregate").acquire()
     with pytest.raises(LockHeld) as info:
         LeaseLock(store, "aggregate").acquire()
-    assert info.value.exit_code == EXIT_WAITING and "try again later" in str(info.value)
+    assert info.value.exit_code == ExitCode.WAITING and "try again later" in str(info.value)
     LeaseLock(store, "other").acquire()  # locks are per name
     a.release()
     b = LeaseLock(store, "aggregate").acquire()

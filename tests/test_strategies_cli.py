@@ -10,7 +10,7 @@ from test_rejections import forge
 from fedcli import aggregate as ar
 from fedcli import compression, server_opt
 from fedcli import tensors as T
-from fedcli.errors import EXIT_VERIFY, EXIT_WAITING
+from fedcli.errors import ExitCode
 
 TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
 
@@ -69,7 +69,7 @@ method = "int8"
     # a tampered optimiser state is refused before anything is published
     good = state_file.read_bytes()
     state_file.write_bytes(good[:-4] + b"\0\0\0\0")
-    res = fed.aggregate(code=EXIT_VERIFY)
+    res = fed.aggregate(code=ExitCode.VERIFY)
     assert "server optimizer state of round 1" in res.output
     assert not (fed.store / "rounds/000002/global.json").exists()
     state_file.write_bytes(good)
@@ -119,7 +119,7 @@ exponent = 0.5
         by_hand = g1[k].astype(np.float64) + (nc * 2 ** -0.5 * dc[k].astype(np.float64) + nd * dd[k]) / (nc + nd)
         np.testing.assert_allclose(g2[k], by_hand.astype(np.float32), rtol=0, atol=1e-7)
 
-    res = fed.aggregate(code=EXIT_WAITING)  # bank-c's update was used once and is not folded again
+    res = fed.aggregate(code=ExitCode.WAITING)  # bank-c's update was used once and is not folded again
     assert "0 of 2 buffered" in res.output
 
 
@@ -145,7 +145,7 @@ def test_topk_updates_checked_before_use(tmp_path, credit_split):
     bad[f"{k}#idx"][-1] = g0[k].size  # one past the end
     forge(fed, "bank-b", tensors=lambda _: bad, compression={"method": "topk", "ratio": 0.1})
     forge(fed, "bank-c", compression={"method": "none"})
-    res = fed.aggregate(code=EXIT_WAITING)
+    res = fed.aggregate(code=ExitCode.WAITING)
     rejections = read_json(fed.store / "rounds/000001/rejections.json")
     assert "out of range" in rejections["bank-b"]
     assert "is not the spec's" in rejections["bank-c"]

@@ -15,8 +15,11 @@ class Store(ABC):
     url: str
 
     @abstractmethod
-    def get(self, key: str) -> bytes:
-        """Whole object; raises NotFound."""
+    def get(self, key: str, *, max_bytes: int) -> bytes:
+        """Whole object; raises NotFound, or Oversize (before reading it) when larger than max_bytes.
+
+        Every read is bounded: callers pass the largest size the document can legitimately have.
+        """
 
     @abstractmethod
     def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
@@ -43,7 +46,7 @@ class Store(ABC):
         Raises NotFound, or StoreError if the object does not fit in `buf`. This default reads
         the whole object with get(); backends that can stream override it.
         """
-        data = self.get(key)
+        data = self.get(key, max_bytes=len(buf))
         if len(data) > len(buf):
             raise StoreError(f"{key} in {self.url} is larger than expected ({len(data)} bytes)")
         buf[: len(data)] = data

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from ..errors import AlreadyExists, NotFound, StoreError
+from ..errors import AlreadyExists, NotFound, Oversize, StoreError
 from ..names import check_key
 from .base import Store
 from . import retry
@@ -54,10 +54,21 @@ class FolderStore(Store):
     def _retry(self, what: str, key: str, op: Callable[[], T]) -> T:
         return with_retry(op, what=f"{what} {key} in {self.url}", transient=is_transient, policy=self.policy)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_bytes: int) -> bytes:
         path = self._path(key)
+
+        def op() -> bytes:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > max_bytes:
+                    raise Oversize(f"{key} in {self.url} is {size:,} bytes, more than the {max_bytes:,} allowed; not read")
+                data = f.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise Oversize(f"{key} in {self.url} grew past the {max_bytes:,} bytes allowed while reading; not read")
+            return data
+
         try:
-            return self._retry("read", key, path.read_bytes)
+            return self._retry("read", key, op)
         except FileNotFoundError:
             raise NotFound(f"{key} not found in {self.url}") from None
         except OSError as e:

@@ -33,20 +33,22 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from ..errors import EXIT_WAITING, AlreadyExists, FedcliError, NotFound
+from ..errors import AlreadyExists, ExitCode, FedcliError, NotFound
 from ..names import check_name
 from .base import Store
 
 log = logging.getLogger("fedcli.store")
 _RECORD = re.compile(r"^(\d{12})\.json$")
 DEFAULT_TTL = 30 * 60.0
+MAX_RECORD_BYTES = 4096
 _KEEP = 2  # older records kept below one's own, for the audit trail
 
 
 class LockHeld(FedcliError):
     """Another live run holds the lock: not an error of this run, try again later."""
 
-    exit_code = EXIT_WAITING
+    exit_code = ExitCode.WAITING
+    reason = "waiting"
 
 
 class LockLost(FedcliError):
@@ -93,7 +95,7 @@ class LeaseLock:
 
     def _read(self, gen: int) -> dict | None:
         try:
-            rec = json.loads(self.store.get(self._key(gen)))
+            rec = json.loads(self.store.get(self._key(gen), max_bytes=MAX_RECORD_BYTES))
             return rec if isinstance(rec, dict) else {}
         except NotFound:
             return None

@@ -24,7 +24,7 @@ import boto3
 import botocore.exceptions as bex
 from botocore.config import Config
 
-from ..errors import AlreadyExists, FedcliError, NotFound, StoreError
+from ..errors import AlreadyExists, FedcliError, NotFound, Oversize, StoreError
 from ..names import check_key
 from .base import Store
 from . import retry
@@ -141,13 +141,19 @@ class S3Store(Store):
 
     # -- Store interface ---------------------------------------------------------
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_bytes: int) -> bytes:
         k = self._key(key)
 
         def op() -> bytes:
             resp = self.client.get_object(Bucket=self.bucket, Key=k)
             with resp["Body"] as body:
-                return body.read()
+                size = int(resp.get("ContentLength", 0))
+                if size > max_bytes:
+                    raise Oversize(f"{key} in {self.url} is {size:,} bytes, more than the {max_bytes:,} allowed; not read")
+                data = body.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise Oversize(f"{key} in {self.url} is larger than the {max_bytes:,} bytes allowed; not read")
+            return data
 
         return self._call("read", key, op)
 
@@ -172,7 +178,9 @@ class S3Store(Store):
 
     def _same(self, key: str, data: bytes) -> bool:
         try:
-            return self.get(key) == data
+            return self.get(key, max_bytes=len(data)) == data
+        except Oversize:
+            return False
         except NotFound:
             return False
 
