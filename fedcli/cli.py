@@ -32,13 +32,32 @@ LedgerOpt = typer.Option(None, "--ledger", help="Privacy ledger file (default: n
 
 @contextlib.contextmanager
 def failures():
-    """Turn expected failures into one red line and their exit code; nothing else is swallowed."""
+    """Turn every failure into one line and an exit code cron can branch on; never a traceback.
+
+    Expected failures (FedcliError) carry their own exit code. Anything else is a bug in fedcli:
+    one line saying so, exit 1, and FEDCLI_DEBUG=1 shows the traceback for the bug report.
+    """
     try:
         yield
     except FedcliError as e:
         label = "[bold yellow]waiting:[/]" if e.exit_code == ExitCode.WAITING else "[bold red]error:[/]"
         err.print(f"{label} {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted:[/] nothing was committed after the last completed write", highlight=False)
+        raise typer.Exit(130) from None
+    except MemoryError:
+        err.print("[bold red]error:[/] out of memory (an input is larger than this machine can hold)", highlight=False)
+        raise typer.Exit(ExitCode.ERROR) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as e:
+        if os.environ.get("FEDCLI_DEBUG") or hasattr(e, "exit_code"):
+            raise
+        first = (str(e).splitlines() or [""])[0][:200]
+        err.print(f"[bold red]internal error:[/] {escape(type(e).__name__)}: {escape(first)} (a bug in fedcli: please "
+                  "report it; FEDCLI_DEBUG=1 shows the traceback)", highlight=False, soft_wrap=True)
+        raise typer.Exit(ExitCode.ERROR) from None
 
 
 def _store(location: str):

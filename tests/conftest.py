@@ -47,6 +47,8 @@ class Fed:
 
     def cli(self, *args, code: int | None = 0):
         res = self.runner.invoke(app, [str(a) for a in args])
+        assert "internal error" not in res.output and "Traceback" not in res.output, res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
         if code is not None:
             assert res.exit_code == code, f"exit {res.exit_code} != {code}\n{res.output}\n{res.exception!r}"
         return res
