@@ -33,6 +33,8 @@ def init_federation(
     field (exit 1), found before anything is written. Re-running after a crash completes the
     step; once round 0 is published it refuses.
     """
+    if store.exists(R.global_keys(0)[1]):
+        raise FedcliError(f"{store} already holds a federation (round 0 is published)")
     what = f"spec template {template}"
     raw = load_toml(S.read_template(template, what), what, S.MAX_SPEC_BYTES)
     private, pub_b64 = keys.load_private(key_path)
@@ -59,8 +61,6 @@ def init_federation(
             entry["x25519"] = ident.x25519
         members.append(entry)
     spec = S.parse(raw, what, InputError)  # validates everything before anything is written
-    if store.exists(R.global_keys(0)[1]):
-        raise FedcliError(f"{store} already holds a federation (round 0 is published)")
     spec_bytes = S.dumps(raw)
     store.put(R.SPEC_KEY, spec_bytes)
     store.put(R.SPEC_SIG_KEY, keys.sign_bytes(private, spec_bytes).encode())

@@ -394,7 +394,7 @@ def verified(data: bytes, signature: bytes, pinned: PublicIdentity | None, what:
             verify_bytes(data, sig, pinned, what)
         except VerificationError:
             raise VerificationError(f"{what}: signature does not verify with the pinned coordinator key "
-                                    f"{pinned.fingerprint}: another federation's store, or tampered") from None
+                                    f"{pinned.fingerprint}: refusing to trust this store (another federation's, or tampered)") from None
         raw = load_toml(data, what, MAX_SPEC_BYTES, ContractError)
         spec = parse(raw, what, ContractError)
         if spec.coordinator.ed25519 != pinned.ed25519:
