@@ -162,8 +162,7 @@ class DataTable(BaseModel):
     model_config = strict_config()
 
     target: Text = Field(description="label column")
-    positive: Union[Text, Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]] = Field(
-        description="label value of the positive class")
+    positive: Union[Text, int] = Field(description="label value of the positive class")
     numeric: list[NumericFeatureTable] = Field(default_factory=list, max_length=MAX_FEATURES, description="numeric features")
     categorical: list[CategoricalFeatureTable] = Field(
         default_factory=list, max_length=MAX_FEATURES, description="categorical features")
