@@ -69,8 +69,8 @@ def _x25519(value: str) -> str:
 
         try:
             public_from_text(value)
-        except FedcliError as e:
-            raise ValueError(str(e).replace(repr(value), "")) from None
+        except (FedcliError, ValueError):
+            raise ValueError("is not a base64 X25519 public key of 32 bytes") from None
     return value
 
 
