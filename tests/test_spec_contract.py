@@ -145,6 +145,18 @@ def test_wrong_types_are_refused(key_dir, tmp_path, old, new, expected):
     refused(key_dir, tmp_path, "training = 3\n" + text if "'training'" in expected else text, expected)
 
 
+@pytest.mark.parametrize("member,expected", [
+    ('name = "bank-q"\ned25519 = "abc"', "'members[0].ed25519' is not base64 (got 'abc')"),
+    ('name = "bank-q"\ned25519 = "AAAA"', "'members[0].ed25519' is not a 32-byte Ed25519 public key (3 bytes)"),
+    ('name = "Bank Q"\ned25519 = "AAAA"', "'members[0].name' invalid name 'Bank Q'"),
+    ('name = "bank-q"\ned25519 = "{key}"\nx25519 = "zz"', "'members[0].x25519' is not a base64 X25519 public key"),
+    ('name = "bank-q"\ned25519 = "{key}"\nx509 = "zz"', "unknown key 'members[0].x509'; did you mean 'x25519'?"),
+])
+def test_member_entries_in_the_template_are_checked(key_dir, tmp_path, member, expected):
+    key = keys.load_public(key_dir / "bank-c.pub").ed25519
+    refused(key_dir, tmp_path, TEMPLATE + "\n[[members]]\n" + member.replace("{key}", key) + "\n", expected)
+
+
 def test_secagg_enable_typo_no_longer_means_off(key_dir, tmp_path):
     """The issue's case: `enable = true` used to leave secure aggregation silently off."""
     refused(key_dir, tmp_path, TEMPLATE + "\n[secagg]\nenable = true\n", "did you mean 'enabled'?")
