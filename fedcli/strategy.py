@@ -20,7 +20,8 @@
     exponent = 0.5           # polynomial: (1+s)^-exponent; hinge: slope
     hinge_after = 4          # hinge: no discount up to this staleness
 
-Every setting is in the signed spec, so a bank can check what the coordinator will do.
+Every setting is in the signed spec, so a bank can check what the coordinator will do. The
+contract (types, ranges, defaults) is StrategyTable below; docs/spec.md is generated from it.
 """
 
 from __future__ import annotations
@@ -37,9 +38,6 @@ from . import aggregate as ar
 from . import compression, server_opt
 from .contract import strict_config, validate
 from .errors import FedcliError
-
-MODES = ("sync", "async")
-RULES = ("fedavg", "median", "trimmed_mean", "krum")
 
 
 @dataclass(frozen=True)
