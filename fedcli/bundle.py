@@ -262,16 +262,11 @@ def _signer(spec: Spec | None, pinned, name: str, path: Path) -> tuple[str, keys
 
 
 def _bundle_spec(entries: dict[str, bytes], pinned, path: Path) -> Spec:
-    from .spec import loads
+    from .spec import verified
 
     if R.SPEC_KEY not in entries or R.SPEC_SIG_KEY not in entries:
         raise VerificationError(f"{path} does not carry the federation spec the empty store needs")
-    data = entries[R.SPEC_KEY]
-    spec = loads(data)
-    if spec.coordinator.ed25519 != pinned.ed25519:
-        raise VerificationError(f"{path}: the spec names another coordinator key than the one you pinned")
-    keys.verify_bytes(data, entries[R.SPEC_SIG_KEY].decode("ascii", "replace"), pinned, "federation spec")
-    return spec
+    return verified(entries[R.SPEC_KEY], entries[R.SPEC_SIG_KEY], pinned, f"federation spec in {path}")
 
 
 def _write(store: Store, entries: dict[str, bytes], result: BundleResult) -> None:

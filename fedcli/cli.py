@@ -116,15 +116,33 @@ def init(
 
     with failures():
         s = init_federation(_store(store), spec, key, member, federation_id)
-    table = Table(title=f"federation {s.federation_id}")
+    out.print(roster_table(s))
+    out.print(in_force_table(s))
+    out.print(f"Round 0 of federation {escape(s.federation_id)} published.")
+
+
+def roster_table(spec) -> Table:
+    """Who signs what: the coordinator and every member with the fingerprint to compare out of band."""
+    table = Table(title=f"federation {escape(spec.federation_id)}")
     for col in ("role", "name", "fingerprint"):
         table.add_column(col)
-    table.add_row("coordinator", s.coordinator.name, s.coordinator.fingerprint)
-    for m in s.members:
-        table.add_row("member", m.name, m.fingerprint)
-    out.print(table)
-    out.print(f"model {s.model.kind} on {s.data.n_features} features; quorum {s.min_clients} of {len(s.members)}. "
-              "Round 0 published.")
+    table.add_row("coordinator", escape(spec.coordinator.name), spec.coordinator.fingerprint)
+    for m in spec.members:
+        table.add_row("member", escape(m.name), m.fingerprint)
+    return table
+
+
+def in_force_table(spec) -> Table:
+    """What the signed spec puts in force, in plain words (init, train, spec show); protections that are off in yellow."""
+    from .spec import NO_DP, NO_SECAGG, summary
+
+    table = Table(title="in force", show_header=False)
+    table.add_column("setting", style="bold")
+    table.add_column("value")
+    for label, value in summary(spec):
+        weak = value.startswith((NO_DP, NO_SECAGG + ":"))
+        table.add_row(label, f"[yellow]{escape(value)}[/]" if weak else escape(value))
+    return table
 
 
 @app.command()
@@ -328,6 +346,39 @@ def check_store(store: str = typer.Argument(..., help="Shared folder or s3://buc
         s = _store(store)
         check_create_only(s)
     out.print(f"[green]ok:[/] {s} is reachable, writable and honours create-only writes", soft_wrap=True)
+
+
+spec_app = typer.Typer(help="The federation spec: what every bank and the coordinator have agreed to.", no_args_is_help=True)
+app.add_typer(spec_app, name="spec")
+
+
+@spec_app.command("show")
+def spec_show(
+    store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
+    coordinator: Optional[Path] = typer.Option(None, "--coordinator", "-c", help="Pinned coordinator public key (coordinator.pub); without it the spec is only checked against the key it names itself."),
+):
+    """Verify the store's spec and print every setting, what is in force and the member roster."""
+    from . import keys
+    from .rounds import load_spec
+    from .spec import settings
+
+    with failures():
+        pinned = keys.load_public(coordinator) if coordinator is not None else None
+        spec, sha = load_spec(_store(store), pinned)
+        rows = settings(spec)
+    table = Table(title=f"federation spec {escape(spec.federation_id)}", caption=f"sha256 {sha}")
+    for col in ("setting", "value", "source"):
+        table.add_column(col)
+    for key, value, explicit in rows:
+        table.add_row(escape(key), escape(value), "spec" if explicit else "[dim]default[/]")
+    out.print(table)
+    out.print(in_force_table(spec))
+    out.print(roster_table(spec))
+    if pinned is None:
+        out.print("[yellow]signature checked against the key named in the spec itself (not pinned)[/]: "
+                  "pass --coordinator coordinator.pub to check it is the coordinator you expect", soft_wrap=True)
+    else:
+        out.print(f"[green]signature verified[/] with the pinned coordinator key {pinned.fingerprint}", soft_wrap=True)
 
 
 bundle_app = typer.Typer(help="Air gap: carry the files that must cross in one signed archive.", no_args_is_help=True)

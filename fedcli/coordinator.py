@@ -13,7 +13,8 @@ from . import keys, models, server_opt
 from . import rounds as R
 from . import spec as S
 from . import tensors as T
-from .errors import AlreadyExists, FedcliError, NotFound, VerificationError
+from .contract import load_toml
+from .errors import AlreadyExists, FedcliError, InputError, NotFound, VerificationError
 from .store import Store
 from .store.lock import LeaseLock
 from .strategy import Combiner
@@ -28,25 +29,38 @@ def init_federation(
 ) -> S.Spec:
     """Sign the spec (filling in id, coordinator key and members) and publish round 0.
 
-    Re-running after a crash completes the step; once round 0 is published it refuses.
+    The template is the user's input: every problem in it is one line naming the file and the
+    field (exit 1), found before anything is written. Re-running after a crash completes the
+    step; once round 0 is published it refuses.
     """
     if store.exists(R.global_keys(0)[1]):
         raise FedcliError(f"{store} already holds a federation (round 0 is published)")
-    raw = keys.read_toml(template, "spec template")
+    what = f"spec template {template}"
+    raw = load_toml(S.read_template(template, what), what, S.MAX_SPEC_BYTES)
     private, pub_b64 = keys.load_private(key_path)
+    for table in ("federation", "members"):
+        if not isinstance(raw.get(table, {} if table == "federation" else []), dict if table == "federation" else list):
+            raise InputError(f"{what}: '{table}' must be a {'table' if table == 'federation' else 'list of tables'}")
     fed = raw.setdefault("federation", {})
     fed["id"] = federation_id or fed.get("id") or f"fed-{secrets.token_hex(4)}"
     fed["coordinator"] = {"name": Path(key_path).stem, "ed25519": pub_b64}
     members = raw.setdefault("members", [])
+    seen: dict[str, Path] = {}
     for p in member_pubs:
         ident = keys.load_public(p)
-        if any(m.get("name") == ident.name for m in members):
-            raise FedcliError(f"member {ident.name} is enrolled twice (template and {p})")
+        if ident.ed25519 == pub_b64:
+            raise InputError(f"{p} is the public half of the coordinator key {key_path}: a bank's key cannot be the "
+                             "coordinator's (make one with `fedcli keygen coordinator`)")
+        if ident.ed25519 in seen:
+            raise InputError(f"{p} is the same key as {seen[ident.ed25519]}: each bank is enrolled once")
+        seen[ident.ed25519] = Path(p)
+        if any(isinstance(m, dict) and m.get("name") == ident.name for m in members):
+            raise InputError(f"member {ident.name} is enrolled twice (template and {p})")
         entry = {"name": ident.name, "ed25519": ident.ed25519}
         if ident.x25519:
             entry["x25519"] = ident.x25519
         members.append(entry)
-    spec = S.parse(raw)  # validates everything before anything is written
+    spec = S.parse(raw, what, InputError)  # validates everything before anything is written
     spec_bytes = S.dumps(raw)
     store.put(R.SPEC_KEY, spec_bytes)
     store.put(R.SPEC_SIG_KEY, keys.sign_bytes(private, spec_bytes).encode())

@@ -28,10 +28,12 @@ import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Literal, Optional
 
 import numpy as np
+from pydantic import BaseModel, Field, model_validator
 
+from fedcli.contract import strict_config
 from fedcli.errors import ExitCode, FedcliError, VerificationError
 
 if TYPE_CHECKING:  # torch is heavy; import it only where tensors are touched
@@ -312,46 +314,56 @@ def plan(ps: PrivacySpec, n_rows: int, batch_size: int, epochs: int) -> Mechanis
     raise FedcliError("this federation does not use differential privacy")
 
 
-def parse_privacy(table: dict | None) -> PrivacySpec:
-    """Validate the spec's [privacy] table; every error names the field."""
-    if table is None:
-        return PrivacySpec()
-    if not isinstance(table, dict):
-        raise FedcliError("federation spec: [privacy] must be a table")
-    known = {"mode", "clip", "noise_multiplier", "target_epsilon", "rounds", "delta", "budget_epsilon"}
-    if unknown := sorted(set(table) - known):
-        raise FedcliError(f"federation spec: [privacy] has unknown key(s) {', '.join(unknown)}")
+class PrivacyTable(BaseModel):
+    """[privacy]: which differential privacy every update must carry, and each bank's budget."""
 
-    def num(key, default=None):
-        v = table.get(key, default)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise FedcliError(f"federation spec: [privacy] '{key}' must be a positive number")
-        return float(v)
+    model_config = strict_config()
 
-    mode = table.get("mode", "none")
-    if mode not in MODES:
-        raise FedcliError(f"federation spec: [privacy] mode must be one of {', '.join(MODES)}")
-    rounds = table.get("rounds", 10)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise FedcliError("federation spec: [privacy] 'rounds' must be a positive integer")
-    ps = PrivacySpec(mode=mode, clip=num("clip", 1.0), noise_multiplier=num("noise_multiplier"),
-                     target_epsilon=num("target_epsilon"), rounds=rounds, delta=num("delta", 1e-5),
-                     budget_epsilon=num("budget_epsilon"))
-    if not ps.delta < 1:
-        raise FedcliError("federation spec: [privacy] 'delta' must be below 1 (and far below 1/rows)")
+    mode: Literal["none", "update", "record"] = Field(
+        "none", description="none; update (a bank's whole contribution per round); record (one customer row, DP-SGD)")
+    clip: float = Field(1.0, gt=0, le=1e6, description="L2 clipping bound: of the whole update (update) or per example (record)")
+    noise_multiplier: Optional[float] = Field(
+        None, gt=0, le=1e4, description="fixed Gaussian noise multiplier; give this or target_epsilon, not both")
+    target_epsilon: Optional[float] = Field(
+        None, gt=0, le=1e4, description="epsilon that `rounds` rounds may cost; each bank derives its noise multiplier")
+    rounds: int = Field(10, ge=1, le=100_000, description="rounds the target_epsilon is spread over")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of (epsilon, delta)-DP; keep it far below 1/rows")
+    budget_epsilon: Optional[float] = Field(
+        None, gt=0, le=1e5, description="cap on a bank's ledger at delta, over all rounds (default: target_epsilon)")
+
+    @model_validator(mode="after")
+    def _one_noise_source(self):
+        if self.mode != "none" and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(f"needs exactly one of noise_multiplier or target_epsilon for mode {self.mode}")
+        if self.mode != "none" and self.budget_epsilon is None and self.target_epsilon is None:
+            raise ValueError("needs budget_epsilon with a fixed noise_multiplier")
+        return self
+
+
+def privacy_spec(table: PrivacyTable) -> PrivacySpec:
+    """The PrivacySpec a validated [privacy] table stands for (an unreachable target fails here, not at a bank)."""
+    ps = PrivacySpec(mode=table.mode, clip=float(table.clip), noise_multiplier=_float(table.noise_multiplier),
+                     target_epsilon=_float(table.target_epsilon), rounds=table.rounds, delta=float(table.delta),
+                     budget_epsilon=_float(table.budget_epsilon))
     if not ps.enabled:
         return ps
-    if (ps.noise_multiplier is None) == (ps.target_epsilon is None):
-        raise FedcliError(f"federation spec: [privacy] mode {mode} needs exactly one of noise_multiplier or target_epsilon")
     if ps.budget_epsilon is None:
-        if ps.target_epsilon is None:
-            raise FedcliError("federation spec: [privacy] with a fixed noise_multiplier needs budget_epsilon")
         ps = PrivacySpec(**{**asdict(ps), "budget_epsilon": ps.target_epsilon})
     if ps.target_epsilon is not None and ps.mode == "update":
-        ps.noise_for()  # fail at spec time, not at a bank, if the target is unreachable
+        ps.noise_for()
     return ps
+
+
+def _float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def parse_privacy(table: dict | None) -> PrivacySpec:
+    """Validate a [privacy] table on its own (the spec validates it as part of the whole document)."""
+    from .contract import validate
+
+    doc = validate(PrivacyTable, {} if table is None else table, "federation spec: [privacy]", FedcliError)
+    return privacy_spec(doc)
 
 
 def check_declared(dp: dict | None, ps: PrivacySpec, what: str) -> Mechanism | None:

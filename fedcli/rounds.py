@@ -24,7 +24,7 @@ from . import tensors as T
 from .privacy import check_declared
 from .errors import FedcliError, NotFound, VerificationError
 from .keys import PublicIdentity, verify_bytes, verify_manifest
-from .spec import Spec, loads, sha256
+from .spec import Spec, sha256, verified
 from .store import Store
 
 SPEC_KEY = "federation.toml"
@@ -61,20 +61,13 @@ def now() -> str:
 
 
 def load_spec(store: Store, pinned: PublicIdentity | None) -> tuple[Spec, str]:
-    """Read and verify the spec; with a pinned key, the spec must name that exact coordinator."""
+    """Read the spec and its signature (size-bounded) and verify the signature before the contract."""
     try:
         data = store.get(SPEC_KEY, max_bytes=MAX_SPEC_BYTES)
-        sig = store.get(SPEC_SIG_KEY, max_bytes=MAX_SIG_BYTES).decode("ascii", "replace")
+        sig = store.get(SPEC_SIG_KEY, max_bytes=MAX_SIG_BYTES)
     except NotFound:
         raise FedcliError(f"{store} holds no federation: run `fedcli init` first") from None
-    spec = loads(data)
-    if pinned is not None and pinned.ed25519 != spec.coordinator.ed25519:
-        raise VerificationError(
-            f"the federation spec names coordinator key {spec.coordinator.fingerprint}, "
-            f"but you pinned {pinned.fingerprint}: refusing to trust this store"
-        )
-    verify_bytes(data, sig, pinned or spec.coordinator, "federation spec")
-    return spec, sha256(data)
+    return verified(data, sig, pinned), sha256(data)
 
 
 def global_rounds(store: Store) -> list[int]:

@@ -41,13 +41,13 @@ def check_params(name: str, params: Mapping[str, float] | None = None) -> dict[s
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise FedcliError(f"server optimizer parameter {k} must be a number, got {v!r}")
         out[k] = float(v)
-    if out["lr"] <= 0:
-        raise FedcliError(f"server lr must be > 0, got {out['lr']}")
+    if not 0 < out["lr"] <= 10:
+        raise FedcliError(f"server lr must be > 0 and at most 10, got {out['lr']}")
     for k in ("momentum", "beta1", "beta2"):
         if k in out and not 0 <= out[k] < 1:
             raise FedcliError(f"server optimizer {k} must be in [0, 1), got {out[k]}")
-    if "tau" in out and out["tau"] <= 0:
-        raise FedcliError(f"server optimizer tau must be > 0, got {out['tau']}")
+    if "tau" in out and not 0 < out["tau"] <= 1:
+        raise FedcliError(f"server optimizer tau must be in (0, 1], got {out['tau']}")
     return out
 
 

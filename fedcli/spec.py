@@ -3,23 +3,222 @@
 The coordinator signs it at `fedcli init`; every bank verifies it against the pinned
 coordinator key before using anything in it, so preprocessing and hyper-parameters are
 identical everywhere and cannot be changed behind a bank's back.
+
+The contract is one strict pydantic model per table, composed into `SpecDocument`: unknown
+keys and tables are refused with a "did you mean", every number has a type and a range.
+docs/spec.md is generated from these models (`python -m fedcli.specdoc`), so it cannot drift.
+Rules that need more than one table (quorum against the roster, secure aggregation against
+the strategy) live in `_build`, which turns the validated document into the `Spec` the rest
+of fedcli uses.
 """
 
+from __future__ import annotations
+
+import base64
 import hashlib
-import math
-import tomllib
+import os
+import stat
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
 
 import tomli_w
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator, model_validator
 
-from .errors import FedcliError
-from .keys import PublicIdentity
+from .contract import check_size, describe, load_toml, strict_config
+from .errors import ContractError, FedcliError, InputError, VerificationError
+from .keys import PublicIdentity, verify_bytes
 from .names import check_name
-from .privacy import PrivacySpec, parse_privacy
-from .strategy import StrategySpec
-from .strategy import parse as parse_strategy
+from .privacy import PrivacySpec, PrivacyTable, privacy_spec
+from .strategy import StrategySpec, StrategyTable
+from .strategy import build as build_strategy
 
 MODEL_KINDS = ("logreg", "mlp")
+MAX_SPEC_BYTES = 1 << 20  # a spec with 10,000 features is ~0.5 MiB
+MAX_SIG_BYTES = 1024
+MAX_MEMBERS = 1000
+MAX_FEATURES = 10_000
+NO_DP = "no differential privacy"
+NO_SECAGG = "off"
+
+
+# --------------------------------------------------------------------------- field types
+
+
+def _name(value: str) -> str:
+    try:
+        return check_name(value, "name")
+    except FedcliError as e:
+        raise ValueError(str(e)) from None
+
+
+def _ed25519(value: str) -> str:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ValueError("is not base64") from None
+    if len(raw) != 32:
+        raise ValueError(f"is not a 32-byte Ed25519 public key ({len(raw)} bytes)")
+    PublicIdentity("key", value).key()
+    return value
+
+
+def _x25519(value: str) -> str:
+    if value:
+        from .secagg import public_from_text
+
+        try:
+            public_from_text(value)
+        except (FedcliError, ValueError):
+            raise ValueError("is not a base64 X25519 public key of 32 bytes") from None
+    return value
+
+
+Name = Annotated[str, AfterValidator(_name)]
+Ed25519Key = Annotated[str, AfterValidator(_ed25519)]
+X25519Key = Annotated[str, StringConstraints(max_length=64), AfterValidator(_x25519)]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+HiddenWidth = Annotated[int, Field(ge=1, le=4096)]
+
+
+# --------------------------------------------------------------------------- the document
+
+
+class CoordinatorTable(BaseModel):
+    """[federation.coordinator]: filled in by `fedcli init` from --key; banks pin this key."""
+
+    model_config = strict_config()
+
+    name: Name = Field(description="coordinator name (the key file's stem)")
+    ed25519: Ed25519Key = Field(description="base64 Ed25519 public key that signs the spec and every global")
+
+
+class FederationTable(BaseModel):
+    """[federation]: identity, quorum and the bound on a bank's declared row count."""
+
+    model_config = strict_config()
+
+    id: Name = Field(description="federation id (init: --id, else this, else random)")
+    coordinator: CoordinatorTable = Field(description="filled in by init")
+    min_clients: Optional[int] = Field(
+        None, ge=1, le=MAX_MEMBERS, description="valid updates needed to publish; at most the number of members (default min(2, members))")
+    deadline_minutes: float = Field(
+        0, ge=0, le=525_600, description="0: publish at quorum; else wait this long for the rest unless all are in")
+    max_rows_per_member: int = Field(
+        100_000_000, ge=1, le=10**10, description="largest num_examples an update may declare (its FedAvg weight)")
+
+
+class MemberTable(BaseModel):
+    """[[members]]: one per bank; init appends one per --member .pub file."""
+
+    model_config = strict_config()
+
+    name: Name = Field(description="bank name; its updates live under updates/<name>")
+    ed25519: Ed25519Key = Field(description="base64 Ed25519 public key that signs the bank's updates")
+    x25519: X25519Key = Field("", description="base64 X25519 key for secure aggregation masks (required when [secagg] is enabled)")
+
+
+class ModelTable(BaseModel):
+    """[model]: the architecture every bank trains."""
+
+    model_config = strict_config()
+
+    kind: Literal["logreg", "mlp"] = Field(description="logistic regression or a multi-layer perceptron")
+    hidden: list[HiddenWidth] = Field(
+        default_factory=lambda: [32], min_length=1, max_length=16, description="mlp: hidden layer widths, each 1..4096")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="round 0's weights are reproducible from this seed")
+
+
+class NumericFeatureTable(BaseModel):
+    """[[data.numeric]]: a column standardised as (x - mean) / std at every bank."""
+
+    model_config = strict_config()
+
+    name: Text = Field(description="column name")
+    mean: float = Field(ge=-1e15, le=1e15, description="declared mean (missing values become this)")
+    std: float = Field(gt=0, le=1e15, description="declared standard deviation")
+
+
+class CategoricalFeatureTable(BaseModel):
+    """[[data.categorical]]: a column one-hot encoded over its declared levels (others: all zero)."""
+
+    model_config = strict_config()
+
+    name: Text = Field(description="column name")
+    levels: list[Text] = Field(min_length=1, max_length=MAX_FEATURES, description="category values as text, unique")
+
+    @field_validator("levels")
+    @classmethod
+    def _unique(cls, levels: list[str]) -> list[str]:
+        if len(set(levels)) != len(levels):
+            twice = next(x for x in levels if levels.count(x) > 1)
+            raise ValueError(f"must be unique ({twice!r} appears twice)")
+        return levels
+
+
+class DataTable(BaseModel):
+    """[data]: the label and the declared preprocessing, identical at every bank (draft it with `fedcli schema`)."""
+
+    model_config = strict_config()
+
+    target: Text = Field(description="label column")
+    positive: Union[Text, int] = Field(description="label value of the positive class")
+    numeric: list[NumericFeatureTable] = Field(default_factory=list, max_length=MAX_FEATURES, description="numeric features")
+    categorical: list[CategoricalFeatureTable] = Field(
+        default_factory=list, max_length=MAX_FEATURES, description="categorical features")
+
+    @model_validator(mode="after")
+    def _features(self):
+        cols = [f.name for f in self.numeric] + [f.name for f in self.categorical]
+        if not cols:
+            raise ValueError("declares no features ([[data.numeric]] or [[data.categorical]])")
+        if len(set(cols)) != len(cols):
+            raise ValueError(f"declares the feature {next(c for c in cols if cols.count(c) > 1)!r} twice")
+        if self.target in cols:
+            raise ValueError(f"has its target {self.target!r} also declared as a feature")
+        n = len(self.numeric) + sum(len(c.levels) for c in self.categorical)
+        if n > MAX_FEATURES:
+            raise ValueError(f"declares {n} model inputs (numeric + one-hot levels); at most {MAX_FEATURES}")
+        return self
+
+
+class TrainingTable(BaseModel):
+    """[training]: local training at every bank, per round."""
+
+    model_config = strict_config()
+
+    epochs: int = Field(5, ge=1, le=10_000, description="local epochs per round")
+    batch_size: int = Field(64, ge=1, le=1_000_000, description="mini-batch size")
+    lr: float = Field(0.01, gt=0, le=10, description="local learning rate (Adam)")
+
+
+class SecAggTable(BaseModel):
+    """[secagg]: pairwise-masked updates so the coordinator sees only their sum."""
+
+    model_config = strict_config()
+
+    enabled: bool = Field(False, description="turn secure aggregation on (needs every member's x25519 key)")
+    clip: float = Field(10.0, gt=0, le=1e6, description="each update coordinate is clipped to [-clip, clip] before fixed point")
+    noise: Literal["full", "shared"] = Field(
+        "full", description="update-level DP noise per bank: full at every bank, or shared across banks")
+
+
+class SpecDocument(BaseModel):
+    """The whole federation spec: federation.toml."""
+
+    model_config = strict_config()
+
+    federation: FederationTable
+    members: list[MemberTable] = Field(min_length=1, max_length=MAX_MEMBERS, description="enrolled banks")
+    model: ModelTable
+    data: DataTable
+    training: TrainingTable = Field(default_factory=TrainingTable)
+    privacy: PrivacyTable = Field(default_factory=PrivacyTable)
+    secagg: SecAggTable = Field(default_factory=SecAggTable)
+    strategy: StrategyTable = Field(default_factory=StrategyTable)
+
+
+# --------------------------------------------------------------------------- what the code uses
 
 
 @dataclass(frozen=True)
@@ -85,6 +284,7 @@ class Spec:
     secagg: SecAggSpec = SecAggSpec()
     strategy: StrategySpec = field(default_factory=StrategySpec)
     privacy: PrivacySpec = PrivacySpec()
+    document: Any = field(default=None, repr=False, compare=False)  # the validated SpecDocument
 
     def member(self, name: str) -> PublicIdentity | None:
         return next((m for m in self.members if m.name == name), None)
@@ -93,155 +293,150 @@ class Spec:
         return next((m for m in self.members if m.ed25519 == ed25519_b64), None)
 
 
-def _get(table: dict, key: str, kind, where: str, default=None):
-    if key not in table:
-        if default is None:
-            raise FedcliError(f"federation spec: [{where}] needs '{key}'")
-        return default
-    value = table[key]
-    ok = isinstance(value, kind) and not (kind in (int, (int, float)) and isinstance(value, bool))
-    if not ok:
-        raise FedcliError(f"federation spec: [{where}] '{key}' has the wrong type ({type(value).__name__})")
-    return value
+def parse(raw: Any, what: str = "federation spec", error: type[FedcliError] = FedcliError) -> Spec:
+    """Validate a parsed spec against the contract and build a Spec; every problem is one line naming the field."""
+    doc = _validate(raw, what, error)
+    try:
+        return _build(doc, raw)
+    except FedcliError as e:
+        raise error(f"{what}: {e}") from None
 
 
-def _positive(value, name: str, where: str):
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise FedcliError(f"federation spec: [{where}] '{name}' must be a positive number")
-    return value
+def _validate(raw: Any, what: str, error: type[FedcliError]) -> SpecDocument:
+    """contract.validate, but reporting an unknown key before anything else: a typo explains a missing key."""
+    from pydantic import ValidationError
+
+    try:
+        return SpecDocument.model_validate(raw, strict=True)
+    except ValidationError as e:
+        errors = sorted(e.errors(), key=lambda err: err.get("type") != "extra_forbidden")
+        first = {**errors[0], "loc": tuple(p for p in errors[0]["loc"] if p not in _UNION_TAGS)}
+        raise error(f"{what}: {describe(SpecDocument, first)}", reason="malformed") from None
 
 
-def parse(raw: dict) -> Spec:
-    """Validate a spec dict and build a Spec; every problem names the field."""
-    fed = _get(raw, "federation", dict, "federation")
-    fid = check_name(_get(fed, "id", str, "federation"), "federation id")
-    coord = _get(fed, "coordinator", dict, "federation")
-    coordinator = PublicIdentity(
-        name=check_name(_get(coord, "name", str, "federation.coordinator"), "coordinator name"),
-        ed25519=_get(coord, "ed25519", str, "federation.coordinator"),
-    )
-    coordinator.key()
+_UNION_TAGS = {"str", "int", "constrained-str"}  # pydantic names union members in an error's path
 
-    members = []
-    for m in _get(raw, "members", list, "members"):
-        ident = PublicIdentity(name=check_name(_get(m, "name", str, "members"), "member name"),
-                               ed25519=_get(m, "ed25519", str, "members"),
-                               x25519=_get(m, "x25519", str, "members", default=""))
-        ident.key()
-        if ident.x25519:
-            ident.mask_key()
-        members.append(ident)
+
+def _build(doc: SpecDocument, raw: dict) -> Spec:
+    """The rules that span tables: roster, quorum, privacy against strategy, secure aggregation."""
+    fed = doc.federation
+    coordinator = PublicIdentity(name=fed.coordinator.name, ed25519=fed.coordinator.ed25519)
+    members = tuple(PublicIdentity(name=m.name, ed25519=m.ed25519, x25519=m.x25519) for m in doc.members)
     names = [m.name for m in members]
     if len(set(names)) != len(names):
-        raise FedcliError("federation spec: member names must be unique")
+        raise FedcliError(f"member names must be unique ({next(n for n in names if names.count(n) > 1)!r} twice)")
     if len({m.ed25519 for m in members}) != len(members):
-        raise FedcliError("federation spec: two members share a public key")
-    if not members:
-        raise FedcliError("federation spec: no members enrolled")
+        raise FedcliError("two members share a public key")
+    if coordinator.ed25519 in {m.ed25519 for m in members}:
+        raise FedcliError(f"the coordinator's key is also member {coordinator_member(coordinator, members)}'s key: "
+                          "the coordinator must have its own key")
+    min_clients = min(2, len(members)) if fed.min_clients is None else fed.min_clients
+    if min_clients > len(members):
+        raise FedcliError(f"[federation] min_clients must be between 1 and the number of members ({len(members)})")
 
-    min_clients = _get(fed, "min_clients", int, "federation", default=min(2, len(members)))
-    if not 1 <= min_clients <= len(members):
-        raise FedcliError(f"federation spec: min_clients must be between 1 and the number of members ({len(members)})")
-    deadline = _get(fed, "deadline_minutes", (int, float), "federation", default=0)
-    max_rows = _get(fed, "max_rows_per_member", int, "federation", default=100_000_000)
-    if deadline < 0:
-        raise FedcliError("federation spec: deadline_minutes must be >= 0")
-
-    m = _get(raw, "model", dict, "model")
-    kind = _get(m, "kind", str, "model")
-    if kind not in MODEL_KINDS:
-        raise FedcliError(f"federation spec: [model] kind must be one of {', '.join(MODEL_KINDS)}")
-    hidden = tuple(_get(m, "hidden", list, "model", default=[32]))
-    if kind == "mlp" and (not hidden or any(not isinstance(h, int) or h <= 0 for h in hidden)):
-        raise FedcliError("federation spec: [model] hidden must be a list of positive integers")
-    model = ModelSpec(kind=kind, hidden=hidden, seed=_get(m, "seed", int, "model", default=0))
-
-    d = _get(raw, "data", dict, "data")
-    numeric = []
-    for f in _get(d, "numeric", list, "data", default=[]):
-        nf = NumericFeature(name=_get(f, "name", str, "data.numeric"),
-                            mean=float(_get(f, "mean", (int, float), "data.numeric")),
-                            std=float(_get(f, "std", (int, float), "data.numeric")))
-        _positive(nf.std, f"std of {nf.name}", "data.numeric")
-        if not math.isfinite(nf.mean):
-            raise FedcliError(f"federation spec: mean of {nf.name} must be finite")
-        numeric.append(nf)
-    categorical = []
-    for f in _get(d, "categorical", list, "data", default=[]):
-        levels = tuple(str(x) for x in _get(f, "levels", list, "data.categorical"))
-        if not levels or len(set(levels)) != len(levels):
-            raise FedcliError(f"federation spec: levels of {f.get('name')} must be non-empty and unique")
-        categorical.append(CategoricalFeature(name=_get(f, "name", str, "data.categorical"), levels=levels))
-    cols = [f.name for f in numeric] + [f.name for f in categorical]
-    if not cols:
-        raise FedcliError("federation spec: [data] declares no features")
-    if len(set(cols)) != len(cols):
-        raise FedcliError("federation spec: a feature is declared twice")
-    target = _get(d, "target", str, "data")
-    if target in cols:
-        raise FedcliError(f"federation spec: the target {target!r} is also declared as a feature")
-    data = DataSpec(target=target, positive=str(_get(d, "positive", (str, int), "data")),
-                    numeric=tuple(numeric), categorical=tuple(categorical))
-
-    t = _get(raw, "training", dict, "training", default={})
-    training = TrainingSpec(
-        epochs=_get(t, "epochs", int, "training", default=5),
-        batch_size=_get(t, "batch_size", int, "training", default=64),
-        lr=float(_get(t, "lr", (int, float), "training", default=0.01)),
-    )
-    if training.epochs < 1 or training.batch_size < 1:
-        raise FedcliError("federation spec: [training] epochs and batch_size must be >= 1")
-    _positive(training.lr, "lr", "training")
-
-    privacy = parse_privacy(raw.get("privacy"))
-    strategy = parse_strategy(raw.get("strategy"), len(members), min_clients)
+    privacy = privacy_spec(doc.privacy)
+    strategy = build_strategy(doc.strategy, len(members), min_clients)
     if strategy.prox_mu > 0 and privacy.mode == "record":
-        raise FedcliError("federation spec: [strategy] prox_mu (FedProx) is not supported with record-level DP "
+        raise FedcliError("[strategy] prox_mu (FedProx) is not supported with record-level DP "
                           "(DP-SGD); use [privacy] mode = \"update\" or prox_mu = 0")
-    secagg = _parse_secagg(_get(raw, "secagg", dict, "secagg", default={}), members, min_clients, privacy.mode,
-                           strategy)
-    return Spec(federation_id=fid, coordinator=coordinator, min_clients=min_clients,
-                deadline_minutes=float(deadline), max_rows_per_member=max_rows, model=model, data=data, training=training,
-                members=tuple(members), raw=raw, privacy=privacy, strategy=strategy, secagg=secagg)
+    secagg = _secagg(doc.secagg, members, min_clients, privacy.mode, strategy)
+
+    d = doc.data
+    data = DataSpec(target=d.target, positive=str(d.positive),
+                    numeric=tuple(NumericFeature(f.name, float(f.mean), float(f.std)) for f in d.numeric),
+                    categorical=tuple(CategoricalFeature(f.name, tuple(f.levels)) for f in d.categorical))
+    m, t = doc.model, doc.training
+    return Spec(federation_id=fed.id, coordinator=coordinator, min_clients=min_clients,
+                deadline_minutes=float(fed.deadline_minutes), max_rows_per_member=fed.max_rows_per_member,
+                model=ModelSpec(kind=m.kind, hidden=tuple(m.hidden), seed=m.seed), data=data,
+                training=TrainingSpec(epochs=t.epochs, batch_size=t.batch_size, lr=float(t.lr)),
+                members=members, raw=raw, privacy=privacy, strategy=strategy, secagg=secagg, document=doc)
 
 
-def _parse_secagg(t: dict, members: list[PublicIdentity], min_clients: int, privacy_mode: str,
-                  strategy: StrategySpec) -> SecAggSpec:
+def coordinator_member(coordinator: PublicIdentity, members) -> str:
+    return next(m.name for m in members if m.ed25519 == coordinator.ed25519)
+
+
+def _secagg(t: SecAggTable, members: tuple[PublicIdentity, ...], min_clients: int, privacy_mode: str,
+            strategy: StrategySpec) -> SecAggSpec:
     """Secure aggregation needs every member's X25519 key and at least 2 survivors per round."""
-    from .secagg import fixed_point_scale, member_noise_multiplier
+    from .secagg import fixed_point_scale
 
-    enabled = _get(t, "enabled", bool, "secagg", default=False)
-    clip = float(_positive(_get(t, "clip", (int, float), "secagg", default=SecAggSpec.clip), "clip", "secagg"))
-    noise = _get(t, "noise", str, "secagg", default=SecAggSpec.noise)
-    if not enabled:
-        return SecAggSpec(False, clip, noise)
-    member_noise_multiplier(1.0, noise, max(2, min_clients))  # validates the mode
-    if noise == "shared" and privacy_mode != "update":
-        raise FedcliError('federation spec: [secagg] noise = "shared" splits update-level DP noise across banks; '
+    if not t.enabled:
+        return SecAggSpec(False, float(t.clip), t.noise)
+    if t.noise == "shared" and privacy_mode != "update":
+        raise FedcliError('[secagg] noise = "shared" splits update-level DP noise across banks; '
                           'it needs [privacy] mode = "update"')
     if strategy.mode != "sync" or strategy.rule != "fedavg" or strategy.max_norm > 0 or strategy.compression != "none":
-        raise FedcliError("federation spec: [secagg] needs [strategy] mode = \"sync\", rule = \"fedavg\", no max_norm and "
+        raise FedcliError("[secagg] needs [strategy] mode = \"sync\", rule = \"fedavg\", no max_norm and "
                           "no compression: the coordinator only sees the sum, never one update (server optimisers and "
                           "prox_mu are fine)")
     missing = [m.name for m in members if not m.x25519]
     if missing:
-        raise FedcliError(f"federation spec: [secagg] is enabled but {', '.join(missing)} enrolled no x25519 key "
+        raise FedcliError(f"[secagg] is enabled but {', '.join(missing)} enrolled no x25519 key "
                           "(re-run `fedcli keygen` and enrol the new .pub)")
     if len({m.x25519 for m in members}) != len(members):
-        raise FedcliError("federation spec: two members share an x25519 key")
+        raise FedcliError("[secagg] two members share an x25519 key")
     if len(members) < 2 or min_clients < 2:
-        raise FedcliError("federation spec: [secagg] needs at least 2 members and min_clients >= 2 "
+        raise FedcliError("[secagg] needs at least 2 members and min_clients >= 2 "
                           "(a sum of one update is that update)")
-    fixed_point_scale(clip, len(members))  # fails early if the roster cannot fit in 32 bits
-    return SecAggSpec(True, clip, noise)
+    fixed_point_scale(t.clip, len(members))  # fails early if the roster cannot fit in 32 bits
+    return SecAggSpec(True, float(t.clip), t.noise)
 
 
-def loads(data: bytes, what: str = "federation spec") -> Spec:
+# --------------------------------------------------------------------------- bytes in, bytes out
+
+
+def loads(data: bytes, what: str = "federation spec", error: type[FedcliError] = FedcliError) -> Spec:
+    """Parse and validate spec bytes (size and depth bounded first). Unsigned bytes: use `verified`."""
+    return parse(load_toml(data, what, MAX_SPEC_BYTES, error), what, error)
+
+
+def verified(data: bytes, signature: bytes, pinned: PublicIdentity | None, what: str = "federation spec") -> Spec:
+    """The spec from the store: the signature over the raw bytes is checked before the contract.
+
+    With a pinned key, nothing is parsed before the signature verifies. Without one (status,
+    aggregate, bundle export), the only thing read from the unverified bytes is the key the
+    spec names, through the bounded TOML reader; the document is validated only once that
+    key's signature verifies. Every failure is one line and exit 4.
+    """
+    check_size(len(data), MAX_SPEC_BYTES, what)
+    check_size(len(signature), MAX_SIG_BYTES, f"{what} signature")
+    sig = signature.decode("ascii", "replace")
+    if pinned is not None:
+        try:
+            verify_bytes(data, sig, pinned, what)
+        except VerificationError:
+            raise VerificationError(f"{what}: signature does not verify with the pinned coordinator key "
+                                    f"{pinned.fingerprint}: refusing to trust this store (another federation's, or tampered)") from None
+        raw = load_toml(data, what, MAX_SPEC_BYTES, ContractError)
+        spec = parse(raw, what, ContractError)
+        if spec.coordinator.ed25519 != pinned.ed25519:
+            raise VerificationError(f"the federation spec names coordinator key {spec.coordinator.fingerprint}, "
+                                    f"but you pinned {pinned.fingerprint}: refusing to trust this store")
+        return spec
+    raw = load_toml(data, what, MAX_SPEC_BYTES, ContractError)
+    coordinator = raw.get("federation", {}).get("coordinator", {}) if isinstance(raw.get("federation"), dict) else {}
+    key = coordinator.get("ed25519") if isinstance(coordinator, dict) else None
+    if not isinstance(key, str):
+        raise ContractError(f"{what} names no coordinator key ([federation.coordinator] ed25519)")
+    verify_bytes(data, sig, PublicIdentity("the named coordinator", key), what)
+    return parse(raw, what, ContractError)
+
+
+def read_template(path: Path, what: str) -> bytes:
+    """A user's spec template: a regular file of at most MAX_SPEC_BYTES, checked before reading."""
     try:
-        raw = tomllib.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise FedcliError(f"{what} is not valid TOML: {e}") from None
-    return parse(raw)
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise InputError(f"{what} is not a regular file")
+            check_size(info.st_size, MAX_SPEC_BYTES, what, InputError)
+            data = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as e:
+        raise InputError(f"cannot read {what}: {e.strerror}") from None
+    check_size(len(data), MAX_SPEC_BYTES, what, InputError)
+    return data
 
 
 def dumps(raw: dict) -> bytes:
@@ -250,3 +445,105 @@ def dumps(raw: dict) -> bytes:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------- what is in force
+
+
+def summary(spec: Spec) -> list[tuple[str, str]]:
+    """(setting, plain words) rows of what this spec puts in force: printed by init, train and `spec show`.
+
+    A value starting with NO_DP or NO_SECAGG means a protection is off (callers show it in yellow).
+    """
+    m, p, s, sa, t = spec.model, spec.privacy, spec.strategy, spec.secagg, spec.training
+    model = f"{m.kind} on {spec.data.n_features} features"
+    if m.kind == "mlp":
+        model += f", hidden layers {', '.join(map(str, m.hidden))}"
+    if p.enabled:
+        unit = "record-level (DP-SGD, one customer row)" if p.mode == "record" else "update-level (a bank's whole update)"
+        noise = (f"noise multiplier {p.noise_multiplier:g}" if p.noise_multiplier is not None
+                 else f"target epsilon {p.target_epsilon:g} over {p.rounds} rounds")
+        dp = f"{unit}: budget epsilon {p.budget_epsilon:g} at delta {p.delta:g}, clip {p.clip:g}, {noise}"
+    else:
+        dp = NO_DP
+    if sa.enabled:
+        secagg = f"on: the coordinator sees only the sum; clip {sa.clip:g}, DP noise {sa.noise}"
+    else:
+        secagg = f"{NO_SECAGG}: the coordinator sees each bank's update"
+    strategy = f"{s.mode}, rule {s.rule}, server optimiser {s.server}"
+    if s.server_params:
+        strategy += " (" + ", ".join(f"{k} {v:g}" for k, v in s.server_params.items()) + ")"
+    if s.max_norm > 0:
+        strategy += f", updates scaled to L2 norm <= {s.max_norm:g}"
+    if s.prox_mu > 0:
+        strategy += f", FedProx mu {s.prox_mu:g}"
+    if s.mode == "async":
+        strategy += f", publish every {s.buffer_size} updates, ignore staleness > {s.max_staleness} ({s.discount} discount)"
+    compression = {"none": "none", "int8": "int8 (8-bit quantised updates)"}.get(
+        s.compression, f"topk: {s.topk_ratio:g} of the coordinates")
+    quorum = f"{spec.min_clients} of {len(spec.members)} members"
+    quorum += (f", or all of them within {spec.deadline_minutes:g} minutes" if spec.deadline_minutes > 0
+               else ", publish as soon as reached")
+    return [
+        ("model", model),
+        ("training", f"{t.epochs} epochs, batch size {t.batch_size}, learning rate {t.lr:g}"),
+        ("differential privacy", dp),
+        ("secure aggregation", secagg),
+        ("strategy", strategy),
+        ("compression", compression),
+        ("quorum", quorum),
+        ("max rows per member", f"{spec.max_rows_per_member:,}"),
+    ]
+
+
+def settings(spec: Spec) -> list[tuple[str, str, bool]]:
+    """Every setting of the spec as (key, value, set in the file?) rows, defaults resolved (`spec show`)."""
+    doc: SpecDocument = spec.document
+    derived = {"federation.min_clients": spec.min_clients, "strategy.async.buffer_size": spec.strategy.buffer_size,
+               "privacy.budget_epsilon": spec.privacy.budget_epsilon}
+    server = _server_params(spec.strategy)
+    rows: list[tuple[str, str, bool]] = []
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name, f in type(model).model_fields.items():
+            key = f"{prefix}{f.alias or name}"
+            value = getattr(model, name)
+            explicit = name in model.model_fields_set
+            if key in ("members", "federation.coordinator", "data.numeric", "data.categorical"):
+                continue
+            if isinstance(value, BaseModel):
+                walk(value, key + ".")
+                continue
+            if prefix == "strategy.server." and name != "optimizer":
+                if name not in server:
+                    continue
+                value = server[name]
+            value = derived.get(key, value)
+            if value is None:
+                continue
+            rows.append((key, _show(value), explicit))
+
+    walk(doc, "")
+    for f in doc.data.numeric:
+        rows.append((f"data.numeric {f.name}", f"mean {f.mean:g}, std {f.std:g}", True))
+    for f in doc.data.categorical:
+        rows.append((f"data.categorical {f.name}", f"{len(f.levels)} levels: {', '.join(f.levels)}", True))
+    return rows
+
+
+def _server_params(strategy: StrategySpec) -> dict[str, float]:
+    from .server_opt import check_params
+
+    return check_params(strategy.server, strategy.server_params)
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)

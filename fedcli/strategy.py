@@ -20,24 +20,24 @@
     exponent = 0.5           # polynomial: (1+s)^-exponent; hinge: slope
     hinge_after = 4          # hinge: no discount up to this staleness
 
-Every setting is in the signed spec, so a bank can check what the coordinator will do.
+Every setting is in the signed spec, so a bank can check what the coordinator will do. The
+contract (types, ranges, defaults) is StrategyTable below; docs/spec.md is generated from it.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
 import numpy as np
+from pydantic import BaseModel, Field, model_validator
 
 from . import aggregate as ar
 from . import compression, server_opt
+from .contract import strict_config, validate
 from .errors import FedcliError
-
-MODES = ("sync", "async")
-RULES = ("fedavg", "median", "trimmed_mean", "krum")
 
 
 @dataclass(frozen=True)
@@ -68,104 +68,99 @@ class StrategySpec:
 
 
 def _err(msg: str) -> FedcliError:
-    return FedcliError(f"federation spec: [strategy] {msg}")
+    return FedcliError(f"[strategy] {msg}")
 
 
-def _take(table: dict, key: str, kind, where: str, default):
-    if key not in table:
-        return default
-    v = table[key]
-    if kind is float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise _err(f"{where}'{key}' must be a number")
-        return float(v)
-    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-        raise _err(f"{where}'{key}' must be an integer")
-    if kind is str and not isinstance(v, str):
-        raise _err(f"{where}'{key}' must be a string")
-    return v
+class ServerTable(BaseModel):
+    """[strategy.server]: the server optimiser and any of its parameters (unset ones take server_opt.DEFAULTS)."""
+
+    model_config = strict_config()
+
+    optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = Field(
+        "fedavg", description="how the coordinator applies the aggregated delta to the global model")
+    lr: Optional[float] = Field(None, gt=0, le=10, description="server learning rate (fedavg/fedavgm: 1.0, fedadam/fedyogi: 0.01)")
+    momentum: Optional[float] = Field(None, ge=0, lt=1, description="fedavgm only (default 0.9)")
+    beta1: Optional[float] = Field(None, ge=0, lt=1, description="fedadam/fedyogi only (default 0.9)")
+    beta2: Optional[float] = Field(None, ge=0, lt=1, description="fedadam/fedyogi only (default 0.99)")
+    tau: Optional[float] = Field(None, gt=0, le=1, description="fedadam/fedyogi only: adaptivity (default 0.001)")
+
+    @property
+    def params(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.model_dump(exclude={"optimizer"}).items() if v is not None}
+
+    @model_validator(mode="after")
+    def _known_params(self):
+        try:
+            server_opt.check_params(self.optimizer, self.params)
+        except FedcliError as e:
+            raise ValueError(str(e)) from None
+        return self
 
 
-def _known(table: dict, keys: set[str], where: str) -> None:
-    unknown = sorted(set(table) - keys)
-    if unknown:
-        raise _err(f"{where}unknown setting {unknown[0]!r} (known: {', '.join(sorted(keys))})")
+class CompressionTable(BaseModel):
+    """[strategy.compression]: how banks shrink updates on the wire (error feedback kept at the bank)."""
+
+    model_config = strict_config()
+
+    method: Literal["none", "int8", "topk"] = Field("none", description="none | int8 (8-bit quantised) | topk (largest coordinates)")
+    ratio: float = Field(0.01, gt=0, le=1, description="topk: fraction of coordinates sent")
+
+
+class AsyncTable(BaseModel):
+    """[strategy.async]: buffered asynchronous aggregation (used when mode = "async")."""
+
+    model_config = strict_config()
+
+    buffer_size: Optional[int] = Field(None, ge=1, le=10_000, description="publish once this many updates are in (default min(2, members))")
+    max_staleness: int = Field(4, ge=0, le=10_000, description="updates trained on an older global are ignored")
+    discount: Literal["polynomial", "hinge", "constant"] = Field(
+        "polynomial", description="weight of a stale update: (1+s)^-exponent, hinge, or none")
+    exponent: float = Field(0.5, ge=0, le=100, description="polynomial: the exponent; hinge: the slope")
+    hinge_after: int = Field(4, ge=0, le=10_000, description="hinge: no discount up to this staleness")
+
+
+class StrategyTable(BaseModel):
+    """[strategy]: how the coordinator combines verified updates (absent = synchronous FedAvg)."""
+
+    model_config = strict_config()
+
+    mode: Literal["sync", "async"] = Field("sync", description="sync: quorum or deadline; async: fold in buffer_size updates")
+    rule: Literal["fedavg", "median", "trimmed_mean", "krum"] = Field("fedavg", description="aggregation rule")
+    max_norm: float = Field(0.0, ge=0, le=1e12, description="> 0: scale every update down to this L2 norm first")
+    trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: fraction dropped at each end")
+    krum_f: int = Field(1, ge=0, le=1000, description="krum: Byzantine banks tolerated")
+    krum_m: int = Field(1, ge=1, le=1000, description="krum: updates averaged (1 = Krum, > 1 = multi-Krum)")
+    prox_mu: float = Field(0.0, ge=0, le=1000, description="FedProx proximal term at the banks (0 = off)")
+    server: ServerTable = Field(default_factory=ServerTable, description="server optimiser")
+    compression: CompressionTable = Field(default_factory=CompressionTable, description="update compression")
+    async_: AsyncTable = Field(default_factory=AsyncTable, alias="async", description="asynchronous aggregation")
+
+
+def build(t: StrategyTable, n_members: int, min_clients: int) -> StrategySpec:
+    """The StrategySpec of a validated table, after the checks that need the roster."""
+    a = t.async_
+    buffer_size = min(2, n_members) if a.buffer_size is None else a.buffer_size
+    if buffer_size > n_members:
+        raise _err(f"async.buffer_size must be between 1 and the number of members ({n_members})")
+    fewest = buffer_size if t.mode == "async" else min_clients
+    if t.rule == "krum" and fewest < 2 * t.krum_f + 3:
+        what = "async.buffer_size" if t.mode == "async" else "min_clients"
+        raise _err(f"krum with krum_f={t.krum_f} needs at least {2 * t.krum_f + 3} updates per round; raise {what} (now {fewest})")
+    return StrategySpec(
+        mode=t.mode, rule=t.rule, max_norm=float(t.max_norm), trim_ratio=float(t.trim_ratio), krum_f=t.krum_f,
+        krum_m=t.krum_m, prox_mu=float(t.prox_mu), server=t.server.optimizer, server_params=t.server.params,
+        compression=t.compression.method, topk_ratio=float(t.compression.ratio), buffer_size=buffer_size,
+        max_staleness=a.max_staleness, discount=a.discount, exponent=float(a.exponent), hinge_after=a.hinge_after,
+    )
 
 
 def parse(table: dict | None, n_members: int, min_clients: int) -> StrategySpec:
-    """Validate the [strategy] table (absent = plain synchronous FedAvg)."""
-    t = table or {}
-    if not isinstance(t, dict):
-        raise _err("must be a table")
-    _known(t, {"mode", "rule", "max_norm", "trim_ratio", "krum_f", "krum_m", "prox_mu", "server", "compression", "async"}, "")
-    d = StrategySpec()
-    mode = _take(t, "mode", str, "", d.mode)
-    if mode not in MODES:
-        raise _err(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    rule = _take(t, "rule", str, "", d.rule)
-    if rule not in RULES:
-        raise _err(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
-    max_norm = _take(t, "max_norm", float, "", d.max_norm)
-    if max_norm < 0:
-        raise _err("max_norm must be >= 0 (0 = no norm bounding)")
-    trim_ratio = _take(t, "trim_ratio", float, "", d.trim_ratio)
-    if not 0 <= trim_ratio < 0.5:
-        raise _err("trim_ratio must be in [0, 0.5)")
-    krum_f, krum_m = _take(t, "krum_f", int, "", d.krum_f), _take(t, "krum_m", int, "", d.krum_m)
-    if krum_f < 0 or krum_m < 1:
-        raise _err("krum_f must be >= 0 and krum_m >= 1")
-    prox_mu = _take(t, "prox_mu", float, "", d.prox_mu)
-    if prox_mu < 0:
-        raise _err("prox_mu must be >= 0")
-
-    s = t.get("server", {})
-    if not isinstance(s, dict):
-        raise _err("server must be a table")
-    server = _take(s, "optimizer", str, "server.", d.server)
-    params = {k: v for k, v in s.items() if k != "optimizer"}
+    """Validate a [strategy] table on its own (the spec validates it as part of the whole document)."""
+    t = validate(StrategyTable, {} if table is None else table, "federation spec: [strategy]", FedcliError)
     try:
-        server_opt.check_params(server, params)
+        return build(t, n_members, min_clients)
     except FedcliError as e:
-        raise _err(str(e)) from None
-
-    c = t.get("compression", {})
-    if not isinstance(c, dict):
-        raise _err("compression must be a table")
-    _known(c, {"method", "ratio"}, "compression.")
-    method = _take(c, "method", str, "compression.", d.compression)
-    ratio = _take(c, "ratio", float, "compression.", d.topk_ratio)
-    try:
-        compression.check(method, ratio if method == "topk" else None)
-    except FedcliError as e:
-        raise _err(str(e)) from None
-
-    a = t.get("async", {})
-    if not isinstance(a, dict):
-        raise _err("async must be a table")
-    _known(a, {"buffer_size", "max_staleness", "discount", "exponent", "hinge_after"}, "async.")
-    buffer_size = _take(a, "buffer_size", int, "async.", min(d.buffer_size, n_members))
-    max_staleness = _take(a, "max_staleness", int, "async.", d.max_staleness)
-    if not 1 <= buffer_size <= n_members:
-        raise _err(f"async.buffer_size must be between 1 and the number of members ({n_members})")
-    if max_staleness < 0:
-        raise _err("async.max_staleness must be >= 0")
-    out = StrategySpec(
-        mode=mode, rule=rule, max_norm=max_norm, trim_ratio=trim_ratio, krum_f=krum_f, krum_m=krum_m,
-        prox_mu=prox_mu, server=server, server_params=params, compression=method, topk_ratio=ratio,
-        buffer_size=buffer_size, max_staleness=max_staleness,
-        discount=_take(a, "discount", str, "async.", d.discount),
-        exponent=_take(a, "exponent", float, "async.", d.exponent),
-        hinge_after=_take(a, "hinge_after", int, "async.", d.hinge_after),
-    )
-    try:
-        out.discount_for(0)
-    except FedcliError as e:
-        raise _err(str(e)) from None
-    fewest = buffer_size if mode == "async" else min_clients
-    if rule == "krum" and fewest < 2 * krum_f + 3:
-        what = "async.buffer_size" if mode == "async" else "min_clients"
-        raise _err(f"krum with krum_f={krum_f} needs at least {2 * krum_f + 3} updates per round; raise {what} (now {fewest})")
-    return out
+        raise FedcliError(f"federation spec: {e}") from None
 
 
 class Combiner:

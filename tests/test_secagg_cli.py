@@ -75,8 +75,8 @@ def test_keygen_enrols_an_x25519_key(tmp_path, credit_split):
     plain = (fed.root / "federation.toml").read_text().split("\n[secagg]")[0]
     bad = tmp_path / "bad.toml"
     for template, message in (
-        (plain + '\n[secagg]\nenabled = true\nnoise = "half"\n', "noise mode must be one of"),
-        (plain + "\n[secagg]\nenabled = true\nclip = -1.0\n", "'clip' must be a positive number"),
+        (plain + '\n[secagg]\nenabled = true\nnoise = "half"\n', "'secagg.noise' input should be 'full' or 'shared'"),
+        (plain + "\n[secagg]\nenabled = true\nclip = -1.0\n", "'secagg.clip' input should be greater than 0"),
         (plain + '\n[secagg]\nenabled = true\nnoise = "shared"\n', 'it needs [privacy] mode = "update"'),
         # robust rules, norm bounding, compression and async need individual updates
         (plain + '\n[strategy]\nrule = "median"\n\n[secagg]\nenabled = true\n', 'needs [strategy] mode = "sync"'),

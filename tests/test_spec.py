@@ -32,11 +32,11 @@ def test_deadline_waits_for_stragglers_until_all_are_in(tmp_path, credit_split):
 
 @pytest.mark.parametrize("old,new,message", [
     ("min_clients = 3", "min_clients = 9", "min_clients must be between 1 and"),
-    ('kind = "logreg"', 'kind = "forest"', "kind must be one of"),
-    ("epochs = 3", "epochs = 0", "epochs and batch_size"),
-    ("lr = 0.02", 'lr = "fast"', "'lr' has the wrong type"),
+    ('kind = "logreg"', 'kind = "forest"', "'model.kind' input should be 'logreg' or 'mlp'"),
+    ("epochs = 3", "epochs = 0", "'training.epochs' input should be greater than or equal to 1"),
+    ("lr = 0.02", 'lr = "fast"', "'training.lr' input should be a valid number"),
     ('target = "Status"', 'target = "Age"', "also declared as a feature"),
-    ("std = 8.547769", "std = 0", "std of Seniority"),
+    ("std = 8.547769", "std = 0", "'data.numeric[0].std' input should be greater than 0"),
     ("[model]", "[model", "not valid TOML"),
 ])
 def test_bad_template_is_a_clear_error_and_nothing_is_written(tmp_path, credit_split, old, new, message):
