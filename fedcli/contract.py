@@ -88,9 +88,15 @@ def validate(model: type[M], raw: Any, what: str, error: type[FedcliError] = Con
     try:
         return model.model_validate(raw, strict=True)
     except ValidationError as e:
-        raise error(f"{what}: {describe(model, e.errors()[0])}", reason="malformed") from None
+        # An unknown key first: a typo (`epoch`) is what explains a missing key (`epochs`).
+        errors = sorted(e.errors(), key=lambda err: err.get("type") != "extra_forbidden")
+        first = {**errors[0], "loc": tuple(p for p in errors[0]["loc"] if p not in _UNION_TAGS)}
+        raise error(f"{what}: {describe(model, first)}", reason="malformed") from None
     except FedcliError as e:  # a model validator raised one of ours (e.g. an invalid name)
         raise error(f"{what}: {e}", reason="malformed") from None
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "constrained-str"}  # pydantic names union members in error paths
 
 
 def describe(model: type, err: dict) -> str:

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import tomli_w
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator, model_validator
 
-from .contract import check_size, describe, load_toml, strict_config
+from .contract import check_size, load_toml, strict_config, validate
 from .errors import ContractError, FedcliError, InputError, VerificationError
 from .keys import PublicIdentity, verify_bytes
 from .names import check_name
@@ -295,26 +295,11 @@ class Spec:
 
 def parse(raw: Any, what: str = "federation spec", error: type[FedcliError] = FedcliError) -> Spec:
     """Validate a parsed spec against the contract and build a Spec; every problem is one line naming the field."""
-    doc = _validate(raw, what, error)
+    doc = validate(SpecDocument, raw, what, error)
     try:
         return _build(doc, raw)
     except FedcliError as e:
         raise error(f"{what}: {e}") from None
-
-
-def _validate(raw: Any, what: str, error: type[FedcliError]) -> SpecDocument:
-    """contract.validate, but reporting an unknown key before anything else: a typo explains a missing key."""
-    from pydantic import ValidationError
-
-    try:
-        return SpecDocument.model_validate(raw, strict=True)
-    except ValidationError as e:
-        errors = sorted(e.errors(), key=lambda err: err.get("type") != "extra_forbidden")
-        first = {**errors[0], "loc": tuple(p for p in errors[0]["loc"] if p not in _UNION_TAGS)}
-        raise error(f"{what}: {describe(SpecDocument, first)}", reason="malformed") from None
-
-
-_UNION_TAGS = {"str", "int", "constrained-str"}  # pydantic names union members in an error's path
 
 
 def _build(doc: SpecDocument, raw: dict) -> Spec:
