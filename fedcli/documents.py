@@ -69,7 +69,7 @@ class DPRecord(Document):
     noise_multiplier: Positive
     sample_rate: Annotated[float, Field(gt=0, le=1)]
     steps: Annotated[int, Field(ge=1, le=10**9)]
-    delta: Annotated[float, Field(gt=0, lt=1)]
+    delta: Annotated[float, Field(gt=0, lt=1)] | None = None  # the bank adds the spec's; the spec's is what counts
 
 
 class Compression(Document):
