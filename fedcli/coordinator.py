@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
@@ -220,8 +221,9 @@ def _aggregate_locked(store, private, spec, spec_sha, lock: LeaseLock, console) 
         delta, info = (delta, {"rule": "secagg-mean", **sec_info}) if secure else combiner.result()
     finally:
         combiner.close()
-    weights, state = server_opt.server_step(strat.server, base.tensors, delta, _server_state(store, spec, base, shapes),
-                                            strat.server_params)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below, in one line
+        weights, state = server_opt.server_step(strat.server, base.tensors, delta,
+                                                _server_state(store, spec, base, shapes), strat.server_params)
     T.check_finite(weights, f"round {r}: the aggregated global model", error=FedcliError)  # refuse, never sign
     T.check_finite(state, f"round {r}: the server optimizer state", error=FedcliError)
     rule = info.pop("rule")

@@ -96,7 +96,11 @@ def latest_round(store: Store) -> int:
 
 
 def read_manifest(store: Store, key: str, what: str) -> bytes:
-    return store.get(key, max_bytes=MAX_MANIFEST_BYTES)
+    """A signed JSON document's bytes, refused before reading when larger than any fedcli writes."""
+    try:
+        return store.get(key, max_bytes=MAX_MANIFEST_BYTES)
+    except Oversize as e:
+        raise Oversize(f"{what}: {e}") from None
 
 
 def read_tensors(store: Store, key: str, expected_sha: str, shapes: T.Shapes, what: str,
