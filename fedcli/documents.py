@@ -65,9 +65,9 @@ class DPRecord(Document):
     mode: Literal["update", "record"]
     mechanism: Literal["gaussian", "dp-sgd"]
     accountant: Literal["rdp"]
-    clip: Positive
-    noise_multiplier: Positive
-    sample_rate: Annotated[float, Field(gt=0, le=1)]
+    clip: Annotated[float, Field(gt=0, le=1e6)]
+    noise_multiplier: Annotated[float, Field(gt=0, le=1e6)]
+    sample_rate: Annotated[float, Field(ge=1e-12, le=1)]
     steps: Annotated[int, Field(ge=1, le=10**9)]
     delta: Annotated[float, Field(gt=0, lt=1)] | None = None  # the bank adds the spec's; the spec's is what counts
 

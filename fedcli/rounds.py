@@ -195,6 +195,8 @@ def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, 
         check_declared(None if manifest.dp is None else manifest.dp.model_dump(), spec.privacy, what)
     except FedcliError as e:
         raise VerificationError(str(e), reason="weak-privacy") from None
+    except (ArithmeticError, ValueError):  # the accountant cannot price absurd (if in-range) parameters
+        raise VerificationError(f"{what}: its declared DP parameters cannot be accounted for", reason="weak-privacy") from None
     n = manifest.num_examples
     if spec.privacy.enabled:  # DP updates carry no row count (it is not privatised); equal weights
         if n is not None:

@@ -211,3 +211,20 @@ def test_a_non_finite_global_is_never_signed(tmp_path, credit_split):
     assert "NaN or infinite" in one_error_line(res)
     assert not (fed.store / "rounds/000001/global.json").exists()
     assert not (fed.store / "rounds/000001/global.safetensors").exists()
+
+
+@pytest.mark.parametrize("z, code", [(1e-300, "weak-privacy"), (1.7e308, "malformed")])
+def test_absurd_dp_declaration_is_rejected_not_a_crash(tmp_path, credit_split, z, code):
+    """The accountant divides by zero or overflows on absurd parameters: a rejection, not a traceback."""
+    from fedcli import privacy
+
+    template = (ROOT / "examples" / "federation.toml").read_text()
+    fed = make_fed(tmp_path, credit_split, template + '\n[privacy]\nmode = "record"\nclip = 1.0\n'
+                   'target_epsilon = 3.0\ndelta = 1e-5\nrounds = 5\n')
+    honest = privacy.Mechanism("record", 2.0, 0.01, 100, 1.0).manifest() | {"delta": 1e-5}
+    for b in BANKS[:3]:
+        forge(fed, b, num_examples=None, metrics=None, dp=honest)
+    forge(fed, "bank-d", num_examples=None, metrics=None, dp=honest | {"noise_multiplier": z, "steps": 10**9})
+    res = fed.aggregate()
+    published_from_honest_three(fed, res)
+    assert entries(fed)["bank-d"]["reason"] == code, entries(fed)
