@@ -228,3 +228,11 @@ def test_absurd_dp_declaration_is_rejected_not_a_crash(tmp_path, credit_split, z
     res = fed.aggregate()
     published_from_honest_three(fed, res)
     assert entries(fed)["bank-d"]["reason"] == code, entries(fed)
+
+
+def test_protocol_doc_lists_every_reason_code():
+    from fedcli.errors import REASONS
+
+    doc = (ROOT / "docs" / "protocol.md").read_text()
+    for code, meaning in REASONS.items():
+        assert f"| `{code}` | {meaning} |" in doc, code
