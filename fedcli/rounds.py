@@ -14,7 +14,6 @@ into its class in fedcli.documents (see docs/protocol.md for the order and the r
 """
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
