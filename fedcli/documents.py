@@ -25,11 +25,12 @@ MAX_ROWS = 10**10  # the largest max_rows_per_member a spec may declare; the spe
 MAX_MESSAGE = 1000  # characters of a rejection message kept in rejections.json
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"  # names.check_name's rule
-# A rejection is keyed by the update's file name on the store (store.check_key's rule for one part,
-# which may not be an enrolled name), plus " (round N)" for an older update folded in by async rounds.
-LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}( \(round [0-9]{1,6}\))?$"
+# An update's label: the name its file has on the store (which a planted file may make anything
+# printable: status escapes it), plus " (round N)" for an older update folded in by async rounds.
+LABEL_PATTERN = r"^[^\x00-\x1f\x7f]{1,200}$"
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+Label = Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Round = Annotated[int, Field(ge=0, le=999_999)]
 UpdateRound = Annotated[int, Field(ge=1, le=999_999)]
@@ -121,7 +122,7 @@ class Aggregation(Document):
     norm: Annotated[float, Field(ge=0)] | None = None
     clipped_by: Annotated[float, Field(gt=0, le=1)] | None = None
     staleness: Annotated[int, Field(ge=1, le=999_999)] | None = None
-    discount: Annotated[float, Field(ge=0, le=1)] | None = None
+    discount: Annotated[float, Field(ge=0)] | None = None
 
 
 class Contributor(Document):
@@ -154,8 +155,8 @@ class GlobalManifest(Document):
     server_optimizer: Token | None = None
     server_state_sha256: Sha256 | None = None
     max_norm: Positive | None = None
-    trim_ratio: Annotated[float, Field(ge=0, lt=0.5)] | None = None
-    krum_selected: Annotated[list[Name], Field(max_length=10_000)] | None = None
+    trim_ratio: Annotated[float, Field(ge=0, le=0.5)] | None = None
+    krum_selected: Annotated[list[Label], Field(max_length=10_000)] | None = None
     secagg: GlobalSecAgg | None = None
 
     @model_validator(mode="after")
@@ -208,8 +209,7 @@ class Rejections(Document):
     format: Literal[1]
     federation_id: Name
     round: UpdateRound
-    entries: Annotated[dict[Annotated[str, StringConstraints(pattern=LABEL_PATTERN)], Rejection],
-                       Field(max_length=100_000)]
+    entries: Annotated[dict[Label, Rejection], Field(max_length=100_000)]
     created_at: Timestamp
 
 

@@ -296,9 +296,14 @@ def write_rejections(store: Store, private, spec: Spec, r: int, entries: dict[st
     from .keys import sign_manifest
 
     doc = {"kind": "rejections", "format": FORMAT, "federation_id": spec.federation_id, "round": r,
-           "entries": dict(sorted(entries.items())), "created_at": now()}
+           "entries": {_printable(k): v for k, v in sorted(entries.items())}, "created_at": now()}
     parse(Rejections, doc, f"rejections of round {r}")
     store.put(rejections_key(r), sign_manifest(private, doc))
+
+
+def _printable(label: str) -> str:
+    """A planted file name may hold control characters: its label in the signed list must not."""
+    return re.sub(r"[\x00-\x1f\x7f]", "?", label)[:200] or "?"
 
 
 def read_rejections(store: Store, r: int, spec: Spec | None = None) -> dict[str, str]:

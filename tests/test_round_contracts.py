@@ -236,3 +236,18 @@ def test_protocol_doc_lists_every_reason_code():
     doc = (ROOT / "docs" / "protocol.md").read_text()
     for code, meaning in REASONS.items():
         assert f"| `{code}` | {meaning} |" in doc, code
+
+
+def test_planted_file_names_never_stop_the_round(fed):
+    """Update files whose names are no member's (control characters, dots, capitals) are rejected, not fatal."""
+    for b in BANKS[:3]:
+        fed.train(b)
+    upd = fed.store / "rounds/000001/updates"
+    for name in ("evil\nline", "Mallory", "a.b", "x" * 250):
+        (upd / f"{name}.json").write_bytes(b"{}")
+    res = fed.aggregate()
+    published_from_honest_three(fed, res)
+    got = entries(fed)
+    assert got["evil?line"]["reason"] == "not-member" and got["Mallory"]["reason"] == "not-member"
+    assert len(got) == 4
+    assert "Traceback" not in fed.cli("status", fed.store).output
