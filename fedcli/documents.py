@@ -44,9 +44,11 @@ Metrics = Annotated[dict[MetricName, float], Field(max_length=32)]
 
 def _iso_time(text: str) -> str:
     try:
-        datetime.fromisoformat(text)
+        when = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError("is not an ISO 8601 time") from None
+    if when.tzinfo is None:  # deadlines subtract it from an aware "now"
+        raise ValueError("has no time zone (fedcli writes UTC, e.g. 2026-01-01T00:00:00+00:00)")
     return text
 
 
