@@ -198,16 +198,17 @@ def aggregate(
     for col in ("member", "status", "rows / reason"):
         table.add_column(col)
     for a in res.accepted:
-        table.add_row(a["member"], "[green]accepted[/]", str(a["num_examples"] or "withheld (DP)"))
-    for m, reason in res.rejected.items():
-        table.add_row(m, "[red]rejected[/]", escape(reason))
+        table.add_row(escape(a["member"]), "[green]accepted[/]", str(a["num_examples"] or "withheld (DP)"))
+    for m, why in res.rejected.items():
+        table.add_row(escape(m), "[red]rejected[/]", escape(f"{why['reason']}: {why['message']}"))
     for m in res.pending:
-        table.add_row(m, "[yellow]incomplete[/]", "tensors without manifest (upload in progress or crashed)")
+        table.add_row(escape(m), "[yellow]incomplete[/]", "tensors without manifest (upload in progress or crashed)")
     for m in res.missing:
-        table.add_row(m, "[dim]missing[/]", "")
+        table.add_row(escape(m), "[dim]missing[/]", "")
     out.print(table)
-    for m, reason in res.rejected.items():
-        err.print(f"[red]rejected[/] {m}: {escape(reason)}", highlight=False, soft_wrap=True)
+    for m, why in res.rejected.items():
+        err.print(f"[red]rejected[/] {escape(m)} ({why['reason']}): {escape(why['message'])}", highlight=False,
+                  soft_wrap=True)
     if res.published:
         out.print(f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates ({res.how})",
                   soft_wrap=True)
@@ -217,13 +218,23 @@ def aggregate(
 
 
 @app.command()
-def status(store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix.")):
-    """Rounds, who submitted, rejections and mean metrics."""
+def status(
+    store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
+    coordinator: Optional[Path] = typer.Option(
+        None, "--coordinator", "-c", help="Pinned coordinator public key file: check the store is the real federation."),
+):
+    """Rounds, who submitted, rejections and mean metrics (everything shown is signature-checked)."""
+    from .keys import load_public
     from .rounds import history
 
     with failures():
-        spec, rows = history(_store(store))
-    table = Table(title=f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}")
+        pinned = load_public(coordinator) if coordinator else None
+        spec, rows = history(_store(store), pinned)
+    if pinned is None:
+        err.print("[yellow]note:[/] the store's identity was not pinned: signatures were checked against the "
+                  "coordinator key the spec names itself (pass --coordinator coordinator.pub to check it is the real one)",
+                  highlight=False, soft_wrap=True)
+    table = Table(title=escape(f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}"))
     for col, just in (("round", "right"), ("global", "left"), ("updates in", "right"), ("rows", "right"),
                       ("mean auc before", "right"), ("mean loss", "right"), ("other", "left")):
         table.add_column(col, justify=just)
@@ -235,6 +246,7 @@ def status(store: str = typer.Argument(..., help="Shared folder or s3://bucket/p
         other = [f"{len(waiting)} submitted"] if waiting else []
         other += [f"[yellow]{len(row.pending)} incomplete[/]"] if row.pending else []
         other += [f"[red]{len(row.rejected)} rejected[/]"] if row.rejected else []
+        other += ["[red]rejections unverified[/]"] if row.unverified else []
         table.add_row(
             str(row.round),
             "[green]published[/]" if row.published else "[yellow]open[/]",
@@ -246,9 +258,12 @@ def status(store: str = typer.Argument(..., help="Shared folder or s3://bucket/p
             ", ".join(other),
         )
         for m, why in row.rejected.items():
-            problems.add_row(str(row.round), m, escape(why))
+            problems.add_row(str(row.round), escape(m), escape(f"{why['reason']}: {why['message']}"))
         for m in row.pending:
-            problems.add_row(str(row.round), m, "tensors without manifest (upload in progress or crashed)")
+            problems.add_row(str(row.round), escape(m), "tensors without manifest (upload in progress or crashed)")
+        if row.unverified:
+            problems.add_row(str(row.round), "[red](unverified)[/]",
+                             escape(f"rejections.json is not the coordinator's signed word, ignored: {row.unverified}"))
     out.print(table)
     if problems.row_count:
         out.print(problems)

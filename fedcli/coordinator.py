@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
@@ -14,6 +15,7 @@ from . import rounds as R
 from . import spec as S
 from . import tensors as T
 from .contract import load_toml
+from .documents import rejection
 from .errors import AlreadyExists, FedcliError, InputError, NotFound, VerificationError
 from .store import Store
 from .store.lock import LeaseLock
@@ -71,7 +73,15 @@ def init_federation(
 
 
 def publish_global(store, private, spec, spec_sha, r, weights, prev_sha, contributors, **extra) -> str:
-    """Tensors first, then the signed manifest with create-only: one publisher wins a race."""
+    """Tensors first, then the signed manifest with create-only: one publisher wins a race.
+
+    Nothing is written unless the weights are finite and the manifest meets its contract: the
+    coordinator never signs a model every bank would then refuse forever.
+    """
+    from .documents import GlobalManifest, parse
+
+    what = f"global model of round {r}"
+    T.check_finite(weights, what, error=FedcliError)
     data = T.encode(weights)
     tkey, mkey = R.global_keys(r)
     store.put(tkey, data)
@@ -87,6 +97,7 @@ def publish_global(store, private, spec, spec_sha, r, weights, prev_sha, contrib
         "created_at": R.now(),
         **extra,
     }
+    parse(GlobalManifest, manifest, what)
     store.put(mkey, keys.sign_manifest(private, manifest), create_only=True)
     return manifest["tensors_sha256"]
 
@@ -95,7 +106,7 @@ def publish_global(store, private, spec, spec_sha, r, weights, prev_sha, contrib
 class AggregateResult:
     round: int  # the round being closed
     accepted: list[dict] = field(default_factory=list)  # {"member", "num_examples", "metrics"}
-    rejected: dict[str, str] = field(default_factory=dict)  # member -> reason
+    rejected: dict[str, dict] = field(default_factory=dict)  # label -> {"reason": code, "message": one line}
     pending: list[str] = field(default_factory=list)  # tensors without manifest (upload in progress)
     missing: list[str] = field(default_factory=list)  # enrolled members with nothing submitted
     published: bool = False
@@ -188,18 +199,18 @@ def _aggregate_locked(store, private, spec, spec_sha, lock: LeaseLock, console) 
                     manifest, delta = checked.result()
                     if secure:
                         masked.check(member, manifest, drops)
-                except FedcliError as e:  # one bad update never stops the others
-                    result.rejected[label] = str(e)
+                    size = store.size(R.update_keys(u, member)[0])
+                except FedcliError as e:  # one bad update never stops the others: it is rejected with its reason
+                    result.rejected[label] = rejection(e)
                 else:
                     # DP updates withhold their row count: equal weights
-                    weight = 1.0 if spec.privacy.enabled else float(manifest["num_examples"])
+                    weight = 1.0 if spec.privacy.enabled else float(manifest.num_examples)
                     if secure:
                         masked.add(member, manifest, delta)
                     else:
                         combiner.add(label, delta, weight, staleness=r - u)
-                    entry = {"member": member, "num_examples": manifest.get("num_examples", 0),
-                             "metrics": manifest.get("metrics", {}),
-                             "bytes": store.size(R.update_keys(u, member)[0])}
+                    entry = {"member": member, "num_examples": manifest.num_examples or 0,
+                             "metrics": dict(manifest.metrics or {}), "bytes": size}
                     if u != r:
                         entry["update_round"] = u
                     if combiner.notes.get(label):
@@ -207,7 +218,7 @@ def _aggregate_locked(store, private, spec, spec_sha, lock: LeaseLock, console) 
                     result.accepted.append(entry)
                 progress.advance(task)
         if result.rejected:
-            store.put(R.rejections_key(r), keys.canonical(result.rejected))
+            R.write_rejections(store, private, spec, r, result.rejected)
 
         if strat.mode == "async":
             ready = len(result.accepted) >= strat.buffer_size
@@ -224,8 +235,11 @@ def _aggregate_locked(store, private, spec, spec_sha, lock: LeaseLock, console) 
         delta, info = (delta, {"rule": "secagg-mean", **sec_info}) if secure else combiner.result()
     finally:
         combiner.close()
-    weights, state = server_opt.server_step(strat.server, base.tensors, delta, _server_state(store, spec, base, shapes),
-                                            strat.server_params)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below, in one line
+        weights, state = server_opt.server_step(strat.server, base.tensors, delta,
+                                                _server_state(store, spec, base, shapes), strat.server_params)
+    T.check_finite(weights, f"round {r}: the aggregated global model", error=FedcliError)  # refuse, never sign
+    T.check_finite(state, f"round {r}: the server optimizer state", error=FedcliError)
     rule = info.pop("rule")
     extra = {"rule": "mean" if rule == "fedavg" and spec.privacy.enabled else rule, "mode": strat.mode,
              "server_optimizer": strat.server, **info}
@@ -254,7 +268,7 @@ def _server_state(store: Store, spec: S.Spec, base: R.Global, shapes: T.Shapes) 
     try:
         data = store.get(key, max_bytes=2 * T.max_file_size(shapes))
     except NotFound:
-        raise VerificationError(f"{what} is missing from the store") from None
+        raise VerificationError(f"{what} is missing from the store", reason="missing") from None
     if T.sha256(data) != sha:
-        raise VerificationError(f"{what} does not match the sha256 in the signed global manifest")
+        raise VerificationError(f"{what} does not match the sha256 in the signed global manifest", reason="bad-hash")
     return server_opt.state_from_bytes(data, spec.strategy.server, base.round)

@@ -190,18 +190,32 @@ def sign_manifest(key: Ed25519PrivateKey, manifest: dict) -> bytes:
     return canonical({**manifest, "signature": b64(sig)})
 
 
+MAX_MANIFEST_BYTES = 64 * 1024  # larger than any signed round document fedcli writes
+
+
 def verify_manifest(data: bytes, signer: PublicIdentity, what: str) -> dict:
-    """Parse a signed manifest file and check its signature; return the manifest without it."""
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise VerificationError(f"{what}: manifest is not valid JSON") from None
+    """Check a signed JSON document and return it without its signature (not yet validated).
+
+    Order: size bound, depth bound, parse (contract.load_json), then the signature over the
+    canonical form; the caller validates the result into its class (fedcli.documents).
+    """
+    from .contract import load_json
+    from .errors import ContractError
+
+    doc = load_json(data, what, MAX_MANIFEST_BYTES)
     if not isinstance(doc, dict) or not isinstance(doc.get("signature"), str):
         raise VerificationError(f"{what}: manifest has no signature")
-    sig = unb64(doc.pop("signature"), f"{what}: signature")
     try:
-        signer.key().verify(sig, MANIFEST_DOMAIN + canonical(doc))
-    except (InvalidSignature, ValueError):
+        sig = unb64(doc.pop("signature"), f"{what}: signature")
+    except FedcliError as e:
+        raise VerificationError(str(e)) from None
+    try:
+        body = canonical(doc)
+    except ValueError:  # a number like 1e400 parses to inf: no signer could have produced it
+        raise ContractError(f"{what}: holds a number too large to be finite", reason="not-finite") from None
+    try:
+        signer.key().verify(sig, MANIFEST_DOMAIN + body)
+    except (InvalidSignature, ValueError, FedcliError):
         raise VerificationError(f"{what}: signature does not verify with {signer.name}'s key") from None
     return doc
 

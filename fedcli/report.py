@@ -1,7 +1,9 @@
 """`fedcli report`: each bank's numbers per round, and the privacy budget spent, as a picture.
 
 Everything comes from the signed update manifests on the store (each signature is checked
-against the member's key in the spec; a manifest that fails is listed, never plotted). The
+against the member's key in the spec and each manifest against its contract, documents.py; a
+manifest that fails is listed, never plotted; so is a rejections.json that is not signed by the
+coordinator: "rejected" is only ever the coordinator's verified word). The
 output is a PNG and a self-contained HTML page (the PNG embedded, plus a table of the
 numbers) that a risk committee can open offline.
 """
@@ -27,7 +29,7 @@ class Entry:
 
     round: int
     member: str
-    status: str  # accepted, rejected, submitted (round still open) or invalid (signature failed)
+    status: str  # accepted, rejected, submitted (round still open) or invalid (signature or contract failed)
     rows: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     epsilon: float | None = None  # privacy budget spent so far, when DP is recorded
@@ -75,17 +77,19 @@ def _epsilons(entries: list[Entry], delta: float) -> None:
 
 def collect(store: Store) -> Report:
     """Read every round's update manifests and what the coordinator decided about them."""
-    spec, _ = R.load_spec(store, None)
+    from .documents import UpdateManifest, parse
+
+    spec, spec_sha = R.load_spec(store, None)
     published = R.global_rounds(store)
     last = published[-1] if published else 0
     used = set()  # (round the update was made for, member): async rounds may fold in older updates
     for g_round in published:
-        what = f"global model of round {g_round}"
-        g = verify_manifest(R.read_manifest(store, R.global_keys(g_round)[1], what), spec.coordinator, what)
-        used |= {(c.get("update_round", g_round), c.get("member")) for c in g.get("contributors", [])}
+        g = R.global_manifest(store, spec, spec_sha, g_round)
+        used |= {(c.get("update_round", g_round), c["member"]) for c in g["contributors"]}
     entries = []
     for r in range(1, last + 2):
-        rejected = R.read_rejections(store, r)
+        found = R.load_rejections(store, spec, r)
+        rejected = found.entries if found and found.verified else {}
         committed, _ = R.submitted_members(store, r)
         for member in committed:
             status = "accepted" if (r, member) in used else "rejected" if member in rejected else "submitted"
@@ -94,15 +98,17 @@ def collect(store: Store) -> Report:
                 if signer is None:
                     raise FedcliError(f"{member} is not an enrolled member")
                 m = verify_manifest(R.read_manifest(store, R.update_keys(r, member)[1], what), signer, what)
+                m = parse(UpdateManifest, m, what)
             except FedcliError as e:
                 entries.append(Entry(r, member, "invalid", note=str(e)))
                 continue
-            reported = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
-            metrics = {k: v for k in METRICS if (v := _number(reported.get(k))) is not None}
-            rows = m.get("num_examples")
-            dp = m.get("dp") if isinstance(m.get("dp"), dict) else None
-            entries.append(Entry(r, member, status, rows if isinstance(rows, int) and not isinstance(rows, bool) else None,
-                                 metrics, _number(dp.get("epsilon")) if dp else None, dp, rejected.get(member, "")))
+            metrics = {k: m.metrics[k] for k in METRICS if m.metrics and k in m.metrics}
+            dp = m.dp.model_dump(exclude_none=True) if m.dp else None
+            why = rejected.get(member)
+            note = f"{why['reason']}: {why['message']}" if why else ""
+            if found and not found.verified and not note:
+                note = "rejections.json of this round is unverified (not the coordinator's signed word)"
+            entries.append(Entry(r, member, status, m.num_examples, metrics, None, dp, note))
     privacy = spec.raw.get("privacy", {}) if isinstance(spec.raw.get("privacy"), dict) else {}
     if any(e.dp is not None and e.epsilon is None for e in entries):
         _epsilons(entries, _number(privacy.get("delta")) or 1e-5)

@@ -4,15 +4,16 @@
     rounds/000000/global.safetensors, global.json  round-0 model and its signed manifest
     rounds/00000N/updates/<member>.safetensors     update trained on global N-1 (a delta)
     rounds/00000N/updates/<member>.json            its signed manifest: the commit marker
-    rounds/00000N/rejections.json                  why the coordinator refused some updates
+    rounds/00000N/rejections.json                  why the coordinator refused some updates (signed)
     rounds/00000N/global.safetensors, global.json  the aggregate of round N
 
 Tensors are always written before their manifest, so a manifest that exists names tensors
 that exist; a crash leaves at worst tensors without a manifest, which everyone ignores.
+Every JSON document is read bounded, parsed depth-bounded, signature-checked, then validated
+into its class in fedcli.documents (see docs/protocol.md for the order and the reason codes).
 """
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,14 +23,13 @@ import numpy as np
 from . import compression
 from . import tensors as T
 from .privacy import check_declared
-from .errors import FedcliError, NotFound, VerificationError
-from .keys import PublicIdentity, verify_bytes, verify_manifest
+from .errors import ContractError, FedcliError, NotFound, Oversize, VerificationError
+from .keys import MAX_MANIFEST_BYTES, PublicIdentity, verify_manifest
 from .spec import Spec, sha256, verified
 from .store import Store
 
 SPEC_KEY = "federation.toml"
 SPEC_SIG_KEY = "federation.toml.sig"
-MAX_MANIFEST_BYTES = 64 * 1024
 MAX_SPEC_BYTES = 1 << 20
 MAX_SIG_BYTES = 1024
 FORMAT = 1
@@ -88,7 +88,11 @@ def latest_round(store: Store) -> int:
 
 
 def read_manifest(store: Store, key: str, what: str) -> bytes:
-    return store.get(key, max_bytes=MAX_MANIFEST_BYTES)
+    """A signed JSON document's bytes, refused before reading when larger than any fedcli writes."""
+    try:
+        return store.get(key, max_bytes=MAX_MANIFEST_BYTES)
+    except Oversize as e:
+        raise Oversize(f"{what}: {e}") from None
 
 
 def read_tensors(store: Store, key: str, expected_sha: str, shapes: T.Shapes, what: str,
@@ -103,9 +107,9 @@ def read_tensors(store: Store, key: str, expected_sha: str, shapes: T.Shapes, wh
     try:
         size = store.size(key)
     except NotFound:
-        raise VerificationError(f"{what}: tensor file is missing") from None
+        raise VerificationError(f"{what}: tensor file is missing", reason="missing") from None
     if size > T.max_file_size(shapes, T.itemsizes(shapes, dtype)):
-        raise VerificationError(f"{what}: tensor file is larger than the model allows ({size} bytes)")
+        raise Oversize(f"{what}: tensor file is larger than the model allows ({size:,} bytes)")
     buf = memoryview(buffer if buffer is not None and len(buffer) >= size else bytearray(size))
     digest, n = hashlib.sha256(), 0
     try:
@@ -113,23 +117,26 @@ def read_tensors(store: Store, key: str, expected_sha: str, shapes: T.Shapes, wh
             digest.update(chunk)
             n += len(chunk)
     except NotFound:
-        raise VerificationError(f"{what}: tensor file is missing") from None
+        raise VerificationError(f"{what}: tensor file is missing", reason="missing") from None
     if digest.hexdigest() != expected_sha:
-        raise VerificationError(f"{what}: tensors do not match the sha256 in the signed manifest")
+        raise VerificationError(f"{what}: tensors do not match the sha256 in the signed manifest", reason="bad-hash")
     return T.decode(buf[:n], shapes, what, dtype)
 
 
-def expect(manifest: dict, what: str, **fields) -> None:
+def expect(manifest, what: str, **fields) -> None:
+    """A signed document must name the place it sits in (federation, round, member, ...)."""
     for name, value in fields.items():
-        if manifest.get(name) != value:
-            raise VerificationError(f"{what}: manifest {name} is {manifest.get(name)!r}, expected {value!r}")
+        got = manifest.get(name) if isinstance(manifest, dict) else getattr(manifest, name, None)
+        if got != value:
+            shown = repr(got) if len(repr(got)) <= 80 else repr(got)[:77] + "..."
+            raise VerificationError(f"{what}: manifest {name} is {shown}, expected {value!r}", reason="wrong-round")
 
 
 @dataclass
 class Global:
     round: int
     tensors: dict[str, np.ndarray]
-    manifest: dict
+    manifest: dict  # verified and validated against documents.GlobalManifest
 
     @property
     def sha256(self) -> str:
@@ -138,11 +145,14 @@ class Global:
 
 def global_manifest(store: Store, spec: Spec, spec_sha: str, r: int) -> dict:
     """The verified manifest of round r's global model (signature and spec binding), without its tensors."""
+    from .documents import GlobalManifest, parse
+
     what = f"global model of round {r}"
     try:
         manifest = verify_manifest(read_manifest(store, global_keys(r)[1], what), spec.coordinator, what)
     except NotFound:
         raise FedcliError(f"{what} is not published") from None
+    parse(GlobalManifest, manifest, what)
     expect(manifest, what, kind="global", federation_id=spec.federation_id, round=r, spec_sha256=spec_sha)
     return manifest
 
@@ -156,38 +166,58 @@ def load_global(store: Store, spec: Spec, spec_sha: str, r: int, shapes: T.Shape
 
 def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, shapes: T.Shapes,
                   buffer: bytearray | None = None):
-    """Check one submitted update; return (manifest, delta tensors) or raise with the reason.
+    """Check one submitted update; return (UpdateManifest, delta tensors) or raise with the reason.
 
+    Every failure is a FedcliError whose reason code goes into the signed rejections list.
     `buffer` is passed to read_tensors: the delta's arrays are views into it. With secure
     aggregation the tensors are masked uint32 words.
     """
+    from .documents import UpdateManifest, parse
+
     what = f"update from {member}"
     signer = spec.member(member)
     if signer is None:
-        raise VerificationError(f"{what}: {member!r} is not an enrolled member")
+        raise VerificationError(f"{what}: {member!r} is not an enrolled member", reason="not-member")
     tkey, mkey = update_keys(r, member)
-    manifest = verify_manifest(read_manifest(store, mkey, what), signer, what)
+    manifest = parse(UpdateManifest, verify_manifest(read_manifest(store, mkey, what), signer, what), what)
     expect(manifest, what, kind="update", federation_id=spec.federation_id, round=r, member=member)
-    if manifest.get("base_sha256") != base_sha:
-        raise VerificationError(f"{what}: trained on a different global model (stale or forged base)")
-    check_declared(manifest.get("dp"), spec.privacy, what)  # no weaker DP than the spec requires
-    n = manifest.get("num_examples")
+    if manifest.base_sha256 != base_sha:
+        raise VerificationError(f"{what}: trained on a different global model (stale or forged base)", reason="stale-base")
+    try:  # no weaker DP than the spec requires
+        check_declared(None if manifest.dp is None else manifest.dp.model_dump(), spec.privacy, what)
+    except FedcliError as e:
+        raise VerificationError(str(e), reason="weak-privacy") from None
+    except (ArithmeticError, ValueError):  # the accountant cannot price absurd (if in-range) parameters
+        raise VerificationError(f"{what}: its declared DP parameters cannot be accounted for", reason="weak-privacy") from None
+    n = manifest.num_examples
     if spec.privacy.enabled:  # DP updates carry no row count (it is not privatised); equal weights
         if n is not None:
-            raise VerificationError(f"{what}: a DP update must not disclose num_examples")
-    elif not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise VerificationError(f"{what}: num_examples must be a positive integer")
-    cmeta = manifest.get("compression", {"method": "none"})
+            raise ContractError(f"{what}: a DP update must not disclose num_examples")
+    elif n is None:
+        raise ContractError(f"{what}: num_examples is required (a positive integer)")
+    elif n > spec.max_rows_per_member:
+        raise ContractError(f"{what}: num_examples {_magnitude(n)} is more than the spec's max_rows_per_member "
+                            f"({spec.max_rows_per_member:,})")
+    cmeta = manifest.compression.model_dump(exclude_none=True) if manifest.compression else {"method": "none"}
     if cmeta != spec.strategy.compression_meta:
-        raise VerificationError(f"{what}: compression {cmeta!r} is not the spec's {spec.strategy.compression_meta!r}")
+        raise ContractError(f"{what}: compression {cmeta!r} is not the spec's {spec.strategy.compression_meta!r}")
     if spec.secagg.enabled:  # masked uint32 words, only ever decoded in their sum (secagg_rounds)
-        return manifest, read_tensors(store, tkey, manifest.get("tensors_sha256"), shapes, what, "uint32", buffer)
+        return manifest, read_tensors(store, tkey, manifest.tensors_sha256, shapes, what, "uint32", buffer)
     enc_shapes, dtypes = compression.layout(cmeta, shapes)
-    tensors = read_tensors(store, tkey, manifest.get("tensors_sha256"), enc_shapes, what, dtypes, buffer)
+    tensors = read_tensors(store, tkey, manifest.tensors_sha256, enc_shapes, what, dtypes, buffer)
     try:
-        return manifest, compression.decode(tensors, cmeta, shapes)
-    except VerificationError as e:
-        raise VerificationError(f"{what}: {e}") from None
+        delta = compression.decode(tensors, cmeta, shapes)
+    except FedcliError as e:
+        raise ContractError(f"{what}: {e}") from None
+    if cmeta["method"] != "none":  # float32 tensors were checked in decode; a dequantised one may overflow
+        T.check_finite(delta, what)
+    return manifest, delta
+
+
+def _magnitude(n: int) -> str:
+    """A number for a one-line message: 10**400 is shown by its size, not its 401 digits."""
+    text = str(n)
+    return f"{n:,}" if len(text) <= 15 else f"{text[0]}.{text[1:3]}e+{len(text) - 1}"
 
 
 def unconsumed_updates(store: Store, spec: Spec, spec_sha: str, r: int, max_staleness: int) -> list[tuple[int, str, str]]:
@@ -221,12 +251,60 @@ def submitted_members(store: Store, r: int) -> tuple[list[str], list[str]]:
     return sorted(committed), sorted(partial - committed)
 
 
-def read_rejections(store: Store, r: int) -> dict[str, str]:
+@dataclass
+class RoundRejections:
+    """rejections.json of one round as read: entries only count when `verified`."""
+
+    entries: dict[str, dict]  # label -> {"reason", "message"}
+    verified: bool
+    problem: str = ""  # why it is not verified
+
+
+def load_rejections(store: Store, spec: Spec, r: int) -> RoundRejections | None:
+    """The coordinator-signed rejections of round r; None if there are none.
+
+    Anything else found there (unsigned, forged, too large, too deep, a link) is returned
+    unverified with the reason, never as fact, and never raises.
+    """
+    from .documents import Rejections, parse
+
+    what = f"rejections of round {r}"
     try:
-        data = json.loads(store.get(rejections_key(r), max_bytes=MAX_MANIFEST_BYTES))
-        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-    except (NotFound, ValueError):
-        return {}
+        doc = verify_manifest(store.get(rejections_key(r), max_bytes=MAX_MANIFEST_BYTES), spec.coordinator, what)
+        parse(Rejections, doc, what)
+        expect(doc, what, kind="rejections", federation_id=spec.federation_id, round=r)
+    except NotFound:
+        return None
+    except FedcliError as e:
+        return RoundRejections({}, False, str(e))
+    return RoundRejections(doc["entries"], True)
+
+
+def write_rejections(store: Store, private, spec: Spec, r: int, entries: dict[str, dict]) -> None:
+    """Sign and write round r's rejections (the coordinator's latest word: rewritten each run).
+
+    `entries` maps each refused update's label to documents.rejection(error).
+    """
+    from .documents import Rejections, parse
+    from .keys import sign_manifest
+
+    doc = {"kind": "rejections", "format": FORMAT, "federation_id": spec.federation_id, "round": r,
+           "entries": {_printable(k): v for k, v in sorted(entries.items())}, "created_at": now()}
+    parse(Rejections, doc, f"rejections of round {r}")
+    store.put(rejections_key(r), sign_manifest(private, doc))
+
+
+def _printable(label: str) -> str:
+    """A planted file name may hold control characters: its label in the signed list must not."""
+    return re.sub(r"[\x00-\x1f\x7f]", "?", label)[:200] or "?"
+
+
+def read_rejections(store: Store, r: int, spec: Spec | None = None) -> dict[str, str]:
+    """Verified rejections of round r as label -> message ({} when none or not verified)."""
+    if spec is None:
+        spec, _ = load_spec(store, None)
+    found = load_rejections(store, spec, r)
+    return {k: v["message"] for k, v in found.entries.items()} if found and found.verified else {}
 
 
 @dataclass
@@ -236,37 +314,38 @@ class RoundSummary:
     contributors: list[str]
     submitted: list[str]
     pending: list[str]
-    rejected: dict[str, str]
+    rejected: dict[str, dict]  # verified rejections: label -> {"reason", "message"}
     examples: int
     metrics: dict[str, float]  # mean over contributors of each metric they reported
     created_at: str = ""
     bytes_in: int = 0  # update tensor bytes the banks uploaded into this round (what crossed the wire)
+    unverified: str = ""  # a rejections.json that does not verify: why (shown, never trusted)
 
 
-def history(store: Store) -> tuple[Spec, list[RoundSummary]]:
-    """Every round's state, read from signed manifests (signatures checked with the spec's key)."""
-    spec, spec_sha = load_spec(store, None)
+def history(store: Store, pinned: PublicIdentity | None = None) -> tuple[Spec, list[RoundSummary]]:
+    """Every round's state, read from signed manifests (signatures checked with the spec's key,
+    or with `pinned` when the caller pinned the coordinator's key)."""
+    spec, spec_sha = load_spec(store, pinned)
     published = global_rounds(store)
     last = published[-1] if published else -1
     rows = []
     for r in range(0, last + 2):
-        manifest = {}
-        if r in published:
-            what = f"global model of round {r}"
-            manifest = verify_manifest(read_manifest(store, global_keys(r)[1], what), spec.coordinator, what)
+        manifest = global_manifest(store, spec, spec_sha, r) if r in published else {}
         submitted, pending = submitted_members(store, r)
         if r > last and not submitted and not pending:
             continue
         contributors = manifest.get("contributors", [])
         names = [c["member"] for c in contributors]
         means = {}
-        for key in sorted({k for c in contributors for k in c.get("metrics", {})}):
-            vals = [c["metrics"][key] for c in contributors if isinstance(c.get("metrics", {}).get(key), (int, float))]
-            if vals:
-                means[key] = sum(vals) / len(vals)
-        rows.append(RoundSummary(r, r in published, names, submitted, pending, read_rejections(store, r),
-                                 sum(c.get("num_examples", 0) for c in contributors), means,
-                                 manifest.get("created_at", ""), _bytes_in(store, r, submitted)))
+        for key in sorted({k for c in contributors for k in c["metrics"]}):
+            vals = [c["metrics"][key] for c in contributors if key in c["metrics"]]
+            means[key] = sum(vals) / len(vals)
+        found = load_rejections(store, spec, r) if r else None
+        rows.append(RoundSummary(r, r in published, names, submitted, pending,
+                                 found.entries if found and found.verified else {},
+                                 sum(c["num_examples"] for c in contributors), means,
+                                 manifest.get("created_at", ""), _bytes_in(store, r, submitted),
+                                 found.problem if found and not found.verified else ""))
     return spec, rows
 
 
@@ -275,6 +354,6 @@ def _bytes_in(store: Store, r: int, members: list[str]) -> int:
     for m in members:
         try:
             total += store.size(update_keys(r, m)[0])
-        except NotFound:
+        except FedcliError:  # missing, or a planted link: not counted (aggregate rejects it)
             pass
     return total

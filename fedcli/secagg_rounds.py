@@ -19,11 +19,16 @@ import numpy as np
 
 from . import keys, secagg
 from . import rounds as R
+from .documents import DropDeclaration, RecoveryShares, UpdateManifest, parse
 from .errors import AlreadyExists, FedcliError, NotFound, VerificationError
 from .spec import Spec, sha256
 
 DROPS_KIND = "secagg-drops"
 RECOVERY_KIND = "secagg-recovery"
+
+
+def _secagg(message: str) -> VerificationError:
+    return VerificationError(message, reason="secagg")
 
 
 def drops_key(r: int) -> str:
@@ -85,15 +90,13 @@ def load_drops(store, spec: Spec, r: int) -> Drops | None:
         data = R.read_manifest(store, drops_key(r), what)
     except NotFound:
         return None
-    doc = keys.verify_manifest(data, spec.coordinator, what)
+    doc = parse(DropDeclaration, keys.verify_manifest(data, spec.coordinator, what), what)
     R.expect(doc, what, kind=DROPS_KIND, federation_id=spec.federation_id, round=r)
-    survivors, dropped = doc.get("survivors"), doc.get("dropped")
-    if not isinstance(survivors, dict) or not isinstance(dropped, list):
-        raise VerificationError(f"{what}: survivors or dropped is malformed")
-    if not all(isinstance(v, str) for v in survivors.values()) or not all(isinstance(d, str) for d in dropped):
-        raise VerificationError(f"{what}: survivors or dropped is malformed")
-    secagg.check_recovery([m.name for m in spec.members], survivors, dropped, min_survivors(spec))
-    return Drops(dict(survivors), sorted(dropped), sha256(data), str(doc.get("created_at", "")))
+    try:
+        secagg.check_recovery([m.name for m in spec.members], dict(doc.survivors), list(doc.dropped), min_survivors(spec))
+    except FedcliError as e:
+        raise VerificationError(f"{what}: {e}", reason="secagg") from None
+    return Drops(dict(doc.survivors), sorted(doc.dropped), sha256(data), doc.created_at)
 
 
 def _orphan_recovery(store, r: int) -> None:
@@ -170,33 +173,32 @@ class MaskedSum:
         self.commitments: dict[str, dict] = {}  # member -> {peer: seed commitment}
         self.shas: dict[str, str] = {}  # member -> tensors_sha256
 
-    def check(self, member: str, manifest: dict, drops: Drops | None) -> None:
-        """Refuse an update that is not a proper member of this round's masked sum."""
+    def check(self, member: str, manifest: UpdateManifest, drops: Drops | None) -> None:
+        """Refuse an update that is not a proper member of this round's masked sum (reason secagg)."""
         what = f"update from {member}"
         if drops is not None and member not in drops.survivors:
-            raise VerificationError(
+            raise _secagg(
                 f"{what}: {member} was declared dropped from this round before its update arrived; "
                 "a late update is never accepted"
             )
-        rec = manifest.get("secagg")
-        if not isinstance(rec, dict):
-            raise VerificationError(f"{what}: not masked (secure aggregation is enabled)")
-        if rec.get("clip") != self.spec.secagg.clip or rec.get("scale") != scale(self.spec):
-            raise VerificationError(f"{what}: fixed-point clip/scale differ from the spec's")
-        if rec.get("noise") != self.spec.secagg.noise:
-            raise VerificationError(f"{what}: declares {rec.get('noise')!r} DP noise, the spec says {self.spec.secagg.noise!r}")
+        rec = manifest.secagg
+        if rec is None:
+            raise _secagg(f"{what}: not masked (secure aggregation is enabled)")
+        if rec.clip != self.spec.secagg.clip or rec.scale != scale(self.spec):
+            raise _secagg(f"{what}: fixed-point clip/scale differ from the spec's")
+        if rec.noise != self.spec.secagg.noise:
+            raise _secagg(f"{what}: declares {rec.noise!r} DP noise, the spec says {self.spec.secagg.noise!r}")
         peers = sorted(m.name for m in self.spec.members if m.name != member)
-        com = rec.get("commitments")
-        if not isinstance(com, dict) or sorted(com) != peers:
-            raise VerificationError(f"{what}: seed commitments do not cover exactly the other members")
-        if drops is not None and drops.survivors[member] != manifest.get("tensors_sha256"):
-            raise VerificationError(f"{what}: differs from the update named in the drop declaration")
+        if sorted(rec.commitments) != peers:
+            raise _secagg(f"{what}: seed commitments do not cover exactly the other members")
+        if drops is not None and drops.survivors[member] != manifest.tensors_sha256:
+            raise _secagg(f"{what}: differs from the update named in the drop declaration")
 
-    def add(self, member: str, manifest: dict, tensors: dict) -> None:
+    def add(self, member: str, manifest: UpdateManifest, tensors: dict) -> None:
         flat = np.concatenate([np.asarray(tensors[k], dtype=np.uint32).reshape(-1) for k, _ in self.layout])
         np.add(self.total, flat, out=self.total)
-        self.commitments[member] = manifest["secagg"]["commitments"]
-        self.shas[member] = manifest["tensors_sha256"]
+        self.commitments[member] = dict(manifest.secagg.commitments)
+        self.shas[member] = manifest.tensors_sha256
 
     def mean(self, revealed: dict) -> dict:
         """Unmask with the revealed seeds and return the mean delta (float64 tensors)."""
@@ -253,16 +255,18 @@ def load_recoveries(store, spec: Spec, r: int, drops: Drops, commitments: dict) 
         except NotFound:
             missing.append(s)
             continue
-        doc = keys.verify_manifest(data, spec.member(s), what)
+        doc = parse(RecoveryShares, keys.verify_manifest(data, spec.member(s), what), what)
         R.expect(doc, what, kind=RECOVERY_KIND, federation_id=spec.federation_id, round=r, member=s,
                  drops_sha256=drops.sha256)
-        seeds = doc.get("seeds")
-        if not isinstance(seeds, dict) or sorted(seeds) != drops.dropped:
-            raise VerificationError(f"{what}: seeds do not cover exactly the dropped members")
-        for d, text in seeds.items():
-            seed = keys.unb64(text if isinstance(text, str) else "", f"{what}: seed for {d}")
+        if sorted(doc.seeds) != drops.dropped:
+            raise _secagg(f"{what}: seeds do not cover exactly the dropped members")
+        for d, text in doc.seeds.items():
+            try:
+                seed = keys.unb64(text, f"{what}: seed for {d}")
+            except FedcliError as e:
+                raise _secagg(str(e)) from None
             if len(seed) != 32 or secagg.seed_commitment(seed) != commitments[s].get(d):
-                raise VerificationError(f"{what}: seed for {d} does not match {s}'s signed commitment")
+                raise _secagg(f"{what}: seed for {d} does not match {s}'s signed commitment")
             revealed[(s, d)] = seed
     return revealed, missing
 

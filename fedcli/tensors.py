@@ -13,9 +13,11 @@ import struct
 import numpy as np
 from safetensors.numpy import save as st_save
 
-from .errors import VerificationError
+from .contract import check_depth
+from .errors import ContractError, FedcliError, Oversize, VerificationError
 
 MAX_HEADER_BYTES = 1 << 20  # 1 MiB: far more than any model here needs
+HEADER_DEPTH = 4  # {name: {"shape": [..]}}: a valid header nests 3 levels
 
 Shapes = dict[str, tuple[int, ...]]
 # safetensors dtype names -> little-endian numpy dtypes (bf16 has no numpy type: refused)
@@ -83,27 +85,49 @@ def decode(data: bytes | memoryview, shapes: Shapes, what: str, dtype: str | dic
     The arrays returned are read-only views into `data` when it is bytes (no copy).
     """
     if len(data) < 8:
-        raise VerificationError(f"{what}: file is truncated ({len(data)} bytes)")
+        raise ContractError(f"{what}: file is truncated ({len(data)} bytes)")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > MAX_HEADER_BYTES or header_len > len(data) - 8:
-        raise VerificationError(f"{what}: safetensors header length {header_len} is too large or truncated")
+        raise ContractError(f"{what}: safetensors header length {header_len} is too large or truncated")
     if len(data) > max_file_size(shapes, itemsizes(shapes, dtype)):
-        raise VerificationError(f"{what}: file is larger than the model allows ({len(data)} bytes)")
+        raise Oversize(f"{what}: file is larger than the model allows ({len(data)} bytes)")
+    raw = bytes(data[8 : 8 + header_len])
+    check_depth(raw, f"{what}: safetensors header", max_depth=HEADER_DEPTH)  # json.loads recurses per level
     try:
-        header = json.loads(bytes(data[8 : 8 + header_len]))
+        header = json.loads(raw, parse_constant=_no_constant)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a table")
         tensors = views(data, header, 8 + header_len)
-    except (ValueError, TypeError, AttributeError) as e:  # bad JSON, a header that is not a table, bad layout
-        raise VerificationError(f"{what}: not a valid safetensors file ({e})") from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:  # bad JSON or UTF-8, bad layout
+        raise ContractError(f"{what}: not a valid safetensors file ({str(e)[:200]})") from None
     names = set(header) - {"__metadata__"}
     if names != set(shapes):
         missing, extra = sorted(set(shapes) - names), sorted(names - set(shapes))
-        raise VerificationError(f"{what}: tensor names do not match the model (missing {missing}, unexpected {extra})")
+        raise ContractError(f"{what}: tensor names do not match the model (missing {_few(missing)}, "
+                            f"unexpected {_few(extra)})")
     for name, expected in shapes.items():
         arr, want = tensors[name], np.dtype(dtype[name] if isinstance(dtype, dict) else dtype)
         if arr.dtype != want:
-            raise VerificationError(f"{what}: tensor {name} has dtype {arr.dtype}, expected {want}")
+            raise ContractError(f"{what}: tensor {name} has dtype {arr.dtype}, expected {want}")
         if tuple(arr.shape) != tuple(expected):
-            raise VerificationError(f"{what}: tensor {name} has shape {tuple(arr.shape)}, expected {tuple(expected)}")
+            raise ContractError(f"{what}: tensor {name} has shape {tuple(arr.shape)}, expected {tuple(expected)}")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise VerificationError(f"{what}: tensor {name} has NaN or infinite values")
+            raise VerificationError(f"{what}: tensor {name} has NaN or infinite values", reason="not-finite")
     return tensors
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _few(names: list[str]) -> str:
+    """A list of tensor names for a one-line message: a planted header may hold thousands."""
+    shown = [n[:60] for n in names[:5]]
+    return f"{shown}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def check_finite(tensors: dict[str, np.ndarray], what: str, error: type[FedcliError] = VerificationError) -> None:
+    """Refuse NaN or infinity (reason not-finite): in a decoded update, a global or a server state."""
+    for name, arr in tensors.items():
+        if np.asarray(arr).dtype.kind == "f" and not np.isfinite(arr).all():
+            raise error(f"{what}: tensor {name} has NaN or infinite values", reason="not-finite")

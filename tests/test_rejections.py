@@ -33,35 +33,38 @@ def header_bomb() -> bytes:
     return struct.pack("<Q", 1 << 40) + b"{}"
 
 
-CASES = {
-    "signed by another member": (dict(signer="bank-b"), "signature does not verify"),
-    "wrong round": (dict(round=2), "round is 2"),
-    "other federation": (dict(federation_id="other"), "federation_id"),
-    "stale base": (dict(base_sha256="0" * 64), "different global model"),
-    "bad num_examples": (dict(num_examples=0), "num_examples"),
-    "hash mismatch": (dict(tensors_sha256="f" * 64), "do not match the sha256"),
-    "wrong shape": (dict(tensors=lambda g: g | {"0.weight": np.zeros((1, 5), np.float32)}), "shape"),
-    "extra tensor": (dict(tensors=lambda g: g | {"evil": np.zeros(1, np.float32)}), "unexpected ['evil']"),
-    "missing tensor": (dict(tensors=lambda g: {"0.bias": g["0.bias"]}), "missing ['0.weight']"),
-    "wrong dtype": (dict(tensors=lambda g: {k: v.astype(np.float64) for k, v in g.items()}), "dtype"),
-    "nan values": (dict(tensors=lambda g: g | {"0.bias": np.full(1, np.nan, np.float32)}), "NaN"),
-    "infinite values": (dict(tensors=lambda g: g | {"0.bias": np.full(1, np.inf, np.float32)}), "infinite"),
-    "header bomb": (dict(raw=header_bomb()), "header length"),
-    "not safetensors": (dict(raw=b"\x80\x04\x95pickle payload" + b"\0" * 64), "header length"),
+CASES = {  # flaw -> (reason code, words of the message)
+    "signed by another member": (dict(signer="bank-b"), "bad-signature", "signature does not verify"),
+    "wrong round": (dict(round=2), "wrong-round", "round is 2"),
+    "other federation": (dict(federation_id="other"), "wrong-round", "federation_id"),
+    "stale base": (dict(base_sha256="0" * 64), "stale-base", "different global model"),
+    "bad num_examples": (dict(num_examples=0), "malformed", "num_examples"),
+    "hash mismatch": (dict(tensors_sha256="f" * 64), "bad-hash", "do not match the sha256"),
+    "wrong shape": (dict(tensors=lambda g: g | {"0.weight": np.zeros((1, 5), np.float32)}), "malformed", "shape"),
+    "extra tensor": (dict(tensors=lambda g: g | {"evil": np.zeros(1, np.float32)}), "malformed", "unexpected ['evil']"),
+    "missing tensor": (dict(tensors=lambda g: {"0.bias": g["0.bias"]}), "malformed", "missing ['0.weight']"),
+    "wrong dtype": (dict(tensors=lambda g: {k: v.astype(np.float64) for k, v in g.items()}), "malformed", "dtype"),
+    "nan values": (dict(tensors=lambda g: g | {"0.bias": np.full(1, np.nan, np.float32)}), "not-finite", "NaN"),
+    "infinite values": (dict(tensors=lambda g: g | {"0.bias": np.full(1, np.inf, np.float32)}), "not-finite", "infinite"),
+    "header bomb": (dict(raw=header_bomb()), "malformed", "header length"),
+    "not safetensors": (dict(raw=b"\x80\x04\x95pickle payload" + b"\0" * 64), "malformed", "header length"),
+    "unknown manifest key": (dict(num_exemples=5), "malformed", "did you mean 'num_examples'"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_update_is_rejected_and_good_ones_published(fed, case):
-    kwargs, reason = CASES[case]
+    kwargs, code, words = CASES[case]
     for b in BANKS[:3]:
         fed.train(b)
     forge(fed, "bank-d", **kwargs)
     res = fed.aggregate()
     assert "published global model of round 1 from 3 updates" in res.output
     rejected = read_rejections(FolderStore(fed.store), 1)
-    assert list(rejected) == ["bank-d"] and reason in rejected["bank-d"], rejected
-    assert f"rejected bank-d: " in res.output
+    assert list(rejected) == ["bank-d"] and words in rejected["bank-d"], rejected
+    entry = json.loads((fed.store / "rounds/000001/rejections.json").read_text())["entries"]["bank-d"]
+    assert entry["reason"] == code, entry
+    assert f"rejected bank-d ({code}): " in res.output
     # nothing lost: the rejected files are still there for forensics
     assert (fed.store / "rounds/000001/updates/bank-d.json").exists()
 

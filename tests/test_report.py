@@ -13,7 +13,8 @@ from fedcli import rounds as R
 def _signed_update(fed, signer: str, member: str, r: int, **extra) -> None:
     private, _ = keys.load_private(fed.key(signer))
     manifest = {"kind": "update", "format": 1, "federation_id": "credit-demo", "round": r, "member": member,
-                "base_sha256": "0" * 64, "tensors_sha256": "0" * 64, "metrics": {"loss": 0.5}, **extra}
+                "base_sha256": "0" * 64, "tensors_sha256": "0" * 64, "metrics": {"loss": 0.5},
+                "compression": {"method": "none"}, "created_at": "2026-01-01T00:00:00+00:00", "nonce": "00", **extra}
     path = fed.store / R.update_keys(r, member)[1]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(keys.sign_manifest(private, manifest))
@@ -48,14 +49,24 @@ def test_report_png_and_html(fed, tmp_path):
     assert f"{signed['metrics']['auc_after']:.4f}" in page
 
     # DP updates: epsilon per bank per round goes to the privacy panel; a forged manifest is flagged
-    _signed_update(fed, "bank-c", "bank-c", 2, dp={"mode": "update", "epsilon": 0.75})
-    _signed_update(fed, "bank-c", "bank-d", 2, dp={"mode": "update", "epsilon": 0.1})
+    from fedcli import privacy
+
+    _signed_update(fed, "bank-c", "bank-c", 2, dp=privacy.Mechanism("update", 1.5, 1.0, 1, 1.0).manifest())
+    _signed_update(fed, "bank-c", "bank-d", 2, dp=privacy.Mechanism("update", 4.0, 1.0, 1, 1.0).manifest())
     fed.cli("report", fed.store, "--out", out)
     page = out.read_text()
     assert "no DP recorded" not in page and "cumulative budget" in page
-    assert re.search(r"<td>2</td><td>bank-c</td>.*<td>0\.750</td>", page)
+    assert re.search(rf"<td>2</td><td>bank-c</td>.*<td>{privacy.epsilon_update_level(1.5, 1, 1e-5):.3f}</td>", page)
     assert re.search(r"<td>2</td><td>bank-d</td><td><span class=\"invalid\">.*signature", page)
-    assert "0.100" not in page
+    assert f"{privacy.epsilon_update_level(4.0, 1, 1e-5):.3f}" not in page
+
+    # a manifest signed by its bank but off its contract is listed as invalid, never plotted
+    _signed_update(fed, "bank-a", "bank-a", 2, num_examples=10**400)
+    _signed_update(fed, "bank-b", "bank-b", 2, metrics={"loss": 0.5}, epsilon=3)
+    fed.cli("report", fed.store, "--out", out)
+    page = out.read_text()
+    assert re.search(r"<td>2</td><td>bank-a</td><td><span class=\"invalid\">.*num_examples", page)
+    assert re.search(r"<td>2</td><td>bank-b</td><td><span class=\"invalid\">.*unknown key", page)
 
 
 def test_report_on_a_store_without_federation(tmp_path, fed):

@@ -146,9 +146,9 @@ def test_topk_updates_checked_before_use(tmp_path, credit_split):
     forge(fed, "bank-b", tensors=lambda _: bad, compression={"method": "topk", "ratio": 0.1})
     forge(fed, "bank-c", compression={"method": "none"})
     res = fed.aggregate(code=ExitCode.WAITING)
-    rejections = read_json(fed.store / "rounds/000001/rejections.json")
-    assert "out of range" in rejections["bank-b"]
-    assert "is not the spec's" in rejections["bank-c"]
+    rejections = read_json(fed.store / "rounds/000001/rejections.json")["entries"]
+    assert "out of range" in rejections["bank-b"]["message"] and rejections["bank-b"]["reason"] == "malformed"
+    assert "is not the spec's" in rejections["bank-c"]["message"]
     assert "1 of 3 required" in res.output
 
 
