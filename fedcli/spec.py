@@ -250,3 +250,6 @@ def dumps(raw: dict) -> bytes:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+from .spec_summary import summary  # noqa: E402,F401  STUB (bank branch): replaced by the spec branch
