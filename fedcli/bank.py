@@ -231,7 +231,8 @@ def train_round(
     store.put(tkey, data)  # the first write: tensors, then the manifest that commits them
     try:
         store.put(mkey, signed, create_only=True)
-    except AlreadyExists:
+    except AlreadyExists:  # another run got there first: it counts only if it is ours
+        check_own_manifest(store, spec, r, me, mkey)
         return TrainResult(me.name, r, False, f"{me.name} already submitted an update for round {r}; nothing to do")
     except FedcliError:
         with contextlib.suppress(FedcliError):  # best effort: leave no tensors without a manifest

@@ -134,7 +134,11 @@ def train(
 ):
     """Bank: verify the latest global model, train locally and submit a signed update.
 
-    Exit code 6: exporting would exceed this bank's privacy budget (nothing was exported).
+    Every check (table, labels, both classes, finite loss, metrics and weights, budget) runs
+    before the first write to the store: a refusal leaves nothing behind and charges nothing.
+    Exit codes: 1 the table or a key is refused; 4 a check of the store failed (including an
+    update manifest under this bank's name that its key did not sign); 6 exporting would
+    exceed this bank's privacy budget (nothing was exported).
     """
     from .bank import train_round
 
