@@ -250,3 +250,25 @@ def test_schema_warns_and_refuses_mixed_columns(tmp_path, credit_split, fed):
     res = fed.cli("schema", "--help")
     words = " ".join(res.output.replace("│", " ").split())
     assert "is compared as a number: 1, 1.0, \"1\" and true all match" in words and "ignoring case" in words
+
+
+def test_damaged_residual_is_refused_before_anything_is_written(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, TEMPLATE + '\n[strategy.compression]\nmethod = "topk"\nratio = 0.1\n',
+                   banks=BANKS[:3])
+    for b in BANKS[:3]:
+        fed.train(b)
+    residual = fed.key("bank-a").with_suffix(".state.residual.safetensors")
+    assert residual.exists()
+    fed.aggregate()
+    good = residual.read_bytes()
+    state = fed.key("bank-a").with_suffix(".state.json").read_bytes()
+    for damage, why in ((good[:-3], "offsets do not match"), (b"\xff" * 64, "header length"),
+                        (T.encode({"0.weight": np.full((1, 26), np.nan, np.float32), "0.bias": np.zeros(1, np.float32)}),
+                         "NaN or infinite")):
+        residual.write_bytes(damage)
+        before = snapshot(fed)
+        line = one_line(fed.train("bank-a", code=1))
+        assert str(residual) in line and why in line and line.endswith("delete it to start afresh"), line
+        assert snapshot(fed) == before and fed.key("bank-a").with_suffix(".state.json").read_bytes() == state
+    residual.unlink()
+    fed.train("bank-a")
