@@ -65,8 +65,8 @@ def read_table(path: Path) -> pd.DataFrame:
                 df = pd.read_csv(path, sep=sep, encoding=encoding, low_memory=False)
                 df.attrs["separator"] = sep
         return df
-    except ImportError as e:
-        raise InputError(f"cannot read {path}: {e} (install pyarrow for Parquet)") from None
+    except ImportError:
+        raise InputError(f"cannot read {path}: Parquet needs pyarrow (pip install pyarrow), or export it as CSV") from None
     except UnicodeDecodeError as e:
         raise InputError(f"cannot read {path}: it is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
                          f"{e.start}); save it as 'CSV UTF-8'") from None
@@ -271,8 +271,9 @@ def infer_schema(df: pd.DataFrame, target: str, positive: str, max_levels: int =
         s = df[col]
         if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
             values = s.astype(np.float64).replace([np.inf, -np.inf], np.nan)
-            std = float(values.std()) if values.notna().sum() > 1 else 1.0
-            mean = float(values.mean()) if values.notna().any() else 0.0
+            with np.errstate(over="ignore", invalid="ignore"):  # overflowing stds fall back to 1 below
+                std = float(values.std()) if values.notna().sum() > 1 else 1.0
+                mean = float(values.mean()) if values.notna().any() else 0.0
             numeric.append({"name": str(col), "mean": round(mean, 6),
                             "std": round(std, 6) if math.isfinite(std) and round(std, 6) > 0 else 1.0})
         else:

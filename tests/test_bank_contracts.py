@@ -6,6 +6,7 @@ no new file, the bank's privacy ledger was not charged and its state file was no
 """
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -16,8 +17,11 @@ from test_rejections import forge
 
 from fedcli import keys
 from fedcli import tensors as T
-from fedcli.data import parse_labels
-from fedcli.errors import ExitCode
+from fedcli.data import parse_labels, prepare, read_table
+from fedcli.errors import ExitCode, FedcliError
+from fedcli.spec import CategoricalFeature, DataSpec, NumericFeature
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
 DP = TEMPLATE + '\n[privacy]\nmode = "update"\nclip = 0.5\nnoise_multiplier = 1.0\nbudget_epsilon = 50\n'
@@ -272,3 +276,36 @@ def test_damaged_residual_is_refused_before_anything_is_written(tmp_path, credit
         assert snapshot(fed) == before and fed.key("bank-a").with_suffix(".state.json").read_bytes() == state
     residual.unlink()
     fed.train("bank-a")
+
+
+# --------------------------------------------------------------------------- property-based: any table
+
+
+_CELL = st.one_of(st.none(), st.floats(), st.integers(-10**30, 10**30), st.booleans(), st.text(max_size=5),
+                  st.sampled_from(["bad", "good", " BAD", "1", "1.0", "0", "true", "a", "b"]))
+_SPEC = DataSpec(target="y", positive="bad", numeric=(NumericFeature("x", 1.0, 2.0),),
+                 categorical=(CategoricalFeature("c", ("a", "b")),))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_CELL, _CELL, _CELL), max_size=12), st.sampled_from(["bad", "1", "true"]))
+def test_any_table_prepares_to_finite_inputs_or_one_clear_refusal(rows, positive):
+    df = pd.DataFrame(rows, columns=["x", "c", "y"], dtype=object) if rows else pd.DataFrame(columns=["x", "c", "y"])
+    try:
+        prep = prepare(df, replace(_SPEC, positive=positive), "t.csv")
+    except FedcliError as e:
+        assert "\n" not in str(e) and e.exit_code == ExitCode.ERROR
+        return
+    assert prep.X.dtype == np.float32 and np.isfinite(prep.X).all() and len(prep.X) >= 2
+    assert sorted(set(prep.y.tolist())) == [0.0, 1.0]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300), suffix=st.sampled_from([".csv", ".tsv", ".parquet"]))
+def test_any_bytes_read_as_a_table_or_one_clear_refusal(tmp_path, data, suffix):
+    path = tmp_path / f"t{suffix}"
+    path.write_bytes(data)
+    try:
+        read_table(path)
+    except FedcliError as e:
+        assert "\n" not in str(e)
