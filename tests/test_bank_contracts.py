@@ -309,3 +309,26 @@ def test_any_bytes_read_as_a_table_or_one_clear_refusal(tmp_path, data, suffix):
         read_table(path)
     except FedcliError as e:
         assert "\n" not in str(e)
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+                     max_leaves=20)
+_STATE_KEYS = st.sampled_from(["federation_id", "last_round", "last_sha256", "round", "entries", "version",
+                               "accountant", "mode", "federation"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=st.one_of(st.binary(max_size=200), st.dictionaries(_STATE_KEYS, _JSON, max_size=4).map(
+    lambda d: json.dumps(d).encode())))
+def test_any_state_or_ledger_file_loads_or_is_refused_in_one_line(tmp_path, doc):
+    from fedcli.bank import BankState
+    from fedcli.privacy import Ledger
+
+    path = tmp_path / "bank.state.json"
+    path.write_bytes(doc)
+    for read in (lambda: BankState.load(path), lambda: Ledger(path).entries()):
+        try:
+            read()
+        except FedcliError as e:
+            assert "\n" not in str(e) and str(path) in str(e) and str(e).endswith("restore it from backup")

@@ -3,12 +3,15 @@
 import os
 
 import pytest
+import tomli_w
 from conftest import BANKS, make_fed
-from fedcli.cli import app
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_bank_contracts import one_line, snapshot
 
 from fedcli import keys
-from fedcli.errors import ExitCode
+from fedcli.cli import app
+from fedcli.errors import ExitCode, FedcliError
 
 
 @pytest.fixture
@@ -99,3 +102,19 @@ def test_pub_written_by_keygen_round_trips(small):
     ident = keys.load_public(small.pub("bank-a"))
     assert ident.name == "bank-a" and len(keys.unb64(ident.ed25519)) == 32 and ident.x25519
     assert ident.fingerprint in small.pub("bank-a").read_text()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(st.binary(max_size=200), st.dictionaries(
+    st.sampled_from(["name", "ed25519", "x25519", "nmae", "extra"]),
+    st.one_of(st.text(max_size=50), st.integers(), st.booleans(), st.just("Z6jviQpOIokT8iqckxIkie9YmUDiFnleYC/itHsdRLs=")),
+    max_size=4).map(lambda d: tomli_w.dumps(d).encode())))
+def test_any_public_key_file_loads_or_is_refused_in_one_line(tmp_path, data):
+    path = tmp_path / "x.pub"
+    path.write_bytes(data)
+    try:
+        ident = keys.load_public(path)
+    except FedcliError as e:
+        assert "\n" not in str(e) and e.exit_code == ExitCode.ERROR
+    else:
+        assert len(keys.unb64(ident.ed25519)) == 32
