@@ -278,6 +278,24 @@ def test_damaged_residual_is_refused_before_anything_is_written(tmp_path, credit
     fed.train("bank-a")
 
 
+def test_evaluate_and_predict_read_tables_the_same_way(tmp_path, credit_split, fed):
+    t = pd.read_csv(credit_split / "test.csv")
+    t.assign(Status=t.Status.str.upper()).to_csv(tmp_path / "upper.csv", sep=";", index=False)
+    where = ("--store", fed.store, "--coordinator", fed.pub("coordinator"))
+    res = fed.cli("evaluate", *where, "--data", tmp_path / "upper.csv")
+    assert "round 0" in res.output and "upper.csv is separated by ';'" in res.output
+    t[t.Status == "good"].to_csv(tmp_path / "good.csv", index=False)
+    line = one_line(fed.cli("evaluate", *where, "--data", tmp_path / "good.csv", code=1))
+    assert "no row of good.csv has Status == 'bad'" in line
+    t.drop(columns="Status").to_csv(tmp_path / "unlabelled.csv", sep="\t", index=False)
+    fed.cli("predict", *where, "--data", tmp_path / "unlabelled.csv", "--out", tmp_path / "scores.csv")
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert len(scores) == len(t) and scores["score"].between(0, 1).all()
+    (tmp_path / "sheet.xls").write_bytes(b"\xd0\xcf\x11\xe0" + bytes(60))
+    line = one_line(fed.cli("predict", *where, "--data", tmp_path / "sheet.xls", "--out", tmp_path / "x.csv", code=1))
+    assert "sheet.xls: Excel files are not read" in line and not (tmp_path / "x.csv").exists()
+
+
 # --------------------------------------------------------------------------- property-based: any table
 
 
