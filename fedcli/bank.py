@@ -144,7 +144,7 @@ def train_round(
                   highlight=False, soft_wrap=True)
 
     source = Path(data_path).name
-    with console.status(f"reading {escape(source)}"):
+    with console.status(f"reading {escape(source)}") if console.is_terminal else contextlib.nullcontext():
         prep = D.prepare(D.read_table(data_path), spec.data, source)
     notes = D.notes(prep, source)
     before = score(prep.y, models.predict(spec.model, base.tensors, prep.X))
@@ -160,7 +160,8 @@ def train_round(
     batches = -(-len(prep.X) // spec.training.batch_size)
     expected = mech.steps if ps.mode == "record" else spec.training.epochs * batches
     with Progress(TextColumn(f"[bold]training[/] round {r}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[loss]}"), TimeRemainingColumn(), console=console, transient=True) as progress:
+                  TextColumn("{task.fields[loss]}"), TimeRemainingColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
         task = progress.add_task("train", total=expected, loss="")
         last = [float("nan")]
 

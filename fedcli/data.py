@@ -217,7 +217,7 @@ def notes(prep: Prepared, source: str) -> list[str]:
     if prep.separator != ",":
         out.append(f"{source} is separated by {_SEP_NAMES.get(prep.separator, repr(prep.separator))}")
     if prep.rows_dropped:
-        out.append(f"{prep.rows_dropped:,} rows without a target value were skipped")
+        out.append(f"{prep.rows_dropped:,} row(s) without a target value were skipped")
     if prep.filled:
         total = sum(prep.filled.values())
         cols = ", ".join(f"{c} {n:,}" for c, n in prep.filled.items())
@@ -228,7 +228,7 @@ def notes(prep: Prepared, source: str) -> list[str]:
         out.append(line)
     if prep.unknown:
         out.append("unknown category -> all-zero one-hot: "
-                   + ", ".join(f"{c} {n:,} rows" for c, n in prep.unknown.items()))
+                   + ", ".join(f"{c} {n:,} row{'' if n == 1 else 's'}" for c, n in prep.unknown.items()))
     return out
 
 
