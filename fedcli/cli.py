@@ -91,8 +91,7 @@ def schema(
         df = tables.read_table(data)
         section, warnings = tables.infer_schema(df, target, positive)
     if df.attrs.get("separator", ",") != ",":
-        err.print(f"[yellow]note:[/] {escape(data.name)} is separated by {df.attrs['separator']!r}; "
-                  "every bank's table is read the same way", highlight=False, soft_wrap=True)
+        _notes([f"{data.name} is separated by {tables.separator_name(df.attrs['separator'])}"])
     for w in warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     out.print(spec_module.dumps({"data": section}).decode(), highlight=False, markup=False)

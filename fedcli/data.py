@@ -39,6 +39,10 @@ SEPARATORS = (";", "\t", "|")
 _SEP_NAMES = {";": "';'", "\t": "tabs", "|": "'|'", ",": "','"}
 
 
+def separator_name(sep: str) -> str:
+    return _SEP_NAMES.get(sep, repr(sep))
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """Read CSV or Parquet; a ';'-, tab- or '|'-separated CSV is detected (df.attrs['separator'])."""
     path = Path(path)
@@ -215,7 +219,7 @@ def notes(prep: Prepared, source: str) -> list[str]:
     """What preprocessing did to this table, in plain words, one line per kind."""
     out = []
     if prep.separator != ",":
-        out.append(f"{source} is separated by {_SEP_NAMES.get(prep.separator, repr(prep.separator))}")
+        out.append(f"{source} is separated by {separator_name(prep.separator)}")
     if prep.rows_dropped:
         out.append(f"{prep.rows_dropped:,} row(s) without a target value were skipped")
     if prep.filled:

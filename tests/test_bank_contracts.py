@@ -249,6 +249,9 @@ def test_schema_warns_and_refuses_mixed_columns(tmp_path, credit_split, fed):
     a = table(credit_split).astype({"Income": object})
     a.loc[:2, "Income"] = "12,5"  # a decimal comma
     a.to_csv(tmp_path / "mixed.csv", sep=";", index=False)
+    table(credit_split).to_csv(tmp_path / "tabs.csv", sep="\t", index=False)
+    res = fed.cli("schema", tmp_path / "tabs.csv", "--target", "Status", "--positive", "bad")
+    assert "note: tabs.csv is separated by tabs" in res.output
     line = one_line(fed.cli("schema", tmp_path / "mixed.csv", "--target", "Status", "--positive", "bad", code=1))
     assert "column Income mixes numbers" in line and "and text (3 rows, e.g. '12,5')" in line
     res = fed.cli("schema", "--help")
