@@ -1,14 +1,16 @@
 """A bank's step: verify the latest global model, train on local rows, submit a signed delta."""
 
+import contextlib
 import hashlib
 import json
-import os
+import math
 import secrets
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import compression
@@ -16,8 +18,9 @@ from . import data as D
 from . import keys, models
 from . import privacy as P
 from . import rounds as R
+from . import spec as spec_module
 from . import tensors as T
-from .errors import AlreadyExists, FedcliError, VerificationError
+from .errors import AlreadyExists, FedcliError, InputError, NotRegular, StoreError, VerificationError
 from .metrics import score
 from .store import Store
 from .train import fit, fit_private
@@ -25,7 +28,11 @@ from .train import fit, fit_private
 
 @dataclass
 class BankState:
-    """What this bank last saw, kept next to its key: the defence against a rolled-back store."""
+    """What this bank last saw, kept next to its key: the defence against a rolled-back store.
+
+    A typed document (localdocs.BankStateFile); a damaged one is refused, never read as empty,
+    because an empty state would accept any rolled-back store.
+    """
 
     path: Path
     federation_id: str | None = None
@@ -34,13 +41,18 @@ class BankState:
 
     @classmethod
     def load(cls, path: Path) -> "BankState":
+        from .contract import load_json, validate
+        from .localdocs import MAX_STATE_BYTES, BankStateFile, read_bounded
+
+        what = f"bank state file {path}"
         try:
-            raw = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            return cls(path)
-        except (OSError, ValueError) as e:
-            raise FedcliError(f"bank state file {path} is unreadable ({e}); restore it from backup") from None
-        return cls(path, raw.get("federation_id"), int(raw.get("last_round", -1)), raw.get("last_sha256"))
+            data = read_bounded(Path(path), MAX_STATE_BYTES, "bank state file")
+            if data is None:
+                return cls(path)
+            doc = validate(BankStateFile, load_json(data, what, MAX_STATE_BYTES, InputError), what, InputError)
+        except FedcliError as e:
+            raise InputError(f"{e}; restore it from backup") from None
+        return cls(path, doc.federation_id, doc.last_round, doc.last_sha256)
 
     def check(self, federation_id: str, g: R.Global) -> None:
         """Refuse a global model older than, or different from, one we already trusted."""
@@ -50,22 +62,22 @@ class BankState:
             )
         if g.round < self.last_round:
             raise VerificationError(
-                f"rollback: the store's latest global is round {g.round}, but this bank already saw round {self.last_round}"
+                f"rollback: the store's latest global is round {g.round}, but this bank already saw round {self.last_round}",
+                reason="rollback",
             )
         if g.round == self.last_round and g.sha256 != self.last_sha256:
-            raise VerificationError(f"the global model of round {g.round} changed since this bank last saw it")
+            raise VerificationError(f"the global model of round {g.round} changed since this bank last saw it",
+                                    reason="rollback")
         if g.round == self.last_round + 1 and self.last_sha256 and g.manifest.get("prev_sha256") != self.last_sha256:
-            raise VerificationError(f"the global model of round {g.round} does not chain to round {self.last_round}")
+            raise VerificationError(f"the global model of round {g.round} does not chain to round {self.last_round}",
+                                    reason="rollback")
 
     def save(self, federation_id: str, g: R.Global) -> None:
+        from .localdocs import BankStateFile, write_atomic
+
+        doc = BankStateFile(federation_id=federation_id, last_round=g.round, last_sha256=g.sha256)
+        write_atomic(Path(self.path), json.dumps(doc.model_dump(), indent=2).encode(), ".state-")
         self.federation_id, self.last_round, self.last_sha256 = federation_id, g.round, g.sha256
-        body = json.dumps({"federation_id": federation_id, "last_round": g.round, "last_sha256": g.sha256}, indent=2)
-        fd, tmp = tempfile.mkstemp(dir=Path(self.path).parent, prefix=".state-")
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
 
 @dataclass
@@ -98,6 +110,10 @@ def train_round(
     ledger_path: Path | None = None,
     max_epsilon: float | None = None,
 ) -> TrainResult:
+    """One round at a bank. Every check that can fail (keys, spec, global model, table, labels,
+    training, finiteness, budget) runs before the first write to the store, so a refusal leaves
+    nothing behind; the ledger is charged last before the upload (a crash after it over-counts)."""
+    console = console or Console(stderr=True)
     private, my_pub = keys.load_private(key_path)
     spec, spec_sha = R.load_spec(store, keys.load_public(coordinator_pub))
     me = spec.member_by_key(my_pub)
@@ -116,6 +132,7 @@ def train_round(
 
         mask_key = keys.load_mask_key(key_path)
     if store.exists(mkey):
+        check_own_manifest(store, spec, r, me, mkey)
         # Secure aggregation's second exchange: reveal seeds with members declared dropped.
         msg = SR.publish_recovery(store, spec, r, me.name, private, mask_key) if secure else None
         return TrainResult(me.name, r, False, msg or f"{me.name} already submitted an update for round {r}; nothing to do")
@@ -123,11 +140,13 @@ def train_round(
         SR.refuse_if_dropped(store, spec, r, me.name)
     base = R.load_global(store, spec, spec_sha, base_round, shapes)
     state.check(spec.federation_id, base)
+    console.print("[bold]in force:[/] " + escape("; ".join(f"{k} {v}" for k, v in spec_module.summary(spec))),
+                  highlight=False, soft_wrap=True)
 
-    prep = D.prepare(D.read_table(data_path), spec.data, Path(data_path).name)
-    notes = [f"{n} rows without a target value were skipped" for n in [prep.rows_dropped] if n]
-    notes += [f"{c}: {n} missing or non-numeric values filled with the spec's mean" for c, n in prep.filled.items()]
-    notes += [f"{c}: {n} rows with a category the spec does not declare (encoded as none)" for c, n in prep.unknown.items()]
+    source = Path(data_path).name
+    with console.status(f"reading {escape(source)}") if console.is_terminal else contextlib.nullcontext():
+        prep = D.prepare(D.read_table(data_path), spec.data, source)
+    notes = D.notes(prep, source)
     before = score(prep.y, models.predict(spec.model, base.tensors, prep.X))
     ps = spec.privacy
     if ps.enabled:  # refuse before any work if even this release would break the budget
@@ -138,15 +157,17 @@ def train_round(
 
     # Training seed is not a secret: it only makes a bank's rerun reproducible.
     seed = int.from_bytes(hashlib.sha256(f"{spec.federation_id}/{r}/{me.name}".encode()).digest()[:4], "little")
-    with Progress(TextColumn("[bold]training[/] round {task.fields[r]}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
-                  console=console or Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("train", total=None, r=r, loss=float("nan"))
+    batches = -(-len(prep.X) // spec.training.batch_size)
+    expected = mech.steps if ps.mode == "record" else spec.training.epochs * batches
+    with Progress(TextColumn(f"[bold]training[/] round {r}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[loss]}"), TimeRemainingColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
+        task = progress.add_task("train", total=expected, loss="")
         last = [float("nan")]
 
         def step(done, total, loss):
             last[0] = loss
-            progress.update(task, completed=done, total=total, loss=loss)
+            progress.update(task, completed=done, total=max(total, done), loss=f"loss {loss:.4f}")
 
         if ps.mode == "record":
             weights, mech = fit_private(spec.model, spec.training, base.tensors, prep.X, prep.y,
@@ -155,15 +176,19 @@ def train_round(
         else:
             weights, loss = fit(spec.model, spec.training, base.tensors, prep.X, prep.y, seed, step,
                                 prox_mu=spec.strategy.prox_mu)
+    require_finite("the trained weights", weights)
     after = score(prep.y, models.predict(spec.model, weights, prep.X))
+    metrics = {"loss": loss, "auc_before": before["auc"], "auc_after": after["auc"]}
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise FedcliError(f"training produced non-finite {', '.join(bad)} on {source}: nothing was submitted "
+                          "(check the table for extreme values)", reason="not-finite")
+    metrics = {k: round(v, 6) for k, v in metrics.items()}
     delta = {k: weights[k] - base.tensors[k] for k in weights}
-    metrics = {"loss": round(loss, 6), "auc_before": round(before["auc"], 6), "auc_after": round(after["auc"], 6)}
-    charged = {}
     if ps.mode == "update":  # with secure aggregation and shared noise, each bank adds its share
         nm = SR.member_noise(spec, mech.noise_multiplier) if secure else mech.noise_multiplier
         delta, _ = P.privatize_update(delta, ps.clip, nm)
-    if ps.enabled:  # charged before anything leaves the bank: a crash after this over-counts, never under
-        charged = ledger.charge(mech, round=r, federation=spec.federation_id, budget_epsilon=budget, delta=ps.delta)
+    require_finite("the update", delta)
 
     # Compression (with the bank's error-feedback residual) only post-processes the delta; secure
     # aggregation's masking (never combined with compression) comes after it.
@@ -181,7 +206,6 @@ def train_round(
         if clipped:
             notes.append(f"secure aggregation: {clipped} update values beyond ±{spec.secagg.clip} were clipped")
     data = T.encode(delta)
-    store.put(tkey, data)
     manifest = {
         "kind": "update",
         "format": R.FORMAT,
@@ -200,13 +224,54 @@ def train_round(
     if ps.enabled:  # row count and local metrics are not privatised: they stay at the bank
         del manifest["num_examples"], manifest["metrics"]
         manifest["dp"] = mech.manifest() | {"delta": ps.delta}
+    signed = keys.sign_manifest(private, manifest)
+
+    charged = {}
+    if ps.enabled:  # charged before anything leaves the bank: a crash after this over-counts, never under
+        charged = ledger.charge(mech, round=r, federation=spec.federation_id, budget_epsilon=budget, delta=ps.delta)
+    store.put(tkey, data)  # the first write: tensors, then the manifest that commits them
     try:
-        store.put(mkey, keys.sign_manifest(private, manifest), create_only=True)
-    except AlreadyExists:
+        store.put(mkey, signed, create_only=True)
+    except AlreadyExists:  # another run got there first: it counts only if it is ours
+        check_own_manifest(store, spec, r, me, mkey)
         return TrainResult(me.name, r, False, f"{me.name} already submitted an update for round {r}; nothing to do")
+    except FedcliError:
+        with contextlib.suppress(FedcliError):  # best effort: leave no tensors without a manifest
+            store.delete(tkey)
+        raise
     if residual is not None:
         compression.save_residual(res_path, residual)
     state.save(spec.federation_id, base)
     sent = f"{len(data):,} bytes" + ("" if cmeta["method"] == "none" else f", {cmeta['method']}")
     return TrainResult(me.name, r, True, f"submitted update for round {r} ({sent})", len(prep.X), metrics, notes,
                        charged)
+
+
+def require_finite(what: str, tensors: dict) -> None:
+    """NaN or infinity in weights or an update is refused before it can be signed or sent."""
+    bad = [k for k, v in tensors.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise FedcliError(f"{what} hold non-finite values (in {', '.join(bad[:3])}): nothing was submitted "
+                          "(check the table for extreme values)", reason="not-finite")
+
+
+def check_own_manifest(store: Store, spec, r: int, me, mkey: str) -> None:
+    """An update manifest under my name counts as mine only if my key signed it for this round."""
+    what = f"update manifest for {me.name}"
+    try:
+        manifest = keys.verify_manifest(R.read_manifest(store, mkey, what), me, what)
+    except StoreError as e:
+        if not isinstance(e, NotRegular):
+            raise
+        manifest = None
+    except FedcliError:
+        manifest = None
+    if manifest is None:
+        raise VerificationError(f"an update manifest for {me.name} that this key did not sign sits at {mkey}; "
+                                "ask the coordinator to remove it", reason="bad-signature")
+    try:
+        R.expect(manifest, what, kind="update", federation_id=spec.federation_id, round=r, member=me.name)
+    except FedcliError:
+        raise VerificationError(f"an update manifest at {mkey} was signed by this key for another round or "
+                                "federation (a replayed copy); ask the coordinator to remove it",
+                                reason="wrong-round") from None

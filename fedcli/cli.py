@@ -81,6 +81,9 @@ def keygen(
             passphrase = os.environ.get(keys.PASSPHRASE_ENV) or typer.prompt(
                 "Passphrase", hide_input=True, confirmation_prompt=True
             )
+        elif os.environ.get(keys.PASSPHRASE_ENV):
+            err.print(f"[yellow]warning:[/] {keys.PASSPHRASE_ENV} is set but --encrypt was not given: "
+                      "the keys are written unencrypted", highlight=False, soft_wrap=True)
         key_path, pub_path, ident = keys.generate(name, out_dir, passphrase)
     out.print(f"private key: {key_path} (keep it here; mode 0600{', encrypted' if encrypt else ''})")
     out.print(f"mask key:    {keys.x25519_path_for(key_path)} (secure aggregation; same protection)")
@@ -92,15 +95,25 @@ def keygen(
 def schema(
     data: Path = typer.Argument(..., help="CSV or Parquet table with representative rows."),
     target: str = typer.Option(..., "--target", help="Label column."),
-    positive: str = typer.Option(..., "--positive", help="Label value that counts as the positive class (e.g. bad)."),
+    positive: str = typer.Option(..., "--positive", help="Label value that counts as the positive class (e.g. bad). "
+                                 "A number (1) is compared as a number: 1, 1.0, \"1\" and true all match. "
+                                 "Text is compared after stripping spaces, ignoring case: bad matches BAD."),
 ):
-    """Draft the spec's data section from a table: only means, stds and category names."""
-    from . import data as D
-    from . import spec as S
+    """Draft the spec's data section from a table: only means, stds and category names.
+
+    Warns when no row (or every row) matches --positive; refuses a column that mixes numbers and text.
+    """
+    from . import data as tables
+    from . import spec as spec_module
 
     with failures():
-        section = D.infer_schema(D.read_table(data), target, positive)
-    out.print(S.dumps({"data": section}).decode(), highlight=False, markup=False)
+        df = tables.read_table(data)
+        section, warnings = tables.infer_schema(df, target, positive)
+    if df.attrs.get("separator", ",") != ",":
+        _notes([f"{data.name} is separated by {tables.separator_name(df.attrs['separator'])}"])
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    out.print(spec_module.dumps({"data": section}).decode(), highlight=False, markup=False)
 
 
 @app.command()
@@ -157,14 +170,17 @@ def train(
 ):
     """Bank: verify the latest global model, train locally and submit a signed update.
 
-    Exit code 6: exporting would exceed this bank's privacy budget (nothing was exported).
+    Every check (table, labels, both classes, finite loss, metrics and weights, budget) runs
+    before the first write to the store: a refusal leaves nothing behind and charges nothing.
+    Exit codes: 1 the table or a key is refused; 4 a check of the store failed (including an
+    update manifest under this bank's name that its key did not sign); 6 exporting would
+    exceed this bank's privacy budget (nothing was exported).
     """
     from .bank import train_round
 
     with failures():
         res = train_round(_store(store), key, data, coordinator, state, err, ledger, max_epsilon)
-    for note in res.data_notes:
-        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    _notes(res.data_notes)
     if not res.submitted:
         out.print(res.message)
         return
@@ -313,6 +329,12 @@ def report(
     out.print(f"{len(rep.entries)} updates over {len(rep.rounds)} rounds -> {html_path} and {png_path}")
 
 
+def _notes(notes: list[str]) -> None:
+    """Preprocessing notes, one line per kind (data.notes summarises them per run)."""
+    for note in notes:
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+
+
 def _metrics_table(title: str, metrics: dict) -> Table:
     table = Table(title=title)
     for k in metrics:
@@ -332,8 +354,9 @@ def evaluate(
     from .inference import evaluate as run
 
     with failures():
-        r, n, metrics = run(_store(store), coordinator, data, round_)
-    out.print(_metrics_table(f"global model of round {r} on {data.name} ({n} rows)", metrics))
+        r, n, metrics, notes = run(_store(store), coordinator, data, round_)
+    _notes(notes)
+    out.print(_metrics_table(f"global model of round {r} on {escape(data.name)} ({n} rows)", metrics))
 
 
 @app.command()
@@ -348,8 +371,9 @@ def predict(
     from .inference import predict as run
 
     with failures():
-        r, n = run(_store(store), coordinator, data, output, round_)
-    out.print(f"scored {n} rows with the global model of round {r} -> {output}")
+        r, n, notes = run(_store(store), coordinator, data, output, round_)
+    _notes(notes)
+    out.print(f"scored {n} rows with the global model of round {r} -> {escape(str(output))}")
 
 
 @app.command("check-store")

@@ -12,8 +12,6 @@ the global model's shapes, refusing anything malformed.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -157,32 +155,27 @@ def residual_path(state_path: Path) -> Path:
 
 
 def load_residual(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
-    """The residual left by the last compressed update, or None on the first one."""
-    from safetensors.numpy import load_file
+    """The residual left by the last compressed update, or None on the first one.
 
-    if not Path(path).exists():
-        return None
+    Read like any untrusted tensor file (size bound first, safetensors checks, finite values),
+    since a damaged residual would otherwise be added into the next update.
+    """
+    from . import tensors
+    from .localdocs import read_bounded
+
+    what = f"error-feedback residual {path}"
     try:
-        res = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types
-        raise FedcliError(f"error-feedback residual {path} is unreadable ({e}); delete it to start afresh") from None
-    if {k: tuple(v.shape) for k, v in res.items()} != {k: tuple(s) for k, s in shapes.items()}:
-        raise FedcliError(f"error-feedback residual {path} does not match the model; delete it to start afresh")
-    return res
+        data = read_bounded(Path(path), tensors.max_file_size(shapes), "error-feedback residual")
+        return None if data is None else dict(tensors.decode(data, shapes, what))
+    except FedcliError as e:
+        raise FedcliError(f"{e}; delete it to start afresh") from None
 
 
 def save_residual(path: Path, residual: Arrays) -> None:
-    """Atomic write (temp file + rename), so a crash never leaves half a residual."""
+    """Atomic write (temp file, fsync, rename), so a crash never leaves half a residual."""
     from safetensors.numpy import save
 
-    data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in residual.items()})
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".residual-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from .localdocs import write_atomic
+
+    write_atomic(Path(path), save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in residual.items()}),
+                 ".residual-")

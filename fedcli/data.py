@@ -3,31 +3,79 @@
 Every bank applies the same transformation (means, stds and category levels come from the
 signed spec, never from local data), so a feature means the same thing at every bank.
 Missing numbers become the declared mean (0 after standardisation); missing or unseen
-categories become all-zero one-hot rows. Counts of both are reported, never hidden.
+categories become all-zero one-hot rows. Both are summarised once per run, never hidden.
+
+Labels are compared with their type (docs/data.md): when the spec's positive label is a
+number ("1"), target values are compared as numbers, so 1, 1.0, "1" and True all match;
+otherwise as text, after stripping spaces, ignoring case ("bad" matches " BAD").
+A table that cannot train a model (one row, one class, no row matching the positive label, a
+value more than a million standard deviations from the declared mean) is refused before any
+work, so nothing half-made ever reaches the store.
 """
 
-from dataclasses import dataclass
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .errors import FedcliError
+from .errors import InputError
 from .spec import DataSpec
+
+MAX_STD_UNITS = 1e6  # beyond this a value is a unit or column mix-up, and float32 would overflow
+REFUSED = {
+    ".xlsx": "Excel files are not read: export the sheet as CSV (UTF-8)",
+    ".xlsm": "Excel files are not read: export the sheet as CSV (UTF-8)",
+    ".xls": "Excel files are not read: export the sheet as CSV (UTF-8)",
+    ".ods": "spreadsheet files are not read: export the sheet as CSV (UTF-8)",
+    ".json": "JSON tables are not read: export the table as CSV or Parquet",
+    ".jsonl": "JSON tables are not read: export the table as CSV or Parquet",
+}
+_ZIP, _OLE = b"PK\x03\x04", b"\xd0\xcf\x11\xe0"  # .xlsx/.ods are zip archives, .xls an OLE file
+SEPARATORS = (";", "\t", "|")
+_SEP_NAMES = {";": "';'", "\t": "tabs", "|": "'|'", ",": "','"}
+
+
+def separator_name(sep: str) -> str:
+    return _SEP_NAMES.get(sep, repr(sep))
 
 
 def read_table(path: Path) -> pd.DataFrame:
+    """Read CSV or Parquet; a ';'-, tab- or '|'-separated CSV is detected (df.attrs['separator'])."""
     path = Path(path)
     if not path.is_file():
-        raise FedcliError(f"data file {path} does not exist")
+        raise InputError(f"data file {path} does not exist" if not path.exists() else f"data file {path} is not a file")
+    suffix = path.suffix.lower()
+    if suffix in REFUSED:
+        raise InputError(f"{path.name}: {REFUSED[suffix]}")
     try:
-        if path.suffix.lower() in (".parquet", ".pq"):
+        if suffix in (".parquet", ".pq"):
             return pd.read_parquet(path)
-        return pd.read_csv(path)
-    except ImportError as e:
-        raise FedcliError(f"cannot read {path}: {e} (install pyarrow for Parquet)") from None
-    except (ValueError, OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise FedcliError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+        with open(path, "rb") as f:
+            head = f.read(64 * 1024)
+        if head.startswith((_ZIP, _OLE)):
+            raise InputError(f"{path.name} is a spreadsheet or archive, not CSV text. {REFUSED['.xlsx']}")
+        encoding = "utf-16" if head.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
+        df = pd.read_csv(path, encoding=encoding, low_memory=False)
+        df.attrs["separator"] = ","
+        if df.shape[1] == 1:  # maybe another separator: count them on the header line
+            header = head.decode(encoding, errors="ignore").splitlines()[0] if head else ""
+            counts = {s: header.count(s) for s in SEPARATORS}
+            sep = max(counts, key=counts.get)
+            if counts[sep]:
+                df = pd.read_csv(path, sep=sep, encoding=encoding, low_memory=False)
+                df.attrs["separator"] = sep
+        return df
+    except ImportError:
+        raise InputError(f"cannot read {path}: Parquet needs pyarrow (pip install pyarrow), or export it as CSV") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"cannot read {path}: it is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                         f"{e.start}); save it as 'CSV UTF-8'") from None
+    except (ValueError, OSError, pd.errors.ParserError) as e:
+        raise InputError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 @dataclass
@@ -35,8 +83,10 @@ class Prepared:
     X: np.ndarray  # float32, (rows, n_features)
     y: np.ndarray | None  # float32 0/1, None when the table has no target column
     rows_dropped: int  # rows without a target value
-    filled: dict[str, int]  # feature -> values missing or unparseable, filled with the mean
-    unknown: dict[str, int]  # feature -> categories not declared in the spec
+    filled: dict[str, int]  # feature -> values missing or not a number, filled with the mean
+    unknown: dict[str, int]  # feature -> rows whose category the spec does not declare
+    text: dict[str, str] = field(default_factory=dict)  # numeric feature -> one text value seen in it
+    separator: str = ","
 
 
 def feature_names(spec: DataSpec) -> list[str]:
@@ -46,31 +96,99 @@ def feature_names(spec: DataSpec) -> list[str]:
     return names
 
 
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def clean_text(values: pd.Series) -> pd.Series:
+    """Values as stripped text; missing stays missing, and blank text counts as missing."""
+    text = values.astype(str).str.strip().where(values.notna(), None)
+    return text.where(text != "", None)
+
+
+def label_rule(positive: str) -> str:
+    """The comparison `parse_labels` makes, in words (for messages and docs)."""
+    return "compared as numbers" if _number(positive) is not None else "compared as text, ignoring case and spaces"
+
+
+def parse_labels(values: pd.Series, positive: str) -> np.ndarray:
+    """1.0 where a (non-missing) target value equals the positive label, by the rule in the module doc."""
+    wanted = _number(str(positive))
+    if wanted is None:
+        text = values.astype(str).str.strip().str.casefold()
+        return (text == str(positive).strip().casefold()).to_numpy(np.float32)
+    if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
+        numbers = values.astype(np.float64)
+    else:
+        text = values.astype(str).str.strip().str.lower().replace({"true": "1", "false": "0"})
+        numbers = pd.to_numeric(text, errors="coerce")
+    return (numbers == wanted).to_numpy(np.float32)
+
+
+def _seen(values: pd.Series, limit: int = 5) -> str:
+    counts = values.astype(str).str.strip().value_counts()
+    shown = ", ".join(_short(v) for v in counts.index[:limit])
+    return shown + (f", ... ({len(counts)} distinct)" if len(counts) > limit else "")
+
+
+def _short(value: str, width: int = 30) -> str:
+    return value if len(value) <= width else value[: width - 3] + "..."
+
+
 def prepare(df: pd.DataFrame, spec: DataSpec, source: str, need_target: bool = True) -> Prepared:
-    """Turn a raw table into model inputs exactly as the spec declares."""
+    """Turn a raw table into model inputs exactly as the spec declares.
+
+    With need_target (train, evaluate) the labels must hold both classes; without it (predict)
+    a target column is optional and only its empty rows are skipped.
+    """
     missing = [f.name for f in (*spec.numeric, *spec.categorical) if f.name not in df.columns]
     if missing:
-        raise FedcliError(f"{source} lacks columns the federation spec needs: {', '.join(missing)}")
+        hint = ""
+        if len(df.columns) == 1:
+            hint = (f" (the table has one column, {_short(str(df.columns[0]), 40)!r}: is it separated by something "
+                    "other than ',', ';', tabs or '|'?)")
+        raise InputError(f"{source} lacks columns the federation spec needs: {', '.join(missing)}{hint}")
     y = None
     dropped = 0
     if spec.target in df.columns:
-        has_target = df[spec.target].notna()
+        has_target = clean_text(df[spec.target]).notna()
         dropped = int((~has_target).sum())
         df = df[has_target]
-        y = (df[spec.target].astype(str) == spec.positive).to_numpy(np.float32)
+        y = parse_labels(df[spec.target], spec.positive)
+        if need_target:
+            _check_classes(df[spec.target], y, spec, source)
     elif need_target:
-        raise FedcliError(f"{source} lacks the target column {spec.target!r}")
+        raise InputError(f"{source} lacks the target column {spec.target!r}")
     if len(df) == 0:
-        raise FedcliError(f"{source} has no usable rows")
+        raise InputError(f"{source} has no usable rows")
 
-    cols, filled, unknown = [], {}, {}
+    cols, filled, unknown, text_seen = [], {}, {}, {}
     for f in spec.numeric:
-        values = pd.to_numeric(df[f.name], errors="coerce").to_numpy(np.float64)
-        bad = ~np.isfinite(values)
+        raw = df[f.name]
+        values = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64)
+        if not pd.api.types.is_numeric_dtype(raw):
+            words = clean_text(raw)[np.isnan(values)].dropna()
+            if len(words):
+                text_seen[f.name] = _short(str(words.iloc[0]))
+        z = (values - f.mean) / f.std
+        absurd = np.isinf(values) | (np.abs(z) > MAX_STD_UNITS)
+        if absurd.any():
+            row = int(np.flatnonzero(absurd)[0])
+            label = df.index[row]
+            label = f"data row {label + 1}" if isinstance(label, (int, np.integer)) else f"row {label!r}"
+            raise InputError(
+                f"{source}: column {f.name} has {int(absurd.sum())} value(s) more than {MAX_STD_UNITS:,.0f} standard "
+                f"deviations from the spec's mean (e.g. {values[row]:g} in {label}); "
+                "fix them or leave the cells empty (empty cells are filled with the mean)")
+        bad = np.isnan(values)
         if bad.any():
             filled[f.name] = int(bad.sum())
-            values = np.where(bad, f.mean, values)
-        cols.append(((values - f.mean) / f.std)[:, None])
+            z = np.where(bad, 0.0, z)
+        cols.append(z[:, None])
     for c in spec.categorical:
         raw = df[c.name]
         text = raw.astype(str).where(raw.notna(), None)
@@ -80,22 +198,89 @@ def prepare(df: pd.DataFrame, spec: DataSpec, source: str, need_target: bool = T
             unknown[c.name] = n_unknown
         cols.append(onehot)
     X = np.concatenate(cols, axis=1).astype(np.float32)
-    return Prepared(X=X, y=y, rows_dropped=dropped, filled=filled, unknown=unknown)
+    return Prepared(X=X, y=y, rows_dropped=dropped, filled=filled, unknown=unknown, text=text_seen,
+                    separator=df.attrs.get("separator", ","))
 
 
-def infer_schema(df: pd.DataFrame, target: str, positive: str, max_levels: int = 30) -> dict:
-    """Draft a [data] section from a table: only aggregate statistics (means, stds, level names)."""
+def _check_classes(values: pd.Series, y: np.ndarray, spec: DataSpec, source: str) -> None:
+    """Training and scoring need at least 2 rows and both classes; say which labels were seen."""
+    if len(y) == 0:
+        return  # prepare says "no usable rows"
+    if len(y) < 2:
+        raise InputError(f"{source} has {len(y)} usable row: at least 2 are needed, with both classes")
+    where = f"{spec.target} == {spec.positive!r} ({label_rule(spec.positive)})"
+    if not y.any():
+        raise InputError(f"no row of {source} has {where}; values seen: {_seen(values)}")
+    if y.all():
+        raise InputError(f"every row of {source} has {where}: both classes are needed")
+
+
+def notes(prep: Prepared, source: str) -> list[str]:
+    """What preprocessing did to this table, in plain words, one line per kind."""
+    out = []
+    if prep.separator != ",":
+        out.append(f"{source} is separated by {separator_name(prep.separator)}")
+    if prep.rows_dropped:
+        out.append(f"{prep.rows_dropped:,} row(s) without a target value were skipped")
+    if prep.filled:
+        total = sum(prep.filled.values())
+        cols = ", ".join(f"{c} {n:,}" for c, n in prep.filled.items())
+        line = (f"{len(prep.filled)} column(s) had missing values ({total:,} values in all), filled with the spec's "
+                f"mean: {cols}")
+        if prep.text:
+            line += "; text counted as missing: " + ", ".join(f"{c} (e.g. {t!r})" for c, t in prep.text.items())
+        out.append(line)
+    if prep.unknown:
+        out.append("unknown category -> all-zero one-hot: "
+                   + ", ".join(f"{c} {n:,} row{'' if n == 1 else 's'}" for c, n in prep.unknown.items()))
+    return out
+
+
+def mixed_columns(df: pd.DataFrame) -> list[tuple[str, int, int, str]]:
+    """Text columns where some values are numbers and some are not: (column, numbers, texts, a text value)."""
+    out = []
+    for col in df.columns:
+        s = df[col]
+        if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
+            continue
+        text = clean_text(s).dropna()
+        numeric = pd.to_numeric(text, errors="coerce").notna()
+        n_num, n_text = int(numeric.sum()), int((~numeric).sum())
+        if n_num and n_text:
+            out.append((str(col), n_num, n_text, _short(str(text[~numeric].iloc[0]))))
+    return out
+
+
+def infer_schema(df: pd.DataFrame, target: str, positive: str, max_levels: int = 30) -> tuple[dict, list[str]]:
+    """Draft a [data] section from a table (only means, stds, level names) and warnings about it."""
     if target not in df.columns:
-        raise FedcliError(f"target column {target!r} not in the table (columns: {', '.join(map(str, df.columns))})")
+        raise InputError(f"target column {target!r} not in the table (columns: {', '.join(map(str, df.columns))})")
+    mixed = mixed_columns(df)
+    if mixed:
+        col, n_num, n_text, example = mixed[0]
+        raise InputError(f"column {col} mixes numbers ({n_num:,} rows) and text ({n_text:,} rows, e.g. {example!r}): "
+                         "make it all numbers (leave unknown cells empty) or all categories")
+    warnings = []
+    labels = df[target][clean_text(df[target]).notna()]
+    y = parse_labels(labels, str(positive))
+    where = f"{target} == {str(positive)!r} ({label_rule(str(positive))})"
+    if not y.any():
+        warnings.append(f"no row has {where}; values seen: {_seen(labels)}. Check --positive.")
+    elif y.all():
+        warnings.append(f"every row has {where}: a model needs both classes")
     numeric, categorical = [], []
     for col in df.columns:
-        if col == target or col.lower() in ("rownames", "id", "index"):
+        if col == target or str(col).lower() in ("rownames", "id", "index"):
             continue
         s = df[col]
         if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
-            std = float(s.std()) if s.notna().sum() > 1 else 1.0
-            numeric.append({"name": str(col), "mean": round(float(s.mean()), 6), "std": round(std if std > 0 else 1.0, 6)})
+            values = s.astype(np.float64).replace([np.inf, -np.inf], np.nan)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflowing stds fall back to 1 below
+                std = float(values.std()) if values.notna().sum() > 1 else 1.0
+                mean = float(values.mean()) if values.notna().any() else 0.0
+            numeric.append({"name": str(col), "mean": round(mean, 6),
+                            "std": round(std, 6) if math.isfinite(std) and round(std, 6) > 0 else 1.0})
         else:
             levels = [str(v) for v in s.dropna().astype(str).value_counts().index[:max_levels]]
             categorical.append({"name": str(col), "levels": sorted(levels)})
-    return {"target": target, "positive": str(positive), "numeric": numeric, "categorical": categorical}
+    return {"target": target, "positive": str(positive), "numeric": numeric, "categorical": categorical}, warnings

@@ -22,11 +22,11 @@ def verified_global(store: Store, coordinator_pub: Path, round_: int | None):
 
 
 def evaluate(store: Store, coordinator_pub: Path, data_path: Path, round_: int | None = None):
-    """Return (round, rows, metrics) of the verified global model on a labelled table."""
+    """Return (round, rows, metrics, notes) of the verified global model on a labelled table (both classes)."""
     spec, g = verified_global(store, coordinator_pub, round_)
     prep = D.prepare(D.read_table(data_path), spec.data, Path(data_path).name)
     p = models.predict(spec.model, g.tensors, prep.X)
-    return g.round, len(p), score(prep.y, p) | {"positive_rate": float(np.mean(prep.y))}
+    return g.round, len(p), score(prep.y, p) | {"positive_rate": float(np.mean(prep.y))}, D.notes(prep, Path(data_path).name)
 
 
 def predict(store: Store, coordinator_pub: Path, data_path: Path, out: Path, round_: int | None = None):
@@ -34,8 +34,11 @@ def predict(store: Store, coordinator_pub: Path, data_path: Path, out: Path, rou
     spec, g = verified_global(store, coordinator_pub, round_)
     df = D.read_table(data_path)
     prep = D.prepare(df, spec.data, Path(data_path).name, need_target=False)
-    if spec.data.target in df.columns:
-        df = df[df[spec.data.target].notna()]
+    if spec.data.target in df.columns:  # the same rows prepare kept
+        df = df[D.clean_text(df[spec.data.target]).notna()]
     out_df = pd.DataFrame(df).assign(score=models.predict(spec.model, g.tensors, prep.X))
-    out_df.to_csv(out, index=False)
-    return g.round, len(out_df)
+    try:
+        out_df.to_csv(out, index=False)
+    except OSError as e:
+        raise FedcliError(f"cannot write {out}: {e.strerror}") from None
+    return g.round, len(out_df), D.notes(prep, Path(data_path).name)

@@ -10,6 +10,8 @@ import base64
 import hashlib
 import json
 import os
+import stat
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import secagg
-from .errors import FedcliError, VerificationError
+from .errors import FedcliError, InputError, VerificationError
 from .names import check_name
 
 PASSPHRASE_ENV = "FEDCLI_PASSPHRASE"
@@ -111,47 +113,101 @@ def generate(name: str, out_dir: Path, passphrase: str | None = None) -> tuple[P
     return key_path, pub_path, ident
 
 
+MAX_PRIVATE_KEY_BYTES = 64 * 1024
+_prompted: dict[Path, str] = {}  # signing key path -> passphrase typed this run (the mask key reuses it)
+
+
+def _interactive() -> bool:
+    """Whether a person can answer a prompt (never under cron or in a pipe)."""
+    try:
+        return sys.stdin.isatty() and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _warn(message: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def read_private_pem(path: Path) -> bytes:
+    """A private key file's bytes, refused when others may read it or it is not a key file."""
+    from .localdocs import read_bounded
+
+    path = Path(path)
+    pem = read_bounded(path, MAX_PRIVATE_KEY_BYTES, "private key")
+    if pem is None:
+        raise InputError(f"private key {path} does not exist")
+    if b"-----BEGIN" not in pem:
+        hint = f"; pass the private key {path.with_suffix('.key').name}" if b"ed25519" in pem else ""
+        raise InputError(f"{path} is not a private key file (PEM){hint}")
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        raise InputError(f"{path.name} is readable by others (mode {mode:04o}): run chmod 600 {path}")
+    return pem
+
+
+def _load_pem(path: Path, pem: bytes, passphrase: str | None, loader, prompt_for: Path):
+    """Load a PEM key: the passphrase from the caller, FEDCLI_PASSPHRASE, or a prompt on a terminal."""
+    if passphrase is None:
+        passphrase = os.environ.get(PASSPHRASE_ENV) or _prompted.get(prompt_for)
+    try:
+        return loader(pem, passphrase.encode() if passphrase else None)
+    except TypeError:
+        if passphrase:  # given, but this key is stored in the clear
+            _warn(f"{PASSPHRASE_ENV} is set but {path.name} is not encrypted (anyone who can read it can use it)")
+            return loader(pem, None)
+    except ValueError:
+        raise InputError(f"{path} is not a valid key, or the passphrase is wrong") from None
+    if not _interactive():
+        raise InputError(
+            f"{path} is passphrase-protected: set {PASSPHRASE_ENV} or run from a terminal to be prompted"
+        )
+    import typer
+
+    passphrase = typer.prompt(f"Passphrase for {path.name}", hide_input=True, err=True)
+    try:
+        key = loader(pem, passphrase.encode())
+    except (TypeError, ValueError):
+        raise InputError(f"wrong passphrase for {path}") from None
+    _prompted[prompt_for] = passphrase
+    return key
+
+
+def _ed25519_loader(pem: bytes, password: bytes | None):
+    return serialization.load_pem_private_key(pem, password=password)
+
+
 def load_private(path: Path, passphrase: str | None = None) -> tuple[Ed25519PrivateKey, str]:
     """Load a private key and return it with the base64 of its public half."""
-    try:
-        pem = Path(path).read_bytes()
-    except OSError as e:
-        raise FedcliError(f"cannot read private key {path}: {e.strerror}") from None
-    if passphrase is None:
-        passphrase = os.environ.get(PASSPHRASE_ENV)
-    try:
-        key = serialization.load_pem_private_key(pem, password=passphrase.encode() if passphrase else None)
-    except TypeError:
-        raise FedcliError(
-            f"{path} is passphrase-protected: set {PASSPHRASE_ENV} or pass --passphrase"
-        ) from None
-    except ValueError:
-        raise FedcliError(f"{path} is not a valid private key, or the passphrase is wrong") from None
+    path = Path(path)
+    key = _load_pem(path, read_private_pem(path), passphrase, _ed25519_loader, path)
     if not isinstance(key, Ed25519PrivateKey):
-        raise FedcliError(f"{path} is not an Ed25519 key")
+        raise InputError(f"{path} is not an Ed25519 key")
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return key, b64(raw)
+
+
+def _x25519_loader(pem: bytes, password: bytes | None):
+    try:
+        return secagg.private_from_pem(pem, password)
+    except FedcliError as e:  # keep the key-loading errors apart: missing vs wrong passphrase
+        text = str(e)
+        if "not given" in text or "not encrypted" in text:
+            raise TypeError(text) from None
+        raise ValueError(text) from None
 
 
 def load_mask_key(key_path: Path, passphrase: str | None = None):
     """Load the X25519 key that sits next to the signing key at key_path."""
     path = x25519_path_for(key_path)
-    try:
-        pem = path.read_bytes()
-    except FileNotFoundError:
-        raise FedcliError(
+    if not path.exists():
+        raise InputError(
             f"{path} not found: secure aggregation needs the X25519 key `fedcli keygen` makes next to {Path(key_path).name}"
-        ) from None
-    except OSError as e:
-        raise FedcliError(f"cannot read private key {path}: {e.strerror}") from None
-    if passphrase is None:
-        passphrase = os.environ.get(PASSPHRASE_ENV)
-    try:
-        return secagg.private_from_pem(pem, passphrase.encode() if passphrase else None)
-    except FedcliError:
-        raise FedcliError(
-            f"{path} is not a valid X25519 key, or it is passphrase-protected and {PASSPHRASE_ENV} is unset or wrong"
-        ) from None
+        )
+    return _load_pem(path, read_private_pem(path), passphrase, _x25519_loader, Path(key_path))
 
 
 def read_toml(path: Path, what: str) -> dict:
@@ -165,12 +221,19 @@ def read_toml(path: Path, what: str) -> dict:
 
 
 def load_public(path: Path) -> PublicIdentity:
-    data = read_toml(path, "public key file")
-    try:
-        ident = PublicIdentity(name=check_name(data["name"], "key name"), ed25519=data["ed25519"],
-                               x25519=data.get("x25519", ""))
-    except KeyError as e:
-        raise FedcliError(f"{path} lacks the field {e.args[0]!r}") from None
+    """Read NAME.pub: a typed document (name, ed25519, x25519); a private key given here is named as such."""
+    from .contract import load_toml, validate
+    from .localdocs import MAX_PUBLIC_KEY_BYTES, PublicKeyFile, read_bounded
+
+    path = Path(path)
+    data = read_bounded(path, MAX_PUBLIC_KEY_BYTES, "public key file")
+    if data is None:
+        raise InputError(f"public key file {path} does not exist")
+    if b"PRIVATE KEY-----" in data:
+        raise InputError(f"{path.name} is a private key; pass the public key file {path.with_suffix('.pub').name}")
+    doc = validate(PublicKeyFile, load_toml(data, f"public key file {path}", MAX_PUBLIC_KEY_BYTES),
+                   f"public key file {path}", error=InputError)
+    ident = PublicIdentity(name=doc.name, ed25519=doc.ed25519, x25519=doc.x25519)
     ident.key()  # validates length and encoding
     if ident.x25519:
         ident.mask_key()

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import secrets
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -427,16 +426,21 @@ class Ledger:
         self.path = Path(path)
 
     def entries(self) -> list[dict]:
-        if not self.path.exists():
-            return []
+        """Every release so far; a damaged ledger is refused, never read as an empty history."""
+        from .contract import load_json, validate
+        from .errors import InputError
+        from .localdocs import MAX_LEDGER_BYTES, LedgerFile, read_bounded
+
+        what = f"privacy ledger {self.path}"
         try:
-            data = json.loads(self.path.read_text())
-            entries = data["entries"]
-            if not isinstance(entries, list):
-                raise TypeError("entries is not a list")
-            return entries
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise FedcliError(f"privacy ledger {self.path} is unreadable ({e}); refusing to guess what was spent") from None
+            data = read_bounded(self.path, MAX_LEDGER_BYTES, "privacy ledger")
+            if data is None:
+                return []
+            doc = validate(LedgerFile, load_json(data, what, MAX_LEDGER_BYTES, InputError), what, InputError)
+        except FedcliError as e:
+            raise InputError(f"{e}: it is unreadable, and fedcli refuses to guess what was spent; "
+                             "restore it from backup") from None
+        return [e.model_dump() for e in doc.entries]
 
     def mechanisms(self, mode: str) -> list[Mechanism]:
         return [Mechanism.from_dict(e) for e in self.entries() if e.get("mode") == mode]
@@ -475,10 +479,14 @@ class Ledger:
             entry = {
                 "round": int(round),
                 "federation": federation,
-                **asdict(mech),
-                "delta": delta,
-                "epsilon_after": after,
-                "budget_epsilon": budget_epsilon,
+                "mode": mech.mode,
+                "noise_multiplier": float(mech.noise_multiplier),
+                "sample_rate": float(mech.sample_rate),
+                "steps": int(mech.steps),
+                "clip": float(mech.clip),
+                "delta": float(delta),
+                "epsilon_after": float(after),
+                "budget_epsilon": float(budget_epsilon),
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             self._write([*self.entries(), entry])
@@ -495,22 +503,11 @@ class Ledger:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _write(self, entries: list[dict]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": 1, "accountant": ACCOUNTANT, "entries": entries}, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        """Validated against the ledger's contract, then written atomically (localdocs.write_atomic)."""
+        from .localdocs import LedgerFile, write_atomic
+
+        doc = LedgerFile.model_validate({"version": 1, "accountant": ACCOUNTANT, "entries": entries})
+        write_atomic(self.path, json.dumps(doc.model_dump(), indent=2).encode(), self.path.name + ".")
 
 
 # --------------------------------------------------------------------------- record-level DP (DP-SGD)
