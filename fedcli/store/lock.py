@@ -15,6 +15,12 @@ record is never deleted (clean-up removes only numbers below the caller's own), 
 number can only be reused below the top; a racer that lands there sees a higher number
 when it checks right after its write, withdraws, and reports the lock as held.
 
+Records are unsigned (anyone who can write to the store can plant one), so a record is
+trusted only as far as its contract (`LockRecord`): a record that is oversized, nested,
+untyped, linked, or holds a lease further than 10 TTLs ahead (a planted lease to the year
+9999) is treated as expired, with a warning: it can delay a round by one lease at most,
+never stall it.
+
 The lease is judged by wall clocks: keep the TTL well above clock skew between hosts and
 renew during long runs. Publishing stays safe even if a lease runs out mid-run, because
 the round manifest itself is written create-only: the lock saves duplicate work, the
@@ -31,17 +37,23 @@ import secrets
 import socket
 import time
 from datetime import datetime, timezone
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from ..errors import AlreadyExists, ExitCode, FedcliError, NotFound
+from ..errors import AlreadyExists, ContractError, ExitCode, FedcliError, NotFound
 from ..names import check_name
 from .base import Store
 
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
 log = logging.getLogger("fedcli.store")
 _RECORD = re.compile(r"^(\d{12})\.json$")
+MAX_GEN = 10**12 - 1  # record names have 12 digits
 DEFAULT_TTL = 30 * 60.0
 MAX_RECORD_BYTES = 4096
+MAX_LEASE_TTLS = 10  # a lease further ahead than this many TTLs is not one this code wrote
 _KEEP = 2  # older records kept below one's own, for the audit trail
+_HOST_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class LockHeld(FedcliError):
@@ -53,6 +65,36 @@ class LockHeld(FedcliError):
 
 class LockLost(FedcliError):
     """Our lease expired and another run took over; stop before publishing anything."""
+
+
+_MODEL = None
+
+
+def record_model() -> type["BaseModel"]:
+    """The lock record contract (built on first use: pydantic is imported lazily)."""
+    global _MODEL
+    if _MODEL is None:
+        from typing import Annotated, Literal
+
+        from pydantic import BaseModel, Field
+
+        from ..contract import strict_config
+
+        Time = Annotated[float, Field(ge=0, le=1e11)]  # seconds since 1970, before the year 5000
+
+        class LockRecord(BaseModel):
+            """One lock record: who holds (or freed) the lease and until when."""
+
+            model_config = strict_config()
+            state: Literal["held", "free"]
+            owner: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+            host: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,255}$")]
+            pid: Annotated[int, Field(ge=0, le=2**32)]
+            at: Time
+            expires: Time
+
+        _MODEL = LockRecord
+    return _MODEL
 
 
 def _when(t) -> str:
@@ -94,20 +136,30 @@ class LeaseLock:
         return sorted(gens)
 
     def _read(self, gen: int) -> dict | None:
+        """Record gen as a dict, None if absent, {} if it breaks its contract (treated as expired, never held)."""
+        from ..contract import load_json, validate
+
+        key = self._key(gen)
         try:
-            rec = json.loads(self.store.get(self._key(gen), max_bytes=MAX_RECORD_BYTES))
-            return rec if isinstance(rec, dict) else {}
+            raw = load_json(self.store.get(key, max_bytes=MAX_RECORD_BYTES), f"lock record {key}", MAX_RECORD_BYTES)
+            rec = validate(record_model(), raw, f"lock record {key}").model_dump()
+            horizon = self.clock() + MAX_LEASE_TTLS * self.ttl
+            if rec["expires"] > horizon:
+                raise ContractError(f"lock record {key}: lease until {_when(rec['expires'])} is more than "
+                                    f"{MAX_LEASE_TTLS} lease times ahead")
+            return rec
         except NotFound:
             return None
-        except ValueError:
-            return {}  # unreadable: treated as expired, never as held
+        except FedcliError as e:  # oversized, nested, malformed, linked...: never a live lease
+            log.warning("ignoring the %s lock record as expired: %s", self.name, e)
+            return {}
 
     def _record(self, state: str) -> bytes:
         now = self.clock()
         rec = {
             "state": state,
             "owner": self.owner,
-            "host": socket.gethostname(),
+            "host": _HOST_UNSAFE.sub("-", socket.gethostname())[:255] or "unknown",
             "pid": os.getpid(),
             "at": now,
             "expires": now + self.ttl if state == "held" else now,
@@ -156,6 +208,11 @@ class LeaseLock:
 
     def _claim(self, gen: int) -> bool:
         """Create record `gen` as ours; True if it is now the top record."""
+        if gen > MAX_GEN:
+            raise ContractError(
+                f"the {self.name} lock on {self.store} has reached record number {gen - 1} (names have 12 digits): "
+                f"a planted record? When no run is active, remove locks/{self.name}/ and run again"
+            )
         try:
             self.store.put(self._key(gen), self._record("held"), create_only=True)
         except AlreadyExists:
