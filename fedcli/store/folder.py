@@ -13,7 +13,8 @@ a file belongs is refused with `NotRegular` (exit 4). Writes happen inside the f
 descriptor reached that way, so a linked `rounds/N` can never redirect a write outside.
 The store root itself may be reached through a link: it is resolved once, when opened.
 `list` never descends into a linked folder; it reports links and special files as keys so
-that any reader of them is refused out loud instead of them going unnoticed.
+that any reader of them (get, size, exists, read_into) is refused out loud instead of them
+going unnoticed. `delete` of a link removes the link itself.
 """
 
 from __future__ import annotations
@@ -242,14 +243,20 @@ class FolderStore(Store):
             return os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
 
     def exists(self, key: str) -> bool:
-        """True if anything is at key, a link included (reading it is then refused)."""
+        """True for a regular file, False for nothing; a link or anything else there is refused.
+
+        Why refuse rather than answer: callers decide from this whether something was already
+        written ("already submitted"), so a planted link must not count as a file nor as absent.
+        """
 
         def op() -> bool:
             try:
-                self._lstat(key)
-                return True
+                mode = self._lstat(key).st_mode
             except (FileNotFoundError, NotADirectoryError):
                 return False
+            if not stat.S_ISREG(mode):
+                raise self._not_regular(key, mode)
+            return True
 
         # An I/O error must not read as "absent": callers decide what to write from this.
         return self._guard("inspect", key, op)
