@@ -168,12 +168,7 @@ class LeaseLock:
 
     def _live(self, rec: dict | None) -> bool:
         """True if rec is a held lease that has not expired."""
-        if not rec or rec.get("state") != "held":
-            return False
-        try:
-            return float(rec.get("expires", 0)) > self.clock()
-        except (TypeError, ValueError):
-            return False
+        return bool(rec) and rec["state"] == "held" and rec["expires"] > self.clock()
 
     def _held_error(self, rec: dict) -> LockHeld:
         return LockHeld(
@@ -246,6 +241,10 @@ class LeaseLock:
         if self.gen is None:
             return
         gen, self.gen = self.gen, None
+        if gen >= MAX_GEN:  # no 12-digit number left for the release: the lease simply expires
+            log.warning("the %s lock has no record number left to release it; it expires at the end of its lease",
+                        self.name)
+            return
         try:
             self.store.put(self._key(gen + 1), self._record("free"), create_only=True)
         except AlreadyExists:
