@@ -9,9 +9,12 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from conftest import BANKS, FAST_RETRY, make_fed, s3_store_on
 
 from fedcli.errors import ExitCode, FedcliError, NotRegular, Oversize
+from fedcli.names import check_key
 from fedcli.store.folder import FolderStore
 from fedcli.store.lock import LeaseLock, LockHeld
 
@@ -293,3 +296,45 @@ def test_a_live_lease_still_holds(hfed):
 def test_lock_generation_overflow_is_a_clear_refusal(hfed):
     _plant(hfed, 10**12 - 1, _record(state="free"))
     refused(hfed.aggregate(code=None), ExitCode.VERIFY, "12 digits", "remove locks/aggregate/")
+
+
+@pytest.mark.parametrize("kind", ["a symbolic link", "a FIFO", "a folder"])
+def test_linked_fifo_or_folder_lock_record_counts_as_expired(tmp_path, caplog, kind):
+    store = FolderStore(tmp_path / "store", policy=FAST_RETRY)
+    store.put(f"{LOCK}/000000000001.json", _record(expires=time.time() - 1))
+    top = tmp_path / "store" / LOCK / "000000000002.json"
+    if kind == "a symbolic link":  # to a live lease elsewhere: must not be believed
+        (tmp_path / "elsewhere.json").write_bytes(_record())
+        top.symlink_to(tmp_path / "elsewhere.json")
+    elif kind == "a FIFO":
+        os.mkfifo(top)
+    else:
+        top.mkdir()
+    with caplog.at_level("WARNING", logger="fedcli.store"):
+        lock = within(10, LeaseLock(store, "aggregate").acquire, top)
+    lock.check()
+    assert lock.gen == 3 and any(f"is {kind}" in r.getMessage() for r in caplog.records)
+
+
+def test_planted_folders_on_lock_numbers_are_skipped_then_refused_clearly(tmp_path):
+    store = FolderStore(tmp_path / "store", policy=FAST_RETRY)
+    lock = LeaseLock(store, "aggregate").acquire()  # record 1
+    (tmp_path / "store" / LOCK / "000000000002.json").mkdir()  # blocks the release record
+    lock.release()  # a warning, not a crash: the lease runs out by itself
+    for gen in range(3, 12):
+        (tmp_path / "store" / LOCK / f"{gen:012d}.json").mkdir()
+    with pytest.raises(FedcliError, match="records in a row that are not files: when no run is active, remove") as info:
+        LeaseLock(store, "aggregate", clock=lambda: time.time() + 3600).acquire()
+    assert info.value.exit_code == ExitCode.VERIFY
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.text(alphabet=st.sampled_from("ab0./-_\n\\ ~:"), max_size=24))
+def test_any_key_check_key_accepts_stays_inside_the_store(tmp_path, key):
+    try:
+        check_key(key)
+    except FedcliError:
+        return
+    store = tmp_path / "store"
+    assert (store / key).resolve().is_relative_to(store.resolve())
+    assert not key.startswith("/") and ".." not in key.split("/") and "\n" not in key

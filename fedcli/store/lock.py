@@ -39,7 +39,7 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import AlreadyExists, ContractError, ExitCode, FedcliError, NotFound
+from ..errors import AlreadyExists, ContractError, ExitCode, FedcliError, NotFound, NotRegular
 from ..names import check_name
 from .base import Store
 
@@ -53,6 +53,7 @@ DEFAULT_TTL = 30 * 60.0
 MAX_RECORD_BYTES = 4096
 MAX_LEASE_TTLS = 10  # a lease further ahead than this many TTLs is not one this code wrote
 _KEEP = 2  # older records kept below one's own, for the audit trail
+_MAX_SKIPS = 8  # record numbers blocked by planted non-files skipped before giving up
 _HOST_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -202,16 +203,29 @@ class LeaseLock:
         raise self._held_error(rec or {})
 
     def _claim(self, gen: int) -> bool:
-        """Create record `gen` as ours; True if it is now the top record."""
-        if gen > MAX_GEN:
+        """Create record `gen` as ours; True if it is now the top record.
+
+        A number blocked by something that is not a file (a planted folder or link, which
+        listings do not show as a record) is skipped, a few at most, so it cannot stall the lock.
+        """
+        for gen in range(gen, gen + _MAX_SKIPS + 1):
+            if gen > MAX_GEN:
+                raise ContractError(
+                    f"the {self.name} lock on {self.store} has reached record number {gen - 1} (names have 12 "
+                    f"digits): a planted record? When no run is active, remove locks/{self.name}/ and run again"
+                )
+            try:
+                self.store.put(self._key(gen), self._record("held"), create_only=True)
+                break
+            except AlreadyExists:
+                return False
+            except NotRegular as e:
+                log.warning("skipping lock record number %d: %s", gen, e)
+        else:
             raise ContractError(
-                f"the {self.name} lock on {self.store} has reached record number {gen - 1} (names have 12 digits): "
-                f"a planted record? When no run is active, remove locks/{self.name}/ and run again"
+                f"the {self.name} lock on {self.store} has {_MAX_SKIPS + 1} records in a row that are not files: "
+                f"when no run is active, remove locks/{self.name}/ and run again"
             )
-        try:
-            self.store.put(self._key(gen), self._record("held"), create_only=True)
-        except AlreadyExists:
-            return False
         if any(g > gen for g in self._gens()):
             # We filled a number below the top (a cleaned-up one): not the holder.
             self.store.delete(self._key(gen))
@@ -249,6 +263,9 @@ class LeaseLock:
             self.store.put(self._key(gen + 1), self._record("free"), create_only=True)
         except AlreadyExists:
             log.warning("the %s lock had already been taken over by another run", self.name)
+            return
+        except NotRegular as e:  # a planted non-file: our lease simply runs out
+            log.warning("could not release the %s lock, it expires with its lease: %s", self.name, e)
             return
         self._cleanup(below=gen - _KEEP)
 
