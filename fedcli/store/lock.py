@@ -88,7 +88,7 @@ def record_model() -> type["BaseModel"]:
 
             model_config = strict_config()
             state: Literal["held", "free"]
-            owner: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+            owner: Annotated[str, Field(pattern=r"^[0-9a-f]{1,64}$")]  # a random token, hex
             host: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,255}$")]
             pid: Annotated[int, Field(ge=0, le=2**32)]
             at: Time
