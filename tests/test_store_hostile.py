@@ -188,6 +188,19 @@ def test_link_at_a_bank_update_to_its_customer_table_is_never_read(hfed):
     assert not any(row in p.read_text("latin-1") for p in hfed.store.rglob("*.json") if not p.is_symlink())
 
 
+def test_bank_bundle_export_never_packs_what_its_update_links_to(hfed, tmp_path):
+    hfed.train("bank-a")
+    tensors = hfed.store / "rounds/000001/updates/bank-a.safetensors"
+    tensors.unlink()
+    tensors.symlink_to(hfed.data / "bank-a.csv")
+    out = tmp_path / "a.bundle"
+    res = refused(hfed.cli("bundle", "export", "--store", hfed.store, "--key", hfed.key("bank-a"), "--out", out,
+                           code=None), ExitCode.VERIFY, "bank-a.safetensors", "symbolic link")
+    row = (hfed.data / "bank-a.csv").read_text().splitlines()[1]
+    assert row not in res.output
+    assert not out.exists() or row.encode() not in out.read_bytes()
+
+
 @pytest.mark.parametrize("linked", ["rounds/000001", "rounds/000001/updates"])
 def test_linked_round_folder_makes_train_and_aggregate_refuse_without_writing_outside(hfed, tmp_path, linked):
     outside = tmp_path / "outside"
