@@ -16,7 +16,8 @@ number can only be reused below the top; a racer that lands there sees a higher 
 when it checks right after its write, withdraws, and reports the lock as held.
 
 Records are unsigned (anyone who can write to the store can plant one), so a record is
-trusted only as far as its contract (`LockRecord`): a record that is oversized, nested,
+trusted only as far as its contract (`LockRecord`; pydantic, imported only by the commands
+that take the lock, never by `fedcli --help`): a record that is oversized, nested,
 untyped, linked, or holds a lease further than 10 TTLs ahead (a planted lease to the year
 9999) is treated as expired, with a warning: it can delay a round by one lease at most,
 never stall it.
@@ -37,14 +38,14 @@ import secrets
 import socket
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Callable
+from typing import Annotated, Callable, Literal
 
+from pydantic import BaseModel, Field
+
+from ..contract import load_json, strict_config, validate
 from ..errors import AlreadyExists, ContractError, ExitCode, FedcliError, NotFound, NotRegular
 from ..names import check_name
 from .base import Store
-
-if TYPE_CHECKING:
-    from pydantic import BaseModel
 
 log = logging.getLogger("fedcli.store")
 _RECORD = re.compile(r"^(\d{12})\.json$")
@@ -68,34 +69,19 @@ class LockLost(FedcliError):
     """Our lease expired and another run took over; stop before publishing anything."""
 
 
-_MODEL = None
+Time = Annotated[float, Field(ge=0, le=1e11)]  # seconds since 1970, before the year 5000
 
 
-def record_model() -> type["BaseModel"]:
-    """The lock record contract (built on first use: pydantic is imported lazily)."""
-    global _MODEL
-    if _MODEL is None:
-        from typing import Annotated, Literal
+class LockRecord(BaseModel):
+    """One lock record: who holds (or freed) the lease and until when. Unsigned, so strictly checked."""
 
-        from pydantic import BaseModel, Field
-
-        from ..contract import strict_config
-
-        Time = Annotated[float, Field(ge=0, le=1e11)]  # seconds since 1970, before the year 5000
-
-        class LockRecord(BaseModel):
-            """One lock record: who holds (or freed) the lease and until when."""
-
-            model_config = strict_config()
-            state: Literal["held", "free"]
-            owner: Annotated[str, Field(pattern=r"^[0-9a-f]{1,64}$")]  # a random token, hex
-            host: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,255}$")]
-            pid: Annotated[int, Field(ge=0, le=2**32)]
-            at: Time
-            expires: Time
-
-        _MODEL = LockRecord
-    return _MODEL
+    model_config = strict_config()
+    state: Literal["held", "free"]
+    owner: Annotated[str, Field(pattern=r"^[0-9a-f]{1,64}$")]  # a random token, hex
+    host: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,255}$")]  # plain: it is shown to operators
+    pid: Annotated[int, Field(ge=0, le=2**32)]
+    at: Time
+    expires: Time
 
 
 def _when(t) -> str:
@@ -138,12 +124,10 @@ class LeaseLock:
 
     def _read(self, gen: int) -> dict | None:
         """Record gen as a dict, None if absent, {} if it breaks its contract (treated as expired, never held)."""
-        from ..contract import load_json, validate
-
         key = self._key(gen)
         try:
             raw = load_json(self.store.get(key, max_bytes=MAX_RECORD_BYTES), f"lock record {key}", MAX_RECORD_BYTES)
-            rec = validate(record_model(), raw, f"lock record {key}").model_dump()
+            rec = validate(LockRecord, raw, f"lock record {key}").model_dump()
             horizon = self.clock() + MAX_LEASE_TTLS * self.ttl
             if rec["expires"] > horizon:
                 raise ContractError(f"lock record {key}: lease until {_when(rec['expires'])} is more than "
@@ -205,8 +189,8 @@ class LeaseLock:
     def _claim(self, gen: int) -> bool:
         """Create record `gen` as ours; True if it is now the top record.
 
-        A number blocked by something that is not a file (a planted folder or link, which
-        listings do not show as a record) is skipped, a few at most, so it cannot stall the lock.
+        A number blocked by a planted folder (listings show no record there) is skipped, a few
+        at most, so it cannot stall the lock.
         """
         for gen in range(gen, gen + _MAX_SKIPS + 1):
             if gen > MAX_GEN:
