@@ -4,16 +4,31 @@ Atomicity: write to a temp file in the same folder, fsync, then rename (replace)
 hard-link (create-only: link fails if the target exists, so one racer wins).
 Transient errors of network file systems (EIO, ESTALE, timeouts...) are retried with
 back-off; anything else (permission, disk full) fails at once with one clear line.
+
+Links: anyone who can write to the shared folder could plant a symbolic link (to a private
+key, a customer table, or a folder outside the store). So every path is walked one
+component at a time from the store root, each folder opened with O_NOFOLLOW relative to
+its parent's descriptor, and only regular files are read; a link, a FIFO or a folder where
+a file belongs is refused with `NotRegular` (exit 4). Writes happen inside the folder
+descriptor reached that way, so a linked `rounds/N` can never redirect a write outside.
+The store root itself may be reached through a link: it is resolved once, when opened.
+`list` never descends into a linked folder; it reports links and special files as keys so
+that any reader of them (get, size, exists, read_into) is refused out loud instead of them
+going unnoticed. `delete` of a link removes the link itself.
 """
+
+from __future__ import annotations
 
 import errno
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from ..errors import AlreadyExists, NotFound, Oversize, StoreError
+from ..errors import AlreadyExists, FedcliError, NotFound, NotRegular, Oversize, StoreError
 from ..names import check_key
 from .base import Store
 from . import retry
@@ -35,6 +50,13 @@ _TRANSIENT_ERRNOS = {
     errno.EHOSTDOWN,
     errno.EHOSTUNREACH,
 }
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+# O_NONBLOCK: opening a planted FIFO must not wait for a writer; it is refused after fstat.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
+_KINDS = {stat.S_IFLNK: "a symbolic link", stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)",
+          stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
 
 
 def is_transient(e: BaseException) -> bool:
@@ -42,60 +64,151 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS
 
 
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
 class FolderStore(Store):
     def __init__(self, root: str | os.PathLike, *, policy: RetryPolicy | None = None):
-        self.root = Path(root).expanduser().resolve()
+        self.root = Path(root).expanduser().resolve()  # the one place a link is followed: the root itself
         self.url = str(self.root)
         self.policy = policy or retry.DEFAULT_POLICY  # looked up now, so tests and tools can tune it
-
-    def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
 
     def _retry(self, what: str, key: str, op: Callable[[], T]) -> T:
         return with_retry(op, what=f"{what} {key} in {self.url}", transient=is_transient, policy=self.policy)
 
-    def get(self, key: str, *, max_bytes: int) -> bytes:
-        path = self._path(key)
+    # -- walking without following links ---------------------------------------------
 
+    def _not_regular(self, where: str, mode: int, folder: bool = False) -> NotRegular:
+        if folder:
+            return NotRegular(f"{where} in {self.url} is {_kind(mode)}; a store folder must be a real folder: "
+                              "refusing to follow it")
+        verb = "follow" if stat.S_ISLNK(mode) else "read"
+        return NotRegular(f"{where} in {self.url} is {_kind(mode)}; a store path must be a regular file: "
+                          f"refusing to {verb} it")
+
+    @contextmanager
+    def _folder(self, parts: list[str], create: bool = False) -> Iterator[int]:
+        """A descriptor of the folder root/parts, reached without following any link.
+
+        Missing folders raise FileNotFoundError, or are made when `create`; a link or special
+        file on the way raises NotRegular; a regular file there raises the OSError (ENOTDIR).
+        """
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        try:
+            for i, name in enumerate(parts):
+                try:
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    try:
+                        os.mkdir(name, 0o777, dir_fd=fd)
+                    except FileExistsError:
+                        pass  # a racer made it
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                        mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+                        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+                            raise self._not_regular("/".join(parts[: i + 1]), mode, folder=True) from None
+                    raise
+                os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open_file(self, key: str, dir_fd: int, name: str) -> int:
+        """Open a regular file for reading, never following a link nor blocking on a FIFO."""
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        if not stat.S_ISREG(mode):  # refused before open: opening a device can have effects
+            raise self._not_regular(key, mode)
+        try:
+            fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # swapped for a link since the check
+                raise self._not_regular(key, stat.S_IFLNK) from None
+            raise
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise self._not_regular(key, mode)
+        return fd
+
+    @contextmanager
+    def _reading(self, key: str) -> Iterator[int]:
+        parts = check_key(key).split("/")
+        with self._folder(parts[:-1]) as dir_fd:
+            fd = self._open_file(key, dir_fd, parts[-1])
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    # -- Store interface ---------------------------------------------------------------
+
+    def get(self, key: str, *, max_bytes: int) -> bytes:
         def op() -> bytes:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+            with self._reading(key) as fd:
+                size = os.fstat(fd).st_size
                 if size > max_bytes:
                     raise Oversize(f"{key} in {self.url} is {size:,} bytes, more than the {max_bytes:,} allowed; not read")
-                data = f.read(max_bytes + 1)
-            if len(data) > max_bytes:
+                chunks, total = [], 0
+                while total <= max_bytes and (chunk := os.read(fd, min(max_bytes + 1 - total, 1 << 24) or 1)):
+                    chunks.append(chunk)
+                    total += len(chunk)
+            if total > max_bytes:
                 raise Oversize(f"{key} in {self.url} grew past the {max_bytes:,} bytes allowed while reading; not read")
-            return data
+            return b"".join(chunks)
 
+        return self._guard("read", key, op)
+
+    def _guard(self, what: str, key: str, op: Callable[[], T]) -> T:
+        """Retry op; a missing path becomes NotFound, other OS errors one StoreError line."""
+        check_key(key)
         try:
-            return self._retry("read", key, op)
+            return self._retry(what, key, op)
         except FileNotFoundError:
             raise NotFound(f"{key} not found in {self.url}") from None
         except OSError as e:
-            raise StoreError(f"cannot read {key} from {self.url}: {e.strerror}") from None
+            prep = "from" if what == "read" else "in"
+            raise StoreError(f"cannot {what} {key} {prep} {self.url}: {e.strerror}") from None
 
     def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
-        path = self._path(key)
+        parts = check_key(key).split("/")
         tries = 0
 
         def op() -> None:
             nonlocal tries
             tries += 1
-            self._put_once(key, path, data, create_only)
+            with self._folder(parts[:-1], create=True) as dir_fd:
+                self._put_once(key, dir_fd, parts[-1], data, create_only)
 
         try:
             self._retry("write", key, op)
         except AlreadyExists:
             # A retried link may have landed the first time: our bytes there means success.
-            if tries > 1 and self._same(path, data):
+            if tries > 1 and self._same(key, data):
                 return
             raise
         except OSError as e:
             raise StoreError(f"cannot write {key} to {self.url}: {e.strerror}") from None
 
-    def _put_once(self, key: str, path: Path, data: bytes, create_only: bool) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+    def _put_once(self, key: str, dir_fd: int, name: str, data: bytes, create_only: bool) -> None:
+        try:
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISREG(mode):
+                raise self._not_regular(key, mode)
+            if create_only:
+                raise AlreadyExists(f"{key} already exists in {self.url}")
+        tmp = f".tmp-{secrets.token_hex(8)}.part"
+        fd = os.open(tmp, _WRITE_FLAGS, 0o600, dir_fd=dir_fd)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -103,53 +216,71 @@ class FolderStore(Store):
                 os.fsync(f.fileno())
             if create_only:
                 try:
-                    os.link(tmp, path)
+                    os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
                 except FileExistsError:
                     raise AlreadyExists(f"{key} already exists in {self.url}") from None
             else:
-                os.replace(tmp, path)
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        _fsync_dir(path.parent)
-
-    @staticmethod
-    def _same(path: Path, data: bytes) -> bool:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
         try:
-            return path.read_bytes() == data
+            os.fsync(dir_fd)
         except OSError:
+            pass
+
+    def _same(self, key: str, data: bytes) -> bool:
+        try:
+            return self.get(key, max_bytes=len(data)) == data
+        except FedcliError:
             return False
 
+    def _lstat(self, key: str) -> os.stat_result:
+        parts = check_key(key).split("/")
+        with self._folder(parts[:-1]) as dir_fd:
+            return os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+
     def exists(self, key: str) -> bool:
+        """True for a regular file, False for nothing; a link or anything else there is refused.
+
+        Why refuse rather than answer: callers decide from this whether something was already
+        written ("already submitted"), so a planted link must not count as a file nor as absent.
+        """
+
+        def op() -> bool:
+            try:
+                mode = self._lstat(key).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            if not stat.S_ISREG(mode):
+                raise self._not_regular(key, mode)
+            return True
+
         # An I/O error must not read as "absent": callers decide what to write from this.
-        path = self._path(key)
-        try:
-            return self._retry("inspect", key, path.is_file)
-        except OSError as e:
-            raise StoreError(f"cannot inspect {key} in {self.url}: {e.strerror}") from None
+        return self._guard("inspect", key, op)
 
     def size(self, key: str) -> int:
-        path = self._path(key)
-        try:
-            return self._retry("inspect", key, lambda: path.stat().st_size)
-        except FileNotFoundError:
-            raise NotFound(f"{key} not found in {self.url}") from None
-        except OSError as e:
-            raise StoreError(f"cannot inspect {key} in {self.url}: {e.strerror}") from None
+        def op() -> int:
+            st = self._lstat(key)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._not_regular(key, st.st_mode)
+            return st.st_size
+
+        return self._guard("inspect", key, op)
 
     def list(self, prefix: str = "") -> list[str]:
         prefix = prefix.rstrip("/")
-        base = self._path(prefix) if prefix else self.root
+        parts = check_key(prefix).split("/") if prefix else []
 
         def op() -> list[str]:
-            if not base.is_dir():
+            keys: list[str] = []
+            try:
+                with self._folder(parts) as fd:
+                    self._walk(fd, prefix, keys)
+            except (FileNotFoundError, NotADirectoryError):
                 return []
-            keys = []
-            for dirpath, _dirs, files in os.walk(base, onerror=_raise_unless_gone):
-                for name in files:
-                    if name.startswith(".tmp-"):
-                        continue
-                    keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
             return sorted(keys)
 
         try:
@@ -157,44 +288,61 @@ class FolderStore(Store):
         except OSError as e:
             raise StoreError(f"cannot list {prefix or '.'} in {self.url}: {e.strerror}") from None
 
+    def _walk(self, fd: int, rel: str, keys: list[str]) -> None:
+        """Collect keys below the folder fd; descend only into real folders, never a link."""
+        with os.scandir(fd) as entries:
+            found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+        for name, is_dir in found:
+            key = f"{rel}/{name}" if rel else name
+            try:
+                check_key(key)
+            except FedcliError:
+                continue  # temp files, hidden and odd names: never a key fedcli reads
+            if not is_dir:
+                keys.append(key)  # files, and links or special files that any reader then refuses
+                continue
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                continue  # removed while listing
+            except OSError as e:
+                if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                    keys.append(key)  # swapped for a link or file while listing: readers refuse it
+                    continue
+                raise  # a listing with holes would hide files
+            try:
+                self._walk(child, key, keys)
+            finally:
+                os.close(child)
+
     def delete(self, key: str) -> None:
-        path = self._path(key)
+        """Remove key if present; a link there is removed itself, never what it points to."""
+        parts = check_key(key).split("/")
+
+        def op() -> None:
+            try:
+                with self._folder(parts[:-1]) as dir_fd:
+                    os.unlink(parts[-1], dir_fd=dir_fd)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+
         try:
-            self._retry("delete", key, lambda: path.unlink(missing_ok=True))
+            self._retry("delete", key, op)
         except OSError as e:
             raise StoreError(f"cannot delete {key} in {self.url}: {e.strerror}") from None
 
     def read_into(self, key: str, buf: memoryview, chunk: int = 1 << 20) -> Iterator[memoryview]:
         """Read straight into `buf` in 1 MiB chunks: no intermediate bytes object, cache-hot hashing."""
-        path = self._path(key)
+        check_key(key)
         try:
-            with open(path, "rb", buffering=0) as f:
+            with self._reading(key) as fd:
                 pos = 0
-                while n := f.readinto(buf[pos : pos + chunk]):
+                while n := os.readv(fd, [buf[pos : pos + chunk]]) if pos < len(buf) else 0:
                     yield buf[pos : pos + n]
                     pos += n
-                    if pos == len(buf) and f.read(1):
-                        raise StoreError(f"{key} in {self.url} is larger than expected (changed while reading?)")
+                if os.read(fd, 1):
+                    raise StoreError(f"{key} in {self.url} is larger than expected (changed while reading?)")
         except FileNotFoundError:
             raise NotFound(f"{key} not found in {self.url}") from None
         except OSError as e:
             raise StoreError(f"cannot read {key} from {self.url}: {e.strerror}") from None
-
-
-def _raise_unless_gone(e: OSError) -> None:
-    """os.walk skips unreadable folders silently; a listing with holes would hide files."""
-    if not isinstance(e, FileNotFoundError):
-        raise e
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -15,6 +15,13 @@ record is never deleted (clean-up removes only numbers below the caller's own), 
 number can only be reused below the top; a racer that lands there sees a higher number
 when it checks right after its write, withdraws, and reports the lock as held.
 
+Records are unsigned (anyone who can write to the store can plant one), so a record is
+trusted only as far as its contract (`LockRecord`; pydantic, imported only by the commands
+that take the lock, never by `fedcli --help`): a record that is oversized, nested,
+untyped, linked, or holds a lease further than 10 TTLs ahead (a planted lease to the year
+9999) is treated as expired, with a warning: it can delay a round by one lease at most,
+never stall it.
+
 The lease is judged by wall clocks: keep the TTL well above clock skew between hosts and
 renew during long runs. Publishing stays safe even if a lease runs out mid-run, because
 the round manifest itself is written create-only: the lock saves duplicate work, the
@@ -31,17 +38,24 @@ import secrets
 import socket
 import time
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Annotated, Callable, Literal
 
-from ..errors import AlreadyExists, ExitCode, FedcliError, NotFound
+from pydantic import BaseModel, Field
+
+from ..contract import load_json, strict_config, validate
+from ..errors import AlreadyExists, ContractError, ExitCode, FedcliError, NotFound, NotRegular
 from ..names import check_name
 from .base import Store
 
 log = logging.getLogger("fedcli.store")
 _RECORD = re.compile(r"^(\d{12})\.json$")
+MAX_GEN = 10**12 - 1  # record names have 12 digits
 DEFAULT_TTL = 30 * 60.0
 MAX_RECORD_BYTES = 4096
+MAX_LEASE_TTLS = 10  # a lease further ahead than this many TTLs is not one this code wrote
 _KEEP = 2  # older records kept below one's own, for the audit trail
+_MAX_SKIPS = 8  # record numbers blocked by planted non-files skipped before giving up
+_HOST_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class LockHeld(FedcliError):
@@ -53,6 +67,21 @@ class LockHeld(FedcliError):
 
 class LockLost(FedcliError):
     """Our lease expired and another run took over; stop before publishing anything."""
+
+
+Time = Annotated[float, Field(ge=0, le=1e11)]  # seconds since 1970, before the year 5000
+
+
+class LockRecord(BaseModel):
+    """One lock record: who holds (or freed) the lease and until when. Unsigned, so strictly checked."""
+
+    model_config = strict_config()
+    state: Literal["held", "free"]
+    owner: Annotated[str, Field(pattern=r"^[0-9a-f]{1,64}$")]  # a random token, hex
+    host: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,255}$")]  # plain: it is shown to operators
+    pid: Annotated[int, Field(ge=0, le=2**32)]
+    at: Time
+    expires: Time
 
 
 def _when(t) -> str:
@@ -94,20 +123,28 @@ class LeaseLock:
         return sorted(gens)
 
     def _read(self, gen: int) -> dict | None:
+        """Record gen as a dict, None if absent, {} if it breaks its contract (treated as expired, never held)."""
+        key = self._key(gen)
         try:
-            rec = json.loads(self.store.get(self._key(gen), max_bytes=MAX_RECORD_BYTES))
-            return rec if isinstance(rec, dict) else {}
+            raw = load_json(self.store.get(key, max_bytes=MAX_RECORD_BYTES), f"lock record {key}", MAX_RECORD_BYTES)
+            rec = validate(LockRecord, raw, f"lock record {key}").model_dump()
+            horizon = self.clock() + MAX_LEASE_TTLS * self.ttl
+            if rec["expires"] > horizon:
+                raise ContractError(f"lock record {key}: lease until {_when(rec['expires'])} is more than "
+                                    f"{MAX_LEASE_TTLS} lease times ahead")
+            return rec
         except NotFound:
             return None
-        except ValueError:
-            return {}  # unreadable: treated as expired, never as held
+        except FedcliError as e:  # oversized, nested, malformed, linked...: never a live lease
+            log.warning("ignoring the %s lock record as expired: %s", self.name, e)
+            return {}
 
     def _record(self, state: str) -> bytes:
         now = self.clock()
         rec = {
             "state": state,
             "owner": self.owner,
-            "host": socket.gethostname(),
+            "host": _HOST_UNSAFE.sub("-", socket.gethostname())[:255] or "unknown",
             "pid": os.getpid(),
             "at": now,
             "expires": now + self.ttl if state == "held" else now,
@@ -116,12 +153,7 @@ class LeaseLock:
 
     def _live(self, rec: dict | None) -> bool:
         """True if rec is a held lease that has not expired."""
-        if not rec or rec.get("state") != "held":
-            return False
-        try:
-            return float(rec.get("expires", 0)) > self.clock()
-        except (TypeError, ValueError):
-            return False
+        return bool(rec) and rec["state"] == "held" and rec["expires"] > self.clock()
 
     def _held_error(self, rec: dict) -> LockHeld:
         return LockHeld(
@@ -155,11 +187,29 @@ class LeaseLock:
         raise self._held_error(rec or {})
 
     def _claim(self, gen: int) -> bool:
-        """Create record `gen` as ours; True if it is now the top record."""
-        try:
-            self.store.put(self._key(gen), self._record("held"), create_only=True)
-        except AlreadyExists:
-            return False
+        """Create record `gen` as ours; True if it is now the top record.
+
+        A number blocked by a planted folder (listings show no record there) is skipped, a few
+        at most, so it cannot stall the lock.
+        """
+        for gen in range(gen, gen + _MAX_SKIPS + 1):
+            if gen > MAX_GEN:
+                raise ContractError(
+                    f"the {self.name} lock on {self.store} has reached record number {gen - 1} (names have 12 "
+                    f"digits): a planted record? When no run is active, remove locks/{self.name}/ and run again"
+                )
+            try:
+                self.store.put(self._key(gen), self._record("held"), create_only=True)
+                break
+            except AlreadyExists:
+                return False
+            except NotRegular as e:
+                log.warning("skipping lock record number %d: %s", gen, e)
+        else:
+            raise ContractError(
+                f"the {self.name} lock on {self.store} has {_MAX_SKIPS + 1} records in a row that are not files: "
+                f"when no run is active, remove locks/{self.name}/ and run again"
+            )
         if any(g > gen for g in self._gens()):
             # We filled a number below the top (a cleaned-up one): not the holder.
             self.store.delete(self._key(gen))
@@ -189,10 +239,17 @@ class LeaseLock:
         if self.gen is None:
             return
         gen, self.gen = self.gen, None
+        if gen >= MAX_GEN:  # no 12-digit number left for the release: the lease simply expires
+            log.warning("the %s lock has no record number left to release it; it expires at the end of its lease",
+                        self.name)
+            return
         try:
             self.store.put(self._key(gen + 1), self._record("free"), create_only=True)
         except AlreadyExists:
             log.warning("the %s lock had already been taken over by another run", self.name)
+            return
+        except NotRegular as e:  # a planted non-file: our lease simply runs out
+            log.warning("could not release the %s lock, it expires with its lease: %s", self.name, e)
             return
         self._cleanup(below=gen - _KEEP)
 
