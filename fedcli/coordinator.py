@@ -201,7 +201,7 @@ def _aggregate_locked(store, private, spec, spec_sha, lock: LeaseLock, console) 
                         masked.check(member, manifest, drops)
                     size = store.size(R.update_keys(u, member)[0])
                 except FedcliError as e:  # one bad update never stops the others: it is rejected with its reason
-                    result.rejected[label] = rejection(e)
+                    result.rejected[label] = rejection(e, store.url)
                 else:
                     # DP updates withhold their row count: equal weights
                     weight = 1.0 if spec.privacy.enabled else float(manifest.num_examples)

@@ -223,9 +223,12 @@ def parse(model: type[D], doc: Any, what: str) -> D:
     return validate(model, doc, what, error=ContractError)
 
 
-def rejection(e: FedcliError) -> dict:
-    """One rejections.json entry from the error that refused an update."""
-    message = str(e)
+def rejection(e: FedcliError, store_url: str = "") -> dict:
+    """One rejections.json entry from the error that refused an update.
+
+    The store's own location (a coordinator's local path) is not every bank's business: replaced.
+    """
+    message = str(e).replace(store_url, "the store") if store_url else str(e)
     if len(message) > MAX_MESSAGE:
         message = message[: MAX_MESSAGE - 3] + "..."
     return {"reason": e.reason, "message": message}
