@@ -96,7 +96,7 @@ def index_model():
 
         model_config = strict_config()
         kind: Literal["bundle"]
-        format: Literal[1]
+        format: Annotated[int, Field(ge=FORMAT, le=FORMAT)]  # strict int: Literal[1] would take True
         federation_id: Annotated[str, plain(lambda v: check_name(v, "federation id"))]
         signer: Annotated[str, plain(lambda v: check_name(v, "signer name"))]
         role: Literal["coordinator", "member"]
@@ -224,14 +224,15 @@ def _coordinator_files(store: Store, spec: Spec, skipped: list[str]) -> dict[str
     fid, files = spec.federation_id, {}
     for r in rounds:
         key = R.rejections_key(r)
-        if store.exists(key):
-            try:
-                data = store.get(key, max_bytes=R.MAX_MANIFEST_BYTES)
-                keys.verify_manifest(data, spec.coordinator, key)
-            except FedcliError as e:  # optional: a list the coordinator did not sign is not carried
-                skipped.append(f"{key} not packed: {e}")
-            else:
-                files[key] = data
+        try:
+            data = store.get(key, max_bytes=R.MAX_MANIFEST_BYTES)
+            keys.verify_manifest(data, spec.coordinator, key)
+        except NotFound:
+            continue
+        except FedcliError as e:  # optional: a list the coordinator did not sign (or a link) is not carried
+            skipped.append(f"{key} not packed: {e}")
+        else:
+            files[key] = data
     manifests = {}
     for r in rounds:
         key = R.global_keys(r)[1]
@@ -315,14 +316,14 @@ class _BoundedFile:
     we see the member: without this a 1.5 GiB pax header would be read into memory.
     """
 
-    def __init__(self, f):
-        self.f, self.name, self.mode = f, getattr(f, "name", "bundle"), "rb"
+    def __init__(self, f, path: Path):
+        self.f, self.path, self.name, self.mode = f, path, str(path), "rb"
         self.limit, self.budget = MAX_HEADER_READ, MAX_HEADER_TOTAL
 
     def read(self, n: int = -1) -> bytes:
         if self.limit is not None:
             if n is None or n < 0 or n > self.limit or n > self.budget:
-                raise VerificationError("tar header is larger than any bundle needs; not read", reason="oversize")
+                raise Oversize(f"{self.path}: a tar header is larger than any bundle needs; not read")
             self.budget -= n
         return self.f.read(n)
 
@@ -357,7 +358,7 @@ def import_bundle(store: Store, path: Path, coordinator_pub: Path | None = None)
         raise Oversize(f"{path} is {size:,} bytes, more than the {MAX_BUNDLE_BYTES >> 30} GiB a bundle may have; not read")
     try:
         with open(path, "rb") as raw:
-            bounded = _BoundedFile(raw)
+            bounded = _BoundedFile(raw, path)
             with tarfile.open(fileobj=bounded, mode="r:") as tar:  # uncompressed only: no decompression bombs
                 members = _members(tar, path)
                 bounded.limit = None  # headers done: from here every read is sized by a checked bound
