@@ -388,9 +388,9 @@ def _members(tar: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarInfo]:
     members: dict[str, tarfile.TarInfo] = {}
     for m in tar:
         if not m.isreg() or m.type == tarfile.GNUTYPE_SPARSE:
-            raise VerificationError(f"{path}: {m.name} is not a regular file; refused", reason="not-regular")
+            raise VerificationError(f"{path}: {m.name!r} is not a regular file; refused", reason="not-regular")
         if m.issparse():
-            raise VerificationError(f"{path}: {m.name} is a sparse member; refused before reading", reason="not-regular")
+            raise VerificationError(f"{path}: {m.name!r} is a sparse member; refused before reading", reason="not-regular")
         if m.name in members or (m.name not in _INDEX_NAMES and not m.name.startswith("files/")):
             raise VerificationError(f"{path}: unexpected or repeated member {m.name!r}", reason="malformed")
         if len(members) >= MAX_FILES + len(_INDEX_NAMES):

@@ -112,8 +112,9 @@ def within_bounds(call):
     start = time.perf_counter()
     try:
         call()
-    except FedcliError as e:
-        assert str(e) and "\n" not in str(e).strip(), f"multi-line error: {e!r}"
+    except FedcliError as e:  # one line: no newline or terminal control character from the input
+        text = str(e)
+        assert text and not any(ord(c) < 32 or ord(c) == 127 for c in text), f"not one clean line: {e!r}"
     elapsed = time.perf_counter() - start
     assert elapsed < TIME_LIMIT, f"took {elapsed:.1f} s"
     grown = _peak_rss() - BASELINE_RSS
