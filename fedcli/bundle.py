@@ -193,27 +193,24 @@ def export_bundle(store: Store, key_path: Path, out: Path) -> BundleResult:
 def _exporter_spec(store: Store, pub_b64: str) -> tuple[Spec, bytes, bytes, bool]:
     """The store's spec, its raw bytes and signature, and whether the exporter is its coordinator.
 
-    The coordinator's own key checks the signature over the raw bytes before they are parsed;
-    for a bank the spec is checked against the coordinator it names (its mirror was imported
-    with the coordinator pinned, and the coordinator re-verifies everything the bank sends).
+    The coordinator's own key checks the signature over the raw bytes before they are parsed,
+    and exactly those bytes are packed. For a bank the spec is read as every command reads it
+    (rounds.load_spec); a bank's bundle never carries the spec.
     """
     try:
         data = store.get(R.SPEC_KEY, max_bytes=R.MAX_SPEC_BYTES)
         sig = store.get(R.SPEC_SIG_KEY, max_bytes=R.MAX_SIG_BYTES)
     except NotFound:
         raise FedcliError(f"{store} holds no federation: run `fedcli init` first") from None
-    sig_text = sig.decode("ascii", "replace")
     try:
-        keys.verify_bytes(data, sig_text, keys.PublicIdentity("coordinator", pub_b64), "federation spec")
-        mine = True
-    except VerificationError:
-        mine = False
+        keys.verify_bytes(data, sig.decode("ascii", "replace"), keys.PublicIdentity("coordinator", pub_b64),
+                          "federation spec")
+    except VerificationError:  # not signed with this key: a bank (or a stranger)
+        return R.load_spec(store, None)[0], b"", b"", False
     spec = loads(data)
-    if mine and spec.coordinator.ed25519 != pub_b64:
+    if spec.coordinator.ed25519 != pub_b64:
         raise VerificationError("the federation spec is signed by your key but names another coordinator")
-    if not mine:
-        keys.verify_bytes(data, sig_text, spec.coordinator, "federation spec")
-    return spec, data, sig, mine
+    return spec, data, sig, True
 
 
 def _coordinator_files(store: Store, spec: Spec, skipped: list[str]) -> dict[str, bytes]:
