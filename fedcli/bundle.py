@@ -223,7 +223,7 @@ def _coordinator_files(store: Store, spec: Spec, skipped: list[str]) -> dict[str
         key = R.rejections_key(r)
         try:
             data = store.get(key, max_bytes=R.MAX_MANIFEST_BYTES)
-            keys.verify_manifest(data, spec.coordinator, key)
+            _verified(data, spec.coordinator, key, kind="rejections", federation_id=fid, round=r)
         except NotFound:
             continue
         except FedcliError as e:  # optional: a list the coordinator did not sign (or a link) is not carried

@@ -117,7 +117,11 @@ def test_rejections_link_to_the_coordinator_key_never_enters_a_bundle(tmp_path, 
     res = fed.cli("bundle", "export", "--store", fed.store, "--key", fed.key("coordinator"), "--out", out)
     assert "rejections.json not packed" in res.output and b"forged reason" not in out.read_bytes()
     private, _ = keys.load_private(fed.key("coordinator"))
-    planted.write_bytes(keys.sign_manifest(private, {"kind": "rejections", "round": 0, "rejected": {}}))
+    planted.write_bytes(keys.sign_manifest(private, {"kind": "global", "round": 0, "federation_id": "credit-demo"}))
+    res = fed.cli("bundle", "export", "--store", fed.store, "--key", fed.key("coordinator"), "--out", out)
+    assert "manifest kind is 'global', expected 'rejections'" in res.output  # signed, but not a rejections list
+    planted.write_bytes(keys.sign_manifest(private, {"kind": "rejections", "format": 1, "federation_id": "credit-demo",
+                                                     "round": 0, "created_at": R.now(), "rejected": {}}))
     res = fed.cli("bundle", "export", "--store", fed.store, "--key", fed.key("coordinator"), "--out", out)
     assert "warning:" not in res.output and f"files/{R.rejections_key(0)}" in tarfile.open(out).getnames()
 
