@@ -29,6 +29,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from . import keys
 from . import rounds as R
 from . import tensors as T
 from .contract import load_json, strict_config, validate
-from .errors import AlreadyExists, ContractError, FedcliError, NotFound, Oversize, VerificationError
+from .errors import AlreadyExists, ContractError, FedcliError, InputError, NotFound, Oversize, VerificationError
 from .names import check_key, check_name
 from .spec import Spec, loads
 
@@ -346,13 +347,15 @@ def import_bundle(store: Store, path: Path, coordinator_pub: Path | None = None)
     pinned = keys.load_public(coordinator_pub) if coordinator_pub else None
     spec = _store_spec(store, pinned)
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         raise FedcliError(f"bundle {path} does not exist") from None
     except OSError as e:
         raise FedcliError(f"cannot read bundle {path}: {e.strerror}") from None
-    if size > MAX_BUNDLE_BYTES:
-        raise Oversize(f"{path} is {size:,} bytes, more than the {MAX_BUNDLE_BYTES >> 30} GiB a bundle may have; not read")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block forever, a device never ends
+        raise InputError(f"bundle {path} is not a regular file")
+    if st.st_size > MAX_BUNDLE_BYTES:
+        raise Oversize(f"{path} is {st.st_size:,} bytes, more than the {MAX_BUNDLE_BYTES >> 30} GiB a bundle may have; not read")
     try:
         with open(path, "rb") as raw:
             bounded = _BoundedFile(raw, path)

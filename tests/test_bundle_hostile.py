@@ -8,6 +8,7 @@ re-signed with a genuine key, so only the contract (not the signature) can catch
 import hashlib
 import io
 import json
+import os
 import tarfile
 
 import pytest
@@ -238,6 +239,14 @@ def test_a_bundle_carries_one_tensor_file_and_documents_within_their_kind(fed, g
     _bundle(fed, bad, big)
     res = _import(fed, bad, tmp_path / "mirror")
     assert "rejections.json is 66,560 bytes" in res.output and "its kind allows" in res.output
+
+
+def test_a_bundle_path_that_is_not_a_file(fed, tmp_path):
+    fifo = tmp_path / "fifo.bundle"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path, "/dev/zero"):
+        res = _import(fed, path, tmp_path / "mirror", code=ExitCode.ERROR)
+        assert "is not a regular file" in res.output
 
 
 def test_truncated_and_garbage_archives(fed, genuine, tmp_path):
