@@ -26,10 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(Path(__file__).resolve().parent)]
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-
-import test_fuzz as F  # noqa: E402
-from common import machine  # noqa: E402
+import test_fuzz
+from common import machine
+from hypothesis import HealthCheck, Phase, given, settings
 
 
 def _body(world, check, seen: Counter):
@@ -40,7 +39,7 @@ def _body(world, check, seen: Counter):
 
 
 def run(minutes: float, targets: list[str], chunk: int) -> dict:
-    world = F.build_world(Path(tempfile.mkdtemp(prefix="fedcli-fuzz-")))
+    world = test_fuzz.build_world(Path(tempfile.mkdtemp(prefix="fedcli-fuzz-")))
     inputs_run, crashes = Counter(), []
     start = time.monotonic()
     stop = start + minutes * 60
@@ -48,14 +47,14 @@ def run(minutes: float, targets: list[str], chunk: int) -> dict:
         for name in targets:
             if time.monotonic() >= stop:
                 break
-            make_inputs, check = F.TARGETS[name]
+            make_inputs, check = test_fuzz.TARGETS[name]
             seen = Counter()
             test = settings(max_examples=chunk, deadline=None, database=None, derandomize=False,
                             suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink],
                             report_multiple_bugs=False)(given(make_inputs(world))(_body(world, check, seen)))
             try:
                 test()
-            except Exception as e:  # a crash: keep going, report it at the end
+            except Exception as e:  # noqa: BLE001 - any crash: keep going, report it at the end
                 crashes.append({"target": name, "error": f"{type(e).__name__}: {str(e)[:2000]}",
                                 "trace": traceback.format_exc()[-4000:]})
                 print(f"CRASH in {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -69,7 +68,7 @@ def run(minutes: float, targets: list[str], chunk: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("minutes", type=float, help="how long to fuzz")
-    parser.add_argument("--targets", nargs="+", default=sorted(F.TARGETS), choices=sorted(F.TARGETS))
+    parser.add_argument("--targets", nargs="+", default=sorted(test_fuzz.TARGETS), choices=sorted(test_fuzz.TARGETS))
     parser.add_argument("--chunk", type=int, default=200, help="examples per target per round")
     args = parser.parse_args()
     summary = run(args.minutes, args.targets, args.chunk)

@@ -37,11 +37,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from . import keys
+from . import keys, tensors
 from . import rounds as R
-from . import tensors as T
 from .contract import load_json, strict_config, validate
-from .errors import AlreadyExists, ContractError, FedcliError, InputError, NotFound, Oversize, VerificationError
+from .errors import (
+    AlreadyExists,
+    ContractError,
+    FedcliError,
+    InputError,
+    NotFound,
+    Oversize,
+    VerificationError,
+)
 from .names import check_key, check_name
 from .spec import Spec, loads
 
@@ -142,8 +149,8 @@ def tensor_bound(spec: Spec, key: str) -> int:
     shapes = models.shapes(spec.model, spec.data.n_features)
     if "/updates/" in key and not spec.secagg.enabled:  # masked updates are uint32: same size as float32
         enc, dtypes = compression.layout(spec.strategy.compression_meta, shapes)
-        return max(T.max_file_size(shapes), T.max_file_size(enc, T.itemsizes(enc, dtypes)))
-    return T.max_file_size(shapes)
+        return max(tensors.max_file_size(shapes), tensors.max_file_size(enc, tensors.itemsizes(enc, dtypes)))
+    return tensors.max_file_size(shapes)
 
 
 def kind_bound(spec: Spec | None, key: str) -> int:
@@ -420,12 +427,12 @@ def _index(tar, members, spec: Spec | None, pinned, path: Path):
 def _contents(tar, members, index, spec: Spec, role: str, signer, path: Path) -> dict[str, bytes]:
     """Every member: allowed for its signer, its signed size, within its kind's bound; then read and hashed."""
     allowed = _COORD_KEYS if role == "coordinator" else _member_keys(signer.name)
-    tensors = 0
+    tensor_files = 0
     for f in index.files:
         if not allowed.match(f.key):
             raise VerificationError(f"{path}: {signer.name} may not write {f.key}", reason="not-member")
-        tensors += f.key.endswith(".safetensors")
-        if tensors > MAX_TENSOR_FILES:
+        tensor_files += f.key.endswith(".safetensors")
+        if tensor_files > MAX_TENSOR_FILES:
             raise Oversize(f"{path} carries more than {MAX_TENSOR_FILES} tensor file; refused before reading")
         bound = kind_bound(spec, f.key)
         if f.size > bound:

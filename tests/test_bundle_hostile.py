@@ -7,19 +7,17 @@ re-signed with a genuine key, so only the contract (not the signature) can catch
 
 import hashlib
 import io
-import json
 import os
 import tarfile
 
 import pytest
 from conftest import make_fed
 
-from fedcli import keys
-from fedcli import rounds as R
+from fedcli import keys, rounds
 from fedcli.bundle import BUNDLE_DOMAIN
 from fedcli.errors import ExitCode
 
-TENSORS = R.global_keys(0)[0]
+TENSORS = rounds.global_keys(0)[0]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +71,7 @@ def _raw_tar(path, parts):
 def _signed_index(fed, signer, files, change=None, role="coordinator"):
     """bundle.json and bundle.sig, signed with signer's genuine key; change() may tamper with the index first."""
     index = {"kind": "bundle", "format": 1, "federation_id": "credit-demo", "signer": signer, "role": role,
-             "created_at": R.now(),
+             "created_at": rounds.now(),
              "files": [{"key": k, "size": len(v) if isinstance(v, bytes) else v,
                         "sha256": hashlib.sha256(v if isinstance(v, bytes) else b"").hexdigest()}
                        for k, v in files.items()]}
@@ -91,6 +89,11 @@ def _bundle(fed, path, files, change=None, signer="coordinator", role="coordinat
     _raw_tar(path, parts + (members or []))
 
 
+def _names(path):
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
 def _files(genuine):
     return {n[len("files/"):]: d for n, d in genuine.items() if n.startswith("files/")}
 
@@ -100,7 +103,7 @@ def _files(genuine):
 
 def test_rejections_link_to_the_coordinator_key_never_enters_a_bundle(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split)
-    planted = fed.store / R.rejections_key(0)
+    planted = fed.store / rounds.rejections_key(0)
     planted.symlink_to(fed.key("coordinator"))
     pem = fed.key("coordinator").read_bytes()
     out = tmp_path / "g.bundle"
@@ -108,7 +111,7 @@ def test_rejections_link_to_the_coordinator_key_never_enters_a_bundle(tmp_path, 
     assert "warning:" in res.output and "rejections.json not packed" in res.output
     data = out.read_bytes()
     assert pem not in data and b"PRIVATE KEY" not in data
-    assert f"files/{R.rejections_key(0)}" not in tarfile.open(out).getnames()
+    assert f"files/{rounds.rejections_key(0)}" not in _names(out)
     # the bundle is still whole and imports cleanly
     fed.cli("bundle", "import", out, "--store", tmp_path / "mirror", "--coordinator", fed.pub("coordinator"))
 
@@ -122,15 +125,15 @@ def test_rejections_link_to_the_coordinator_key_never_enters_a_bundle(tmp_path, 
     res = fed.cli("bundle", "export", "--store", fed.store, "--key", fed.key("coordinator"), "--out", out)
     assert "manifest kind is 'global', expected 'rejections'" in res.output  # signed, but not a rejections list
     planted.write_bytes(keys.sign_manifest(private, {"kind": "rejections", "format": 1, "federation_id": "credit-demo",
-                                                     "round": 0, "created_at": R.now(), "rejected": {}}))
+                                                     "round": 0, "created_at": rounds.now(), "rejected": {}}))
     res = fed.cli("bundle", "export", "--store", fed.store, "--key", fed.key("coordinator"), "--out", out)
-    assert "warning:" not in res.output and f"files/{R.rejections_key(0)}" in tarfile.open(out).getnames()
+    assert "warning:" not in res.output and f"files/{rounds.rejections_key(0)}" in _names(out)
 
 
 def test_links_and_forgeries_at_a_bank_update_are_not_packed(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split)
     fed.train("bank-a")
-    tkey, mkey = R.update_keys(1, "bank-a")
+    tkey, mkey = rounds.update_keys(1, "bank-a")
     csv = (fed.data / "bank-a.csv").resolve()
     tensors = fed.store / tkey
     tensors.unlink()
@@ -289,7 +292,7 @@ def test_index_contract_behind_a_genuine_signature(fed, genuine, tmp_path, chang
 def test_a_bank_cannot_claim_the_coordinator_role(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split)
     fed.train("bank-a")
-    tkey, mkey = R.update_keys(1, "bank-a")
+    tkey, mkey = rounds.update_keys(1, "bank-a")
     files = {k: (fed.store / k).read_bytes() for k in (tkey, mkey)}
     bad = tmp_path / "role.bundle"
     _bundle(fed, bad, files, signer="bank-a", role="coordinator")

@@ -28,11 +28,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedcli import keys
-from fedcli import rounds as R
-from fedcli import spec as S
-from fedcli import tensors as T
+from fedcli import keys, rounds, tensors
 from fedcli.errors import FedcliError
+from fedcli.spec import loads as load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")  # big reprs of nested inputs
@@ -88,23 +86,23 @@ def build_world(root: Path) -> World:
     cli("init", store, "--spec", ROOT / "examples" / "federation.toml", "--key", root / "keys" / "coordinator.key",
         *[x for b in ("bank-a", "bank-b", "bank-c") for x in ("--member", root / "keys" / f"{b}.pub")])
     cli("bundle", "export", "--store", store, "--key", root / "keys" / "coordinator.key", "--out", root / "g.bundle")
-    spec_bytes = (store / R.SPEC_KEY).read_bytes()
-    spec = S.loads(spec_bytes)
+    spec_bytes = (store / rounds.SPEC_KEY).read_bytes()
+    spec = load_spec(spec_bytes)
     shapes = models.shapes(spec.model, spec.data.n_features)
-    tensors = (store / R.global_keys(0)[0]).read_bytes()
-    base = json.loads((store / R.global_keys(0)[1]).read_bytes())
+    global_bytes = (store / rounds.global_keys(0)[0]).read_bytes()
+    base = json.loads((store / rounds.global_keys(0)[1]).read_bytes())
     bank_key, _ = keys.load_private(root / "keys" / "bank-a.key")
     coord_key, _ = keys.load_private(root / "keys" / "coordinator.key")
-    delta = T.encode({k: np.zeros(s, np.float32) for k, s in shapes.items()})
+    delta = tensors.encode({k: np.zeros(s, np.float32) for k, s in shapes.items()})
     update_store = open_store(str(store))
-    update_store.put(R.update_keys(1, "bank-a")[0], delta)
-    manifest = {"kind": "update", "format": R.FORMAT, "federation_id": spec.federation_id, "round": 1,
-                "member": "bank-a", "base_sha256": base["tensors_sha256"], "tensors_sha256": T.sha256(delta),
+    update_store.put(rounds.update_keys(1, "bank-a")[0], delta)
+    manifest = {"kind": "update", "format": rounds.FORMAT, "federation_id": spec.federation_id, "round": 1,
+                "member": "bank-a", "base_sha256": base["tensors_sha256"], "tensors_sha256": tensors.sha256(delta),
                 "num_examples": 100, "compression": {"method": "none"}, "metrics": {"auc": 0.7, "loss": 0.5},
-                "created_at": R.now(), "nonce": "ab" * 16}
+                "created_at": rounds.now(), "nonce": "ab" * 16}
     global BASELINE_RSS
     BASELINE_RSS = _peak_rss()  # after init imported torch: what the readers add is what counts
-    return World(root, spec_bytes, spec, manifest, bank_key, spec.member("bank-a"), shapes, tensors,
+    return World(root, spec_bytes, spec, manifest, bank_key, spec.member("bank-a"), shapes, global_bytes,
                  (root / "g.bundle").read_bytes(), coord_key, root / "keys" / "coordinator.pub", update_store)
 
 
@@ -188,7 +186,7 @@ def spec_inputs(world: World):
 
 
 def check_spec(world: World, data: bytes) -> None:
-    within_bounds(lambda: S.loads(data))
+    within_bounds(lambda: load_spec(data))
 
 
 def manifest_inputs(world: World):
@@ -209,9 +207,9 @@ def check_manifest(world: World, data: bytes) -> None:
     """verify_manifest, then the full update check (typed manifest, bounds) as the coordinator runs it."""
     def call():
         keys.verify_manifest(data, world.bank_pub, "update from bank-a")
-        world.update_store.put(R.update_keys(1, "bank-a")[1], data)
-        base = json.loads((world.root / "store" / R.global_keys(0)[1]).read_bytes())["tensors_sha256"]
-        R.verify_update(world.update_store, world.spec, 1, "bank-a", base, world.shapes)
+        world.update_store.put(rounds.update_keys(1, "bank-a")[1], data)
+        base = json.loads((world.root / "store" / rounds.global_keys(0)[1]).read_bytes())["tensors_sha256"]
+        rounds.verify_update(world.update_store, world.spec, 1, "bank-a", base, world.shapes)
     within_bounds(call)
 
 
@@ -236,7 +234,7 @@ def tensor_inputs(world: World):
 
 
 def check_tensors(world: World, data: bytes) -> None:
-    within_bounds(lambda: T.decode(data, world.shapes, "global model"))
+    within_bounds(lambda: tensors.decode(data, world.shapes, "global model"))
 
 
 def _tar_members(data: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
@@ -350,8 +348,8 @@ def test_reader_fails_only_with_fedcli_errors(world, target):
 
 def test_the_genuine_documents_pass(world):
     """The seeds themselves are accepted, so the mutations start from inputs that reach deep checks."""
-    S.loads(world.spec_bytes)
-    T.decode(world.tensors, world.shapes, "global model")
+    load_spec(world.spec_bytes)
+    tensors.decode(world.tensors, world.shapes, "global model")
     assert keys.verify_manifest(keys.sign_manifest(world.bank_key, world.manifest_doc), world.bank_pub, "m")
     mirror = world.root / "seed-mirror"
     path = world.root / "seed.bundle"
