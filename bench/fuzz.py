@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +40,14 @@ def _body(world, check, seen: Counter):
 
 
 def run(minutes: float, targets: list[str], chunk: int) -> dict:
-    world = test_fuzz.build_world(Path(tempfile.mkdtemp(prefix="fedcli-fuzz-")))
+    scratch = Path(tempfile.mkdtemp(prefix="fedcli-fuzz-"))
+    try:
+        return _run(test_fuzz.build_world(scratch), minutes, targets, chunk)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(world, minutes: float, targets: list[str], chunk: int) -> dict:
     inputs_run, crashes = Counter(), []
     start = time.monotonic()
     stop = start + minutes * 60
