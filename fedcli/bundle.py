@@ -5,40 +5,65 @@ the latest global tensors (and, with secure aggregation, the open round's drop d
 In (bank -> coordinator): that bank's committed update for the open round (and its recovery
 shares once it published them). The archive is a plain tar holding
 
-    bundle.json      canonical JSON index: kind, federation, signer, every file's key, size, sha256
+    bundle.json      canonical JSON index (BundleIndex): kind, federation, signer, every file's key, size, sha256
     bundle.sig       Ed25519 signature of the signer over "fedcli-bundle-v1\\n" + bundle.json
     files/<key>      the files, at their store keys
 
-Import verifies the signature (coordinator pinned by the importer, or a member named in the
-destination's verified spec), that each signer only carries its own kind of file, every
-size and hash, and refuses conflicts before writing anything. It then writes like every
-other writer: tensors first, manifests (create-only) last. Importing twice is a no-op.
-Nothing is ever extracted to disk or unpickled: members are read into memory by name.
+Export packs only what verifies: the spec's signature over its raw bytes, each manifest's
+signature, each tensor file's sha256 against its verified manifest. A file planted in the
+store (a link to a private key, a forged list) never verifies, so it never leaves.
+
+Import walks the tar headers first (regular, non-sparse members only, header reads bounded),
+verifies the index signature over the raw bytes, then validates the index against its
+contract, checks that each signer only carries its own kind of file and that every member
+fits both its signed size and the bound of its kind (tensors by the spec's model), and only
+then reads contents and checks each hash. It refuses conflicts before writing anything,
+then writes like every other writer: tensors first, manifests (create-only) last. Importing
+twice is a no-op. Nothing is ever extracted to disk or unpickled.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
-import json
 import os
 import re
+import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from . import keys
+from . import keys, tensors
 from . import rounds as R
-from .errors import AlreadyExists, FedcliError, NotFound, Oversize, VerificationError
-from .names import check_key
-from .spec import Spec
-from .store import Store
+from .contract import load_json, strict_config, validate
+from .errors import (
+    AlreadyExists,
+    ContractError,
+    FedcliError,
+    InputError,
+    NotFound,
+    Oversize,
+    VerificationError,
+)
+from .names import check_key, check_name
+from .spec import Spec, loads
+
+if TYPE_CHECKING:
+    from .store import Store
 
 BUNDLE_DOMAIN = b"fedcli-bundle-v1\n"
 FORMAT = 1
 MAX_INDEX_BYTES = 1 << 20
-MAX_BUNDLE_BYTES = 4 << 30  # refuse absurd archives before reading them into memory
+MAX_FILES = 10_000
+MAX_BUNDLE_BYTES = 4 << 30  # refuse absurd archives before opening them
+MAX_HEADER_READ = 1 << 20  # one tar header read (pax record, long name): ours are a few hundred bytes
+MAX_HEADER_TOTAL = 64 << 20  # all header reads together: (MAX_FILES + 2) members need far less
+MAX_TENSOR_FILES = 1  # a bundle carries one model's (or one update's) tensors
+_INDEX_NAMES = ("bundle.json", "bundle.sig")
 _COORD_KEYS = re.compile(
     r"^(federation\.toml(\.sig)?|rounds/\d{6}/(global\.(json|safetensors)|rejections\.json|secagg/drops\.json))$"
 )
@@ -50,6 +75,58 @@ def _member_keys(member: str) -> re.Pattern:
     return re.compile(rf"^rounds/\d{{6}}/(updates/{m}\.(json|safetensors)|secagg/recovery/{m}\.json)$")
 
 
+# -- the index contract ---------------------------------------------------------------
+
+
+@functools.cache
+def index_model():
+    """BundleIndex, the contract of bundle.json; built on first use so `fedcli --help` never imports pydantic."""
+    from pydantic import AfterValidator, BaseModel, Field, field_validator
+
+    def plain(check):
+        def run(value):
+            try:
+                return check(value)
+            except FedcliError as e:  # our rule, as a pydantic error so it keeps its field path
+                raise ValueError(str(e)) from None
+        return AfterValidator(run)
+
+    class BundleFile(BaseModel):
+        """One carried file: its store key, its exact size and its sha256."""
+
+        model_config = strict_config()
+        key: Annotated[str, Field(max_length=512), plain(check_key)]
+        size: Annotated[int, Field(ge=0, le=MAX_BUNDLE_BYTES)]
+        sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+    class BundleIndex(BaseModel):
+        """bundle.json: who signed the bundle, for which federation, and every file it carries."""
+
+        model_config = strict_config()
+        kind: Literal["bundle"]
+        format: Annotated[int, Field(ge=FORMAT, le=FORMAT)]  # strict int: Literal[1] would take True
+        federation_id: Annotated[str, plain(lambda v: check_name(v, "federation id"))]
+        signer: Annotated[str, plain(lambda v: check_name(v, "signer name"))]
+        role: Literal["coordinator", "member"]
+        created_at: Annotated[str, Field(max_length=64)]
+        files: Annotated[list[BundleFile], Field(max_length=MAX_FILES)]
+
+        @field_validator("created_at")
+        @classmethod
+        def _iso(cls, value: str) -> str:
+            datetime.fromisoformat(value)  # ValueError -> "'created_at' invalid isoformat string"
+            return value
+
+        @field_validator("files")
+        @classmethod
+        def _unique(cls, files: list) -> list:
+            if len({f.key for f in files}) != len(files):
+                raise ValueError("lists a file twice")
+            return files
+
+    return BundleIndex
+
+
 @dataclass
 class BundleResult:
     path: Path
@@ -58,27 +135,54 @@ class BundleResult:
     federation_id: str
     written: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # optional files left out, with why (one line each)
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def tensor_bound(spec: Spec, key: str) -> int:
+    """Largest legitimate size of the tensor file at key: the spec's model, encoded as the spec says."""
+    from . import compression, models
+
+    shapes = models.shapes(spec.model, spec.data.n_features)
+    if "/updates/" in key and not spec.secagg.enabled:  # masked updates are uint32: same size as float32
+        enc, dtypes = compression.layout(spec.strategy.compression_meta, shapes)
+        return max(tensors.max_file_size(shapes), tensors.max_file_size(enc, tensors.itemsizes(enc, dtypes)))
+    return tensors.max_file_size(shapes)
+
+
+def kind_bound(spec: Spec | None, key: str) -> int:
+    """The bound of a store key's kind: spec 1 MiB, signature 1 KiB, documents 64 KiB, tensors by the model."""
+    if key == R.SPEC_KEY:
+        return R.MAX_SPEC_BYTES
+    if key == R.SPEC_SIG_KEY:
+        return R.MAX_SIG_BYTES
+    if key.endswith(".safetensors"):
+        if spec is None:
+            raise VerificationError(f"{key}: no verified spec to bound tensors by")
+        return tensor_bound(spec, key)
+    return R.MAX_MANIFEST_BYTES
+
+
 # -- export ---------------------------------------------------------------------------
 
 
 def export_bundle(store: Store, key_path: Path, out: Path) -> BundleResult:
-    """Pack what the holder of key_path must send: the coordinator's globals, or a bank's update."""
+    """Pack what the holder of key_path must send, each file verified: coordinator globals, or a bank's update."""
     private, pub_b64 = keys.load_private(key_path)
-    spec, _ = R.load_spec(store, None)
-    if pub_b64 == spec.coordinator.ed25519:
-        role, signer, wanted = "coordinator", spec.coordinator.name, _coordinator_files(store)
+    spec, spec_bytes, sig_bytes, coordinator = _exporter_spec(store, pub_b64)
+    skipped: list[str] = []
+    if coordinator:
+        role, signer = "coordinator", spec.coordinator.name
+        files = {R.SPEC_KEY: spec_bytes, R.SPEC_SIG_KEY: sig_bytes, **_coordinator_files(store, spec, skipped)}
     else:
         me = spec.member_by_key(pub_b64)
         if me is None:
             raise FedcliError(f"{key_path} is neither the coordinator nor a member of federation {spec.federation_id}")
-        role, signer, wanted = "member", me.name, _member_files(store, me.name)
-    files = {k: store.get(k, max_bytes=MAX_BUNDLE_BYTES) for k in wanted}
+        role, signer = "member", me.name
+        files = _member_files(store, spec, keys.PublicIdentity(me.name, pub_b64))
     index = {
         "kind": "bundle",
         "format": FORMAT,
@@ -91,35 +195,98 @@ def export_bundle(store: Store, key_path: Path, out: Path) -> BundleResult:
     body = keys.canonical(index)
     sig = keys.sign_bytes(private, body, BUNDLE_DOMAIN).encode()
     _write_tar(out, [("bundle.json", body), ("bundle.sig", sig)] + [(f"files/{k}", v) for k, v in files.items()])
-    return BundleResult(Path(out), signer, role, spec.federation_id, written=list(files))
+    return BundleResult(Path(out), signer, role, spec.federation_id, written=list(files), skipped=skipped)
 
 
-def _coordinator_files(store: Store) -> list[str]:
+def _exporter_spec(store: Store, pub_b64: str) -> tuple[Spec, bytes, bytes, bool]:
+    """The store's spec, its raw bytes and signature, and whether the exporter is its coordinator.
+
+    The coordinator's own key checks the signature over the raw bytes before they are parsed,
+    and exactly those bytes are packed. For a bank the spec is read as every command reads it
+    (rounds.load_spec); a bank's bundle never carries the spec.
+    """
+    try:
+        data = store.get(R.SPEC_KEY, max_bytes=R.MAX_SPEC_BYTES)
+        sig = store.get(R.SPEC_SIG_KEY, max_bytes=R.MAX_SIG_BYTES)
+    except NotFound:
+        raise FedcliError(f"{store} holds no federation: run `fedcli init` first") from None
+    try:
+        keys.verify_bytes(data, sig.decode("ascii", "replace"), keys.PublicIdentity("coordinator", pub_b64),
+                          "federation spec")
+    except VerificationError:  # not signed with this key: a bank (or a stranger)
+        return R.load_spec(store, None)[0], b"", b"", False
+    spec = loads(data)
+    if spec.coordinator.ed25519 != pub_b64:
+        raise VerificationError("the federation spec is signed by your key but names another coordinator")
+    return spec, data, sig, True
+
+
+def _coordinator_files(store: Store, spec: Spec, skipped: list[str]) -> dict[str, bytes]:
+    """Besides the spec: signed rejections (optional), the latest global tensors, every global manifest, open drops."""
     rounds = R.global_rounds(store)
     if not rounds:
         raise FedcliError(f"{store} has no global model yet: run `fedcli init` first")
-    keys_ = list(_SPEC_KEYS)
+    fid, files = spec.federation_id, {}
     for r in rounds:
-        if store.exists(R.rejections_key(r)):
-            keys_.append(R.rejections_key(r))
-    keys_.append(R.global_keys(rounds[-1])[0])  # the latest model's tensors, before the manifests
-    keys_ += [R.global_keys(r)[1] for r in rounds]
-    drops = f"{R.round_dir(rounds[-1] + 1)}/secagg/drops.json"  # secure aggregation's dropouts
+        key = R.rejections_key(r)
+        try:
+            data = store.get(key, max_bytes=R.MAX_MANIFEST_BYTES)
+            _verified(data, spec.coordinator, key, kind="rejections", federation_id=fid, round=r)
+        except NotFound:
+            continue
+        except FedcliError as e:  # optional: a list the coordinator did not sign (or a link) is not carried
+            skipped.append(f"{key} not packed: {e}")
+        else:
+            files[key] = data
+    manifests = {}
+    for r in rounds:
+        key = R.global_keys(r)[1]
+        data = store.get(key, max_bytes=R.MAX_MANIFEST_BYTES)
+        manifests[key] = data, _verified(data, spec.coordinator, key, kind="global", federation_id=fid, round=r)
+    latest = rounds[-1]
+    tkey, mkey = R.global_keys(latest)
+    files[tkey] = _tensors(store, tkey, manifests[mkey][1].get("tensors_sha256"), kind_bound(spec, tkey))
+    files.update({k: data for k, (data, _) in manifests.items()})  # manifests after the tensors they name
+    drops = f"{R.round_dir(latest + 1)}/secagg/drops.json"  # secure aggregation's dropouts
     if store.exists(drops):
-        keys_.append(drops)
-    return keys_
-
-
-def _member_files(store: Store, member: str) -> list[str]:
-    r = R.latest_round(store) + 1
-    tkey, mkey = R.update_keys(r, member)
-    if not store.exists(mkey):
-        raise FedcliError(f"{member} has no committed update for round {r} in {store}: run `fedcli train` first")
-    files = [tkey, mkey]
-    recovery = f"{R.round_dir(r)}/secagg/recovery/{member}.json"  # secure aggregation's dropouts
-    if store.exists(recovery):
-        files.append(recovery)
+        data = store.get(drops, max_bytes=R.MAX_MANIFEST_BYTES)
+        _verified(data, spec.coordinator, drops, kind="secagg-drops", federation_id=fid, round=latest + 1)
+        files[drops] = data
     return files
+
+
+def _member_files(store: Store, spec: Spec, me: keys.PublicIdentity) -> dict[str, bytes]:
+    """The bank's committed update of the open round (manifest signed by it, tensors of the signed hash) and recovery."""
+    r = R.latest_round(store) + 1
+    tkey, mkey = R.update_keys(r, me.name)
+    try:
+        manifest_bytes = store.get(mkey, max_bytes=R.MAX_MANIFEST_BYTES)
+    except NotFound:
+        raise FedcliError(f"{me.name} has no committed update for round {r} in {store}: run `fedcli train` first") from None
+    fid = spec.federation_id
+    manifest = _verified(manifest_bytes, me, mkey, kind="update", federation_id=fid, round=r, member=me.name)
+    files = {tkey: _tensors(store, tkey, manifest.get("tensors_sha256"), kind_bound(spec, tkey)), mkey: manifest_bytes}
+    recovery = f"{R.round_dir(r)}/secagg/recovery/{me.name}.json"  # secure aggregation's dropouts
+    if store.exists(recovery):
+        data = store.get(recovery, max_bytes=R.MAX_MANIFEST_BYTES)
+        _verified(data, me, recovery, kind="secagg-recovery", federation_id=fid, round=r, member=me.name)
+        files[recovery] = data
+    return files
+
+
+def _verified(data: bytes, signer: keys.PublicIdentity, key: str, **expected) -> dict:
+    """A signed document's content, after its signature and its place (kind, federation, round) check out."""
+    doc = keys.verify_manifest(data, signer, key)
+    R.expect(doc, key, **expected)
+    return doc
+
+
+def _tensors(store: Store, key: str, expected_sha, bound: int) -> bytes:
+    """A tensor file read within its bound, packed only if its sha256 is the one its verified manifest names."""
+    data = store.get(key, max_bytes=bound)
+    if _sha(data) != expected_sha:
+        raise VerificationError(f"{key} does not match the sha256 in its signed manifest; not packed", reason="bad-hash")
+    return data
 
 
 def _write_tar(out: Path, entries: list[tuple[str, bytes]]) -> None:
@@ -147,94 +314,151 @@ def _write_tar(out: Path, entries: list[tuple[str, bytes]]) -> None:
 # -- import ---------------------------------------------------------------------------
 
 
+class _BoundedFile:
+    """The archive as tarfile sees it: while headers are walked, each read and all of them together are bounded.
+
+    tarfile reads a pax record or a GNU long name whole, at the size its header claims, before
+    we see the member: without this a 1.5 GiB pax header would be read into memory.
+    """
+
+    def __init__(self, f, path: Path):
+        self.f, self.path, self.name, self.mode = f, path, str(path), "rb"
+        self.limit, self.budget = MAX_HEADER_READ, MAX_HEADER_TOTAL
+
+    def read(self, n: int = -1) -> bytes:
+        if self.limit is not None:
+            if n is None or n < 0 or n > self.limit or n > self.budget:
+                raise Oversize(f"{self.path}: a tar header is larger than any bundle needs; not read")
+            self.budget -= n
+        return self.f.read(n)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+# What a hostile tar header can make tarfile raise (besides TarError): bad numbers, truncated sparse maps.
+_TAR_FAULTS = (tarfile.TarError, EOFError, ValueError, IndexError, KeyError, OverflowError, UnicodeError)
+
+
 def import_bundle(store: Store, path: Path, coordinator_pub: Path | None = None) -> BundleResult:
     """Verify a bundle and write its files into store; files already there unchanged are skipped.
 
-    Only the small signed index is read before its signature checks out; file contents are
-    read after their sizes matched the index, so a forged archive cannot make us load gigabytes.
+    Order: tar headers (bounded) -> index and signature (bounded) -> signature over the raw
+    index -> index contract -> each member against its signed size and its kind's bound ->
+    contents and hashes. Nothing is written until everything checked out.
     """
     path = Path(path)
     pinned = keys.load_public(coordinator_pub) if coordinator_pub else None
     spec = _store_spec(store, pinned)
     try:
-        with tarfile.open(path, mode="r:") as tar:  # uncompressed only: no decompression bombs
-            members = _members(tar, path)
-            body, sig = (_read(tar, members.pop(n, None), n, path) for n in ("bundle.json", "bundle.sig"))
-            index, listed = _parse_index(body, path)
-            role, signer = _signer(spec, pinned, index["signer"], path)
-            keys.verify_bytes(body, sig.decode("ascii", "replace"), signer, f"bundle {path.name}", BUNDLE_DOMAIN)
-
-            # From here on the index is authentic: the archive must match it exactly.
-            if set(members) != {f"files/{k}" for k in listed}:
-                raise VerificationError(f"{path}: archive files differ from the signed index")
-            allowed = _COORD_KEYS if role == "coordinator" else _member_keys(signer.name)
-            entries = {}
-            for key, meta in listed.items():
-                check_key(key)
-                if not allowed.match(key):
-                    raise VerificationError(f"{path}: {signer.name} may not write {key}")
-                info = members[f"files/{key}"]
-                if info.size != meta.get("size"):
-                    raise VerificationError(f"{path}: {key} does not match its size in the signed index")
-                data = _read(tar, info, key, path)
-                if _sha(data) != meta.get("sha256"):
-                    raise VerificationError(f"{path}: {key} does not match its sha256 in the signed index")
-                entries[key] = data
+        st = path.stat()
     except FileNotFoundError:
         raise FedcliError(f"bundle {path} does not exist") from None
-    except (tarfile.TarError, EOFError):
-        raise VerificationError(f"{path} is not a readable bundle (truncated or not a tar archive)") from None
+    except OSError as e:
+        raise FedcliError(f"cannot read bundle {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block forever, a device never ends
+        raise InputError(f"bundle {path} is not a regular file")
+    if st.st_size > MAX_BUNDLE_BYTES:
+        raise Oversize(f"{path} is {st.st_size:,} bytes, more than the {MAX_BUNDLE_BYTES >> 30} GiB a bundle may have; not read")
+    try:
+        with open(path, "rb") as raw:
+            bounded = _BoundedFile(raw, path)
+            with tarfile.open(fileobj=bounded, mode="r:") as tar:  # uncompressed only: no decompression bombs
+                members = _members(tar, path)
+                bounded.limit = None  # headers done: from here every read is sized by a checked bound
+                index, role, signer = _index(tar, members, spec, pinned, path)
+                if spec is None:  # an empty store: the bundle must bring the spec, signed by the pinned coordinator
+                    spec = _bundle_spec(tar, members, index, pinned, path)
+                if index.federation_id != spec.federation_id:
+                    raise VerificationError(
+                        f"{path} is for federation {index.federation_id!r}, the store holds {spec.federation_id!r}",
+                        reason="wrong-round")
+                entries = _contents(tar, members, index, spec, role, signer, path)
+    except FedcliError:
+        raise
+    except _TAR_FAULTS:
+        raise VerificationError(f"{path} is not a readable bundle (truncated or not a tar archive)",
+                                reason="malformed") from None
     except OSError as e:
         raise FedcliError(f"cannot read bundle {path}: {e.strerror}") from None
 
-    if spec is None:  # an empty store: the bundle must bring the spec, signed by the pinned coordinator
-        spec = _bundle_spec(entries, pinned, path)
-    if index.get("federation_id") != spec.federation_id:
-        raise VerificationError(
-            f"{path} is for federation {index.get('federation_id')!r}, the store holds {spec.federation_id!r}"
-        )
     result = BundleResult(path, signer.name, role, spec.federation_id)
     _write(store, entries, result)
     return result
 
 
 def _members(tar: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarInfo]:
-    """Headers only: regular files named bundle.json, bundle.sig or files/..., each once."""
-    if path.stat().st_size > MAX_BUNDLE_BYTES:
-        raise VerificationError(f"{path} is larger than {MAX_BUNDLE_BYTES >> 30} GiB")
+    """Headers only: regular, non-sparse files named bundle.json, bundle.sig or files/..., each once."""
     members: dict[str, tarfile.TarInfo] = {}
     for m in tar:
-        if not m.isreg():
-            raise VerificationError(f"{path}: {m.name} is not a regular file")
-        if m.name in members or (m.name not in ("bundle.json", "bundle.sig") and not m.name.startswith("files/")):
-            raise VerificationError(f"{path}: unexpected or repeated member {m.name!r}")
+        if not m.isreg() or m.type == tarfile.GNUTYPE_SPARSE:
+            raise VerificationError(f"{path}: {m.name!r} is not a regular file; refused", reason="not-regular")
+        if m.issparse():
+            raise VerificationError(f"{path}: {m.name!r} is a sparse member; refused before reading", reason="not-regular")
+        if m.name in members or (m.name not in _INDEX_NAMES and not m.name.startswith("files/")):
+            raise VerificationError(f"{path}: unexpected or repeated member {m.name!r}", reason="malformed")
+        if len(members) >= MAX_FILES + len(_INDEX_NAMES):
+            raise VerificationError(f"{path} has more than {MAX_FILES:,} files", reason="oversize")
         members[m.name] = m
     return members
 
 
-def _read(tar: tarfile.TarFile, info: tarfile.TarInfo | None, name: str, path: Path) -> bytes:
+def _index(tar, members, spec: Spec | None, pinned, path: Path):
+    """The signed index: bounded generic parse to find the signer, signature over the raw bytes, then the contract."""
+    body = _read(tar, members.get("bundle.json"), "bundle.json", MAX_INDEX_BYTES, path)
+    sig = _read(tar, members.get("bundle.sig"), "bundle.sig", R.MAX_SIG_BYTES, path)
+    raw = load_json(body, f"{path}: bundle index", MAX_INDEX_BYTES)
+    name = raw.get("signer") if isinstance(raw, dict) else None
+    if not isinstance(name, str):
+        raise ContractError(f"{path}: bundle index names no signer")
+    role, signer = _signer(spec, pinned, name, path)
+    keys.verify_bytes(body, sig.decode("ascii", "replace"), signer, f"bundle {path.name}", BUNDLE_DOMAIN)
+    index = validate(index_model(), raw, f"{path}: bundle index")  # authentic; now it must also be well-formed
+    if index.role != role:
+        raise ContractError(f"{path}: index says role {index.role!r} but {name} is the {role}")
+    if set(members) - set(_INDEX_NAMES) != {f"files/{f.key}" for f in index.files}:
+        raise VerificationError(f"{path}: archive files differ from the signed index", reason="malformed")
+    return index, role, signer
+
+
+def _contents(tar, members, index, spec: Spec, role: str, signer, path: Path) -> dict[str, bytes]:
+    """Every member: allowed for its signer, its signed size, within its kind's bound; then read and hashed."""
+    allowed = _COORD_KEYS if role == "coordinator" else _member_keys(signer.name)
+    tensor_files = 0
+    for f in index.files:
+        if not allowed.match(f.key):
+            raise VerificationError(f"{path}: {signer.name} may not write {f.key}", reason="not-member")
+        tensor_files += f.key.endswith(".safetensors")
+        if tensor_files > MAX_TENSOR_FILES:
+            raise Oversize(f"{path} carries more than {MAX_TENSOR_FILES} tensor file; refused before reading")
+        bound = kind_bound(spec, f.key)
+        if f.size > bound:
+            raise Oversize(f"{path}: {f.key} is {f.size:,} bytes, more than the {bound:,} its kind allows; not read")
+        if members[f"files/{f.key}"].size != f.size:
+            raise VerificationError(f"{path}: {f.key} does not match its size in the signed index", reason="malformed")
+    entries = {}
+    for f in index.files:
+        data = _read(tar, members[f"files/{f.key}"], f.key, f.size, path)
+        if _sha(data) != f.sha256:
+            raise VerificationError(f"{path}: {f.key} does not match its sha256 in the signed index", reason="bad-hash")
+        entries[f.key] = data
+    return entries
+
+
+def _read(tar: tarfile.TarFile, info: tarfile.TarInfo | None, name: str, bound: int, path: Path) -> bytes:
+    """One member's bytes, refused before reading when its header claims more than bound."""
     if info is None:
-        raise VerificationError(f"{path} is not a fedcli bundle (no {name})")
-    if name in ("bundle.json", "bundle.sig") and info.size > MAX_INDEX_BYTES:
-        raise VerificationError(f"{path}: {name} is too large")
+        raise VerificationError(f"{path} is not a fedcli bundle (no {name})", reason="missing")
+    if info.size > bound:
+        raise Oversize(f"{path}: {name} is {info.size:,} bytes, more than the {bound:,} allowed; not read")
     f = tar.extractfile(info)
-    data = f.read() if f else b""
+    data = f.read(info.size) if f else b""
     if len(data) != info.size:
-        raise VerificationError(f"{path} is truncated ({name} is incomplete)")
+        raise VerificationError(f"{path} is truncated ({name} is incomplete)", reason="malformed")
     return data
-
-
-def _parse_index(body: bytes, path: Path) -> tuple[dict, dict[str, dict]]:
-    try:
-        index = json.loads(body)
-        if not isinstance(index["signer"], str):
-            raise TypeError
-        listed = {f["key"]: f for f in index["files"]}
-    except (ValueError, KeyError, TypeError):
-        raise VerificationError(f"{path}: bundle index is malformed") from None
-    if index.get("kind") != "bundle" or index.get("format") != FORMAT:
-        raise VerificationError(f"{path}: not a format-{FORMAT} fedcli bundle")
-    return index, listed
 
 
 def _store_spec(store: Store, pinned: keys.PublicIdentity | None) -> Spec | None:
@@ -257,16 +481,21 @@ def _signer(spec: Spec | None, pinned, name: str, path: Path) -> tuple[str, keys
         return "coordinator", spec.coordinator
     member = spec.member(name)
     if member is None:
-        raise VerificationError(f"{path} is signed by {name!r}, who is not in federation {spec.federation_id}")
+        raise VerificationError(f"{path} is signed by {name!r}, who is not in federation {spec.federation_id}",
+                                reason="not-member")
     return "member", member
 
 
-def _bundle_spec(entries: dict[str, bytes], pinned, path: Path) -> Spec:
+def _bundle_spec(tar, members, index, pinned, path: Path) -> Spec:
+    """The spec an empty store needs, from the bundle: signature over the raw bytes (pinned key) before parsing."""
     from .spec import verified
 
-    if R.SPEC_KEY not in entries or R.SPEC_SIG_KEY not in entries:
-        raise VerificationError(f"{path} does not carry the federation spec the empty store needs")
-    return verified(entries[R.SPEC_KEY], entries[R.SPEC_SIG_KEY], pinned, f"federation spec in {path}")
+    listed = {f.key: f for f in index.files}
+    if R.SPEC_KEY not in listed or R.SPEC_SIG_KEY not in listed:
+        raise VerificationError(f"{path} does not carry the federation spec the empty store needs", reason="missing")
+    data, sig = (_read(tar, members.get(f"files/{k}"), k, min(listed[k].size, kind_bound(None, k)), path)
+                 for k in _SPEC_KEYS)
+    return verified(data, sig, pinned, f"federation spec in {path.name}")
 
 
 def _write(store: Store, entries: dict[str, bytes], result: BundleResult) -> None:

@@ -433,6 +433,8 @@ def _bundle_table(res, verb: str) -> None:
     for k in res.unchanged:
         table.add_row(k, "[dim]already there[/]")
     out.print(table)
+    for line in getattr(res, "skipped", ()):
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 @bundle_app.command("export")

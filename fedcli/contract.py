@@ -126,6 +126,8 @@ def _short(value) -> str:
 def _path(loc) -> str:
     out = ""
     for p in loc:
+        if not isinstance(p, int) and not str(p).isprintable():  # a key from the input: keep the message one line
+            p = str(p).encode("unicode_escape").decode("ascii")
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out
 

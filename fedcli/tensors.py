@@ -56,13 +56,13 @@ def views(data, header: dict, start: int) -> dict[str, np.ndarray]:
         if name == "__metadata__":
             continue
         if not isinstance(info, dict) or info.get("dtype") not in ST_DTYPES:
-            raise ValueError(f"tensor {name}: missing or unsupported dtype")
+            raise ValueError(f"tensor {name!r}: missing or unsupported dtype")
         dt, shape, offsets = np.dtype(ST_DTYPES[info["dtype"]]), info.get("shape"), info.get("data_offsets")
         if not _naturals(shape) or not _naturals(offsets) or len(offsets) != 2:
-            raise ValueError(f"tensor {name}: malformed shape or offsets")
+            raise ValueError(f"tensor {name!r}: malformed shape or offsets")
         (begin, end), count = offsets, math.prod(shape)
         if not begin <= end <= body or end - begin != count * dt.itemsize:
-            raise ValueError(f"tensor {name}: offsets do not match its shape")
+            raise ValueError(f"tensor {name!r}: offsets do not match its shape")
         spans.append((begin, end))
         out[name] = np.frombuffer(data, dt, count, start + begin).reshape(shape)
     pos = 0
