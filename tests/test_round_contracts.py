@@ -182,14 +182,12 @@ def test_markup_read_from_the_store_is_printed_literally(fed):
         fed.train(b)
     forge(fed, "bank-d", federation_id="[/x]", nonce="[bold]")  # signed by bank-d, off contract
     upd = fed.store / "rounds/000001/updates"
-    (upd / "[red]evil.safetensors").write_bytes(b"x")  # an "upload in progress" with a markup name
+    (upd / "[red]evil.safetensors").write_bytes(b"x")  # not a name fedcli writes: never listed
     res = fed.aggregate()
     published_from_honest_three(fed, res)
-    assert "[/x]" in res.output and "[red]evil" in res.output
-    (fed.store / "rounds/000002/updates").mkdir(parents=True)
-    (fed.store / "rounds/000002/updates/[b][bold]x.safetensors").write_bytes(b"x")
+    assert "[/x]" in res.output and "evil" not in res.output
     res = fed.cli("status", fed.store)
-    assert "[/x]" in res.output and "[red]evil" in res.output and "[b][bold]x" in res.output
+    assert "[/x]" in res.output and "evil" not in res.output
 
 
 def test_status_pins_the_coordinator_when_asked(fed):
