@@ -217,7 +217,7 @@ def _aggregate_locked(store, private, spec, spec_sha, lock: LeaseLock, console) 
                         entry["aggregation"] = combiner.notes[label]
                     result.accepted.append(entry)
                 progress.advance(task)
-        if result.rejected:
+        if result.rejected or store.exists(R.rejections_key(r)):  # the latest word, even "none now"
             R.write_rejections(store, private, spec, r, result.rejected)
 
         if strat.mode == "async":

@@ -249,3 +249,18 @@ def test_planted_file_names_never_stop_the_round(fed):
     assert got["Mallory"]["reason"] == "not-member" and got["a.b"]["reason"] == "not-member"
     assert len(got) == 2
     assert "Traceback" not in fed.cli("status", fed.store).output
+
+
+def test_a_later_run_that_rejects_nothing_clears_the_signed_list(fed):
+    """rejections.json is the coordinator's latest word: once the bad file is gone, it lists nothing."""
+    for b in BANKS[:2]:
+        fed.train(b)
+    mkey = fed.store / "rounds/000001/updates/bank-c.json"
+    mkey.parent.mkdir(parents=True, exist_ok=True)
+    mkey.write_bytes(b"{}")  # planted: bank-c's slot holds garbage
+    fed.aggregate(code=ExitCode.WAITING)
+    assert entries(fed)["bank-c"]["reason"] == "bad-signature"  # no signature in it
+    mkey.unlink()
+    fed.train("bank-c")
+    published_from_honest_three(fed, fed.aggregate())
+    assert entries(fed) == {}
