@@ -60,6 +60,22 @@ def failures():
         raise typer.Exit(ExitCode.ERROR) from None
 
 
+PinOpt = typer.Option(None, "--coordinator", "-c",
+                      help="Pinned coordinator public key (coordinator.pub): check the store is the real federation.")
+
+
+def _pinned(coordinator: Path | None):
+    """The pinned coordinator identity, or None with a note that the store vouched for itself."""
+    from .keys import load_public
+
+    if coordinator is not None:
+        return load_public(coordinator)
+    err.print("[yellow]note:[/] the store's identity was not pinned: signatures were checked against the "
+              "coordinator key the spec names itself (pass --coordinator coordinator.pub to check it is the real one)",
+              highlight=False, soft_wrap=True)
+    return None
+
+
 def _store(location: str):
     from .store import open_store
 
@@ -236,20 +252,13 @@ def aggregate(
 @app.command()
 def status(
     store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
-    coordinator: Optional[Path] = typer.Option(
-        None, "--coordinator", "-c", help="Pinned coordinator public key file: check the store is the real federation."),
+    coordinator: Optional[Path] = PinOpt,
 ):
     """Rounds, who submitted, rejections and mean metrics (everything shown is signature-checked)."""
-    from .keys import load_public
     from .rounds import history
 
     with failures():
-        pinned = load_public(coordinator) if coordinator else None
-        spec, rows = history(_store(store), pinned)
-    if pinned is None:
-        err.print("[yellow]note:[/] the store's identity was not pinned: signatures were checked against the "
-                  "coordinator key the spec names itself (pass --coordinator coordinator.pub to check it is the real one)",
-                  highlight=False, soft_wrap=True)
+        spec, rows = history(_store(store), _pinned(coordinator))
     table = Table(title=escape(f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}"))
     for col, just in (("round", "right"), ("global", "left"), ("updates in", "right"), ("rows", "right"),
                       ("mean auc before", "right"), ("mean loss", "right"), ("other", "left")):
@@ -320,12 +329,13 @@ def report(
     store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
     output: Path = typer.Option(Path("fedcli-report.html"), "--out", "-o",
                                 help="HTML page to write; the PNG goes next to it with the same name."),
+    coordinator: Optional[Path] = PinOpt,
 ):
     """Plot each bank's loss, AUC and rows per round and the privacy budget spent: a PNG and an HTML page."""
     from .report import write_report
 
     with failures():
-        html_path, png_path, rep = write_report(_store(store), output)
+        html_path, png_path, rep = write_report(_store(store), output, _pinned(coordinator))
     out.print(f"{len(rep.entries)} updates over {len(rep.rounds)} rounds -> {html_path} and {png_path}")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import rounds as R
 from .errors import FedcliError
-from .keys import verify_manifest
+from .keys import PublicIdentity, verify_manifest
 from .store import Store
 
 METRICS = ("loss", "auc_before", "auc_after")
@@ -75,11 +75,11 @@ def _epsilons(entries: list[Entry], delta: float) -> None:
             return
 
 
-def collect(store: Store) -> Report:
+def collect(store: Store, pinned: PublicIdentity | None = None) -> Report:
     """Read every round's update manifests and what the coordinator decided about them."""
     from .documents import UpdateManifest, parse
 
-    spec, spec_sha = R.load_spec(store, None)
+    spec, spec_sha = R.load_spec(store, pinned)
     published = R.global_rounds(store)
     last = published[-1] if published else 0
     used = set()  # (round the update was made for, member): async rounds may fold in older updates
@@ -253,9 +253,9 @@ update manifest whose signature was checked against the bank's enrolled key.</p>
 """
 
 
-def write_report(store: Store, out: Path) -> tuple[Path, Path, Report]:
+def write_report(store: Store, out: Path, pinned: PublicIdentity | None = None) -> tuple[Path, Path, Report]:
     """Write OUT (HTML) and OUT with suffix .png; return both paths and the data."""
-    rep = collect(store)
+    rep = collect(store, pinned)
     png = plot(rep)
     out = Path(out)
     html_path, png_path = out.with_suffix(".html"), out.with_suffix(".png")

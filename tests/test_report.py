@@ -96,3 +96,19 @@ def test_report_epsilon_from_real_dp_manifests(tmp_path, credit_split):
             assert re.search(rf"<td>{r}</td><td>{b}</td>.*<td>{eps:.3f}</td>", page)
     with Image.open(out.with_suffix(".png")) as im:
         assert im.format == "PNG" and im.size[0] >= 1000
+
+
+def test_report_checks_the_pinned_coordinator(tmp_path, credit_split):
+    """A self-signed store is not the federation: with --coordinator, report refuses another key's store."""
+    from conftest import make_fed
+    from fedcli.errors import ExitCode
+
+    fed = make_fed(tmp_path / "fed", credit_split)
+    out = tmp_path / "r.html"
+    res = fed.cli("report", fed.store, "--out", out)
+    assert "not pinned" in res.output
+    res = fed.cli("report", fed.store, "--out", out, "--coordinator", fed.pub("coordinator"))
+    assert "not pinned" not in res.output and out.exists()
+    res = fed.cli("report", fed.store, "--out", tmp_path / "x.html", "--coordinator", fed.pub("bank-a"),
+                  code=ExitCode.VERIFY)
+    assert not (tmp_path / "x.html").exists()
