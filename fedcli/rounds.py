@@ -25,13 +25,11 @@ from . import tensors as T
 from .privacy import check_declared
 from .errors import ContractError, FedcliError, NotFound, Oversize, VerificationError
 from .keys import MAX_MANIFEST_BYTES, PublicIdentity, verify_manifest
-from .spec import Spec, sha256, verified
+from .spec import MAX_SIG_BYTES, MAX_SPEC_BYTES, Spec, sha256, verified
 from .store import Store
 
 SPEC_KEY = "federation.toml"
 SPEC_SIG_KEY = "federation.toml.sig"
-MAX_SPEC_BYTES = 1 << 20
-MAX_SIG_BYTES = 1024
 FORMAT = 1
 
 
