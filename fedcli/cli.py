@@ -65,15 +65,18 @@ PinOpt = typer.Option(None, "--coordinator", "-c",
 
 
 def _pinned(coordinator: Path | None):
-    """The pinned coordinator identity, or None with a note that the store vouched for itself."""
+    """The pinned coordinator identity, or None (the store vouches for itself: say so once it loaded)."""
     from .keys import load_public
 
-    if coordinator is not None:
-        return load_public(coordinator)
+    return load_public(coordinator) if coordinator is not None else None
+
+
+def _unpinned_note(pinned) -> None:
+    if pinned is not None:
+        return
     err.print("[yellow]note:[/] the store's identity was not pinned: signatures were checked against the "
               "coordinator key the spec names itself (pass --coordinator coordinator.pub to check it is the real one)",
               highlight=False, soft_wrap=True)
-    return None
 
 
 def _store(location: str):
@@ -258,7 +261,9 @@ def status(
     from .rounds import history
 
     with failures():
-        spec, rows = history(_store(store), _pinned(coordinator))
+        pinned = _pinned(coordinator)
+        spec, rows = history(_store(store), pinned)
+    _unpinned_note(pinned)
     table = Table(title=escape(f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}"))
     for col, just in (("round", "right"), ("global", "left"), ("updates in", "right"), ("rows", "right"),
                       ("mean auc before", "right"), ("mean loss", "right"), ("other", "left")):
@@ -335,7 +340,9 @@ def report(
     from .report import write_report
 
     with failures():
-        html_path, png_path, rep = write_report(_store(store), output, _pinned(coordinator))
+        pinned = _pinned(coordinator)
+        html_path, png_path, rep = write_report(_store(store), output, pinned)
+    _unpinned_note(pinned)
     out.print(f"{len(rep.entries)} updates over {len(rep.rounds)} rounds -> {html_path} and {png_path}")
 
 
