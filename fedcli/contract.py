@@ -90,7 +90,7 @@ def validate(model: type[M], raw: Any, what: str, error: type[FedcliError] = Con
     except ValidationError as e:
         # An unknown key first: a typo (`epoch`) is what explains a missing key (`epochs`).
         errors = sorted(e.errors(), key=lambda err: err.get("type") != "extra_forbidden")
-        first = {**errors[0], "loc": tuple(p for p in errors[0]["loc"] if p not in _UNION_TAGS)}
+        first = {**errors[0], "loc": _without_union_tags(errors[0])}
         raise error(f"{what}: {describe(model, first)}", reason="malformed") from None
     except FedcliError as e:  # a model validator raised one of ours (e.g. an invalid name)
         raise error(f"{what}: {e}", reason="malformed") from None
@@ -99,12 +99,19 @@ def validate(model: type[M], raw: Any, what: str, error: type[FedcliError] = Con
 _UNION_TAGS = {"str", "int", "float", "bool", "constrained-str"}  # pydantic names union members in error paths
 
 
+def _without_union_tags(err: dict) -> tuple:
+    """pydantic puts union members ('str', 'int') in a path; an unknown key's own name is kept."""
+    loc = tuple(err.get("loc", ()))
+    last = loc[-1:] if err.get("type") == "extra_forbidden" else ()
+    return tuple(p for p in loc[: len(loc) - len(last)] if p not in _UNION_TAGS) + last
+
+
 def describe(model: type, err: dict) -> str:
     """One readable sentence for a pydantic error: where, what, and a 'did you mean' for typos."""
     loc = [p for p in err.get("loc", ()) if not (isinstance(p, str) and p.startswith("function-"))]
     where = _path(loc)
     kind = err.get("type", "")
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden" and loc:
         known = fields_at(model, loc[:-1])
         hint = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
         did = f"; did you mean '{hint[0]}'?" if hint else (f" (known: {', '.join(sorted(known))})" if known else "")
