@@ -214,7 +214,7 @@ def test_notes_are_summarised_once_and_what_is_in_force_is_shown(tmp_path, credi
     assert len(notes) == 2, res.output
     assert "filled with the spec's mean: Income 120" in notes[0] and "text counted as missing: Income (e.g. 'unknown')" in notes[0]
     assert notes[1].startswith("note: unknown category -> all-zero one-hot: Home 2 rows, Job ")
-    assert "in force:" in res.output and "update-level" in res.output and "secure aggregation off" in res.output
+    assert "in force:" in res.output and "update-level" in res.output and "secure aggregation: off" in res.output
 
 
 def test_corrupt_state_and_ledger_are_refused_with_their_path(tmp_path, credit_split):

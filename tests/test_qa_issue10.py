@@ -1,0 +1,50 @@
+"""Issue 10 QA: cases found by trying the merged code as an attacker and as a new user.
+
+Each test drives the real CLI and asserts one clear line, the exit code, and that nothing
+reached the store.
+"""
+
+import hashlib
+import json
+import struct
+
+import numpy as np
+from conftest import make_fed
+
+from fedcli import keys, rounds
+from fedcli.errors import ExitCode
+
+
+def _resign_huge_update(fed, member: str, r: int = 1) -> None:
+    """A member's genuinely signed update whose values are huge but finite (float32 max)."""
+    tkey, mkey = rounds.update_keys(r, member)
+    tpath, mpath = fed.store / tkey, fed.store / mkey
+    raw = tpath.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    body = np.frombuffer(raw[8 + n:], dtype="<f4").copy()
+    body[:] = np.finfo(np.float32).max
+    data = raw[:8 + n] + body.tobytes()
+    tpath.write_bytes(data)
+    manifest = json.loads(mpath.read_bytes())
+    manifest.pop("signature")
+    manifest["tensors_sha256"] = hashlib.sha256(data).hexdigest()
+    manifest["num_examples"] = 100_000_000  # the spec's max_rows_per_member: the whole weight
+    private, _ = keys.load_private(fed.key(member))
+    mpath.write_bytes(keys.sign_manifest(private, manifest))
+
+
+def test_a_global_poisoned_by_one_member_is_blamed_not_the_banks_table(tmp_path, credit_split):
+    """A member's huge-but-finite update makes a finite global that no bank can train on.
+
+    The bank must say the global model is at fault (exit 4) rather than "check the table",
+    and submit nothing.
+    """
+    fed = make_fed(tmp_path, credit_split)
+    for bank in ("bank-a", "bank-b", "bank-d"):
+        fed.train(bank)
+    _resign_huge_update(fed, "bank-d")
+    fed.aggregate()  # finite, so the coordinator may publish it; every weight is now absurd
+    res = fed.train("bank-c", code=ExitCode.VERIFY)
+    line = res.output.strip().splitlines()[-1]
+    assert "global model of round 1 has weights up to" in line and "check the table" not in line, line
+    assert not (fed.store / rounds.update_keys(2, "bank-c")[1]).exists()
