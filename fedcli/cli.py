@@ -85,10 +85,10 @@ def keygen(
             err.print(f"[yellow]warning:[/] {keys.PASSPHRASE_ENV} is set but --encrypt was not given: "
                       "the keys are written unencrypted", highlight=False, soft_wrap=True)
         key_path, pub_path, ident = keys.generate(name, out_dir, passphrase)
-    out.print(f"private key: {key_path} (keep it here; mode 0600{', encrypted' if encrypt else ''})")
-    out.print(f"mask key:    {keys.x25519_path_for(key_path)} (secure aggregation; same protection)")
-    out.print(f"public key:  {pub_path}")
-    out.print(f"fingerprint: [bold]{ident.fingerprint}[/] (compare it out of band)")
+    out.print(f"private key: {escape(str(key_path))} (keep it here; mode 0600{', encrypted' if encrypt else ''})", soft_wrap=True)
+    out.print(f"mask key:    {escape(str(keys.x25519_path_for(key_path)))} (secure aggregation; same protection)", soft_wrap=True)
+    out.print(f"public key:  {escape(str(pub_path))}", soft_wrap=True)
+    out.print(f"fingerprint: [bold]{ident.fingerprint}[/] (compare it out of band)", soft_wrap=True)
 
 
 @app.command()
@@ -336,7 +336,7 @@ def _notes(notes: list[str]) -> None:
 
 
 def _metrics_table(title: str, metrics: dict) -> Table:
-    table = Table(title=title)
+    table = Table(title=title, min_width=len(title) + 4)  # a title wider than the columns is not wrapped
     for k in metrics:
         table.add_column(k, justify="right")
     table.add_row(*(f"{v:.4f}" for v in metrics.values()))
