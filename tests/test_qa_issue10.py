@@ -48,3 +48,13 @@ def test_a_global_poisoned_by_one_member_is_blamed_not_the_banks_table(tmp_path,
     line = res.output.strip().splitlines()[-1]
     assert "global model of round 1 has weights up to" in line and "check the table" not in line, line
     assert not (fed.store / rounds.update_keys(2, "bank-c")[1]).exists()
+
+
+def test_predict_into_a_missing_folder_names_the_reason(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    out = tmp_path / "no-such-folder" / "scores.csv"
+    res = fed.cli("predict", "--store", fed.store, "--coordinator", fed.pub("coordinator"),
+                  "--data", fed.data / "test.csv", "--out", out, code=ExitCode.ERROR)
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith("error: cannot write") and "non-existent directory" in line and "None" not in line, line
+    assert not out.parent.exists()
