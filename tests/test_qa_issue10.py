@@ -58,3 +58,13 @@ def test_predict_into_a_missing_folder_names_the_reason(tmp_path, credit_split):
     line = res.output.strip().splitlines()[-1]
     assert line.startswith("error: cannot write") and "non-existent directory" in line and "None" not in line, line
     assert not out.parent.exists()
+
+
+def test_an_empty_table_is_named_empty(tmp_path, credit_split):
+    """A zero-byte export (a failed copy) is one plain line, not pandas' wording; nothing is written."""
+    fed = make_fed(tmp_path, credit_split)
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    res = fed.train("bank-a", code=ExitCode.ERROR, data=empty)
+    assert res.output.strip().splitlines()[-1] == f"error: cannot read {empty}: it is empty (not even a header line)"
+    assert not (fed.store / "rounds" / "000001").exists()
