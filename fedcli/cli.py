@@ -182,7 +182,7 @@ def train(
         res = train_round(_store(store), key, data, coordinator, state, err, ledger, max_epsilon)
     _notes(res.data_notes)
     if not res.submitted:
-        out.print(res.message)
+        out.print(res.message, soft_wrap=True)
         return
     table = Table(title=f"{res.member}: update for round {res.round}")
     table.add_column("rows", justify="right")
@@ -194,7 +194,7 @@ def train(
         p = res.privacy
         out.print(f"privacy: {p['mode']}-level DP (noise multiplier {p['noise_multiplier']:.3g}); epsilon spent "
                   f"{p['epsilon_after']:.3g} of budget {p['budget_epsilon']:g} at delta={p['delta']:g}", soft_wrap=True)
-    out.print(res.message)
+    out.print(res.message, soft_wrap=True)
 
 
 @app.command()
@@ -229,7 +229,7 @@ def aggregate(
         out.print(f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates ({res.how})",
                   soft_wrap=True)
     else:
-        out.print(f"[yellow]waiting:[/] {res.waiting_reason}")
+        out.print(f"[yellow]waiting:[/] {escape(res.waiting_reason)}", soft_wrap=True)
         raise typer.Exit(ExitCode.WAITING)
 
 

@@ -9,7 +9,7 @@ import json
 import struct
 
 import numpy as np
-from conftest import make_fed
+from conftest import ROOT, make_fed
 
 from fedcli import keys, rounds
 from fedcli.errors import ExitCode
@@ -68,3 +68,27 @@ def test_an_empty_table_is_named_empty(tmp_path, credit_split):
     res = fed.train("bank-a", code=ExitCode.ERROR, data=empty)
     assert res.output.strip().splitlines()[-1] == f"error: cannot read {empty}: it is empty (not even a header line)"
     assert not (fed.store / "rounds" / "000001").exists()
+
+
+def test_planted_recovery_shares_are_not_taken_for_the_banks_own(tmp_path, credit_split):
+    """[secagg] after a dropout: a file planted as bank-b's recovery shares must not make bank-b
+    report "already published" (exit 0) and wait forever; it is refused out loud, and bank-b
+    publishes once the file is gone."""
+    spec = (ROOT / "examples" / "federation.toml").read_text().replace("epochs = 3", "epochs = 1")
+    fed = make_fed(tmp_path, credit_split, spec + "\n[secagg]\nenabled = true\n")
+    for bank in ("bank-a", "bank-b", "bank-c"):
+        fed.train(bank)
+    fed.aggregate(code=ExitCode.WAITING)  # bank-d declared dropped; survivors must reveal their seeds
+    planted = fed.store / "rounds" / "000001" / "secagg" / "recovery" / "bank-b.json"
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    for content in (b"[" * 5000 + b"]" * 5000, b"{}"):
+        planted.write_bytes(content)
+        res = fed.train("bank-b", code=ExitCode.VERIFY)
+        line = res.output.strip().splitlines()[-1]
+        assert "recovery shares for bank-b that this key did not sign" in line and "already" not in line, line
+    fed.train("bank-a")  # a genuine share of another bank is not bank-b's either
+    planted.write_bytes((planted.parent / "bank-a.json").read_bytes())
+    fed.train("bank-b", code=ExitCode.VERIFY)
+    planted.unlink()
+    assert "published recovery shares" in fed.train("bank-b").output
+    assert "already published" in fed.train("bank-b").output
