@@ -26,8 +26,8 @@ for r in $(seq 1 "$rounds"); do
     # train prints what is in force on every run; init showed it above, so keep only the notes here
     log=$(fedcli train --store store --key "$b/$b.key" --data "data/$b.csv" --coordinator coordinator/coordinator.pub 2>&1 >/dev/null) \
       || { echo "$log" >&2; exit 1; }
-    grep -v '^in force:' <<<"$log" || true
     echo "   $b submitted"
+    grep -v '^in force:' <<<"$log" | sed 's/^/     /' || true
   done
   fedcli aggregate --store store --key coordinator/coordinator.key
 done
