@@ -92,3 +92,14 @@ def test_planted_recovery_shares_are_not_taken_for_the_banks_own(tmp_path, credi
     planted.unlink()
     assert "published recovery shares" in fed.train("bank-b").output
     assert "already published" in fed.train("bank-b").output
+
+
+def test_a_spec_template_saved_with_a_byte_order_mark_is_read(tmp_path, credit_split):
+    """Notepad's "UTF-8 with BOM" is still the same TOML (tables with a BOM are read too)."""
+    template = (ROOT / "examples" / "federation.toml").read_text()
+    fed = make_fed(tmp_path, credit_split)
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + template.encode())
+    fed.cli("init", tmp_path / "store2", "--spec", bom, "--key", fed.key("coordinator"),
+            *[x for b in ("bank-a", "bank-b", "bank-c") for x in ("--member", fed.pub(b))])
+    assert not (tmp_path / "store2" / "federation.toml").read_bytes().startswith(b"\xef\xbb\xbf")
