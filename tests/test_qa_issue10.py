@@ -103,3 +103,19 @@ def test_a_spec_template_saved_with_a_byte_order_mark_is_read(tmp_path, credit_s
     fed.cli("init", tmp_path / "store2", "--spec", bom, "--key", fed.key("coordinator"),
             *[x for b in ("bank-a", "bank-b", "bank-c") for x in ("--member", fed.pub(b))])
     assert not (tmp_path / "store2" / "federation.toml").read_bytes().startswith(b"\xef\xbb\xbf")
+
+
+def test_init_blames_the_option_not_the_template_for_a_bad_name(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    odd = tmp_path / "Coord Key.key"
+    odd.write_bytes(fed.key("coordinator").read_bytes())
+    odd.chmod(0o600)
+    members = [x for b in ("bank-a", "bank-b", "bank-c") for x in ("--member", fed.pub(b))]
+    template = tmp_path / "federation.toml"
+    for args, expected in (
+        (["--key", odd], "error: invalid coordinator name (from the key file name Coord Key.key) 'Coord Key'"),
+        (["--key", fed.key("coordinator"), "--id", "[red]x"], "error: invalid --id '[red]x'"),
+    ):
+        res = fed.cli("init", tmp_path / "store2", "--spec", template, *args, *members, code=ExitCode.ERROR)
+        assert res.output.strip().startswith(expected) and "template" not in res.output, res.output
+    assert not (tmp_path / "store2").exists()
