@@ -263,6 +263,7 @@ def status(
         other += [f"[yellow]{len(row.pending)} incomplete[/]"] if row.pending else []
         other += [f"[red]{len(row.rejected)} rejected[/]"] if row.rejected else []
         other += ["[red]rejections unverified[/]"] if row.unverified else []
+        other += [f"[red]{len(row.unsigned)} unsigned[/]"] if row.unsigned else []
         table.add_row(
             str(row.round),
             "[green]published[/]" if row.published else "[yellow]open[/]",
@@ -277,6 +278,9 @@ def status(
             problems.add_row(str(row.round), escape(m), escape(f"{why['reason']}: {why['message']}"))
         for m in row.pending:
             problems.add_row(str(row.round), escape(m), "tensors without manifest (upload in progress or crashed)")
+        for name in row.unsigned:
+            problems.add_row(str(row.round), escape(name), "unsigned: no member signed this update manifest for this "
+                             "round (not counted; aggregate rejects it)")
         if row.unverified:
             problems.add_row(str(row.round), "[red](unverified)[/]",
                              escape(f"rejections.json is not the coordinator's signed word, ignored: {row.unverified}"))

@@ -119,3 +119,19 @@ def test_init_blames_the_option_not_the_template_for_a_bad_name(tmp_path, credit
         res = fed.cli("init", tmp_path / "store2", "--spec", template, *args, *members, code=ExitCode.ERROR)
         assert res.output.strip().startswith(expected) and "template" not in res.output, res.output
     assert not (tmp_path / "store2").exists()
+
+
+def test_status_counts_only_updates_a_member_signed(tmp_path, credit_split):
+    """Files planted in an open round (garbage under a member's name, a non-member's name) are not
+    shown as submitted: status lists them as unsigned."""
+    fed = make_fed(tmp_path, credit_split)
+    for bank in ("bank-a", "bank-b"):
+        fed.train(bank)
+    upd = fed.store / "rounds" / "000001" / "updates"
+    (upd / "bank-d.json").write_text('{"kind": "update", "member": "bank-d", "signature": "AAAA"}')
+    (upd / "evil.json").write_text("{}")
+    res = fed.cli("status", fed.store, "--coordinator", fed.pub("coordinator"))
+    other = " ".join(c for c in (line.split("│")[-2].strip() for line in res.output.splitlines()
+                                  if line.startswith("│")) if c)  # the last column, wrapped cells joined
+    assert "2 submitted, 2 unsigned" in other, res.output
+    assert res.output.count("unsigned: no member signed") == 2
