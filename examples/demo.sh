@@ -23,8 +23,11 @@ fedcli init store --spec "$here/federation.toml" --key coordinator/coordinator.k
 for r in $(seq 1 "$rounds"); do
   echo "== round $r: each bank trains on its own rows, then the coordinator aggregates"
   for b in $banks; do
-    fedcli train --store store --key "$b/$b.key" --data "data/$b.csv" --coordinator coordinator/coordinator.pub >/dev/null
+    # train prints what is in force on every run; init showed it above, so keep only the notes here
+    log=$(fedcli train --store store --key "$b/$b.key" --data "data/$b.csv" --coordinator coordinator/coordinator.pub 2>&1 >/dev/null) \
+      || { echo "$log" >&2; exit 1; }
     echo "   $b submitted"
+    grep -v '^in force:' <<<"$log" | sed 's/^/     /' || true
   done
   fedcli aggregate --store store --key coordinator/coordinator.key
 done

@@ -140,14 +140,19 @@ def train_round(
         SR.refuse_if_dropped(store, spec, r, me.name)
     base = R.load_global(store, spec, spec_sha, base_round, shapes)
     state.check(spec.federation_id, base)
-    console.print("[bold]in force:[/] " + escape("; ".join(f"{k} {v}" for k, v in spec_module.summary(spec))),
+    console.print("[bold]in force:[/] " + escape("; ".join(f"{k}: {v}" for k, v in spec_module.summary(spec))),
                   highlight=False, soft_wrap=True)
 
     source = Path(data_path).name
     with console.status(f"reading {escape(source)}") if console.is_terminal else contextlib.nullcontext():
         prep = D.prepare(D.read_table(data_path), spec.data, source)
     notes = D.notes(prep, source)
-    before = score(prep.y, models.predict(spec.model, base.tensors, prep.X))
+    try:
+        before = score(prep.y, models.predict(spec.model, base.tensors, prep.X))
+    except FedcliError as e:
+        if e.reason != "not-finite":
+            raise
+        refuse_non_finite(f"the global model's scores on {source} are not finite", base)
     ps = spec.privacy
     if ps.enabled:  # refuse before any work if even this release would break the budget
         ledger = P.Ledger(ledger_path or ledger_path_for(key_path))
@@ -176,19 +181,18 @@ def train_round(
         else:
             weights, loss = fit(spec.model, spec.training, base.tensors, prep.X, prep.y, seed, step,
                                 prox_mu=spec.strategy.prox_mu)
-    require_finite("the trained weights", weights)
+    require_finite("the trained weights", weights, base)
     after = score(prep.y, models.predict(spec.model, weights, prep.X))
     metrics = {"loss": loss, "auc_before": before["auc"], "auc_after": after["auc"]}
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
-        raise FedcliError(f"training produced non-finite {', '.join(bad)} on {source}: nothing was submitted "
-                          "(check the table for extreme values)", reason="not-finite")
+        refuse_non_finite(f"training produced non-finite {', '.join(bad)} on {source}", base)
     metrics = {k: round(v, 6) for k, v in metrics.items()}
     delta = {k: weights[k] - base.tensors[k] for k in weights}
     if ps.mode == "update":  # with secure aggregation and shared noise, each bank adds its share
         nm = SR.member_noise(spec, mech.noise_multiplier) if secure else mech.noise_multiplier
         delta, _ = P.privatize_update(delta, ps.clip, nm)
-    require_finite("the update", delta)
+    require_finite("the update", delta, base)
 
     # Compression (with the bank's error-feedback residual) only post-processes the delta; secure
     # aggregation's masking (never combined with compression) comes after it.
@@ -247,12 +251,27 @@ def train_round(
                        charged)
 
 
-def require_finite(what: str, tensors: dict) -> None:
+# Standardised features give weights of order 1; a global weight beyond this is a broken or
+# poisoned model (one member's huge but finite update), not something a bank's table causes.
+GLOBAL_WEIGHT_ALARM = 1e6
+
+
+def require_finite(what: str, tensors: dict, base=None) -> None:
     """NaN or infinity in weights or an update is refused before it can be signed or sent."""
     bad = [k for k, v in tensors.items() if not np.all(np.isfinite(v))]
     if bad:
-        raise FedcliError(f"{what} hold non-finite values (in {', '.join(bad[:3])}): nothing was submitted "
-                          "(check the table for extreme values)", reason="not-finite")
+        refuse_non_finite(f"{what} hold non-finite values (in {', '.join(bad[:3])})", base)
+
+
+def refuse_non_finite(problem: str, base=None) -> None:
+    """Nothing is submitted; blame the global model when its weights are absurd, else the table."""
+    largest = max((float(np.max(np.abs(v))) for v in base.tensors.values() if v.size), default=0.0) if base else 0.0
+    if largest > GLOBAL_WEIGHT_ALARM:
+        raise VerificationError(
+            f"{problem}: nothing was submitted. The global model of round {base.round} has weights up to "
+            f"{largest:.3g}, so training on it overflows: it is broken or poisoned by one member's update; "
+            "tell the coordinator (a [strategy] max_norm bounds every update)", reason="not-finite")
+    raise FedcliError(f"{problem}: nothing was submitted (check the table for extreme values)", reason="not-finite")
 
 
 def check_own_manifest(store: Store, spec, r: int, me, mkey: str) -> None:

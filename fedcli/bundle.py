@@ -305,7 +305,7 @@ def _write_tar(out: Path, entries: list[tuple[str, bytes]]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except OSError as e:
-        raise FedcliError(f"cannot write bundle {out}: {e.strerror}") from None
+        raise FedcliError(f"cannot write bundle {out}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

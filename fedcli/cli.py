@@ -104,10 +104,10 @@ def keygen(
             err.print(f"[yellow]warning:[/] {keys.PASSPHRASE_ENV} is set but --encrypt was not given: "
                       "the keys are written unencrypted", highlight=False, soft_wrap=True)
         key_path, pub_path, ident = keys.generate(name, out_dir, passphrase)
-    out.print(f"private key: {key_path} (keep it here; mode 0600{', encrypted' if encrypt else ''})")
-    out.print(f"mask key:    {keys.x25519_path_for(key_path)} (secure aggregation; same protection)")
-    out.print(f"public key:  {pub_path}")
-    out.print(f"fingerprint: [bold]{ident.fingerprint}[/] (compare it out of band)")
+    out.print(f"private key: {escape(str(key_path))} (keep it here; mode 0600{', encrypted' if encrypt else ''})", soft_wrap=True)
+    out.print(f"mask key:    {escape(str(keys.x25519_path_for(key_path)))} (secure aggregation; same protection)", soft_wrap=True)
+    out.print(f"public key:  {escape(str(pub_path))}", soft_wrap=True)
+    out.print(f"fingerprint: [bold]{ident.fingerprint}[/] (compare it out of band)", soft_wrap=True)
 
 
 @app.command()
@@ -201,7 +201,7 @@ def train(
         res = train_round(_store(store), key, data, coordinator, state, err, ledger, max_epsilon)
     _notes(res.data_notes)
     if not res.submitted:
-        out.print(res.message)
+        out.print(res.message, soft_wrap=True)
         return
     table = Table(title=f"{res.member}: update for round {res.round}")
     table.add_column("rows", justify="right")
@@ -213,7 +213,7 @@ def train(
         p = res.privacy
         out.print(f"privacy: {p['mode']}-level DP (noise multiplier {p['noise_multiplier']:.3g}); epsilon spent "
                   f"{p['epsilon_after']:.3g} of budget {p['budget_epsilon']:g} at delta={p['delta']:g}", soft_wrap=True)
-    out.print(res.message)
+    out.print(res.message, soft_wrap=True)
 
 
 @app.command()
@@ -248,7 +248,7 @@ def aggregate(
         out.print(f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates ({res.how})",
                   soft_wrap=True)
     else:
-        out.print(f"[yellow]waiting:[/] {res.waiting_reason}")
+        out.print(f"[yellow]waiting:[/] {escape(res.waiting_reason)}", soft_wrap=True)
         raise typer.Exit(ExitCode.WAITING)
 
 
@@ -277,6 +277,7 @@ def status(
         other += [f"[yellow]{len(row.pending)} incomplete[/]"] if row.pending else []
         other += [f"[red]{len(row.rejected)} rejected[/]"] if row.rejected else []
         other += ["[red]rejections unverified[/]"] if row.unverified else []
+        other += [f"[red]{len(row.unsigned)} unsigned[/]"] if row.unsigned else []
         table.add_row(
             str(row.round),
             "[green]published[/]" if row.published else "[yellow]open[/]",
@@ -291,6 +292,9 @@ def status(
             problems.add_row(str(row.round), escape(m), escape(f"{why['reason']}: {why['message']}"))
         for m in row.pending:
             problems.add_row(str(row.round), escape(m), "tensors without manifest (upload in progress or crashed)")
+        for name in row.unsigned:
+            problems.add_row(str(row.round), escape(name), "unsigned: no member signed this update manifest for this "
+                             "round (not counted; aggregate rejects it)")
         if row.unverified:
             problems.add_row(str(row.round), "[red](unverified)[/]",
                              escape(f"rejections.json is not the coordinator's signed word, ignored: {row.unverified}"))
@@ -353,7 +357,7 @@ def _notes(notes: list[str]) -> None:
 
 
 def _metrics_table(title: str, metrics: dict) -> Table:
-    table = Table(title=title)
+    table = Table(title=title, min_width=len(title) + 4)  # a title wider than the columns is not wrapped
     for k in metrics:
         table.add_column(k, justify="right")
     table.add_row(*(f"{v:.4f}" for v in metrics.values()))

@@ -74,7 +74,7 @@ def load_toml(data: bytes, what: str, max_bytes: int, error: type[FedcliError] =
     check_size(len(data), max_bytes, what, error)
     check_depth(data, what, error=error, strings=_TOML_STRINGS)
     try:
-        return tomllib.loads(data.decode("utf-8"))
+        return tomllib.loads(data.decode("utf-8-sig"))  # Windows editors save "UTF-8 with BOM"
     except UnicodeDecodeError:
         raise error(f"{what} is not UTF-8 text (is it a binary or a private key file?)", reason="malformed") from None
     except (tomllib.TOMLDecodeError, RecursionError) as e:

@@ -17,6 +17,7 @@ from . import tensors as T
 from .contract import load_toml
 from .documents import rejection
 from .errors import AlreadyExists, FedcliError, InputError, NotFound, VerificationError
+from .names import check_name
 from .store import Store
 from .store.lock import LeaseLock
 from .strategy import Combiner
@@ -38,6 +39,12 @@ def init_federation(
     if store.exists(R.global_keys(0)[1]):
         raise FedcliError(f"{store} already holds a federation (round 0 is published)")
     what = f"spec template {template}"
+    try:  # names from the command line are checked here, so the error does not blame the template
+        if federation_id is not None:
+            check_name(federation_id, "--id")
+        check_name(Path(key_path).stem, f"coordinator name (from the key file name {Path(key_path).name})")
+    except FedcliError as e:
+        raise InputError(str(e)) from None
     raw = load_toml(S.read_template(template, what), what, S.MAX_SPEC_BYTES)
     private, pub_b64 = keys.load_private(key_path)
     for table in ("federation", "members"):

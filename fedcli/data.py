@@ -74,6 +74,8 @@ def read_table(path: Path) -> pd.DataFrame:
     except UnicodeDecodeError as e:
         raise InputError(f"cannot read {path}: it is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
                          f"{e.start}); save it as 'CSV UTF-8'") from None
+    except pd.errors.EmptyDataError:
+        raise InputError(f"cannot read {path}: it is empty (not even a header line)") from None
     except (ValueError, OSError, pd.errors.ParserError) as e:
         raise InputError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
@@ -258,7 +260,7 @@ def infer_schema(df: pd.DataFrame, target: str, positive: str, max_levels: int =
     mixed = mixed_columns(df)
     if mixed:
         col, n_num, n_text, example = mixed[0]
-        raise InputError(f"column {col} mixes numbers ({n_num:,} rows) and text ({n_text:,} rows, e.g. {example!r}): "
+        raise InputError(f"column {col} mixes numbers ({n_num:,} row{'s' * (n_num != 1)}) and text ({n_text:,} row{'s' * (n_text != 1)}, e.g. {example!r}): "
                          "make it all numbers (leave unknown cells empty) or all categories")
     warnings = []
     labels = df[target][clean_text(df[target]).notna()]

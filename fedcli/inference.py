@@ -40,5 +40,5 @@ def predict(store: Store, coordinator_pub: Path, data_path: Path, out: Path, rou
     try:
         out_df.to_csv(out, index=False)
     except OSError as e:
-        raise FedcliError(f"cannot write {out}: {e.strerror}") from None
+        raise FedcliError(f"cannot write {out}: {e.strerror or e}") from None
     return g.round, len(out_df), D.notes(prep, Path(data_path).name)

@@ -264,5 +264,5 @@ def write_report(store: Store, out: Path, pinned: PublicIdentity | None = None) 
         png_path.write_bytes(png)
         html_path.write_text(page(rep, png), encoding="utf-8")
     except OSError as e:
-        raise FedcliError(f"cannot write the report to {out.parent}: {e.strerror}") from None
+        raise FedcliError(f"cannot write the report to {out.parent}: {e.strerror or e}") from None
     return html_path, png_path, rep

@@ -15,7 +15,7 @@ into its class in fedcli.documents (see docs/protocol.md for the order and the r
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
@@ -23,7 +23,7 @@ import numpy as np
 from . import compression
 from . import tensors as T
 from .privacy import check_declared
-from .errors import ContractError, FedcliError, NotFound, Oversize, VerificationError
+from .errors import ContractError, FedcliError, NotFound, NotRegular, Oversize, StoreError, VerificationError
 from .keys import MAX_MANIFEST_BYTES, PublicIdentity, verify_manifest
 from .spec import MAX_SIG_BYTES, MAX_SPEC_BYTES, Spec, sha256, verified
 from .store import Store
@@ -318,6 +318,7 @@ class RoundSummary:
     created_at: str = ""
     bytes_in: int = 0  # update tensor bytes the banks uploaded into this round (what crossed the wire)
     unverified: str = ""  # a rejections.json that does not verify: why (shown, never trusted)
+    unsigned: list[str] = field(default_factory=list)  # update manifests no member signed for this round (not counted)
 
 
 def history(store: Store, pinned: PublicIdentity | None = None) -> tuple[Spec, list[RoundSummary]]:
@@ -339,12 +340,34 @@ def history(store: Store, pinned: PublicIdentity | None = None) -> tuple[Spec, l
             vals = [c["metrics"][key] for c in contributors if key in c["metrics"]]
             means[key] = sum(vals) / len(vals)
         found = load_rejections(store, spec, r) if r else None
-        rows.append(RoundSummary(r, r in published, names, submitted, pending,
-                                 found.entries if found and found.verified else {},
+        rejected = found.entries if found and found.verified else {}
+        # Only what a member signed for this round counts as submitted; anything else is shown as unsigned.
+        unsigned = [m for m in submitted if m not in names and m not in rejected and not _signed_update(store, spec, r, m)]
+        submitted = [m for m in submitted if m not in unsigned]
+        pending = [m for m in pending if spec.member(m) is not None]
+        rows.append(RoundSummary(r, r in published, names, submitted, pending, rejected,
                                  sum(c["num_examples"] for c in contributors), means,
                                  manifest.get("created_at", ""), _bytes_in(store, r, submitted),
-                                 found.problem if found and not found.verified else ""))
+                                 found.problem if found and not found.verified else "", unsigned))
     return spec, rows
+
+
+def _signed_update(store: Store, spec: Spec, r: int, member: str) -> bool:
+    """Whether member's update manifest for round r carries its signature (status only; aggregate checks all)."""
+    signer = spec.member(member)
+    if signer is None:
+        return False
+    what = f"update from {member}"
+    try:
+        manifest = verify_manifest(read_manifest(store, update_keys(r, member)[1], what), signer, what)
+        expect(manifest, what, kind="update", federation_id=spec.federation_id, round=r, member=member)
+    except StoreError as e:
+        if not isinstance(e, (NotFound, NotRegular)):
+            raise
+        return False
+    except FedcliError:
+        return False
+    return True
 
 
 def _bytes_in(store: Store, r: int, members: list[str]) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 from . import keys, secagg
 from . import rounds as R
 from .documents import DropDeclaration, RecoveryShares, UpdateManifest, parse
-from .errors import AlreadyExists, FedcliError, NotFound, VerificationError
+from .errors import AlreadyExists, FedcliError, NotFound, NotRegular, StoreError, VerificationError
 from .spec import Spec, sha256
 
 DROPS_KIND = "secagg-drops"
@@ -130,7 +130,7 @@ def publish_recovery(store, spec: Spec, r: int, me: str, private, mask_key) -> s
     if me not in drops.survivors:
         raise FedcliError(f"{me} is declared dropped from round {r}: it has nothing to reveal")
     if store.exists(recovery_key(r, me)):
-        return f"{me} already published its recovery shares for round {r}; waiting for the coordinator"
+        return _own_recovery(store, spec, r, me, drops)
     what = f"own update of {me}"
     mine = keys.verify_manifest(R.read_manifest(store, R.update_keys(r, me)[1], what), spec.member(me), what)
     if drops.survivors[me] != mine.get("tensors_sha256"):
@@ -156,8 +156,28 @@ def publish_recovery(store, spec: Spec, r: int, me: str, private, mask_key) -> s
     try:
         store.put(recovery_key(r, me), keys.sign_manifest(private, doc), create_only=True)
     except AlreadyExists:
-        return f"{me} already published its recovery shares for round {r}; waiting for the coordinator"
+        return _own_recovery(store, spec, r, me, drops)
     return f"published recovery shares for round {r} (masks shared with {', '.join(drops.dropped)})"
+
+
+def _own_recovery(store, spec: Spec, r: int, me: str, drops: Drops) -> str:
+    """Recovery shares under my name count as published only if my key signed them for this declaration.
+
+    Otherwise a planted file would make this bank wait forever, believing it had published.
+    """
+    key, what = recovery_key(r, me), f"recovery shares of {me}"
+    try:
+        doc = keys.verify_manifest(R.read_manifest(store, key, what), spec.member(me), what)
+        R.expect(doc, what, kind=RECOVERY_KIND, federation_id=spec.federation_id, round=r, member=me,
+                 drops_sha256=drops.sha256)
+    except NotFound:
+        raise StoreError(f"{key} vanished while being checked; run again") from None
+    except FedcliError as e:
+        if isinstance(e, StoreError) and not isinstance(e, NotRegular):
+            raise
+        raise VerificationError(f"recovery shares for {me} that this key did not sign for this round sit at {key}; "
+                                "ask the coordinator to remove it", reason="bad-signature") from None
+    return f"{me} already published its recovery shares for round {r}; waiting for the coordinator"
 
 
 # --- coordinator side ----------------------------------------------------------------------

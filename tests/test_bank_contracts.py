@@ -135,13 +135,13 @@ def _replace_global(fed, value: float) -> None:
 
 @pytest.mark.parametrize("value, message", [
     (3e36, "training produced non-finite loss on bank-a.csv: nothing was submitted"),  # loss overflows
-    (3e38, "the model's scores are not finite"),  # the logits overflow: inf - inf = NaN
+    (3e38, "the global model's scores on bank-a.csv are not finite"),  # the logits overflow: inf - inf = NaN
 ])
 def test_non_finite_loss_or_metrics_never_reach_the_store(tmp_path, credit_split, value, message):
     fed = make_fed(tmp_path, credit_split, DP, banks=BANKS[:3])
     _replace_global(fed, value)
-    line = refused(fed, credit_split / "bank-a.csv")
-    assert message in line
+    line = refused(fed, credit_split / "bank-a.csv", code=ExitCode.VERIFY)  # the global is at fault, not the table
+    assert message in line and "The global model of round 0 has weights up to" in line
 
 
 def test_planted_manifest_is_not_already_submitted(fed):
@@ -214,7 +214,7 @@ def test_notes_are_summarised_once_and_what_is_in_force_is_shown(tmp_path, credi
     assert len(notes) == 2, res.output
     assert "filled with the spec's mean: Income 120" in notes[0] and "text counted as missing: Income (e.g. 'unknown')" in notes[0]
     assert notes[1].startswith("note: unknown category -> all-zero one-hot: Home 2 rows, Job ")
-    assert "in force:" in res.output and "update-level" in res.output and "secure aggregation off" in res.output
+    assert "in force:" in res.output and "update-level" in res.output and "secure aggregation: off" in res.output
 
 
 def test_corrupt_state_and_ledger_are_refused_with_their_path(tmp_path, credit_split):
