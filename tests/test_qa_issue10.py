@@ -135,3 +135,14 @@ def test_status_counts_only_updates_a_member_signed(tmp_path, credit_split):
                                   if line.startswith("│")) if c)  # the last column, wrapped cells joined
     assert "2 submitted, 2 unsigned" in other, res.output
     assert res.output.count("unsigned: no member signed") == 2
+
+
+def test_a_file_given_as_the_store_is_named_as_such(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedcli.cli import app
+
+    f = tmp_path / "notes.txt"
+    f.write_text("hello")
+    res = CliRunner().invoke(app, ["status", str(f)])
+    assert res.exit_code == 1 and "is a file, not a store folder" in res.output

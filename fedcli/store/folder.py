@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from ..errors import AlreadyExists, FedcliError, NotFound, NotRegular, Oversize, StoreError
+from ..errors import AlreadyExists, FedcliError, InputError, NotFound, NotRegular, Oversize, StoreError
 from ..names import check_key
 from .base import Store
 from . import retry
@@ -72,6 +72,8 @@ class FolderStore(Store):
     def __init__(self, root: str | os.PathLike, *, policy: RetryPolicy | None = None):
         self.root = Path(root).expanduser().resolve()  # the one place a link is followed: the root itself
         self.url = str(self.root)
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"{root} is a file, not a store folder: give the shared folder (or s3://bucket/prefix)")
         self.policy = policy or retry.DEFAULT_POLICY  # looked up now, so tests and tools can tune it
 
     def _retry(self, what: str, key: str, op: Callable[[], T]) -> T:
