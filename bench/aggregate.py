@@ -82,7 +82,7 @@ def write_updates(root: Path, n: int) -> list[Path]:
     store = FolderStore(root / "store")
     spec, _ = R.load_spec(store, None)
     shapes = models.shapes(spec.model, spec.data.n_features)
-    base = json.loads(store.get(R.global_keys(0)[1]))["tensors_sha256"]
+    base = json.loads(store.get(R.global_keys(0)[1], max_bytes=1 << 20))["tensors_sha256"]
     block = np.random.default_rng(0).standard_normal(info["params"], dtype=np.float32) * np.float32(1e-3)
     for i in range(info["written"], n):
         member = f"bank-{i:03d}"

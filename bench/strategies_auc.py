@@ -89,10 +89,10 @@ def split(out: Path, seed: int = 11, alpha: float = 0.5) -> None:
 def poison(store: FolderStore, key_path: Path, r: int, member: str) -> None:
     """The malicious bank rewrites its own update (scaled, sign-flipped) and signs it: a valid signature."""
     tkey, mkey = R.update_keys(r, member)
-    manifest = {k: v for k, v in json.loads(store.get(mkey)).items() if k != "signature"}
+    manifest = {k: v for k, v in json.loads(store.get(mkey, max_bytes=1 << 20)).items() if k != "signature"}
     from safetensors.numpy import load
 
-    delta = {k: v * np.float32(POISON_SCALE) for k, v in load(store.get(tkey)).items()}
+    delta = {k: v * np.float32(POISON_SCALE) for k, v in load(store.get(tkey, max_bytes=1 << 31)).items()}
     data = T.encode(delta)
     store.put(tkey, data)
     manifest["tensors_sha256"] = T.sha256(data)
@@ -113,7 +113,7 @@ def run(work: Path, data: Path, strategy: str, rounds: int, poisoner: str | None
                            [root / b / f"{b}.pub" for b in BANKS])
     test = D.prepare(D.read_table(data / "test.csv"), spec.data, "test.csv")
     shapes = models.shapes(spec.model, spec.data.n_features)
-    spec_sha = T.sha256(store.get(R.SPEC_KEY))
+    spec_sha = T.sha256(store.get(R.SPEC_KEY, max_bytes=1 << 20))
     out = []
     for r in range(1, rounds + 1):
         for b in BANKS:
