@@ -45,7 +45,7 @@ def init_federation(
         check_name(Path(key_path).stem, f"coordinator name (from the key file name {Path(key_path).name})")
     except FedcliError as e:
         raise InputError(str(e)) from None
-    raw = load_toml(S.read_template(template, what), what, S.MAX_SPEC_BYTES)
+    raw = load_toml(S.read_template(template), what, S.MAX_SPEC_BYTES)
     private, pub_b64 = keys.load_private(key_path)
     for table in ("federation", "members"):
         if not isinstance(raw.get(table, {} if table == "federation" else []), dict if table == "federation" else list):
@@ -85,7 +85,8 @@ def publish_global(store, private, spec, spec_sha, r, weights, prev_sha, contrib
     Nothing is written unless the weights are finite and the manifest meets its contract: the
     coordinator never signs a model every bank would then refuse forever.
     """
-    from .documents import GlobalManifest, parse
+    from .contract import validate
+    from .documents import GlobalManifest
 
     what = f"global model of round {r}"
     T.check_finite(weights, what, error=FedcliError)
@@ -104,7 +105,7 @@ def publish_global(store, private, spec, spec_sha, r, weights, prev_sha, contrib
         "created_at": R.now(),
         **extra,
     }
-    parse(GlobalManifest, manifest, what)
+    validate(GlobalManifest, manifest, what)
     store.put(mkey, keys.sign_manifest(private, manifest), create_only=True)
     return manifest["tensors_sha256"]
 

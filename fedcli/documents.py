@@ -13,12 +13,12 @@ pydantic is imported when this module is, and only the commands that read rounds
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
 
-from .contract import strict_config, validate
-from .errors import REASONS, ContractError, FedcliError
+from .contract import strict_config
+from .errors import REASONS, FedcliError
 
 FORMAT = 1
 MAX_ROWS = 10**10  # the largest max_rows_per_member a spec may declare; the spec's own bound is checked after
@@ -215,12 +215,6 @@ class Rejections(Document):
     created_at: Timestamp
 
 
-D = TypeVar("D", bound=Document)
-
-
-def parse(model: type[D], doc: Any, what: str) -> D:
-    """Validate a verified (signature-checked) document into its class: one line on failure."""
-    return validate(model, doc, what, error=ContractError)
 
 
 def rejection(e: FedcliError, store_url: str = "") -> dict:

@@ -111,7 +111,9 @@ def read_bounded(path: Path, max_bytes: int, what: str, error=None) -> bytes | N
             if not stat.S_ISREG(st.st_mode):
                 raise error(f"{what} {path} is not a regular file")
             check_size(st.st_size, max_bytes, f"{what} {path}", error)
-            return f.read(max_bytes + 1)
+            data = f.read(max_bytes + 1)
+        check_size(len(data), max_bytes, f"{what} {path}", error)
+        return data
     except FileNotFoundError:
         return None
     except IsADirectoryError:

@@ -77,7 +77,8 @@ def _epsilons(entries: list[Entry], delta: float) -> None:
 
 def collect(store: Store, pinned: PublicIdentity | None = None) -> Report:
     """Read every round's update manifests and what the coordinator decided about them."""
-    from .documents import UpdateManifest, parse
+    from .contract import validate
+    from .documents import UpdateManifest
 
     spec, spec_sha = R.load_spec(store, pinned)
     published = R.global_rounds(store)
@@ -98,7 +99,7 @@ def collect(store: Store, pinned: PublicIdentity | None = None) -> Report:
                 if signer is None:
                     raise FedcliError(f"{member} is not an enrolled member")
                 m = verify_manifest(R.read_manifest(store, R.update_keys(r, member)[1], what), signer, what)
-                m = parse(UpdateManifest, m, what)
+                m = validate(UpdateManifest, m, what)
             except FedcliError as e:
                 entries.append(Entry(r, member, "invalid", note=str(e)))
                 continue

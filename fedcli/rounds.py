@@ -143,14 +143,15 @@ class Global:
 
 def global_manifest(store: Store, spec: Spec, spec_sha: str, r: int) -> dict:
     """The verified manifest of round r's global model (signature and spec binding), without its tensors."""
-    from .documents import GlobalManifest, parse
+    from .contract import validate
+    from .documents import GlobalManifest
 
     what = f"global model of round {r}"
     try:
         manifest = verify_manifest(read_manifest(store, global_keys(r)[1], what), spec.coordinator, what)
     except NotFound:
         raise FedcliError(f"{what} is not published") from None
-    parse(GlobalManifest, manifest, what)
+    validate(GlobalManifest, manifest, what)
     expect(manifest, what, kind="global", federation_id=spec.federation_id, round=r, spec_sha256=spec_sha)
     return manifest
 
@@ -170,14 +171,15 @@ def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, 
     `buffer` is passed to read_tensors: the delta's arrays are views into it. With secure
     aggregation the tensors are masked uint32 words.
     """
-    from .documents import UpdateManifest, parse
+    from .contract import validate
+    from .documents import UpdateManifest
 
     what = f"update from {member}"
     signer = spec.member(member)
     if signer is None:
         raise VerificationError(f"{what}: {member!r} is not an enrolled member", reason="not-member")
     tkey, mkey = update_keys(r, member)
-    manifest = parse(UpdateManifest, verify_manifest(read_manifest(store, mkey, what), signer, what), what)
+    manifest = validate(UpdateManifest, verify_manifest(read_manifest(store, mkey, what), signer, what), what)
     expect(manifest, what, kind="update", federation_id=spec.federation_id, round=r, member=member)
     if manifest.base_sha256 != base_sha:
         raise VerificationError(f"{what}: trained on a different global model (stale or forged base)", reason="stale-base")
@@ -264,12 +266,13 @@ def load_rejections(store: Store, spec: Spec, r: int) -> RoundRejections | None:
     Anything else found there (unsigned, forged, too large, too deep, a link) is returned
     unverified with the reason, never as fact, and never raises.
     """
-    from .documents import Rejections, parse
+    from .contract import validate
+    from .documents import Rejections
 
     what = f"rejections of round {r}"
     try:
         doc = verify_manifest(store.get(rejections_key(r), max_bytes=MAX_MANIFEST_BYTES), spec.coordinator, what)
-        parse(Rejections, doc, what)
+        validate(Rejections, doc, what)
         expect(doc, what, kind="rejections", federation_id=spec.federation_id, round=r)
     except NotFound:
         return None
@@ -283,12 +286,13 @@ def write_rejections(store: Store, private, spec: Spec, r: int, entries: dict[st
 
     `entries` maps each refused update's label to documents.rejection(error).
     """
-    from .documents import Rejections, parse
+    from .contract import validate
+    from .documents import Rejections
     from .keys import sign_manifest
 
     doc = {"kind": "rejections", "format": FORMAT, "federation_id": spec.federation_id, "round": r,
            "entries": {_printable(k): v for k, v in sorted(entries.items())}, "created_at": now()}
-    parse(Rejections, doc, f"rejections of round {r}")
+    validate(Rejections, doc, f"rejections of round {r}")
     store.put(rejections_key(r), sign_manifest(private, doc))
 
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import keys, secagg
 from . import rounds as R
-from .documents import DropDeclaration, RecoveryShares, UpdateManifest, parse
+from .contract import validate
+from .documents import DropDeclaration, RecoveryShares, UpdateManifest
 from .errors import AlreadyExists, FedcliError, NotFound, NotRegular, StoreError, VerificationError
 from .spec import Spec, sha256
 
@@ -90,7 +91,7 @@ def load_drops(store, spec: Spec, r: int) -> Drops | None:
         data = R.read_manifest(store, drops_key(r), what)
     except NotFound:
         return None
-    doc = parse(DropDeclaration, keys.verify_manifest(data, spec.coordinator, what), what)
+    doc = validate(DropDeclaration, keys.verify_manifest(data, spec.coordinator, what), what)
     R.expect(doc, what, kind=DROPS_KIND, federation_id=spec.federation_id, round=r)
     try:
         secagg.check_recovery([m.name for m in spec.members], dict(doc.survivors), list(doc.dropped), min_survivors(spec))
@@ -275,7 +276,7 @@ def load_recoveries(store, spec: Spec, r: int, drops: Drops, commitments: dict) 
         except NotFound:
             missing.append(s)
             continue
-        doc = parse(RecoveryShares, keys.verify_manifest(data, spec.member(s), what), what)
+        doc = validate(RecoveryShares, keys.verify_manifest(data, spec.member(s), what), what)
         R.expect(doc, what, kind=RECOVERY_KIND, federation_id=spec.federation_id, round=r, member=s,
                  drops_sha256=drops.sha256)
         if sorted(doc.seeds) != drops.dropped:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -409,18 +407,13 @@ def verified(data: bytes, signature: bytes, pinned: PublicIdentity | None, what:
     return parse(raw, what, ContractError)
 
 
-def read_template(path: Path, what: str) -> bytes:
+def read_template(path: Path) -> bytes:
     """A user's spec template: a regular file of at most MAX_SPEC_BYTES, checked before reading."""
-    try:
-        with open(path, "rb") as f:
-            info = os.fstat(f.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise InputError(f"{what} is not a regular file")
-            check_size(info.st_size, MAX_SPEC_BYTES, what, InputError)
-            data = f.read(MAX_SPEC_BYTES + 1)
-    except OSError as e:
-        raise InputError(f"cannot read {what}: {e.strerror}") from None
-    check_size(len(data), MAX_SPEC_BYTES, what, InputError)
+    from .localdocs import read_bounded
+
+    data = read_bounded(Path(path), MAX_SPEC_BYTES, "spec template", InputError)
+    if data is None:
+        raise InputError(f"cannot read spec template {path}: No such file or directory")
     return data
 
 
