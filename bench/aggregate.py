@@ -45,7 +45,7 @@ def build(root: Path, p: int, members: int) -> dict:
     import tomli_w
 
     from fedcli import keys, models
-    from fedcli.coordinator import init_federation
+    from fedcli.coordinator.federation import init_federation
     from fedcli.store.folder import FolderStore
 
     info_path = root / "info.json"
@@ -63,8 +63,12 @@ def build(root: Path, p: int, members: int) -> dict:
     pubs = [keys.generate(f"bank-{i:03d}", root / "keys", None)[1] for i in range(members)]
     spec = init_federation(FolderStore(root / "store"), template, coord_key, pubs, "bench")
     shapes = models.shapes(spec.model, spec.data.n_features)
-    info = {"params": sum(int(__import__("math").prod(s)) for s in shapes.values()), "hidden": h,
-            "members": members, "written": 0}
+    info = {
+        "params": sum(int(__import__("math").prod(s)) for s in shapes.values()),
+        "hidden": h,
+        "members": members,
+        "written": 0,
+    }
     info_path.write_text(json.dumps(info))
     return info
 
@@ -73,16 +77,16 @@ def write_updates(root: Path, n: int) -> list[Path]:
     """Signed updates from banks 0..n-1 (adds the missing ones); returns their tensor files."""
     import numpy as np
 
-    from fedcli import keys, models
-    from fedcli import rounds as R
-    from fedcli import tensors as T
+    from fedcli import digest, keys, models
+    from fedcli.protocol import rounds
+    from fedcli.protocol.tensors import encode
     from fedcli.store.folder import FolderStore
 
     info = json.loads((root / "info.json").read_text())
     store = FolderStore(root / "store")
-    spec, _ = R.load_spec(store, None)
+    spec, _ = rounds.load_spec(store, None)
     shapes = models.shapes(spec.model, spec.data.n_features)
-    base = json.loads(store.get(R.global_keys(0)[1], max_bytes=1 << 20))["tensors_sha256"]
+    base = json.loads(store.get(rounds.global_keys(0)[1], max_bytes=1 << 20))["tensors_sha256"]
     block = np.random.default_rng(0).standard_normal(info["params"], dtype=np.float32) * np.float32(1e-3)
     for i in range(info["written"], n):
         member = f"bank-{i:03d}"
@@ -91,19 +95,29 @@ def write_updates(root: Path, n: int) -> list[Path]:
             size = int(np.prod(s))
             delta[k] = flat[off : off + size].reshape(s)
             off += size
-        data = T.encode(delta)
-        tkey, mkey = R.update_keys(1, member)
+        data = encode(delta)
+        tkey, mkey = rounds.update_keys(1, member)
         path = root / "store" / tkey
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         private, _ = keys.load_private(root / "keys" / f"{member}.key")
-        manifest = {"kind": "update", "format": R.FORMAT, "federation_id": spec.federation_id, "round": 1,
-                    "member": member, "base_sha256": base, "tensors_sha256": T.sha256(data),
-                    "num_examples": 100 + 37 * i, "metrics": {}, "created_at": R.now(), "nonce": f"{i:032x}"}
+        manifest = {
+            "kind": "update",
+            "format": rounds.FORMAT,
+            "federation_id": spec.federation_id,
+            "round": 1,
+            "member": member,
+            "base_sha256": base,
+            "tensors_sha256": digest.sha256(data),
+            "num_examples": 100 + 37 * i,
+            "metrics": {},
+            "created_at": rounds.now(),
+            "nonce": f"{i:032x}",
+        }
         store.put(mkey, keys.sign_manifest(private, manifest), create_only=True)
         info["written"] = i + 1
         (root / "info.json").write_text(json.dumps(info))
-    return [root / "store" / R.update_keys(1, f"bank-{i:03d}")[0] for i in range(n)]
+    return [root / "store" / rounds.update_keys(1, f"bank-{i:03d}")[0] for i in range(n)]
 
 
 def visible_updates(root: Path, n: int) -> None:
@@ -126,7 +140,7 @@ def child_fedcli(root: Path) -> dict:
     """One full aggregate_round in this process; undo the publication afterwards."""
     from rich.console import Console
 
-    from fedcli.coordinator import aggregate_round
+    from fedcli.coordinator.step import aggregate_round
     from fedcli.store.folder import FolderStore
 
     store = FolderStore(root / "store")
@@ -141,7 +155,14 @@ def child_fedcli(root: Path) -> dict:
         raise SystemExit(f"round not published cleanly: {res}")
     import fedcli
 
-    return {"seconds": seconds, "cpu_s": cpu, "base_mb": base, "peak_mb": peak, "accepted": len(res.accepted), "module": fedcli.__file__}
+    return {
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "base_mb": base,
+        "peak_mb": peak,
+        "accepted": len(res.accepted),
+        "module": fedcli.__file__,
+    }
 
 
 def measure(root: Path, files: list[Path], runs: int, flower: bool, baseline: Path | None) -> dict:
@@ -149,18 +170,24 @@ def measure(root: Path, files: list[Path], runs: int, flower: bool, baseline: Pa
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     contenders = {
         "sha256sum": lambda: dict(zip(("seconds", "peak_mb", "cpu_s"), wait4(["sha256sum", *map(str, files)]))),
-        "openssl": lambda: dict(zip(("seconds", "peak_mb", "cpu_s"),
-                                    wait4(["openssl", "dgst", "-sha256", *map(str, files)]))),
+        "openssl": lambda: dict(
+            zip(("seconds", "peak_mb", "cpu_s"), wait4(["openssl", "dgst", "-sha256", *map(str, files)]))
+        ),
         "fedcli": lambda: run_child([PYTHON, __file__, "_fedcli", str(root)], env),
     }
     if baseline:
-        contenders["before"] = lambda: run_child([PYTHON, __file__, "_fedcli", str(root)],
-                                                 dict(env, PYTHONPATH=str(baseline)))
+        contenders["before"] = lambda: run_child(
+            [PYTHON, __file__, "_fedcli", str(root)], dict(env, PYTHONPATH=str(baseline))
+        )
     if flower:
         import flwr_env
 
-        argv = [str(flwr_env.python()), str(Path(__file__).with_name("flwr_child.py")), str(root / "store"),
-                *map(str, files)]
+        argv = [
+            str(flwr_env.python()),
+            str(Path(__file__).with_name("flwr_child.py")),
+            str(root / "store"),
+            *map(str, files),
+        ]
         contenders["flwr"] = lambda: {**(r := run_child(argv)), "seconds": r["aggregate_s"]}
     results = {name: [] for name in contenders}
     for _ in range(runs):
@@ -187,8 +214,15 @@ def fmt(row: dict) -> str:
     def mem(name):
         return f"{row[name + '_peak_mb']:.0f} (+{row[name + '_peak_mb'] - row[name + '_base_mb']:.0f})"
 
-    cells = [f"{row['params'] / 1e6:.1f}M", str(row["banks"]), f"{row['gb']:.2f}", rate("sha256sum"), rate("openssl"),
-             rate("fedcli"), mem("fedcli")]
+    cells = [
+        f"{row['params'] / 1e6:.1f}M",
+        str(row["banks"]),
+        f"{row['gb']:.2f}",
+        rate("sha256sum"),
+        rate("openssl"),
+        rate("fedcli"),
+        mem("fedcli"),
+    ]
     if "before_s" in row:
         cells += [rate("before"), mem("before")]
     if "flwr_s" in row:
@@ -199,8 +233,15 @@ def fmt(row: dict) -> str:
 
 
 def header(baseline: str | None) -> str:
-    cols = ["P", "N", "GB of updates", "sha256sum", "openssl dgst -sha256",
-            "fedcli aggregate (verify + FedAvg + publish)", "fedcli peak RSS MB (+ over base)"]
+    cols = [
+        "P",
+        "N",
+        "GB of updates",
+        "sha256sum",
+        "openssl dgst -sha256",
+        "fedcli aggregate (verify + FedAvg + publish)",
+        "fedcli peak RSS MB (+ over base)",
+    ]
     if baseline:
         cols += [f"fedcli at {baseline} (before)", f"at {baseline}: peak RSS MB (+ over base)"]
     cols += ["Flower aggregate()", "Flower load", "Flower peak RSS MB (+ over base)", "load avg"]
@@ -214,8 +255,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/fedcli-bench-aggregate"))
     ap.add_argument("--no-flower", action="store_true")
-    ap.add_argument("--flower-max-gb", type=float, default=2.5,
-                    help="skip Flower above this many GB of updates: it holds all N in memory (twice)")
+    ap.add_argument(
+        "--flower-max-gb",
+        type=float,
+        default=2.5,
+        help="skip Flower above this many GB of updates: it holds all N in memory (twice)",
+    )
     ap.add_argument("--json", type=Path, help="also append raw rows here")
     ap.add_argument("--baseline", metavar="REF", help="also time fedcli as of this git ref (e.g. main): before/after")
     args = ap.parse_args()

@@ -45,8 +45,13 @@ def main() -> None:
         old = dict(os.environ, PYTHONPATH=str(export_ref(args.baseline, Path("/tmp/fedcli-bench-cli"))))
         rows.append((f"fedcli --help at {args.baseline}", [PYTHON, "-m", "fedcli.cli", "--help"], old))
     rows.append(("python -c 'import torch' (for scale)", [PYTHON, "-c", "import torch"], env))
-    check = subprocess.run([PYTHON, "-c", "import sys, fedcli.cli; print(sorted({'torch', 'matplotlib', 'pandas'} "
-                            "& set(sys.modules)))"], env=env, capture_output=True, text=True, check=True)
+    check = subprocess.run(
+        [PYTHON, "-c", "import sys, fedcli.cli; print(sorted({'torch', 'matplotlib', 'pandas'} & set(sys.modules)))"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     print(machine())
     print(f"heavy modules imported by `import fedcli.cli`: {check.stdout.strip()}")
     print("| command | median (s) | min (s) |\n|---|---|---|")

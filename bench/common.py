@@ -47,8 +47,9 @@ def wait4(argv: list[str]) -> tuple[float, float, float]:
 
 def export_ref(ref: str, dest: Path) -> Path:
     """A clean copy of the fedcli package at git REF (git archive), for before/after rows."""
-    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", ref], capture_output=True, text=True, check=True
+    ).stdout.strip()
     out = Path(dest) / f"fedcli-{sha}"
     if not (out / "fedcli").is_dir():
         out.mkdir(parents=True, exist_ok=True)
@@ -72,5 +73,7 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, {date.today().isoformat()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, {date.today().isoformat()}"
+    )

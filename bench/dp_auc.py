@@ -19,21 +19,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
+from compare_local import compare  # noqa: E402
+from prepare_credit import BANKS, split  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from compare_local import compare  # noqa: E402
-from fedcli import keys, privacy  # noqa: E402
-from fedcli.bank import ledger_path_for, train_round  # noqa: E402
-from fedcli.coordinator import aggregate_round, init_federation  # noqa: E402
-from fedcli.store import open_store  # noqa: E402
-from prepare_credit import BANKS, split  # noqa: E402
+from fedcli import keys
+from fedcli.bank.state import ledger_path_for
+from fedcli.bank.step import train_round
+from fedcli.coordinator.federation import init_federation
+from fedcli.coordinator.step import aggregate_round
+from fedcli.privacy import ledger
+from fedcli.store import open_store
 
 TRAINING = "[training]\nepochs = 3\nbatch_size = 128\nlr = 0.05\n"
 DELTA = 1e-5
 # (mode, target epsilon over all rounds, clip); None = no DP
-SETTINGS = [("none", None, None)] + [("record", e, 1.0) for e in (0.5, 1, 2, 3, 8)] + [
-    ("update", e, 0.5) for e in (3, 10, 30, 100)
-]
+SETTINGS = (
+    [("none", None, None)]
+    + [("record", e, 1.0) for e in (0.5, 1, 2, 3, 8)]
+    + [("update", e, 0.5) for e in (3, 10, 30, 100)]
+)
 
 
 def run(work: Path, data: Path, mode: str, eps: float | None, clip: float | None, rounds: int) -> dict:
@@ -41,7 +46,9 @@ def run(work: Path, data: Path, mode: str, eps: float | None, clip: float | None
     template = (ROOT / "examples" / "federation.toml").read_text()
     template = template.replace("[training]\nepochs = 3\nbatch_size = 32\nlr = 0.02\n", TRAINING)
     if mode != "none":
-        template += f'\n[privacy]\nmode = "{mode}"\nclip = {clip}\ntarget_epsilon = {eps}\ndelta = {DELTA}\nrounds = {rounds}\n'
+        template += (
+            f'\n[privacy]\nmode = "{mode}"\nclip = {clip}\ntarget_epsilon = {eps}\ndelta = {DELTA}\nrounds = {rounds}\n'
+        )
     (work / "federation.toml").write_text(template)
     ckey, cpub, _ = keys.generate("coordinator", work / "coordinator")
     bank_keys = {b: keys.generate(b, work / b)[:2] for b in BANKS}
@@ -55,12 +62,17 @@ def run(work: Path, data: Path, mode: str, eps: float | None, clip: float | None
     spent, noise = [], []
     if mode != "none":
         for k, _ in bank_keys.values():
-            led = privacy.Ledger(ledger_path_for(k))
+            led = ledger.Ledger(ledger_path_for(k))
             spent.append(led.spent(mode, DELTA))
             noise.append(led.entries()[-1]["noise_multiplier"])
     local = [v["auc"] for name, v in res.items() if name != "federated"]
-    return {"auc": res["federated"]["auc"], "pr_auc": res["federated"]["pr_auc"], "local_auc": statistics.mean(local),
-            "spent": max(spent, default=0.0), "noise": (min(noise), max(noise)) if noise else None}
+    return {
+        "auc": res["federated"]["auc"],
+        "pr_auc": res["federated"]["pr_auc"],
+        "local_auc": statistics.mean(local),
+        "spent": max(spent, default=0.0),
+        "noise": (min(noise), max(noise)) if noise else None,
+    }
 
 
 def main() -> None:
@@ -91,7 +103,9 @@ def main() -> None:
             print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     training = ", ".join(TRAINING.strip().splitlines()[1:])
     print(f"Credit demo, 4 banks, {args.rounds} rounds, training {training}, delta={DELTA:g}.\n")
-    print("| DP mode | target ε | clip | noise multiplier | ε spent (max bank) | federated AUC | PR-AUC | local-only AUC (mean of banks) | runs |")
+    print(
+        "| DP mode | target ε | clip | noise multiplier | ε spent (max bank) | federated AUC | PR-AUC | local-only AUC (mean of banks) | runs |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

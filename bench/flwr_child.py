@@ -1,6 +1,6 @@
 """Run by bench/aggregate.py inside bench/.venv-flwr: Flower's weighted average of the same updates.
 
-    flwr_child.py STORE update1.safetensors ...   -> one JSON line: load_s, aggregate_s, base_mb, peak_mb
+flwr_child.py STORE update1.safetensors ...   -> one JSON line: load_s, aggregate_s, base_mb, peak_mb
 """
 
 import json
@@ -9,10 +9,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import rss_mb
 from flwr.server.strategy.aggregate import aggregate
 from safetensors.numpy import load_file
-
-from common import rss_mb
 
 
 def main(files: list[Path]) -> dict:

@@ -1,6 +1,6 @@
 """A separate venv with Flower for the comparison, created on first use (never a fedcli dependency).
 
-    python bench/flwr_env.py          # create or reuse bench/.venv-flwr, print its python
+python bench/flwr_env.py          # create or reuse bench/.venv-flwr, print its python
 """
 
 import subprocess

@@ -36,6 +36,7 @@ def _body(world, check, seen: Counter):
     def body(data):
         seen["n"] += 1
         check(world, data)
+
     return body
 
 
@@ -57,20 +58,36 @@ def _run(world, minutes: float, targets: list[str], chunk: int) -> dict:
                 break
             make_inputs, check = test_fuzz.TARGETS[name]
             seen = Counter()
-            test = settings(max_examples=chunk, deadline=None, database=None, derandomize=False,
-                            suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink],
-                            report_multiple_bugs=False)(given(make_inputs(world))(_body(world, check, seen)))
+            test = settings(
+                max_examples=chunk,
+                deadline=None,
+                database=None,
+                derandomize=False,
+                suppress_health_check=list(HealthCheck),
+                phases=[Phase.generate, Phase.shrink],
+                report_multiple_bugs=False,
+            )(given(make_inputs(world))(_body(world, check, seen)))
             try:
                 test()
             except Exception as e:  # noqa: BLE001 - any crash: keep going, report it at the end
-                crashes.append({"target": name, "error": f"{type(e).__name__}: {str(e)[:2000]}",
-                                "trace": traceback.format_exc()[-4000:]})
+                crashes.append(
+                    {
+                        "target": name,
+                        "error": f"{type(e).__name__}: {str(e)[:2000]}",
+                        "trace": traceback.format_exc()[-4000:],
+                    }
+                )
                 print(f"CRASH in {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             inputs_run[name] += seen["n"]
         elapsed = (time.monotonic() - start) / 60
         print(f"{elapsed:6.1f} min  inputs {dict(inputs_run)}  crashes {len(crashes)}", flush=True)
-    return {"minutes": round((time.monotonic() - start) / 60, 2), "inputs": dict(inputs_run),
-            "total_inputs": sum(inputs_run.values()), "crashes": crashes, "machine": machine()}
+    return {
+        "minutes": round((time.monotonic() - start) / 60, 2),
+        "inputs": dict(inputs_run),
+        "total_inputs": sum(inputs_run.values()),
+        "crashes": crashes,
+        "machine": machine(),
+    }
 
 
 def main() -> int:

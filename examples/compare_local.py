@@ -10,28 +10,29 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedcli import data as D
 from fedcli import keys, models
-from fedcli import rounds as R
+from fedcli.bank import tables
+from fedcli.bank.training import fit
 from fedcli.metrics import score
-from fedcli.spec import TrainingSpec
+from fedcli.protocol import rounds
+from fedcli.protocol.spec import TrainingSpec
 from fedcli.store import open_store
-from fedcli.train import fit
 
 
 def compare(store_path: str, coordinator_pub: str, data_dir: Path) -> dict[str, dict]:
     store = open_store(store_path)
-    spec, spec_sha = R.load_spec(store, keys.load_public(Path(coordinator_pub)))
+    spec, spec_sha = rounds.load_spec(store, keys.load_public(Path(coordinator_pub)))
     shapes = models.shapes(spec.model, spec.data.n_features)
-    last = R.latest_round(store)
-    g0 = R.load_global(store, spec, spec_sha, 0, shapes)
-    g = R.load_global(store, spec, spec_sha, last, shapes)
-    test = D.prepare(D.read_table(data_dir / "test.csv"), spec.data, "test.csv")
+    last = rounds.latest_round(store)
+    g0 = rounds.load_global(store, spec, spec_sha, 0, shapes)
+    g = rounds.load_global(store, spec, spec_sha, last, shapes)
+    test = tables.prepare(tables.read_table(data_dir / "test.csv"), spec.data, "test.csv")
     results = {"federated": score(test.y, models.predict(spec.model, g.tensors, test.X))}
-    local_cfg = TrainingSpec(epochs=spec.training.epochs * max(last, 1), batch_size=spec.training.batch_size,
-                             lr=spec.training.lr)
+    local_cfg = TrainingSpec(
+        epochs=spec.training.epochs * max(last, 1), batch_size=spec.training.batch_size, lr=spec.training.lr
+    )
     for m in spec.members:
-        bank = D.prepare(D.read_table(data_dir / f"{m.name}.csv"), spec.data, m.name)
+        bank = tables.prepare(tables.read_table(data_dir / f"{m.name}.csv"), spec.data, m.name)
         w, _ = fit(spec.model, local_cfg, g0.tensors, bank.X, bank.y, seed=1)
         results[f"{m.name} alone"] = score(test.y, models.predict(spec.model, w, test.X))
     return results

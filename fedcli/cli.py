@@ -7,14 +7,13 @@ Heavy modules (torch, pandas, the workflows) are imported inside commands so tha
 import contextlib
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import ExitCode, FedcliError
+from fedcli.errors import ExitCode, FedcliError
 
 app = typer.Typer(
     help="File-based federated learning for banks: signed, privacy-protected updates through a shared folder or object store.",
@@ -27,7 +26,11 @@ err = Console(stderr=True)
 
 StoreOpt = typer.Option(..., "--store", "-s", help="Shared folder or s3://bucket/prefix.")
 CoordOpt = typer.Option(..., "--coordinator", "-c", help="Pinned coordinator public key file (coordinator.pub).")
-LedgerOpt = typer.Option(None, "--ledger", help="Privacy ledger file (default: next to the key; share one across federations on the same data).")
+LedgerOpt = typer.Option(
+    None,
+    "--ledger",
+    help="Privacy ledger file (default: next to the key; share one across federations on the same data).",
+)
 
 
 @contextlib.contextmanager
@@ -55,18 +58,26 @@ def failures():
         if os.environ.get("FEDCLI_DEBUG") or hasattr(e, "exit_code"):
             raise
         first = (str(e).splitlines() or [""])[0][:200]
-        err.print(f"[bold red]internal error:[/] {escape(type(e).__name__)}: {escape(first)} (a bug in fedcli: please "
-                  "report it; FEDCLI_DEBUG=1 shows the traceback)", highlight=False, soft_wrap=True)
+        err.print(
+            f"[bold red]internal error:[/] {escape(type(e).__name__)}: {escape(first)} (a bug in fedcli: please "
+            "report it; FEDCLI_DEBUG=1 shows the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(ExitCode.ERROR) from None
 
 
-PinOpt = typer.Option(None, "--coordinator", "-c",
-                      help="Pinned coordinator public key (coordinator.pub): check the store is the real federation.")
+PinOpt = typer.Option(
+    None,
+    "--coordinator",
+    "-c",
+    help="Pinned coordinator public key (coordinator.pub): check the store is the real federation.",
+)
 
 
 def _pinned(coordinator: Path | None):
     """The pinned coordinator identity, or None (the store vouches for itself: say so once it loaded)."""
-    from .keys import load_public
+    from fedcli.keys import load_public
 
     return load_public(coordinator) if coordinator is not None else None
 
@@ -74,13 +85,16 @@ def _pinned(coordinator: Path | None):
 def _unpinned_note(pinned) -> None:
     if pinned is not None:
         return
-    err.print("[yellow]note:[/] the store's identity was not pinned: signatures were checked against the "
-              "coordinator key the spec names itself (pass --coordinator coordinator.pub to check it is the real one)",
-              highlight=False, soft_wrap=True)
+    err.print(
+        "[yellow]note:[/] the store's identity was not pinned: signatures were checked against the "
+        "coordinator key the spec names itself (pass --coordinator coordinator.pub to check it is the real one)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _store(location: str):
-    from .store import open_store
+    from fedcli.store import open_store
 
     return open_store(location)
 
@@ -89,10 +103,12 @@ def _store(location: str):
 def keygen(
     name: str = typer.Argument(..., help="Member or coordinator name, e.g. bank-a."),
     out_dir: Path = typer.Option(Path("."), "--out", "-o", help="Folder for NAME.key and NAME.pub."),
-    encrypt: bool = typer.Option(False, "--encrypt", help="Protect the private key with a passphrase (prompted, or from FEDCLI_PASSPHRASE)."),
+    encrypt: bool = typer.Option(
+        False, "--encrypt", help="Protect the private key with a passphrase (prompted, or from FEDCLI_PASSPHRASE)."
+    ),
 ):
     """Make keys: NAME.key (Ed25519 signing), NAME.x25519.key (secure aggregation), both 0600, and NAME.pub (send this one)."""
-    from . import keys
+    from fedcli import keys
 
     with failures():
         passphrase = None
@@ -101,11 +117,21 @@ def keygen(
                 "Passphrase", hide_input=True, confirmation_prompt=True
             )
         elif os.environ.get(keys.PASSPHRASE_ENV):
-            err.print(f"[yellow]warning:[/] {keys.PASSPHRASE_ENV} is set but --encrypt was not given: "
-                      "the keys are written unencrypted", highlight=False, soft_wrap=True)
+            err.print(
+                f"[yellow]warning:[/] {keys.PASSPHRASE_ENV} is set but --encrypt was not given: "
+                "the keys are written unencrypted",
+                highlight=False,
+                soft_wrap=True,
+            )
         key_path, pub_path, ident = keys.generate(name, out_dir, passphrase)
-    out.print(f"private key: {escape(str(key_path))} (keep it here; mode 0600{', encrypted' if encrypt else ''})", soft_wrap=True)
-    out.print(f"mask key:    {escape(str(keys.x25519_path_for(key_path)))} (secure aggregation; same protection)", soft_wrap=True)
+    out.print(
+        f"private key: {escape(str(key_path))} (keep it here; mode 0600{', encrypted' if encrypt else ''})",
+        soft_wrap=True,
+    )
+    out.print(
+        f"mask key:    {escape(str(keys.x25519_path_for(key_path)))} (secure aggregation; same protection)",
+        soft_wrap=True,
+    )
     out.print(f"public key:  {escape(str(pub_path))}", soft_wrap=True)
     out.print(f"fingerprint: [bold]{ident.fingerprint}[/] (compare it out of band)", soft_wrap=True)
 
@@ -114,16 +140,20 @@ def keygen(
 def schema(
     data: Path = typer.Argument(..., help="CSV or Parquet table with representative rows."),
     target: str = typer.Option(..., "--target", help="Label column."),
-    positive: str = typer.Option(..., "--positive", help="Label value that counts as the positive class (e.g. bad). "
-                                 "A number (1) is compared as a number: 1, 1.0, \"1\" and true all match. "
-                                 "Text is compared after stripping spaces, ignoring case: bad matches BAD."),
+    positive: str = typer.Option(
+        ...,
+        "--positive",
+        help="Label value that counts as the positive class (e.g. bad). "
+        'A number (1) is compared as a number: 1, 1.0, "1" and true all match. '
+        "Text is compared after stripping spaces, ignoring case: bad matches BAD.",
+    ),
 ):
     """Draft the spec's data section from a table: only means, stds and category names.
 
     Warns when no row (or every row) matches --positive; refuses a column that mixes numbers and text.
     """
-    from . import data as tables
-    from . import spec as spec_module
+    from fedcli.bank import tables
+    from fedcli.protocol.spec import dumps
 
     with failures():
         df = tables.read_table(data)
@@ -132,7 +162,7 @@ def schema(
         _notes([f"{data.name} is separated by {tables.separator_name(df.attrs['separator'])}"])
     for w in warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
-    out.print(spec_module.dumps({"data": section}).decode(), highlight=False, markup=False)
+    out.print(dumps({"data": section}).decode(), highlight=False, markup=False)
 
 
 @app.command()
@@ -141,10 +171,12 @@ def init(
     spec: Path = typer.Option(..., "--spec", help="Spec template (TOML): model, data, training, federation."),
     key: Path = typer.Option(..., "--key", "-k", help="Coordinator private key."),
     member: list[Path] = typer.Option([], "--member", "-m", help="A member's .pub file; repeat per bank."),
-    federation_id: Optional[str] = typer.Option(None, "--id", help="Federation id (default: from the template, else random)."),
+    federation_id: str | None = typer.Option(
+        None, "--id", help="Federation id (default: from the template, else random)."
+    ),
 ):
     """Coordinator: sign the federation spec and publish round 0's global model."""
-    from .coordinator import init_federation
+    from fedcli.coordinator.federation import init_federation
 
     with failures():
         s = init_federation(_store(store), spec, key, member, federation_id)
@@ -166,7 +198,7 @@ def roster_table(spec) -> Table:
 
 def in_force_table(spec) -> Table:
     """What the signed spec puts in force, in plain words (init, train, spec show); protections that are off in yellow."""
-    from .spec import NO_DP, NO_SECAGG, summary
+    from fedcli.protocol.spec import NO_DP, NO_SECAGG, summary
 
     table = Table(title="in force", show_header=False)
     table.add_column("setting", style="bold")
@@ -183,9 +215,14 @@ def train(
     key: Path = typer.Option(..., "--key", "-k", help="This bank's private key."),
     data: Path = typer.Option(..., "--data", "-d", help="This bank's CSV or Parquet training table."),
     coordinator: Path = CoordOpt,
-    state: Optional[Path] = typer.Option(None, "--state", help="Bank state file (default: next to the key)."),
-    ledger: Optional[Path] = LedgerOpt,
-    max_epsilon: Optional[float] = typer.Option(None, "--max-epsilon", min=0.0, help="This bank's own privacy budget, if stricter than the spec's budget_epsilon."),
+    state: Path | None = typer.Option(None, "--state", help="Bank state file (default: next to the key)."),
+    ledger: Path | None = LedgerOpt,
+    max_epsilon: float | None = typer.Option(
+        None,
+        "--max-epsilon",
+        min=0.0,
+        help="This bank's own privacy budget, if stricter than the spec's budget_epsilon.",
+    ),
 ):
     """Bank: verify the latest global model, train locally and submit a signed update.
 
@@ -195,7 +232,7 @@ def train(
     update manifest under this bank's name that its key did not sign); 6 exporting would
     exceed this bank's privacy budget (nothing was exported).
     """
-    from .bank import train_round
+    from fedcli.bank.step import train_round
 
     with failures():
         res = train_round(_store(store), key, data, coordinator, state, err, ledger, max_epsilon)
@@ -211,8 +248,11 @@ def train(
     out.print(table)
     if res.privacy:
         p = res.privacy
-        out.print(f"privacy: {p['mode']}-level DP (noise multiplier {p['noise_multiplier']:.3g}); epsilon spent "
-                  f"{p['epsilon_after']:.3g} of budget {p['budget_epsilon']:g} at delta={p['delta']:g}", soft_wrap=True)
+        out.print(
+            f"privacy: {p['mode']}-level DP (noise multiplier {p['noise_multiplier']:.3g}); epsilon spent "
+            f"{p['epsilon_after']:.3g} of budget {p['budget_epsilon']:g} at delta={p['delta']:g}",
+            soft_wrap=True,
+        )
     out.print(res.message, soft_wrap=True)
 
 
@@ -225,7 +265,7 @@ def aggregate(
 
     Exit codes: 0 published, 3 waiting for quorum, 4 verification failure, 5 store error, 1 other error.
     """
-    from .coordinator import aggregate_round
+    from fedcli.coordinator.step import aggregate_round
 
     with failures():
         res = aggregate_round(_store(store), key, err)
@@ -242,11 +282,14 @@ def aggregate(
         table.add_row(escape(m), "[dim]missing[/]", "")
     out.print(table)
     for m, why in res.rejected.items():
-        err.print(f"[red]rejected[/] {escape(m)} ({why['reason']}): {escape(why['message'])}", highlight=False,
-                  soft_wrap=True)
+        err.print(
+            f"[red]rejected[/] {escape(m)} ({why['reason']}): {escape(why['message'])}", highlight=False, soft_wrap=True
+        )
     if res.published:
-        out.print(f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates ({res.how})",
-                  soft_wrap=True)
+        out.print(
+            f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates ({res.how})",
+            soft_wrap=True,
+        )
     else:
         out.print(f"[yellow]waiting:[/] {escape(res.waiting_reason)}", soft_wrap=True)
         raise typer.Exit(ExitCode.WAITING)
@@ -255,18 +298,27 @@ def aggregate(
 @app.command()
 def status(
     store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
-    coordinator: Optional[Path] = PinOpt,
+    coordinator: Path | None = PinOpt,
 ):
     """Rounds, who submitted, rejections and mean metrics (everything shown is signature-checked)."""
-    from .rounds import history
+    from fedcli.protocol.rounds import history
 
     with failures():
         pinned = _pinned(coordinator)
         spec, rows = history(_store(store), pinned)
     _unpinned_note(pinned)
-    table = Table(title=escape(f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}"))
-    for col, just in (("round", "right"), ("global", "left"), ("updates in", "right"), ("rows", "right"),
-                      ("mean auc before", "right"), ("mean loss", "right"), ("other", "left")):
+    table = Table(
+        title=escape(f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}")
+    )
+    for col, just in (
+        ("round", "right"),
+        ("global", "left"),
+        ("updates in", "right"),
+        ("rows", "right"),
+        ("mean auc before", "right"),
+        ("mean loss", "right"),
+        ("other", "left"),
+    ):
         table.add_column(col, justify=just)
     problems = Table(title="rejected or incomplete updates")
     for col in ("round", "member", "reason"):
@@ -293,11 +345,17 @@ def status(
         for m in row.pending:
             problems.add_row(str(row.round), escape(m), "tensors without manifest (upload in progress or crashed)")
         for name in row.unsigned:
-            problems.add_row(str(row.round), escape(name), "unsigned: no member signed this update manifest for this "
-                             "round (not counted; aggregate rejects it)")
+            problems.add_row(
+                str(row.round),
+                escape(name),
+                "unsigned: no member signed this update manifest for this round (not counted; aggregate rejects it)",
+            )
         if row.unverified:
-            problems.add_row(str(row.round), "[red](unverified)[/]",
-                             escape(f"rejections.json is not the coordinator's signed word, ignored: {row.unverified}"))
+            problems.add_row(
+                str(row.round),
+                "[red](unverified)[/]",
+                escape(f"rejections.json is not the coordinator's signed word, ignored: {row.unverified}"),
+            )
     out.print(table)
     if problems.row_count:
         out.print(problems)
@@ -305,43 +363,59 @@ def status(
 
 @app.command()
 def privacy(
-    key: Optional[Path] = typer.Option(None, "--key", "-k", help="This bank's private key (the ledger sits next to it)."),
-    ledger: Optional[Path] = LedgerOpt,
+    key: Path | None = typer.Option(None, "--key", "-k", help="This bank's private key (the ledger sits next to it)."),
+    ledger: Path | None = LedgerOpt,
 ):
     """Bank: show the privacy ledger, every DP release and the epsilon spent against the budget."""
-    from .bank import ledger_path_for
-    from .privacy import Ledger
+    from fedcli.bank.state import ledger_path_for
+    from fedcli.privacy.ledger import Ledger
 
     with failures():
         if ledger is None and key is None:
             raise FedcliError("give --key or --ledger")
         led = Ledger(ledger or ledger_path_for(key))
         entries, summary = led.entries(), led.summary()
-    table = Table(title=f"privacy ledger {led.path.name}",
-                  caption="z: noise multiplier, q: sample rate, ε: cumulative per mode")
+    table = Table(
+        title=f"privacy ledger {led.path.name}", caption="z: noise multiplier, q: sample rate, ε: cumulative per mode"
+    )
     for col in ("federation", "round", "mode", "z", "q", "steps", "clip", "ε after"):
         table.add_column(col, justify="left" if col in ("federation", "mode") else "right", no_wrap=True)
     for e in entries:
-        table.add_row(e["federation"], str(e["round"]), e["mode"], f"{e['noise_multiplier']:.4g}", f"{e['sample_rate']:.3g}",
-                      str(e["steps"]), f"{e['clip']:g}", f"{e['epsilon_after']:.4g}")
+        table.add_row(
+            e["federation"],
+            str(e["round"]),
+            e["mode"],
+            f"{e['noise_multiplier']:.4g}",
+            f"{e['sample_rate']:.3g}",
+            str(e["steps"]),
+            f"{e['clip']:g}",
+            f"{e['epsilon_after']:.4g}",
+        )
     out.print(table)
     if not entries:
         out.print("no DP release recorded yet")
     for s in summary:
         left = s["budget_epsilon"] - s["epsilon"]
-        out.print(f"{s['mode']}-level: epsilon {s['epsilon']:.4g} spent of budget {s['budget_epsilon']:g} at "
-                  f"delta={s['delta']:g} over {s['releases']} release(s); {max(left, 0):.4g} left", soft_wrap=True)
+        out.print(
+            f"{s['mode']}-level: epsilon {s['epsilon']:.4g} spent of budget {s['budget_epsilon']:g} at "
+            f"delta={s['delta']:g} over {s['releases']} release(s); {max(left, 0):.4g} left",
+            soft_wrap=True,
+        )
 
 
 @app.command()
 def report(
     store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
-    output: Path = typer.Option(Path("fedcli-report.html"), "--out", "-o",
-                                help="HTML page to write; the PNG goes next to it with the same name."),
-    coordinator: Optional[Path] = PinOpt,
+    output: Path = typer.Option(
+        Path("fedcli-report.html"),
+        "--out",
+        "-o",
+        help="HTML page to write; the PNG goes next to it with the same name.",
+    ),
+    coordinator: Path | None = PinOpt,
 ):
     """Plot each bank's loss, AUC and rows per round and the privacy budget spent: a PNG and an HTML page."""
-    from .report import write_report
+    from fedcli.report import write_report
 
     with failures():
         pinned = _pinned(coordinator)
@@ -369,10 +443,10 @@ def evaluate(
     store: str = StoreOpt,
     coordinator: Path = CoordOpt,
     data: Path = typer.Option(..., "--data", "-d", help="Labelled CSV or Parquet table."),
-    round_: Optional[int] = typer.Option(None, "--round", help="Round to evaluate (default: latest)."),
+    round_: int | None = typer.Option(None, "--round", help="Round to evaluate (default: latest)."),
 ):
     """Score a verified global model on a labelled table: AUC, PR-AUC, KS."""
-    from .inference import evaluate as run
+    from fedcli.bank.inference import evaluate as run
 
     with failures():
         r, n, metrics, notes = run(_store(store), coordinator, data, round_)
@@ -386,10 +460,10 @@ def predict(
     coordinator: Path = CoordOpt,
     data: Path = typer.Option(..., "--data", "-d", help="CSV or Parquet table to score."),
     output: Path = typer.Option(..., "--out", "-o", help="CSV to write: the input plus a score column."),
-    round_: Optional[int] = typer.Option(None, "--round", help="Round to use (default: latest)."),
+    round_: int | None = typer.Option(None, "--round", help="Round to use (default: latest)."),
 ):
     """Write the probability of the positive class for each row, from a verified global model."""
-    from .inference import predict as run
+    from fedcli.bank.inference import predict as run
 
     with failures():
         r, n, notes = run(_store(store), coordinator, data, output, round_)
@@ -400,7 +474,7 @@ def predict(
 @app.command("check-store")
 def check_store(store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix.")):
     """Check a store is reachable and refuses to overwrite on create-only writes (run once at setup)."""
-    from .store import check_create_only
+    from fedcli.store import check_create_only
 
     with failures():
         s = _store(store)
@@ -408,19 +482,26 @@ def check_store(store: str = typer.Argument(..., help="Shared folder or s3://buc
     out.print(f"[green]ok:[/] {s} is reachable, writable and honours create-only writes", soft_wrap=True)
 
 
-spec_app = typer.Typer(help="The federation spec: what every bank and the coordinator have agreed to.", no_args_is_help=True)
+spec_app = typer.Typer(
+    help="The federation spec: what every bank and the coordinator have agreed to.", no_args_is_help=True
+)
 app.add_typer(spec_app, name="spec")
 
 
 @spec_app.command("show")
 def spec_show(
     store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
-    coordinator: Optional[Path] = typer.Option(None, "--coordinator", "-c", help="Pinned coordinator public key (coordinator.pub); without it the spec is only checked against the key it names itself."),
+    coordinator: Path | None = typer.Option(
+        None,
+        "--coordinator",
+        "-c",
+        help="Pinned coordinator public key (coordinator.pub); without it the spec is only checked against the key it names itself.",
+    ),
 ):
     """Verify the store's spec and print every setting, what is in force and the member roster."""
-    from . import keys
-    from .rounds import load_spec
-    from .spec import settings
+    from fedcli import keys
+    from fedcli.protocol.rounds import load_spec
+    from fedcli.protocol.spec import settings
 
     with failures():
         pinned = keys.load_public(coordinator) if coordinator is not None else None
@@ -435,8 +516,11 @@ def spec_show(
     out.print(in_force_table(spec))
     out.print(roster_table(spec))
     if pinned is None:
-        out.print("[yellow]signature checked against the key named in the spec itself (not pinned)[/]: "
-                  "pass --coordinator coordinator.pub to check it is the coordinator you expect", soft_wrap=True)
+        out.print(
+            "[yellow]signature checked against the key named in the spec itself (not pinned)[/]: "
+            "pass --coordinator coordinator.pub to check it is the coordinator you expect",
+            soft_wrap=True,
+        )
     else:
         out.print(f"[green]signature verified[/] with the pinned coordinator key {pinned.fingerprint}", soft_wrap=True)
 
@@ -461,11 +545,13 @@ def _bundle_table(res, verb: str) -> None:
 @bundle_app.command("export")
 def bundle_export(
     store: str = StoreOpt,
-    key: Path = typer.Option(..., "--key", "-k", help="Your private key: the coordinator's exports the global model, a bank's its update."),
+    key: Path = typer.Option(
+        ..., "--key", "-k", help="Your private key: the coordinator's exports the global model, a bank's its update."
+    ),
     output: Path = typer.Option(..., "--out", "-o", help="Bundle file to write (e.g. on removable media)."),
 ):
     """Pack what must cross the air gap: coordinator -> the latest global model; bank -> its update."""
-    from .bundle import export_bundle
+    from fedcli.store.bundle import export_bundle
 
     with failures():
         res = export_bundle(_store(store), key, output)
@@ -476,10 +562,12 @@ def bundle_export(
 def bundle_import(
     bundle: Path = typer.Argument(..., help="Bundle file made by `fedcli bundle export`."),
     store: str = StoreOpt,
-    coordinator: Optional[Path] = typer.Option(None, "--coordinator", "-c", help="Pinned coordinator public key (banks; required for an empty store)."),
+    coordinator: Path | None = typer.Option(
+        None, "--coordinator", "-c", help="Pinned coordinator public key (banks; required for an empty store)."
+    ),
 ):
     """Verify a bundle's signature and hashes, then write its files; importing twice changes nothing."""
-    from .bundle import import_bundle
+    from fedcli.store.bundle import import_bundle
 
     with failures():
         res = import_bundle(_store(store), bundle, coordinator)

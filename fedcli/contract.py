@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from .errors import ContractError, FedcliError, InputError
+from fedcli.errors import ContractError, FedcliError, InputError
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -42,17 +42,25 @@ def nesting_depth(data: bytes, strings: re.Pattern = _JSON_STRINGS) -> int:
     return int(np.cumsum(step).max()) if step.size else 0
 
 
-def check_depth(data: bytes, what: str, max_depth: int = MAX_DEPTH, error: type[FedcliError] = ContractError,
-                strings: re.Pattern = _JSON_STRINGS) -> None:
+def check_depth(
+    data: bytes,
+    what: str,
+    max_depth: int = MAX_DEPTH,
+    error: type[FedcliError] = ContractError,
+    strings: re.Pattern = _JSON_STRINGS,
+) -> None:
     depth = nesting_depth(data, strings)
     if depth > max_depth:
-        raise error(f"{what} nests {depth} levels deep (at most {max_depth}); refused before parsing", reason="too-deep")
+        raise error(
+            f"{what} nests {depth} levels deep (at most {max_depth}); refused before parsing", reason="too-deep"
+        )
 
 
 def check_size(size: int, max_bytes: int, what: str, error: type[FedcliError] = ContractError) -> None:
     if size > max_bytes:
-        raise error(f"{what} is {size:,} bytes, more than the {max_bytes:,} allowed; refused before reading",
-                    reason="oversize")
+        raise error(
+            f"{what} is {size:,} bytes, more than the {max_bytes:,} allowed; refused before reading", reason="oversize"
+        )
 
 
 def load_json(data: bytes, what: str, max_bytes: int, error: type[FedcliError] = ContractError) -> Any:

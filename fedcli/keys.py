@@ -20,9 +20,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import secagg
-from .errors import FedcliError, InputError, VerificationError
-from .names import check_name
+from fedcli.errors import FedcliError, InputError, VerificationError
+from fedcli.names import check_name
+from fedcli.secagg import masking
 
 PASSPHRASE_ENV = "FEDCLI_PASSPHRASE"
 # Domain separation: a signature over one kind of document never verifies as another.
@@ -71,7 +71,7 @@ class PublicIdentity:
         """The enrolled X25519 public key (secure aggregation)."""
         if not self.x25519:
             raise FedcliError(f"{self.name} has no X25519 key enrolled (needed for secure aggregation)")
-        return secagg.public_from_text(self.x25519)
+        return masking.public_from_text(self.x25519)
 
 
 def x25519_path_for(key_path: Path) -> Path:
@@ -95,17 +95,13 @@ def generate(name: str, out_dir: Path, passphrase: str | None = None) -> tuple[P
         if p.exists():
             raise FedcliError(f"{p} already exists; refusing to overwrite a key (move it away first)")
     private = Ed25519PrivateKey.generate()
-    enc = (
-        serialization.BestAvailableEncryption(passphrase.encode())
-        if passphrase
-        else serialization.NoEncryption()
-    )
+    enc = serialization.BestAvailableEncryption(passphrase.encode()) if passphrase else serialization.NoEncryption()
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
     _write_private(key_path, pem)
-    mask = secagg.generate_key()
-    _write_private(mask_path, secagg.private_to_pem(mask, passphrase.encode() if passphrase else None))
+    mask = masking.generate_key()
+    _write_private(mask_path, masking.private_to_pem(mask, passphrase.encode() if passphrase else None))
     raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    ident = PublicIdentity(name=name, ed25519=b64(raw), x25519=secagg.public_to_text(mask))
+    ident = PublicIdentity(name=name, ed25519=b64(raw), x25519=masking.public_to_text(mask))
     pub_path.write_text(
         f'# fedcli public key. Fingerprint: {ident.fingerprint}\nname = "{name}"\ned25519 = "{ident.ed25519}"\n'
         f'x25519 = "{ident.x25519}"\n'
@@ -134,7 +130,7 @@ def _warn(message: str) -> None:
 
 def read_private_pem(path: Path) -> bytes:
     """A private key file's bytes, refused when others may read it or it is not a key file."""
-    from .localdocs import read_bounded
+    from fedcli.files import read_bounded
 
     path = Path(path)
     pem = read_bounded(path, MAX_PRIVATE_KEY_BYTES, "private key")
@@ -162,9 +158,7 @@ def _load_pem(path: Path, pem: bytes, passphrase: str | None, loader, prompt_for
     except ValueError:
         raise InputError(f"{path} is not a valid key, or the passphrase is wrong") from None
     if not _interactive():
-        raise InputError(
-            f"{path} is passphrase-protected: set {PASSPHRASE_ENV} or run from a terminal to be prompted"
-        )
+        raise InputError(f"{path} is passphrase-protected: set {PASSPHRASE_ENV} or run from a terminal to be prompted")
     import typer
 
     passphrase = typer.prompt(f"Passphrase for {path.name}", hide_input=True, err=True)
@@ -192,7 +186,7 @@ def load_private(path: Path, passphrase: str | None = None) -> tuple[Ed25519Priv
 
 def _x25519_loader(pem: bytes, password: bytes | None):
     try:
-        return secagg.private_from_pem(pem, password)
+        return masking.private_from_pem(pem, password)
     except FedcliError as e:  # keep the key-loading errors apart: missing vs wrong passphrase
         text = str(e)
         if "not given" in text or "not encrypted" in text:
@@ -222,8 +216,9 @@ def read_toml(path: Path, what: str) -> dict:
 
 def load_public(path: Path) -> PublicIdentity:
     """Read NAME.pub: a typed document (name, ed25519, x25519); a private key given here is named as such."""
-    from .contract import load_toml, validate
-    from .localdocs import MAX_PUBLIC_KEY_BYTES, PublicKeyFile, read_bounded
+    from fedcli.contract import load_toml, validate
+    from fedcli.files import read_bounded
+    from fedcli.localdocs import MAX_PUBLIC_KEY_BYTES, PublicKeyFile
 
     path = Path(path)
     data = read_bounded(path, MAX_PUBLIC_KEY_BYTES, "public key file")
@@ -231,8 +226,12 @@ def load_public(path: Path) -> PublicIdentity:
         raise InputError(f"public key file {path} does not exist")
     if b"PRIVATE KEY-----" in data:
         raise InputError(f"{path.name} is a private key; pass the public key file {path.with_suffix('.pub').name}")
-    doc = validate(PublicKeyFile, load_toml(data, f"public key file {path}", MAX_PUBLIC_KEY_BYTES),
-                   f"public key file {path}", error=InputError)
+    doc = validate(
+        PublicKeyFile,
+        load_toml(data, f"public key file {path}", MAX_PUBLIC_KEY_BYTES),
+        f"public key file {path}",
+        error=InputError,
+    )
     ident = PublicIdentity(name=doc.name, ed25519=doc.ed25519, x25519=doc.x25519)
     ident.key()  # validates length and encoding
     if ident.x25519:
@@ -262,8 +261,8 @@ def verify_manifest(data: bytes, signer: PublicIdentity, what: str) -> dict:
     Order: size bound, depth bound, parse (contract.load_json), then the signature over the
     canonical form; the caller validates the result into its class (fedcli.documents).
     """
-    from .contract import load_json
-    from .errors import ContractError
+    from fedcli.contract import load_json
+    from fedcli.errors import ContractError
 
     doc = load_json(data, what, MAX_MANIFEST_BYTES)
     if not isinstance(doc, dict) or not isinstance(doc.get("signature"), str):
@@ -287,7 +286,9 @@ def sign_bytes(key: Ed25519PrivateKey, data: bytes, domain: bytes = SPEC_DOMAIN)
     return b64(key.sign(domain + data))
 
 
-def verify_bytes(data: bytes, signature_b64: str, signer: PublicIdentity, what: str, domain: bytes = SPEC_DOMAIN) -> None:
+def verify_bytes(
+    data: bytes, signature_b64: str, signer: PublicIdentity, what: str, domain: bytes = SPEC_DOMAIN
+) -> None:
     try:
         signer.key().verify(unb64(signature_b64.strip(), f"{what} signature"), domain + data)
     except (InvalidSignature, ValueError, FedcliError):

@@ -8,16 +8,12 @@ pydantic is imported only when one of these files is read or written.
 
 from __future__ import annotations
 
-import os
-import stat
-import tempfile
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from .contract import strict_config
-from .names import check_name
+from fedcli.contract import strict_config
+from fedcli.names import check_name
 
 Name = Annotated[str, AfterValidator(check_name)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -76,47 +72,3 @@ class LedgerFile(BaseModel):
     version: Literal[1]
     accountant: Literal["rdp"]
     entries: Annotated[list[LedgerEntry], Field(max_length=1_000_000)]
-
-
-def write_atomic(path: Path, data: bytes, prefix: str) -> None:
-    """Temp file, fsync, rename, fsync the folder: a crash leaves the old file or the new one, whole."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def read_bounded(path: Path, max_bytes: int, what: str, error=None) -> bytes | None:
-    """A local file's bytes, refused before reading when larger than max_bytes; None if it is absent."""
-    from .contract import check_size
-    from .errors import InputError
-
-    error = error or InputError
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise error(f"{what} {path} is not a regular file")
-            check_size(st.st_size, max_bytes, f"{what} {path}", error)
-            data = f.read(max_bytes + 1)
-        check_size(len(data), max_bytes, f"{what} {path}", error)
-        return data
-    except FileNotFoundError:
-        return None
-    except IsADirectoryError:
-        raise error(f"{what} {path} is a folder, not a file") from None
-    except OSError as e:
-        raise error(f"cannot read {what} {path}: {e.strerror}") from None

@@ -3,7 +3,7 @@
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from .errors import FedcliError
+from fedcli.errors import FedcliError
 
 
 def score(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -13,8 +13,11 @@ def score(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     here, so a NaN never reaches a manifest or a table.
     """
     if not np.all(np.isfinite(p)):
-        raise FedcliError(f"the model's scores are not finite ({int(np.sum(~np.isfinite(p)))} of {len(p)} rows): "
-                          "its weights overflowed", reason="not-finite")
+        raise FedcliError(
+            f"the model's scores are not finite ({int(np.sum(~np.isfinite(p)))} of {len(p)} rows): "
+            "its weights overflowed",
+            reason="not-finite",
+        )
     if len(np.unique(y)) < 2:
         return {"auc": float("nan"), "pr_auc": float("nan"), "ks": float("nan")}
     fpr, tpr, _ = roc_curve(y, p)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .spec import ModelSpec
+from fedcli.protocol.spec import ModelSpec
 
 if TYPE_CHECKING:
     from torch import nn

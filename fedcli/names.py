@@ -7,7 +7,7 @@ match: `$` would also accept a trailing newline.
 
 import re
 
-from .errors import FedcliError
+from fedcli.errors import FedcliError
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -15,10 +15,18 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import rounds as R
-from .errors import FedcliError
-from .keys import PublicIdentity, verify_manifest
-from .store import Store
+from fedcli.errors import FedcliError
+from fedcli.keys import PublicIdentity, verify_manifest
+from fedcli.protocol.rounds import (
+    global_manifest,
+    global_rounds,
+    load_rejections,
+    load_spec,
+    read_manifest,
+    submitted_members,
+    update_keys,
+)
+from fedcli.store import Store
 
 METRICS = ("loss", "auc_before", "auc_after")
 
@@ -60,7 +68,7 @@ def _epsilons(entries: list[Entry], delta: float) -> None:
     released so far, in round order: the same composition its local ledger makes.
     """
     try:
-        from . import privacy
+        from fedcli.privacy import accounting
     except ImportError:
         return
     released: dict[str, list] = {}
@@ -68,37 +76,37 @@ def _epsilons(entries: list[Entry], delta: float) -> None:
         if e.dp is None or e.status == "invalid":
             continue
         try:
-            released.setdefault(e.member, []).append(privacy.Mechanism.from_dict(e.dp))
+            released.setdefault(e.member, []).append(accounting.Mechanism.from_dict(e.dp))
             if e.epsilon is None:
-                e.epsilon = privacy.epsilon(released[e.member], _number(e.dp.get("delta")) or delta)
+                e.epsilon = accounting.epsilon(released[e.member], _number(e.dp.get("delta")) or delta)
         except (FedcliError, ImportError, ValueError, TypeError):
             return
 
 
 def collect(store: Store, pinned: PublicIdentity | None = None) -> Report:
     """Read every round's update manifests and what the coordinator decided about them."""
-    from .contract import validate
-    from .documents import UpdateManifest
+    from fedcli.contract import validate
+    from fedcli.protocol.documents import UpdateManifest
 
-    spec, spec_sha = R.load_spec(store, pinned)
-    published = R.global_rounds(store)
+    spec, spec_sha = load_spec(store, pinned)
+    published = global_rounds(store)
     last = published[-1] if published else 0
     used = set()  # (round the update was made for, member): async rounds may fold in older updates
     for g_round in published:
-        g = R.global_manifest(store, spec, spec_sha, g_round)
+        g = global_manifest(store, spec, spec_sha, g_round)
         used |= {(c.get("update_round", g_round), c["member"]) for c in g["contributors"]}
     entries = []
     for r in range(1, last + 2):
-        found = R.load_rejections(store, spec, r)
+        found = load_rejections(store, spec, r)
         rejected = found.entries if found and found.verified else {}
-        committed, _ = R.submitted_members(store, r)
+        committed, _ = submitted_members(store, r)
         for member in committed:
             status = "accepted" if (r, member) in used else "rejected" if member in rejected else "submitted"
             signer, what = spec.member(member), f"update from {member} in round {r}"
             try:
                 if signer is None:
                     raise FedcliError(f"{member} is not an enrolled member")
-                m = verify_manifest(R.read_manifest(store, R.update_keys(r, member)[1], what), signer, what)
+                m = verify_manifest(read_manifest(store, update_keys(r, member)[1], what), signer, what)
                 m = validate(UpdateManifest, m, what)
             except FedcliError as e:
                 entries.append(Entry(r, member, "invalid", note=str(e)))
@@ -116,8 +124,15 @@ def collect(store: Store, pinned: PublicIdentity | None = None) -> Report:
     has_dp, has_eps = any(e.dp is not None for e in entries), any(e.epsilon is not None for e in entries)
     note = "" if has_eps else ("DP recorded, but no epsilon could be computed here" if has_dp else "no DP recorded")
     rounds = sorted({e.round for e in entries})
-    return Report(spec.federation_id, [m.name for m in spec.members], rounds, entries, published,
-                  _number(privacy.get("budget_epsilon")), note)
+    return Report(
+        spec.federation_id,
+        [m.name for m in spec.members],
+        rounds,
+        entries,
+        published,
+        _number(privacy.get("budget_epsilon")),
+        note,
+    )
 
 
 def plot(rep: Report) -> bytes:
@@ -131,8 +146,11 @@ def plot(rep: Report) -> bytes:
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(rep.members)}
     good = [e for e in rep.entries if e.status != "invalid"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=110)
-    fig.suptitle(f"federation {rep.federation_id}: {len(rep.published) - 1 if rep.published else 0} rounds "
-                 f"published, {len(rep.members)} banks", fontsize=14)
+    fig.suptitle(
+        f"federation {rep.federation_id}: {len(rep.published) - 1 if rep.published else 0} rounds "
+        f"published, {len(rep.members)} banks",
+        fontsize=14,
+    )
     (ax_auc, ax_loss), (ax_rows, ax_eps) = axes
 
     def series(member, key):
@@ -146,8 +164,9 @@ def plot(rep: Report) -> bytes:
         ax_auc.plot(x, y, "o--", color=colors[m], alpha=0.45, markersize=3)
         x, y = series(m, "loss")
         ax_loss.plot(x, y, "o-", color=colors[m], label=m)
-    ax_auc.set_title("local AUC per bank\n(solid: after local training; dashed: the global model it started from)",
-                     fontsize=11)
+    ax_auc.set_title(
+        "local AUC per bank\n(solid: after local training; dashed: the global model it started from)", fontsize=11
+    )
     ax_auc.set_ylabel("ROC AUC on the bank's own rows")
     ax_loss.set_title("local training loss (last epoch)")
     ax_loss.set_ylabel("binary cross-entropy")
@@ -158,8 +177,13 @@ def plot(rep: Report) -> bytes:
         pts = [(e.round, e.rows) for e in good if e.member == m and e.rows is not None]
         if pts:
             any_rows = True
-            ax_rows.bar([r + (i - (len(rep.members) - 1) / 2) * width for r, _ in pts], [n for _, n in pts],
-                        width=width, color=colors[m], label=m)
+            ax_rows.bar(
+                [r + (i - (len(rep.members) - 1) / 2) * width for r, _ in pts],
+                [n for _, n in pts],
+                width=width,
+                color=colors[m],
+                label=m,
+            )
     ax_rows.set_title("rows each bank trained on")
     ax_rows.set_ylabel("rows")
     if not any_rows:
@@ -190,8 +214,16 @@ def plot(rep: Report) -> bytes:
         for r in rep.rounds:
             if r not in rep.published:  # still collecting updates: numbers may change
                 ax.axvspan(r - 0.5, r + 0.5, color="0.92", zorder=0)
-                ax.text(r, 0.98, "open round", transform=ax.get_xaxis_transform(), ha="center", va="top",
-                        fontsize=8, color="0.35")
+                ax.text(
+                    r,
+                    0.98,
+                    "open round",
+                    transform=ax.get_xaxis_transform(),
+                    ha="center",
+                    va="top",
+                    fontsize=8,
+                    color="0.35",
+                )
     if not good:
         _say(ax_auc, "no verified updates on the store yet")
     else:
@@ -222,13 +254,29 @@ def page(rep: Report, png: bytes) -> str:
     rows = []
     for e in sorted(rep.entries, key=lambda e: (e.round, e.member)):
         rows.append(
-            "<tr>" + "".join(f"<td>{c}</td>" for c in (
-                e.round, html.escape(e.member), f'<span class="{e.status}">{e.status}</span>', _cell(e.rows, "{:d}"),
-                _cell(e.metrics.get("loss")), _cell(e.metrics.get("auc_before")), _cell(e.metrics.get("auc_after")),
-                _cell(e.epsilon, "{:.3f}"), html.escape(e.note))) + "</tr>")
-    privacy = (f"Privacy: {html.escape(rep.dp_note)}." if rep.dp_note else
-               "Privacy: ε is the cumulative budget each bank had spent after that round"
-               + (f" (budget ε={rep.budget:g})." if rep.budget is not None else "."))
+            "<tr>"
+            + "".join(
+                f"<td>{c}</td>"
+                for c in (
+                    e.round,
+                    html.escape(e.member),
+                    f'<span class="{e.status}">{e.status}</span>',
+                    _cell(e.rows, "{:d}"),
+                    _cell(e.metrics.get("loss")),
+                    _cell(e.metrics.get("auc_before")),
+                    _cell(e.metrics.get("auc_after")),
+                    _cell(e.epsilon, "{:.3f}"),
+                    html.escape(e.note),
+                )
+            )
+            + "</tr>"
+        )
+    privacy = (
+        f"Privacy: {html.escape(rep.dp_note)}."
+        if rep.dp_note
+        else "Privacy: ε is the cumulative budget each bank had spent after that round"
+        + (f" (budget ε={rep.budget:g})." if rep.budget is not None else ".")
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>fedcli report: {html.escape(rep.federation_id)}</title>

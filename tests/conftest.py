@@ -11,11 +11,12 @@ from typer.testing import CliRunner
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from fedcli.cli import app  # noqa: E402
-from fedcli.store.folder import FolderStore  # noqa: E402
-from fedcli.store.retry import RetryPolicy  # noqa: E402
-from fedcli.store.s3 import S3Store  # noqa: E402
 from s3server import moto_server, seaweed_server, weed_binary  # noqa: E402
+
+from fedcli.cli import app
+from fedcli.store.folder import FolderStore
+from fedcli.store.retry import RetryPolicy
+from fedcli.store.s3 import S3Store
 
 BANKS = ("bank-a", "bank-b", "bank-c", "bank-d")
 
@@ -54,8 +55,18 @@ class Fed:
         return res
 
     def train(self, bank: str, code: int | None = 0, data: Path | None = None):
-        return self.cli("train", "--store", self.loc, "--key", self.key(bank), "--data",
-                        data or self.data / f"{bank}.csv", "--coordinator", self.pub("coordinator"), code=code)
+        return self.cli(
+            "train",
+            "--store",
+            self.loc,
+            "--key",
+            self.key(bank),
+            "--data",
+            data or self.data / f"{bank}.csv",
+            "--coordinator",
+            self.pub("coordinator"),
+            code=code,
+        )
 
     def aggregate(self, code: int | None = 0):
         return self.cli("aggregate", "--store", self.loc, "--key", self.key("coordinator"), code=code)
@@ -79,14 +90,22 @@ def make_fed(root: Path, credit_split: Path, spec_text: str | None = None, banks
         fed.cli("keygen", b, "--out", root / b)
     template = root / "federation.toml"
     template.write_text(spec_text or (ROOT / "examples" / "federation.toml").read_text())
-    fed.cli("init", fed.loc, "--spec", template, "--key", fed.key("coordinator"),
-            *[x for b in banks for x in ("--member", fed.pub(b))])
+    fed.cli(
+        "init",
+        fed.loc,
+        "--spec",
+        template,
+        "--key",
+        fed.key("coordinator"),
+        *[x for b in banks for x in ("--member", fed.pub(b))],
+    )
     return fed
 
 
 @pytest.fixture
 def fed(tmp_path, credit_split) -> Fed:
     return make_fed(tmp_path, credit_split)
+
 
 # Tests must not wait seconds on purpose-made failures: tiny, still bounded back-off.
 FAST_RETRY = RetryPolicy(attempts=3, base=0.01, cap=0.05)

@@ -12,16 +12,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import BANKS, ROOT, make_fed
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file
 from test_rejections import forge
 
-from fedcli import keys
-from fedcli import tensors as T
-from fedcli.data import parse_labels, prepare, read_table
+from fedcli import digest, keys
+from fedcli.bank.tables import parse_labels, prepare, read_table
 from fedcli.errors import ExitCode, FedcliError
-from fedcli.spec import CategoricalFeature, DataSpec, NumericFeature
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from fedcli.protocol import tensors
+from fedcli.protocol.spec import CategoricalFeature, DataSpec, NumericFeature
 
 TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
 DP = TEMPLATE + '\n[privacy]\nmode = "update"\nclip = 0.5\nnoise_multiplier = 1.0\nbudget_epsilon = 50\n'
@@ -73,8 +73,12 @@ def test_labels_are_parsed_with_their_type(tmp_path, credit_split):
     shouted = b.assign(Status=b.Status.map({"bad": " BAD ", "good": "Good"}))
     shouted.to_csv(tmp_path / "shouted.csv", index=False)
     text.train("bank-b", data=tmp_path / "shouted.csv")
-    mixed = b.assign(Status=[("1" if s == "bad" else "0") if i % 2 else ("True" if s == "bad" else "false")
-                             for i, s in enumerate(b.Status)])
+    mixed = b.assign(
+        Status=[
+            ("1" if s == "bad" else "0") if i % 2 else ("True" if s == "bad" else "false")
+            for i, s in enumerate(b.Status)
+        ]
+    )
     mixed.to_csv(tmp_path / "mixed.csv", index=False)
     numeric.train("bank-b", data=tmp_path / "mixed.csv")
     assert update_sha(text, "bank-b") == update_sha(numeric, "bank-b")
@@ -100,15 +104,23 @@ def test_tables_that_cannot_train_are_refused_before_anything_is_written(tmp_pat
     infinite.loc[3, "Debt"] = np.inf
     cases = {
         "one-row": (a.head(1), "has 1 usable row: at least 2 are needed"),
-        "all-bad": (a[a.Status == "bad"], "every row of all-bad.csv has Status == 'bad' (compared as text, ignoring "
-                                          "case and spaces): both classes are needed"),
+        "all-bad": (
+            a[a.Status == "bad"],
+            "every row of all-bad.csv has Status == 'bad' (compared as text, ignoring "
+            "case and spaces): both classes are needed",
+        ),
         "all-good": (a[a.Status == "good"], "no row of all-good.csv has Status == 'bad'"),
-        "no-match": (a.assign(Status=a.Status.map({"bad": "1", "good": "0"})),
-                     "no row of no-match.csv has Status == 'bad' (compared as text, ignoring case and spaces); "
-                     "values seen: 0, 1"),
+        "no-match": (
+            a.assign(Status=a.Status.map({"bad": "1", "good": "0"})),
+            "no row of no-match.csv has Status == 'bad' (compared as text, ignoring case and spaces); "
+            "values seen: 0, 1",
+        ),
         "no-target": (a.assign(Status=None), "has no usable rows"),
-        "huge": (huge, "column Income has 1 value(s) more than 1,000,000 standard deviations from the spec's mean "
-                       "(e.g. 1e+39 in data row 8)"),
+        "huge": (
+            huge,
+            "column Income has 1 value(s) more than 1,000,000 standard deviations from the spec's mean "
+            "(e.g. 1e+39 in data row 8)",
+        ),
         "infinite": (infinite, "column Debt has 1 value(s) more than 1,000,000 standard deviations"),
     }
     for name, (df, message) in cases.items():
@@ -124,19 +136,22 @@ def _replace_global(fed, value: float) -> None:
     """The coordinator (its real key) publishes a round-0 model with absurd but finite weights."""
     gdir = fed.store / "rounds/000000"
     weights = load_file(gdir / "global.safetensors")
-    data = T.encode({k: np.full(v.shape, value, np.float32) for k, v in weights.items()})
+    data = tensors.encode({k: np.full(v.shape, value, np.float32) for k, v in weights.items()})
     (gdir / "global.safetensors").write_bytes(data)
     manifest = json.loads((gdir / "global.json").read_text())
     manifest.pop("signature")
-    manifest["tensors_sha256"] = T.sha256(data)
+    manifest["tensors_sha256"] = digest.sha256(data)
     private, _ = keys.load_private(fed.key("coordinator"))
     (gdir / "global.json").write_bytes(keys.sign_manifest(private, manifest))
 
 
-@pytest.mark.parametrize("value, message", [
-    (3e36, "training produced non-finite loss on bank-a.csv: nothing was submitted"),  # loss overflows
-    (3e38, "the global model's scores on bank-a.csv are not finite"),  # the logits overflow: inf - inf = NaN
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (3e36, "training produced non-finite loss on bank-a.csv: nothing was submitted"),  # loss overflows
+        (3e38, "the global model's scores on bank-a.csv are not finite"),  # the logits overflow: inf - inf = NaN
+    ],
+)
 def test_non_finite_loss_or_metrics_never_reach_the_store(tmp_path, credit_split, value, message):
     fed = make_fed(tmp_path, credit_split, DP, banks=BANKS[:3])
     _replace_global(fed, value)
@@ -151,8 +166,10 @@ def test_planted_manifest_is_not_already_submitted(fed):
     (upd / "bank-a.json").write_text('{"kind": "update", "round": 1, "member": "bank-a", "signature": "AAAA"}')
     res = fed.train("bank-a", code=ExitCode.VERIFY)
     line = one_line(res)
-    assert ("an update manifest for bank-a that this key did not sign sits at rounds/000001/updates/bank-a.json; "
-            "ask the coordinator to remove it") in line
+    assert (
+        "an update manifest for bank-a that this key did not sign sits at rounds/000001/updates/bank-a.json; "
+        "ask the coordinator to remove it"
+    ) in line
     (upd / "bank-a.json").write_bytes(b"\x00garbage" + b"[" * 5000)
     assert "this key did not sign" in one_line(fed.train("bank-a", code=ExitCode.VERIFY))
     (upd / "bank-a.json").unlink()
@@ -188,8 +205,9 @@ def test_separators_spreadsheets_and_encodings(tmp_path, credit_split, fed):
     assert "separated by tabs" in fed.train("bank-b", data=tmp_path / "tabs.txt").output
 
     (tmp_path / "book.xlsx").write_bytes(b"PK\x03\x04" + b"\0" * 100)
-    assert "book.xlsx: Excel files are not read: export the sheet as CSV" in refused(fed, tmp_path / "book.xlsx",
-                                                                                     bank="bank-c")
+    assert "book.xlsx: Excel files are not read: export the sheet as CSV" in refused(
+        fed, tmp_path / "book.xlsx", bank="bank-c"
+    )
     (tmp_path / "renamed.csv").write_bytes(b"PK\x03\x04" + b"\0" * 100)
     assert "Excel files are not read" in refused(fed, tmp_path / "renamed.csv", bank="bank-c")
     (tmp_path / "rows.json").write_text("[]")
@@ -212,7 +230,10 @@ def test_notes_are_summarised_once_and_what_is_in_force_is_shown(tmp_path, credi
     res = fed.train("bank-a", data=tmp_path / "messy.csv")
     notes = [ln for ln in res.output.splitlines() if ln.startswith("note:")]
     assert len(notes) == 2, res.output
-    assert "filled with the spec's mean: Income 120" in notes[0] and "text counted as missing: Income (e.g. 'unknown')" in notes[0]
+    assert (
+        "filled with the spec's mean: Income 120" in notes[0]
+        and "text counted as missing: Income (e.g. 'unknown')" in notes[0]
+    )
     assert notes[1].startswith("note: unknown category -> all-zero one-hot: Home 2 rows, Job ")
     assert "in force:" in res.output and "update-level" in res.output and "secure aggregation: off" in res.output
 
@@ -220,9 +241,12 @@ def test_notes_are_summarised_once_and_what_is_in_force_is_shown(tmp_path, credi
 def test_corrupt_state_and_ledger_are_refused_with_their_path(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split, DP, banks=BANKS[:3])
     state = fed.key("bank-a").with_suffix(".state.json")
-    for text, why in (("{not json", "not valid JSON"), ('{"last_round": 1, "typo": 2}', "unknown key 'typo'"),
-                      ('{"last_round": "1"}', "'last_round' input should be a valid integer"),
-                      ("[" * 3000, "nests 3000 levels deep")):
+    for text, why in (
+        ("{not json", "not valid JSON"),
+        ('{"last_round": 1, "typo": 2}', "unknown key 'typo'"),
+        ('{"last_round": "1"}', "'last_round' input should be a valid integer"),
+        ("[" * 3000, "nests 3000 levels deep"),
+    ):
         state.write_text(text)
         line = one_line(fed.train("bank-a", code=1))
         assert str(state) in line and why in line and line.endswith("restore it from backup")
@@ -244,8 +268,10 @@ def test_schema_warns_and_refuses_mixed_columns(tmp_path, credit_split, fed):
     assert "warning" not in res.output and 'positive = "BAD"' in res.output
     res = fed.cli("schema", credit_split / "bank-a.csv", "--target", "Status", "--positive", "yes")
     warning = [ln for ln in res.output.splitlines() if ln.startswith("warning:")]
-    assert warning == ["warning: no row has Status == 'yes' (compared as text, ignoring case and spaces); "
-                       "values seen: good, bad. Check --positive."]
+    assert warning == [
+        "warning: no row has Status == 'yes' (compared as text, ignoring case and spaces); "
+        "values seen: good, bad. Check --positive."
+    ]
     a = table(credit_split).astype({"Income": object})
     a.loc[:2, "Income"] = "12,5"  # a decimal comma
     a.to_csv(tmp_path / "mixed.csv", sep=";", index=False)
@@ -256,12 +282,13 @@ def test_schema_warns_and_refuses_mixed_columns(tmp_path, credit_split, fed):
     assert "column Income mixes numbers" in line and "and text (3 rows, e.g. '12,5')" in line
     res = fed.cli("schema", "--help")
     words = " ".join(res.output.replace("│", " ").split())
-    assert "is compared as a number: 1, 1.0, \"1\" and true all match" in words and "ignoring case" in words
+    assert 'is compared as a number: 1, 1.0, "1" and true all match' in words and "ignoring case" in words
 
 
 def test_damaged_residual_is_refused_before_anything_is_written(tmp_path, credit_split):
-    fed = make_fed(tmp_path, credit_split, TEMPLATE + '\n[strategy.compression]\nmethod = "topk"\nratio = 0.1\n',
-                   banks=BANKS[:3])
+    fed = make_fed(
+        tmp_path, credit_split, TEMPLATE + '\n[strategy.compression]\nmethod = "topk"\nratio = 0.1\n', banks=BANKS[:3]
+    )
     for b in BANKS[:3]:
         fed.train(b)
     residual = fed.key("bank-a").with_suffix(".state.residual.safetensors")
@@ -269,9 +296,14 @@ def test_damaged_residual_is_refused_before_anything_is_written(tmp_path, credit
     fed.aggregate()
     good = residual.read_bytes()
     state = fed.key("bank-a").with_suffix(".state.json").read_bytes()
-    for damage, why in ((good[:-3], "offsets do not match"), (b"\xff" * 64, "header length"),
-                        (T.encode({"0.weight": np.full((1, 26), np.nan, np.float32), "0.bias": np.zeros(1, np.float32)}),
-                         "NaN or infinite")):
+    for damage, why in (
+        (good[:-3], "offsets do not match"),
+        (b"\xff" * 64, "header length"),
+        (
+            tensors.encode({"0.weight": np.full((1, 26), np.nan, np.float32), "0.bias": np.zeros(1, np.float32)}),
+            "NaN or infinite",
+        ),
+    ):
         residual.write_bytes(damage)
         before = snapshot(fed)
         line = one_line(fed.train("bank-a", code=1))
@@ -302,10 +334,20 @@ def test_evaluate_and_predict_read_tables_the_same_way(tmp_path, credit_split, f
 # --------------------------------------------------------------------------- property-based: any table
 
 
-_CELL = st.one_of(st.none(), st.floats(), st.integers(-10**30, 10**30), st.booleans(), st.text(max_size=5),
-                  st.sampled_from(["bad", "good", " BAD", "1", "1.0", "0", "true", "a", "b"]))
-_SPEC = DataSpec(target="y", positive="bad", numeric=(NumericFeature("x", 1.0, 2.0),),
-                 categorical=(CategoricalFeature("c", ("a", "b")),))
+_CELL = st.one_of(
+    st.none(),
+    st.floats(),
+    st.integers(-(10**30), 10**30),
+    st.booleans(),
+    st.text(max_size=5),
+    st.sampled_from(["bad", "good", " BAD", "1", "1.0", "0", "true", "a", "b"]),
+)
+_SPEC = DataSpec(
+    target="y",
+    positive="bad",
+    numeric=(NumericFeature("x", 1.0, 2.0),),
+    categorical=(CategoricalFeature("c", ("a", "b")),),
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -332,19 +374,25 @@ def test_any_bytes_read_as_a_table_or_one_clear_refusal(tmp_path, data, suffix):
         assert "\n" not in str(e)
 
 
-_JSON = st.recursive(st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=8),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
-                     max_leaves=20)
-_STATE_KEYS = st.sampled_from(["federation_id", "last_round", "last_sha256", "round", "entries", "version",
-                               "accountant", "mode", "federation"])
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=20,
+)
+_STATE_KEYS = st.sampled_from(
+    ["federation_id", "last_round", "last_sha256", "round", "entries", "version", "accountant", "mode", "federation"]
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(doc=st.one_of(st.binary(max_size=200), st.dictionaries(_STATE_KEYS, _JSON, max_size=4).map(
-    lambda d: json.dumps(d).encode())))
+@given(
+    doc=st.one_of(
+        st.binary(max_size=200), st.dictionaries(_STATE_KEYS, _JSON, max_size=4).map(lambda d: json.dumps(d).encode())
+    )
+)
 def test_any_state_or_ledger_file_loads_or_is_refused_in_one_line(tmp_path, doc):
-    from fedcli.bank import BankState
-    from fedcli.privacy import Ledger
+    from fedcli.bank.state import BankState
+    from fedcli.privacy.ledger import Ledger
 
     path = tmp_path / "bank.state.json"
     path.write_bytes(doc)

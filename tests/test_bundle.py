@@ -8,10 +8,10 @@ import pytest
 from conftest import BANKS, make_fed, use_s3
 
 from fedcli import keys
-from fedcli import rounds as R
-from fedcli.bundle import BUNDLE_DOMAIN, _write_tar
 from fedcli.errors import ExitCode
+from fedcli.protocol import rounds
 from fedcli.store import open_store
+from fedcli.store.bundle import BUNDLE_DOMAIN, _write_tar
 
 
 @pytest.fixture
@@ -39,9 +39,18 @@ def test_air_gapped_rounds_through_bundles(fed, tmp_path, moto_s3, monkeypatch):
         for b, mirror in mirrors.items():
             res = _import(fed, out, mirror)
             assert "signed by coordinator" in res.output
-            assert R.latest_round(open_store(mirror)) == r - 1
-            res = fed.cli("train", "--store", mirror, "--key", fed.key(b), "--data", fed.data / f"{b}.csv",
-                          "--coordinator", fed.pub("coordinator"))
+            assert rounds.latest_round(open_store(mirror)) == r - 1
+            res = fed.cli(
+                "train",
+                "--store",
+                mirror,
+                "--key",
+                fed.key(b),
+                "--data",
+                fed.data / f"{b}.csv",
+                "--coordinator",
+                fed.pub("coordinator"),
+            )
             assert f"submitted update for round {r}" in res.output
             upd = tmp_path / f"{b}-{r}.bundle"
             _export(fed, mirror, b, upd)
@@ -52,9 +61,18 @@ def test_air_gapped_rounds_through_bundles(fed, tmp_path, moto_s3, monkeypatch):
     last = tmp_path / "global-2.bundle"
     _export(fed, fed.store, "coordinator", last)
     _import(fed, last, mirrors["bank-a"])
-    assert R.latest_round(open_store(mirrors["bank-a"])) == 2
-    res = fed.cli("train", "--store", mirrors["bank-a"], "--key", fed.key("bank-a"), "--data", fed.data / "bank-a.csv",
-                  "--coordinator", fed.pub("coordinator"))
+    assert rounds.latest_round(open_store(mirrors["bank-a"])) == 2
+    res = fed.cli(
+        "train",
+        "--store",
+        mirrors["bank-a"],
+        "--key",
+        fed.key("bank-a"),
+        "--data",
+        fed.data / "bank-a.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+    )
     assert "submitted update for round 3" in res.output
 
 
@@ -84,7 +102,7 @@ def _rewrite(path, change):
 def test_tampered_bundle_is_refused_and_nothing_written(fed, tmp_path):
     out = tmp_path / "g.bundle"
     _export(fed, fed.store, "coordinator", out)
-    key = "files/" + R.global_keys(0)[0]
+    key = "files/" + rounds.global_keys(0)[0]
     _rewrite(out, lambda n, d: d[:-1] + bytes([d[-1] ^ 1]) if n == key else d)
     mirror = tmp_path / "mirror"
     res = _import(fed, out, mirror, code=ExitCode.VERIFY)
@@ -108,20 +126,33 @@ def test_half_copied_bundle_is_refused(fed, tmp_path):
 def _forge(fed, path, signer, files, role="member"):
     """A bundle signed by `signer` carrying arbitrary store keys."""
     private, _ = keys.load_private(fed.key(signer))
-    index = {"kind": "bundle", "format": 1, "federation_id": "credit-demo", "signer": signer, "role": role,
-             "created_at": R.now(),
-             "files": [{"key": k, "size": len(v), "sha256": __import__("hashlib").sha256(v).hexdigest()}
-                       for k, v in files.items()]}
+    index = {
+        "kind": "bundle",
+        "format": 1,
+        "federation_id": "credit-demo",
+        "signer": signer,
+        "role": role,
+        "created_at": rounds.now(),
+        "files": [
+            {"key": k, "size": len(v), "sha256": __import__("hashlib").sha256(v).hexdigest()} for k, v in files.items()
+        ],
+    }
     body = keys.canonical(index)
-    _write_tar(path, [("bundle.json", body), ("bundle.sig", keys.sign_bytes(private, body, BUNDLE_DOMAIN).encode())]
-               + [(f"files/{k}", v) for k, v in files.items()])
+    _write_tar(
+        path,
+        [("bundle.json", body), ("bundle.sig", keys.sign_bytes(private, body, BUNDLE_DOMAIN).encode())]
+        + [(f"files/{k}", v) for k, v in files.items()],
+    )
 
 
 def test_a_bank_cannot_write_what_is_not_its_own(fed, tmp_path):
     fed.train("bank-a")
     store = open_store(fed.loc)
-    tkey, mkey = R.update_keys(1, "bank-a")
-    stolen = {R.update_keys(1, "bank-b")[0]: store.get(tkey, max_bytes=1 << 30), R.update_keys(1, "bank-b")[1]: store.get(mkey, max_bytes=1 << 30)}
+    tkey, mkey = rounds.update_keys(1, "bank-a")
+    stolen = {
+        rounds.update_keys(1, "bank-b")[0]: store.get(tkey, max_bytes=1 << 30),
+        rounds.update_keys(1, "bank-b")[1]: store.get(mkey, max_bytes=1 << 30),
+    }
     bad = tmp_path / "b.bundle"
     _forge(fed, bad, "bank-a", stolen)
     res = _import(fed, bad, fed.store, code=ExitCode.VERIFY, pinned=False)
@@ -129,19 +160,27 @@ def test_a_bank_cannot_write_what_is_not_its_own(fed, tmp_path):
     _forge(fed, bad, "bank-a", {"rounds/000001/global.json": b"{}"})
     res = _import(fed, bad, fed.store, code=ExitCode.VERIFY, pinned=False)
     assert "may not write rounds/000001/global.json" in res.output
-    assert not store.exists(R.update_keys(1, "bank-b")[1]) and not store.exists("rounds/000001/global.json")
+    assert not store.exists(rounds.update_keys(1, "bank-b")[1]) and not store.exists("rounds/000001/global.json")
 
 
 def test_unknown_signer_and_wrong_pinned_coordinator(fed, tmp_path):
     fed.cli("keygen", "mallory", "--out", fed.root / "mallory")
     bad = tmp_path / "m.bundle"
-    _forge(fed, bad, "mallory", {R.update_keys(1, "mallory")[1]: b"{}"})
+    _forge(fed, bad, "mallory", {rounds.update_keys(1, "mallory")[1]: b"{}"})
     res = _import(fed, bad, fed.store, code=ExitCode.VERIFY, pinned=False)
     assert "not in federation" in res.output
     out = tmp_path / "g.bundle"
     _export(fed, fed.store, "coordinator", out)
-    res = fed.cli("bundle", "import", out, "--store", tmp_path / "mirror", "--coordinator", fed.pub("mallory"),
-                  code=ExitCode.VERIFY)
+    res = fed.cli(
+        "bundle",
+        "import",
+        out,
+        "--store",
+        tmp_path / "mirror",
+        "--coordinator",
+        fed.pub("mallory"),
+        code=ExitCode.VERIFY,
+    )
     assert "not by the pinned coordinator" in res.output
     res = _import(fed, out, tmp_path / "mirror", code=1, pinned=False)
     assert "pass --coordinator" in res.output
@@ -157,7 +196,7 @@ def test_conflicting_file_is_never_overwritten(fed, tmp_path):
     assert "signature does not verify" in res.output or "not in federation" in res.output
     # same store, a different manifest already committed for bank-a: refused, nothing written
     store = open_store(fed.loc)
-    mkey = R.update_keys(1, "bank-a")[1]
+    mkey = rounds.update_keys(1, "bank-a")[1]
     committed = store.get(mkey, max_bytes=1 << 30)
     doc = json.loads(committed)
     doc["nonce"] = "ff" * 16
@@ -190,12 +229,22 @@ def test_symlinks_and_stray_members_are_refused(fed, tmp_path):
 
 
 def test_export_needs_something_to_send(fed, tmp_path):
-    res = fed.cli("bundle", "export", "--store", fed.store, "--key", fed.key("bank-a"), "--out", tmp_path / "a.bundle",
-                  code=1)
+    res = fed.cli(
+        "bundle", "export", "--store", fed.store, "--key", fed.key("bank-a"), "--out", tmp_path / "a.bundle", code=1
+    )
     assert "no committed update for round 1" in res.output and not (tmp_path / "a.bundle").exists()
     fed.cli("keygen", "stranger", "--out", tmp_path / "s")
-    res = fed.cli("bundle", "export", "--store", fed.store, "--key", tmp_path / "s" / "stranger.key",
-                  "--out", tmp_path / "s.bundle", code=1)
+    res = fed.cli(
+        "bundle",
+        "export",
+        "--store",
+        fed.store,
+        "--key",
+        tmp_path / "s" / "stranger.key",
+        "--out",
+        tmp_path / "s.bundle",
+        code=1,
+    )
     assert "neither the coordinator nor a member" in res.output
 
 
@@ -204,7 +253,7 @@ def test_member_larger_than_its_signed_size_is_refused_before_reading(fed, tmp_p
     fed.train("bank-a")
     out = tmp_path / "a.bundle"
     _export(fed, fed.store, "bank-a", out)
-    key = "files/" + R.update_keys(1, "bank-a")[0]
+    key = "files/" + rounds.update_keys(1, "bank-a")[0]
     _rewrite(out, lambda n, d: d + b"\0" * 4096 if n == key else d)
     res = _import(fed, out, fed.store, code=ExitCode.VERIFY, pinned=False)
     assert "does not match its size in the signed index" in res.output

@@ -13,9 +13,10 @@ import tarfile
 import pytest
 from conftest import make_fed
 
-from fedcli import keys, rounds
-from fedcli.bundle import BUNDLE_DOMAIN
+from fedcli import keys
 from fedcli.errors import ExitCode
+from fedcli.protocol import rounds
+from fedcli.store.bundle import BUNDLE_DOMAIN
 
 TENSORS = rounds.global_keys(0)[0]
 
@@ -70,11 +71,22 @@ def _raw_tar(path, parts):
 
 def _signed_index(fed, signer, files, change=None, role="coordinator"):
     """bundle.json and bundle.sig, signed with signer's genuine key; change() may tamper with the index first."""
-    index = {"kind": "bundle", "format": 1, "federation_id": "credit-demo", "signer": signer, "role": role,
-             "created_at": rounds.now(),
-             "files": [{"key": k, "size": len(v) if isinstance(v, bytes) else v,
-                        "sha256": hashlib.sha256(v if isinstance(v, bytes) else b"").hexdigest()}
-                       for k, v in files.items()]}
+    index = {
+        "kind": "bundle",
+        "format": 1,
+        "federation_id": "credit-demo",
+        "signer": signer,
+        "role": role,
+        "created_at": rounds.now(),
+        "files": [
+            {
+                "key": k,
+                "size": len(v) if isinstance(v, bytes) else v,
+                "sha256": hashlib.sha256(v if isinstance(v, bytes) else b"").hexdigest(),
+            }
+            for k, v in files.items()
+        ],
+    }
     body = keys.canonical(change(index) if change else index) if not isinstance(change, bytes) else change
     private, _ = keys.load_private(fed.key(signer))
     return body, keys.sign_bytes(private, body, BUNDLE_DOMAIN).encode()
@@ -95,7 +107,7 @@ def _names(path):
 
 
 def _files(genuine):
-    return {n[len("files/"):]: d for n, d in genuine.items() if n.startswith("files/")}
+    return {n[len("files/") :]: d for n, d in genuine.items() if n.startswith("files/")}
 
 
 # -- export: only what verifies leaves the store ---------------------------------------------
@@ -124,8 +136,19 @@ def test_rejections_link_to_the_coordinator_key_never_enters_a_bundle(tmp_path, 
     planted.write_bytes(keys.sign_manifest(private, {"kind": "global", "round": 0, "federation_id": "credit-demo"}))
     res = fed.cli("bundle", "export", "--store", fed.store, "--key", fed.key("coordinator"), "--out", out)
     assert "manifest kind is 'global', expected 'rejections'" in res.output  # signed, but not a rejections list
-    planted.write_bytes(keys.sign_manifest(private, {"kind": "rejections", "format": 1, "federation_id": "credit-demo",
-                                                     "round": 0, "created_at": rounds.now(), "rejected": {}}))
+    planted.write_bytes(
+        keys.sign_manifest(
+            private,
+            {
+                "kind": "rejections",
+                "format": 1,
+                "federation_id": "credit-demo",
+                "round": 0,
+                "created_at": rounds.now(),
+                "rejected": {},
+            },
+        )
+    )
     res = fed.cli("bundle", "export", "--store", fed.store, "--key", fed.key("coordinator"), "--out", out)
     assert "warning:" not in res.output and f"files/{rounds.rejections_key(0)}" in _names(out)
 
@@ -139,16 +162,18 @@ def test_links_and_forgeries_at_a_bank_update_are_not_packed(tmp_path, credit_sp
     tensors.unlink()
     tensors.symlink_to(csv)
     out = tmp_path / "a.bundle"
-    res = fed.cli("bundle", "export", "--store", fed.store, "--key", fed.key("bank-a"), "--out", out,
-                  code=ExitCode.VERIFY)
+    res = fed.cli(
+        "bundle", "export", "--store", fed.store, "--key", fed.key("bank-a"), "--out", out, code=ExitCode.VERIFY
+    )
     assert len(res.output.strip().splitlines()) == 1 and not out.exists()
     assert not list(tmp_path.glob(".bundle-*"))  # no half-written temp file either
 
     # a garbage manifest planted in the bank's name does not verify: nothing is exported
     tensors.unlink()
     (fed.store / mkey).write_bytes(b'{"kind": "update", "signature": "AAAA"}')
-    res = fed.cli("bundle", "export", "--store", fed.store, "--key", fed.key("bank-a"), "--out", out,
-                  code=ExitCode.VERIFY)
+    res = fed.cli(
+        "bundle", "export", "--store", fed.store, "--key", fed.key("bank-a"), "--out", out, code=ExitCode.VERIFY
+    )
     assert "signature does not verify" in res.output and not out.exists()
 
 
@@ -159,8 +184,9 @@ def test_global_tensors_that_do_not_match_their_manifest_are_not_packed(tmp_path
     data[-1] ^= 1
     path.write_bytes(bytes(data))
     out = tmp_path / "g.bundle"
-    res = fed.cli("bundle", "export", "--store", fed.store, "--key", fed.key("coordinator"), "--out", out,
-                  code=ExitCode.VERIFY)
+    res = fed.cli(
+        "bundle", "export", "--store", fed.store, "--key", fed.key("coordinator"), "--out", out, code=ExitCode.VERIFY
+    )
     assert "does not match the sha256 in its signed manifest" in res.output and not out.exists()
 
 
@@ -183,20 +209,31 @@ def test_gnu_sparse_member_is_refused(fed, genuine, tmp_path):
 
     # the pax flavour of a sparse file (GNU.sparse.* records) is refused the same way
     bad2 = tmp_path / "pax-sparse.bundle"
-    pax = _header(f"files/{TENSORS}", 0, fmt=tarfile.PAX_FORMAT,
-                  pax_headers={"GNU.sparse.map": "0,0", "GNU.sparse.realsize": str(64 << 20)})
+    pax = _header(
+        f"files/{TENSORS}",
+        0,
+        fmt=tarfile.PAX_FORMAT,
+        pax_headers={"GNU.sparse.map": "0,0", "GNU.sparse.realsize": str(64 << 20)},
+    )
     _raw_tar(bad2, parts[:2] + [(pax, b"")])
     res = _import(fed, bad2, tmp_path / "mirror")
     assert "sparse member" in res.output
 
 
-@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE,
-                                  tarfile.CHRTYPE, tarfile.BLKTYPE])
+@pytest.mark.parametrize(
+    "kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE]
+)
 def test_special_members_are_refused(fed, genuine, tmp_path, kind):
     files = _files(genuine)
     bad = tmp_path / "special.bundle"
-    _bundle(fed, bad, files, members=[(_header("files/rounds/000000/rejections.json", 0, kind,
-                                                linkname="../../coordinator/coordinator.key"), b"")])
+    _bundle(
+        fed,
+        bad,
+        files,
+        members=[
+            (_header("files/rounds/000000/rejections.json", 0, kind, linkname="../../coordinator/coordinator.key"), b"")
+        ],
+    )
     res = _import(fed, bad, tmp_path / "mirror")
     assert "is not a regular file; refused" in res.output
 
@@ -216,8 +253,9 @@ def test_a_member_of_one_and_a_half_gib_is_refused_without_reading_it(fed, genui
     bad2 = tmp_path / "huge2.bundle"
     body, sig = genuine["bundle.json"], genuine["bundle.sig"]
     parts = [(_header("bundle.json", len(body)), body), (_header("bundle.sig", len(sig)), sig)]
-    parts += [(_header(f"files/{k}", huge if k == TENSORS else len(v)), huge if k == TENSORS else v)
-              for k, v in real.items()]
+    parts += [
+        (_header(f"files/{k}", huge if k == TENSORS else len(v)), huge if k == TENSORS else v) for k, v in real.items()
+    ]
     _raw_tar(bad2, parts)
     res = _import(fed, bad2, tmp_path / "mirror")
     assert "does not match its size in the signed index" in res.output
@@ -263,25 +301,28 @@ def test_truncated_and_garbage_archives(fed, genuine, tmp_path):
 # -- import: the index contract, behind a genuine signature ------------------------------------
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda i: {**i, "filez": i.pop("files")}, "unknown key 'filez'; did you mean 'files'?"),
-    (lambda i: {**i, "note": "hi"}, "unknown key 'note'"),
-    (lambda i: {**i, "format": 2}, "'format'"),
-    (lambda i: {**i, "format": True}, "'format'"),
-    (lambda i: {**i, "kind": "bundel"}, "'kind'"),
-    (lambda i: {**i, "role": "member"}, "role 'member'"),
-    (lambda i: {**i, "created_at": "yesterday"}, "'created_at'"),
-    (lambda i: {**i, "files": [{**f, "size": str(f["size"])} for f in i["files"]]}, "'files[0].size'"),
-    (lambda i: {**i, "files": [{**f, "size": -1} for f in i["files"]]}, "'files[0].size'"),
-    (lambda i: {**i, "files": [{**f, "sha256": "XYZ"} for f in i["files"]]}, "'files[0].sha256'"),
-    (lambda i: {**i, "files": [{**f, "key": "../../etc/passwd"} for f in i["files"]][:1]}, "invalid store path"),
-    (lambda i: {**i, "files": i["files"] + i["files"][:1]}, "lists a file twice"),
-    (lambda i: {**i, "files": [{**f, "extra": 1} for f in i["files"]]}, "unknown key 'files[0].extra'"),
-    (lambda i: {**i, "federation_id": "Credit Demo"}, "'federation_id'"),
-    (lambda i: [i], "bundle index names no signer"),
-    (b'{"signer": "coordinator", "files": ' + b"[" * 3000 + b"]" * 3000 + b"}", "levels deep"),
-    (b'{"signer": "coordinator", "size": NaN}', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda i: {**i, "filez": i.pop("files")}, "unknown key 'filez'; did you mean 'files'?"),
+        (lambda i: {**i, "note": "hi"}, "unknown key 'note'"),
+        (lambda i: {**i, "format": 2}, "'format'"),
+        (lambda i: {**i, "format": True}, "'format'"),
+        (lambda i: {**i, "kind": "bundel"}, "'kind'"),
+        (lambda i: {**i, "role": "member"}, "role 'member'"),
+        (lambda i: {**i, "created_at": "yesterday"}, "'created_at'"),
+        (lambda i: {**i, "files": [{**f, "size": str(f["size"])} for f in i["files"]]}, "'files[0].size'"),
+        (lambda i: {**i, "files": [{**f, "size": -1} for f in i["files"]]}, "'files[0].size'"),
+        (lambda i: {**i, "files": [{**f, "sha256": "XYZ"} for f in i["files"]]}, "'files[0].sha256'"),
+        (lambda i: {**i, "files": [{**f, "key": "../../etc/passwd"} for f in i["files"]][:1]}, "invalid store path"),
+        (lambda i: {**i, "files": i["files"] + i["files"][:1]}, "lists a file twice"),
+        (lambda i: {**i, "files": [{**f, "extra": 1} for f in i["files"]]}, "unknown key 'files[0].extra'"),
+        (lambda i: {**i, "federation_id": "Credit Demo"}, "'federation_id'"),
+        (lambda i: [i], "bundle index names no signer"),
+        (b'{"signer": "coordinator", "files": ' + b"[" * 3000 + b"]" * 3000 + b"}", "levels deep"),
+        (b'{"signer": "coordinator", "size": NaN}', "not valid JSON"),
+    ],
+)
 def test_index_contract_behind_a_genuine_signature(fed, genuine, tmp_path, change, message):
     bad = tmp_path / "forged.bundle"
     _bundle(fed, bad, _files(genuine), change)

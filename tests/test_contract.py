@@ -13,13 +13,16 @@ class Doc(BaseModel):
     epochs: int = 1
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ({"int": None}, "unknown key 'int'"),  # found by bench/fuzz.py: a key named like a union member
-    ({"str": 1}, "unknown key 'str'"),
-    ({"epoch": 3}, "unknown key 'epoch'; did you mean 'epochs'?"),
-    ({"count": 1.5}, "'count' input should be a valid integer (got 1.5)"),
-    ({"epochs": float("nan")}, "'epochs'"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"int": None}, "unknown key 'int'"),  # found by bench/fuzz.py: a key named like a union member
+        ({"str": 1}, "unknown key 'str'"),
+        ({"epoch": 3}, "unknown key 'epoch'; did you mean 'epochs'?"),
+        ({"count": 1.5}, "'count' input should be a valid integer (got 1.5)"),
+        ({"epochs": float("nan")}, "'epochs'"),
+    ],
+)
 def test_a_broken_contract_is_one_line_naming_the_field(raw, expected):
     with pytest.raises(ContractError) as info:
         validate(Doc, raw, "doc")

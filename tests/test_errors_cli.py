@@ -29,7 +29,7 @@ def _run_failing(monkeypatch, tmp_path, exc: BaseException):
     def boom(*_a, **_k):
         raise exc
 
-    monkeypatch.setattr("fedcli.coordinator.aggregate_round", boom)
+    monkeypatch.setattr("fedcli.coordinator.step.aggregate_round", boom)
     return CliRunner().invoke(app, ["aggregate", "--store", str(tmp_path), "--key", str(tmp_path / "c.key")])
 
 
@@ -50,8 +50,11 @@ def test_error_class_through_cli(cls, monkeypatch, tmp_path):
     assert lines[0].startswith(label) and "[bold]went[/] wrong" in lines[0]  # markup escaped, not rendered
 
 
-@pytest.mark.parametrize("exc", [ValueError("bad\nsecond line"), RecursionError("deep"), KeyError("x"),
-                                 MemoryError()], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "exc",
+    [ValueError("bad\nsecond line"), RecursionError("deep"), KeyError("x"), MemoryError()],
+    ids=lambda e: type(e).__name__,
+)
 def test_unexpected_exception_is_one_line(exc, monkeypatch, tmp_path):
     res = _run_failing(monkeypatch, tmp_path, exc)
     assert res.exit_code == ExitCode.ERROR

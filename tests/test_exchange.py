@@ -10,11 +10,11 @@ import threading
 import time
 
 import pytest
-from rich.console import Console
 from conftest import BANKS, ROOT, make_fed, use_s3
+from rich.console import Console
 
-from fedcli import rounds as R
 from fedcli.errors import ExitCode
+from fedcli.protocol import rounds
 from fedcli.store import open_store
 
 
@@ -31,12 +31,12 @@ def s3_fed(tmp_path, credit_split, monkeypatch, moto_s3):
 
 
 def _published(fed) -> list[int]:
-    return R.global_rounds(open_store(fed.loc))
+    return rounds.global_rounds(open_store(fed.loc))
 
 
 def test_overlapping_aggregate_runs_publish_exactly_one_round(any_fed):
     """Three runs start together (overlapping cron): one publishes round 1, the others publish nothing."""
-    from fedcli.coordinator import aggregate_round
+    from fedcli.coordinator.step import aggregate_round
     from fedcli.errors import FedcliError
 
     for b in BANKS[:3]:
@@ -60,7 +60,11 @@ def test_overlapping_aggregate_runs_publish_exactly_one_round(any_fed):
         t.join(timeout=300)
     assert outcomes.count("published") == 1, outcomes
     # the others either found the lock held (exit 3) or, arriving later, found round 1 done
-    assert all(o == "waiting" or o.startswith(f"exit {ExitCode.WAITING}: another run holds") for o in outcomes if o != "published")
+    assert all(
+        o == "waiting" or o.startswith(f"exit {ExitCode.WAITING}: another run holds")
+        for o in outcomes
+        if o != "published"
+    )
     assert _published(any_fed) == [0, 1]
     # the published round is intact: every bank can verify it and train on it
     assert "submitted update for round 2" in any_fed.train("bank-a").output
@@ -71,8 +75,8 @@ def test_crashed_aggregate_leaves_no_round_and_a_rerun_completes(any_fed):
     for b in BANKS[:3]:
         any_fed.train(b)
     store = open_store(any_fed.loc)
-    tkey, mkey = R.global_keys(1)
-    store.put(tkey, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"0.weight\":")  # torn upload, no manifest
+    tkey, mkey = rounds.global_keys(1)
+    store.put(tkey, b'\x10\x00\x00\x00\x00\x00\x00\x00{"0.weight":')  # torn upload, no manifest
     dead = {"state": "held", "owner": "dead", "host": "cron-host", "pid": 4242, "at": 0, "expires": time.time() + 3600}
     store.put("locks/aggregate/000000000001.json", json.dumps(dead).encode())
     assert _published(any_fed) == [0]  # tensors without a manifest are not a round
@@ -92,14 +96,14 @@ def test_bank_crash_before_manifest_is_ignored_and_rerun_completes(s3_fed):
     for b in BANKS[:2]:
         s3_fed.train(b)
     store = open_store(s3_fed.loc)
-    tkey, mkey = R.update_keys(1, "bank-c")
+    tkey, mkey = rounds.update_keys(1, "bank-c")
     store.put(tkey, b"\x80\x04 half an upload")
     res = s3_fed.aggregate(code=ExitCode.WAITING)
     assert "incomplete" in res.output and "2 of 3 required" in res.output
     assert "submitted update for round 1" in s3_fed.train("bank-c").output
     res = s3_fed.aggregate()
     assert "published global model of round 1 from 3 updates" in res.output
-    contributors = json.loads(store.get(R.global_keys(1)[1], max_bytes=1 << 30))["contributors"]
+    contributors = json.loads(store.get(rounds.global_keys(1)[1], max_bytes=1 << 30))["contributors"]
     assert "bank-c" in [c["member"] for c in contributors]
 
 
@@ -109,14 +113,14 @@ def test_committed_update_with_damaged_tensors_is_quarantined(any_fed, damage):
     for b in BANKS:
         any_fed.train(b)
     store = open_store(any_fed.loc)
-    tkey, mkey = R.update_keys(1, "bank-d")
+    tkey, mkey = rounds.update_keys(1, "bank-d")
     if damage == "truncated":
         store.put(tkey, store.get(tkey, max_bytes=1 << 30)[:100])
     else:
         store.delete(tkey)
     res = any_fed.aggregate()
     assert "published global model of round 1 from 3 updates" in res.output
-    reason = R.read_rejections(store, 1)["bank-d"]
+    reason = rounds.read_rejections(store, 1)["bank-d"]
     assert ("do not match the sha256" if damage == "truncated" else "tensor file is missing") in reason
     assert store.exists(mkey)  # kept for forensics, never deleted
 
@@ -126,9 +130,21 @@ def test_killed_bank_run_leaves_a_consistent_store(s3_fed):
     for b in BANKS[:2]:
         s3_fed.train(b)
     store = open_store(s3_fed.loc)
-    tkey, mkey = R.update_keys(1, "bank-c")
-    cmd = [sys.executable, "-m", "fedcli.cli", "train", "--store", s3_fed.loc, "--key", str(s3_fed.key("bank-c")),
-           "--data", str(s3_fed.data / "bank-c.csv"), "--coordinator", str(s3_fed.pub("coordinator"))]
+    tkey, mkey = rounds.update_keys(1, "bank-c")
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedcli.cli",
+        "train",
+        "--store",
+        s3_fed.loc,
+        "--key",
+        str(s3_fed.key("bank-c")),
+        "--data",
+        str(s3_fed.data / "bank-c.csv"),
+        "--coordinator",
+        str(s3_fed.pub("coordinator")),
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while proc.poll() is None and not store.exists(tkey) and time.monotonic() < deadline:
@@ -142,4 +158,4 @@ def test_killed_bank_run_leaves_a_consistent_store(s3_fed):
         assert "submitted update for round 1" in s3_fed.train("bank-c").output
     res = s3_fed.aggregate()
     assert "published global model of round 1 from 3 updates" in res.output
-    assert R.read_rejections(store, 1) == {}
+    assert rounds.read_rejections(store, 1) == {}

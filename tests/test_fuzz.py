@@ -28,9 +28,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedcli import keys, rounds, tensors
+from fedcli import digest, keys
 from fedcli.errors import FedcliError
-from fedcli.spec import loads as load_spec
+from fedcli.protocol import rounds, tensors
+from fedcli.protocol.spec import loads as load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")  # big reprs of nested inputs
@@ -39,10 +40,38 @@ MEMORY_LIMIT = 512 << 20  # peak RSS may grow by at most this over the whole run
 EXAMPLES = 400  # per target in CI; bench/fuzz.py runs for minutes instead
 
 # Tokens that make parsers work hard: nesting, huge or non-finite numbers, quotes, nulls.
-INTERESTING = [b"[" * 3000, b"{" * 3000, b'{"a":' * 2000, b"[[" * 20, b"1e400", b"-1e400", b"NaN", b"Infinity",
-               b"-1", b"0", b"18446744073709551615", b"9" * 400, b"\xff\xff\xff\xff\xff\xff\xff\x7f", b"\x00" * 8,
-               b'"', b"\\", b"\\u0000", b"\xc3\x28", b"true", b"null", b'"__metadata__"', b"=", b"[[x]]",
-               b"inf", b"nan", b'"""', b"'''", b"\n[a]\n", b"0x7fffffffffffffff", b"1979-05-27T07:32:00Z"]
+INTERESTING = [
+    b"[" * 3000,
+    b"{" * 3000,
+    b'{"a":' * 2000,
+    b"[[" * 20,
+    b"1e400",
+    b"-1e400",
+    b"NaN",
+    b"Infinity",
+    b"-1",
+    b"0",
+    b"18446744073709551615",
+    b"9" * 400,
+    b"\xff\xff\xff\xff\xff\xff\xff\x7f",
+    b"\x00" * 8,
+    b'"',
+    b"\\",
+    b"\\u0000",
+    b"\xc3\x28",
+    b"true",
+    b"null",
+    b'"__metadata__"',
+    b"=",
+    b"[[x]]",
+    b"inf",
+    b"nan",
+    b'"""',
+    b"'''",
+    b"\n[a]\n",
+    b"0x7fffffffffffffff",
+    b"1979-05-27T07:32:00Z",
+]
 
 
 # -- shared machinery (bench/fuzz.py imports it) ----------------------------------------------
@@ -83,8 +112,15 @@ def build_world(root: Path) -> World:
     for name in ("coordinator", "bank-a", "bank-b", "bank-c"):
         cli("keygen", name, "--out", root / "keys")
     store = root / "store"
-    cli("init", store, "--spec", ROOT / "examples" / "federation.toml", "--key", root / "keys" / "coordinator.key",
-        *[x for b in ("bank-a", "bank-b", "bank-c") for x in ("--member", root / "keys" / f"{b}.pub")])
+    cli(
+        "init",
+        store,
+        "--spec",
+        ROOT / "examples" / "federation.toml",
+        "--key",
+        root / "keys" / "coordinator.key",
+        *[x for b in ("bank-a", "bank-b", "bank-c") for x in ("--member", root / "keys" / f"{b}.pub")],
+    )
     cli("bundle", "export", "--store", store, "--key", root / "keys" / "coordinator.key", "--out", root / "g.bundle")
     spec_bytes = (store / rounds.SPEC_KEY).read_bytes()
     spec = load_spec(spec_bytes)
@@ -96,14 +132,36 @@ def build_world(root: Path) -> World:
     delta = tensors.encode({k: np.zeros(s, np.float32) for k, s in shapes.items()})
     update_store = open_store(str(store))
     update_store.put(rounds.update_keys(1, "bank-a")[0], delta)
-    manifest = {"kind": "update", "format": rounds.FORMAT, "federation_id": spec.federation_id, "round": 1,
-                "member": "bank-a", "base_sha256": base["tensors_sha256"], "tensors_sha256": tensors.sha256(delta),
-                "num_examples": 100, "compression": {"method": "none"}, "metrics": {"auc": 0.7, "loss": 0.5},
-                "created_at": rounds.now(), "nonce": "ab" * 16}
+    manifest = {
+        "kind": "update",
+        "format": rounds.FORMAT,
+        "federation_id": spec.federation_id,
+        "round": 1,
+        "member": "bank-a",
+        "base_sha256": base["tensors_sha256"],
+        "tensors_sha256": digest.sha256(delta),
+        "num_examples": 100,
+        "compression": {"method": "none"},
+        "metrics": {"auc": 0.7, "loss": 0.5},
+        "created_at": rounds.now(),
+        "nonce": "ab" * 16,
+    }
     global BASELINE_RSS
     BASELINE_RSS = _peak_rss()  # after init imported torch: what the readers add is what counts
-    return World(root, spec_bytes, spec, manifest, bank_key, spec.member("bank-a"), shapes, global_bytes,
-                 (root / "g.bundle").read_bytes(), coord_key, root / "keys" / "coordinator.pub", update_store)
+    return World(
+        root,
+        spec_bytes,
+        spec,
+        manifest,
+        bank_key,
+        spec.member("bank-a"),
+        shapes,
+        global_bytes,
+        (root / "g.bundle").read_bytes(),
+        coord_key,
+        root / "keys" / "coordinator.pub",
+        update_store,
+    )
 
 
 def within_bounds(call):
@@ -153,8 +211,11 @@ def mutated(draw, seed: bytes, max_ops: int = 6) -> bytes:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
@@ -192,8 +253,9 @@ def check_spec(world: World, data: bytes) -> None:
 def manifest_inputs(world: World):
     signed = keys.sign_manifest(world.bank_key, world.manifest_doc)
     resigned = edited(world.manifest_doc).map(lambda d: _sign(world.bank_key, d))
-    return st.one_of(st.binary(max_size=1024), mutated(signed), resigned,
-                     json_values.map(lambda v: json.dumps(v).encode()))
+    return st.one_of(
+        st.binary(max_size=1024), mutated(signed), resigned, json_values.map(lambda v: json.dumps(v).encode())
+    )
 
 
 def _sign(key, doc) -> bytes:
@@ -205,11 +267,13 @@ def _sign(key, doc) -> bytes:
 
 def check_manifest(world: World, data: bytes) -> None:
     """verify_manifest, then the full update check (typed manifest, bounds) as the coordinator runs it."""
+
     def call():
         keys.verify_manifest(data, world.bank_pub, "update from bank-a")
         world.update_store.put(rounds.update_keys(1, "bank-a")[1], data)
         base = json.loads((world.root / "store" / rounds.global_keys(0)[1]).read_bytes())["tensors_sha256"]
         rounds.verify_update(world.update_store, world.spec, 1, "bank-a", base, world.shapes)
+
     within_bounds(call)
 
 
@@ -222,15 +286,24 @@ def tensor_inputs(world: World):
         raw = h if isinstance(h, bytes) else json.dumps(h).encode()
         return struct.pack("<Q", len(raw)) + raw + body
 
-    info = st.fixed_dictionaries({}, optional={
-        "dtype": st.sampled_from(["F32", "F64", "I8", "U32", "BF16", "", 7]),
-        "shape": st.lists(st.integers(-2, 2**64), max_size=4) | json_values,
-        "data_offsets": st.lists(st.integers(-2, 2**64), max_size=3) | json_values})
+    info = st.fixed_dictionaries(
+        {},
+        optional={
+            "dtype": st.sampled_from(["F32", "F64", "I8", "U32", "BF16", "", 7]),
+            "shape": st.lists(st.integers(-2, 2**64), max_size=4) | json_values,
+            "data_offsets": st.lists(st.integers(-2, 2**64), max_size=3) | json_values,
+        },
+    )
     headers = st.dictionaries(st.sampled_from(sorted(header) + ["x", "__metadata__"]), info | json_values, max_size=5)
     length_lies = st.integers(0, 2**64 - 1).map(lambda n: struct.pack("<Q", n) + world.tensors[8:])
-    return st.one_of(st.binary(max_size=512), mutated(world.tensors), headers.map(with_header),
-                     edited(header).map(with_header), length_lies,
-                     st.sampled_from(INTERESTING).map(lambda t: with_header(t * 3)))
+    return st.one_of(
+        st.binary(max_size=512),
+        mutated(world.tensors),
+        headers.map(with_header),
+        edited(header).map(with_header),
+        length_lies,
+        st.sampled_from(INTERESTING).map(lambda t: with_header(t * 3)),
+    )
 
 
 def check_tensors(world: World, data: bytes) -> None:
@@ -255,20 +328,48 @@ def bundle_edits(draw, world: World) -> bytes:
         info.size, info.mode, info.mtime = len(data), 0o644, 0
         op = draw(st.sampled_from(("type", "size", "name", "pax", "drop", "dup", "content", "index")))
         if op == "type":
-            info.type = draw(st.sampled_from([tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE,
-                                              tarfile.CHRTYPE, tarfile.GNUTYPE_SPARSE, tarfile.CONTTYPE, b"Z"]))
+            info.type = draw(
+                st.sampled_from(
+                    [
+                        tarfile.SYMTYPE,
+                        tarfile.LNKTYPE,
+                        tarfile.DIRTYPE,
+                        tarfile.FIFOTYPE,
+                        tarfile.CHRTYPE,
+                        tarfile.GNUTYPE_SPARSE,
+                        tarfile.CONTTYPE,
+                        b"Z",
+                    ]
+                )
+            )
             info.linkname = draw(st.sampled_from(["", "/etc/passwd", "../../coordinator.key"]))
         elif op == "size":
             info.size = draw(st.integers(0, 2**40))
         elif op == "name":
-            info.name = draw(st.sampled_from(["bundle.json", "files/../x", "/abs", "files/", "a" * 300, "files/x"])
-                             | st.text(max_size=40))
+            info.name = draw(
+                st.sampled_from(["bundle.json", "files/../x", "/abs", "files/", "a" * 300, "files/x"])
+                | st.text(max_size=40)
+            )
         elif op == "pax":
-            info.pax_headers = draw(st.dictionaries(
-                st.sampled_from(["GNU.sparse.map", "GNU.sparse.realsize", "GNU.sparse.size", "GNU.sparse.major",
-                                 "GNU.sparse.minor", "size", "path", "linkpath"]),
-                st.sampled_from(["0,0", "1", "0", str(2**40), "-1", "x", "1,2,3"]) | st.text(max_size=12),
-                min_size=1, max_size=3))
+            info.pax_headers = draw(
+                st.dictionaries(
+                    st.sampled_from(
+                        [
+                            "GNU.sparse.map",
+                            "GNU.sparse.realsize",
+                            "GNU.sparse.size",
+                            "GNU.sparse.major",
+                            "GNU.sparse.minor",
+                            "size",
+                            "path",
+                            "linkpath",
+                        ]
+                    ),
+                    st.sampled_from(["0,0", "1", "0", str(2**40), "-1", "x", "1,2,3"]) | st.text(max_size=12),
+                    min_size=1,
+                    max_size=3,
+                )
+            )
         elif op == "drop":
             members.pop(i)
             continue
@@ -304,8 +405,8 @@ def bundle_inputs(world: World):
 
 def check_bundle(world: World, data: bytes) -> None:
     """Import into an empty mirror (the spec comes from the bundle) and into the coordinator's own store."""
-    from fedcli.bundle import import_bundle
     from fedcli.store import open_store
+    from fedcli.store.bundle import import_bundle
 
     tmp = Path(tempfile.mkdtemp(dir=world.root))
     try:
@@ -337,8 +438,9 @@ def world(tmp_path_factory):
 def test_reader_fails_only_with_fedcli_errors(world, target):
     inputs, check = TARGETS[target]
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(inputs(world))
     def run(data):
         check(world, data)
@@ -354,7 +456,7 @@ def test_the_genuine_documents_pass(world):
     mirror = world.root / "seed-mirror"
     path = world.root / "seed.bundle"
     path.write_bytes(world.bundle)
-    from fedcli.bundle import import_bundle
     from fedcli.store import open_store
+    from fedcli.store.bundle import import_bundle
 
     assert import_bundle(open_store(str(mirror)), path, world.coordinator_pub_path).written

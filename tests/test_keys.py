@@ -20,8 +20,19 @@ def small(tmp_path, credit_split):
 
 
 def train_with(fed, key, coordinator=None, code=0, **kw):
-    return fed.cli("train", "--store", fed.store, "--key", key, "--data", fed.data / "bank-a.csv",
-                   "--coordinator", coordinator or fed.pub("coordinator"), code=code, **kw)
+    return fed.cli(
+        "train",
+        "--store",
+        fed.store,
+        "--key",
+        key,
+        "--data",
+        fed.data / "bank-a.csv",
+        "--coordinator",
+        coordinator or fed.pub("coordinator"),
+        code=code,
+        **kw,
+    )
 
 
 def test_private_key_readable_by_others_is_refused(small):
@@ -47,14 +58,17 @@ def test_private_key_given_as_public_and_public_as_private(small):
     assert "bank-a.pub is not a private key file (PEM); pass the private key bank-a.key" in line
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: t + 'extra = "x"\n', "unknown key 'extra'"),
-    (lambda t: t.replace('name = "coordinator"', "name = 7"), "'name' input should be a valid string (got 7)"),
-    (lambda t: t.replace('ed25519 = "', 'ed25519 = "AAAA'), "'ed25519' string should match pattern"),
-    (lambda t: t.replace('name = "coordinator"', 'name = "../evil"'), "invalid name '../evil'"),
-    (lambda t: "[" * 3000, "nests 3000 levels deep"),
-    (lambda t: "\udcff", "is not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t + 'extra = "x"\n', "unknown key 'extra'"),
+        (lambda t: t.replace('name = "coordinator"', "name = 7"), "'name' input should be a valid string (got 7)"),
+        (lambda t: t.replace('ed25519 = "', 'ed25519 = "AAAA'), "'ed25519' string should match pattern"),
+        (lambda t: t.replace('name = "coordinator"', 'name = "../evil"'), "invalid name '../evil'"),
+        (lambda t: "[" * 3000, "nests 3000 levels deep"),
+        (lambda t: "\udcff", "is not UTF-8 text"),
+    ],
+)
 def test_public_key_file_is_a_typed_document(small, tmp_path, edit, message):
     bad = tmp_path / "coordinator.pub"
     text = edit(small.pub("coordinator").read_text())
@@ -65,25 +79,52 @@ def test_public_key_file_is_a_typed_document(small, tmp_path, edit, message):
 
 def test_encrypted_key_prompts_on_a_terminal_and_names_real_options(small, tmp_path, monkeypatch):
     monkeypatch.delenv(keys.PASSPHRASE_ENV, raising=False)
-    res = small.runner.invoke(app, ["keygen", "bank-z", "--out", str(tmp_path / "z"), "--encrypt"], input="s3cret\ns3cret\n")
+    res = small.runner.invoke(
+        app, ["keygen", "bank-z", "--out", str(tmp_path / "z"), "--encrypt"], input="s3cret\ns3cret\n"
+    )
     assert res.exit_code == 0 and "encrypted" in res.output
     key = tmp_path / "z" / "bank-z.key"
     # not a terminal (cron, a pipe): no prompt, and the hint names options that exist
     line = one_line(train_with(small, key, code=1))
-    assert line == (f"error: {key} is passphrase-protected: set FEDCLI_PASSPHRASE or run from a terminal to be "
-                    "prompted")
+    assert line == (
+        f"error: {key} is passphrase-protected: set FEDCLI_PASSPHRASE or run from a terminal to be prompted"
+    )
     # on a terminal: prompted once, hidden; the key then loads (bank-z is simply not enrolled)
     monkeypatch.setattr(keys, "_interactive", lambda: True)
     keys._prompted.clear()
-    res = small.runner.invoke(app, ["train", "--store", str(small.store), "--key", str(key), "--data",
-                                    str(small.data / "bank-a.csv"), "--coordinator", str(small.pub("coordinator"))],
-                              input="s3cret\n")
+    res = small.runner.invoke(
+        app,
+        [
+            "train",
+            "--store",
+            str(small.store),
+            "--key",
+            str(key),
+            "--data",
+            str(small.data / "bank-a.csv"),
+            "--coordinator",
+            str(small.pub("coordinator")),
+        ],
+        input="s3cret\n",
+    )
     assert res.exit_code == 1 and "Passphrase for bank-z.key" in res.output and "s3cret" not in res.output
     assert "is not enrolled in federation credit-demo" in one_line(res)
     keys._prompted.clear()
-    res = small.runner.invoke(app, ["train", "--store", str(small.store), "--key", str(key), "--data",
-                                    str(small.data / "bank-a.csv"), "--coordinator", str(small.pub("coordinator"))],
-                              input="wrong\n")
+    res = small.runner.invoke(
+        app,
+        [
+            "train",
+            "--store",
+            str(small.store),
+            "--key",
+            str(key),
+            "--data",
+            str(small.data / "bank-a.csv"),
+            "--coordinator",
+            str(small.pub("coordinator")),
+        ],
+        input="wrong\n",
+    )
     assert one_line(res) == f"error: wrong passphrase for {key}"
 
 
@@ -105,10 +146,21 @@ def test_pub_written_by_keygen_round_trips(small):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.one_of(st.binary(max_size=200), st.dictionaries(
-    st.sampled_from(["name", "ed25519", "x25519", "nmae", "extra"]),
-    st.one_of(st.text(max_size=50), st.integers(), st.booleans(), st.just("Z6jviQpOIokT8iqckxIkie9YmUDiFnleYC/itHsdRLs=")),
-    max_size=4).map(lambda d: tomli_w.dumps(d).encode())))
+@given(
+    data=st.one_of(
+        st.binary(max_size=200),
+        st.dictionaries(
+            st.sampled_from(["name", "ed25519", "x25519", "nmae", "extra"]),
+            st.one_of(
+                st.text(max_size=50),
+                st.integers(),
+                st.booleans(),
+                st.just("Z6jviQpOIokT8iqckxIkie9YmUDiFnleYC/itHsdRLs="),
+            ),
+            max_size=4,
+        ).map(lambda d: tomli_w.dumps(d).encode()),
+    )
+)
 def test_any_public_key_file_loads_or_is_refused_in_one_line(tmp_path, data):
     path = tmp_path / "x.pub"
     path.write_bytes(data)

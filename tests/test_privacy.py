@@ -11,9 +11,12 @@ import torch
 from dp_accounting import pld, rdp
 from scipy import optimize, stats
 
-from fedcli import privacy
+from fedcli import errors, randomness
 from fedcli.errors import ExitCode, FedcliError
-from fedcli.privacy import BudgetExceeded, Ledger, Mechanism
+from fedcli.privacy import accounting, dp_sgd, policy
+from fedcli.privacy.accounting import Mechanism
+from fedcli.privacy.ledger import BudgetExceeded, Ledger
+from fedcli.privacy.noise import clip_update, privatize_update, update_norm
 
 
 def _update(scale=10.0, seed=0):
@@ -31,10 +34,10 @@ def _update(scale=10.0, seed=0):
 @pytest.mark.parametrize("clip", [1e-3, 0.1, 1.0, 3.7, 100.0])
 def test_clipping_bounds_the_whole_update_norm_exactly(clip):
     upd = _update()
-    norm_before = privacy.update_norm(upd)
-    clipped, reported = privacy.clip_update(upd, clip)
+    norm_before = update_norm(upd)
+    clipped, reported = clip_update(upd, clip)
     assert reported == pytest.approx(norm_before)
-    after = privacy.update_norm(clipped)
+    after = update_norm(clipped)
     assert after <= clip  # never above the sensitivity the accountant assumes, not even by rounding
     assert after == pytest.approx(clip, rel=1e-5)
     # direction is kept: one common scale factor for every tensor
@@ -47,18 +50,18 @@ def test_clipping_bounds_the_whole_update_norm_exactly(clip):
 
 def test_small_update_is_left_unchanged_by_clipping():
     upd = _update(scale=1e-3)
-    clipped, norm = privacy.clip_update(upd, 10.0)
+    clipped, norm = clip_update(upd, 10.0)
     assert norm < 10.0
     assert all(np.array_equal(clipped[k], upd[k]) and clipped[k] is not upd[k] for k in upd)
 
 
 def test_clipping_rejects_bad_input():
     with pytest.raises(FedcliError):
-        privacy.clip_update(_update(), 0.0)
+        clip_update(_update(), 0.0)
     with pytest.raises(FedcliError, match="NaN"):
-        privacy.clip_update({"w": np.array([1.0, np.nan], dtype=np.float32)}, 1.0)
+        clip_update({"w": np.array([1.0, np.nan], dtype=np.float32)}, 1.0)
     with pytest.raises(FedcliError, match="not floating point"):
-        privacy.clip_update({"steps": np.array([3])}, 1.0)
+        clip_update({"steps": np.array([3])}, 1.0)
 
 
 # --------------------------------------------------------------------------- noise
@@ -67,7 +70,7 @@ def test_clipping_rejects_bad_input():
 def test_noise_std_is_z_times_clip_and_gaussian():
     z, clip = 0.8, 2.5
     zero = {"a": np.zeros((300, 400), dtype=np.float32), "b": np.zeros(50_000)}
-    noised, dp = privacy.privatize_update(zero, clip, z)
+    noised, dp = privatize_update(zero, clip, z)
     assert noised["a"].dtype == np.float32 and noised["b"].dtype == np.float64
     noise = np.concatenate([noised["a"].astype(np.float64).ravel(), noised["b"].ravel()])
     n, sigma = noise.size, z * clip
@@ -89,24 +92,24 @@ def test_noise_std_is_z_times_clip_and_gaussian():
 
 def test_noise_is_fresh_for_every_release():
     zero = {"a": np.zeros(1000, dtype=np.float32)}
-    a, _ = privacy.privatize_update(zero, 1.0, 1.0)
-    b, _ = privacy.privatize_update(zero, 1.0, 1.0)
+    a, _ = privatize_update(zero, 1.0, 1.0)
+    b, _ = privatize_update(zero, 1.0, 1.0)
     assert not np.array_equal(a["a"], b["a"])
     # two secure generators do not share a stream
-    assert privacy.secure_numpy_rng().integers(0, 2**63) != privacy.secure_numpy_rng().integers(0, 2**63)
+    assert randomness.secure_numpy_rng().integers(0, 2**63) != randomness.secure_numpy_rng().integers(0, 2**63)
 
 
 def test_privatize_clips_then_noises():
     upd = _update(scale=100.0)
-    noised, dp = privacy.privatize_update(upd, 1.0, 0.01)
+    noised, dp = privatize_update(upd, 1.0, 0.01)
     assert "norm" not in json.dumps(dp)  # the raw norm is data-dependent: never published
     # with tiny noise the released norm is close to the clip, far from the raw norm (~1e4)
-    assert privacy.update_norm(noised) == pytest.approx(1.0, abs=0.6)
+    assert update_norm(noised) == pytest.approx(1.0, abs=0.6)
 
 
 def test_privatize_requires_noise():
     with pytest.raises(FedcliError):
-        privacy.privatize_update(_update(), 1.0, 0.0)
+        privatize_update(_update(), 1.0, 0.0)
 
 
 # --------------------------------------------------------------------------- accounting
@@ -116,7 +119,9 @@ def _analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
     """Exact epsilon of the Gaussian mechanism (Balle & Wang 2018, Thm 8), sensitivity 1."""
 
     def delta_of(eps):
-        return stats.norm.cdf(-eps * sigma + 1 / (2 * sigma)) - math.exp(eps) * stats.norm.cdf(-eps * sigma - 1 / (2 * sigma))
+        return stats.norm.cdf(-eps * sigma + 1 / (2 * sigma)) - math.exp(eps) * stats.norm.cdf(
+            -eps * sigma - 1 / (2 * sigma)
+        )
 
     return optimize.brentq(lambda e: delta_of(e) - delta, 1e-9, 500)
 
@@ -135,7 +140,7 @@ def _dp_accounting_eps(z, q, steps, delta, kind):
     [(1.0, 1, 1e-5), (2.0, 10, 1e-5), (5.0, 50, 1e-6), (0.8, 3, 1e-3)],
 )
 def test_update_level_epsilon_matches_independent_accountants(z, rounds, delta):
-    ours = privacy.epsilon_update_level(z, rounds, delta)
+    ours = accounting.epsilon_update_level(z, rounds, delta)
     # Google's RDP accountant: same analysis, independent code (different order grid)
     assert ours == pytest.approx(_dp_accounting_eps(z, 1.0, rounds, delta, "rdp"), rel=0.03)
     # k rounds of Gaussian(z) = one Gaussian of z/sqrt(k): the exact value from the closed form
@@ -150,7 +155,7 @@ def test_update_level_epsilon_matches_independent_accountants(z, rounds, delta):
     [(1.1, 256 / 60_000, 60 * 235, 1e-5), (1.0, 0.01, 300, 1e-5), (0.7, 0.05, 200, 1e-5), (3.0, 0.1, 1000, 1e-6)],
 )
 def test_dp_sgd_epsilon_matches_independent_accountants(z, q, steps, delta):
-    ours = privacy.epsilon_dp_sgd(z, q, steps, delta)
+    ours = accounting.epsilon_dp_sgd(z, q, steps, delta)
     assert ours == pytest.approx(_dp_accounting_eps(z, q, steps, delta, "rdp"), rel=0.03)
     tight = _dp_accounting_eps(z, q, steps, delta, "pld")
     assert tight <= ours * 1.01
@@ -160,9 +165,9 @@ def test_dp_sgd_epsilon_matches_independent_accountants(z, q, steps, delta):
 def test_epsilon_composes_a_mixed_history():
     a = Mechanism("record", 1.0, 0.01, 300, 1.0)
     b = Mechanism("record", 2.0, 0.02, 100, 1.0)
-    both = privacy.epsilon([a, b], 1e-5)
-    assert both > max(privacy.epsilon([a], 1e-5), privacy.epsilon([b], 1e-5))
-    assert both < privacy.epsilon([a], 1e-5) + privacy.epsilon([b], 1e-5)  # RDP beats naive summing
+    both = accounting.epsilon([a, b], 1e-5)
+    assert both > max(accounting.epsilon([a], 1e-5), accounting.epsilon([b], 1e-5))
+    assert both < accounting.epsilon([a], 1e-5) + accounting.epsilon([b], 1e-5)  # RDP beats naive summing
     acc = rdp.RdpAccountant()
     for m in (a, b):
         acc.compose(
@@ -172,13 +177,13 @@ def test_epsilon_composes_a_mixed_history():
             )
         )
     assert both == pytest.approx(acc.get_epsilon(1e-5), rel=0.03)
-    assert privacy.epsilon([], 1e-5) == 0.0
+    assert accounting.epsilon([], 1e-5) == 0.0
 
 
 @pytest.mark.parametrize("target,rounds,q,steps", [(3.0, 10, 1.0, 1), (1.0, 5, 1.0, 1), (3.0, 5, 0.02, 150)])
 def test_noise_multiplier_for_reaches_the_target(target, rounds, q, steps):
-    z = privacy.noise_multiplier_for(target, 1e-5, rounds, sample_rate=q, steps_per_round=steps)
-    eps = privacy.epsilon([Mechanism("update", z, q, rounds * steps, 1.0)], 1e-5)
+    z = accounting.noise_multiplier_for(target, 1e-5, rounds, sample_rate=q, steps_per_round=steps)
+    eps = accounting.epsilon([Mechanism("update", z, q, rounds * steps, 1.0)], 1e-5)
     assert eps <= target
     assert eps >= target - 0.05  # not wastefully noisy
     # and the independent accountant agrees the target is met (up to order-grid slack)
@@ -204,10 +209,12 @@ def test_mechanism_validation():
 def test_ledger_charges_composes_and_refuses_over_budget(tmp_path):
     led = Ledger(tmp_path / "bank" / "ledger.json")
     m = Mechanism("update", 2.0, 1.0, 1, 1.0)
-    budget, delta = privacy.epsilon_update_level(2.0, 3, 1e-5) + 1e-9, 1e-5
-    eps = [led.charge(m, round=r, federation="fed", budget_epsilon=budget, delta=delta)["epsilon_after"] for r in (1, 2, 3)]
+    budget, delta = accounting.epsilon_update_level(2.0, 3, 1e-5) + 1e-9, 1e-5
+    eps = [
+        led.charge(m, round=r, federation="fed", budget_epsilon=budget, delta=delta)["epsilon_after"] for r in (1, 2, 3)
+    ]
     assert eps == sorted(eps) and eps[0] < eps[2]
-    assert eps[2] == pytest.approx(privacy.epsilon_update_level(2.0, 3, delta))
+    assert eps[2] == pytest.approx(accounting.epsilon_update_level(2.0, 3, delta))
     with pytest.raises(BudgetExceeded, match="budget exceeded") as info:
         led.charge(m, round=4, federation="fed", budget_epsilon=budget, delta=delta)
     assert info.value.exit_code == ExitCode.BUDGET == 6
@@ -215,7 +222,13 @@ def test_ledger_charges_composes_and_refuses_over_budget(tmp_path):
     # the ledger is plain JSON with what a reviewer needs per round
     data = json.loads(led.path.read_text())
     e = data["entries"][1]
-    assert (e["round"], e["federation"], e["mode"], e["noise_multiplier"], e["delta"]) == (2, "fed", "update", 2.0, delta)
+    assert (e["round"], e["federation"], e["mode"], e["noise_multiplier"], e["delta"]) == (
+        2,
+        "fed",
+        "update",
+        2.0,
+        delta,
+    )
     assert e["epsilon_after"] == pytest.approx(eps[1])
     assert not list(led.path.parent.glob("*.tmp"))
 
@@ -227,8 +240,8 @@ def test_ledger_composes_across_federations_but_keeps_modes_apart(tmp_path):
     led.charge(u, round=1, federation="a", budget_epsilon=100, delta=1e-5)
     led.charge(u, round=1, federation="b", budget_epsilon=100, delta=1e-5)
     led.charge(r, round=1, federation="a", budget_epsilon=100, delta=1e-5)
-    assert led.spent("update", 1e-5) == pytest.approx(privacy.epsilon_update_level(1.5, 2, 1e-5))
-    assert led.spent("record", 1e-5) == pytest.approx(privacy.epsilon_dp_sgd(1.0, 0.01, 300, 1e-5))
+    assert led.spent("update", 1e-5) == pytest.approx(accounting.epsilon_update_level(1.5, 2, 1e-5))
+    assert led.spent("record", 1e-5) == pytest.approx(accounting.epsilon_dp_sgd(1.0, 0.01, 300, 1e-5))
     # check() alone does not write
     led.check(u, 100, 1e-5)
     assert len(led.entries()) == 3
@@ -283,13 +296,11 @@ def test_dp_sgd_trains_and_reports_its_mechanism():
     x, y = _separable()
     model = torch.nn.Sequential(torch.nn.Linear(6, 1))
     before = [p.detach().clone() for p in model.parameters()]
-    mech = privacy.train_dp_sgd(
-        model, x, y, epochs=3, batch_size=40, lr=0.1, max_grad_norm=1.0, noise_multiplier=1.0
-    )
+    mech = dp_sgd.train_dp_sgd(model, x, y, epochs=3, batch_size=40, lr=0.1, max_grad_norm=1.0, noise_multiplier=1.0)
     assert mech.mode == "record"
     assert mech.sample_rate == pytest.approx(40 / 400)
     assert mech.steps == 3 * 10  # every Poisson step is accounted, empty batches included
-    assert (mech.sample_rate, mech.steps) == privacy.dp_sgd_schedule(400, 40, 3)
+    assert (mech.sample_rate, mech.steps) == accounting.dp_sgd_schedule(400, 40, 3)
     assert (mech.noise_multiplier, mech.clip) == (1.0, 1.0)
     # the caller's model carries the trained weights and no Opacus leftovers
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -297,8 +308,8 @@ def test_dp_sgd_trains_and_reports_its_mechanism():
     with torch.no_grad():
         acc = float(((model(x).squeeze(1) > 0).float() == y).float().mean())
     assert acc > 0.8
-    eps = privacy.epsilon([mech], 1e-5)
-    assert eps == pytest.approx(privacy.epsilon_dp_sgd(1.0, 0.1, 30, 1e-5))
+    eps = accounting.epsilon([mech], 1e-5)
+    assert eps == pytest.approx(accounting.epsilon_dp_sgd(1.0, 0.1, 30, 1e-5))
 
 
 def test_dp_sgd_noise_and_sampling_ignore_the_global_seed():
@@ -308,7 +319,7 @@ def test_dp_sgd_noise_and_sampling_ignore_the_global_seed():
     for _ in range(2):
         torch.manual_seed(0)
         model = torch.nn.Linear(6, 1)
-        privacy.train_dp_sgd(model, x, y, epochs=1, batch_size=20, lr=0.1, max_grad_norm=1.0, noise_multiplier=1.0)
+        dp_sgd.train_dp_sgd(model, x, y, epochs=1, batch_size=20, lr=0.1, max_grad_norm=1.0, noise_multiplier=1.0)
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.equal(runs[0], runs[1])
 
@@ -317,18 +328,18 @@ def test_dp_sgd_rejects_incompatible_models():
     x, y = _separable(n=50)
     model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
     with pytest.raises(FedcliError, match="not compatible"):
-        privacy.train_dp_sgd(model, x, y, epochs=1, batch_size=10, lr=0.1, max_grad_norm=1.0, noise_multiplier=1.0)
+        dp_sgd.train_dp_sgd(model, x, y, epochs=1, batch_size=10, lr=0.1, max_grad_norm=1.0, noise_multiplier=1.0)
 
 
 # --------------------------------------------------------------------------- federation policy
 
 
 def test_parse_privacy_defaults_and_errors():
-    assert not privacy.parse_privacy(None).enabled
-    ps = privacy.parse_privacy({"mode": "update", "clip": 0.5, "target_epsilon": 3, "rounds": 5})
+    assert not policy.parse_privacy(None).enabled
+    ps = policy.parse_privacy({"mode": "update", "clip": 0.5, "target_epsilon": 3, "rounds": 5})
     assert (ps.mode, ps.clip, ps.budget_epsilon, ps.delta) == ("update", 0.5, 3.0, 1e-5)
-    assert privacy.epsilon_update_level(ps.noise_for(), 5, 1e-5) <= 3.0
-    fixed = privacy.parse_privacy({"mode": "update", "noise_multiplier": 1.1, "budget_epsilon": 8})
+    assert accounting.epsilon_update_level(ps.noise_for(), 5, 1e-5) <= 3.0
+    fixed = policy.parse_privacy({"mode": "update", "noise_multiplier": 1.1, "budget_epsilon": 8})
     assert fixed.noise_for() == 1.1
     for bad, msg in [
         ({"mode": "laplace"}, "mode"),
@@ -342,13 +353,13 @@ def test_parse_privacy_defaults_and_errors():
         ({"mode": "update", "clip": True, "target_epsilon": 1}, "clip"),
     ]:
         with pytest.raises(FedcliError, match=msg):
-            privacy.parse_privacy(bad)
+            policy.parse_privacy(bad)
 
 
 def test_coordinator_rejects_weaker_dp_than_required():
-    fixed = privacy.parse_privacy({"mode": "update", "noise_multiplier": 1.0, "budget_epsilon": 10})
+    fixed = policy.parse_privacy({"mode": "update", "noise_multiplier": 1.0, "budget_epsilon": 10})
     ok = Mechanism("update", 1.2, 1.0, 1, 0.5).manifest()
-    assert privacy.check_declared(ok, fixed, "u").noise_multiplier == 1.2
+    assert policy.check_declared(ok, fixed, "u").noise_multiplier == 1.2
     for dp, msg in [
         (None, "declares no differential privacy"),
         (Mechanism("update", 0.9, 1.0, 1, 0.5).manifest(), "below the required"),
@@ -357,16 +368,16 @@ def test_coordinator_rejects_weaker_dp_than_required():
         ({"mode": "update", "noise_multiplier": "lots"}, "malformed"),
         ("strong", "not an object"),
     ]:
-        with pytest.raises(privacy.VerificationError, match=msg):
-            privacy.check_declared(dp, fixed, "u")
+        with pytest.raises(errors.VerificationError, match=msg):
+            policy.check_declared(dp, fixed, "u")
 
-    target = privacy.parse_privacy({"mode": "record", "target_epsilon": 3.0, "rounds": 4, "delta": 1e-5})
-    q, steps = privacy.dp_sgd_schedule(5000, 64, 2)
+    target = policy.parse_privacy({"mode": "record", "target_epsilon": 3.0, "rounds": 4, "delta": 1e-5})
+    q, steps = accounting.dp_sgd_schedule(5000, 64, 2)
     z = target.noise_for(q, steps)
-    assert privacy.check_declared(Mechanism("record", z, q, steps, 1.0).manifest(), target, "u") is not None
-    with pytest.raises(privacy.VerificationError, match="over 4 rounds"):
-        privacy.check_declared(Mechanism("record", z * 0.8, q, steps, 1.0).manifest(), target, "u")
-    with pytest.raises(privacy.VerificationError, match="over 4 rounds"):  # more steps than planned
-        privacy.check_declared(Mechanism("record", z, q, steps * 3, 1.0).manifest(), target, "u")
+    assert policy.check_declared(Mechanism("record", z, q, steps, 1.0).manifest(), target, "u") is not None
+    with pytest.raises(errors.VerificationError, match="over 4 rounds"):
+        policy.check_declared(Mechanism("record", z * 0.8, q, steps, 1.0).manifest(), target, "u")
+    with pytest.raises(errors.VerificationError, match="over 4 rounds"):  # more steps than planned
+        policy.check_declared(Mechanism("record", z, q, steps * 3, 1.0).manifest(), target, "u")
     # a federation without DP accepts updates with or without a declaration
-    assert privacy.check_declared(None, privacy.PrivacySpec(), "u") is None
+    assert policy.check_declared(None, policy.PrivacySpec(), "u") is None

@@ -8,8 +8,8 @@ from conftest import BANKS, ROOT, make_fed
 from safetensors.numpy import load_file
 from test_rejections import forge
 
-from fedcli import privacy
 from fedcli.errors import ExitCode
+from fedcli.privacy import accounting, noise
 
 TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
 
@@ -23,32 +23,47 @@ def dp_fed(tmp_path, credit_split, privacy_toml: str, training_toml: str | None 
 
 
 def test_update_level_rounds_ledger_and_budget_refusal(tmp_path, credit_split):
-    budget = privacy.epsilon_update_level(1.0, 2, 1e-5) + 1e-3  # room for exactly two releases
-    fed = dp_fed(tmp_path, credit_split, f'mode = "update"\nclip = 0.5\nnoise_multiplier = 1.0\nbudget_epsilon = {budget}\n')
+    budget = accounting.epsilon_update_level(1.0, 2, 1e-5) + 1e-3  # room for exactly two releases
+    fed = dp_fed(
+        tmp_path, credit_split, f'mode = "update"\nclip = 0.5\nnoise_multiplier = 1.0\nbudget_epsilon = {budget}\n'
+    )
     for r in (1, 2):
         for b in BANKS:
             res = fed.train(b)
             assert "update-level DP" in res.output and f"of budget {budget:g}" in res.output
         m = json.loads((fed.store / f"rounds/{r:06d}/updates/bank-a.json").read_text())
-        assert m["dp"] == {"mode": "update", "mechanism": "gaussian", "accountant": "rdp", "clip": 0.5,
-                           "noise_multiplier": 1.0, "sample_rate": 1.0, "steps": 1, "delta": 1e-5}
+        assert m["dp"] == {
+            "mode": "update",
+            "mechanism": "gaussian",
+            "accountant": "rdp",
+            "clip": 0.5,
+            "noise_multiplier": 1.0,
+            "sample_rate": 1.0,
+            "steps": 1,
+            "delta": 1e-5,
+        }
         assert "num_examples" not in m and "metrics" not in m  # not privatised, so not published
         res = fed.aggregate()
         assert "withheld (DP)" in res.output
         g = json.loads((fed.store / f"rounds/{r:06d}/global.json").read_text())
         assert g["rule"] == "mean"
     # equal weights: the global is the plain mean of the noised deltas
-    base, new = load_file(fed.store / "rounds/000001/global.safetensors"), load_file(fed.store / "rounds/000002/global.safetensors")
+    base, new = (
+        load_file(fed.store / "rounds/000001/global.safetensors"),
+        load_file(fed.store / "rounds/000002/global.safetensors"),
+    )
     deltas = [load_file(fed.store / f"rounds/000002/updates/{b}.safetensors") for b in BANKS]
     for k in base:
-        np.testing.assert_allclose(new[k], base[k] + np.mean([d[k].astype(np.float64) for d in deltas], axis=0), atol=1e-6)
+        np.testing.assert_allclose(
+            new[k], base[k] + np.mean([d[k].astype(np.float64) for d in deltas], axis=0), atol=1e-6
+        )
     # the noise is really there: the norm of a released delta is far above the clip (0.5)
-    assert privacy.update_norm(deltas[0]) > 1.0
+    assert noise.update_norm(deltas[0]) > 1.0
 
     ledger = fed.key("bank-a").with_suffix(".ledger.json")
     entries = json.loads(ledger.read_text())["entries"]
     assert [(e["round"], e["mode"], e["noise_multiplier"]) for e in entries] == [(1, "update", 1.0), (2, "update", 1.0)]
-    assert entries[1]["epsilon_after"] == privacy.epsilon_update_level(1.0, 2, 1e-5)
+    assert entries[1]["epsilon_after"] == accounting.epsilon_update_level(1.0, 2, 1e-5)
 
     res = fed.train("bank-a", code=ExitCode.BUDGET)
     assert "privacy budget exceeded" in res.output and "not exported" in res.output
@@ -56,8 +71,20 @@ def test_update_level_rounds_ledger_and_budget_refusal(tmp_path, credit_split):
     assert len(json.loads(ledger.read_text())["entries"]) == 2
 
     # a bank's own, stricter budget wins over the spec's: bank-b refuses already
-    res = fed.cli("train", "--store", fed.store, "--key", fed.key("bank-b"), "--data", fed.data / "bank-b.csv",
-                  "--coordinator", fed.pub("coordinator"), "--max-epsilon", "1", code=ExitCode.BUDGET)
+    res = fed.cli(
+        "train",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key("bank-b"),
+        "--data",
+        fed.data / "bank-b.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+        "--max-epsilon",
+        "1",
+        code=ExitCode.BUDGET,
+    )
     assert "budget 1 " in res.output
 
     res = fed.cli("privacy", "--key", fed.key("bank-a"))
@@ -69,7 +96,7 @@ def test_coordinator_rejects_weaker_or_missing_dp(tmp_path, credit_split):
     fed = dp_fed(tmp_path, credit_split, 'mode = "update"\nnoise_multiplier = 1.0\nbudget_epsilon = 50\n')
     for b in BANKS[:2]:
         fed.train(b)
-    weak = privacy.Mechanism("update", 0.3, 1.0, 1, 1.0).manifest()
+    weak = accounting.Mechanism("update", 0.3, 1.0, 1, 1.0).manifest()
     forge(fed, "bank-c", num_examples=None, metrics=None, dp=weak)
     forge(fed, "bank-d", num_examples=None, metrics=None)
     res = fed.aggregate(code=3)  # two good updates; quorum is three
@@ -82,7 +109,8 @@ def test_record_level_at_epsilon_3_spends_the_budget_and_learns(tmp_path, credit
     statistical claim measured over repeated runs in bench/dp_auc.py (docs/benchmarks.md); here the
     model only has to be far from chance (the benchmark's mean is 0.853 with a std of 0.003)."""
     fed = dp_fed(
-        tmp_path, credit_split,
+        tmp_path,
+        credit_split,
         'mode = "record"\nclip = 1.0\ntarget_epsilon = 3.0\ndelta = 1e-5\nrounds = 5\n',
         training_toml="[training]\nepochs = 3\nbatch_size = 128\nlr = 0.05\n",
     )
@@ -95,7 +123,7 @@ def test_record_level_at_epsilon_3_spends_the_budget_and_learns(tmp_path, credit
     for b in BANKS:  # every bank ends just under its budget, by the ledger and by an independent recount
         entries = json.loads(fed.key(b).with_suffix(".ledger.json").read_text())["entries"]
         assert len(entries) == 5
-        spent = privacy.epsilon([privacy.Mechanism.from_dict(e) for e in entries], 1e-5)
+        spent = accounting.epsilon([accounting.Mechanism.from_dict(e) for e in entries], 1e-5)
         assert 2.8 < spent <= 3.0 and entries[-1]["epsilon_after"] == spent
     res = compare(str(fed.store), str(fed.pub("coordinator")), fed.data)
     assert res["federated"]["auc"] > 0.80

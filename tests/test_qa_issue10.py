@@ -11,8 +11,9 @@ import struct
 import numpy as np
 from conftest import ROOT, make_fed
 
-from fedcli import keys, rounds
+from fedcli import keys
 from fedcli.errors import ExitCode
+from fedcli.protocol import rounds
 
 
 def _resign_huge_update(fed, member: str, r: int = 1) -> None:
@@ -21,9 +22,9 @@ def _resign_huge_update(fed, member: str, r: int = 1) -> None:
     tpath, mpath = fed.store / tkey, fed.store / mkey
     raw = tpath.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    body = np.frombuffer(raw[8 + n:], dtype="<f4").copy()
+    body = np.frombuffer(raw[8 + n :], dtype="<f4").copy()
     body[:] = np.finfo(np.float32).max
-    data = raw[:8 + n] + body.tobytes()
+    data = raw[: 8 + n] + body.tobytes()
     tpath.write_bytes(data)
     manifest = json.loads(mpath.read_bytes())
     manifest.pop("signature")
@@ -53,8 +54,18 @@ def test_a_global_poisoned_by_one_member_is_blamed_not_the_banks_table(tmp_path,
 def test_predict_into_a_missing_folder_names_the_reason(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split)
     out = tmp_path / "no-such-folder" / "scores.csv"
-    res = fed.cli("predict", "--store", fed.store, "--coordinator", fed.pub("coordinator"),
-                  "--data", fed.data / "test.csv", "--out", out, code=ExitCode.ERROR)
+    res = fed.cli(
+        "predict",
+        "--store",
+        fed.store,
+        "--coordinator",
+        fed.pub("coordinator"),
+        "--data",
+        fed.data / "test.csv",
+        "--out",
+        out,
+        code=ExitCode.ERROR,
+    )
     line = res.output.strip().splitlines()[-1]
     assert line.startswith("error: cannot write") and "non-existent directory" in line and "None" not in line, line
     assert not out.parent.exists()
@@ -100,8 +111,15 @@ def test_a_spec_template_saved_with_a_byte_order_mark_is_read(tmp_path, credit_s
     fed = make_fed(tmp_path, credit_split)
     bom = tmp_path / "bom.toml"
     bom.write_bytes(b"\xef\xbb\xbf" + template.encode())
-    fed.cli("init", tmp_path / "store2", "--spec", bom, "--key", fed.key("coordinator"),
-            *[x for b in ("bank-a", "bank-b", "bank-c") for x in ("--member", fed.pub(b))])
+    fed.cli(
+        "init",
+        tmp_path / "store2",
+        "--spec",
+        bom,
+        "--key",
+        fed.key("coordinator"),
+        *[x for b in ("bank-a", "bank-b", "bank-c") for x in ("--member", fed.pub(b))],
+    )
     assert not (tmp_path / "store2" / "federation.toml").read_bytes().startswith(b"\xef\xbb\xbf")
 
 
@@ -131,8 +149,9 @@ def test_status_counts_only_updates_a_member_signed(tmp_path, credit_split):
     (upd / "bank-d.json").write_text('{"kind": "update", "member": "bank-d", "signature": "AAAA"}')
     (upd / "evil.json").write_text("{}")
     res = fed.cli("status", fed.store, "--coordinator", fed.pub("coordinator"))
-    other = " ".join(c for c in (line.split("│")[-2].strip() for line in res.output.splitlines()
-                                  if line.startswith("│")) if c)  # the last column, wrapped cells joined
+    other = " ".join(
+        c for c in (line.split("│")[-2].strip() for line in res.output.splitlines() if line.startswith("│")) if c
+    )  # the last column, wrapped cells joined
     assert "2 submitted, 2 unsigned" in other, res.output
     assert res.output.count("unsigned: no member signed") == 2
 

@@ -5,12 +5,12 @@ import struct
 
 import numpy as np
 import pytest
-from safetensors.numpy import load
 from conftest import BANKS
+from safetensors.numpy import load
 
-from fedcli import keys
-from fedcli import tensors as T
-from fedcli.rounds import read_rejections
+from fedcli import digest, keys
+from fedcli.protocol.rounds import read_rejections
+from fedcli.protocol.tensors import encode
 from fedcli.store.folder import FolderStore
 
 
@@ -18,10 +18,20 @@ def forge(fed, member, signer=None, tensors=None, raw=None, **overrides):
     """Write an update for round 1 as `member`, signed by `signer`'s key, with chosen flaws."""
     base = json.loads((fed.store / "rounds/000000/global.json").read_text())
     good = {k: np.zeros_like(v) for k, v in load((fed.store / "rounds/000000/global.safetensors").read_bytes()).items()}
-    data = raw if raw is not None else T.encode(tensors(good) if tensors is not None else good)
-    manifest = {"kind": "update", "format": 1, "federation_id": "credit-demo", "round": 1, "member": member,
-                "base_sha256": base["tensors_sha256"], "tensors_sha256": T.sha256(data), "num_examples": 100,
-                "metrics": {}, "created_at": "2026-01-01T00:00:00+00:00", "nonce": "00"} | overrides
+    data = raw if raw is not None else encode(tensors(good) if tensors is not None else good)
+    manifest = {
+        "kind": "update",
+        "format": 1,
+        "federation_id": "credit-demo",
+        "round": 1,
+        "member": member,
+        "base_sha256": base["tensors_sha256"],
+        "tensors_sha256": digest.sha256(data),
+        "num_examples": 100,
+        "metrics": {},
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "nonce": "00",
+    } | overrides
     private, _ = keys.load_private(fed.key(signer or member))
     upd = fed.store / "rounds/000001/updates"
     upd.mkdir(parents=True, exist_ok=True)
@@ -45,7 +55,11 @@ CASES = {  # flaw -> (reason code, words of the message)
     "missing tensor": (dict(tensors=lambda g: {"0.bias": g["0.bias"]}), "malformed", "missing ['0.weight']"),
     "wrong dtype": (dict(tensors=lambda g: {k: v.astype(np.float64) for k, v in g.items()}), "malformed", "dtype"),
     "nan values": (dict(tensors=lambda g: g | {"0.bias": np.full(1, np.nan, np.float32)}), "not-finite", "NaN"),
-    "infinite values": (dict(tensors=lambda g: g | {"0.bias": np.full(1, np.inf, np.float32)}), "not-finite", "infinite"),
+    "infinite values": (
+        dict(tensors=lambda g: g | {"0.bias": np.full(1, np.inf, np.float32)}),
+        "not-finite",
+        "infinite",
+    ),
     "header bomb": (dict(raw=header_bomb()), "malformed", "header length"),
     "not safetensors": (dict(raw=b"\x80\x04\x95pickle payload" + b"\0" * 64), "malformed", "header length"),
     "unknown manifest key": (dict(num_exemples=5), "malformed", "did you mean 'num_examples'"),

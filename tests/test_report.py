@@ -7,15 +7,27 @@ from conftest import BANKS
 from PIL import Image
 
 from fedcli import keys
-from fedcli import rounds as R
+from fedcli.privacy import accounting
+from fedcli.protocol import rounds
 
 
 def _signed_update(fed, signer: str, member: str, r: int, **extra) -> None:
     private, _ = keys.load_private(fed.key(signer))
-    manifest = {"kind": "update", "format": 1, "federation_id": "credit-demo", "round": r, "member": member,
-                "base_sha256": "0" * 64, "tensors_sha256": "0" * 64, "metrics": {"loss": 0.5},
-                "compression": {"method": "none"}, "created_at": "2026-01-01T00:00:00+00:00", "nonce": "00", **extra}
-    path = fed.store / R.update_keys(r, member)[1]
+    manifest = {
+        "kind": "update",
+        "format": 1,
+        "federation_id": "credit-demo",
+        "round": r,
+        "member": member,
+        "base_sha256": "0" * 64,
+        "tensors_sha256": "0" * 64,
+        "metrics": {"loss": 0.5},
+        "compression": {"method": "none"},
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "nonce": "00",
+        **extra,
+    }
+    path = fed.store / rounds.update_keys(r, member)[1]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(keys.sign_manifest(private, manifest))
 
@@ -42,23 +54,23 @@ def test_report_png_and_html(fed, tmp_path):
     for b in BANKS:
         assert b in page
     cells = re.findall(r"<tr><td>(\d+)</td><td>([a-z-]+)</td><td><span class=\"(\w+)\"", page)
-    assert sorted(cells) == sorted([("1", b, "accepted") for b in BANKS]
-                                   + [("2", "bank-a", "submitted"), ("2", "bank-b", "submitted")])
+    assert sorted(cells) == sorted(
+        [("1", b, "accepted") for b in BANKS] + [("2", "bank-a", "submitted"), ("2", "bank-b", "submitted")]
+    )
     # the numbers in the table are the ones the banks signed
     signed = json.loads((fed.store / "rounds/000001/updates/bank-c.json").read_text())
     assert f"{signed['metrics']['auc_after']:.4f}" in page
 
     # DP updates: epsilon per bank per round goes to the privacy panel; a forged manifest is flagged
-    from fedcli import privacy
 
-    _signed_update(fed, "bank-c", "bank-c", 2, dp=privacy.Mechanism("update", 1.5, 1.0, 1, 1.0).manifest())
-    _signed_update(fed, "bank-c", "bank-d", 2, dp=privacy.Mechanism("update", 4.0, 1.0, 1, 1.0).manifest())
+    _signed_update(fed, "bank-c", "bank-c", 2, dp=accounting.Mechanism("update", 1.5, 1.0, 1, 1.0).manifest())
+    _signed_update(fed, "bank-c", "bank-d", 2, dp=accounting.Mechanism("update", 4.0, 1.0, 1, 1.0).manifest())
     fed.cli("report", fed.store, "--out", out)
     page = out.read_text()
     assert "no DP recorded" not in page and "cumulative budget" in page
-    assert re.search(rf"<td>2</td><td>bank-c</td>.*<td>{privacy.epsilon_update_level(1.5, 1, 1e-5):.3f}</td>", page)
+    assert re.search(rf"<td>2</td><td>bank-c</td>.*<td>{accounting.epsilon_update_level(1.5, 1, 1e-5):.3f}</td>", page)
     assert re.search(r"<td>2</td><td>bank-d</td><td><span class=\"invalid\">.*signature", page)
-    assert f"{privacy.epsilon_update_level(4.0, 1, 1e-5):.3f}" not in page
+    assert f"{accounting.epsilon_update_level(4.0, 1, 1e-5):.3f}" not in page
 
     # a manifest signed by its bank but off its contract is listed as invalid, never plotted
     _signed_update(fed, "bank-a", "bank-a", 2, num_examples=10**400)
@@ -77,7 +89,7 @@ def test_report_on_a_store_without_federation(tmp_path, fed):
 def test_report_epsilon_from_real_dp_manifests(tmp_path, credit_split):
     from conftest import ROOT, make_fed
 
-    from fedcli import privacy
+    from fedcli.privacy import accounting
 
     template = (ROOT / "examples" / "federation.toml").read_text()
     dp = '\n[privacy]\nmode = "update"\nclip = 0.5\nnoise_multiplier = 1.0\nbudget_epsilon = 40\n'
@@ -91,7 +103,7 @@ def test_report_epsilon_from_real_dp_manifests(tmp_path, credit_split):
     page = out.read_text()
     assert "no DP recorded" not in page and "budget ε=40" in page
     for r in (1, 2):  # the same composition the bank's ledger makes: r update-level releases
-        eps = privacy.epsilon_update_level(1.0, r, 1e-5)
+        eps = accounting.epsilon_update_level(1.0, r, 1e-5)
         for b in BANKS:
             assert re.search(rf"<td>{r}</td><td>{b}</td>.*<td>{eps:.3f}</td>", page)
     with Image.open(out.with_suffix(".png")) as im:
@@ -101,6 +113,7 @@ def test_report_epsilon_from_real_dp_manifests(tmp_path, credit_split):
 def test_report_checks_the_pinned_coordinator(tmp_path, credit_split):
     """A self-signed store is not the federation: with --coordinator, report refuses another key's store."""
     from conftest import make_fed
+
     from fedcli.errors import ExitCode
 
     fed = make_fed(tmp_path / "fed", credit_split)
@@ -109,6 +122,7 @@ def test_report_checks_the_pinned_coordinator(tmp_path, credit_split):
     assert "not pinned" in res.output
     res = fed.cli("report", fed.store, "--out", out, "--coordinator", fed.pub("coordinator"))
     assert "not pinned" not in res.output and out.exists()
-    res = fed.cli("report", fed.store, "--out", tmp_path / "x.html", "--coordinator", fed.pub("bank-a"),
-                  code=ExitCode.VERIFY)
+    res = fed.cli(
+        "report", fed.store, "--out", tmp_path / "x.html", "--coordinator", fed.pub("bank-a"), code=ExitCode.VERIFY
+    )
     assert not (tmp_path / "x.html").exists()

@@ -107,8 +107,11 @@ def test_deep_safetensors_header_is_rejected(fed):
 def test_planted_global_json_stops_everyone_with_one_line(fed, garbage):
     """The latest global.json replaced: train, aggregate and status refuse with exit 4 and one line."""
     (fed.store / "rounds/000000/global.json").write_bytes(garbage)
-    for res in (fed.train("bank-a", code=ExitCode.VERIFY), fed.aggregate(code=ExitCode.VERIFY),
-                fed.cli("status", fed.store, code=ExitCode.VERIFY)):
+    for res in (
+        fed.train("bank-a", code=ExitCode.VERIFY),
+        fed.aggregate(code=ExitCode.VERIFY),
+        fed.cli("status", fed.store, code=ExitCode.VERIFY),
+    ):
         assert "global model of round 0" in one_error_line(res)
     assert not (fed.store / "rounds/000001").exists()  # the bank wrote nothing
 
@@ -138,9 +141,14 @@ def test_rejections_are_signed_and_a_forged_file_is_only_ever_unverified(fed, tm
 
     path = fed.store / "rounds/000001/rejections.json"
     bank_key, _ = keys.load_private(fed.key("bank-a"))
-    forged = {"kind": "rejections", "format": 1, "federation_id": "credit-demo", "round": 1,
-              "entries": {"bank-c": {"reason": "bad-signature", "message": "FORGED bank-c cheated"}},
-              "created_at": "2026-01-01T00:00:00+00:00"}
+    forged = {
+        "kind": "rejections",
+        "format": 1,
+        "federation_id": "credit-demo",
+        "round": 1,
+        "entries": {"bank-c": {"reason": "bad-signature", "message": "FORGED bank-c cheated"}},
+        "created_at": "2026-01-01T00:00:00+00:00",
+    }
     plants = {
         "unsigned": json.dumps({"bank-c": "FORGED bank-c cheated [/x]"}).encode(),
         "signed by a bank": keys.sign_manifest(bank_key, forged),
@@ -214,12 +222,15 @@ def test_a_non_finite_global_is_never_signed(tmp_path, credit_split):
 @pytest.mark.parametrize("z, code", [(1e-300, "weak-privacy"), (1.7e308, "malformed")])
 def test_absurd_dp_declaration_is_rejected_not_a_crash(tmp_path, credit_split, z, code):
     """The accountant divides by zero or overflows on absurd parameters: a rejection, not a traceback."""
-    from fedcli import privacy
+    from fedcli.privacy import accounting
 
     template = (ROOT / "examples" / "federation.toml").read_text()
-    fed = make_fed(tmp_path, credit_split, template + '\n[privacy]\nmode = "record"\nclip = 1.0\n'
-                   'target_epsilon = 3.0\ndelta = 1e-5\nrounds = 5\n')
-    honest = privacy.Mechanism("record", 2.0, 0.01, 100, 1.0).manifest() | {"delta": 1e-5}
+    fed = make_fed(
+        tmp_path,
+        credit_split,
+        template + '\n[privacy]\nmode = "record"\nclip = 1.0\ntarget_epsilon = 3.0\ndelta = 1e-5\nrounds = 5\n',
+    )
+    honest = accounting.Mechanism("record", 2.0, 0.01, 100, 1.0).manifest() | {"delta": 1e-5}
     for b in BANKS[:3]:
         forge(fed, b, num_examples=None, metrics=None, dp=honest)
     forge(fed, "bank-d", num_examples=None, metrics=None, dp=honest | {"noise_multiplier": z, "steps": 10**9})

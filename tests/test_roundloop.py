@@ -29,12 +29,22 @@ def test_full_rounds_status_evaluate_predict(fed, tmp_path):
     res = fed.cli("status", fed.store)
     assert "published" in res.output and "4/4" in res.output
 
-    res = fed.cli("evaluate", "--store", fed.store, "--coordinator", fed.pub("coordinator"),
-                  "--data", fed.data / "test.csv")
+    res = fed.cli(
+        "evaluate", "--store", fed.store, "--coordinator", fed.pub("coordinator"), "--data", fed.data / "test.csv"
+    )
     assert "round 2" in res.output and "auc" in res.output
     out = tmp_path / "scores.csv"
-    fed.cli("predict", "--store", fed.store, "--coordinator", fed.pub("coordinator"),
-            "--data", fed.data / "test.csv", "--out", out)
+    fed.cli(
+        "predict",
+        "--store",
+        fed.store,
+        "--coordinator",
+        fed.pub("coordinator"),
+        "--data",
+        fed.data / "test.csv",
+        "--out",
+        out,
+    )
     import pandas as pd
 
     scores = pd.read_csv(out)["score"]
@@ -81,8 +91,17 @@ def test_init_is_reproducible_and_refuses_twice(tmp_path, credit_split):
     b = make_fed(tmp_path / "b", credit_split)
     ga = (a.store / "rounds/000000/global.safetensors").read_bytes()
     assert ga == (b.store / "rounds/000000/global.safetensors").read_bytes()
-    res = a.cli("init", a.store, "--spec", a.root / "federation.toml", "--key", a.key("coordinator"),
-                "--member", a.pub("bank-a"), code=1)
+    res = a.cli(
+        "init",
+        a.store,
+        "--spec",
+        a.root / "federation.toml",
+        "--key",
+        a.key("coordinator"),
+        "--member",
+        a.pub("bank-a"),
+        code=1,
+    )
     assert "already holds a federation" in res.output
 
 
@@ -91,9 +110,11 @@ def test_keygen_permissions_passphrase_and_fingerprint(fed, tmp_path, monkeypatc
     assert mode == 0o600
     res = fed.cli("keygen", "bank-x", "--out", tmp_path / "x", "--encrypt", code=None)
     # no passphrase in env: prompted; CliRunner feeds it
-    res = fed.runner.invoke(__import__("fedcli.cli").cli.app,
-                            ["keygen", "bank-y", "--out", str(tmp_path / "y"), "--encrypt"],
-                            input="s3cret\ns3cret\n")
+    res = fed.runner.invoke(
+        __import__("fedcli.cli").cli.app,
+        ["keygen", "bank-y", "--out", str(tmp_path / "y"), "--encrypt"],
+        input="s3cret\ns3cret\n",
+    )
     assert res.exit_code == 0 and "encrypted" in res.output
     from fedcli import keys
 
@@ -121,8 +142,18 @@ def test_help_does_not_import_torch():
 
 def test_bank_refuses_wrong_pinned_coordinator_and_tampered_global(fed):
     fed.cli("keygen", "impostor", "--out", fed.root / "impostor")
-    res = fed.cli("train", "--store", fed.store, "--key", fed.key("bank-a"), "--data", fed.data / "bank-a.csv",
-                  "--coordinator", fed.pub("impostor"), code=ExitCode.VERIFY)
+    res = fed.cli(
+        "train",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key("bank-a"),
+        "--data",
+        fed.data / "bank-a.csv",
+        "--coordinator",
+        fed.pub("impostor"),
+        code=ExitCode.VERIFY,
+    )
     assert "refusing to trust" in res.output
     g = fed.store / "rounds/000000/global.safetensors"
     data = bytearray(g.read_bytes())
@@ -148,8 +179,18 @@ def test_bank_detects_rollback(fed):
 
 def test_unenrolled_key_and_bad_data_are_clear_errors(fed, tmp_path):
     fed.cli("keygen", "stranger", "--out", tmp_path / "s")
-    res = fed.cli("train", "--store", fed.store, "--key", tmp_path / "s" / "stranger.key", "--data",
-                  fed.data / "bank-a.csv", "--coordinator", fed.pub("coordinator"), code=1)
+    res = fed.cli(
+        "train",
+        "--store",
+        fed.store,
+        "--key",
+        tmp_path / "s" / "stranger.key",
+        "--data",
+        fed.data / "bank-a.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+        code=1,
+    )
     assert "not enrolled" in res.output
     bad = tmp_path / "bad.csv"
     bad.write_text("Status,Age\nbad,30\n")

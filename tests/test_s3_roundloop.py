@@ -6,8 +6,8 @@ import pytest
 from conftest import BANKS, FAST_RETRY, make_fed, use_s3
 from s3server import FaultyProxy
 
-from fedcli import rounds as R
 from fedcli.errors import ExitCode
+from fedcli.protocol import rounds
 from fedcli.store import open_store
 
 
@@ -25,12 +25,13 @@ def test_full_round_loop_on_s3(server, request, tmp_path, credit_split, monkeypa
     keys = {o["Key"][len(prefix) + 1 :] for o in listed}
     assert {"federation.toml", "rounds/000002/global.json", "rounds/000002/updates/bank-c.safetensors"} <= keys
     store = open_store(fed.url)
-    g1, g2 = (json.loads(store.get(R.global_keys(r)[1], max_bytes=1 << 30)) for r in (1, 2))
+    g1, g2 = (json.loads(store.get(rounds.global_keys(r)[1], max_bytes=1 << 30)) for r in (1, 2))
     assert g2["prev_sha256"] == g1["tensors_sha256"]
     res = fed.cli("status", fed.loc)
     assert "published" in res.output and "3/4" in res.output
-    res = fed.cli("evaluate", "--store", fed.loc, "--coordinator", fed.pub("coordinator"),
-                  "--data", fed.data / "test.csv")
+    res = fed.cli(
+        "evaluate", "--store", fed.loc, "--coordinator", fed.pub("coordinator"), "--data", fed.data / "test.csv"
+    )
     assert "round 2" in res.output
     # the aggregate lock was released, not left behind
     top = sorted(k for k in store.list("locks/aggregate"))[-1]
@@ -58,7 +59,7 @@ def test_store_down_is_exit_5_and_nothing_is_lost(moto_s3, tmp_path, credit_spli
 def test_tampered_global_on_s3_is_refused(moto_s3, tmp_path, credit_split, monkeypatch):
     fed = make_fed(tmp_path, credit_split, url=use_s3(moto_s3, monkeypatch))
     store = open_store(fed.url)
-    tkey, _ = R.global_keys(0)
+    tkey, _ = rounds.global_keys(0)
     data = bytearray(store.get(tkey, max_bytes=1 << 30))
     data[-1] ^= 1
     store.put(tkey, bytes(data))

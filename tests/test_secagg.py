@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedcli import secagg
 from fedcli.errors import FedcliError, VerificationError
+from fedcli.secagg import masking
 
 FED = "bank-consortium"
 CLIP = 1.0
@@ -13,7 +13,7 @@ CLIP = 1.0
 
 def _keys(n):
     members = [f"bank-{i}" for i in range(n)]
-    priv = {m: secagg.generate_key() for m in members}
+    priv = {m: masking.generate_key() for m in members}
     roster = {m: k.public_key() for m, k in priv.items()}
     return members, priv, roster
 
@@ -25,22 +25,20 @@ def _updates(members, size, seed=7):
 
 def _masked(members, priv, roster, updates, scale, round_=1):
     return {
-        m: secagg.mask_update(
-            secagg.quantize(updates[m], CLIP, scale), FED, round_, m, priv[m], roster
-        )
+        m: masking.mask_update(masking.quantize(updates[m], CLIP, scale), FED, round_, m, priv[m], roster)
         for m in members
     }
 
 
 def test_pair_seed_is_symmetric_and_bound_to_context():
     _, priv, roster = _keys(3)
-    s_ab = secagg.pair_seed(FED, 4, "bank-0", priv["bank-0"], "bank-1", roster["bank-1"])
-    s_ba = secagg.pair_seed(FED, 4, "bank-1", priv["bank-1"], "bank-0", roster["bank-0"])
+    s_ab = masking.pair_seed(FED, 4, "bank-0", priv["bank-0"], "bank-1", roster["bank-1"])
+    s_ba = masking.pair_seed(FED, 4, "bank-1", priv["bank-1"], "bank-0", roster["bank-0"])
     assert s_ab == s_ba and len(s_ab) == 32
     others = {
-        secagg.pair_seed(FED, 5, "bank-0", priv["bank-0"], "bank-1", roster["bank-1"]),
-        secagg.pair_seed("other-fed", 4, "bank-0", priv["bank-0"], "bank-1", roster["bank-1"]),
-        secagg.pair_seed(FED, 4, "bank-0", priv["bank-0"], "bank-2", roster["bank-2"]),
+        masking.pair_seed(FED, 5, "bank-0", priv["bank-0"], "bank-1", roster["bank-1"]),
+        masking.pair_seed("other-fed", 4, "bank-0", priv["bank-0"], "bank-1", roster["bank-1"]),
+        masking.pair_seed(FED, 4, "bank-0", priv["bank-0"], "bank-2", roster["bank-2"]),
     }
     assert s_ab not in others and len(others) == 3
 
@@ -49,31 +47,31 @@ def test_masked_sum_equals_plain_sum_within_quantization_error():
     members, priv, roster = _keys(5)
     size = 10_000
     updates = _updates(members, size)
-    scale = secagg.fixed_point_scale(CLIP, len(members))
+    scale = masking.fixed_point_scale(CLIP, len(members))
     masked = _masked(members, priv, roster, updates, scale)
-    total = secagg.dequantize(secagg.sum_masked(masked.values()), scale)
+    total = masking.dequantize(masking.sum_masked(masked.values()), scale)
     plain = sum(np.clip(u, -CLIP, CLIP) for u in updates.values())
     # each member's stochastic rounding is off by < 1 unit per coordinate
     assert np.max(np.abs(total - plain)) < len(members) / scale
     # and a single masked update is far from its plaintext
     # and a single masked update decodes to noise spread over the whole range (|x| <= CLIP)
-    alone = secagg.dequantize(masked["bank-0"], scale)
+    alone = masking.dequantize(masked["bank-0"], scale)
     assert np.mean(np.abs(alone - updates["bank-0"])) > CLIP
 
 
 def test_clipping_and_sum_near_range_do_not_wrap():
     members, priv, roster = _keys(4)
-    scale = secagg.fixed_point_scale(CLIP, len(members))
+    scale = masking.fixed_point_scale(CLIP, len(members))
     updates = {m: np.array([5.0, -5.0, CLIP, -CLIP, 0.0]) for m in members}
     masked = _masked(members, priv, roster, updates, scale)
-    total = secagg.dequantize(secagg.sum_masked(masked.values()), scale)
+    total = masking.dequantize(masking.sum_masked(masked.values()), scale)
     np.testing.assert_allclose(total, [4, -4, 4, -4, 0], atol=4 / scale)
 
 
 def test_stochastic_rounding_is_unbiased():
     scale = 4.0  # coarse grid so rounding is visible: 0.1 * 4 = 0.4 units
     x = np.full(200_000, 0.1)
-    q = secagg.dequantize(secagg.quantize(x, CLIP, scale), scale)
+    q = masking.dequantize(masking.quantize(x, CLIP, scale), scale)
     assert set(np.unique(q)) == {0.0, 0.25}
     # mean of Bernoulli(0.4)/4 over 200k draws: std of the mean ~ 2.7e-4
     assert abs(q.mean() - 0.1) < 0.002
@@ -84,9 +82,9 @@ def test_single_masked_update_is_indistinguishable_from_random():
     size = 1 << 18
     # a maximally structured update: a constant, quantized to one repeated word
     x = np.full(size, 0.5)
-    scale = secagg.fixed_point_scale(CLIP, len(members))
-    q = secagg.quantize(x, CLIP, scale)
-    masked = secagg.mask_update(q, FED, 2, "bank-1", priv["bank-1"], roster)
+    scale = masking.fixed_point_scale(CLIP, len(members))
+    q = masking.quantize(x, CLIP, scale)
+    masked = masking.mask_update(q, FED, 2, "bank-1", priv["bank-1"], roster)
 
     def byte_chi2_p(words):
         counts = np.bincount(words.view(np.uint8), minlength=256)
@@ -106,89 +104,89 @@ def test_dropout_recovery_one_of_five_missing():
     members, priv, roster = _keys(5)
     size = 5_000
     updates = _updates(members, size, seed=3)
-    scale = secagg.fixed_point_scale(CLIP, len(members))
+    scale = masking.fixed_point_scale(CLIP, len(members))
     masked = _masked(members, priv, roster, updates, scale, round_=9)
     dropped = ["bank-2"]
     survivors = [m for m in members if m not in dropped]
-    secagg.check_recovery(members, survivors, dropped)
+    masking.check_recovery(members, survivors, dropped)
 
-    partial = secagg.sum_masked(masked[m] for m in survivors)
+    partial = masking.sum_masked(masked[m] for m in survivors)
     # without recovery the leftover masks make the sum garbage
-    garbage = secagg.dequantize(partial, scale)
+    garbage = masking.dequantize(partial, scale)
     plain = sum(np.clip(updates[m], -CLIP, CLIP) for m in survivors)
     assert np.mean(np.abs(garbage - plain)) > CLIP
 
     revealed = {}
     for s in survivors:
-        for d, seed in secagg.recovery_seeds(FED, 9, s, priv[s], roster, dropped).items():
+        for d, seed in masking.recovery_seeds(FED, 9, s, priv[s], roster, dropped).items():
             revealed[(s, d)] = seed
     assert len(revealed) == 4
-    total = secagg.dequantize(secagg.unmask_sum(partial, survivors, revealed), scale)
+    total = masking.dequantize(masking.unmask_sum(partial, survivors, revealed), scale)
     assert np.max(np.abs(total - plain)) < len(survivors) / scale
 
 
 def test_revealed_seeds_do_not_unmask_other_rounds():
     members, priv, roster = _keys(3)
-    r9 = secagg.recovery_seeds(FED, 9, "bank-0", priv["bank-0"], roster, ["bank-2"])
-    r10 = secagg.recovery_seeds(FED, 10, "bank-0", priv["bank-0"], roster, ["bank-2"])
+    r9 = masking.recovery_seeds(FED, 9, "bank-0", priv["bank-0"], roster, ["bank-2"])
+    r10 = masking.recovery_seeds(FED, 10, "bank-0", priv["bank-0"], roster, ["bank-2"])
     assert r9["bank-2"] != r10["bank-2"]
     # a commitment matches only its own seed
-    assert secagg.seed_commitment(r9["bank-2"]) != secagg.seed_commitment(r10["bank-2"])
+    assert masking.seed_commitment(r9["bank-2"]) != masking.seed_commitment(r10["bank-2"])
 
 
 def test_recovery_refuses_bad_declarations():
     members, priv, roster = _keys(3)
     with pytest.raises(VerificationError):
-        secagg.check_recovery(members, ["bank-0", "bank-1"], ["bank-1", "bank-2"])
+        masking.check_recovery(members, ["bank-0", "bank-1"], ["bank-1", "bank-2"])
     with pytest.raises(VerificationError):
-        secagg.check_recovery(members, ["bank-0"], ["bank-2"])
+        masking.check_recovery(members, ["bank-0"], ["bank-2"])
     with pytest.raises(FedcliError, match="at least 2"):
-        secagg.check_recovery(members, ["bank-0"], ["bank-1", "bank-2"])
+        masking.check_recovery(members, ["bank-0"], ["bank-1", "bank-2"])
     with pytest.raises(FedcliError, match="declared dropped"):
-        secagg.recovery_seeds(FED, 1, "bank-2", priv["bank-2"], roster, ["bank-2"])
-    seed = secagg.pair_seed(FED, 1, "bank-0", priv["bank-0"], "bank-1", roster["bank-1"])
+        masking.recovery_seeds(FED, 1, "bank-2", priv["bank-2"], roster, ["bank-2"])
+    seed = masking.pair_seed(FED, 1, "bank-0", priv["bank-0"], "bank-1", roster["bank-1"])
     # a seed between two survivors must never be accepted as a recovery share
     with pytest.raises(VerificationError):
-        secagg.unmask_sum(np.zeros(4, np.uint32), members[:2], {("bank-0", "bank-1"): seed})
+        masking.unmask_sum(np.zeros(4, np.uint32), members[:2], {("bank-0", "bank-1"): seed})
 
 
 def test_mask_refuses_wrong_key_and_tiny_roster():
     members, priv, roster = _keys(2)
     q = np.zeros(8, np.uint32)
     with pytest.raises(FedcliError, match="does not match"):
-        secagg.mask_update(q, FED, 1, "bank-0", priv["bank-1"], roster)
+        masking.mask_update(q, FED, 1, "bank-0", priv["bank-1"], roster)
     with pytest.raises(FedcliError, match="at least 2"):
-        secagg.mask_update(q, FED, 1, "bank-0", priv["bank-0"], {"bank-0": roster["bank-0"]})
+        masking.mask_update(q, FED, 1, "bank-0", priv["bank-0"], {"bank-0": roster["bank-0"]})
 
 
 def test_key_serialisation_round_trip_and_errors():
-    k = secagg.generate_key()
-    text = secagg.public_to_text(k)
-    assert secagg.public_to_text(secagg.public_from_text(text)) == text
-    pem = secagg.private_to_pem(k, b"pw")
-    assert secagg.public_to_text(secagg.private_from_pem(pem, b"pw")) == text
+    k = masking.generate_key()
+    text = masking.public_to_text(k)
+    assert masking.public_to_text(masking.public_from_text(text)) == text
+    pem = masking.private_to_pem(k, b"pw")
+    assert masking.public_to_text(masking.private_from_pem(pem, b"pw")) == text
     with pytest.raises(FedcliError):
-        secagg.public_from_text("not base64!")
+        masking.public_from_text("not base64!")
     with pytest.raises(FedcliError, match="32 bytes"):
-        secagg.public_from_text("AAAA")
+        masking.public_from_text("AAAA")
     # the all-zero point is low order: no shared secret may come from it
-    zero = secagg.public_from_text("A" * 43 + "=")
+    zero = masking.public_from_text("A" * 43 + "=")
     with pytest.raises(FedcliError, match="low-order"):
-        secagg.pair_seed(FED, 1, "a", k, "b", zero)
+        masking.pair_seed(FED, 1, "a", k, "b", zero)
 
 
 def test_noise_split():
-    assert secagg.member_noise_multiplier(1.2, "full", 4) == 1.2
-    share = secagg.member_noise_multiplier(1.2, "shared", 4)
+    assert masking.member_noise_multiplier(1.2, "full", 4) == 1.2
+    share = masking.member_noise_multiplier(1.2, "shared", 4)
     # variances of 4 shares add up to the full variance
     assert abs(4 * share**2 - 1.2**2) < 1e-12
     with pytest.raises(FedcliError):
-        secagg.member_noise_multiplier(1.0, "half", 4)
+        masking.member_noise_multiplier(1.0, "half", 4)
 
 
 def test_flatten_round_trip():
     t = {"w": np.arange(6.0).reshape(2, 3), "b": np.array([7.0])}
-    flat, layout = secagg.flatten(t)
+    flat, layout = masking.flatten(t)
     assert flat.tolist() == [7.0, 0, 1, 2, 3, 4, 5]
-    back = secagg.unflatten(flat, layout)
+    back = masking.unflatten(flat, layout)
     assert np.array_equal(back["w"], t["w"]) and np.array_equal(back["b"], t["b"])

@@ -46,8 +46,10 @@ def plain_deltas(tmp_path_factory, credit_split):
 
 def expected_global(fed, plain, members):
     base = load_file(fed.store / "rounds/000000/global.safetensors")
-    return {k: base[k].astype(np.float64) + sum(plain[b][k].astype(np.float64) for b in members) / len(members)
-            for k in base}
+    return {
+        k: base[k].astype(np.float64) + sum(plain[b][k].astype(np.float64) for b in members) / len(members)
+        for k in base
+    }
 
 
 def assert_close(fed, r, expected):
@@ -58,8 +60,7 @@ def assert_close(fed, r, expected):
 
 
 def test_keygen_enrols_an_x25519_key(tmp_path, credit_split):
-    fed = make_fed(tmp_path, credit_split, SECAGG_SPEC.replace("min_clients = 3", "min_clients = 2"),
-                   banks=BANKS5[:2])
+    fed = make_fed(tmp_path, credit_split, SECAGG_SPEC.replace("min_clients = 3", "min_clients = 2"), banks=BANKS5[:2])
     mask_path = keys.x25519_path_for(fed.key("bank-a"))
     assert stat.S_IMODE(os.stat(mask_path).st_mode) == 0o600
     ident = keys.load_public(fed.pub("bank-a"))
@@ -68,8 +69,19 @@ def test_keygen_enrols_an_x25519_key(tmp_path, credit_split):
     # a member enrolled without an X25519 key cannot join a secure federation
     old = tmp_path / "old.pub"
     old.write_text("\n".join(l for l in fed.pub("bank-b").read_text().splitlines() if not l.startswith("x25519")))
-    res = fed.cli("init", tmp_path / "store2", "--spec", fed.root / "federation.toml", "--key",
-                  fed.key("coordinator"), "--member", fed.pub("bank-a"), "--member", old, code=1)
+    res = fed.cli(
+        "init",
+        tmp_path / "store2",
+        "--spec",
+        fed.root / "federation.toml",
+        "--key",
+        fed.key("coordinator"),
+        "--member",
+        fed.pub("bank-a"),
+        "--member",
+        old,
+        code=1,
+    )
     assert "enrolled no x25519 key" in text(res)
     # spec checks: a noise mode that does not exist, a bad clip, a quorum of one ("sum" of one update)
     plain = (fed.root / "federation.toml").read_text().split("\n[secagg]")[0]
@@ -84,8 +96,19 @@ def test_keygen_enrols_an_x25519_key(tmp_path, credit_split):
         (plain.replace("min_clients = 2", "min_clients = 1") + "\n[secagg]\nenabled = true\n", "min_clients >= 2"),
     ):
         bad.write_text(template)
-        res = fed.cli("init", tmp_path / "store3", "--spec", bad, "--key", fed.key("coordinator"),
-                      "--member", fed.pub("bank-a"), "--member", fed.pub("bank-b"), code=1)
+        res = fed.cli(
+            "init",
+            tmp_path / "store3",
+            "--spec",
+            bad,
+            "--key",
+            fed.key("coordinator"),
+            "--member",
+            fed.pub("bank-a"),
+            "--member",
+            fed.pub("bank-b"),
+            code=1,
+        )
         assert message in text(res), text(res)
 
 
@@ -96,9 +119,9 @@ def test_encrypted_mask_key_needs_the_passphrase(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="passphrase"):
         keys.load_mask_key(key_path)
     monkeypatch.setenv(keys.PASSPHRASE_ENV, "s3cret")
-    from fedcli import secagg
+    from fedcli.secagg import masking
 
-    assert secagg.public_to_text(keys.load_mask_key(key_path)) == ident.x25519
+    assert masking.public_to_text(keys.load_mask_key(key_path)) == ident.x25519
 
 
 def test_all_members_in_masks_cancel(tmp_path, credit_split, plain_deltas):
@@ -132,8 +155,19 @@ def test_dropout_recovery_and_late_update_refused(tmp_path, credit_split, plain_
     # bank-e trains too, but its upload only lands after the deadline (kept aside for now)
     aside = tmp_path / "aside"
     shutil.copytree(fed.store, aside)
-    fed.cli("train", "--store", aside, "--key", fed.key("bank-e"), "--data", fed.data / DATA["bank-e"],
-            "--coordinator", fed.pub("coordinator"), "--state", tmp_path / "e-aside.json")
+    fed.cli(
+        "train",
+        "--store",
+        aside,
+        "--key",
+        fed.key("bank-e"),
+        "--data",
+        fed.data / DATA["bank-e"],
+        "--coordinator",
+        fed.pub("coordinator"),
+        "--state",
+        tmp_path / "e-aside.json",
+    )
 
     res = fed.aggregate(code=ExitCode.WAITING)  # quorum (3) reached, deadline 0: declare bank-e dropped
     assert "declared bank-e dropped" in text(res)
@@ -178,8 +212,19 @@ def test_late_update_mid_recovery_keeps_a_mask_on_it(tmp_path, credit_split):
         train(fed, b)
     aside = tmp_path / "aside"
     shutil.copytree(fed.store, aside)
-    fed.cli("train", "--store", aside, "--key", fed.key("bank-c"), "--data", fed.data / DATA["bank-c"],
-            "--coordinator", fed.pub("coordinator"), "--state", tmp_path / "c-aside.json")
+    fed.cli(
+        "train",
+        "--store",
+        aside,
+        "--key",
+        fed.key("bank-c"),
+        "--data",
+        fed.data / DATA["bank-c"],
+        "--coordinator",
+        fed.pub("coordinator"),
+        "--state",
+        tmp_path / "c-aside.json",
+    )
     assert "declared bank-c dropped" in text(fed.aggregate(code=ExitCode.WAITING))
     assert "published recovery shares" in text(train(fed, "bank-a"))
     for ext in ("safetensors", "json"):
@@ -244,9 +289,11 @@ def test_update_dp_shared_noise_sums_to_the_required_noise(tmp_path, credit_spli
     """[privacy] mode update + [secagg] noise shared: each bank adds z/sqrt(t) of the noise,
     so the sum of the 5 updates carries z*clip*sqrt(5/t) per coordinate (t = min_clients = 3)."""
     z, clip, t, n = 1.0, 0.5, 3, len(BANKS5)
-    spec = (SPEC.replace('kind = "logreg"', 'kind = "mlp"').replace("hidden = [16]", "hidden = [256]")
-            + f"\n[privacy]\nmode = \"update\"\nclip = {clip}\nnoise_multiplier = {z}\nbudget_epsilon = 1000.0\n"
-            + "\n[secagg]\nenabled = true\nclip = 4.0\nnoise = \"shared\"\n")
+    spec = (
+        SPEC.replace('kind = "logreg"', 'kind = "mlp"').replace("hidden = [16]", "hidden = [256]")
+        + f'\n[privacy]\nmode = "update"\nclip = {clip}\nnoise_multiplier = {z}\nbudget_epsilon = 1000.0\n'
+        + '\n[secagg]\nenabled = true\nclip = 4.0\nnoise = "shared"\n'
+    )
     fed = make_fed(tmp_path, credit_split, spec, banks=BANKS5)
     for b in BANKS5:
         train(fed, b)
@@ -279,8 +326,17 @@ def test_dropout_round_across_an_air_gap(tmp_path, credit_split):
 
     def bank_step(b):
         carry("coordinator", fed.store, mirrors[b], True)
-        res = fed.cli("train", "--store", mirrors[b], "--key", fed.key(b), "--data", fed.data / DATA[b],
-                      "--coordinator", fed.pub("coordinator"))
+        res = fed.cli(
+            "train",
+            "--store",
+            mirrors[b],
+            "--key",
+            fed.key(b),
+            "--data",
+            fed.data / DATA[b],
+            "--coordinator",
+            fed.pub("coordinator"),
+        )
         carry(b, mirrors[b], fed.store, False)
         return res
 

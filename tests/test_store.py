@@ -4,6 +4,8 @@ import errno
 import threading
 
 import pytest
+from conftest import FAST_RETRY, s3_store_on
+from s3server import FaultyProxy, free_ports
 
 from fedcli.errors import AlreadyExists, ExitCode, FedcliError, NotFound, StoreError
 from fedcli.store import check_create_only, open_store
@@ -12,9 +14,6 @@ from fedcli.store.folder import is_transient as folder_transient
 from fedcli.store.lock import _KEEP, LeaseLock, LockHeld, LockLost
 from fedcli.store.retry import RetryPolicy, with_retry
 from fedcli.store.s3 import S3Store
-
-from conftest import FAST_RETRY, s3_store_on
-from s3server import FaultyProxy, free_ports
 
 # -- basic operations, every backend ---------------------------------------------------
 
@@ -402,4 +401,3 @@ def test_torn_lock_record_counts_as_expired(store):
 def test_lock_name_is_validated(store):
     with pytest.raises(FedcliError, match="invalid lock name"):
         LeaseLock(store, "../x")
-

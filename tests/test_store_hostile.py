@@ -9,9 +9,9 @@ import threading
 import time
 
 import pytest
+from conftest import BANKS, FAST_RETRY, make_fed, s3_store_on
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import BANKS, FAST_RETRY, make_fed, s3_store_on
 
 from fedcli.errors import ExitCode, FedcliError, NotRegular, Oversize
 from fedcli.names import check_key
@@ -86,19 +86,27 @@ def test_folder_store_refuses_links_everywhere(tmp_path):
     (tmp_path / "store/rounds/000001").symlink_to(outside, target_is_directory=True)
 
     key = "rounds/000000/rejections.json"
-    calls = [lambda: store.get(key, max_bytes=1 << 20), lambda: store.size(key), lambda: store.exists(key),
-             lambda: list(store.read_into(key, memoryview(bytearray(64)))), lambda: store.put(key, b"x"),
-             lambda: store.put(key, b"x", create_only=True)]
+    calls = [
+        lambda: store.get(key, max_bytes=1 << 20),
+        lambda: store.size(key),
+        lambda: store.exists(key),
+        lambda: list(store.read_into(key, memoryview(bytearray(64)))),
+        lambda: store.put(key, b"x"),
+        lambda: store.put(key, b"x", create_only=True),
+    ]
     for call in calls:
         with pytest.raises(NotRegular) as info:
             call()
         assert info.value.exit_code == ExitCode.VERIFY and info.value.reason == "not-regular"
-        assert str(info.value) == (f"{key} in {store.url} is a symbolic link; a store path must be a regular file: "
-                                   "refusing to follow it")
-    for call in [lambda: store.put("rounds/000001/updates/bank-a.json", b"x"),
-                 lambda: store.get("rounds/000001/coordinator.key", max_bytes=1 << 20),
-                 lambda: store.exists("rounds/000001/coordinator.key"),
-                 lambda: store.list("rounds/000001/updates")]:
+        assert str(info.value) == (
+            f"{key} in {store.url} is a symbolic link; a store path must be a regular file: refusing to follow it"
+        )
+    for call in [
+        lambda: store.put("rounds/000001/updates/bank-a.json", b"x"),
+        lambda: store.get("rounds/000001/coordinator.key", max_bytes=1 << 20),
+        lambda: store.exists("rounds/000001/coordinator.key"),
+        lambda: store.list("rounds/000001/updates"),
+    ]:
         with pytest.raises(NotRegular, match="rounds/000001 in .* is a symbolic link; a store folder must be a real"):
             call()
     # listing reports the links (so readers refuse them) but never descends into the linked folder
@@ -115,8 +123,12 @@ def test_folder_store_refuses_fifos_and_folders_without_blocking(tmp_path):
     (tmp_path / "store/rounds/000000/global.safetensors").mkdir()
     fifo = tmp_path / "store/rounds/000000/rejections.json"
     for key, kind in [("rounds/000000/rejections.json", "a FIFO"), ("rounds/000000/global.safetensors", "a folder")]:
-        for call in [lambda k=key: store.get(k, max_bytes=1 << 20), lambda k=key: store.size(k),
-                     lambda k=key: store.exists(k), lambda k=key: list(store.read_into(k, memoryview(bytearray(64))))]:
+        for call in [
+            lambda k=key: store.get(k, max_bytes=1 << 20),
+            lambda k=key: store.size(k),
+            lambda k=key: store.exists(k),
+            lambda k=key: list(store.read_into(k, memoryview(bytearray(64)))),
+        ]:
             with pytest.raises(NotRegular, match=f"is {kind}.*a store path must be a regular file: refusing to read"):
                 within(5, call, fifo)
 
@@ -159,8 +171,9 @@ def test_link_to_coordinator_key_at_rejections_is_never_read(hfed, tmp_path):
     if res.exit_code:
         refused(res, ExitCode.VERIFY, "rejections.json", "symbolic link", "refusing to follow")
     out = tmp_path / "global.bundle"
-    res = clean(hfed.cli("bundle", "export", "--store", hfed.store, "--key", hfed.key("coordinator"),
-                         "--out", out, code=None))
+    res = clean(
+        hfed.cli("bundle", "export", "--store", hfed.store, "--key", hfed.key("coordinator"), "--out", out, code=None)
+    )
     if res.exit_code:
         refused(res, ExitCode.VERIFY, "rejections.json", "symbolic link")
     else:
@@ -197,8 +210,12 @@ def test_bank_bundle_export_never_packs_what_its_update_links_to(hfed, tmp_path)
     tensors.unlink()
     tensors.symlink_to(hfed.data / "bank-a.csv")
     out = tmp_path / "a.bundle"
-    res = refused(hfed.cli("bundle", "export", "--store", hfed.store, "--key", hfed.key("bank-a"), "--out", out,
-                           code=None), ExitCode.VERIFY, "bank-a.safetensors", "symbolic link")
+    res = refused(
+        hfed.cli("bundle", "export", "--store", hfed.store, "--key", hfed.key("bank-a"), "--out", out, code=None),
+        ExitCode.VERIFY,
+        "bank-a.safetensors",
+        "symbolic link",
+    )
     row = (hfed.data / "bank-a.csv").read_text().splitlines()[1]
     assert row not in res.output
     assert not out.exists() or row.encode() not in out.read_bytes()
@@ -292,10 +309,18 @@ def test_lease_planted_far_in_the_future_is_taken_over(hfed, caplog):
     assert any("ignoring the aggregate lock record" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("bad", [
-    {"expires": time.time() + 86400},  # a day ahead: more than 10 default lease times
-    {"state": "HELD"}, {"owner": "[/x]"}, {"pid": 10**30}, {"host": "a" * 300}, {"extra": 1}, {"expires": "soon"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"expires": time.time() + 86400},  # a day ahead: more than 10 default lease times
+        {"state": "HELD"},
+        {"owner": "[/x]"},
+        {"pid": 10**30},
+        {"host": "a" * 300},
+        {"extra": 1},
+        {"expires": "soon"},
+    ],
+)
 def test_malformed_lock_records_never_hold_the_lock(tmp_path, bad):
     store = FolderStore(tmp_path / "store", policy=FAST_RETRY)
     store.put(f"{LOCK}/000000000001.json", _record(**bad))

@@ -7,10 +7,10 @@ from conftest import BANKS, ROOT, make_fed
 from safetensors.numpy import load_file
 from test_rejections import forge
 
-from fedcli import aggregate as ar
-from fedcli import compression, server_opt
-from fedcli import tensors as T
+from fedcli import digest
+from fedcli.aggregation import rules, server_opt
 from fedcli.errors import ExitCode
+from fedcli.protocol import compression
 
 TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
 
@@ -20,7 +20,11 @@ def read_json(path):
 
 
 def test_trimmed_mean_fedadam_int8_over_two_rounds(tmp_path, credit_split):
-    fed = make_fed(tmp_path, credit_split, TEMPLATE + """
+    fed = make_fed(
+        tmp_path,
+        credit_split,
+        TEMPLATE
+        + """
 [strategy]
 rule = "trimmed_mean"
 trim_ratio = 0.25
@@ -31,7 +35,8 @@ optimizer = "fedadam"
 lr = 0.05
 [strategy.compression]
 method = "int8"
-""")
+""",
+    )
     for b in BANKS:
         assert "int8" in fed.train(b).output
     assert "(rule trimmed_mean, server fedadam)" in fed.aggregate().output
@@ -49,9 +54,11 @@ method = "int8"
     g1_manifest = read_json(fed.store / "rounds/000001/global.json")
     assert g1_manifest["rule"] == "trimmed_mean" and g1_manifest["server_optimizer"] == "fedadam"
     state_file = fed.store / "rounds/000001/server_state.safetensors"
-    assert g1_manifest["server_state_sha256"] == T.sha256(state_file.read_bytes())
+    assert g1_manifest["server_state_sha256"] == digest.sha256(state_file.read_bytes())
     sizes = [c["bytes"] for c in g1_manifest["contributors"]]
-    assert len(sizes) == 4 and all(s == (fed.store / "rounds/000001/updates/bank-a.safetensors").stat().st_size for s in sizes)
+    assert len(sizes) == 4 and all(
+        s == (fed.store / "rounds/000001/updates/bank-a.safetensors").stat().st_size for s in sizes
+    )
 
     # round 2, recomputed by hand from the files: decode, bound norms, trim, FedAdam with round 1's state
     for b in BANKS:
@@ -60,9 +67,11 @@ method = "int8"
     shapes = {k: v.shape for k, v in g1.items()}
     deltas = []
     for b in BANKS:
-        dec = compression.decode(load_file(fed.store / f"rounds/000002/updates/{b}.safetensors"), {"method": "int8"}, shapes)
-        deltas.append(ar.norm_bound(dec, 5.0)[0])
-    agg = ar.trimmed_mean(shapes, 4, ar.memory_reader(deltas), 0.25)
+        dec = compression.decode(
+            load_file(fed.store / f"rounds/000002/updates/{b}.safetensors"), {"method": "int8"}, shapes
+        )
+        deltas.append(rules.norm_bound(dec, 5.0)[0])
+    agg = rules.trimmed_mean(shapes, 4, rules.memory_reader(deltas), 0.25)
     state1 = server_opt.state_from_bytes(state_file.read_bytes(), "fedadam", 1)
     want, _ = server_opt.fedadam(g1, agg, state1, lr=0.05, beta1=0.9, beta2=0.99, tau=1e-3)
 
@@ -86,7 +95,11 @@ method = "int8"
 
 
 def test_async_folds_a_stale_update_with_a_discount(tmp_path, credit_split):
-    fed = make_fed(tmp_path, credit_split, TEMPLATE + """
+    fed = make_fed(
+        tmp_path,
+        credit_split,
+        TEMPLATE
+        + """
 [strategy]
 mode = "async"
 [strategy.async]
@@ -94,7 +107,8 @@ buffer_size = 2
 max_staleness = 2
 discount = "polynomial"
 exponent = 0.5
-""")
+""",
+    )
     for b in ("bank-a", "bank-b", "bank-c"):
         fed.train(b)  # all three trained on global 0
     res = fed.aggregate()
@@ -108,7 +122,7 @@ exponent = 0.5
     by = {c["member"]: c for c in g2m["contributors"]}
     assert set(by) == {"bank-c", "bank-d"}
     assert by["bank-c"]["update_round"] == 1 and "update_round" not in by["bank-d"]
-    assert by["bank-c"]["aggregation"] == {"staleness": 1, "discount": round(2 ** -0.5, 6)}
+    assert by["bank-c"]["aggregation"] == {"staleness": 1, "discount": round(2**-0.5, 6)}
 
     g1 = load_file(fed.store / "rounds/000001/global.safetensors")
     g2 = load_file(fed.store / "rounds/000002/global.safetensors")
@@ -116,7 +130,7 @@ exponent = 0.5
     dd = load_file(fed.store / "rounds/000002/updates/bank-d.safetensors")
     nc, nd = by["bank-c"]["num_examples"], by["bank-d"]["num_examples"]
     for k in g2:
-        by_hand = g1[k].astype(np.float64) + (nc * 2 ** -0.5 * dc[k].astype(np.float64) + nd * dd[k]) / (nc + nd)
+        by_hand = g1[k].astype(np.float64) + (nc * 2**-0.5 * dc[k].astype(np.float64) + nd * dd[k]) / (nc + nd)
         np.testing.assert_allclose(g2[k], by_hand.astype(np.float32), rtol=0, atol=1e-7)
 
     res = fed.aggregate(code=ExitCode.WAITING)  # bank-c's update was used once and is not folded again
@@ -127,8 +141,16 @@ def test_bad_strategy_is_a_one_line_init_error(tmp_path, credit_split):
     fed = make_fed(tmp_path / "ok", credit_split)
     bad = tmp_path / "bad.toml"
     bad.write_text(TEMPLATE + '\n[strategy]\nrule = "krum"\n')
-    res = fed.cli("init", tmp_path / "store2", "--spec", bad, "--key", fed.key("coordinator"),
-                  *[x for b in BANKS for x in ("--member", fed.pub(b))], code=1)
+    res = fed.cli(
+        "init",
+        tmp_path / "store2",
+        "--spec",
+        bad,
+        "--key",
+        fed.key("coordinator"),
+        *[x for b in BANKS for x in ("--member", fed.pub(b))],
+        code=1,
+    )
     assert "[strategy] krum with krum_f=1 needs at least 5 updates per round" in res.output
     assert not (tmp_path / "store2" / "rounds").exists()
 
@@ -155,14 +177,29 @@ def test_topk_updates_checked_before_use(tmp_path, credit_split):
 def test_fedprox_refused_with_record_level_dp(tmp_path, credit_split):
     fed = make_fed(tmp_path / "ok", credit_split)
     bad = tmp_path / "bad.toml"
-    bad.write_text(TEMPLATE + '\n[privacy]\nmode = "record"\nnoise_multiplier = 1.0\nbudget_epsilon = 10.0\n\n[strategy]\nprox_mu = 0.1\n')
-    res = fed.cli("init", tmp_path / "store2", "--spec", bad, "--key", fed.key("coordinator"),
-                  *[x for b in BANKS for x in ("--member", fed.pub(b))], code=1)
+    bad.write_text(
+        TEMPLATE
+        + '\n[privacy]\nmode = "record"\nnoise_multiplier = 1.0\nbudget_epsilon = 10.0\n\n[strategy]\nprox_mu = 0.1\n'
+    )
+    res = fed.cli(
+        "init",
+        tmp_path / "store2",
+        "--spec",
+        bad,
+        "--key",
+        fed.key("coordinator"),
+        *[x for b in BANKS for x in ("--member", fed.pub(b))],
+        code=1,
+    )
     assert "prox_mu (FedProx) is not supported with record-level DP" in res.output
 
 
 def test_update_level_dp_with_median_and_int8(tmp_path, credit_split):
-    fed = make_fed(tmp_path, credit_split, TEMPLATE + """
+    fed = make_fed(
+        tmp_path,
+        credit_split,
+        TEMPLATE
+        + """
 [privacy]
 mode = "update"
 noise_multiplier = 0.5
@@ -172,19 +209,23 @@ budget_epsilon = 1000.0
 rule = "median"
 [strategy.compression]
 method = "int8"
-""")
+""",
+    )
     for b in BANKS[:3]:
         fed.train(b)
     assert "(rule median, server fedavg)" in fed.aggregate().output
     g1m = read_json(fed.store / "rounds/000001/global.json")
-    assert len(g1m["contributors"]) == 3 and all("num_examples" not in read_json(
-        fed.store / f"rounds/000001/updates/{b}.json") for b in BANKS[:3])
+    assert len(g1m["contributors"]) == 3 and all(
+        "num_examples" not in read_json(fed.store / f"rounds/000001/updates/{b}.json") for b in BANKS[:3]
+    )
     # the published delta is the coordinate-wise median of the three decoded (noised) updates
     g0 = load_file(fed.store / "rounds/000000/global.safetensors")
     g1 = load_file(fed.store / "rounds/000001/global.safetensors")
     shapes = {k: v.shape for k, v in g0.items()}
-    dec = [compression.decode(load_file(fed.store / f"rounds/000001/updates/{b}.safetensors"), {"method": "int8"}, shapes)
-           for b in BANKS[:3]]
-    med = ar.coordinate_median(shapes, 3, ar.memory_reader(dec))
+    dec = [
+        compression.decode(load_file(fed.store / f"rounds/000001/updates/{b}.safetensors"), {"method": "int8"}, shapes)
+        for b in BANKS[:3]
+    ]
+    med = rules.coordinate_median(shapes, 3, rules.memory_reader(dec))
     for k in g1:
         np.testing.assert_allclose(g1[k], g0[k] + med[k], rtol=0, atol=1e-6)

@@ -4,13 +4,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedcli import tensors as T
-from fedcli.aggregate import WeightedMean, add_cast
-from fedcli.data import prepare
+from fedcli.aggregation.rules import WeightedMean, add_cast
+from fedcli.bank.tables import prepare
 from fedcli.errors import FedcliError, VerificationError
 from fedcli.metrics import score
 from fedcli.names import check_key, check_name
-from fedcli.spec import CategoricalFeature, DataSpec, NumericFeature
+from fedcli.protocol import tensors
+from fedcli.protocol.spec import CategoricalFeature, DataSpec, NumericFeature
 
 
 def test_fedavg_is_the_weighted_mean():
@@ -26,9 +26,12 @@ def test_fedavg_is_the_weighted_mean():
 
 
 def test_preprocessing_fills_missing_and_unknown_identically():
-    spec = DataSpec(target="y", positive="bad",
-                    numeric=(NumericFeature("x", mean=10.0, std=2.0),),
-                    categorical=(CategoricalFeature("c", ("a", "b")),))
+    spec = DataSpec(
+        target="y",
+        positive="bad",
+        numeric=(NumericFeature("x", mean=10.0, std=2.0),),
+        categorical=(CategoricalFeature("c", ("a", "b")),),
+    )
     df = pd.DataFrame({"x": [12, None, "oops", 8], "c": ["a", "b", None, "zzz"], "y": ["bad", "good", "bad", None]})
     p = prepare(df, spec, "t.csv")
     assert p.rows_dropped == 1
@@ -51,14 +54,14 @@ def test_names_and_keys_cannot_escape():
 
 
 def test_decode_checks_sizes_before_parsing():
-    good = T.encode({"w": np.zeros(3, np.float32)})
-    assert T.decode(good, {"w": (3,)}, "x")["w"].shape == (3,)
+    good = tensors.encode({"w": np.zeros(3, np.float32)})
+    assert tensors.decode(good, {"w": (3,)}, "x")["w"].shape == (3,)
     with pytest.raises(VerificationError, match="truncated"):
-        T.decode(good[:4], {"w": (3,)}, "x")
+        tensors.decode(good[:4], {"w": (3,)}, "x")
     with pytest.raises(VerificationError, match="larger than the model"):
-        T.decode(good + b"\0" * (1 << 21), {"w": (3,)}, "x")
+        tensors.decode(good + b"\0" * (1 << 21), {"w": (3,)}, "x")
     with pytest.raises(VerificationError, match="not a valid safetensors"):
-        T.decode(good[:-4], {"w": (3,)}, "x")
+        tensors.decode(good[:-4], {"w": (3,)}, "x")
 
 
 def test_scores_on_known_values():

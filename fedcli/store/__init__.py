@@ -2,17 +2,17 @@
 
 import secrets
 
-from ..errors import AlreadyExists, StoreError
-from .base import Store
+from fedcli.errors import AlreadyExists, StoreError
+from fedcli.store.base import Store
 
 
 def open_store(location: str) -> Store:
     """Open a store from `s3://bucket/prefix` or a folder path."""
     if location.startswith("s3://"):
-        from .s3 import S3Store
+        from fedcli.store.s3 import S3Store
 
         return S3Store.from_url(location)
-    from .folder import FolderStore
+    from fedcli.store.folder import FolderStore
 
     return FolderStore(location)
 

@@ -8,7 +8,7 @@ of several racing writers wins, the others get `AlreadyExists`.
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
-from ..errors import StoreError
+from fedcli.errors import StoreError
 
 
 class Store(ABC):

@@ -23,16 +23,16 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
-from ..errors import AlreadyExists, FedcliError, InputError, NotFound, NotRegular, Oversize, StoreError
-from ..names import check_key
-from .base import Store
-from . import retry
-from .retry import RetryPolicy, with_retry
+from fedcli.errors import AlreadyExists, FedcliError, InputError, NotFound, NotRegular, Oversize, StoreError
+from fedcli.names import check_key
+from fedcli.store import retry
+from fedcli.store.base import Store
+from fedcli.store.retry import RetryPolicy, with_retry
 
 T = TypeVar("T")
 
@@ -55,8 +55,14 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
 # O_NONBLOCK: opening a planted FIFO must not wait for a writer; it is refused after fstat.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
-_KINDS = {stat.S_IFLNK: "a symbolic link", stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)",
-          stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+_KINDS = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
 def is_transient(e: BaseException) -> bool:
@@ -83,11 +89,13 @@ class FolderStore(Store):
 
     def _not_regular(self, where: str, mode: int, folder: bool = False) -> NotRegular:
         if folder:
-            return NotRegular(f"{where} in {self.url} is {_kind(mode)}; a store folder must be a real folder: "
-                              "refusing to follow it")
+            return NotRegular(
+                f"{where} in {self.url} is {_kind(mode)}; a store folder must be a real folder: refusing to follow it"
+            )
         verb = "follow" if stat.S_ISLNK(mode) else "read"
-        return NotRegular(f"{where} in {self.url} is {_kind(mode)}; a store path must be a regular file: "
-                          f"refusing to {verb} it")
+        return NotRegular(
+            f"{where} in {self.url} is {_kind(mode)}; a store path must be a regular file: refusing to {verb} it"
+        )
 
     @contextmanager
     def _folder(self, parts: list[str], create: bool = False) -> Iterator[int]:
@@ -157,7 +165,9 @@ class FolderStore(Store):
             with self._reading(key) as fd:
                 size = os.fstat(fd).st_size
                 if size > max_bytes:
-                    raise Oversize(f"{key} in {self.url} is {size:,} bytes, more than the {max_bytes:,} allowed; not read")
+                    raise Oversize(
+                        f"{key} in {self.url} is {size:,} bytes, more than the {max_bytes:,} allowed; not read"
+                    )
                 chunks, total = [], 0
                 while total <= max_bytes and (chunk := os.read(fd, min(max_bytes + 1 - total, 1 << 24) or 1)):
                     chunks.append(chunk)

@@ -37,15 +37,16 @@ import re
 import secrets
 import socket
 import time
-from datetime import datetime, timezone
-from typing import Annotated, Callable, Literal
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from ..contract import load_json, strict_config, validate
-from ..errors import AlreadyExists, ContractError, ExitCode, FedcliError, NotFound, NotRegular
-from ..names import check_name
-from .base import Store
+from fedcli.contract import load_json, strict_config, validate
+from fedcli.errors import AlreadyExists, ContractError, ExitCode, FedcliError, NotFound, NotRegular
+from fedcli.names import check_name
+from fedcli.store.base import Store
 
 log = logging.getLogger("fedcli.store")
 _RECORD = re.compile(r"^(\d{12})\.json$")
@@ -86,7 +87,7 @@ class LockRecord(BaseModel):
 
 def _when(t) -> str:
     try:
-        return datetime.fromtimestamp(float(t), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return datetime.fromtimestamp(float(t), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (TypeError, ValueError, OverflowError, OSError):
         return "?"
 
@@ -130,8 +131,10 @@ class LeaseLock:
             rec = validate(LockRecord, raw, f"lock record {key}").model_dump()
             horizon = self.clock() + MAX_LEASE_TTLS * self.ttl
             if rec["expires"] > horizon:
-                raise ContractError(f"lock record {key}: lease until {_when(rec['expires'])} is more than "
-                                    f"{MAX_LEASE_TTLS} lease times ahead")
+                raise ContractError(
+                    f"lock record {key}: lease until {_when(rec['expires'])} is more than "
+                    f"{MAX_LEASE_TTLS} lease times ahead"
+                )
             return rec
         except NotFound:
             return None
@@ -163,7 +166,7 @@ class LeaseLock:
 
     # -- protocol ----------------------------------------------------------------
 
-    def acquire(self) -> "LeaseLock":
+    def acquire(self) -> LeaseLock:
         """Take the lock, taking over an expired lease; raise LockHeld if a live run has it."""
         for _ in range(3):
             gens = self._gens()
@@ -240,8 +243,9 @@ class LeaseLock:
             return
         gen, self.gen = self.gen, None
         if gen >= MAX_GEN:  # no 12-digit number left for the release: the lease simply expires
-            log.warning("the %s lock has no record number left to release it; it expires at the end of its lease",
-                        self.name)
+            log.warning(
+                "the %s lock has no record number left to release it; it expires at the end of its lease", self.name
+            )
             return
         try:
             self.store.put(self._key(gen + 1), self._record("free"), create_only=True)
@@ -260,7 +264,7 @@ class LeaseLock:
                 break
             self.store.delete(self._key(g))
 
-    def __enter__(self) -> "LeaseLock":
+    def __enter__(self) -> LeaseLock:
         return self.acquire()
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
-from ..errors import StoreError
+from fedcli.errors import StoreError
 
 log = logging.getLogger("fedcli.store")
 T = TypeVar("T")
@@ -58,9 +59,7 @@ def with_retry(
             if not transient(e):
                 raise
             if attempt == policy.attempts:
-                raise StoreError(
-                    f"{what}: store still failing after {policy.attempts} attempts: {describe(e)}"
-                ) from e
+                raise StoreError(f"{what}: store still failing after {policy.attempts} attempts: {describe(e)}") from e
             wait = policy.delay(attempt)
             log.warning(
                 "%s failed (%s); retrying in %.1fs (attempt %d of %d)",

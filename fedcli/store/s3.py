@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import boto3
 import botocore.exceptions as bex
 from botocore.config import Config
 
-from ..errors import AlreadyExists, FedcliError, NotFound, Oversize, StoreError
-from ..names import check_key
-from .base import Store
-from . import retry
-from .retry import RetryPolicy, describe, with_retry
+from fedcli.errors import AlreadyExists, FedcliError, NotFound, Oversize, StoreError
+from fedcli.names import check_key
+from fedcli.store import retry
+from fedcli.store.base import Store
+from fedcli.store.retry import RetryPolicy, describe, with_retry
 
 T = TypeVar("T")
 
@@ -91,7 +92,7 @@ class S3Store(Store):
         self.client = client if client is not None else make_client()
 
     @classmethod
-    def from_url(cls, url: str, *, policy: RetryPolicy | None = None) -> "S3Store":
+    def from_url(cls, url: str, *, policy: RetryPolicy | None = None) -> S3Store:
         """`s3://bucket` or `s3://bucket/some/prefix`, configured from the AWS environment."""
         if not url.startswith("s3://"):
             raise FedcliError(f"not an S3 URL: {url!r} (expected s3://bucket/prefix)")
@@ -149,7 +150,9 @@ class S3Store(Store):
             with resp["Body"] as body:
                 size = int(resp.get("ContentLength", 0))
                 if size > max_bytes:
-                    raise Oversize(f"{key} in {self.url} is {size:,} bytes, more than the {max_bytes:,} allowed; not read")
+                    raise Oversize(
+                        f"{key} in {self.url} is {size:,} bytes, more than the {max_bytes:,} allowed; not read"
+                    )
                 data = body.read(max_bytes + 1)
             if len(data) > max_bytes:
                 raise Oversize(f"{key} in {self.url} is larger than the {max_bytes:,} bytes allowed; not read")

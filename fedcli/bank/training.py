@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import models
-from .spec import ModelSpec, TrainingSpec
+from fedcli import models
+from fedcli.protocol.spec import ModelSpec, TrainingSpec
 
 
 def one_thread(fn):
@@ -96,10 +96,18 @@ def fit_private(
 
     Returns the new weights and the mechanism that was actually run, for the privacy ledger.
     """
-    from .privacy import train_dp_sgd
+    from fedcli.privacy.dp_sgd import train_dp_sgd
 
     model = models.load_arrays(models.build(model_spec, X.shape[1]), start).train()
-    mech = train_dp_sgd(model, torch.from_numpy(X), torch.from_numpy(y), epochs=training.epochs,
-                        batch_size=training.batch_size, lr=training.lr, max_grad_norm=clip,
-                        noise_multiplier=noise_multiplier, on_step=on_step)
+    mech = train_dp_sgd(
+        model,
+        torch.from_numpy(X),
+        torch.from_numpy(y),
+        epochs=training.epochs,
+        batch_size=training.batch_size,
+        lr=training.lr,
+        max_grad_norm=clip,
+        noise_multiplier=noise_multiplier,
+        on_step=on_step,
+    )
     return models.to_arrays(model), mech

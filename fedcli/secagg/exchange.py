@@ -9,7 +9,7 @@
 The drop declaration is create-only and final: a member it lists as dropped never gets an
 update accepted for that round (train refuses to write one, aggregate rejects one), because
 with the revealed seeds the coordinator could unmask it; and a survivor refuses to reveal
-anything while a dropped member's update is on the store. The maths is in secagg.py.
+anything while a dropped member's update is on the store. The maths is in masking.py.
 """
 
 import base64
@@ -17,12 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import keys, secagg
-from . import rounds as R
-from .contract import validate
-from .documents import DropDeclaration, RecoveryShares, UpdateManifest
-from .errors import AlreadyExists, FedcliError, NotFound, NotRegular, StoreError, VerificationError
-from .spec import Spec, sha256
+from fedcli import keys
+from fedcli.contract import validate
+from fedcli.digest import sha256
+from fedcli.errors import AlreadyExists, FedcliError, NotFound, NotRegular, StoreError, VerificationError
+from fedcli.protocol import rounds
+from fedcli.protocol.documents import DropDeclaration, RecoveryShares, UpdateManifest
+from fedcli.protocol.spec import Spec
+from fedcli.secagg import masking
 
 DROPS_KIND = "secagg-drops"
 RECOVERY_KIND = "secagg-recovery"
@@ -33,11 +35,11 @@ def _secagg(message: str) -> VerificationError:
 
 
 def drops_key(r: int) -> str:
-    return f"{R.round_dir(r)}/secagg/drops.json"
+    return f"{rounds.round_dir(r)}/secagg/drops.json"
 
 
 def recovery_key(r: int, member: str) -> str:
-    return f"{R.round_dir(r)}/secagg/recovery/{member}.json"
+    return f"{rounds.round_dir(r)}/secagg/recovery/{member}.json"
 
 
 def roster(spec: Spec) -> dict:
@@ -45,7 +47,7 @@ def roster(spec: Spec) -> dict:
 
 
 def scale(spec: Spec) -> float:
-    return secagg.fixed_point_scale(spec.secagg.clip, len(spec.members))
+    return masking.fixed_point_scale(spec.secagg.clip, len(spec.members))
 
 
 def min_survivors(spec: Spec) -> int:
@@ -53,8 +55,8 @@ def min_survivors(spec: Spec) -> int:
 
 
 def member_noise(spec: Spec, noise_multiplier: float) -> float:
-    """Update-level DP noise multiplier this bank applies (see secagg.member_noise_multiplier)."""
-    return secagg.member_noise_multiplier(noise_multiplier, spec.secagg.noise, min_survivors(spec))
+    """Update-level DP noise multiplier this bank applies (see masking.member_noise_multiplier)."""
+    return masking.member_noise_multiplier(noise_multiplier, spec.secagg.noise, min_survivors(spec))
 
 
 # --- bank side ---------------------------------------------------------------------------
@@ -62,18 +64,18 @@ def member_noise(spec: Spec, noise_multiplier: float) -> float:
 
 def mask_delta(spec: Spec, r: int, me: str, mask_key, delta: dict) -> tuple[dict, dict, int]:
     """Clip, quantize and mask a delta; return (uint32 tensors, manifest record, coordinates clipped)."""
-    flat, layout = secagg.flatten(delta)
+    flat, layout = masking.flatten(delta)
     clip, sc = spec.secagg.clip, scale(spec)
     clipped = int(np.count_nonzero(np.abs(flat) > clip))
-    seeds = secagg.pair_seeds(spec.federation_id, r, me, mask_key, roster(spec))
-    masked = secagg.apply_masks(secagg.quantize(flat, clip, sc), me, seeds)
+    seeds = masking.pair_seeds(spec.federation_id, r, me, mask_key, roster(spec))
+    masked = masking.apply_masks(masking.quantize(flat, clip, sc), me, seeds)
     record = {
         "clip": clip,
         "scale": sc,
         "noise": spec.secagg.noise,
-        "commitments": {peer: secagg.seed_commitment(seed) for peer, seed in seeds.items()},
+        "commitments": {peer: masking.seed_commitment(seed) for peer, seed in seeds.items()},
     }
-    return secagg.unflatten(masked, layout), record, clipped
+    return masking.unflatten(masked, layout), record, clipped
 
 
 @dataclass
@@ -88,13 +90,15 @@ def load_drops(store, spec: Spec, r: int) -> Drops | None:
     """The verified drop declaration of round r, or None if the coordinator made none."""
     what = f"drop declaration of round {r}"
     try:
-        data = R.read_manifest(store, drops_key(r), what)
+        data = rounds.read_manifest(store, drops_key(r), what)
     except NotFound:
         return None
     doc = validate(DropDeclaration, keys.verify_manifest(data, spec.coordinator, what), what)
-    R.expect(doc, what, kind=DROPS_KIND, federation_id=spec.federation_id, round=r)
+    rounds.expect(doc, what, kind=DROPS_KIND, federation_id=spec.federation_id, round=r)
     try:
-        secagg.check_recovery([m.name for m in spec.members], dict(doc.survivors), list(doc.dropped), min_survivors(spec))
+        masking.check_recovery(
+            [m.name for m in spec.members], dict(doc.survivors), list(doc.dropped), min_survivors(spec)
+        )
     except FedcliError as e:
         raise VerificationError(f"{what}: {e}", reason="secagg") from None
     return Drops(dict(doc.survivors), sorted(doc.dropped), sha256(data), doc.created_at)
@@ -102,7 +106,7 @@ def load_drops(store, spec: Spec, r: int) -> Drops | None:
 
 def _orphan_recovery(store, r: int) -> None:
     """Recovery shares without their declaration mean someone deleted it: nothing is safe then."""
-    if store.list(f"{R.round_dir(r)}/secagg"):
+    if store.list(f"{rounds.round_dir(r)}/secagg"):
         raise VerificationError(
             f"round {r} holds secure-aggregation recovery files but no drop declaration (deleted?): refusing to go on"
         )
@@ -133,7 +137,7 @@ def publish_recovery(store, spec: Spec, r: int, me: str, private, mask_key) -> s
     if store.exists(recovery_key(r, me)):
         return _own_recovery(store, spec, r, me, drops)
     what = f"own update of {me}"
-    mine = keys.verify_manifest(R.read_manifest(store, R.update_keys(r, me)[1], what), spec.member(me), what)
+    mine = keys.verify_manifest(rounds.read_manifest(store, rounds.update_keys(r, me)[1], what), spec.member(me), what)
     if drops.survivors[me] != mine.get("tensors_sha256"):
         raise VerificationError(f"drop declaration of round {r} names another update of {me} than the one it submitted")
     late = genuine_updates(store, spec, r, drops.dropped)
@@ -143,16 +147,16 @@ def publish_recovery(store, spec: Spec, r: int, me: str, private, mask_key) -> s
             f"store, and the seeds would unmask it; the coordinator should delete rounds/{r:06d}/secagg/ so the "
             "round completes with everyone in"
         )
-    seeds = secagg.recovery_seeds(spec.federation_id, r, me, mask_key, roster(spec), drops.dropped)
+    seeds = masking.recovery_seeds(spec.federation_id, r, me, mask_key, roster(spec), drops.dropped)
     doc = {
         "kind": RECOVERY_KIND,
-        "format": R.FORMAT,
+        "format": rounds.FORMAT,
         "federation_id": spec.federation_id,
         "round": r,
         "member": me,
         "drops_sha256": drops.sha256,
         "seeds": {d: base64.b64encode(s).decode("ascii") for d, s in seeds.items()},
-        "created_at": R.now(),
+        "created_at": rounds.now(),
     }
     try:
         store.put(recovery_key(r, me), keys.sign_manifest(private, doc), create_only=True)
@@ -168,16 +172,26 @@ def _own_recovery(store, spec: Spec, r: int, me: str, drops: Drops) -> str:
     """
     key, what = recovery_key(r, me), f"recovery shares of {me}"
     try:
-        doc = keys.verify_manifest(R.read_manifest(store, key, what), spec.member(me), what)
-        R.expect(doc, what, kind=RECOVERY_KIND, federation_id=spec.federation_id, round=r, member=me,
-                 drops_sha256=drops.sha256)
+        doc = keys.verify_manifest(rounds.read_manifest(store, key, what), spec.member(me), what)
+        rounds.expect(
+            doc,
+            what,
+            kind=RECOVERY_KIND,
+            federation_id=spec.federation_id,
+            round=r,
+            member=me,
+            drops_sha256=drops.sha256,
+        )
     except NotFound:
         raise StoreError(f"{key} vanished while being checked; run again") from None
     except FedcliError as e:
         if isinstance(e, StoreError) and not isinstance(e, NotRegular):
             raise
-        raise VerificationError(f"recovery shares for {me} that this key did not sign for this round sit at {key}; "
-                                "ask the coordinator to remove it", reason="bad-signature") from None
+        raise VerificationError(
+            f"recovery shares for {me} that this key did not sign for this round sit at {key}; "
+            "ask the coordinator to remove it",
+            reason="bad-signature",
+        ) from None
     return f"{me} already published its recovery shares for round {r}; waiting for the coordinator"
 
 
@@ -224,9 +238,9 @@ class MaskedSum:
     def mean(self, revealed: dict) -> dict:
         """Unmask with the revealed seeds and return the mean delta (float64 tensors)."""
         survivors = sorted(self.commitments)
-        unmasked = secagg.unmask_sum(self.total, survivors, revealed)
-        flat = secagg.dequantize(unmasked, scale(self.spec)) / len(survivors)
-        return secagg.unflatten(flat, self.layout)
+        unmasked = masking.unmask_sum(self.total, survivors, revealed)
+        flat = masking.dequantize(unmasked, scale(self.spec)) / len(survivors)
+        return masking.unflatten(flat, self.layout)
 
 
 def genuine_updates(store, spec: Spec, r: int, members) -> list[str]:
@@ -235,10 +249,10 @@ def genuine_updates(store, spec: Spec, r: int, members) -> list[str]:
     genuine = []
     for m in members:
         ident = spec.member(m)
-        if ident is None or not store.exists(R.update_keys(r, m)[1]):
+        if ident is None or not store.exists(rounds.update_keys(r, m)[1]):
             continue
         try:
-            doc = keys.verify_manifest(R.read_manifest(store, R.update_keys(r, m)[1], m), ident, m)
+            doc = keys.verify_manifest(rounds.read_manifest(store, rounds.update_keys(r, m)[1], m), ident, m)
         except FedcliError:
             continue
         if doc.get("round") == r and doc.get("federation_id") == spec.federation_id:
@@ -249,15 +263,15 @@ def genuine_updates(store, spec: Spec, r: int, members) -> list[str]:
 def declare_drops(store, private, spec: Spec, r: int, survivors: dict[str, str]) -> Drops:
     """Write the final, signed drop declaration: survivors' update hashes and the dropped rest."""
     dropped = sorted(m.name for m in spec.members if m.name not in survivors)
-    secagg.check_recovery([m.name for m in spec.members], survivors, dropped, min_survivors(spec))
+    masking.check_recovery([m.name for m in spec.members], survivors, dropped, min_survivors(spec))
     doc = {
         "kind": DROPS_KIND,
-        "format": R.FORMAT,
+        "format": rounds.FORMAT,
         "federation_id": spec.federation_id,
         "round": r,
         "survivors": dict(sorted(survivors.items())),
         "dropped": dropped,
-        "created_at": R.now(),
+        "created_at": rounds.now(),
     }
     try:
         store.put(drops_key(r), keys.sign_manifest(private, doc), create_only=True)
@@ -272,13 +286,20 @@ def load_recoveries(store, spec: Spec, r: int, drops: Drops, commitments: dict) 
     for s in sorted(drops.survivors):
         what = f"recovery shares of {s}"
         try:
-            data = R.read_manifest(store, recovery_key(r, s), what)
+            data = rounds.read_manifest(store, recovery_key(r, s), what)
         except NotFound:
             missing.append(s)
             continue
         doc = validate(RecoveryShares, keys.verify_manifest(data, spec.member(s), what), what)
-        R.expect(doc, what, kind=RECOVERY_KIND, federation_id=spec.federation_id, round=r, member=s,
-                 drops_sha256=drops.sha256)
+        rounds.expect(
+            doc,
+            what,
+            kind=RECOVERY_KIND,
+            federation_id=spec.federation_id,
+            round=r,
+            member=s,
+            drops_sha256=drops.sha256,
+        )
         if sorted(doc.seeds) != drops.dropped:
             raise _secagg(f"{what}: seeds do not cover exactly the dropped members")
         for d, text in doc.seeds.items():
@@ -286,14 +307,22 @@ def load_recoveries(store, spec: Spec, r: int, drops: Drops, commitments: dict) 
                 seed = keys.unb64(text, f"{what}: seed for {d}")
             except FedcliError as e:
                 raise _secagg(str(e)) from None
-            if len(seed) != 32 or secagg.seed_commitment(seed) != commitments[s].get(d):
+            if len(seed) != 32 or masking.seed_commitment(seed) != commitments[s].get(d):
                 raise _secagg(f"{what}: seed for {d} does not match {s}'s signed commitment")
             revealed[(s, d)] = seed
     return revealed, missing
 
 
-def close_round(store, private, spec: Spec, r: int, acc: MaskedSum, drops: Drops | None,
-                rejected: list[str], quorum: tuple[bool, str]) -> tuple[dict | None, str, dict]:
+def close_round(
+    store,
+    private,
+    spec: Spec,
+    r: int,
+    acc: MaskedSum,
+    drops: Drops | None,
+    rejected: list[str],
+    quorum: tuple[bool, str],
+) -> tuple[dict | None, str, dict]:
     """Decide what the masked round needs next: (mean delta or None, waiting reason, manifest extra).
 
     All members in: masks cancel. Quorum without everyone: declare the missing dropped, wait for
@@ -314,8 +343,14 @@ def close_round(store, private, spec: Spec, r: int, acc: MaskedSum, drops: Drops
                 "let the coordinator unmask it, so remove that update (the bank then re-submits) before aggregating"
             )
         drops = declare_drops(store, private, spec, r, dict(acc.shas))
-        return None, (f"declared {', '.join(drops.dropped)} dropped from round {r}; waiting for recovery shares from "
-                      f"{', '.join(sorted(drops.survivors))} (each publishes them on its next `fedcli train`)"), {}
+        return (
+            None,
+            (
+                f"declared {', '.join(drops.dropped)} dropped from round {r}; waiting for recovery shares from "
+                f"{', '.join(sorted(drops.survivors))} (each publishes them on its next `fedcli train`)"
+            ),
+            {},
+        )
     lost = sorted(set(drops.survivors) - set(acc.commitments))
     if lost:
         raise VerificationError(
@@ -324,5 +359,8 @@ def close_round(store, private, spec: Spec, r: int, acc: MaskedSum, drops: Drops
     revealed, missing = load_recoveries(store, spec, r, drops, acc.commitments)
     if missing:
         return None, f"recovery shares of round {r} still missing from {', '.join(missing)}", {}
-    return acc.mean(revealed), "", {"secagg": {"dropped": drops.dropped, "drops_sha256": drops.sha256,
-                                               "scale": scale(spec)}}
+    return (
+        acc.mean(revealed),
+        "",
+        {"secagg": {"dropped": drops.dropped, "drops_sha256": drops.sha256, "scale": scale(spec)}},
+    )

@@ -5,7 +5,6 @@ Before parsing we bound the header size and the file size, then require exactly 
 tensor names, shapes and dtype the federation's model has, and finite values.
 """
 
-import hashlib
 import json
 import math
 import struct
@@ -13,25 +12,31 @@ import struct
 import numpy as np
 from safetensors.numpy import save as st_save
 
-from .contract import check_depth
-from .errors import ContractError, FedcliError, Oversize, VerificationError
+from fedcli.contract import check_depth
+from fedcli.errors import ContractError, FedcliError, Oversize, VerificationError
 
 MAX_HEADER_BYTES = 1 << 20  # 1 MiB: far more than any model here needs
 HEADER_DEPTH = 4  # {name: {"shape": [..]}}: a valid header nests 3 levels
 
 Shapes = dict[str, tuple[int, ...]]
 # safetensors dtype names -> little-endian numpy dtypes (bf16 has no numpy type: refused)
-ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-             "I8": "i1", "U8": "u1", "U32": "<u4", "BOOL": "?"}  # U32: masked updates (secagg)
+ST_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "U32": "<u4",
+    "BOOL": "?",
+}  # U32: masked updates (secagg)
 
 
 def encode(tensors: dict[str, np.ndarray]) -> bytes:
     """Deterministic bytes (sorted names, little-endian float32 unless given otherwise)."""
     return st_save({k: np.ascontiguousarray(tensors[k]) for k in sorted(tensors)})
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def itemsizes(shapes: Shapes, dtype: str | dict[str, str] = "float32") -> dict[str, int]:
@@ -79,7 +84,9 @@ def _naturals(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
-def decode(data: bytes | memoryview, shapes: Shapes, what: str, dtype: str | dict[str, str] = "float32") -> dict[str, np.ndarray]:
+def decode(
+    data: bytes | memoryview, shapes: Shapes, what: str, dtype: str | dict[str, str] = "float32"
+) -> dict[str, np.ndarray]:
     """Parse and check a safetensors file; raise VerificationError naming the first problem.
 
     The arrays returned are read-only views into `data` when it is bytes (no copy).
@@ -103,8 +110,9 @@ def decode(data: bytes | memoryview, shapes: Shapes, what: str, dtype: str | dic
     names = set(header) - {"__metadata__"}
     if names != set(shapes):
         missing, extra = sorted(set(shapes) - names), sorted(names - set(shapes))
-        raise ContractError(f"{what}: tensor names do not match the model (missing {_few(missing)}, "
-                            f"unexpected {_few(extra)})")
+        raise ContractError(
+            f"{what}: tensor names do not match the model (missing {_few(missing)}, unexpected {_few(extra)})"
+        )
     for name, expected in shapes.items():
         arr, want = tensors[name], np.dtype(dtype[name] if isinstance(dtype, dict) else dtype)
         if arr.dtype != want:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FedcliError, VerificationError
+from fedcli.errors import FedcliError, VerificationError
 
 Arrays = Mapping[str, np.ndarray]
 METHODS = ("none", "int8", "topk")
@@ -41,7 +41,9 @@ def _with_residual(delta: Arrays, residual: Arrays | None) -> dict[str, np.ndarr
         if residual is not None and k in residual:
             r = np.asarray(residual[k], dtype=np.float64)
             if r.shape != x.shape:
-                raise FedcliError(f"error-feedback residual for {k!r} has shape {r.shape}, expected {x.shape}: delete the bank's residual file")
+                raise FedcliError(
+                    f"error-feedback residual for {k!r} has shape {r.shape}, expected {x.shape}: delete the bank's residual file"
+                )
             x = x + r
         out[k] = x
     return out
@@ -108,7 +110,9 @@ def decode(tensors: Arrays, meta: Mapping, shapes: Mapping[str, tuple[int, ...]]
     expected = {k + s for k in shapes for s in suffixes}
     if set(tensors) != expected:
         extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
-        raise VerificationError(f"{method} update tensors do not match the model (unexpected {extra[:3]}, missing {missing[:3]})")
+        raise VerificationError(
+            f"{method} update tensors do not match the model (unexpected {extra[:3]}, missing {missing[:3]})"
+        )
     out = {}
     for k, shape in shapes.items():
         shape = tuple(shape)
@@ -129,8 +133,15 @@ def decode(tensors: Arrays, meta: Mapping, shapes: Mapping[str, tuple[int, ...]]
             idx, val = np.asarray(tensors[f"{k}#idx"]), np.asarray(tensors[f"{k}#val"])
             size = math.prod(shape)
             n = _topk_count(size, meta["ratio"])
-            if idx.dtype not in (np.int32, np.int64) or idx.shape != (n,) or val.shape != (n,) or val.dtype != np.float32:
-                raise VerificationError(f"top-k tensor {k!r} is malformed (expected {n} int indices and float32 values)")
+            if (
+                idx.dtype not in (np.int32, np.int64)
+                or idx.shape != (n,)
+                or val.shape != (n,)
+                or val.dtype != np.float32
+            ):
+                raise VerificationError(
+                    f"top-k tensor {k!r} is malformed (expected {n} int indices and float32 values)"
+                )
             if n and (idx[0] < 0 or idx[-1] >= size or np.any(np.diff(idx) <= 0)):
                 raise VerificationError(f"top-k tensor {k!r} has indices out of range or not strictly increasing")
             dense = np.zeros(size, dtype=np.float32)
@@ -160,8 +171,8 @@ def load_residual(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str
     Read like any untrusted tensor file (size bound first, safetensors checks, finite values),
     since a damaged residual would otherwise be added into the next update.
     """
-    from . import tensors
-    from .localdocs import read_bounded
+    from fedcli.files import read_bounded
+    from fedcli.protocol import tensors
 
     what = f"error-feedback residual {path}"
     try:
@@ -175,7 +186,8 @@ def save_residual(path: Path, residual: Arrays) -> None:
     """Atomic write (temp file, fsync, rename), so a crash never leaves half a residual."""
     from safetensors.numpy import save
 
-    from .localdocs import write_atomic
+    from fedcli.files import write_atomic
 
-    write_atomic(Path(path), save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in residual.items()}),
-                 ".residual-")
+    write_atomic(
+        Path(path), save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in residual.items()}), ".residual-"
+    )

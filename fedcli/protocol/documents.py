@@ -17,8 +17,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
 
-from .contract import strict_config
-from .errors import REASONS, FedcliError
+from fedcli.contract import strict_config
+from fedcli.errors import REASONS, FedcliError
 
 FORMAT = 1
 MAX_ROWS = 10**10  # the largest max_rows_per_member a spec may declare; the spec's own bound is checked after
@@ -213,8 +213,6 @@ class Rejections(Document):
     round: UpdateRound
     entries: Annotated[dict[Label, Rejection], Field(max_length=100_000)]
     created_at: Timestamp
-
-
 
 
 def rejection(e: FedcliError, store_url: str = "") -> dict:

@@ -16,17 +16,18 @@ into its class in fedcli.documents (see docs/protocol.md for the order and the r
 import hashlib
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
-from . import compression
-from . import tensors as T
-from .privacy import check_declared
-from .errors import ContractError, FedcliError, NotFound, NotRegular, Oversize, StoreError, VerificationError
-from .keys import MAX_MANIFEST_BYTES, PublicIdentity, verify_manifest
-from .spec import MAX_SIG_BYTES, MAX_SPEC_BYTES, Spec, sha256, verified
-from .store import Store
+from fedcli.digest import sha256
+from fedcli.errors import ContractError, FedcliError, NotFound, NotRegular, Oversize, StoreError, VerificationError
+from fedcli.keys import MAX_MANIFEST_BYTES, PublicIdentity, verify_manifest
+from fedcli.privacy.policy import check_declared
+from fedcli.protocol import compression
+from fedcli.protocol.spec import MAX_SIG_BYTES, MAX_SPEC_BYTES, Spec, verified
+from fedcli.protocol.tensors import Shapes, check_finite, decode, itemsizes, max_file_size
+from fedcli.store import Store
 
 SPEC_KEY = "federation.toml"
 SPEC_SIG_KEY = "federation.toml.sig"
@@ -55,7 +56,7 @@ def rejections_key(r: int) -> str:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def load_spec(store: Store, pinned: PublicIdentity | None) -> tuple[Spec, str]:
@@ -93,9 +94,15 @@ def read_manifest(store: Store, key: str, what: str) -> bytes:
         raise Oversize(f"{what}: {e}") from None
 
 
-def read_tensors(store: Store, key: str, expected_sha: str, shapes: T.Shapes, what: str,
-                 dtype: str | dict[str, str] = "float32",
-                 buffer: bytearray | None = None):
+def read_tensors(
+    store: Store,
+    key: str,
+    expected_sha: str,
+    shapes: Shapes,
+    what: str,
+    dtype: str | dict[str, str] = "float32",
+    buffer: bytearray | None = None,
+):
     """Stream, hash and decode a tensor file; the hash must match the signed manifest.
 
     The bytes are hashed chunk by chunk as they land (one pass, cache-hot) and decoded in
@@ -106,7 +113,7 @@ def read_tensors(store: Store, key: str, expected_sha: str, shapes: T.Shapes, wh
         size = store.size(key)
     except NotFound:
         raise VerificationError(f"{what}: tensor file is missing", reason="missing") from None
-    if size > T.max_file_size(shapes, T.itemsizes(shapes, dtype)):
+    if size > max_file_size(shapes, itemsizes(shapes, dtype)):
         raise Oversize(f"{what}: tensor file is larger than the model allows ({size:,} bytes)")
     buf = memoryview(buffer if buffer is not None and len(buffer) >= size else bytearray(size))
     digest, n = hashlib.sha256(), 0
@@ -118,7 +125,7 @@ def read_tensors(store: Store, key: str, expected_sha: str, shapes: T.Shapes, wh
         raise VerificationError(f"{what}: tensor file is missing", reason="missing") from None
     if digest.hexdigest() != expected_sha:
         raise VerificationError(f"{what}: tensors do not match the sha256 in the signed manifest", reason="bad-hash")
-    return T.decode(buf[:n], shapes, what, dtype)
+    return decode(buf[:n], shapes, what, dtype)
 
 
 def expect(manifest, what: str, **fields) -> None:
@@ -143,8 +150,8 @@ class Global:
 
 def global_manifest(store: Store, spec: Spec, spec_sha: str, r: int) -> dict:
     """The verified manifest of round r's global model (signature and spec binding), without its tensors."""
-    from .contract import validate
-    from .documents import GlobalManifest
+    from fedcli.contract import validate
+    from fedcli.protocol.documents import GlobalManifest
 
     what = f"global model of round {r}"
     try:
@@ -156,23 +163,24 @@ def global_manifest(store: Store, spec: Spec, spec_sha: str, r: int) -> dict:
     return manifest
 
 
-def load_global(store: Store, spec: Spec, spec_sha: str, r: int, shapes: T.Shapes) -> Global:
+def load_global(store: Store, spec: Spec, spec_sha: str, r: int, shapes: Shapes) -> Global:
     """Verify and load the global model of round r (signature, spec binding, hash, shapes)."""
     manifest = global_manifest(store, spec, spec_sha, r)
     what = f"global model of round {r}"
     return Global(r, read_tensors(store, global_keys(r)[0], manifest["tensors_sha256"], shapes, what), manifest)
 
 
-def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, shapes: T.Shapes,
-                  buffer: bytearray | None = None):
+def verify_update(
+    store: Store, spec: Spec, r: int, member: str, base_sha: str, shapes: Shapes, buffer: bytearray | None = None
+):
     """Check one submitted update; return (UpdateManifest, delta tensors) or raise with the reason.
 
     Every failure is a FedcliError whose reason code goes into the signed rejections list.
     `buffer` is passed to read_tensors: the delta's arrays are views into it. With secure
     aggregation the tensors are masked uint32 words.
     """
-    from .contract import validate
-    from .documents import UpdateManifest
+    from fedcli.contract import validate
+    from fedcli.protocol.documents import UpdateManifest
 
     what = f"update from {member}"
     signer = spec.member(member)
@@ -182,13 +190,17 @@ def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, 
     manifest = validate(UpdateManifest, verify_manifest(read_manifest(store, mkey, what), signer, what), what)
     expect(manifest, what, kind="update", federation_id=spec.federation_id, round=r, member=member)
     if manifest.base_sha256 != base_sha:
-        raise VerificationError(f"{what}: trained on a different global model (stale or forged base)", reason="stale-base")
+        raise VerificationError(
+            f"{what}: trained on a different global model (stale or forged base)", reason="stale-base"
+        )
     try:  # no weaker DP than the spec requires
         check_declared(None if manifest.dp is None else manifest.dp.model_dump(), spec.privacy, what)
     except FedcliError as e:
         raise VerificationError(str(e), reason="weak-privacy") from None
     except (ArithmeticError, ValueError):  # the accountant cannot price absurd (if in-range) parameters
-        raise VerificationError(f"{what}: its declared DP parameters cannot be accounted for", reason="weak-privacy") from None
+        raise VerificationError(
+            f"{what}: its declared DP parameters cannot be accounted for", reason="weak-privacy"
+        ) from None
     n = manifest.num_examples
     if spec.privacy.enabled:  # DP updates carry no row count (it is not privatised); equal weights
         if n is not None:
@@ -196,8 +208,10 @@ def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, 
     elif n is None:
         raise ContractError(f"{what}: num_examples is required (a positive integer)")
     elif n > spec.max_rows_per_member:
-        raise ContractError(f"{what}: num_examples {_magnitude(n)} is more than the spec's max_rows_per_member "
-                            f"({spec.max_rows_per_member:,})")
+        raise ContractError(
+            f"{what}: num_examples {_magnitude(n)} is more than the spec's max_rows_per_member "
+            f"({spec.max_rows_per_member:,})"
+        )
     cmeta = manifest.compression.model_dump(exclude_none=True) if manifest.compression else {"method": "none"}
     if cmeta != spec.strategy.compression_meta:
         raise ContractError(f"{what}: compression {cmeta!r} is not the spec's {spec.strategy.compression_meta!r}")
@@ -210,7 +224,7 @@ def verify_update(store: Store, spec: Spec, r: int, member: str, base_sha: str, 
     except FedcliError as e:
         raise ContractError(f"{what}: {e}") from None
     if cmeta["method"] != "none":  # float32 tensors were checked in decode; a dequantised one may overflow
-        T.check_finite(delta, what)
+        check_finite(delta, what)
     return manifest, delta
 
 
@@ -220,7 +234,9 @@ def _magnitude(n: int) -> str:
     return f"{n:,}" if len(text) <= 15 else f"{text[0]}.{text[1:3]}e+{len(text) - 1}"
 
 
-def unconsumed_updates(store: Store, spec: Spec, spec_sha: str, r: int, max_staleness: int) -> list[tuple[int, str, str]]:
+def unconsumed_updates(
+    store: Store, spec: Spec, spec_sha: str, r: int, max_staleness: int
+) -> list[tuple[int, str, str]]:
     """Async mode: committed updates from rounds r-max_staleness..r-1 that no global has folded in yet.
 
     Returns (update round, member, sha256 of the global it was trained on), oldest first. An
@@ -230,7 +246,9 @@ def unconsumed_updates(store: Store, spec: Spec, spec_sha: str, r: int, max_stal
     if first >= r:
         return []
     manifests = {g: global_manifest(store, spec, spec_sha, g) for g in range(first - 1, r)}
-    used = {(c.get("update_round", g), c["member"]) for g in range(first, r) for c in manifests[g].get("contributors", [])}
+    used = {
+        (c.get("update_round", g), c["member"]) for g in range(first, r) for c in manifests[g].get("contributors", [])
+    }
     out = []
     for u in range(first, r):
         committed, _ = submitted_members(store, u)
@@ -243,7 +261,7 @@ def submitted_members(store: Store, r: int) -> tuple[list[str], list[str]]:
     committed, partial = set(), set()
     prefix = f"{round_dir(r)}/updates/"
     for key in store.list(prefix.rstrip("/")):
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         if name.endswith(".json"):
             committed.add(name[:-5])
         elif name.endswith(".safetensors"):
@@ -266,8 +284,8 @@ def load_rejections(store: Store, spec: Spec, r: int) -> RoundRejections | None:
     Anything else found there (unsigned, forged, too large, too deep, a link) is returned
     unverified with the reason, never as fact, and never raises.
     """
-    from .contract import validate
-    from .documents import Rejections
+    from fedcli.contract import validate
+    from fedcli.protocol.documents import Rejections
 
     what = f"rejections of round {r}"
     try:
@@ -286,12 +304,18 @@ def write_rejections(store: Store, private, spec: Spec, r: int, entries: dict[st
 
     `entries` maps each refused update's label to documents.rejection(error).
     """
-    from .contract import validate
-    from .documents import Rejections
-    from .keys import sign_manifest
+    from fedcli.contract import validate
+    from fedcli.keys import sign_manifest
+    from fedcli.protocol.documents import Rejections
 
-    doc = {"kind": "rejections", "format": FORMAT, "federation_id": spec.federation_id, "round": r,
-           "entries": {_printable(k): v for k, v in sorted(entries.items())}, "created_at": now()}
+    doc = {
+        "kind": "rejections",
+        "format": FORMAT,
+        "federation_id": spec.federation_id,
+        "round": r,
+        "entries": {_printable(k): v for k, v in sorted(entries.items())},
+        "created_at": now(),
+    }
     validate(Rejections, doc, f"rejections of round {r}")
     store.put(rejections_key(r), sign_manifest(private, doc))
 
@@ -346,13 +370,27 @@ def history(store: Store, pinned: PublicIdentity | None = None) -> tuple[Spec, l
         found = load_rejections(store, spec, r) if r else None
         rejected = found.entries if found and found.verified else {}
         # Only what a member signed for this round counts as submitted; anything else is shown as unsigned.
-        unsigned = [m for m in submitted if m not in names and m not in rejected and not _signed_update(store, spec, r, m)]
+        unsigned = [
+            m for m in submitted if m not in names and m not in rejected and not _signed_update(store, spec, r, m)
+        ]
         submitted = [m for m in submitted if m not in unsigned]
         pending = [m for m in pending if spec.member(m) is not None]
-        rows.append(RoundSummary(r, r in published, names, submitted, pending, rejected,
-                                 sum(c["num_examples"] for c in contributors), means,
-                                 manifest.get("created_at", ""), _bytes_in(store, r, submitted),
-                                 found.problem if found and not found.verified else "", unsigned))
+        rows.append(
+            RoundSummary(
+                r,
+                r in published,
+                names,
+                submitted,
+                pending,
+                rejected,
+                sum(c["num_examples"] for c in contributors),
+                means,
+                manifest.get("created_at", ""),
+                _bytes_in(store, r, submitted),
+                found.problem if found and not found.verified else "",
+                unsigned,
+            )
+        )
     return spec, rows
 
 

@@ -25,7 +25,6 @@ twice is a no-op. Nothing is ever extracted to disk or unpickled.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import os
 import re
@@ -37,23 +36,32 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from . import keys, tensors
-from . import rounds as R
-from .contract import load_json, strict_config, validate
-from .errors import (
-    AlreadyExists,
-    ContractError,
-    FedcliError,
-    InputError,
-    NotFound,
-    Oversize,
-    VerificationError,
+from fedcli import keys
+from fedcli.contract import load_json, strict_config, validate
+from fedcli.digest import sha256
+from fedcli.errors import AlreadyExists, ContractError, FedcliError, InputError, NotFound, Oversize, VerificationError
+from fedcli.names import check_key, check_name
+from fedcli.protocol import tensors
+from fedcli.protocol.rounds import (
+    MAX_MANIFEST_BYTES,
+    MAX_SIG_BYTES,
+    MAX_SPEC_BYTES,
+    SPEC_KEY,
+    SPEC_SIG_KEY,
+    expect,
+    global_keys,
+    global_rounds,
+    latest_round,
+    load_spec,
+    now,
+    rejections_key,
+    round_dir,
+    update_keys,
 )
-from .names import check_key, check_name
-from .spec import Spec, loads
+from fedcli.protocol.spec import Spec, loads
 
 if TYPE_CHECKING:
-    from .store import Store
+    from fedcli.store import Store
 
 BUNDLE_DOMAIN = b"fedcli-bundle-v1\n"
 FORMAT = 1
@@ -67,7 +75,7 @@ _INDEX_NAMES = ("bundle.json", "bundle.sig")
 _COORD_KEYS = re.compile(
     r"^(federation\.toml(\.sig)?|rounds/\d{6}/(global\.(json|safetensors)|rejections\.json|secagg/drops\.json))$"
 )
-_SPEC_KEYS = (R.SPEC_KEY, R.SPEC_SIG_KEY)
+_SPEC_KEYS = (SPEC_KEY, SPEC_SIG_KEY)
 
 
 def _member_keys(member: str) -> re.Pattern:
@@ -89,6 +97,7 @@ def index_model():
                 return check(value)
             except FedcliError as e:  # our rule, as a pydantic error so it keeps its field path
                 raise ValueError(str(e)) from None
+
         return AfterValidator(run)
 
     class BundleFile(BaseModel):
@@ -138,13 +147,10 @@ class BundleResult:
     skipped: list[str] = field(default_factory=list)  # optional files left out, with why (one line each)
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def tensor_bound(spec: Spec, key: str) -> int:
     """Largest legitimate size of the tensor file at key: the spec's model, encoded as the spec says."""
-    from . import compression, models
+    from fedcli import models
+    from fedcli.protocol import compression
 
     shapes = models.shapes(spec.model, spec.data.n_features)
     if "/updates/" in key and not spec.secagg.enabled:  # masked updates are uint32: same size as float32
@@ -155,15 +161,15 @@ def tensor_bound(spec: Spec, key: str) -> int:
 
 def kind_bound(spec: Spec | None, key: str) -> int:
     """The bound of a store key's kind: spec 1 MiB, signature 1 KiB, documents 64 KiB, tensors by the model."""
-    if key == R.SPEC_KEY:
-        return R.MAX_SPEC_BYTES
-    if key == R.SPEC_SIG_KEY:
-        return R.MAX_SIG_BYTES
+    if key == SPEC_KEY:
+        return MAX_SPEC_BYTES
+    if key == SPEC_SIG_KEY:
+        return MAX_SIG_BYTES
     if key.endswith(".safetensors"):
         if spec is None:
             raise VerificationError(f"{key}: no verified spec to bound tensors by")
         return tensor_bound(spec, key)
-    return R.MAX_MANIFEST_BYTES
+    return MAX_MANIFEST_BYTES
 
 
 # -- export ---------------------------------------------------------------------------
@@ -176,7 +182,7 @@ def export_bundle(store: Store, key_path: Path, out: Path) -> BundleResult:
     skipped: list[str] = []
     if coordinator:
         role, signer = "coordinator", spec.coordinator.name
-        files = {R.SPEC_KEY: spec_bytes, R.SPEC_SIG_KEY: sig_bytes, **_coordinator_files(store, spec, skipped)}
+        files = {SPEC_KEY: spec_bytes, SPEC_SIG_KEY: sig_bytes, **_coordinator_files(store, spec, skipped)}
     else:
         me = spec.member_by_key(pub_b64)
         if me is None:
@@ -189,8 +195,8 @@ def export_bundle(store: Store, key_path: Path, out: Path) -> BundleResult:
         "federation_id": spec.federation_id,
         "signer": signer,
         "role": role,
-        "created_at": R.now(),
-        "files": [{"key": k, "size": len(v), "sha256": _sha(v)} for k, v in files.items()],
+        "created_at": now(),
+        "files": [{"key": k, "size": len(v), "sha256": sha256(v)} for k, v in files.items()],
     }
     body = keys.canonical(index)
     sig = keys.sign_bytes(private, body, BUNDLE_DOMAIN).encode()
@@ -206,15 +212,16 @@ def _exporter_spec(store: Store, pub_b64: str) -> tuple[Spec, bytes, bytes, bool
     (rounds.load_spec); a bank's bundle never carries the spec.
     """
     try:
-        data = store.get(R.SPEC_KEY, max_bytes=R.MAX_SPEC_BYTES)
-        sig = store.get(R.SPEC_SIG_KEY, max_bytes=R.MAX_SIG_BYTES)
+        data = store.get(SPEC_KEY, max_bytes=MAX_SPEC_BYTES)
+        sig = store.get(SPEC_SIG_KEY, max_bytes=MAX_SIG_BYTES)
     except NotFound:
         raise FedcliError(f"{store} holds no federation: run `fedcli init` first") from None
     try:
-        keys.verify_bytes(data, sig.decode("ascii", "replace"), keys.PublicIdentity("coordinator", pub_b64),
-                          "federation spec")
+        keys.verify_bytes(
+            data, sig.decode("ascii", "replace"), keys.PublicIdentity("coordinator", pub_b64), "federation spec"
+        )
     except VerificationError:  # not signed with this key: a bank (or a stranger)
-        return R.load_spec(store, None)[0], b"", b"", False
+        return load_spec(store, None)[0], b"", b"", False
     spec = loads(data)
     if spec.coordinator.ed25519 != pub_b64:
         raise VerificationError("the federation spec is signed by your key but names another coordinator")
@@ -223,14 +230,14 @@ def _exporter_spec(store: Store, pub_b64: str) -> tuple[Spec, bytes, bytes, bool
 
 def _coordinator_files(store: Store, spec: Spec, skipped: list[str]) -> dict[str, bytes]:
     """Besides the spec: signed rejections (optional), the latest global tensors, every global manifest, open drops."""
-    rounds = R.global_rounds(store)
+    rounds = global_rounds(store)
     if not rounds:
         raise FedcliError(f"{store} has no global model yet: run `fedcli init` first")
     fid, files = spec.federation_id, {}
     for r in rounds:
-        key = R.rejections_key(r)
+        key = rejections_key(r)
         try:
-            data = store.get(key, max_bytes=R.MAX_MANIFEST_BYTES)
+            data = store.get(key, max_bytes=MAX_MANIFEST_BYTES)
             _verified(data, spec.coordinator, key, kind="rejections", federation_id=fid, round=r)
         except NotFound:
             continue
@@ -240,16 +247,16 @@ def _coordinator_files(store: Store, spec: Spec, skipped: list[str]) -> dict[str
             files[key] = data
     manifests = {}
     for r in rounds:
-        key = R.global_keys(r)[1]
-        data = store.get(key, max_bytes=R.MAX_MANIFEST_BYTES)
+        key = global_keys(r)[1]
+        data = store.get(key, max_bytes=MAX_MANIFEST_BYTES)
         manifests[key] = data, _verified(data, spec.coordinator, key, kind="global", federation_id=fid, round=r)
     latest = rounds[-1]
-    tkey, mkey = R.global_keys(latest)
+    tkey, mkey = global_keys(latest)
     files[tkey] = _tensors(store, tkey, manifests[mkey][1].get("tensors_sha256"), kind_bound(spec, tkey))
     files.update({k: data for k, (data, _) in manifests.items()})  # manifests after the tensors they name
-    drops = f"{R.round_dir(latest + 1)}/secagg/drops.json"  # secure aggregation's dropouts
+    drops = f"{round_dir(latest + 1)}/secagg/drops.json"  # secure aggregation's dropouts
     if store.exists(drops):
-        data = store.get(drops, max_bytes=R.MAX_MANIFEST_BYTES)
+        data = store.get(drops, max_bytes=MAX_MANIFEST_BYTES)
         _verified(data, spec.coordinator, drops, kind="secagg-drops", federation_id=fid, round=latest + 1)
         files[drops] = data
     return files
@@ -257,18 +264,20 @@ def _coordinator_files(store: Store, spec: Spec, skipped: list[str]) -> dict[str
 
 def _member_files(store: Store, spec: Spec, me: keys.PublicIdentity) -> dict[str, bytes]:
     """The bank's committed update of the open round (manifest signed by it, tensors of the signed hash) and recovery."""
-    r = R.latest_round(store) + 1
-    tkey, mkey = R.update_keys(r, me.name)
+    r = latest_round(store) + 1
+    tkey, mkey = update_keys(r, me.name)
     try:
-        manifest_bytes = store.get(mkey, max_bytes=R.MAX_MANIFEST_BYTES)
+        manifest_bytes = store.get(mkey, max_bytes=MAX_MANIFEST_BYTES)
     except NotFound:
-        raise FedcliError(f"{me.name} has no committed update for round {r} in {store}: run `fedcli train` first") from None
+        raise FedcliError(
+            f"{me.name} has no committed update for round {r} in {store}: run `fedcli train` first"
+        ) from None
     fid = spec.federation_id
     manifest = _verified(manifest_bytes, me, mkey, kind="update", federation_id=fid, round=r, member=me.name)
     files = {tkey: _tensors(store, tkey, manifest.get("tensors_sha256"), kind_bound(spec, tkey)), mkey: manifest_bytes}
-    recovery = f"{R.round_dir(r)}/secagg/recovery/{me.name}.json"  # secure aggregation's dropouts
+    recovery = f"{round_dir(r)}/secagg/recovery/{me.name}.json"  # secure aggregation's dropouts
     if store.exists(recovery):
-        data = store.get(recovery, max_bytes=R.MAX_MANIFEST_BYTES)
+        data = store.get(recovery, max_bytes=MAX_MANIFEST_BYTES)
         _verified(data, me, recovery, kind="secagg-recovery", federation_id=fid, round=r, member=me.name)
         files[recovery] = data
     return files
@@ -277,15 +286,17 @@ def _member_files(store: Store, spec: Spec, me: keys.PublicIdentity) -> dict[str
 def _verified(data: bytes, signer: keys.PublicIdentity, key: str, **expected) -> dict:
     """A signed document's content, after its signature and its place (kind, federation, round) check out."""
     doc = keys.verify_manifest(data, signer, key)
-    R.expect(doc, key, **expected)
+    expect(doc, key, **expected)
     return doc
 
 
 def _tensors(store: Store, key: str, expected_sha, bound: int) -> bytes:
     """A tensor file read within its bound, packed only if its sha256 is the one its verified manifest names."""
     data = store.get(key, max_bytes=bound)
-    if _sha(data) != expected_sha:
-        raise VerificationError(f"{key} does not match the sha256 in its signed manifest; not packed", reason="bad-hash")
+    if sha256(data) != expected_sha:
+        raise VerificationError(
+            f"{key} does not match the sha256 in its signed manifest; not packed", reason="bad-hash"
+        )
     return data
 
 
@@ -362,7 +373,9 @@ def import_bundle(store: Store, path: Path, coordinator_pub: Path | None = None)
     if not stat.S_ISREG(st.st_mode):  # a FIFO would block forever, a device never ends
         raise InputError(f"bundle {path} is not a regular file")
     if st.st_size > MAX_BUNDLE_BYTES:
-        raise Oversize(f"{path} is {st.st_size:,} bytes, more than the {MAX_BUNDLE_BYTES >> 30} GiB a bundle may have; not read")
+        raise Oversize(
+            f"{path} is {st.st_size:,} bytes, more than the {MAX_BUNDLE_BYTES >> 30} GiB a bundle may have; not read"
+        )
     try:
         with open(path, "rb") as raw:
             bounded = _BoundedFile(raw, path)
@@ -375,13 +388,15 @@ def import_bundle(store: Store, path: Path, coordinator_pub: Path | None = None)
                 if index.federation_id != spec.federation_id:
                     raise VerificationError(
                         f"{path} is for federation {index.federation_id!r}, the store holds {spec.federation_id!r}",
-                        reason="wrong-round")
+                        reason="wrong-round",
+                    )
                 entries = _contents(tar, members, index, spec, role, signer, path)
     except FedcliError:
         raise
     except _TAR_FAULTS:
-        raise VerificationError(f"{path} is not a readable bundle (truncated or not a tar archive)",
-                                reason="malformed") from None
+        raise VerificationError(
+            f"{path} is not a readable bundle (truncated or not a tar archive)", reason="malformed"
+        ) from None
     except OSError as e:
         raise FedcliError(f"cannot read bundle {path}: {e.strerror}") from None
 
@@ -397,7 +412,9 @@ def _members(tar: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarInfo]:
         if not m.isreg() or m.type == tarfile.GNUTYPE_SPARSE:
             raise VerificationError(f"{path}: {m.name!r} is not a regular file; refused", reason="not-regular")
         if m.issparse():
-            raise VerificationError(f"{path}: {m.name!r} is a sparse member; refused before reading", reason="not-regular")
+            raise VerificationError(
+                f"{path}: {m.name!r} is a sparse member; refused before reading", reason="not-regular"
+            )
         if m.name in members or (m.name not in _INDEX_NAMES and not m.name.startswith("files/")):
             raise VerificationError(f"{path}: unexpected or repeated member {m.name!r}", reason="malformed")
         if len(members) >= MAX_FILES + len(_INDEX_NAMES):
@@ -409,7 +426,7 @@ def _members(tar: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarInfo]:
 def _index(tar, members, spec: Spec | None, pinned, path: Path):
     """The signed index: bounded generic parse to find the signer, signature over the raw bytes, then the contract."""
     body = _read(tar, members.get("bundle.json"), "bundle.json", MAX_INDEX_BYTES, path)
-    sig = _read(tar, members.get("bundle.sig"), "bundle.sig", R.MAX_SIG_BYTES, path)
+    sig = _read(tar, members.get("bundle.sig"), "bundle.sig", MAX_SIG_BYTES, path)
     raw = load_json(body, f"{path}: bundle index", MAX_INDEX_BYTES)
     name = raw.get("signer") if isinstance(raw, dict) else None
     if not isinstance(name, str):
@@ -442,7 +459,7 @@ def _contents(tar, members, index, spec: Spec, role: str, signer, path: Path) ->
     entries = {}
     for f in index.files:
         data = _read(tar, members[f"files/{f.key}"], f.key, f.size, path)
-        if _sha(data) != f.sha256:
+        if sha256(data) != f.sha256:
             raise VerificationError(f"{path}: {f.key} does not match its sha256 in the signed index", reason="bad-hash")
         entries[f.key] = data
     return entries
@@ -463,9 +480,9 @@ def _read(tar: tarfile.TarFile, info: tarfile.TarInfo | None, name: str, bound: 
 
 def _store_spec(store: Store, pinned: keys.PublicIdentity | None) -> Spec | None:
     """The destination's verified spec, or None for an empty store."""
-    if not store.exists(R.SPEC_KEY):
+    if not store.exists(SPEC_KEY):
         return None
-    return R.load_spec(store, pinned)[0]
+    return load_spec(store, pinned)[0]
 
 
 def _signer(spec: Spec | None, pinned, name: str, path: Path) -> tuple[str, keys.PublicIdentity]:
@@ -481,20 +498,22 @@ def _signer(spec: Spec | None, pinned, name: str, path: Path) -> tuple[str, keys
         return "coordinator", spec.coordinator
     member = spec.member(name)
     if member is None:
-        raise VerificationError(f"{path} is signed by {name!r}, who is not in federation {spec.federation_id}",
-                                reason="not-member")
+        raise VerificationError(
+            f"{path} is signed by {name!r}, who is not in federation {spec.federation_id}", reason="not-member"
+        )
     return "member", member
 
 
 def _bundle_spec(tar, members, index, pinned, path: Path) -> Spec:
     """The spec an empty store needs, from the bundle: signature over the raw bytes (pinned key) before parsing."""
-    from .spec import verified
+    from fedcli.protocol.spec import verified
 
     listed = {f.key: f for f in index.files}
-    if R.SPEC_KEY not in listed or R.SPEC_SIG_KEY not in listed:
+    if SPEC_KEY not in listed or SPEC_SIG_KEY not in listed:
         raise VerificationError(f"{path} does not carry the federation spec the empty store needs", reason="missing")
-    data, sig = (_read(tar, members.get(f"files/{k}"), k, min(listed[k].size, kind_bound(None, k)), path)
-                 for k in _SPEC_KEYS)
+    data, sig = (
+        _read(tar, members.get(f"files/{k}"), k, min(listed[k].size, kind_bound(None, k)), path) for k in _SPEC_KEYS
+    )
     return verified(data, sig, pinned, f"federation spec in {path.name}")
 
 
@@ -518,7 +537,15 @@ def _write(store: Store, entries: dict[str, bytes], result: BundleResult) -> Non
             raise VerificationError(f"the store already holds a different {key}; not overwritten, nothing imported")
 
     def rank(key: str) -> tuple:
-        kind = 0 if key in _SPEC_KEYS else 1 if key.endswith(".safetensors") else 2 if key.endswith("rejections.json") else 3
+        kind = (
+            0
+            if key in _SPEC_KEYS
+            else 1
+            if key.endswith(".safetensors")
+            else 2
+            if key.endswith("rejections.json")
+            else 3
+        )
         return (kind, key)
 
     for key in sorted(todo, key=rank):

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
-from .spec import DataSpec
+from fedcli.errors import InputError
+from fedcli.protocol.spec import DataSpec
 
 MAX_STD_UNITS = 1e6  # beyond this a value is a unit or column mix-up, and float32 would overflow
 REFUSED = {
@@ -70,10 +70,14 @@ def read_table(path: Path) -> pd.DataFrame:
                 df.attrs["separator"] = sep
         return df
     except ImportError:
-        raise InputError(f"cannot read {path}: Parquet needs pyarrow (pip install pyarrow), or export it as CSV") from None
+        raise InputError(
+            f"cannot read {path}: Parquet needs pyarrow (pip install pyarrow), or export it as CSV"
+        ) from None
     except UnicodeDecodeError as e:
-        raise InputError(f"cannot read {path}: it is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                         f"{e.start}); save it as 'CSV UTF-8'") from None
+        raise InputError(
+            f"cannot read {path}: it is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+            f"{e.start}); save it as 'CSV UTF-8'"
+        ) from None
     except pd.errors.EmptyDataError:
         raise InputError(f"cannot read {path}: it is empty (not even a header line)") from None
     except (ValueError, OSError, pd.errors.ParserError) as e:
@@ -151,8 +155,10 @@ def prepare(df: pd.DataFrame, spec: DataSpec, source: str, need_target: bool = T
     if missing:
         hint = ""
         if len(df.columns) == 1:
-            hint = (f" (the table has one column, {_short(str(df.columns[0]), 40)!r}: is it separated by something "
-                    "other than ',', ';', tabs or '|'?)")
+            hint = (
+                f" (the table has one column, {_short(str(df.columns[0]), 40)!r}: is it separated by something "
+                "other than ',', ';', tabs or '|'?)"
+            )
         raise InputError(f"{source} lacks columns the federation spec needs: {', '.join(missing)}{hint}")
     y = None
     dropped = 0
@@ -185,7 +191,8 @@ def prepare(df: pd.DataFrame, spec: DataSpec, source: str, need_target: bool = T
             raise InputError(
                 f"{source}: column {f.name} has {int(absurd.sum())} value(s) more than {MAX_STD_UNITS:,.0f} standard "
                 f"deviations from the spec's mean (e.g. {values[row]:g} in {label}); "
-                "fix them or leave the cells empty (empty cells are filled with the mean)")
+                "fix them or leave the cells empty (empty cells are filled with the mean)"
+            )
         bad = np.isnan(values)
         if bad.any():
             filled[f.name] = int(bad.sum())
@@ -200,8 +207,15 @@ def prepare(df: pd.DataFrame, spec: DataSpec, source: str, need_target: bool = T
             unknown[c.name] = n_unknown
         cols.append(onehot)
     X = np.concatenate(cols, axis=1).astype(np.float32)
-    return Prepared(X=X, y=y, rows_dropped=dropped, filled=filled, unknown=unknown, text=text_seen,
-                    separator=df.attrs.get("separator", ","))
+    return Prepared(
+        X=X,
+        y=y,
+        rows_dropped=dropped,
+        filled=filled,
+        unknown=unknown,
+        text=text_seen,
+        separator=df.attrs.get("separator", ","),
+    )
 
 
 def _check_classes(values: pd.Series, y: np.ndarray, spec: DataSpec, source: str) -> None:
@@ -227,14 +241,18 @@ def notes(prep: Prepared, source: str) -> list[str]:
     if prep.filled:
         total = sum(prep.filled.values())
         cols = ", ".join(f"{c} {n:,}" for c, n in prep.filled.items())
-        line = (f"{len(prep.filled)} column(s) had missing values ({total:,} values in all), filled with the spec's "
-                f"mean: {cols}")
+        line = (
+            f"{len(prep.filled)} column(s) had missing values ({total:,} values in all), filled with the spec's "
+            f"mean: {cols}"
+        )
         if prep.text:
             line += "; text counted as missing: " + ", ".join(f"{c} (e.g. {t!r})" for c, t in prep.text.items())
         out.append(line)
     if prep.unknown:
-        out.append("unknown category -> all-zero one-hot: "
-                   + ", ".join(f"{c} {n:,} row{'' if n == 1 else 's'}" for c, n in prep.unknown.items()))
+        out.append(
+            "unknown category -> all-zero one-hot: "
+            + ", ".join(f"{c} {n:,} row{'' if n == 1 else 's'}" for c, n in prep.unknown.items())
+        )
     return out
 
 
@@ -260,8 +278,10 @@ def infer_schema(df: pd.DataFrame, target: str, positive: str, max_levels: int =
     mixed = mixed_columns(df)
     if mixed:
         col, n_num, n_text, example = mixed[0]
-        raise InputError(f"column {col} mixes numbers ({n_num:,} row{'s' * (n_num != 1)}) and text ({n_text:,} row{'s' * (n_text != 1)}, e.g. {example!r}): "
-                         "make it all numbers (leave unknown cells empty) or all categories")
+        raise InputError(
+            f"column {col} mixes numbers ({n_num:,} row{'s' * (n_num != 1)}) and text ({n_text:,} row{'s' * (n_text != 1)}, e.g. {example!r}): "
+            "make it all numbers (leave unknown cells empty) or all categories"
+        )
     warnings = []
     labels = df[target][clean_text(df[target]).notna()]
     y = parse_labels(labels, str(positive))
@@ -280,8 +300,13 @@ def infer_schema(df: pd.DataFrame, target: str, positive: str, max_levels: int =
             with np.errstate(over="ignore", invalid="ignore"):  # overflowing stds fall back to 1 below
                 std = float(values.std()) if values.notna().sum() > 1 else 1.0
                 mean = float(values.mean()) if values.notna().any() else 0.0
-            numeric.append({"name": str(col), "mean": round(mean, 6),
-                            "std": round(std, 6) if math.isfinite(std) and round(std, 6) > 0 else 1.0})
+            numeric.append(
+                {
+                    "name": str(col),
+                    "mean": round(mean, 6),
+                    "std": round(std, 6) if math.isfinite(std) and round(std, 6) > 0 else 1.0,
+                }
+            )
         else:
             levels = [str(v) for v in s.dropna().astype(str).value_counts().index[:max_levels]]
             categorical.append({"name": str(col), "levels": sorted(levels)})

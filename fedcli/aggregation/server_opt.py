@@ -16,8 +16,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .aggregate import add_cast
-from .errors import FedcliError, VerificationError
+from fedcli.aggregation.rules import add_cast
+from fedcli.errors import FedcliError, VerificationError
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -131,7 +131,9 @@ def fedyogi(global_: Arrays, delta: Arrays, state: Arrays, *, lr=0.01, beta1=0.9
 _FUNCS = {"fedavg": fedavg, "fedavgm": fedavgm, "fedadam": fedadam, "fedyogi": fedyogi}
 
 
-def server_step(name: str, global_: Arrays, delta: Arrays, state: Arrays | None, params: Mapping[str, float] | None = None):
+def server_step(
+    name: str, global_: Arrays, delta: Arrays, state: Arrays | None, params: Mapping[str, float] | None = None
+):
     """Apply the named optimizer with checked parameters; returns (new global, new state)."""
     p = check_params(name, params)
     return _FUNCS[name](global_, delta, state or {}, **p)

@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import FedcliError, VerificationError
-from .names import check_name
+from fedcli.errors import FedcliError, VerificationError
+from fedcli.names import check_name
 
 MODULUS_BITS = 32
 _HKDF_SALT = b"fedcli secagg v1"
@@ -69,11 +69,7 @@ def public_from_text(text: str) -> X25519PublicKey:
 
 def private_to_pem(key: X25519PrivateKey, password: bytes | None = None) -> bytes:
     """PKCS#8 PEM, encrypted with password when one is given."""
-    enc = (
-        serialization.BestAvailableEncryption(password)
-        if password
-        else serialization.NoEncryption()
-    )
+    enc = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
 
 
@@ -194,9 +190,7 @@ def pair_seeds(
     if _raw(roster[me]) != _raw(my_key.public_key()):
         raise FedcliError(f"the X25519 key of {me!r} does not match the one enrolled in the spec")
     return {
-        peer: pair_seed(federation, round_, me, my_key, peer, roster[peer])
-        for peer in sorted(roster)
-        if peer != me
+        peer: pair_seed(federation, round_, me, my_key, peer, roster[peer]) for peer in sorted(roster) if peer != me
     }
 
 
@@ -260,9 +254,7 @@ def check_recovery(
     """
     roster, survivors, dropped = set(roster), set(survivors), set(dropped)
     if survivors & dropped:
-        raise VerificationError(
-            f"drop declaration lists {sorted(survivors & dropped)} both as survivor and dropped"
-        )
+        raise VerificationError(f"drop declaration lists {sorted(survivors & dropped)} both as survivor and dropped")
     if survivors | dropped != roster:
         raise VerificationError("drop declaration does not split the round's roster exactly")
     need = max(2, min_survivors)

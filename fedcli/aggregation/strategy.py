@@ -29,15 +29,15 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
-from . import aggregate as ar
-from . import compression, server_opt
-from .contract import strict_config, validate
-from .errors import FedcliError
+from fedcli.aggregation import rules, server_opt
+from fedcli.contract import strict_config, validate
+from fedcli.errors import FedcliError
+from fedcli.protocol import compression
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class StrategySpec:
         return compression.check(self.compression, self.topk_ratio if self.compression == "topk" else None)
 
     def discount_for(self, staleness: int) -> float:
-        return ar.staleness_discount(staleness, self.discount, self.exponent, self.hinge_after)
+        return rules.staleness_discount(staleness, self.discount, self.exponent, self.hinge_after)
 
 
 def _err(msg: str) -> FedcliError:
@@ -77,12 +77,15 @@ class ServerTable(BaseModel):
     model_config = strict_config()
 
     optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = Field(
-        "fedavg", description="how the coordinator applies the aggregated delta to the global model")
-    lr: Optional[float] = Field(None, gt=0, le=10, description="server learning rate (fedavg/fedavgm: 1.0, fedadam/fedyogi: 0.01)")
-    momentum: Optional[float] = Field(None, ge=0, lt=1, description="fedavgm only (default 0.9)")
-    beta1: Optional[float] = Field(None, ge=0, lt=1, description="fedadam/fedyogi only (default 0.9)")
-    beta2: Optional[float] = Field(None, ge=0, lt=1, description="fedadam/fedyogi only (default 0.99)")
-    tau: Optional[float] = Field(None, gt=0, le=1, description="fedadam/fedyogi only: adaptivity (default 0.001)")
+        "fedavg", description="how the coordinator applies the aggregated delta to the global model"
+    )
+    lr: float | None = Field(
+        None, gt=0, le=10, description="server learning rate (fedavg/fedavgm: 1.0, fedadam/fedyogi: 0.01)"
+    )
+    momentum: float | None = Field(None, ge=0, lt=1, description="fedavgm only (default 0.9)")
+    beta1: float | None = Field(None, ge=0, lt=1, description="fedadam/fedyogi only (default 0.9)")
+    beta2: float | None = Field(None, ge=0, lt=1, description="fedadam/fedyogi only (default 0.99)")
+    tau: float | None = Field(None, gt=0, le=1, description="fedadam/fedyogi only: adaptivity (default 0.001)")
 
     @property
     def params(self) -> dict[str, float]:
@@ -102,7 +105,9 @@ class CompressionTable(BaseModel):
 
     model_config = strict_config()
 
-    method: Literal["none", "int8", "topk"] = Field("none", description="none | int8 (8-bit quantised) | topk (largest coordinates)")
+    method: Literal["none", "int8", "topk"] = Field(
+        "none", description="none | int8 (8-bit quantised) | topk (largest coordinates)"
+    )
     ratio: float = Field(0.01, gt=0, le=1, description="topk: fraction of coordinates sent")
 
 
@@ -111,10 +116,13 @@ class AsyncTable(BaseModel):
 
     model_config = strict_config()
 
-    buffer_size: Optional[int] = Field(None, ge=1, le=10_000, description="publish once this many updates are in (default min(2, members))")
+    buffer_size: int | None = Field(
+        None, ge=1, le=10_000, description="publish once this many updates are in (default min(2, members))"
+    )
     max_staleness: int = Field(4, ge=0, le=10_000, description="updates trained on an older global are ignored")
     discount: Literal["polynomial", "hinge", "constant"] = Field(
-        "polynomial", description="weight of a stale update: (1+s)^-exponent, hinge, or none")
+        "polynomial", description="weight of a stale update: (1+s)^-exponent, hinge, or none"
+    )
     exponent: float = Field(0.5, ge=0, le=100, description="polynomial: the exponent; hinge: the slope")
     hinge_after: int = Field(4, ge=0, le=10_000, description="hinge: no discount up to this staleness")
 
@@ -124,7 +132,9 @@ class StrategyTable(BaseModel):
 
     model_config = strict_config()
 
-    mode: Literal["sync", "async"] = Field("sync", description="sync: quorum or deadline; async: fold in buffer_size updates")
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: quorum or deadline; async: fold in buffer_size updates"
+    )
     rule: Literal["fedavg", "median", "trimmed_mean", "krum"] = Field("fedavg", description="aggregation rule")
     max_norm: float = Field(0.0, ge=0, le=1e12, description="> 0: scale every update down to this L2 norm first")
     trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: fraction dropped at each end")
@@ -145,12 +155,26 @@ def build(t: StrategyTable, n_members: int, min_clients: int) -> StrategySpec:
     fewest = buffer_size if t.mode == "async" else min_clients
     if t.rule == "krum" and fewest < 2 * t.krum_f + 3:
         what = "async.buffer_size" if t.mode == "async" else "min_clients"
-        raise _err(f"krum with krum_f={t.krum_f} needs at least {2 * t.krum_f + 3} updates per round; raise {what} (now {fewest})")
+        raise _err(
+            f"krum with krum_f={t.krum_f} needs at least {2 * t.krum_f + 3} updates per round; raise {what} (now {fewest})"
+        )
     return StrategySpec(
-        mode=t.mode, rule=t.rule, max_norm=float(t.max_norm), trim_ratio=float(t.trim_ratio), krum_f=t.krum_f,
-        krum_m=t.krum_m, prox_mu=float(t.prox_mu), server=t.server.optimizer, server_params=t.server.params,
-        compression=t.compression.method, topk_ratio=float(t.compression.ratio), buffer_size=buffer_size,
-        max_staleness=a.max_staleness, discount=a.discount, exponent=float(a.exponent), hinge_after=a.hinge_after,
+        mode=t.mode,
+        rule=t.rule,
+        max_norm=float(t.max_norm),
+        trim_ratio=float(t.trim_ratio),
+        krum_f=t.krum_f,
+        krum_m=t.krum_m,
+        prox_mu=float(t.prox_mu),
+        server=t.server.optimizer,
+        server_params=t.server.params,
+        compression=t.compression.method,
+        topk_ratio=float(t.compression.ratio),
+        buffer_size=buffer_size,
+        max_staleness=a.max_staleness,
+        discount=a.discount,
+        exponent=float(a.exponent),
+        hinge_after=a.hinge_after,
     )
 
 
@@ -171,9 +195,11 @@ class Combiner:
     them back chunk by chunk (memory-mapped): memory stays bounded by the chunk size.
     """
 
-    def __init__(self, strategy: StrategySpec, shapes: dict[str, tuple[int, ...]], chunk_elems: int = ar.DEFAULT_CHUNK_ELEMS):
+    def __init__(
+        self, strategy: StrategySpec, shapes: dict[str, tuple[int, ...]], chunk_elems: int = rules.DEFAULT_CHUNK_ELEMS
+    ):
         self.s, self.shapes, self.chunk_elems = strategy, dict(shapes), chunk_elems
-        self.mean = ar.WeightedMean()
+        self.mean = rules.WeightedMean()
         self.names: list[str] = []
         self.weights: list[float] = []
         self.notes: dict[str, dict] = {}
@@ -185,8 +211,8 @@ class Combiner:
         factor = 1.0
         note: dict = {}
         if self.s.max_norm > 0:
-            norm = ar.l2_norm(delta)
-            clip = ar.clip_factor(norm, self.s.max_norm)
+            norm = rules.l2_norm(delta)
+            clip = rules.clip_factor(norm, self.s.max_norm)
             factor *= clip
             note["norm"] = round(norm, 6)
             if clip < 1:
@@ -219,18 +245,18 @@ class Combiner:
         if self._tmp is None:
             return self.mean.result(), info
         try:
-            with ar.safetensors_reader(self._paths) as read:
+            with rules.safetensors_reader(self._paths) as read:
                 if self.s.rule == "median":
-                    return ar.coordinate_median(self.shapes, n, read, self.chunk_elems), info
+                    return rules.coordinate_median(self.shapes, n, read, self.chunk_elems), info
                 if self.s.rule == "trimmed_mean":
                     info["trim_ratio"] = self.s.trim_ratio
-                    return ar.trimmed_mean(self.shapes, n, read, self.s.trim_ratio, self.chunk_elems), info
-                dists = ar.pairwise_sq_distances(self.shapes, n, read, self.chunk_elems)
-                chosen = ar.krum_select(dists, self.s.krum_f, min(self.s.krum_m, n))
+                    return rules.trimmed_mean(self.shapes, n, read, self.s.trim_ratio, self.chunk_elems), info
+                dists = rules.pairwise_sq_distances(self.shapes, n, read, self.chunk_elems)
+                chosen = rules.krum_select(dists, self.s.krum_f, min(self.s.krum_m, n))
                 info["krum_selected"] = [self.names[i] for i in chosen]
-                mean = ar.WeightedMean()  # unweighted: a poisoner could claim any num_examples
+                mean = rules.WeightedMean()  # unweighted: a poisoner could claim any num_examples
                 for i in chosen:
-                    mean.add({k: read(i, k, 0, ar.n_rows(tuple(s))).reshape(s) for k, s in self.shapes.items()})
+                    mean.add({k: read(i, k, 0, rules.n_rows(tuple(s))).reshape(s) for k, s in self.shapes.items()})
                 return mean.result(), info
         finally:
             self.close()

@@ -15,21 +15,20 @@ of fedcli uses.
 from __future__ import annotations
 
 import base64
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 import tomli_w
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator, model_validator
 
-from .contract import check_size, load_toml, strict_config, validate
-from .errors import ContractError, FedcliError, InputError, VerificationError
-from .keys import PublicIdentity, verify_bytes
-from .names import check_name
-from .privacy import PrivacySpec, PrivacyTable, privacy_spec
-from .strategy import StrategySpec, StrategyTable
-from .strategy import build as build_strategy
+from fedcli.aggregation.strategy import StrategySpec, StrategyTable
+from fedcli.aggregation.strategy import build as build_strategy
+from fedcli.contract import check_size, load_toml, strict_config, validate
+from fedcli.errors import ContractError, FedcliError, InputError, VerificationError
+from fedcli.keys import PublicIdentity, verify_bytes
+from fedcli.names import check_name
+from fedcli.privacy.policy import PrivacySpec, PrivacyTable, privacy_spec
 
 MODEL_KINDS = ("logreg", "mlp")
 MAX_SPEC_BYTES = 1 << 20  # a spec with 10,000 features is ~0.5 MiB
@@ -63,7 +62,7 @@ def _ed25519(value: str) -> str:
 
 def _x25519(value: str) -> str:
     if value:
-        from .secagg import public_from_text
+        from fedcli.secagg.masking import public_from_text
 
         try:
             public_from_text(value)
@@ -98,12 +97,18 @@ class FederationTable(BaseModel):
 
     id: Name = Field(description="federation id (init: --id, else this, else random)")
     coordinator: CoordinatorTable = Field(description="filled in by init")
-    min_clients: Optional[int] = Field(
-        None, ge=1, le=MAX_MEMBERS, description="valid updates needed to publish; at most the number of members (default min(2, members))")
+    min_clients: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_MEMBERS,
+        description="valid updates needed to publish; at most the number of members (default min(2, members))",
+    )
     deadline_minutes: float = Field(
-        0, ge=0, le=525_600, description="0: publish at quorum; else wait this long for the rest unless all are in")
+        0, ge=0, le=525_600, description="0: publish at quorum; else wait this long for the rest unless all are in"
+    )
     max_rows_per_member: int = Field(
-        100_000_000, ge=1, le=10**10, description="largest num_examples an update may declare (its FedAvg weight)")
+        100_000_000, ge=1, le=10**10, description="largest num_examples an update may declare (its FedAvg weight)"
+    )
 
 
 class MemberTable(BaseModel):
@@ -113,7 +118,9 @@ class MemberTable(BaseModel):
 
     name: Name = Field(description="bank name; its updates live under updates/<name>")
     ed25519: Ed25519Key = Field(description="base64 Ed25519 public key that signs the bank's updates")
-    x25519: X25519Key = Field("", description="base64 X25519 key for secure aggregation masks (required when [secagg] is enabled)")
+    x25519: X25519Key = Field(
+        "", description="base64 X25519 key for secure aggregation masks (required when [secagg] is enabled)"
+    )
 
 
 class ModelTable(BaseModel):
@@ -123,7 +130,8 @@ class ModelTable(BaseModel):
 
     kind: Literal["logreg", "mlp"] = Field(description="logistic regression or a multi-layer perceptron")
     hidden: list[HiddenWidth] = Field(
-        default_factory=lambda: [32], min_length=1, max_length=16, description="mlp: hidden layer widths, each 1..4096")
+        default_factory=lambda: [32], min_length=1, max_length=16, description="mlp: hidden layer widths, each 1..4096"
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="round 0's weights are reproducible from this seed")
 
 
@@ -160,10 +168,13 @@ class DataTable(BaseModel):
     model_config = strict_config()
 
     target: Text = Field(description="label column")
-    positive: Union[Text, int] = Field(description="label value of the positive class")
-    numeric: list[NumericFeatureTable] = Field(default_factory=list, max_length=MAX_FEATURES, description="numeric features")
+    positive: Text | int = Field(description="label value of the positive class")
+    numeric: list[NumericFeatureTable] = Field(
+        default_factory=list, max_length=MAX_FEATURES, description="numeric features"
+    )
     categorical: list[CategoricalFeatureTable] = Field(
-        default_factory=list, max_length=MAX_FEATURES, description="categorical features")
+        default_factory=list, max_length=MAX_FEATURES, description="categorical features"
+    )
 
     @model_validator(mode="after")
     def _features(self):
@@ -196,9 +207,12 @@ class SecAggTable(BaseModel):
     model_config = strict_config()
 
     enabled: bool = Field(False, description="turn secure aggregation on (needs every member's x25519 key)")
-    clip: float = Field(10.0, gt=0, le=1e6, description="each update coordinate is clipped to [-clip, clip] before fixed point")
+    clip: float = Field(
+        10.0, gt=0, le=1e6, description="each update coordinate is clipped to [-clip, clip] before fixed point"
+    )
     noise: Literal["full", "shared"] = Field(
-        "full", description="update-level DP noise per bank: full at every bank, or shared across banks")
+        "full", description="update-level DP noise per bank: full at every bank, or shared across banks"
+    )
 
 
 class SpecDocument(BaseModel):
@@ -311,8 +325,10 @@ def _build(doc: SpecDocument, raw: dict) -> Spec:
     if len({m.ed25519 for m in members}) != len(members):
         raise FedcliError("two members share a public key")
     if coordinator.ed25519 in {m.ed25519 for m in members}:
-        raise FedcliError(f"the coordinator's key is also member {coordinator_member(coordinator, members)}'s key: "
-                          "the coordinator must have its own key")
+        raise FedcliError(
+            f"the coordinator's key is also member {coordinator_member(coordinator, members)}'s key: "
+            "the coordinator must have its own key"
+        )
     min_clients = min(2, len(members)) if fed.min_clients is None else fed.min_clients
     if min_clients > len(members):
         raise FedcliError(f"[federation] min_clients must be between 1 and the number of members ({len(members)})")
@@ -320,49 +336,70 @@ def _build(doc: SpecDocument, raw: dict) -> Spec:
     privacy = privacy_spec(doc.privacy)
     strategy = build_strategy(doc.strategy, len(members), min_clients)
     if strategy.prox_mu > 0 and privacy.mode == "record":
-        raise FedcliError("[strategy] prox_mu (FedProx) is not supported with record-level DP "
-                          "(DP-SGD); use [privacy] mode = \"update\" or prox_mu = 0")
+        raise FedcliError(
+            "[strategy] prox_mu (FedProx) is not supported with record-level DP "
+            '(DP-SGD); use [privacy] mode = "update" or prox_mu = 0'
+        )
     secagg = _secagg(doc.secagg, members, min_clients, privacy.mode, strategy)
 
     d = doc.data
-    data = DataSpec(target=d.target, positive=str(d.positive),
-                    numeric=tuple(NumericFeature(f.name, float(f.mean), float(f.std)) for f in d.numeric),
-                    categorical=tuple(CategoricalFeature(f.name, tuple(f.levels)) for f in d.categorical))
+    data = DataSpec(
+        target=d.target,
+        positive=str(d.positive),
+        numeric=tuple(NumericFeature(f.name, float(f.mean), float(f.std)) for f in d.numeric),
+        categorical=tuple(CategoricalFeature(f.name, tuple(f.levels)) for f in d.categorical),
+    )
     m, t = doc.model, doc.training
-    return Spec(federation_id=fed.id, coordinator=coordinator, min_clients=min_clients,
-                deadline_minutes=float(fed.deadline_minutes), max_rows_per_member=fed.max_rows_per_member,
-                model=ModelSpec(kind=m.kind, hidden=tuple(m.hidden), seed=m.seed), data=data,
-                training=TrainingSpec(epochs=t.epochs, batch_size=t.batch_size, lr=float(t.lr)),
-                members=members, raw=raw, privacy=privacy, strategy=strategy, secagg=secagg, document=doc)
+    return Spec(
+        federation_id=fed.id,
+        coordinator=coordinator,
+        min_clients=min_clients,
+        deadline_minutes=float(fed.deadline_minutes),
+        max_rows_per_member=fed.max_rows_per_member,
+        model=ModelSpec(kind=m.kind, hidden=tuple(m.hidden), seed=m.seed),
+        data=data,
+        training=TrainingSpec(epochs=t.epochs, batch_size=t.batch_size, lr=float(t.lr)),
+        members=members,
+        raw=raw,
+        privacy=privacy,
+        strategy=strategy,
+        secagg=secagg,
+        document=doc,
+    )
 
 
 def coordinator_member(coordinator: PublicIdentity, members) -> str:
     return next(m.name for m in members if m.ed25519 == coordinator.ed25519)
 
 
-def _secagg(t: SecAggTable, members: tuple[PublicIdentity, ...], min_clients: int, privacy_mode: str,
-            strategy: StrategySpec) -> SecAggSpec:
+def _secagg(
+    t: SecAggTable, members: tuple[PublicIdentity, ...], min_clients: int, privacy_mode: str, strategy: StrategySpec
+) -> SecAggSpec:
     """Secure aggregation needs every member's X25519 key and at least 2 survivors per round."""
-    from .secagg import fixed_point_scale
+    from fedcli.secagg.masking import fixed_point_scale
 
     if not t.enabled:
         return SecAggSpec(False, float(t.clip), t.noise)
     if t.noise == "shared" and privacy_mode != "update":
-        raise FedcliError('[secagg] noise = "shared" splits update-level DP noise across banks; '
-                          'it needs [privacy] mode = "update"')
+        raise FedcliError(
+            '[secagg] noise = "shared" splits update-level DP noise across banks; it needs [privacy] mode = "update"'
+        )
     if strategy.mode != "sync" or strategy.rule != "fedavg" or strategy.max_norm > 0 or strategy.compression != "none":
-        raise FedcliError("[secagg] needs [strategy] mode = \"sync\", rule = \"fedavg\", no max_norm and "
-                          "no compression: the coordinator only sees the sum, never one update (server optimisers and "
-                          "prox_mu are fine)")
+        raise FedcliError(
+            '[secagg] needs [strategy] mode = "sync", rule = "fedavg", no max_norm and '
+            "no compression: the coordinator only sees the sum, never one update (server optimisers and "
+            "prox_mu are fine)"
+        )
     missing = [m.name for m in members if not m.x25519]
     if missing:
-        raise FedcliError(f"[secagg] is enabled but {', '.join(missing)} enrolled no x25519 key "
-                          "(re-run `fedcli keygen` and enrol the new .pub)")
+        raise FedcliError(
+            f"[secagg] is enabled but {', '.join(missing)} enrolled no x25519 key "
+            "(re-run `fedcli keygen` and enrol the new .pub)"
+        )
     if len({m.x25519 for m in members}) != len(members):
         raise FedcliError("[secagg] two members share an x25519 key")
     if len(members) < 2 or min_clients < 2:
-        raise FedcliError("[secagg] needs at least 2 members and min_clients >= 2 "
-                          "(a sum of one update is that update)")
+        raise FedcliError("[secagg] needs at least 2 members and min_clients >= 2 (a sum of one update is that update)")
     fixed_point_scale(t.clip, len(members))  # fails early if the roster cannot fit in 32 bits
     return SecAggSpec(True, float(t.clip), t.noise)
 
@@ -390,13 +427,17 @@ def verified(data: bytes, signature: bytes, pinned: PublicIdentity | None, what:
         try:
             verify_bytes(data, sig, pinned, what)
         except VerificationError:
-            raise VerificationError(f"{what}: signature does not verify with the pinned coordinator key "
-                                    f"{pinned.fingerprint}: refusing to trust this store (another federation's, or tampered)") from None
+            raise VerificationError(
+                f"{what}: signature does not verify with the pinned coordinator key "
+                f"{pinned.fingerprint}: refusing to trust this store (another federation's, or tampered)"
+            ) from None
         raw = load_toml(data, what, MAX_SPEC_BYTES, ContractError)
         spec = parse(raw, what, ContractError)
         if spec.coordinator.ed25519 != pinned.ed25519:
-            raise VerificationError(f"the federation spec names coordinator key {spec.coordinator.fingerprint}, "
-                                    f"but you pinned {pinned.fingerprint}: refusing to trust this store")
+            raise VerificationError(
+                f"the federation spec names coordinator key {spec.coordinator.fingerprint}, "
+                f"but you pinned {pinned.fingerprint}: refusing to trust this store"
+            )
         return spec
     raw = load_toml(data, what, MAX_SPEC_BYTES, ContractError)
     coordinator = raw.get("federation", {}).get("coordinator", {}) if isinstance(raw.get("federation"), dict) else {}
@@ -409,7 +450,7 @@ def verified(data: bytes, signature: bytes, pinned: PublicIdentity | None, what:
 
 def read_template(path: Path) -> bytes:
     """A user's spec template: a regular file of at most MAX_SPEC_BYTES, checked before reading."""
-    from .localdocs import read_bounded
+    from fedcli.files import read_bounded
 
     data = read_bounded(Path(path), MAX_SPEC_BYTES, "spec template", InputError)
     if data is None:
@@ -419,10 +460,6 @@ def read_template(path: Path) -> bytes:
 
 def dumps(raw: dict) -> bytes:
     return tomli_w.dumps(raw).encode("utf-8")
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # --------------------------------------------------------------------------- what is in force
@@ -438,9 +475,14 @@ def summary(spec: Spec) -> list[tuple[str, str]]:
     if m.kind == "mlp":
         model += f", hidden layers {', '.join(map(str, m.hidden))}"
     if p.enabled:
-        unit = "record-level (DP-SGD, one customer row)" if p.mode == "record" else "update-level (a bank's whole update)"
-        noise = (f"noise multiplier {p.noise_multiplier:g}" if p.noise_multiplier is not None
-                 else f"target epsilon {p.target_epsilon:g} over {p.rounds} rounds")
+        unit = (
+            "record-level (DP-SGD, one customer row)" if p.mode == "record" else "update-level (a bank's whole update)"
+        )
+        noise = (
+            f"noise multiplier {p.noise_multiplier:g}"
+            if p.noise_multiplier is not None
+            else f"target epsilon {p.target_epsilon:g} over {p.rounds} rounds"
+        )
         dp = f"{unit}: budget epsilon {p.budget_epsilon:g} at delta {p.delta:g}, clip {p.clip:g}, {noise}"
     else:
         dp = NO_DP
@@ -456,12 +498,18 @@ def summary(spec: Spec) -> list[tuple[str, str]]:
     if s.prox_mu > 0:
         strategy += f", FedProx mu {s.prox_mu:g}"
     if s.mode == "async":
-        strategy += f", publish every {s.buffer_size} updates, ignore staleness > {s.max_staleness} ({s.discount} discount)"
+        strategy += (
+            f", publish every {s.buffer_size} updates, ignore staleness > {s.max_staleness} ({s.discount} discount)"
+        )
     compression = {"none": "none", "int8": "int8 (8-bit quantised updates)"}.get(
-        s.compression, f"topk: {s.topk_ratio:g} of the coordinates")
+        s.compression, f"topk: {s.topk_ratio:g} of the coordinates"
+    )
     quorum = f"{spec.min_clients} of {len(spec.members)} members"
-    quorum += (f", or all of them within {spec.deadline_minutes:g} minutes" if spec.deadline_minutes > 0
-               else ", publish as soon as reached")
+    quorum += (
+        f", or all of them within {spec.deadline_minutes:g} minutes"
+        if spec.deadline_minutes > 0
+        else ", publish as soon as reached"
+    )
     return [
         ("model", model),
         ("training", f"{t.epochs} epochs, batch size {t.batch_size}, learning rate {t.lr:g}"),
@@ -477,8 +525,11 @@ def summary(spec: Spec) -> list[tuple[str, str]]:
 def settings(spec: Spec) -> list[tuple[str, str, bool]]:
     """Every setting of the spec as (key, value, set in the file?) rows, defaults resolved (`spec show`)."""
     doc: SpecDocument = spec.document
-    derived = {"federation.min_clients": spec.min_clients, "strategy.async.buffer_size": spec.strategy.buffer_size,
-               "privacy.budget_epsilon": spec.privacy.budget_epsilon}
+    derived = {
+        "federation.min_clients": spec.min_clients,
+        "strategy.async.buffer_size": spec.strategy.buffer_size,
+        "privacy.budget_epsilon": spec.privacy.budget_epsilon,
+    }
     server = _server_params(spec.strategy)
     rows: list[tuple[str, str, bool]] = []
 
@@ -510,7 +561,7 @@ def settings(spec: Spec) -> list[tuple[str, str, bool]]:
 
 
 def _server_params(strategy: StrategySpec) -> dict[str, float]:
-    from .server_opt import check_params
+    from fedcli.aggregation.server_opt import check_params
 
     return check_params(strategy.server, strategy.server_params)
 

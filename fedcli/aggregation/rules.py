@@ -22,7 +22,7 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from .errors import FedcliError
+from fedcli.errors import FedcliError
 
 Delta = Mapping[str, np.ndarray]
 Shapes = Mapping[str, tuple[int, ...]]
@@ -184,7 +184,9 @@ def _coordinatewise(shapes: Shapes, n: int, read: ReadRows, reduce, chunk_elems:
     return out
 
 
-def coordinate_median(shapes: Shapes, n: int, read: ReadRows, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> dict[str, np.ndarray]:
+def coordinate_median(
+    shapes: Shapes, n: int, read: ReadRows, chunk_elems: int = DEFAULT_CHUNK_ELEMS
+) -> dict[str, np.ndarray]:
     """Coordinate-wise median of n updates (Yin et al. 2018); mean of the middle two when n is even."""
     return _coordinatewise(shapes, n, read, lambda blk: np.median(blk, axis=0), chunk_elems)
 

@@ -2,7 +2,6 @@
 
 import contextlib
 import hashlib
-import json
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -13,71 +12,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import compression
-from . import data as D
-from . import keys, models
-from . import privacy as P
-from . import rounds as R
-from . import spec as spec_module
-from . import tensors as T
-from .errors import AlreadyExists, FedcliError, InputError, NotRegular, StoreError, VerificationError
-from .metrics import score
-from .store import Store
-from .train import fit, fit_private
-
-
-@dataclass
-class BankState:
-    """What this bank last saw, kept next to its key: the defence against a rolled-back store.
-
-    A typed document (localdocs.BankStateFile); a damaged one is refused, never read as empty,
-    because an empty state would accept any rolled-back store.
-    """
-
-    path: Path
-    federation_id: str | None = None
-    last_round: int = -1
-    last_sha256: str | None = None
-
-    @classmethod
-    def load(cls, path: Path) -> "BankState":
-        from .contract import load_json, validate
-        from .localdocs import MAX_STATE_BYTES, BankStateFile, read_bounded
-
-        what = f"bank state file {path}"
-        try:
-            data = read_bounded(Path(path), MAX_STATE_BYTES, "bank state file")
-            if data is None:
-                return cls(path)
-            doc = validate(BankStateFile, load_json(data, what, MAX_STATE_BYTES, InputError), what, InputError)
-        except FedcliError as e:
-            raise InputError(f"{e}; restore it from backup") from None
-        return cls(path, doc.federation_id, doc.last_round, doc.last_sha256)
-
-    def check(self, federation_id: str, g: R.Global) -> None:
-        """Refuse a global model older than, or different from, one we already trusted."""
-        if self.federation_id not in (None, federation_id):
-            raise VerificationError(
-                f"this key's state belongs to federation {self.federation_id}, the store holds {federation_id}"
-            )
-        if g.round < self.last_round:
-            raise VerificationError(
-                f"rollback: the store's latest global is round {g.round}, but this bank already saw round {self.last_round}",
-                reason="rollback",
-            )
-        if g.round == self.last_round and g.sha256 != self.last_sha256:
-            raise VerificationError(f"the global model of round {g.round} changed since this bank last saw it",
-                                    reason="rollback")
-        if g.round == self.last_round + 1 and self.last_sha256 and g.manifest.get("prev_sha256") != self.last_sha256:
-            raise VerificationError(f"the global model of round {g.round} does not chain to round {self.last_round}",
-                                    reason="rollback")
-
-    def save(self, federation_id: str, g: R.Global) -> None:
-        from .localdocs import BankStateFile, write_atomic
-
-        doc = BankStateFile(federation_id=federation_id, last_round=g.round, last_sha256=g.sha256)
-        write_atomic(Path(self.path), json.dumps(doc.model_dump(), indent=2).encode(), ".state-")
-        self.federation_id, self.last_round, self.last_sha256 = federation_id, g.round, g.sha256
+from fedcli import digest, keys, models
+from fedcli.bank import tables
+from fedcli.bank.state import BankState, ledger_path_for, state_path_for
+from fedcli.bank.training import fit, fit_private
+from fedcli.errors import AlreadyExists, FedcliError, NotRegular, StoreError, VerificationError
+from fedcli.metrics import score
+from fedcli.privacy import noise, policy
+from fedcli.privacy.ledger import Ledger
+from fedcli.protocol import compression, rounds
+from fedcli.protocol.spec import summary
+from fedcli.protocol.tensors import encode
+from fedcli.store import Store
 
 
 @dataclass
@@ -90,14 +36,6 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
     data_notes: list[str] = field(default_factory=list)
     privacy: dict = field(default_factory=dict)  # the ledger entry charged for this release
-
-
-def state_path_for(key_path: Path) -> Path:
-    return Path(key_path).with_suffix(".state.json")
-
-
-def ledger_path_for(key_path: Path) -> Path:
-    return Path(key_path).with_suffix(".ledger.json")
 
 
 def train_round(
@@ -115,7 +53,7 @@ def train_round(
     nothing behind; the ledger is charged last before the upload (a crash after it over-counts)."""
     console = console or Console(stderr=True)
     private, my_pub = keys.load_private(key_path)
-    spec, spec_sha = R.load_spec(store, keys.load_public(coordinator_pub))
+    spec, spec_sha = rounds.load_spec(store, keys.load_public(coordinator_pub))
     me = spec.member_by_key(my_pub)
     if me is None:
         raise FedcliError(
@@ -123,30 +61,35 @@ def train_round(
         )
     state = BankState.load(state_path or state_path_for(key_path))
     shapes = models.shapes(spec.model, spec.data.n_features)
-    base_round = R.latest_round(store)
+    base_round = rounds.latest_round(store)
     r = base_round + 1
-    tkey, mkey = R.update_keys(r, me.name)
+    tkey, mkey = rounds.update_keys(r, me.name)
     secure = spec.secagg.enabled
     if secure:
-        from . import secagg_rounds as SR
+        from fedcli.secagg import exchange
 
         mask_key = keys.load_mask_key(key_path)
     if store.exists(mkey):
         check_own_manifest(store, spec, r, me, mkey)
         # Secure aggregation's second exchange: reveal seeds with members declared dropped.
-        msg = SR.publish_recovery(store, spec, r, me.name, private, mask_key) if secure else None
-        return TrainResult(me.name, r, False, msg or f"{me.name} already submitted an update for round {r}; nothing to do")
+        msg = exchange.publish_recovery(store, spec, r, me.name, private, mask_key) if secure else None
+        return TrainResult(
+            me.name, r, False, msg or f"{me.name} already submitted an update for round {r}; nothing to do"
+        )
     if secure:
-        SR.refuse_if_dropped(store, spec, r, me.name)
-    base = R.load_global(store, spec, spec_sha, base_round, shapes)
+        exchange.refuse_if_dropped(store, spec, r, me.name)
+    base = rounds.load_global(store, spec, spec_sha, base_round, shapes)
     state.check(spec.federation_id, base)
-    console.print("[bold]in force:[/] " + escape("; ".join(f"{k}: {v}" for k, v in spec_module.summary(spec))),
-                  highlight=False, soft_wrap=True)
+    console.print(
+        "[bold]in force:[/] " + escape("; ".join(f"{k}: {v}" for k, v in summary(spec))),
+        highlight=False,
+        soft_wrap=True,
+    )
 
     source = Path(data_path).name
     with console.status(f"reading {escape(source)}") if console.is_terminal else contextlib.nullcontext():
-        prep = D.prepare(D.read_table(data_path), spec.data, source)
-    notes = D.notes(prep, source)
+        prep = tables.prepare(tables.read_table(data_path), spec.data, source)
+    notes = tables.notes(prep, source)
     try:
         before = score(prep.y, models.predict(spec.model, base.tensors, prep.X))
     except FedcliError as e:
@@ -155,18 +98,25 @@ def train_round(
         refuse_non_finite(f"the global model's scores on {source} are not finite", base)
     ps = spec.privacy
     if ps.enabled:  # refuse before any work if even this release would break the budget
-        ledger = P.Ledger(ledger_path or ledger_path_for(key_path))
+        ledger = Ledger(ledger_path or ledger_path_for(key_path))
         budget = ps.budget_epsilon if max_epsilon is None else min(ps.budget_epsilon, max_epsilon)
-        mech = P.plan(ps, len(prep.X), spec.training.batch_size, spec.training.epochs)
+        mech = policy.plan(ps, len(prep.X), spec.training.batch_size, spec.training.epochs)
         ledger.check(mech, budget, ps.delta)
 
     # Training seed is not a secret: it only makes a bank's rerun reproducible.
     seed = int.from_bytes(hashlib.sha256(f"{spec.federation_id}/{r}/{me.name}".encode()).digest()[:4], "little")
     batches = -(-len(prep.X) // spec.training.batch_size)
     expected = mech.steps if ps.mode == "record" else spec.training.epochs * batches
-    with Progress(TextColumn(f"[bold]training[/] round {r}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[loss]}"), TimeRemainingColumn(), console=console, transient=True,
-                  disable=not console.is_terminal) as progress:
+    with Progress(
+        TextColumn(f"[bold]training[/] round {r}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as progress:
         task = progress.add_task("train", total=expected, loss="")
         last = [float("nan")]
 
@@ -175,12 +125,14 @@ def train_round(
             progress.update(task, completed=done, total=max(total, done), loss=f"loss {loss:.4f}")
 
         if ps.mode == "record":
-            weights, mech = fit_private(spec.model, spec.training, base.tensors, prep.X, prep.y,
-                                        ps.clip, mech.noise_multiplier, step)
+            weights, mech = fit_private(
+                spec.model, spec.training, base.tensors, prep.X, prep.y, ps.clip, mech.noise_multiplier, step
+            )
             loss = last[0]
         else:
-            weights, loss = fit(spec.model, spec.training, base.tensors, prep.X, prep.y, seed, step,
-                                prox_mu=spec.strategy.prox_mu)
+            weights, loss = fit(
+                spec.model, spec.training, base.tensors, prep.X, prep.y, seed, step, prox_mu=spec.strategy.prox_mu
+            )
     require_finite("the trained weights", weights, base)
     after = score(prep.y, models.predict(spec.model, weights, prep.X))
     metrics = {"loss": loss, "auc_before": before["auc"], "auc_after": after["auc"]}
@@ -190,8 +142,8 @@ def train_round(
     metrics = {k: round(v, 6) for k, v in metrics.items()}
     delta = {k: weights[k] - base.tensors[k] for k in weights}
     if ps.mode == "update":  # with secure aggregation and shared noise, each bank adds its share
-        nm = SR.member_noise(spec, mech.noise_multiplier) if secure else mech.noise_multiplier
-        delta, _ = P.privatize_update(delta, ps.clip, nm)
+        nm = exchange.member_noise(spec, mech.noise_multiplier) if secure else mech.noise_multiplier
+        delta, _ = noise.privatize_update(delta, ps.clip, nm)
     require_finite("the update", delta, base)
 
     # Compression (with the bank's error-feedback residual) only post-processes the delta; secure
@@ -199,29 +151,30 @@ def train_round(
     cmeta = spec.strategy.compression_meta
     res_path, residual = compression.residual_path(state.path), None
     if cmeta["method"] != "none":
-        delta, cmeta, residual = compression.encode(delta, cmeta["method"], cmeta.get("ratio"),
-                                                    compression.load_residual(res_path, shapes))
+        delta, cmeta, residual = compression.encode(
+            delta, cmeta["method"], cmeta.get("ratio"), compression.load_residual(res_path, shapes)
+        )
     extra = {}
     if secure:
-        SR.refuse_if_dropped(store, spec, r, me.name)  # again: training took a while
-        delta, extra["secagg"], clipped = SR.mask_delta(spec, r, me.name, mask_key, delta)
+        exchange.refuse_if_dropped(store, spec, r, me.name)  # again: training took a while
+        delta, extra["secagg"], clipped = exchange.mask_delta(spec, r, me.name, mask_key, delta)
         if ps.mode == "update":
             extra["secagg"]["member_noise_multiplier"] = nm
         if clipped:
             notes.append(f"secure aggregation: {clipped} update values beyond ±{spec.secagg.clip} were clipped")
-    data = T.encode(delta)
+    data = encode(delta)
     manifest = {
         "kind": "update",
-        "format": R.FORMAT,
+        "format": rounds.FORMAT,
         "federation_id": spec.federation_id,
         "round": r,
         "member": me.name,
         "base_sha256": base.sha256,
-        "tensors_sha256": T.sha256(data),
+        "tensors_sha256": digest.sha256(data),
         "num_examples": int(len(prep.X)),
         "compression": cmeta,
         "metrics": metrics,
-        "created_at": R.now(),
+        "created_at": rounds.now(),
         "nonce": secrets.token_hex(16),
         **extra,
     }
@@ -247,8 +200,9 @@ def train_round(
         compression.save_residual(res_path, residual)
     state.save(spec.federation_id, base)
     sent = f"{len(data):,} bytes" + ("" if cmeta["method"] == "none" else f", {cmeta['method']}")
-    return TrainResult(me.name, r, True, f"submitted update for round {r} ({sent})", len(prep.X), metrics, notes,
-                       charged)
+    return TrainResult(
+        me.name, r, True, f"submitted update for round {r} ({sent})", len(prep.X), metrics, notes, charged
+    )
 
 
 # Standardised features give weights of order 1; a global weight beyond this is a broken or
@@ -270,7 +224,9 @@ def refuse_non_finite(problem: str, base=None) -> None:
         raise VerificationError(
             f"{problem}: nothing was submitted. The global model of round {base.round} has weights up to "
             f"{largest:.3g}, so training on it overflows: it is broken or poisoned by one member's update; "
-            "tell the coordinator (a [strategy] max_norm bounds every update)", reason="not-finite")
+            "tell the coordinator (a [strategy] max_norm bounds every update)",
+            reason="not-finite",
+        )
     raise FedcliError(f"{problem}: nothing was submitted (check the table for extreme values)", reason="not-finite")
 
 
@@ -278,7 +234,7 @@ def check_own_manifest(store: Store, spec, r: int, me, mkey: str) -> None:
     """An update manifest under my name counts as mine only if my key signed it for this round."""
     what = f"update manifest for {me.name}"
     try:
-        manifest = keys.verify_manifest(R.read_manifest(store, mkey, what), me, what)
+        manifest = keys.verify_manifest(rounds.read_manifest(store, mkey, what), me, what)
     except StoreError as e:
         if not isinstance(e, NotRegular):
             raise
@@ -286,11 +242,16 @@ def check_own_manifest(store: Store, spec, r: int, me, mkey: str) -> None:
     except FedcliError:
         manifest = None
     if manifest is None:
-        raise VerificationError(f"an update manifest for {me.name} that this key did not sign sits at {mkey}; "
-                                "ask the coordinator to remove it", reason="bad-signature")
+        raise VerificationError(
+            f"an update manifest for {me.name} that this key did not sign sits at {mkey}; "
+            "ask the coordinator to remove it",
+            reason="bad-signature",
+        )
     try:
-        R.expect(manifest, what, kind="update", federation_id=spec.federation_id, round=r, member=me.name)
+        rounds.expect(manifest, what, kind="update", federation_id=spec.federation_id, round=r, member=me.name)
     except FedcliError:
-        raise VerificationError(f"an update manifest at {mkey} was signed by this key for another round or "
-                                "federation (a replayed copy); ask the coordinator to remove it",
-                                reason="wrong-round") from None
+        raise VerificationError(
+            f"an update manifest at {mkey} was signed by this key for another round or "
+            "federation (a replayed copy); ask the coordinator to remove it",
+            reason="wrong-round",
+        ) from None

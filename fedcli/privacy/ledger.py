@@ -1,0 +1,137 @@
+"""A bank's local privacy ledger: what it released, checked against its budget before an update leaves."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedcli.errors import ExitCode, FedcliError
+from fedcli.privacy.accounting import ACCOUNTANT, Mechanism, epsilon
+
+if TYPE_CHECKING:  # torch is heavy; import it only where tensors are touched
+    pass
+
+
+class BudgetExceeded(FedcliError):
+    """Exporting would push the bank past its configured (epsilon, delta) budget."""
+
+    exit_code = ExitCode.BUDGET
+    reason = "budget"
+
+
+class Ledger:
+    """A bank's local privacy ledger: one JSON file, one entry per released update.
+
+    Each entry: round, federation, mode, the mechanism's parameters, the delta used, the
+    cumulative epsilon after it, and the time. Every release is charged, including a re-run
+    of the same round (fresh noise on the same data is a second release). ``charge`` is
+    meant to run *before* the update is exported: a crash afterwards over-counts, never
+    under-counts. Writes are atomic (temp file + fsync + rename) and serialised by a lock
+    file, so overlapping cron runs cannot lose an entry.
+
+    Composition covers every entry of the same mode, across all federations, because the
+    same bank data may be used in several of them; update and record epsilons protect
+    different units and are kept apart.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def entries(self) -> list[dict]:
+        """Every release so far; a damaged ledger is refused, never read as an empty history."""
+        from fedcli.contract import load_json, validate
+        from fedcli.errors import InputError
+        from fedcli.files import read_bounded
+        from fedcli.localdocs import MAX_LEDGER_BYTES, LedgerFile
+
+        what = f"privacy ledger {self.path}"
+        try:
+            data = read_bounded(self.path, MAX_LEDGER_BYTES, "privacy ledger")
+            if data is None:
+                return []
+            doc = validate(LedgerFile, load_json(data, what, MAX_LEDGER_BYTES, InputError), what, InputError)
+        except FedcliError as e:
+            raise InputError(
+                f"{e}: it is unreadable, and fedcli refuses to guess what was spent; restore it from backup"
+            ) from None
+        return [e.model_dump() for e in doc.entries]
+
+    def mechanisms(self, mode: str) -> list[Mechanism]:
+        return [Mechanism.from_dict(e) for e in self.entries() if e.get("mode") == mode]
+
+    def spent(self, mode: str, delta: float) -> float:
+        """Epsilon spent so far in ``mode`` at ``delta``, composed over the whole history."""
+        return epsilon(self.mechanisms(mode), delta)
+
+    def summary(self) -> list[dict]:
+        """Per mode: releases, epsilon spent now and the budget, at the latest entry's delta."""
+        rows = []
+        for mode in ("update", "record"):
+            entries = [e for e in self.entries() if e.get("mode") == mode]
+            if entries:
+                last = entries[-1]
+                rows.append(
+                    {
+                        "mode": mode,
+                        "releases": len(entries),
+                        "delta": last["delta"],
+                        "epsilon": self.spent(mode, last["delta"]),
+                        "budget_epsilon": last["budget_epsilon"],
+                    }
+                )
+        return rows
+
+    def check(self, mech: Mechanism, budget_epsilon: float, delta: float) -> float:
+        """Epsilon after also releasing ``mech``; raises BudgetExceeded if over budget."""
+        history = self.mechanisms(mech.mode)
+        after = epsilon([*history, mech], delta)
+        if after > budget_epsilon:
+            before = epsilon(history, delta)
+            raise BudgetExceeded(
+                f"privacy budget exceeded: exporting would bring {mech.mode}-level epsilon from "
+                f"{before:.3g} to {after:.3g} (budget {budget_epsilon:g} at delta={delta:g}); update not exported"
+            )
+        return after
+
+    def charge(self, mech: Mechanism, *, round: int, federation: str, budget_epsilon: float, delta: float) -> dict:
+        """Check the budget and append the release to the ledger, atomically; returns the entry."""
+        with self._locked():
+            after = self.check(mech, budget_epsilon, delta)
+            entry = {
+                "round": int(round),
+                "federation": federation,
+                "mode": mech.mode,
+                "noise_multiplier": float(mech.noise_multiplier),
+                "sample_rate": float(mech.sample_rate),
+                "steps": int(mech.steps),
+                "clip": float(mech.clip),
+                "delta": float(delta),
+                "epsilon_after": float(after),
+                "budget_epsilon": float(budget_epsilon),
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            self._write([*self.entries(), entry])
+        return entry
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write(self, entries: list[dict]) -> None:
+        """Validated against the ledger's contract, then written atomically (localdocs.write_atomic)."""
+        from fedcli.files import write_atomic
+        from fedcli.localdocs import LedgerFile
+
+        doc = LedgerFile.model_validate({"version": 1, "accountant": ACCOUNTANT, "entries": entries})
+        write_atomic(self.path, json.dumps(doc.model_dump(), indent=2).encode(), self.path.name + ".")
