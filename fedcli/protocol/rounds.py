@@ -13,14 +13,13 @@ Every JSON document is read bounded, parsed depth-bounded, signature-checked, th
 into its class in fedcli.documents (see docs/protocol.md for the order and the reason codes).
 """
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
 
-from fedcli.digest import sha256
+from fedcli.digest import sha256, sha256_stream
 from fedcli.errors import ContractError, FedcliError, NotFound, NotRegular, Oversize, StoreError, VerificationError
 from fedcli.keys import MAX_MANIFEST_BYTES, PublicIdentity, verify_manifest
 from fedcli.privacy.policy import check_declared
@@ -116,14 +115,11 @@ def read_tensors(
     if size > max_file_size(shapes, itemsizes(shapes, dtype)):
         raise Oversize(f"{what}: tensor file is larger than the model allows ({size:,} bytes)")
     buf = memoryview(buffer if buffer is not None and len(buffer) >= size else bytearray(size))
-    digest, n = hashlib.sha256(), 0
     try:
-        for chunk in store.read_into(key, buf):
-            digest.update(chunk)
-            n += len(chunk)
+        actual_sha, n = sha256_stream(store.read_into(key, buf))
     except NotFound:
         raise VerificationError(f"{what}: tensor file is missing", reason="missing") from None
-    if digest.hexdigest() != expected_sha:
+    if actual_sha != expected_sha:
         raise VerificationError(f"{what}: tensors do not match the sha256 in the signed manifest", reason="bad-hash")
     return decode(buf[:n], shapes, what, dtype)
 
