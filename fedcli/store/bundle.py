@@ -325,7 +325,8 @@ class _BoundedFile:
 
     def __init__(self, f, path: Path):
         self.f, self.path, self.name, self.mode = f, path, str(path), "rb"
-        self.limit, self.budget = MAX_HEADER_READ, MAX_HEADER_TOTAL
+        self.limit: int | None = MAX_HEADER_READ
+        self.budget = MAX_HEADER_TOTAL
 
     def read(self, n: int = -1) -> bytes:
         if self.limit is not None:
@@ -339,6 +340,13 @@ class _BoundedFile:
 
     def tell(self) -> int:
         return self.f.tell()
+
+    def write(self, data: bytes) -> int:
+        """Part of the file interface tarfile expects; a bundle is only ever read through this."""
+        raise io.UnsupportedOperation(f"{self.path} is open for reading")
+
+    def close(self) -> None:
+        """Part of the file interface tarfile expects; the caller's `with open(...)` closes the file."""
 
 
 # What a hostile tar header can make tarfile raise (besides TarError): bad numbers, truncated sparse maps.

@@ -280,7 +280,7 @@ class FolderStore(Store):
             keys: list[str] = []
             try:
                 with self._folder(parts) as fd:
-                    self._walk(fd, prefix, keys)
+                    _walk(fd, prefix, keys)
             except (FileNotFoundError, NotADirectoryError):
                 return []
             return sorted(keys)
@@ -289,33 +289,6 @@ class FolderStore(Store):
             return self._retry("list", prefix or ".", op)
         except OSError as e:
             raise StoreError(f"cannot list {prefix or '.'} in {self.url}: {e.strerror}") from None
-
-    def _walk(self, fd: int, rel: str, keys: list[str]) -> None:
-        """Collect keys below the folder fd; descend only into real folders, never a link."""
-        with os.scandir(fd) as entries:
-            found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
-        for name, is_dir in found:
-            key = f"{rel}/{name}" if rel else name
-            try:
-                check_key(key)
-            except FedcliError:
-                continue  # temp files, hidden and odd names: never a key fedcli reads
-            if not is_dir:
-                keys.append(key)  # files, and links or special files that any reader then refuses
-                continue
-            try:
-                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                continue  # removed while listing
-            except OSError as e:
-                if e.errno in (errno.ENOTDIR, errno.ELOOP):
-                    keys.append(key)  # swapped for a link or file while listing: readers refuse it
-                    continue
-                raise  # a listing with holes would hide files
-            try:
-                self._walk(child, key, keys)
-            finally:
-                os.close(child)
 
     def delete(self, key: str) -> None:
         """Remove key if present; a link there is removed itself, never what it points to."""
@@ -348,3 +321,31 @@ class FolderStore(Store):
             raise NotFound(f"{key} not found in {self.url}") from None
         except OSError as e:
             raise StoreError(f"cannot read {key} from {self.url}: {e.strerror}") from None
+
+
+def _walk(fd: int, rel: str, keys: list[str]) -> None:
+    """Collect keys below the folder fd; descend only into real folders, never a link."""
+    with os.scandir(fd) as entries:
+        found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+    for name, is_dir in found:
+        key = f"{rel}/{name}" if rel else name
+        try:
+            check_key(key)
+        except FedcliError:
+            continue  # temp files, hidden and odd names: never a key fedcli reads
+        if not is_dir:
+            keys.append(key)  # files, and links or special files that any reader then refuses
+            continue
+        try:
+            child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+        except FileNotFoundError:
+            continue  # removed while listing
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                keys.append(key)  # swapped for a link or file while listing: readers refuse it
+                continue
+            raise  # a listing with holes would hide files
+        try:
+            _walk(child, key, keys)
+        finally:
+            os.close(child)
