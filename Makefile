@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
+# Two entry points for a fresh machine: `make demo` and `make test` (lint, then the tests: what CI runs).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,7 +18,13 @@ demo: $(BIN)/fedcli
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/demo.sh demo 5
 	@echo; echo "To run fedcli yourself: . $(VENV)/bin/activate   (then: fedcli --help)"
 
-test: $(BIN)/fedcli
+# Lint, format and types on fedcli/ (rules and settings in pyproject.toml), cheapest first.
+lint: $(BIN)/fedcli
+	$(BIN)/ruff check fedcli
+	$(BIN)/ruff format --check fedcli
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
-.PHONY: install demo test
+.PHONY: install demo lint test

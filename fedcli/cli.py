@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
@@ -310,7 +310,7 @@ def status(
     table = Table(
         title=escape(f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}")
     )
-    for col, just in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("round", "right"),
         ("global", "left"),
         ("updates in", "right"),
@@ -318,7 +318,8 @@ def status(
         ("mean auc before", "right"),
         ("mean loss", "right"),
         ("other", "left"),
-    ):
+    )
+    for col, just in columns:
         table.add_column(col, justify=just)
     problems = Table(title="rejected or incomplete updates")
     for col in ("round", "member", "reason"):
@@ -371,9 +372,11 @@ def privacy(
     from fedcli.privacy.ledger import Ledger
 
     with failures():
-        if ledger is None and key is None:
-            raise FedcliError("give --key or --ledger")
-        led = Ledger(ledger or ledger_path_for(key))
+        if ledger is None:
+            if key is None:
+                raise FedcliError("give --key or --ledger")
+            ledger = ledger_path_for(key)
+        led = Ledger(ledger)
         entries, summary = led.entries(), led.summary()
     table = Table(
         title=f"privacy ledger {led.path.name}", caption="z: noise multiplier, q: sample rate, ε: cumulative per mode"

@@ -17,6 +17,7 @@ import json
 import re
 import tomllib
 import typing
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -24,7 +25,7 @@ import numpy as np
 from fedcli.errors import ContractError, FedcliError, InputError
 
 if TYPE_CHECKING:
-    from pydantic import BaseModel
+    from pydantic import BaseModel, ConfigDict
 
 MAX_DEPTH = 16  # deeper than any fedcli document needs; json and tomllib recurse per level
 _JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
@@ -107,7 +108,7 @@ def validate(model: type[M], raw: Any, what: str, error: type[FedcliError] = Con
 _UNION_TAGS = {"str", "int", "float", "bool", "constrained-str"}  # pydantic names union members in error paths
 
 
-def _without_union_tags(err: dict) -> tuple:
+def _without_union_tags(err: Mapping[str, Any]) -> tuple:
     """pydantic puts union members ('str', 'int') in a path; an unknown key's own name is kept."""
     loc = tuple(err.get("loc", ()))
     last = loc[-1:] if err.get("type") == "extra_forbidden" else ()
@@ -186,8 +187,8 @@ def _unwrap(tp):
     return tp
 
 
-def strict_config(**extra):
+def strict_config() -> ConfigDict:
     """The configuration every document model uses: strict types, no unknown keys, finite floats."""
     from pydantic import ConfigDict
 
-    return ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False, **extra)
+    return ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)

@@ -7,7 +7,6 @@ an X25519 key (NAME.x25519.key) for secure aggregation's pairwise masks.
 """
 
 import base64
-import hashlib
 import json
 import os
 import stat
@@ -20,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedcli.digest import sha256
 from fedcli.errors import FedcliError, InputError, VerificationError
 from fedcli.names import check_name
 from fedcli.secagg import masking
@@ -43,7 +43,7 @@ def unb64(text: str, what: str = "value") -> bytes:
 
 def fingerprint(raw_public: bytes) -> str:
     """Short, human-comparable digest of a raw public key: four groups of four hex digits."""
-    h = hashlib.sha256(raw_public).hexdigest()[:16]
+    h = sha256(raw_public)[:16]
     return " ".join(h[i : i + 4] for i in range(0, 16, 4))
 
 

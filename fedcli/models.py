@@ -6,14 +6,15 @@ so `fedcli aggregate` never pays torch's import time.
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedcli.protocol.spec import ModelSpec
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is heavy; the spec is a higher layer, named here only in annotations
     from torch import nn
+
+    from fedcli.protocol.spec import ModelSpec
 
 
 def build(spec: ModelSpec, n_features: int) -> nn.Module:
@@ -41,8 +42,8 @@ def initial(spec: ModelSpec, n_features: int) -> dict[str, np.ndarray]:
 def shapes(spec: ModelSpec, n_features: int) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of `build(spec, n_features)`, without torch (tested against it)."""
     widths = [n_features, *(spec.hidden if spec.kind == "mlp" else ()), 1]
-    out = {}
-    for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
+    out: dict[str, tuple[int, ...]] = {}
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
         out[f"{2 * i}.weight"], out[f"{2 * i}.bias"] = (fan_out, fan_in), (fan_out,)
     return out
 

@@ -1,12 +1,14 @@
 """`fedcli report`: each bank's numbers per round, and the privacy budget spent, as a picture.
 
 Everything comes from the signed update manifests on the store (each signature is checked
-against the member's key in the spec and each manifest against its contract, documents.py; a
+against the member's key in the spec and each manifest against its contract, protocol/documents.py; a
 manifest that fails is listed, never plotted; so is a rejections.json that is not signed by the
 coordinator: "rejected" is only ever the coordinator's verified word). The
 output is a PNG and a self-contained HTML page (the PNG embedded, plus a table of the
 numbers) that a risk committee can open offline.
 """
+
+from __future__ import annotations
 
 import base64
 import html
@@ -14,6 +16,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedcli.errors import FedcliError
 from fedcli.keys import PublicIdentity, verify_manifest
@@ -26,7 +29,11 @@ from fedcli.protocol.rounds import (
     submitted_members,
     update_keys,
 )
+from fedcli.protocol.spec import Spec
 from fedcli.store import Store
+
+if TYPE_CHECKING:  # pydantic is imported lazily, only by the commands that read documents
+    from fedcli.protocol.documents import UpdateManifest
 
 METRICS = ("loss", "auc_before", "auc_after")
 
@@ -83,11 +90,20 @@ def _epsilons(entries: list[Entry], delta: float) -> None:
             return
 
 
-def collect(store: Store, pinned: PublicIdentity | None = None) -> Report:
-    """Read every round's update manifests and what the coordinator decided about them."""
+def _verified_update(store: Store, spec: Spec, r: int, member: str) -> UpdateManifest:
+    """A member's update manifest of round r, its signature and contract checked."""
     from fedcli.contract import validate
     from fedcli.protocol.documents import UpdateManifest
 
+    signer, what = spec.member(member), f"update from {member} in round {r}"
+    if signer is None:
+        raise FedcliError(f"{member} is not an enrolled member")
+    signed = verify_manifest(read_manifest(store, update_keys(r, member)[1], what), signer, what)
+    return validate(UpdateManifest, signed, what)
+
+
+def collect(store: Store, pinned: PublicIdentity | None = None) -> Report:
+    """Read every round's update manifests and what the coordinator decided about them."""
     spec, spec_sha = load_spec(store, pinned)
     published = global_rounds(store)
     last = published[-1] if published else 0
@@ -102,12 +118,8 @@ def collect(store: Store, pinned: PublicIdentity | None = None) -> Report:
         committed, _ = submitted_members(store, r)
         for member in committed:
             status = "accepted" if (r, member) in used else "rejected" if member in rejected else "submitted"
-            signer, what = spec.member(member), f"update from {member} in round {r}"
             try:
-                if signer is None:
-                    raise FedcliError(f"{member} is not an enrolled member")
-                m = verify_manifest(read_manifest(store, update_keys(r, member)[1], what), signer, what)
-                m = validate(UpdateManifest, m, what)
+                m = _verified_update(store, spec, r, member)
             except FedcliError as e:
                 entries.append(Entry(r, member, "invalid", note=str(e)))
                 continue
@@ -141,7 +153,6 @@ def plot(rep: Report) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(rep.members)}
     good = [e for e in rep.entries if e.status != "invalid"]
@@ -152,78 +163,12 @@ def plot(rep: Report) -> bytes:
         fontsize=14,
     )
     (ax_auc, ax_loss), (ax_rows, ax_eps) = axes
-
-    def series(member, key):
-        pts = sorted((e.round, e.metrics[key]) for e in good if e.member == member and key in e.metrics)
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    for m in rep.members:
-        x, y = series(m, "auc_after")
-        ax_auc.plot(x, y, "o-", color=colors[m], label=m)
-        x, y = series(m, "auc_before")
-        ax_auc.plot(x, y, "o--", color=colors[m], alpha=0.45, markersize=3)
-        x, y = series(m, "loss")
-        ax_loss.plot(x, y, "o-", color=colors[m], label=m)
-    ax_auc.set_title(
-        "local AUC per bank\n(solid: after local training; dashed: the global model it started from)", fontsize=11
-    )
-    ax_auc.set_ylabel("ROC AUC on the bank's own rows")
-    ax_loss.set_title("local training loss (last epoch)")
-    ax_loss.set_ylabel("binary cross-entropy")
-
-    width = 0.8 / max(1, len(rep.members))
-    any_rows = False
-    for i, m in enumerate(rep.members):
-        pts = [(e.round, e.rows) for e in good if e.member == m and e.rows is not None]
-        if pts:
-            any_rows = True
-            ax_rows.bar(
-                [r + (i - (len(rep.members) - 1) / 2) * width for r, _ in pts],
-                [n for _, n in pts],
-                width=width,
-                color=colors[m],
-                label=m,
-            )
-    ax_rows.set_title("rows each bank trained on")
-    ax_rows.set_ylabel("rows")
-    if not any_rows:
-        _say(ax_rows, "no row counts in the manifests\n(DP updates do not disclose them)")
-
-    eps = [e for e in good if e.epsilon is not None]
-    ax_eps.set_title("privacy budget spent (cumulative ε per bank)")
-    ax_eps.set_ylabel("ε")
-    if eps:
-        for m in rep.members:
-            pts = sorted((e.round, e.epsilon) for e in eps if e.member == m)
-            if pts:
-                ax_eps.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[m], label=m)
-        if rep.budget is not None:
-            ax_eps.axhline(rep.budget, color="black", linestyle=":", label=f"budget ε={rep.budget:g}")
-            ax_eps.legend(loc="upper left", fontsize=8)
-        top = max([e.epsilon for e in eps] + ([rep.budget] if rep.budget is not None else []))
-        ax_eps.set_ylim(0, top * 1.15 or 1)
-    else:
-        _say(ax_eps, rep.dp_note)
-
+    _auc_panel(ax_auc, rep.members, good, colors)
+    _loss_panel(ax_loss, rep.members, good, colors)
+    _rows_panel(ax_rows, rep.members, good, colors)
+    _privacy_panel(ax_eps, rep, good, colors)
     for ax in axes.flat:
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if rep.rounds:
-            ax.set_xlim(min(rep.rounds) - 0.6, max(rep.rounds) + 0.6)
-        for r in rep.rounds:
-            if r not in rep.published:  # still collecting updates: numbers may change
-                ax.axvspan(r - 0.5, r + 0.5, color="0.92", zorder=0)
-                ax.text(
-                    r,
-                    0.98,
-                    "open round",
-                    transform=ax.get_xaxis_transform(),
-                    ha="center",
-                    va="top",
-                    fontsize=8,
-                    color="0.35",
-                )
+        _round_axis(ax, rep)
     if not good:
         _say(ax_auc, "no verified updates on the store yet")
     else:
@@ -237,6 +182,97 @@ def plot(rep: Report) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _series(entries: list[Entry], member: str, key: str) -> tuple[list[int], list[float]]:
+    """One bank's metric `key` by round, in round order."""
+    pts = sorted((e.round, e.metrics[key]) for e in entries if e.member == member and key in e.metrics)
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _auc_panel(ax, members: list[str], good: list[Entry], colors: dict) -> None:
+    """AUC after local training (solid) and of the global model it started from (dashed)."""
+    for m in members:
+        x, y = _series(good, m, "auc_after")
+        ax.plot(x, y, "o-", color=colors[m], label=m)
+        x, y = _series(good, m, "auc_before")
+        ax.plot(x, y, "o--", color=colors[m], alpha=0.45, markersize=3)
+    ax.set_title(
+        "local AUC per bank\n(solid: after local training; dashed: the global model it started from)", fontsize=11
+    )
+    ax.set_ylabel("ROC AUC on the bank's own rows")
+
+
+def _loss_panel(ax, members: list[str], good: list[Entry], colors: dict) -> None:
+    for m in members:
+        x, y = _series(good, m, "loss")
+        ax.plot(x, y, "o-", color=colors[m], label=m)
+    ax.set_title("local training loss (last epoch)")
+    ax.set_ylabel("binary cross-entropy")
+
+
+def _rows_panel(ax, members: list[str], good: list[Entry], colors: dict) -> None:
+    """Rows per bank per round, side by side; DP updates do not disclose them."""
+    width = 0.8 / max(1, len(members))
+    any_rows = False
+    for i, m in enumerate(members):
+        pts = [(e.round, e.rows) for e in good if e.member == m and e.rows is not None]
+        if pts:
+            any_rows = True
+            ax.bar(
+                [r + (i - (len(members) - 1) / 2) * width for r, _ in pts],
+                [n for _, n in pts],
+                width=width,
+                color=colors[m],
+                label=m,
+            )
+    ax.set_title("rows each bank trained on")
+    ax.set_ylabel("rows")
+    if not any_rows:
+        _say(ax, "no row counts in the manifests\n(DP updates do not disclose them)")
+
+
+def _privacy_panel(ax, rep: Report, good: list[Entry], colors: dict) -> None:
+    """Cumulative epsilon per bank against the spec's budget, or why there is none to plot."""
+    spent = [(e.member, e.round, e.epsilon) for e in good if e.epsilon is not None]
+    ax.set_title("privacy budget spent (cumulative ε per bank)")
+    ax.set_ylabel("ε")
+    if not spent:
+        _say(ax, rep.dp_note)
+        return
+    for m in rep.members:
+        pts = sorted((r, eps) for member, r, eps in spent if member == m)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[m], label=m)
+    if rep.budget is not None:
+        ax.axhline(rep.budget, color="black", linestyle=":", label=f"budget ε={rep.budget:g}")
+        ax.legend(loc="upper left", fontsize=8)
+    top = max([eps for _, _, eps in spent] + ([rep.budget] if rep.budget is not None else []))
+    ax.set_ylim(0, top * 1.15 or 1)
+
+
+def _round_axis(ax, rep: Report) -> None:
+    """Integer rounds on x; an open round (still collecting updates) shaded, its numbers may change."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("round")
+    ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if rep.rounds:
+        ax.set_xlim(min(rep.rounds) - 0.6, max(rep.rounds) + 0.6)
+    for r in rep.rounds:
+        if r not in rep.published:
+            ax.axvspan(r - 0.5, r + 0.5, color="0.92", zorder=0)
+            ax.text(
+                r,
+                0.98,
+                "open round",
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="top",
+                fontsize=8,
+                color="0.35",
+            )
 
 
 def _say(ax, text: str) -> None:

@@ -10,13 +10,8 @@ import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fedcli.errors import FedcliError
-
-if TYPE_CHECKING:  # torch is heavy; import it only where tensors are touched
-    pass
-
 
 MODES = ("none", "update", "record")
 

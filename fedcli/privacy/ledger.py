@@ -8,13 +8,9 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fedcli.errors import ExitCode, FedcliError
 from fedcli.privacy.accounting import ACCOUNTANT, Mechanism, epsilon
-
-if TYPE_CHECKING:  # torch is heavy; import it only where tensors are touched
-    pass
 
 
 class BudgetExceeded(FedcliError):
@@ -31,7 +27,7 @@ class Ledger:
     cumulative epsilon after it, and the time. Every release is charged, including a re-run
     of the same round (fresh noise on the same data is a second release). ``charge`` is
     meant to run *before* the update is exported: a crash afterwards over-counts, never
-    under-counts. Writes are atomic (temp file + fsync + rename) and serialised by a lock
+    under-counts. Writes are atomic (files.write_atomic) and serialised by a lock
     file, so overlapping cron runs cannot lose an entry.
 
     Composition covers every entry of the same mode, across all federations, because the
@@ -129,7 +125,7 @@ class Ledger:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _write(self, entries: list[dict]) -> None:
-        """Validated against the ledger's contract, then written atomically (localdocs.write_atomic)."""
+        """Validated against the ledger's contract, then written atomically (files.write_atomic)."""
         from fedcli.files import write_atomic
         from fedcli.localdocs import LedgerFile
 

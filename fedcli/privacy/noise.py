@@ -6,16 +6,12 @@ Unit of privacy: the bank's whole contribution to a round (its update versus a z
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedcli.errors import FedcliError
 from fedcli.privacy.accounting import Mechanism
 from fedcli.randomness import secure_numpy_rng
-
-if TYPE_CHECKING:  # torch is heavy; import it only where tensors are touched
-    pass
 
 
 def update_norm(update: dict[str, np.ndarray]) -> float:

@@ -6,16 +6,13 @@ See docs/privacy.md for what each mode protects and what it does not.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
 from fedcli.contract import strict_config
 from fedcli.errors import FedcliError, VerificationError
 from fedcli.privacy.accounting import Mechanism, dp_sgd_schedule, epsilon, noise_multiplier_for
-
-if TYPE_CHECKING:  # torch is heavy; import it only where tensors are touched
-    pass
 
 
 @dataclass(frozen=True)

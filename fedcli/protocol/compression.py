@@ -183,7 +183,7 @@ def load_residual(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str
 
 
 def save_residual(path: Path, residual: Arrays) -> None:
-    """Atomic write (temp file, fsync, rename), so a crash never leaves half a residual."""
+    """Atomic write (files.write_atomic), so a crash never leaves half a residual."""
     from safetensors.numpy import save
 
     from fedcli.files import write_atomic

@@ -10,17 +10,19 @@
 Tensors are always written before their manifest, so a manifest that exists names tensors
 that exist; a crash leaves at worst tensors without a manifest, which everyone ignores.
 Every JSON document is read bounded, parsed depth-bounded, signature-checked, then validated
-into its class in fedcli.documents (see docs/protocol.md for the order and the reason codes).
+into its class in fedcli.protocol.documents (see docs/protocol.md for the order and the reason codes).
 """
 
-import hashlib
+from __future__ import annotations
+
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedcli.digest import sha256
+from fedcli.digest import sha256, sha256_stream
 from fedcli.errors import ContractError, FedcliError, NotFound, NotRegular, Oversize, StoreError, VerificationError
 from fedcli.keys import MAX_MANIFEST_BYTES, PublicIdentity, verify_manifest
 from fedcli.privacy.policy import check_declared
@@ -28,6 +30,9 @@ from fedcli.protocol import compression
 from fedcli.protocol.spec import MAX_SIG_BYTES, MAX_SPEC_BYTES, Spec, verified
 from fedcli.protocol.tensors import Shapes, check_finite, decode, itemsizes, max_file_size
 from fedcli.store import Store
+
+if TYPE_CHECKING:  # pydantic is imported lazily, only where a document is validated
+    from fedcli.protocol.documents import UpdateManifest
 
 SPEC_KEY = "federation.toml"
 SPEC_SIG_KEY = "federation.toml.sig"
@@ -116,14 +121,11 @@ def read_tensors(
     if size > max_file_size(shapes, itemsizes(shapes, dtype)):
         raise Oversize(f"{what}: tensor file is larger than the model allows ({size:,} bytes)")
     buf = memoryview(buffer if buffer is not None and len(buffer) >= size else bytearray(size))
-    digest, n = hashlib.sha256(), 0
     try:
-        for chunk in store.read_into(key, buf):
-            digest.update(chunk)
-            n += len(chunk)
+        actual_sha, n = sha256_stream(store.read_into(key, buf))
     except NotFound:
         raise VerificationError(f"{what}: tensor file is missing", reason="missing") from None
-    if digest.hexdigest() != expected_sha:
+    if actual_sha != expected_sha:
         raise VerificationError(f"{what}: tensors do not match the sha256 in the signed manifest", reason="bad-hash")
     return decode(buf[:n], shapes, what, dtype)
 
@@ -193,25 +195,8 @@ def verify_update(
         raise VerificationError(
             f"{what}: trained on a different global model (stale or forged base)", reason="stale-base"
         )
-    try:  # no weaker DP than the spec requires
-        check_declared(None if manifest.dp is None else manifest.dp.model_dump(), spec.privacy, what)
-    except FedcliError as e:
-        raise VerificationError(str(e), reason="weak-privacy") from None
-    except (ArithmeticError, ValueError):  # the accountant cannot price absurd (if in-range) parameters
-        raise VerificationError(
-            f"{what}: its declared DP parameters cannot be accounted for", reason="weak-privacy"
-        ) from None
-    n = manifest.num_examples
-    if spec.privacy.enabled:  # DP updates carry no row count (it is not privatised); equal weights
-        if n is not None:
-            raise ContractError(f"{what}: a DP update must not disclose num_examples")
-    elif n is None:
-        raise ContractError(f"{what}: num_examples is required (a positive integer)")
-    elif n > spec.max_rows_per_member:
-        raise ContractError(
-            f"{what}: num_examples {_magnitude(n)} is more than the spec's max_rows_per_member "
-            f"({spec.max_rows_per_member:,})"
-        )
+    _check_privacy(manifest, spec, what)
+    _check_rows(manifest.num_examples, spec, what)
     cmeta = manifest.compression.model_dump(exclude_none=True) if manifest.compression else {"method": "none"}
     if cmeta != spec.strategy.compression_meta:
         raise ContractError(f"{what}: compression {cmeta!r} is not the spec's {spec.strategy.compression_meta!r}")
@@ -226,6 +211,32 @@ def verify_update(
     if cmeta["method"] != "none":  # float32 tensors were checked in decode; a dequantised one may overflow
         check_finite(delta, what)
     return manifest, delta
+
+
+def _check_privacy(manifest: UpdateManifest, spec: Spec, what: str) -> None:
+    """No weaker DP than the spec requires; refused as weak-privacy."""
+    try:
+        check_declared(None if manifest.dp is None else manifest.dp.model_dump(), spec.privacy, what)
+    except FedcliError as e:
+        raise VerificationError(str(e), reason="weak-privacy") from None
+    except (ArithmeticError, ValueError):  # the accountant cannot price absurd (if in-range) parameters
+        raise VerificationError(
+            f"{what}: its declared DP parameters cannot be accounted for", reason="weak-privacy"
+        ) from None
+
+
+def _check_rows(n: int | None, spec: Spec, what: str) -> None:
+    """A plain update names its row count (its weight), within the spec's bound; a DP update must not."""
+    if spec.privacy.enabled:  # DP updates carry no row count (it is not privatised); equal weights
+        if n is not None:
+            raise ContractError(f"{what}: a DP update must not disclose num_examples")
+    elif n is None:
+        raise ContractError(f"{what}: num_examples is required (a positive integer)")
+    elif n > spec.max_rows_per_member:
+        raise ContractError(
+            f"{what}: num_examples {_magnitude(n)} is more than the spec's max_rows_per_member "
+            f"({spec.max_rows_per_member:,})"
+        )
 
 
 def _magnitude(n: int) -> str:

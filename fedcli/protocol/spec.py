@@ -553,10 +553,11 @@ def settings(spec: Spec) -> list[tuple[str, str, bool]]:
             rows.append((key, _show(value), explicit))
 
     walk(doc, "")
-    for f in doc.data.numeric:
-        rows.append((f"data.numeric {f.name}", f"mean {f.mean:g}, std {f.std:g}", True))
-    for f in doc.data.categorical:
-        rows.append((f"data.categorical {f.name}", f"{len(f.levels)} levels: {', '.join(f.levels)}", True))
+    for numeric in doc.data.numeric:
+        rows.append((f"data.numeric {numeric.name}", f"mean {numeric.mean:g}, std {numeric.std:g}", True))
+    for categorical in doc.data.categorical:
+        levels = categorical.levels
+        rows.append((f"data.categorical {categorical.name}", f"{len(levels)} levels: {', '.join(levels)}", True))
     return rows
 
 

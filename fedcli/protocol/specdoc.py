@@ -12,7 +12,6 @@ import typing
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 from pydantic import AfterValidator, BaseModel, StringConstraints
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from fedcli.protocol.spec import (
     MAX_FEATURES,
@@ -127,12 +126,9 @@ def _type(tp) -> str:
 
 
 def _default(f: FieldInfo) -> str:
-    if f.default_factory is not None:
-        value = f.default_factory()
-    elif f.default is PydanticUndefined:
+    if f.is_required():
         return "required"
-    else:
-        value = f.default
+    value = f.get_default(call_default_factory=True, validated_data={})
     if value is None:
         return "unset"
     return f"`{_show(value)}`"

@@ -8,6 +8,8 @@ tensor names, shapes and dtype the federation's model has, and finite values.
 import json
 import math
 import struct
+from collections.abc import Mapping
+from typing import TypeGuard
 
 import numpy as np
 from safetensors.numpy import save as st_save
@@ -18,7 +20,7 @@ from fedcli.errors import ContractError, FedcliError, Oversize, VerificationErro
 MAX_HEADER_BYTES = 1 << 20  # 1 MiB: far more than any model here needs
 HEADER_DEPTH = 4  # {name: {"shape": [..]}}: a valid header nests 3 levels
 
-Shapes = dict[str, tuple[int, ...]]
+Shapes = Mapping[str, tuple[int, ...]]
 # safetensors dtype names -> little-endian numpy dtypes (bf16 has no numpy type: refused)
 ST_DTYPES = {
     "F64": "<f8",
@@ -80,7 +82,7 @@ def views(data, header: dict, start: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _naturals(value) -> bool:
+def _naturals(value: object) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 

@@ -21,9 +21,7 @@ exchange (who writes what, signatures, refusing late updates) lives in the round
 from __future__ import annotations
 
 import base64
-import hashlib
 import math
-import os
 import struct
 from collections.abc import Iterable, Mapping
 
@@ -33,8 +31,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedcli.digest import sha256
 from fedcli.errors import FedcliError, VerificationError
 from fedcli.names import check_name
+from fedcli.randomness import secure_numpy_rng
 
 MODULUS_BITS = 32
 _HKDF_SALT = b"fedcli secagg v1"
@@ -146,7 +146,7 @@ def pair_seed(
 def seed_commitment(seed: bytes) -> str:
     """SHA-256 of a seed (hex): a member commits to its seeds in its signed manifest so a
     revealed seed can be checked; a hash of a 256-bit random secret reveals nothing about it."""
-    return hashlib.sha256(b"fedcli secagg seed commitment\x00" + seed).hexdigest()
+    return sha256(b"fedcli secagg seed commitment\x00" + seed)
 
 
 def expand_mask(seed: bytes, n: int) -> np.ndarray:
@@ -321,14 +321,9 @@ def fixed_point_scale(clip: float, n_members: int) -> float:
     return 2.0 ** math.floor(math.log2(room / clip))
 
 
-def _rng() -> np.random.Generator:
-    """PCG64 seeded from os.urandom: rounding needs unpredictable, not cryptographic, bits."""
-    return np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32), "little")))
-
-
 def quantize(x: np.ndarray, clip: float, scale: float, rng: np.random.Generator | None = None) -> np.ndarray:
     """Clip to [-clip, clip], scale, stochastically round (unbiased) and reduce mod 2**32."""
-    rng = rng or _rng()
+    rng = rng or secure_numpy_rng()  # rounding needs unpredictable, not cryptographic, bits
     y = np.clip(np.asarray(x, dtype=np.float64).reshape(-1), -clip, clip) * scale
     if not np.all(np.isfinite(y)):
         raise FedcliError("update holds NaN or infinite values")

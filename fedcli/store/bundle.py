@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 import re
 import stat
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +38,7 @@ from fedcli import keys
 from fedcli.contract import load_json, strict_config, validate
 from fedcli.digest import sha256
 from fedcli.errors import AlreadyExists, ContractError, FedcliError, InputError, NotFound, Oversize, VerificationError
+from fedcli.files import atomic_writer
 from fedcli.names import check_key, check_name
 from fedcli.protocol import tensors
 from fedcli.protocol.rounds import (
@@ -301,25 +300,17 @@ def _tensors(store: Store, key: str, expected_sha, bound: int) -> bytes:
 
 
 def _write_tar(out: Path, entries: list[tuple[str, bytes]]) -> None:
-    """Write atomically (temp file, fsync, rename) with fixed metadata, so a half-copied bundle never looks whole."""
+    """Write atomically (files.atomic_writer) with fixed metadata, so a half-copied bundle never looks whole."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".bundle-", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w:", format=tarfile.PAX_FORMAT) as tar:
-                for name, data in entries:
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mode, info.mtime = len(data), 0o644, 0
-                    tar.addfile(info, io.BytesIO(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+        with atomic_writer(out, ".bundle-") as f, tarfile.open(fileobj=f, mode="w:", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in entries:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tar.addfile(info, io.BytesIO(data))
     except OSError as e:
         raise FedcliError(f"cannot write bundle {out}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # -- import ---------------------------------------------------------------------------
@@ -334,7 +325,8 @@ class _BoundedFile:
 
     def __init__(self, f, path: Path):
         self.f, self.path, self.name, self.mode = f, path, str(path), "rb"
-        self.limit, self.budget = MAX_HEADER_READ, MAX_HEADER_TOTAL
+        self.limit: int | None = MAX_HEADER_READ
+        self.budget = MAX_HEADER_TOTAL
 
     def read(self, n: int = -1) -> bytes:
         if self.limit is not None:
@@ -348,6 +340,13 @@ class _BoundedFile:
 
     def tell(self) -> int:
         return self.f.tell()
+
+    def write(self, data: bytes) -> int:
+        """Part of the file interface tarfile expects; a bundle is only ever read through this."""
+        raise io.UnsupportedOperation(f"{self.path} is open for reading")
+
+    def close(self) -> None:
+        """Part of the file interface tarfile expects; the caller's `with open(...)` closes the file."""
 
 
 # What a hostile tar header can make tarfile raise (besides TarError): bad numbers, truncated sparse maps.

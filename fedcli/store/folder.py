@@ -1,7 +1,9 @@
 """A shared folder (local disk, NFS, SMB mount) as a store.
 
-Atomicity: write to a temp file in the same folder, fsync, then rename (replace) or
-hard-link (create-only: link fails if the target exists, so one racer wins).
+Atomicity: fedcli.files.atomic_write_at, the core of every atomic write: a temp file in the
+same folder, fsync, then rename (replace) or hard-link (create-only: link fails if the target
+exists, so one racer wins). What differs from a local file is around it: the folder is
+reached link by link, the write is retried, and the folder fsync is best effort.
 Transient errors of network file systems (EIO, ESTALE, timeouts...) are retried with
 back-off; anything else (permission, disk full) fails at once with one clear line.
 
@@ -21,13 +23,13 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from fedcli import files
 from fedcli.errors import AlreadyExists, FedcliError, InputError, NotFound, NotRegular, Oversize, StoreError
 from fedcli.names import check_key
 from fedcli.store import retry
@@ -54,7 +56,6 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
 # O_NONBLOCK: opening a planted FIFO must not wait for a writer; it is refused after fstat.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
-_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
 _KINDS = {
     stat.S_IFLNK: "a symbolic link",
     stat.S_IFDIR: "a folder",
@@ -219,25 +220,14 @@ class FolderStore(Store):
                 raise self._not_regular(key, mode)
             if create_only:
                 raise AlreadyExists(f"{key} already exists in {self.url}")
-        tmp = f".tmp-{secrets.token_hex(8)}.part"
-        fd = os.open(tmp, _WRITE_FLAGS, 0o600, dir_fd=dir_fd)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with files.atomic_write_at(dir_fd, name, ".tmp-", create_only=create_only) as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            if create_only:
-                try:
-                    os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-                except FileExistsError:
-                    raise AlreadyExists(f"{key} already exists in {self.url}") from None
-            else:
-                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        finally:
-            try:
-                os.unlink(tmp, dir_fd=dir_fd)
-            except FileNotFoundError:
-                pass
+        except FileExistsError:
+            raise AlreadyExists(f"{key} already exists in {self.url}") from None
+        # The folder fsync is best effort here, unlike files.write_atomic: some file systems a
+        # share is mounted with refuse fsync on a folder (EINVAL), and the file's own fsync
+        # already passed; failing a write that landed would only make the caller retry it.
         try:
             os.fsync(dir_fd)
         except OSError:
@@ -290,7 +280,7 @@ class FolderStore(Store):
             keys: list[str] = []
             try:
                 with self._folder(parts) as fd:
-                    self._walk(fd, prefix, keys)
+                    _walk(fd, prefix, keys)
             except (FileNotFoundError, NotADirectoryError):
                 return []
             return sorted(keys)
@@ -299,33 +289,6 @@ class FolderStore(Store):
             return self._retry("list", prefix or ".", op)
         except OSError as e:
             raise StoreError(f"cannot list {prefix or '.'} in {self.url}: {e.strerror}") from None
-
-    def _walk(self, fd: int, rel: str, keys: list[str]) -> None:
-        """Collect keys below the folder fd; descend only into real folders, never a link."""
-        with os.scandir(fd) as entries:
-            found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
-        for name, is_dir in found:
-            key = f"{rel}/{name}" if rel else name
-            try:
-                check_key(key)
-            except FedcliError:
-                continue  # temp files, hidden and odd names: never a key fedcli reads
-            if not is_dir:
-                keys.append(key)  # files, and links or special files that any reader then refuses
-                continue
-            try:
-                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                continue  # removed while listing
-            except OSError as e:
-                if e.errno in (errno.ENOTDIR, errno.ELOOP):
-                    keys.append(key)  # swapped for a link or file while listing: readers refuse it
-                    continue
-                raise  # a listing with holes would hide files
-            try:
-                self._walk(child, key, keys)
-            finally:
-                os.close(child)
 
     def delete(self, key: str) -> None:
         """Remove key if present; a link there is removed itself, never what it points to."""
@@ -358,3 +321,31 @@ class FolderStore(Store):
             raise NotFound(f"{key} not found in {self.url}") from None
         except OSError as e:
             raise StoreError(f"cannot read {key} from {self.url}: {e.strerror}") from None
+
+
+def _walk(fd: int, rel: str, keys: list[str]) -> None:
+    """Collect keys below the folder fd; descend only into real folders, never a link."""
+    with os.scandir(fd) as entries:
+        found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+    for name, is_dir in found:
+        key = f"{rel}/{name}" if rel else name
+        try:
+            check_key(key)
+        except FedcliError:
+            continue  # temp files, hidden and odd names: never a key fedcli reads
+        if not is_dir:
+            keys.append(key)  # files, and links or special files that any reader then refuses
+            continue
+        try:
+            child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+        except FileNotFoundError:
+            continue  # removed while listing
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                keys.append(key)  # swapped for a link or file while listing: readers refuse it
+                continue
+            raise  # a listing with holes would hide files
+        try:
+            _walk(child, key, keys)
+        finally:
+            os.close(child)

@@ -39,7 +39,7 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeGuard
 
 from pydantic import BaseModel, Field
 
@@ -154,9 +154,11 @@ class LeaseLock:
         }
         return json.dumps(rec, sort_keys=True).encode()
 
-    def _live(self, rec: dict | None) -> bool:
+    def _live(self, rec: dict | None) -> TypeGuard[dict]:
         """True if rec is a held lease that has not expired."""
-        return bool(rec) and rec["state"] == "held" and rec["expires"] > self.clock()
+        if not rec:
+            return False
+        return rec["state"] == "held" and rec["expires"] > self.clock()
 
     def _held_error(self, rec: dict) -> LockHeld:
         return LockHeld(
@@ -189,13 +191,13 @@ class LeaseLock:
         rec = self._read(gens[-1]) if gens else None
         raise self._held_error(rec or {})
 
-    def _claim(self, gen: int) -> bool:
-        """Create record `gen` as ours; True if it is now the top record.
+    def _claim(self, first: int) -> bool:
+        """Create record `first` (or the next free number) as ours; True if it is now the top record.
 
         A number blocked by a planted folder (listings show no record there) is skipped, a few
         at most, so it cannot stall the lock.
         """
-        for gen in range(gen, gen + _MAX_SKIPS + 1):
+        for gen in range(first, first + _MAX_SKIPS + 1):
             if gen > MAX_GEN:
                 raise ContractError(
                     f"the {self.name} lock on {self.store} has reached record number {gen - 1} (names have 12 "
@@ -222,20 +224,25 @@ class LeaseLock:
 
     def check(self) -> None:
         """Raise LockLost unless we still hold an unexpired lease; call before committing."""
-        if self.gen is None:
-            raise LockLost(f"the {self.name} lock on {self.store} is not held by this run")
+        held = self._held()
         gens = self._gens()
-        if gens and gens[-1] != self.gen:
+        if gens and gens[-1] != held:
             raise LockLost(f"the {self.name} lock on {self.store} was taken over by another run")
-        if not self._live(self._read(self.gen)):
+        if not self._live(self._read(held)):
             raise LockLost(f"the {self.name} lock lease on {self.store} expired during this run")
 
     def renew(self) -> None:
         """Extend the lease by another TTL (a new record on top of ours)."""
         self.check()
-        if not self._claim(self.gen + 1):
+        if not self._claim(self._held() + 1):
             raise LockLost(f"the {self.name} lock on {self.store} was taken over by another run")
-        self._cleanup(below=self.gen - _KEEP)
+        self._cleanup(below=self._held() - _KEEP)
+
+    def _held(self) -> int:
+        """The number of our record; LockLost if this run holds no lock."""
+        if self.gen is None:
+            raise LockLost(f"the {self.name} lock on {self.store} is not held by this run")
+        return self.gen
 
     def release(self) -> None:
         """Mark the lock free. A run whose lease was taken over leaves the new holder alone."""
