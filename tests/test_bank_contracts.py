@@ -11,11 +11,10 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BANKS, ROOT, make_fed
+from helpers import BANKS, ROOT, forge, make_fed, one_line, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
-from test_rejections import forge
 
 from fedcli import digest, keys
 from fedcli.bank.tables import parse_labels, prepare, read_table
@@ -26,17 +25,6 @@ from fedcli.protocol.spec import CategoricalFeature, DataSpec, NumericFeature
 TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
 DP = TEMPLATE + '\n[privacy]\nmode = "update"\nclip = 0.5\nnoise_multiplier = 1.0\nbudget_epsilon = 50\n'
 NUMERIC_POSITIVE = TEMPLATE.replace('positive = "bad"', 'positive = "1"')
-
-
-def one_line(res) -> str:
-    """The single error line of a refused command (and proof there is exactly one, and no traceback)."""
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in res.output, res.output
-    return lines[0]
-
-
-def snapshot(fed) -> list[str]:
-    return sorted(str(p.relative_to(fed.store)) for p in fed.store.rglob("*"))
 
 
 def refused(fed, data, bank="bank-a", code=ExitCode.ERROR) -> str:

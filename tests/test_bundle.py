@@ -5,7 +5,7 @@ import json
 import tarfile
 
 import pytest
-from conftest import BANKS, make_fed, use_s3
+from helpers import BANKS, make_fed, use_s3
 
 from fedcli import keys
 from fedcli.errors import ExitCode

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import BANKS, ROOT, make_fed, use_s3
+from helpers import BANKS, ROOT, make_fed, use_s3
 from rich.console import Console
 
 from fedcli.errors import ExitCode

@@ -303,7 +303,7 @@ def test_dp_sgd_trains_and_reports_its_mechanism():
     assert (mech.sample_rate, mech.steps) == accounting.dp_sgd_schedule(400, 40, 3)
     assert (mech.noise_multiplier, mech.clip) == (1.0, 1.0)
     # the caller's model carries the trained weights and no Opacus leftovers
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
     with torch.no_grad():
         acc = float(((model(x).squeeze(1) > 0).float() == y).float().mean())

@@ -4,9 +4,8 @@ import json
 
 import numpy as np
 from compare_local import compare
-from conftest import BANKS, ROOT, make_fed
+from helpers import BANKS, ROOT, forge, make_fed
 from safetensors.numpy import load_file
-from test_rejections import forge
 
 from fedcli.errors import ExitCode
 from fedcli.privacy import accounting, noise

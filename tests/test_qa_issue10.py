@@ -9,7 +9,7 @@ import json
 import struct
 
 import numpy as np
-from conftest import ROOT, make_fed
+from helpers import ROOT, make_fed
 
 from fedcli import keys
 from fedcli.errors import ExitCode

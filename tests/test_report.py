@@ -3,7 +3,7 @@
 import json
 import re
 
-from conftest import BANKS
+from helpers import BANKS
 from PIL import Image
 
 from fedcli import keys
@@ -87,7 +87,7 @@ def test_report_on_a_store_without_federation(tmp_path, fed):
 
 
 def test_report_epsilon_from_real_dp_manifests(tmp_path, credit_split):
-    from conftest import ROOT, make_fed
+    from helpers import ROOT, make_fed
 
     from fedcli.privacy import accounting
 
@@ -112,7 +112,7 @@ def test_report_epsilon_from_real_dp_manifests(tmp_path, credit_split):
 
 def test_report_checks_the_pinned_coordinator(tmp_path, credit_split):
     """A self-signed store is not the federation: with --coordinator, report refuses another key's store."""
-    from conftest import make_fed
+    from helpers import make_fed
 
     from fedcli.errors import ExitCode
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import BANKS, ROOT, make_fed
+from helpers import BANKS, ROOT, make_fed
 from safetensors.numpy import load_file
 
 from fedcli.errors import ExitCode
@@ -81,7 +81,7 @@ def test_fedavg_published_global_is_weighted_mean(fed):
         weights.append(json.loads((fed.store / f"rounds/000001/updates/{b}.json").read_text())["num_examples"])
     for name in base:
         by_hand = base[name].astype(np.float64) + sum(
-            w * d[name].astype(np.float64) for w, d in zip(weights, deltas)
+            w * d[name].astype(np.float64) for w, d in zip(weights, deltas, strict=True)
         ) / sum(weights)
         np.testing.assert_allclose(new[name], by_hand.astype(np.float32), rtol=0, atol=1e-7)
 

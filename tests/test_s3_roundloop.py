@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import BANKS, FAST_RETRY, make_fed, use_s3
+from helpers import BANKS, FAST_RETRY, make_fed, use_s3
 from s3server import FaultyProxy
 
 from fedcli.errors import ExitCode

@@ -11,7 +11,7 @@ import stat
 
 import numpy as np
 import pytest
-from conftest import ROOT, make_fed, use_s3
+from helpers import ROOT, make_fed, use_s3
 from safetensors.numpy import load_file
 
 from fedcli import keys
@@ -68,7 +68,9 @@ def test_keygen_enrols_an_x25519_key(tmp_path, credit_split):
     assert ident.x25519 and ident.x25519 in spec
     # a member enrolled without an X25519 key cannot join a secure federation
     old = tmp_path / "old.pub"
-    old.write_text("\n".join(l for l in fed.pub("bank-b").read_text().splitlines() if not l.startswith("x25519")))
+    old.write_text(
+        "\n".join(line for line in fed.pub("bank-b").read_text().splitlines() if not line.startswith("x25519"))
+    )
     res = fed.cli(
         "init",
         tmp_path / "store2",

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import BANKS, ROOT, make_fed
+from helpers import BANKS, ROOT, make_fed
 
 TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BANKS, ROOT, make_fed
+from helpers import BANKS, ROOT, make_fed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner

@@ -3,9 +3,8 @@
 import json
 
 import numpy as np
-from conftest import BANKS, ROOT, make_fed
+from helpers import BANKS, ROOT, forge, make_fed
 from safetensors.numpy import load_file
-from test_rejections import forge
 
 from fedcli import digest
 from fedcli.aggregation import rules, server_opt
