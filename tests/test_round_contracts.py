@@ -162,7 +162,7 @@ def test_rejections_are_signed_and_a_forged_file_is_only_ever_unverified(fed, tm
 
 
 def test_rejections_link_to_the_coordinator_key_never_shows_its_bytes(fed):
-    """A link planted at rejections.json: status treats it as unverified (or refuses it), never prints the key."""
+    """A link planted at rejections.json: status lists it as unverified and never prints the key."""
     for b in BANKS[:3]:
         fed.train(b)
     forge(fed, "bank-d", signer="bank-b")
@@ -170,9 +170,9 @@ def test_rejections_link_to_the_coordinator_key_never_shows_its_bytes(fed):
     path = fed.store / "rounds/000001/rejections.json"
     path.unlink()
     path.symlink_to(fed.key("coordinator"))
-    res = fed.cli("status", fed.store, code=None)
-    assert res.exit_code in (0, ExitCode.VERIFY) and "Traceback" not in res.output
-    assert "PRIVATE KEY" not in res.output and "unverified" in res.output or res.exit_code == ExitCode.VERIFY
+    res = fed.cli("status", fed.store)
+    assert "PRIVATE KEY" not in res.output
+    assert "(unverified)" in res.output, res.output  # the row that stands for the unreadable rejections.json
 
 
 def test_markup_read_from_the_store_is_printed_literally(fed):
