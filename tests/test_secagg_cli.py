@@ -15,7 +15,7 @@ from helpers import ROOT, make_fed, use_s3
 from safetensors.numpy import load_file
 
 from fedcli import keys
-from fedcli.errors import ExitCode
+from fedcli.errors import ExitCode, InputError
 from fedcli.store import open_store
 
 BANKS5 = ("bank-a", "bank-b", "bank-c", "bank-d", "bank-e")
@@ -118,7 +118,7 @@ def test_encrypted_mask_key_needs_the_passphrase(tmp_path, monkeypatch):
     monkeypatch.delenv(keys.PASSPHRASE_ENV, raising=False)
     key_path, _, ident = keys.generate("bank-z", tmp_path, passphrase="s3cret")
     assert b"ENCRYPTED" in keys.x25519_path_for(key_path).read_bytes()
-    with pytest.raises(Exception, match="passphrase"):
+    with pytest.raises(InputError, match="passphrase-protected"):
         keys.load_mask_key(key_path)
     monkeypatch.setenv(keys.PASSPHRASE_ENV, "s3cret")
     from fedcli.secagg import masking
