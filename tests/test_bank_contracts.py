@@ -45,6 +45,7 @@ def update_sha(fed, bank: str, r: int = 1) -> str:
     return json.loads((fed.store / f"rounds/{r:06d}/updates/{bank}.json").read_text())["tensors_sha256"]
 
 
+@pytest.mark.slow
 def test_labels_are_parsed_with_their_type(tmp_path, credit_split):
     """1.0/0.0, "1"/"0"/True and " BAD "/"Good" give the very same update as the text labels."""
     text = make_fed(tmp_path / "text", credit_split, banks=BANKS[:3])
@@ -338,6 +339,7 @@ _SPEC = DataSpec(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(_CELL, _CELL, _CELL), max_size=12), st.sampled_from(["bad", "1", "true"]))
 def test_any_table_prepares_to_finite_inputs_or_one_clear_refusal(rows, positive):

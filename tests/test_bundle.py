@@ -28,6 +28,7 @@ def _import(fed, bundle, store, code=0, pinned=True):
     return fed.cli("bundle", "import", bundle, "--store", store, *extra, code=code)
 
 
+@pytest.mark.slow
 def test_air_gapped_rounds_through_bundles(fed, tmp_path, moto_s3, monkeypatch):
     """Banks keep their own mirror stores (bank-a's on S3); only bundle files cross."""
     mirrors = {b: str(tmp_path / f"mirror-{b}") for b in BANKS[:3]}

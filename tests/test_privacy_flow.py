@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from compare_local import compare
 from helpers import BANKS, ROOT, forge, make_fed
 from safetensors.numpy import load_file
@@ -103,6 +104,7 @@ def test_coordinator_rejects_weaker_or_missing_dp(tmp_path, credit_split):
     assert "declares no differential privacy" in res.output
 
 
+@pytest.mark.slow
 def test_record_level_at_epsilon_3_spends_the_budget_and_learns(tmp_path, credit_split):
     """The DP noise is drawn from the OS CSPRNG, so one run's AUC is random: "beats local-only" is a
     statistical claim measured over repeated runs in bench/dp_auc.py (docs/benchmarks.md); here the

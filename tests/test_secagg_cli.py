@@ -350,6 +350,7 @@ def test_dropout_round_across_an_air_gap(tmp_path, credit_split):
     assert "published global model of round 1" in fed.aggregate().output
 
 
+@pytest.mark.slow
 def test_dropout_round_on_s3(moto_s3, tmp_path, credit_split, monkeypatch):
     """The same exchange through s3:// on a loopback S3 server (create-only declaration included)."""
     spec = SECAGG_SPEC.replace("min_clients = 3", "min_clients = 2")

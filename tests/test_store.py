@@ -65,6 +65,9 @@ def race_create_only(store, key: str, writers: int = 8) -> tuple[list[int], list
     return winners, losers, errors
 
 
+@pytest.mark.parametrize(  # the SeaweedFS race takes 6-7 s; the folder and moto ones stay in the quick loop
+    "any_store", ["folder", "moto", pytest.param("seaweedfs", marks=pytest.mark.slow)], indirect=True
+)
 def test_create_only_race_has_exactly_one_winner(any_store):
     """Eight writers race for the same key several times: each time one wins, intact."""
     for trial in range(3):
