@@ -20,6 +20,8 @@ from fedcli.store.retry import RetryPolicy
 from fedcli.store.s3 import S3Store
 
 ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE_PATH = ROOT / "examples" / "federation.toml"  # the demo federation, the base of most specs
+TEMPLATE = TEMPLATE_PATH.read_text()
 BANKS = ("bank-a", "bank-b", "bank-c", "bank-d")
 
 # Tests must not wait seconds on purpose-made failures: tiny, still bounded back-off.
@@ -85,7 +87,7 @@ def make_fed(root: Path, credit_split: Path, spec_text: str | None = None, banks
     for b in banks:
         fed.cli("keygen", b, "--out", root / b)
     template = root / "federation.toml"
-    template.write_text(spec_text or (ROOT / "examples" / "federation.toml").read_text())
+    template.write_text(spec_text or TEMPLATE)
     fed.cli(
         "init",
         fed.loc,

@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import BANKS, ROOT, forge, make_fed, one_line, snapshot
+from helpers import BANKS, TEMPLATE, forge, make_fed, one_line, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
@@ -22,7 +22,6 @@ from fedcli.errors import ExitCode, FedcliError
 from fedcli.protocol import tensors
 from fedcli.protocol.spec import CategoricalFeature, DataSpec, NumericFeature
 
-TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
 DP = TEMPLATE + '\n[privacy]\nmode = "update"\nclip = 0.5\nnoise_multiplier = 1.0\nbudget_epsilon = 50\n'
 NUMERIC_POSITIVE = TEMPLATE.replace('positive = "bad"', 'positive = "1"')
 

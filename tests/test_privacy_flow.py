@@ -5,13 +5,11 @@ import json
 import numpy as np
 import pytest
 from compare_local import compare
-from helpers import BANKS, ROOT, forge, make_fed
+from helpers import BANKS, TEMPLATE, forge, make_fed
 from safetensors.numpy import load_file
 
 from fedcli.errors import ExitCode
 from fedcli.privacy import accounting, noise
-
-TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
 
 
 def dp_fed(tmp_path, credit_split, privacy_toml: str, training_toml: str | None = None):

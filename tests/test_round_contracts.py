@@ -10,7 +10,7 @@ import struct
 
 import numpy as np
 import pytest
-from helpers import BANKS, ROOT, forge, make_fed, one_line
+from helpers import BANKS, ROOT, TEMPLATE, forge, make_fed, one_line
 from safetensors.numpy import load
 
 from fedcli import keys
@@ -199,8 +199,7 @@ def test_status_pins_the_coordinator_when_asked(fed):
 
 def test_a_non_finite_global_is_never_signed(tmp_path, credit_split):
     """Finite updates whose aggregate overflows float32: the coordinator refuses instead of publishing."""
-    template = (ROOT / "examples" / "federation.toml").read_text()
-    fed = make_fed(tmp_path, credit_split, template + '\n[strategy.server]\noptimizer = "fedavg"\nlr = 2.0\n')
+    fed = make_fed(tmp_path, credit_split, TEMPLATE + '\n[strategy.server]\noptimizer = "fedavg"\nlr = 2.0\n')
     for b in BANKS:
         forge(fed, b, tensors=lambda g: {k: np.full_like(v, 3e38) for k, v in g.items()})
     res = fed.aggregate(code=ExitCode.ERROR)
@@ -214,11 +213,10 @@ def test_absurd_dp_declaration_is_rejected_not_a_crash(tmp_path, credit_split, z
     """The accountant divides by zero or overflows on absurd parameters: a rejection, not a traceback."""
     from fedcli.privacy import accounting
 
-    template = (ROOT / "examples" / "federation.toml").read_text()
     fed = make_fed(
         tmp_path,
         credit_split,
-        template + '\n[privacy]\nmode = "record"\nclip = 1.0\ntarget_epsilon = 3.0\ndelta = 1e-5\nrounds = 5\n',
+        TEMPLATE + '\n[privacy]\nmode = "record"\nclip = 1.0\ntarget_epsilon = 3.0\ndelta = 1e-5\nrounds = 5\n',
     )
     honest = accounting.Mechanism("record", 2.0, 0.01, 100, 1.0).manifest() | {"delta": 1e-5}
     for b in BANKS[:3]:

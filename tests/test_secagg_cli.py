@@ -11,7 +11,7 @@ import stat
 
 import numpy as np
 import pytest
-from helpers import ROOT, make_fed, use_s3
+from helpers import TEMPLATE, make_fed, use_s3
 from safetensors.numpy import load_file
 
 from fedcli import keys
@@ -20,7 +20,7 @@ from fedcli.store import open_store
 
 BANKS5 = ("bank-a", "bank-b", "bank-c", "bank-d", "bank-e")
 # one epoch keeps the suite fast; the plain reference uses the same spec
-SPEC = (ROOT / "examples" / "federation.toml").read_text().replace("epochs = 3", "epochs = 1")
+SPEC = TEMPLATE.replace("epochs = 3", "epochs = 1")
 SECAGG_SPEC = SPEC + "\n[secagg]\nenabled = true\nclip = 4.0\n"
 # data per bank: bank-e reuses bank-a's rows (the demo split has four banks)
 DATA = {b: f"{b if b != 'bank-e' else 'bank-a'}.csv" for b in BANKS5}
