@@ -11,11 +11,10 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BANKS, ROOT, make_fed
+from helpers import BANKS, TEMPLATE, forge, make_fed, one_line, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
-from test_rejections import forge
 
 from fedcli import digest, keys
 from fedcli.bank.tables import parse_labels, prepare, read_table
@@ -23,20 +22,8 @@ from fedcli.errors import ExitCode, FedcliError
 from fedcli.protocol import tensors
 from fedcli.protocol.spec import CategoricalFeature, DataSpec, NumericFeature
 
-TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
 DP = TEMPLATE + '\n[privacy]\nmode = "update"\nclip = 0.5\nnoise_multiplier = 1.0\nbudget_epsilon = 50\n'
 NUMERIC_POSITIVE = TEMPLATE.replace('positive = "bad"', 'positive = "1"')
-
-
-def one_line(res) -> str:
-    """The single error line of a refused command (and proof there is exactly one, and no traceback)."""
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in res.output, res.output
-    return lines[0]
-
-
-def snapshot(fed) -> list[str]:
-    return sorted(str(p.relative_to(fed.store)) for p in fed.store.rglob("*"))
 
 
 def refused(fed, data, bank="bank-a", code=ExitCode.ERROR) -> str:
@@ -57,6 +44,7 @@ def update_sha(fed, bank: str, r: int = 1) -> str:
     return json.loads((fed.store / f"rounds/{r:06d}/updates/{bank}.json").read_text())["tensors_sha256"]
 
 
+@pytest.mark.slow
 def test_labels_are_parsed_with_their_type(tmp_path, credit_split):
     """1.0/0.0, "1"/"0"/True and " BAD "/"Good" give the very same update as the text labels."""
     text = make_fed(tmp_path / "text", credit_split, banks=BANKS[:3])
@@ -350,6 +338,7 @@ _SPEC = DataSpec(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(_CELL, _CELL, _CELL), max_size=12), st.sampled_from(["bad", "1", "true"]))
 def test_any_table_prepares_to_finite_inputs_or_one_clear_refusal(rows, positive):
@@ -361,6 +350,19 @@ def test_any_table_prepares_to_finite_inputs_or_one_clear_refusal(rows, positive
         return
     assert prep.X.dtype == np.float32 and np.isfinite(prep.X).all() and len(prep.X) >= 2
     assert sorted(set(prep.y.tolist())) == [0.0, 1.0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="known bug, found by the property test above in a random run: bank/tables.py _seen quotes a cell's "
+    "newline raw, so the refusal prints two lines; when fixed this passes and strict xfail fails: drop the mark",
+)
+def test_label_cell_with_a_newline_is_refused_in_one_line():
+    df = pd.DataFrame([(None, None, 0.0), (None, None, "0\n0")], columns=["x", "c", "y"], dtype=object)
+    with pytest.raises(FedcliError, match="no row of t.csv has y == 'bad'") as refusal:
+        prepare(df, _SPEC, "t.csv")
+    assert "\n" not in str(refusal.value)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -5,7 +5,7 @@ import json
 import tarfile
 
 import pytest
-from conftest import BANKS, make_fed, use_s3
+from helpers import BANKS, make_fed, use_s3
 
 from fedcli import keys
 from fedcli.errors import ExitCode
@@ -28,6 +28,7 @@ def _import(fed, bundle, store, code=0, pinned=True):
     return fed.cli("bundle", "import", bundle, "--store", store, *extra, code=code)
 
 
+@pytest.mark.slow
 def test_air_gapped_rounds_through_bundles(fed, tmp_path, moto_s3, monkeypatch):
     """Banks keep their own mirror stores (bank-a's on S3); only bundle files cross."""
     mirrors = {b: str(tmp_path / f"mirror-{b}") for b in BANKS[:3]}

@@ -11,7 +11,7 @@ import os
 import tarfile
 
 import pytest
-from conftest import make_fed
+from helpers import make_fed
 
 from fedcli import keys
 from fedcli.errors import ExitCode

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import BANKS, ROOT, make_fed, use_s3
+from helpers import BANKS, ROOT, make_fed, use_s3
 from rich.console import Console
 
 from fedcli.errors import ExitCode
@@ -18,7 +18,7 @@ from fedcli.protocol import rounds
 from fedcli.store import open_store
 
 
-@pytest.fixture(params=["folder", "moto"])
+@pytest.fixture(params=["folder", pytest.param("moto", marks=pytest.mark.slow)])  # rounds on moto: 2-3 s a test
 def any_fed(request, tmp_path, credit_split, monkeypatch):
     """A fresh federation on a folder or on a real (moto) S3 server."""
     url = None if request.param == "folder" else use_s3(request.getfixturevalue("moto_s3"), monkeypatch)
@@ -125,6 +125,7 @@ def test_committed_update_with_damaged_tensors_is_quarantined(any_fed, damage):
     assert store.exists(mkey)  # kept for forensics, never deleted
 
 
+@pytest.mark.slow
 def test_killed_bank_run_leaves_a_consistent_store(s3_fed):
     """SIGKILL a real `fedcli train` as soon as its upload starts; whatever state that leaves, a rerun completes."""
     for b in BANKS[:2]:

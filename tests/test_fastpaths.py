@@ -28,12 +28,12 @@ def test_chunked_fedavg_equals_float64_reference():
     deltas = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shp.items()} for _ in range(3)]
     weights = [10, 3, 250]
     avg = WeightedMean()
-    for d, w in zip(deltas, weights):
+    for d, w in zip(deltas, weights, strict=True):
         avg.add({k: v.copy() for k, v in d.items()}, w)
     base = {k: rng.standard_normal(s).astype(np.float32) for k, s in shp.items()}
     got = {k: add_cast(base[k], avg.result()[k]) for k in base}
     for k in shp:
-        ref = sum(d[k].astype(np.float64) * w for d, w in zip(deltas, weights)) / sum(weights)
+        ref = sum(d[k].astype(np.float64) * w for d, w in zip(deltas, weights, strict=True)) / sum(weights)
         np.testing.assert_array_equal(avg.result()[k], ref)
         np.testing.assert_array_equal(got[k], (base[k].astype(np.float64) + ref).astype(np.float32))
     with pytest.raises(FedcliError):
@@ -105,7 +105,7 @@ def test_weighted_mean_chunked_equals_float64_reference():
     rng = np.random.default_rng(3)
     deltas = [{"w": rng.standard_normal((2, CHUNK + 5)).astype(np.float32)} for _ in range(3)]
     mean = WeightedMean()
-    for d, (w, s) in zip(deltas, [(5, 1.0), (2, 0.5), (9, 1.0)]):
+    for d, (w, s) in zip(deltas, [(5, 1.0), (2, 0.5), (9, 1.0)], strict=True):
         mean.add(d, w, scale=s)
     ref = (
         deltas[0]["w"].astype(np.float64) * 5

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TEMPLATE_PATH
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +34,6 @@ from fedcli.errors import FedcliError
 from fedcli.protocol import rounds, tensors
 from fedcli.protocol.spec import loads as load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")  # big reprs of nested inputs
 TIME_LIMIT = 5.0  # seconds one call may take (generous for a loaded 2-core CI box)
 MEMORY_LIMIT = 512 << 20  # peak RSS may grow by at most this over the whole run
@@ -116,7 +116,7 @@ def build_world(root: Path) -> World:
         "init",
         store,
         "--spec",
-        ROOT / "examples" / "federation.toml",
+        TEMPLATE_PATH,
         "--key",
         root / "keys" / "coordinator.key",
         *[x for b in ("bank-a", "bank-b", "bank-c") for x in ("--member", root / "keys" / f"{b}.pub")],

@@ -4,10 +4,9 @@ import os
 
 import pytest
 import tomli_w
-from conftest import BANKS, make_fed
+from helpers import BANKS, make_fed, one_line, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_bank_contracts import one_line, snapshot
 
 from fedcli import keys
 from fedcli.cli import app

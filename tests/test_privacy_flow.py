@@ -3,15 +3,13 @@
 import json
 
 import numpy as np
+import pytest
 from compare_local import compare
-from conftest import BANKS, ROOT, make_fed
+from helpers import BANKS, TEMPLATE, forge, make_fed
 from safetensors.numpy import load_file
-from test_rejections import forge
 
 from fedcli.errors import ExitCode
 from fedcli.privacy import accounting, noise
-
-TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
 
 
 def dp_fed(tmp_path, credit_split, privacy_toml: str, training_toml: str | None = None):
@@ -104,6 +102,7 @@ def test_coordinator_rejects_weaker_or_missing_dp(tmp_path, credit_split):
     assert "declares no differential privacy" in res.output
 
 
+@pytest.mark.slow
 def test_record_level_at_epsilon_3_spends_the_budget_and_learns(tmp_path, credit_split):
     """The DP noise is drawn from the OS CSPRNG, so one run's AUC is random: "beats local-only" is a
     statistical claim measured over repeated runs in bench/dp_auc.py (docs/benchmarks.md); here the

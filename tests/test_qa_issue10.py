@@ -9,7 +9,7 @@ import json
 import struct
 
 import numpy as np
-from conftest import ROOT, make_fed
+from helpers import TEMPLATE, make_fed
 
 from fedcli import keys
 from fedcli.errors import ExitCode
@@ -85,7 +85,7 @@ def test_planted_recovery_shares_are_not_taken_for_the_banks_own(tmp_path, credi
     """[secagg] after a dropout: a file planted as bank-b's recovery shares must not make bank-b
     report "already published" (exit 0) and wait forever; it is refused out loud, and bank-b
     publishes once the file is gone."""
-    spec = (ROOT / "examples" / "federation.toml").read_text().replace("epochs = 3", "epochs = 1")
+    spec = TEMPLATE.replace("epochs = 3", "epochs = 1")
     fed = make_fed(tmp_path, credit_split, spec + "\n[secagg]\nenabled = true\n")
     for bank in ("bank-a", "bank-b", "bank-c"):
         fed.train(bank)
@@ -107,10 +107,9 @@ def test_planted_recovery_shares_are_not_taken_for_the_banks_own(tmp_path, credi
 
 def test_a_spec_template_saved_with_a_byte_order_mark_is_read(tmp_path, credit_split):
     """Notepad's "UTF-8 with BOM" is still the same TOML (tables with a BOM are read too)."""
-    template = (ROOT / "examples" / "federation.toml").read_text()
     fed = make_fed(tmp_path, credit_split)
     bom = tmp_path / "bom.toml"
-    bom.write_bytes(b"\xef\xbb\xbf" + template.encode())
+    bom.write_bytes(b"\xef\xbb\xbf" + TEMPLATE.encode())
     fed.cli(
         "init",
         tmp_path / "store2",

@@ -1,7 +1,7 @@
 """The point of federating: the shared model beats what the banks train alone."""
 
 from compare_local import compare
-from conftest import BANKS
+from helpers import BANKS
 
 
 def test_federated_beats_average_local_only_auc(fed):

@@ -5,38 +5,10 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import BANKS
-from safetensors.numpy import load
+from helpers import BANKS, forge
 
-from fedcli import digest, keys
 from fedcli.protocol.rounds import read_rejections
-from fedcli.protocol.tensors import encode
 from fedcli.store.folder import FolderStore
-
-
-def forge(fed, member, signer=None, tensors=None, raw=None, **overrides):
-    """Write an update for round 1 as `member`, signed by `signer`'s key, with chosen flaws."""
-    base = json.loads((fed.store / "rounds/000000/global.json").read_text())
-    good = {k: np.zeros_like(v) for k, v in load((fed.store / "rounds/000000/global.safetensors").read_bytes()).items()}
-    data = raw if raw is not None else encode(tensors(good) if tensors is not None else good)
-    manifest = {
-        "kind": "update",
-        "format": 1,
-        "federation_id": "credit-demo",
-        "round": 1,
-        "member": member,
-        "base_sha256": base["tensors_sha256"],
-        "tensors_sha256": digest.sha256(data),
-        "num_examples": 100,
-        "metrics": {},
-        "created_at": "2026-01-01T00:00:00+00:00",
-        "nonce": "00",
-    } | overrides
-    private, _ = keys.load_private(fed.key(signer or member))
-    upd = fed.store / "rounds/000001/updates"
-    upd.mkdir(parents=True, exist_ok=True)
-    (upd / f"{member}.safetensors").write_bytes(data)
-    (upd / f"{member}.json").write_bytes(keys.sign_manifest(private, manifest))
 
 
 def header_bomb() -> bytes:

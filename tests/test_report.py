@@ -3,10 +3,11 @@
 import json
 import re
 
-from conftest import BANKS
+from helpers import BANKS, TEMPLATE, make_fed
 from PIL import Image
 
 from fedcli import keys
+from fedcli.errors import ExitCode
 from fedcli.privacy import accounting
 from fedcli.protocol import rounds
 
@@ -87,13 +88,8 @@ def test_report_on_a_store_without_federation(tmp_path, fed):
 
 
 def test_report_epsilon_from_real_dp_manifests(tmp_path, credit_split):
-    from conftest import ROOT, make_fed
-
-    from fedcli.privacy import accounting
-
-    template = (ROOT / "examples" / "federation.toml").read_text()
     dp = '\n[privacy]\nmode = "update"\nclip = 0.5\nnoise_multiplier = 1.0\nbudget_epsilon = 40\n'
-    fed = make_fed(tmp_path, credit_split, template + dp)
+    fed = make_fed(tmp_path, credit_split, TEMPLATE + dp)
     for _ in (1, 2):
         for b in BANKS:
             fed.train(b)
@@ -112,10 +108,6 @@ def test_report_epsilon_from_real_dp_manifests(tmp_path, credit_split):
 
 def test_report_checks_the_pinned_coordinator(tmp_path, credit_split):
     """A self-signed store is not the federation: with --coordinator, report refuses another key's store."""
-    from conftest import make_fed
-
-    from fedcli.errors import ExitCode
-
     fed = make_fed(tmp_path / "fed", credit_split)
     out = tmp_path / "r.html"
     res = fed.cli("report", fed.store, "--out", out)

@@ -10,9 +10,8 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import BANKS, ROOT, make_fed
+from helpers import BANKS, ROOT, TEMPLATE, forge, make_fed, one_line
 from safetensors.numpy import load
-from test_rejections import forge
 
 from fedcli import keys
 from fedcli.errors import ExitCode
@@ -22,15 +21,6 @@ DEEP = b"[" * 20_000 + b"]" * 20_000  # under the 64 KiB bound; json.loads would
 
 def entries(fed, r: int = 1) -> dict:
     return json.loads((fed.store / f"rounds/{r:06d}/rejections.json").read_text())["entries"]
-
-
-def one_error_line(res) -> str:
-    """The failure is one line starting 'error:' and no traceback was printed."""
-    assert "Traceback" not in res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.output
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    return lines[0]
 
 
 def published_from_honest_three(fed, res) -> None:
@@ -112,7 +102,7 @@ def test_planted_global_json_stops_everyone_with_one_line(fed, garbage):
         fed.aggregate(code=ExitCode.VERIFY),
         fed.cli("status", fed.store, code=ExitCode.VERIFY),
     ):
-        assert "global model of round 0" in one_error_line(res)
+        assert "global model of round 0" in one_line(res)
     assert not (fed.store / "rounds/000001").exists()  # the bank wrote nothing
 
 
@@ -124,7 +114,7 @@ def test_global_json_off_contract_but_coordinator_signed_is_refused(fed):
     doc["contributors"] = [{"member": "bank-a", "num_examples": 10**400, "metrics": {}, "bytes": 1}]
     private, _ = keys.load_private(fed.key("coordinator"))
     path.write_bytes(keys.sign_manifest(private, doc))
-    line = one_error_line(fed.train("bank-a", code=ExitCode.VERIFY))
+    line = one_line(fed.train("bank-a", code=ExitCode.VERIFY))
     assert "contributors[0].num_examples" in line
 
 
@@ -172,7 +162,7 @@ def test_rejections_are_signed_and_a_forged_file_is_only_ever_unverified(fed, tm
 
 
 def test_rejections_link_to_the_coordinator_key_never_shows_its_bytes(fed):
-    """A link planted at rejections.json: status treats it as unverified (or refuses it), never prints the key."""
+    """A link planted at rejections.json: status lists it as unverified and never prints the key."""
     for b in BANKS[:3]:
         fed.train(b)
     forge(fed, "bank-d", signer="bank-b")
@@ -180,9 +170,9 @@ def test_rejections_link_to_the_coordinator_key_never_shows_its_bytes(fed):
     path = fed.store / "rounds/000001/rejections.json"
     path.unlink()
     path.symlink_to(fed.key("coordinator"))
-    res = fed.cli("status", fed.store, code=None)
-    assert res.exit_code in (0, ExitCode.VERIFY) and "Traceback" not in res.output
-    assert "PRIVATE KEY" not in res.output and "unverified" in res.output or res.exit_code == ExitCode.VERIFY
+    res = fed.cli("status", fed.store)
+    assert "PRIVATE KEY" not in res.output
+    assert "(unverified)" in res.output, res.output  # the row that stands for the unreadable rejections.json
 
 
 def test_markup_read_from_the_store_is_printed_literally(fed):
@@ -204,17 +194,16 @@ def test_status_pins_the_coordinator_when_asked(fed):
     res = fed.cli("status", fed.store, "--coordinator", fed.pub("coordinator"))
     assert "not pinned" not in res.output and "credit-demo" in res.output
     res = fed.cli("status", fed.store, "--coordinator", fed.pub("bank-a"), code=ExitCode.VERIFY)
-    assert "refusing to trust this store" in one_error_line(res)
+    assert "refusing to trust this store" in one_line(res)
 
 
 def test_a_non_finite_global_is_never_signed(tmp_path, credit_split):
     """Finite updates whose aggregate overflows float32: the coordinator refuses instead of publishing."""
-    template = (ROOT / "examples" / "federation.toml").read_text()
-    fed = make_fed(tmp_path, credit_split, template + '\n[strategy.server]\noptimizer = "fedavg"\nlr = 2.0\n')
+    fed = make_fed(tmp_path, credit_split, TEMPLATE + '\n[strategy.server]\noptimizer = "fedavg"\nlr = 2.0\n')
     for b in BANKS:
         forge(fed, b, tensors=lambda g: {k: np.full_like(v, 3e38) for k, v in g.items()})
     res = fed.aggregate(code=ExitCode.ERROR)
-    assert "NaN or infinite" in one_error_line(res)
+    assert "NaN or infinite" in one_line(res)
     assert not (fed.store / "rounds/000001/global.json").exists()
     assert not (fed.store / "rounds/000001/global.safetensors").exists()
 
@@ -224,11 +213,10 @@ def test_absurd_dp_declaration_is_rejected_not_a_crash(tmp_path, credit_split, z
     """The accountant divides by zero or overflows on absurd parameters: a rejection, not a traceback."""
     from fedcli.privacy import accounting
 
-    template = (ROOT / "examples" / "federation.toml").read_text()
     fed = make_fed(
         tmp_path,
         credit_split,
-        template + '\n[privacy]\nmode = "record"\nclip = 1.0\ntarget_epsilon = 3.0\ndelta = 1e-5\nrounds = 5\n',
+        TEMPLATE + '\n[privacy]\nmode = "record"\nclip = 1.0\ntarget_epsilon = 3.0\ndelta = 1e-5\nrounds = 5\n',
     )
     honest = accounting.Mechanism("record", 2.0, 0.01, 100, 1.0).manifest() | {"delta": 1e-5}
     for b in BANKS[:3]:

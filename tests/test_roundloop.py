@@ -7,10 +7,13 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import BANKS, ROOT, make_fed
+import pytest
+from helpers import BANKS, ROOT, make_fed
 from safetensors.numpy import load_file
 
-from fedcli.errors import ExitCode
+from fedcli import keys
+from fedcli.cli import app
+from fedcli.errors import ExitCode, InputError
 
 
 def test_full_rounds_status_evaluate_predict(fed, tmp_path):
@@ -81,7 +84,7 @@ def test_fedavg_published_global_is_weighted_mean(fed):
         weights.append(json.loads((fed.store / f"rounds/000001/updates/{b}.json").read_text())["num_examples"])
     for name in base:
         by_hand = base[name].astype(np.float64) + sum(
-            w * d[name].astype(np.float64) for w, d in zip(weights, deltas)
+            w * d[name].astype(np.float64) for w, d in zip(weights, deltas, strict=True)
         ) / sum(weights)
         np.testing.assert_allclose(new[name], by_hand.astype(np.float32), rtol=0, atol=1e-7)
 
@@ -108,24 +111,22 @@ def test_init_is_reproducible_and_refuses_twice(tmp_path, credit_split):
 def test_keygen_permissions_passphrase_and_fingerprint(fed, tmp_path, monkeypatch):
     mode = stat.S_IMODE(os.stat(fed.key("bank-a")).st_mode)
     assert mode == 0o600
-    res = fed.cli("keygen", "bank-x", "--out", tmp_path / "x", "--encrypt", code=None)
+    monkeypatch.delenv("FEDCLI_PASSPHRASE", raising=False)
+    # no passphrase in env and none typed: keygen stops and writes no key
+    res = fed.cli("keygen", "bank-x", "--out", tmp_path / "x", "--encrypt", code=1)
+    assert "Aborted" in res.output and not (tmp_path / "x" / "bank-x.key").exists()
     # no passphrase in env: prompted; CliRunner feeds it
     res = fed.runner.invoke(
-        __import__("fedcli.cli").cli.app,
+        app,
         ["keygen", "bank-y", "--out", str(tmp_path / "y"), "--encrypt"],
         input="s3cret\ns3cret\n",
     )
     assert res.exit_code == 0 and "encrypted" in res.output
-    from fedcli import keys
 
     fp = keys.load_public(tmp_path / "y" / "bank-y.pub").fingerprint
     assert fp in res.output and len(fp.replace(" ", "")) == 16
-    monkeypatch.delenv("FEDCLI_PASSPHRASE", raising=False)
-    try:
+    with pytest.raises(InputError, match="bank-y.key is passphrase-protected: set FEDCLI_PASSPHRASE"):
         keys.load_private(tmp_path / "y" / "bank-y.key")
-        raise AssertionError("encrypted key loaded without passphrase")
-    except Exception as e:
-        assert "passphrase" in str(e)
     monkeypatch.setenv("FEDCLI_PASSPHRASE", "s3cret")
     keys.load_private(tmp_path / "y" / "bank-y.key")
     res = fed.cli("keygen", "bank-a", "--out", fed.root / "bank-a", code=1)

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import BANKS, FAST_RETRY, make_fed, use_s3
+from helpers import BANKS, FAST_RETRY, make_fed, use_s3
 from s3server import FaultyProxy
 
 from fedcli.errors import ExitCode
@@ -11,6 +11,7 @@ from fedcli.protocol import rounds
 from fedcli.store import open_store
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", ["moto_s3", "seaweed_s3"])
 def test_full_round_loop_on_s3(server, request, tmp_path, credit_split, monkeypatch):
     """init, train x4, aggregate, status, evaluate, all through s3:// on a real server."""

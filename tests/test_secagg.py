@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
 from fedcli.errors import FedcliError, VerificationError
@@ -12,8 +13,9 @@ CLIP = 1.0
 
 
 def _keys(n):
+    """Fixed keys (never in production: masking.generate_key): the masks, and every statistic on them, repeat."""
     members = [f"bank-{i}" for i in range(n)]
-    priv = {m: masking.generate_key() for m in members}
+    priv = {m: X25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32) for i, m in enumerate(members)}
     roster = {m: k.public_key() for m, k in priv.items()}
     return members, priv, roster
 
@@ -23,9 +25,16 @@ def _updates(members, size, seed=7):
     return {m: rng.normal(0, 0.3, size) for m in members}
 
 
+def _rounding() -> np.random.Generator:
+    """A seeded generator for the stochastic rounding, so its statistics give the same verdict every run."""
+    return np.random.default_rng(11)
+
+
 def _masked(members, priv, roster, updates, scale, round_=1):
     return {
-        m: masking.mask_update(masking.quantize(updates[m], CLIP, scale), FED, round_, m, priv[m], roster)
+        m: masking.mask_update(
+            masking.quantize(updates[m], CLIP, scale, rng=_rounding()), FED, round_, m, priv[m], roster
+        )
         for m in members
     }
 
@@ -71,7 +80,7 @@ def test_clipping_and_sum_near_range_do_not_wrap():
 def test_stochastic_rounding_is_unbiased():
     scale = 4.0  # coarse grid so rounding is visible: 0.1 * 4 = 0.4 units
     x = np.full(200_000, 0.1)
-    q = masking.dequantize(masking.quantize(x, CLIP, scale), scale)
+    q = masking.dequantize(masking.quantize(x, CLIP, scale, rng=_rounding()), scale)
     assert set(np.unique(q)) == {0.0, 0.25}
     # mean of Bernoulli(0.4)/4 over 200k draws: std of the mean ~ 2.7e-4
     assert abs(q.mean() - 0.1) < 0.002
@@ -83,7 +92,7 @@ def test_single_masked_update_is_indistinguishable_from_random():
     # a maximally structured update: a constant, quantized to one repeated word
     x = np.full(size, 0.5)
     scale = masking.fixed_point_scale(CLIP, len(members))
-    q = masking.quantize(x, CLIP, scale)
+    q = masking.quantize(x, CLIP, scale, rng=_rounding())
     masked = masking.mask_update(q, FED, 2, "bank-1", priv["bank-1"], roster)
 
     def byte_chi2_p(words):

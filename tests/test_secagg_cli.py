@@ -11,16 +11,16 @@ import stat
 
 import numpy as np
 import pytest
-from conftest import ROOT, make_fed, use_s3
+from helpers import TEMPLATE, make_fed, use_s3
 from safetensors.numpy import load_file
 
 from fedcli import keys
-from fedcli.errors import ExitCode
+from fedcli.errors import ExitCode, InputError
 from fedcli.store import open_store
 
 BANKS5 = ("bank-a", "bank-b", "bank-c", "bank-d", "bank-e")
 # one epoch keeps the suite fast; the plain reference uses the same spec
-SPEC = (ROOT / "examples" / "federation.toml").read_text().replace("epochs = 3", "epochs = 1")
+SPEC = TEMPLATE.replace("epochs = 3", "epochs = 1")
 SECAGG_SPEC = SPEC + "\n[secagg]\nenabled = true\nclip = 4.0\n"
 # data per bank: bank-e reuses bank-a's rows (the demo split has four banks)
 DATA = {b: f"{b if b != 'bank-e' else 'bank-a'}.csv" for b in BANKS5}
@@ -68,7 +68,9 @@ def test_keygen_enrols_an_x25519_key(tmp_path, credit_split):
     assert ident.x25519 and ident.x25519 in spec
     # a member enrolled without an X25519 key cannot join a secure federation
     old = tmp_path / "old.pub"
-    old.write_text("\n".join(l for l in fed.pub("bank-b").read_text().splitlines() if not l.startswith("x25519")))
+    old.write_text(
+        "\n".join(line for line in fed.pub("bank-b").read_text().splitlines() if not line.startswith("x25519"))
+    )
     res = fed.cli(
         "init",
         tmp_path / "store2",
@@ -116,7 +118,7 @@ def test_encrypted_mask_key_needs_the_passphrase(tmp_path, monkeypatch):
     monkeypatch.delenv(keys.PASSPHRASE_ENV, raising=False)
     key_path, _, ident = keys.generate("bank-z", tmp_path, passphrase="s3cret")
     assert b"ENCRYPTED" in keys.x25519_path_for(key_path).read_bytes()
-    with pytest.raises(Exception, match="passphrase"):
+    with pytest.raises(InputError, match="passphrase-protected"):
         keys.load_mask_key(key_path)
     monkeypatch.setenv(keys.PASSPHRASE_ENV, "s3cret")
     from fedcli.secagg import masking
@@ -348,6 +350,7 @@ def test_dropout_round_across_an_air_gap(tmp_path, credit_split):
     assert "published global model of round 1" in fed.aggregate().output
 
 
+@pytest.mark.slow
 def test_dropout_round_on_s3(moto_s3, tmp_path, credit_split, monkeypatch):
     """The same exchange through s3:// on a loopback S3 server (create-only declaration included)."""
     spec = SECAGG_SPEC.replace("min_clients = 3", "min_clients = 2")

@@ -3,9 +3,7 @@
 import json
 
 import pytest
-from conftest import BANKS, ROOT, make_fed
-
-TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
+from helpers import BANKS, TEMPLATE, make_fed
 
 
 def test_mlp_federation_runs_a_round(tmp_path, credit_split):

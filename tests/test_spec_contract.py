@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BANKS, ROOT, make_fed
+from helpers import BANKS, ROOT, TEMPLATE, TEMPLATE_PATH, make_fed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -18,7 +18,6 @@ from fedcli import keys
 from fedcli.cli import app
 from fedcli.errors import ExitCode, FedcliError
 
-TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
 MEMBERS = BANKS[:3]
 
 
@@ -242,7 +241,7 @@ def test_a_member_given_twice_is_refused(key_dir, tmp_path):
         "init",
         tmp_path / "store",
         "--spec",
-        ROOT / "examples" / "federation.toml",
+        TEMPLATE_PATH,
         "--key",
         key_dir / "coordinator.key",
         "--member",

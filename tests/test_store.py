@@ -4,7 +4,7 @@ import errno
 import threading
 
 import pytest
-from conftest import FAST_RETRY, s3_store_on
+from helpers import FAST_RETRY, s3_store_on
 from s3server import FaultyProxy, free_ports
 
 from fedcli.errors import AlreadyExists, ExitCode, FedcliError, NotFound, StoreError
@@ -41,29 +41,38 @@ def test_create_only_refuses_overwrite(store):
     assert store.get("rounds/000000/global.json", max_bytes=1 << 30) == b"first"
 
 
+def race_create_only(store, key: str, writers: int = 8) -> tuple[list[int], list[int], list[Exception]]:
+    """`writers` threads put `key` create-only at the same moment: who won, who was refused, what else failed."""
+    barrier = threading.Barrier(writers)
+    winners, losers, errors = [], [], []
+
+    def write(i: int) -> None:
+        body = f"writer {i} ".encode() * 5000
+        barrier.wait()
+        try:
+            store.put(key, body, create_only=True)
+            winners.append(i)
+        except AlreadyExists:
+            losers.append(i)
+        except Exception as e:  # pragma: no cover - shown on failure
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return winners, losers, errors
+
+
+@pytest.mark.parametrize(  # the SeaweedFS race takes 6-7 s; the folder and moto ones stay in the quick loop
+    "any_store", ["folder", "moto", pytest.param("seaweedfs", marks=pytest.mark.slow)], indirect=True
+)
 def test_create_only_race_has_exactly_one_winner(any_store):
     """Eight writers race for the same key several times: each time one wins, intact."""
     for trial in range(3):
         key = f"rounds/{trial:06d}/global.json"
-        barrier = threading.Barrier(8)
-        winners, losers, errors = [], [], []
-
-        def write(i: int) -> None:
-            body = f"writer {i} ".encode() * 5000
-            barrier.wait()
-            try:
-                any_store.put(key, body, create_only=True)
-                winners.append(i)
-            except AlreadyExists:
-                losers.append(i)
-            except Exception as e:  # pragma: no cover - shown on failure
-                errors.append(e)
-
-        threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
+        winners, losers, errors = race_create_only(any_store, key)
         assert errors == []
         assert len(winners) == 1 and len(losers) == 7
         assert any_store.get(key, max_bytes=1 << 30) == f"writer {winners[0]} ".encode() * 5000

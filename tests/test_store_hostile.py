@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import BANKS, FAST_RETRY, make_fed, s3_store_on
+from helpers import BANKS, FAST_RETRY, make_fed, s3_store_on
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

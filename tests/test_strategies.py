@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from fedcli.aggregation import rules, server_opt
+from fedcli.aggregation import rules, server_opt, strategy
 from fedcli.errors import FedcliError, VerificationError
 from fedcli.protocol import compression
 
@@ -400,8 +400,6 @@ def test_compression_settings_checked():
 
 
 # ----- [strategy] spec section and the coordinator's combiner -----
-
-from fedcli.aggregation import strategy
 
 
 def test_strategy_defaults_are_plain_sync_fedavg():

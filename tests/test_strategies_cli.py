@@ -3,16 +3,13 @@
 import json
 
 import numpy as np
-from conftest import BANKS, ROOT, make_fed
+from helpers import BANKS, TEMPLATE, forge, make_fed
 from safetensors.numpy import load_file
-from test_rejections import forge
 
 from fedcli import digest
 from fedcli.aggregation import rules, server_opt
 from fedcli.errors import ExitCode
 from fedcli.protocol import compression
-
-TEMPLATE = (ROOT / "examples" / "federation.toml").read_text()
 
 
 def read_json(path):
