@@ -250,14 +250,18 @@ def add_frauds(tx: dict, cust: dict, term: dict, days: int, banks: int, rng: np.
     tx["is_fraud"] = (scenario > 0).astype(np.int8)
 
 
-def _windows(group: np.ndarray, t: np.ndarray, values: list[np.ndarray], lag: int, window: int):
-    """For rows sorted by (group, t): the count and the sums of `values` over the rows of the same group
-    with time in (t - lag - window, t - lag]. With lag 0 the row itself is in and later rows with the same
-    time are not (like a pandas time-based rolling window); with lag > 0 the window ends `lag` seconds
-    before t. Prefix sums in the values' own dtype: integer sums are exact."""
-    # One int64 key per row; groups are spaced so that no window reaches into the previous group.
-    span = int(t.max()) + lag + window + 1 if len(t) else 1
-    key = group.astype(np.int64) * span + t
+def _group_key(group: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """One int64 per row ordering by (group, t), with groups spaced so that no window (at most
+    DELAY_DAYS + the longest window) reaches from one group into the previous one."""
+    span = (int(t.max()) if len(t) else 0) + (DELAY_DAYS + max(WINDOWS)) * DAY + 1
+    return group.astype(np.int64) * span + t
+
+
+def _windows(key: np.ndarray, values: list[np.ndarray], lag: int, window: int):
+    """For rows sorted by `key` (see _group_key): the count and the sums of `values` over the rows of the
+    same group with time in (t - lag - window, t - lag]. With lag 0 the row itself is in and later rows
+    with the same time are not (like a pandas time-based rolling window); with lag > 0 the window ends
+    `lag` seconds before t. Prefix sums in the values' own dtype: integer sums are exact."""
     end = np.arange(1, len(key) + 1) if lag == 0 else np.searchsorted(key, key - lag, side="right")
     start = np.minimum(np.searchsorted(key, key - lag - window, side="right"), end)
     sums = []
@@ -265,61 +269,8 @@ def _windows(group: np.ndarray, t: np.ndarray, values: list[np.ndarray], lag: in
         cum = np.zeros(len(v) + 1, dtype=np.int64 if v.dtype.kind in "iub" else np.float64)
         np.cumsum(v, out=cum[1:])
         sums.append(cum[end] - cum[start])
+        del cum
     return end - start, sums
-
-
-def features(tx: dict, bank: np.ndarray, n_terminals: int) -> dict[str, np.ndarray]:
-    """The 30 FEATURES of every transaction, in tx order. Customer features use the card's history;
-    terminal features use only the transactions of the same bank (a bank sees its own cardholders, not
-    the other banks') whose fraud label was known DELAY_DAYS before the transaction."""
-    t, amount = tx["tx_time"], tx["amount"]
-    out: dict[str, np.ndarray] = {}
-    dow = (int((START - np.datetime64("1970-01-01")).astype(int)) + t // DAY + 3) % 7  # Monday = 0
-    secs = t % DAY
-    out["amount"] = amount
-    out["log_amount"] = np.log1p(amount)
-    out["is_weekend"] = (dow >= 5).astype(np.int8)
-    out["is_night"] = (secs // 3600 <= 6).astype(np.int8)
-    out["hour_sin"], out["hour_cos"] = np.sin(2 * np.pi * secs / DAY), np.cos(2 * np.pi * secs / DAY)
-    out["dow_sin"], out["dow_cos"] = np.sin(2 * np.pi * dow / 7), np.cos(2 * np.pi * dow / 7)
-
-    order = np.argsort(tx["customer"], kind="stable")  # tx is time-sorted: this sorts by (customer, time)
-    c, ts, a = tx["customer"][order], t[order], amount[order]
-    cents = np.rint(a * 100).astype(np.int64)
-    first = np.flatnonzero(np.concatenate([[True], c[1:] != c[:-1]]))
-    # squares of (amount - the card's first amount): the variance is the same, the prefix sums far smaller
-    shifted = a - np.repeat(a[first], np.diff(np.append(first, len(c))))
-    cust: dict[str, np.ndarray] = {}
-    for w in WINDOWS:
-        n, (total, lin, squares) = _windows(c, ts, [cents, shifted, shifted * shifted], 0, w * DAY)
-        avg = total / n / 100
-        cust[f"cust_nb_tx_{w}d"], cust[f"cust_avg_amount_{w}d"] = n, avg
-        cust[f"cust_amount_ratio_{w}d"] = a / np.maximum(avg, 0.01)
-        if w == 1:
-            cust["cust_sum_amount_1d"] = total / 100
-        if w == 30:
-            std = np.sqrt(np.maximum(squares / n - (lin / n) ** 2, 0.0))
-            cust["cust_std_amount_30d"] = np.where(n > 1, std, 0.0)
-            cust["cust_amount_zscore_30d"] = (a - avg) / (cust["cust_std_amount_30d"] + 1.0)
-    gap = np.full(len(c), 30.0 * 24)
-    same = c[1:] == c[:-1]
-    gap[1:][same] = np.minimum((ts[1:] - ts[:-1])[same] / 3600, 30.0 * 24)
-    cust["cust_log_hours_since_prev"] = np.log1p(gap)
-
-    g = bank.astype(np.int64) * n_terminals + tx["terminal"]
-    order_t = np.argsort(g, kind="stable")  # by (bank, terminal, time)
-    term: dict[str, np.ndarray] = {}
-    for w in WINDOWS:
-        n, (frauds,) = _windows(g[order_t], t[order_t], [tx["is_fraud"][order_t]], DELAY_DAYS * DAY, w * DAY)
-        term[f"term_nb_tx_{w}d"], term[f"term_nb_fraud_{w}d"] = n, frauds
-        term[f"term_risk_{w}d"] = np.where(n > 0, frauds / np.maximum(n, 1), 0.0)
-
-    for part, perm in ((cust, order), (term, order_t)):
-        for name, v in part.items():
-            back = np.empty_like(v)
-            back[perm] = v
-            out[name] = back
-    return {name: _compact(name, out[name]) for name in FEATURES}
 
 
 MONEY = {"amount", "cust_avg_amount_1d", "cust_avg_amount_7d", "cust_avg_amount_30d"}
@@ -329,10 +280,77 @@ MONEY |= {"cust_sum_amount_1d", "cust_std_amount_30d"}
 def _compact(name: str, v: np.ndarray) -> np.ndarray:
     """Counts as int32, flags as int8, money in float64 rounded to cents, the rest float32."""
     if v.dtype.kind in "iub":
-        return v.astype(np.int8 if v.dtype == np.int8 else np.int32)
+        return v.astype(np.int8 if v.dtype in (np.int8, np.bool_) else np.int32)
     if name in MONEY:
         return np.round(v, 2)
     return v.astype(np.float32)
+
+
+def features(tx: dict, bank: np.ndarray, n_terminals: int) -> dict[str, np.ndarray]:
+    """The 30 FEATURES of every transaction, in tx order. Customer features use the card's history;
+    terminal features use only the transactions of the same bank (a bank sees its own cardholders, not
+    the other banks') whose fraud label was known DELAY_DAYS before the transaction. Each feature is
+    stored compact and in tx order as soon as it is computed, to keep the peak memory low."""
+    t, amount = tx["tx_time"], tx["amount"]
+    out: dict[str, np.ndarray] = {}
+
+    def put(name: str, values: np.ndarray, perm: np.ndarray | None = None) -> None:
+        values = _compact(name, values)
+        if perm is not None:
+            back = np.empty_like(values)
+            back[perm] = values
+            values = back
+        out[name] = values
+
+    dow = (int((START - np.datetime64("1970-01-01")).astype(int)) + t // DAY + 3) % 7  # Monday = 0
+    angle = (2 * np.pi / DAY) * (t % DAY)
+    put("amount", amount)
+    put("log_amount", np.log1p(amount))
+    put("is_weekend", dow >= 5)
+    put("is_night", t % DAY // 3600 <= 6)
+    put("hour_sin", np.sin(angle))
+    put("hour_cos", np.cos(angle))
+    put("dow_sin", np.sin(2 * np.pi / 7 * dow))
+    put("dow_cos", np.cos(2 * np.pi / 7 * dow))
+    del dow, angle
+
+    order = np.argsort(tx["customer"], kind="stable")  # tx is time-sorted: this sorts by (customer, time)
+    c, ts, a = tx["customer"][order], t[order], amount[order]
+    key = _group_key(c, ts)
+    cents = np.rint(a * 100).astype(np.int64)
+    first = np.flatnonzero(np.concatenate([[True], c[1:] != c[:-1]]))
+    # squares of (amount - the card's first amount): the same variance, far smaller prefix sums
+    shifted = a - np.repeat(a[first], np.diff(np.append(first, len(c))))
+    for w in WINDOWS:
+        n, (total, lin, squares) = _windows(key, [cents, shifted, shifted * shifted], 0, w * DAY)
+        avg = total / n / 100
+        put(f"cust_nb_tx_{w}d", n, order)
+        put(f"cust_avg_amount_{w}d", avg, order)
+        put(f"cust_amount_ratio_{w}d", a / np.maximum(avg, 0.01), order)
+        if w == 1:
+            put("cust_sum_amount_1d", total / 100, order)
+        if w == 30:
+            std = np.where(n > 1, np.sqrt(np.maximum(squares / n - (lin / n) ** 2, 0.0)), 0.0)
+            put("cust_std_amount_30d", std, order)
+            put("cust_amount_zscore_30d", (a - avg) / (std + 1.0), order)
+        del n, total, lin, squares, avg
+    gap = np.full(len(c), 30.0 * 24)
+    same = c[1:] == c[:-1]
+    gap[1:][same] = np.minimum((ts[1:] - ts[:-1])[same] / 3600, 30.0 * 24)
+    put("cust_log_hours_since_prev", np.log1p(gap), order)
+    del order, c, ts, a, key, cents, shifted, gap, same
+
+    g = bank.astype(np.int64) * n_terminals + tx["terminal"]
+    order = np.argsort(g, kind="stable")  # by (bank, terminal, time)
+    key = _group_key(g[order], t[order])
+    fraud = tx["is_fraud"][order]
+    del g
+    for w in WINDOWS:
+        n, (frauds,) = _windows(key, [fraud], DELAY_DAYS * DAY, w * DAY)
+        put(f"term_nb_tx_{w}d", n, order)
+        put(f"term_nb_fraud_{w}d", frauds, order)
+        put(f"term_risk_{w}d", np.where(n > 0, frauds / np.maximum(n, 1), 0.0), order)
+    return {name: out[name] for name in FEATURES}
 
 
 def simulate(
@@ -354,91 +372,97 @@ def simulate(
     tx = transactions(cust, indptr, near, days, rng)
     add_frauds(tx, cust, term, days, banks, rng)
     bank = cust["bank"][tx["customer"]]
-    frame = pd.DataFrame(features(tx, bank, terminals))
-    frame[TARGET] = tx["is_fraud"]
-    frame["tx_time"] = tx["tx_time"]
-    frame["day"] = (tx["tx_time"] // DAY).astype(np.int32)
-    frame["customer"], frame["terminal"] = tx["customer"], tx["terminal"]
-    frame["bank"], frame["scenario"] = bank, tx["scenario"]
-    return frame
+    del cust, term, indptr, near
+    columns = features(tx, bank, terminals)
+    columns[TARGET] = tx["is_fraud"]
+    columns["tx_time"] = tx["tx_time"]
+    columns["day"] = (tx["tx_time"] // DAY).astype(np.int32)
+    columns["customer"], columns["terminal"] = tx["customer"], tx["terminal"]
+    columns["bank"], columns["scenario"] = bank, tx["scenario"]
+    return pd.DataFrame(columns, copy=False)
 
 
-def split(frame: pd.DataFrame, days: int, banks: int, test_days: int) -> dict[str, pd.DataFrame]:
-    """One table per bank with its days before the holdout, and `test` with the last `test_days` days of
-    every bank. The DELAY_DAYS before the holdout are left out: their labels are not known yet when the
-    banks train, so the holdout starts strictly after everything a model could learn from."""
+def split(frame: pd.DataFrame, days: int, banks: int, test_days: int) -> dict[str, np.ndarray]:
+    """Row positions of each bank's table (its days before the holdout) and of `test` (the last
+    `test_days` days of every bank). The DELAY_DAYS before the holdout are in neither: their labels are
+    not known yet when the banks train, so the holdout starts strictly after everything a model could
+    learn from."""
     holdout = days - test_days
     train_end = holdout - DELAY_DAYS
     if test_days < 1 or train_end < 1:
-        raise ValueError(f"--days {days} leaves no training days before a {test_days}-day holdout and the {DELAY_DAYS}-day delay")
-    parts = {}
-    for b, name in enumerate(bank_names(banks)):
-        parts[name] = frame[(frame["bank"] == b) & (frame["day"] < train_end)]
-    parts["test"] = frame[frame["day"] >= holdout]
+        raise ValueError(
+            f"--days {days} leaves no training day before a {test_days}-day holdout and the {DELAY_DAYS}-day delay"
+        )
+    day, bank = frame["day"].to_numpy(), frame["bank"].to_numpy()
+    parts = {name: np.flatnonzero((bank == b) & (day < train_end)) for b, name in enumerate(bank_names(banks))}
+    parts["test"] = np.flatnonzero(day >= holdout)
     return parts
 
 
-def write_table(frame: pd.DataFrame, path: Path) -> Path:
-    """Write exactly the model's columns (FEATURES, then TARGET). The one place that knows the file
-    format: CSV now; Parquet (`frame.to_parquet`) once pyarrow is a dependency."""
-    columns = [*FEATURES, TARGET]
+def write_table(frame: pd.DataFrame, path: Path, rows: np.ndarray | None = None) -> Path:
+    """Write exactly the model's columns (FEATURES, then TARGET) of `rows` (default: all). The one place
+    that knows the file format: CSV now; Parquet (`frame.iloc[rows].to_parquet`) once pyarrow is a
+    dependency."""
+    columns = [frame[c].to_numpy() for c in (*FEATURES, TARGET)]
+    rows = np.arange(len(frame)) if rows is None else rows
     with open(path, "wb") as f:
-        f.write((",".join(columns) + "\n").encode())
-        for lo in range(0, len(frame), 100_000):
-            f.write(csv_rows([frame[c].to_numpy()[lo : lo + 100_000] for c in columns]))
+        f.write((",".join((*FEATURES, TARGET)) + "\n").encode())
+        for lo in range(0, len(rows), 30_000):  # small chunks: temporaries stay below mmap size
+            f.write(csv_rows([c[rows[lo : lo + 30_000]] for c in columns]))
     return path
 
 
 def csv_rows(columns: list[np.ndarray]) -> bytes:
-    """CSV lines of equal-length columns, about 6x faster than DataFrame.to_csv (which made writing most
-    of the run time). Integers are written as such, float64 with 2 decimals (money), float32 with 6;
-    trailing zeros are dropped ("1.5", "1"). Each column is turned into a matrix of right-aligned digit
-    characters and a mask of the characters to keep; the masked row-major matrix is the file."""
+    """CSV lines of equal-length numeric columns, several times faster than DataFrame.to_csv (which made
+    writing most of the run time). Integers are written as such, float64 with 2 decimals (money), float32
+    with 6, trailing zeros dropped ("1.5", "1", "-0.25"). Every character position of every column is a
+    row vector of characters plus a mask of the rows that print it; the masked row-major matrix is the text."""
     rows = len(columns[0]) if columns else 0
+    if not rows:
+        return b""
     chars, keep = [], []
+    everyone = np.ones(rows, dtype=bool)
     for i, v in enumerate(columns):
         decimals = 0 if v.dtype.kind in "iub" else 2 if v.dtype == np.float64 else 6
         if not np.all(np.isfinite(v)):
             raise ValueError("csv_rows writes finite numbers only")
         q = np.rint(np.abs(v.astype(np.float64)) * 10.0**decimals).astype(np.int64)
-        width = max(len(str(int(q.max(initial=0)))), decimals + 1)
-        digits = np.empty((rows, width), dtype=np.uint8)
-        rest = q.astype(np.int32) if width < 10 else q
-        for k in range(width - 1, -1, -1):
-            rest, digits[:, k] = np.divmod(rest, 10)
-        nonzero = digits > 0
-        whole = width - decimals
-        keep_whole = np.logical_or.accumulate(nonzero[:, :whole], axis=1)
-        keep_whole[:, -1] = True  # "0.5", not ".5"
-        chars += [np.full((rows, 1), ord("-"), np.uint8), digits[:, :whole] + ord("0")]
-        keep += [((v < 0) & (q > 0))[:, None], keep_whole]
-        if decimals:
-            keep_frac = np.logical_or.accumulate(nonzero[:, whole:][:, ::-1], axis=1)[:, ::-1]
-            chars += [np.full((rows, 1), ord("."), np.uint8), digits[:, whole:] + ord("0")]
-            keep += [keep_frac[:, :1], keep_frac]
-        chars.append(np.full((rows, 1), ord("\n" if i == len(columns) - 1 else ","), np.uint8))
-        keep.append(np.ones((rows, 1), dtype=bool))
-    if not rows:
-        return b""
-    return np.concatenate(chars, axis=1)[np.concatenate(keep, axis=1)].tobytes()
+        whole, frac = np.divmod(q, 10**decimals)
+        width = len(str(int(whole.max())))
+        chars.append(np.full(rows, ord("-"), np.uint8))
+        keep.append((v < 0) & (q > 0))
+        for k in range(width - 1, -1, -1):  # the integer part, no leading zeros
+            chars.append((whole // 10**k % 10 + ord("0")).astype(np.uint8))
+            keep.append(whole >= 10**k if k else everyone)
+        if decimals:  # ".", then the fraction without trailing zeros
+            chars.append(np.full(rows, ord("."), np.uint8))
+            keep.append(frac > 0)
+            for k in range(decimals - 1, -1, -1):
+                chars.append((frac // 10**k % 10 + ord("0")).astype(np.uint8))
+                keep.append(frac % 10 ** (k + 1) > 0)
+        chars.append(np.full(rows, ord("\n" if i == len(columns) - 1 else ","), np.uint8))
+        keep.append(everyone)
+    text = np.ascontiguousarray(np.stack(chars).T)
+    return text[np.stack(keep).T].tobytes()
 
 
-def summary(parts: dict[str, pd.DataFrame]) -> list[dict]:
-    rows = []
-    for name, part in parts.items():
-        frauds = int(part[TARGET].sum())
-        shares = part.loc[part[TARGET] == 1, "scenario"].value_counts()
-        rows.append(
+def summary(frame: pd.DataFrame, parts: dict[str, np.ndarray]) -> list[dict]:
+    """Rows, frauds, fraud rate, frauds per scenario and days of every file."""
+    fraud, scenario, day = (frame[c].to_numpy() for c in (TARGET, "scenario", "day"))
+    out = []
+    for name, rows in parts.items():
+        counts = np.bincount(scenario[rows], minlength=4)
+        out.append(
             {
                 "file": f"{name}.csv",
-                "rows": len(part),
-                "frauds": frauds,
-                "fraud_rate": frauds / max(len(part), 1),
-                **{f"s{k}": int(shares.get(k, 0)) for k in (1, 2, 3)},
-                "days": f"{part['day'].min()}-{part['day'].max()}" if len(part) else "-",
+                "rows": len(rows),
+                "frauds": int(fraud[rows].sum()),
+                "fraud_rate": float(fraud[rows].mean()) if len(rows) else 0.0,
+                **{f"s{k}": int(counts[k]) for k in (1, 2, 3)},
+                "days": f"{day[rows].min()}-{day[rows].max()}" if len(rows) else "-",
             }
         )
-    return rows
+    return out
 
 
 def print_summary(rows: list[dict], seconds: float) -> None:
@@ -479,9 +503,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         ap.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, part in parts.items():
-        write_table(part, args.out / f"{name}.csv")
-    print_summary(summary(parts), time.perf_counter() - began)
+    for name, rows in parts.items():
+        write_table(frame, args.out / f"{name}.csv", rows)
+    print_summary(summary(frame, parts), time.perf_counter() - began)
 
 
 if __name__ == "__main__":
