@@ -465,11 +465,11 @@ def summary(frame: pd.DataFrame, parts: dict[str, np.ndarray]) -> list[dict]:
     return out
 
 
-def print_summary(rows: list[dict], seconds: float) -> None:
+def print_summary(rows: list[dict], generated: int, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"simulated transactions ({seconds:.1f} s)")
+    table = Table(title=f"{generated:,} transactions simulated in {seconds:.1f} s; written:")
     for col in ("file", "rows", "frauds", "fraud %", ">220", "terminal", "card", "days"):
         table.add_column(col, justify="left" if col == "file" else "right")
     for r in rows:
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, rows in parts.items():
         write_table(frame, args.out / f"{name}.csv", rows)
-    print_summary(summary(frame, parts), time.perf_counter() - began)
+    print_summary(summary(frame, parts), len(frame), time.perf_counter() - began)
 
 
 if __name__ == "__main__":
