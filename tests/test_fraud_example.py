@@ -236,8 +236,15 @@ def test_a_round_trains_on_simulated_banks(tmp_path, fraud_split):
     assert "round 1" in res.output and "auc" in res.output
     scores = tmp_path / "scores.csv"
     fed.cli(
-        "predict", "--store", fed.store, "--coordinator", fed.pub("coordinator"), "--data", fed.data / "test.csv",
-        "--out", scores,
+        "predict",
+        "--store",
+        fed.store,
+        "--coordinator",
+        fed.pub("coordinator"),
+        "--data",
+        fed.data / "test.csv",
+        "--out",
+        scores,
     )
     from sklearn.metrics import roc_auc_score
 

@@ -8,14 +8,14 @@ written from its description with vectorised numpy so that ten million transacti
   deviation of half that mean, and a mean number of transactions per day ~ U(0, 4);
 * terminals live at a random point of the same square; a customer uses the terminals within `radius`;
 * each day a customer makes Poisson(mean per day) transactions at times ~ N(noon, 20000 s) (times outside
-  the day are dropped), of amount N(mean, std) (a negative draw is redrawn as U(0, 2 * mean)), each at a
+  the day are dropped), of amount N(mean, std) (a negative draw is replaced by U(0, 2 * mean)), each at a
   terminal drawn uniformly from the customer's terminals;
 * three fraud scenarios, applied in this order (a later one overrides the scenario label):
   1. any amount above 220 is a fraud (a rule-based baseline any model must find);
   2. compromised terminals: each day some terminals are compromised, and every transaction on them in
      the next 28 days (the day itself included) is a fraud;
-  3. compromised cards: each day some customers' cards are compromised, and a third of their
-     transactions in the next 14 days have their amount multiplied by 5 and are frauds.
+  3. compromised cards: each day some customers' cards are compromised, and in the next 14 days each of
+     their transactions is, with probability 1/3, a fraud with its amount multiplied by 5.
 
 Then each transaction gets the 30 numeric features of `FEATURES` (the model is Linear(30, 1)), computed
 with cumulative sums over time-sorted arrays, and the customers are split over banks by where they live,
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import string
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,7 +217,7 @@ def transactions(cust: dict, indptr: np.ndarray, terms: np.ndarray, days: int, r
 def _covered(event_id, event_day, tx_id, tx_day, length):
     """Whether each transaction falls within `length` days from a compromise event of its own id
     (card or terminal) that started on or before its day: the latest such event decides."""
-    if len(event_id) == 0:
+    if len(event_id) == 0 or len(tx_id) == 0:
         return np.zeros(len(tx_id), dtype=bool)
     span = int(max(event_day.max(), tx_day.max())) + 1
     keys = np.sort(event_id.astype(np.int64) * span + event_day)
@@ -370,6 +371,8 @@ def simulate(
     term = terminal_profiles(terminals, rng)
     indptr, near = terminals_within(cust, term, radius)
     tx = transactions(cust, indptr, near, days, rng)
+    if len(tx["tx_time"]) == 0:
+        raise ValueError("no transaction was simulated: ask for more customers, terminals or days")
     add_frauds(tx, cust, term, days, banks, rng)
     bank = cust["bank"][tx["customer"]]
     del cust, term, indptr, near
@@ -382,17 +385,22 @@ def simulate(
     return pd.DataFrame(columns, copy=False)
 
 
+def check_days(days: int, test_days: int) -> tuple[int, int]:
+    """The first day left out of the banks' files and the first day of the holdout."""
+    holdout = days - test_days
+    if test_days < 1 or holdout - DELAY_DAYS < 1:
+        raise ValueError(
+            f"--days {days} leaves no training day before a {test_days}-day holdout and the {DELAY_DAYS}-day delay"
+        )
+    return holdout - DELAY_DAYS, holdout
+
+
 def split(frame: pd.DataFrame, days: int, banks: int, test_days: int) -> dict[str, np.ndarray]:
     """Row positions of each bank's table (its days before the holdout) and of `test` (the last
     `test_days` days of every bank). The DELAY_DAYS before the holdout are in neither: their labels are
     not known yet when the banks train, so the holdout starts strictly after everything a model could
     learn from."""
-    holdout = days - test_days
-    train_end = holdout - DELAY_DAYS
-    if test_days < 1 or train_end < 1:
-        raise ValueError(
-            f"--days {days} leaves no training day before a {test_days}-day holdout and the {DELAY_DAYS}-day delay"
-        )
+    train_end, holdout = check_days(days, test_days)
     day, bank = frame["day"].to_numpy(), frame["bank"].to_numpy()
     parts = {name: np.flatnonzero((bank == b) & (day < train_end)) for b, name in enumerate(bank_names(banks))}
     parts["test"] = np.flatnonzero(day >= holdout)
@@ -489,23 +497,37 @@ def print_summary(rows: list[dict], generated: int, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for bank-*.csv and test.csv")
-    ap.add_argument("--customers", type=int, default=5000)
-    ap.add_argument("--terminals", type=int, default=10_000)
-    ap.add_argument("--days", type=int, default=183)
-    ap.add_argument("--test-days", type=int, default=30, help="holdout: the last days of every bank")
-    ap.add_argument("--banks", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--customers", type=int, default=5000, help="cards (default 5000)")
+    ap.add_argument("--terminals", type=int, default=10_000, help="terminals (default 10000)")
+    ap.add_argument("--days", type=int, default=183, help="days simulated from 2018-04-01 (default 183)")
+    ap.add_argument("--test-days", type=int, default=30, help="holdout: the last days of every bank (default 30)")
+    ap.add_argument("--banks", type=int, default=4, help="banks, split by where customers live (default 4)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed, >= 0 (default 0)")
     args = ap.parse_args(argv)
+    if args.seed < 0:
+        ap.error("--seed must be >= 0")
     began = time.perf_counter()
     try:
+        check_days(args.days, args.test_days)
         frame = simulate(args.customers, args.terminals, args.days, args.banks, np.random.default_rng(args.seed))
-        parts = split(frame, args.days, args.banks, args.test_days)
     except ValueError as e:
         ap.error(str(e))
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, rows in parts.items():
-        write_table(frame, args.out / f"{name}.csv", rows)
-    print_summary(summary(frame, parts), len(frame), time.perf_counter() - began)
+    parts = split(frame, args.days, args.banks, args.test_days)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, rows in parts.items():
+            write_table(frame, args.out / f"{name}.csv", rows)
+    except OSError as e:
+        sys.exit(f"simulate.py: cannot write to {args.out}: {e.strerror or e}")
+    rows = summary(frame, parts)
+    print_summary(rows, len(frame), time.perf_counter() - began)
+    for r in rows:
+        if r["frauds"] in (0, r["rows"]):
+            print(
+                f"warning: {r['file']} has a single class; fedcli train and evaluate refuse it: "
+                "simulate more customers or days",
+                file=sys.stderr,
+            )
 
 
 if __name__ == "__main__":
