@@ -34,11 +34,11 @@ for r in $(seq 1 "$rounds"); do
 done
 
 echo "== Status"
-fedcli status store
+fedcli status store --coordinator coordinator/coordinator.pub
 echo "== The federated model on the holdout (the last 30 days of every bank)"
 fedcli evaluate --store store --coordinator coordinator/coordinator.pub --data data/test.csv
 echo "== Federated vs each bank alone (same epochs, same holdout)"
 python "$here/../compare_local.py" store coordinator/coordinator.pub data
 echo "== Report: metrics per round per bank"
-fedcli report store --out report.html
+fedcli report store --out report.html --coordinator coordinator/coordinator.pub
 echo "Open $work/report.html (or $work/report.png) to see the rounds."
