@@ -19,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
-from compare_local import compare  # noqa: E402
-from prepare_credit import BANKS, split  # noqa: E402
-from rich.console import Console  # noqa: E402
+from compare_local import compare
+from prepare_credit import BANKS, split
+from rich.console import Console
 
 from fedcli import keys
 from fedcli.bank.state import ledger_path_for

@@ -69,7 +69,7 @@ def _run(world, minutes: float, targets: list[str], chunk: int) -> dict:
             )(given(make_inputs(world))(_body(world, check, seen)))
             try:
                 test()
-            except Exception as e:  # noqa: BLE001 - any crash: keep going, report it at the end
+            except Exception as e:
                 crashes.append(
                     {
                         "target": name,

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BANKS, ROOT, make_fed
+from helpers import BANKS, ROOT, make_fed
 
 DAY = 86_400
 
@@ -213,13 +213,14 @@ def test_csv_writer_round_trips():
     ]
     text = sim.csv_rows(columns)
     back = np.loadtxt(text.decode().splitlines(), delimiter=",")
-    for j, (col, tol) in enumerate(zip(columns, (0.005, 5e-7, 0, 0, 5e-7))):
+    for j, (col, tol) in enumerate(zip(columns, (0.005, 5e-7, 0, 0, 5e-7), strict=True)):
         np.testing.assert_allclose(back[:, j], col.astype(np.float64), rtol=0, atol=tol + 1e-12)
     assert b"-0," not in text and b".," not in text and b"\n-0\n" not in text
     with pytest.raises(ValueError, match="finite"):
         sim.csv_rows([np.array([1.0, np.nan])])
 
 
+@pytest.mark.slow
 def test_a_round_trains_on_simulated_banks(tmp_path, fraud_split):
     spec = (ROOT / "examples" / "fraud" / "federation.toml").read_text()
     fed = make_fed(tmp_path, fraud_split, spec_text=spec)
