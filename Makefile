@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine: `make demo` and `make test` (lint, then the tests: what CI runs).
+# Two entry points for a fresh machine: `make demo` and `make test` (lint, then the tests: what CI runs);
+# `make demo-fraud` runs the fraud example.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,6 +19,10 @@ demo: $(BIN)/fedcli
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/demo.sh demo 5
 	@echo; echo "To run fedcli yourself: . $(VENV)/bin/activate   (then: fedcli --help)"
 
+# The fraud example: simulated card transactions at 4 banks, 3 rounds, ending with the report (docs/fraud.md).
+demo-fraud: $(BIN)/fedcli
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/fraud/demo.sh demo-fraud 3
+
 # Lint, format and types on fedcli/ (rules and settings in pyproject.toml), cheapest first.
 lint: $(BIN)/fedcli
 	$(BIN)/ruff check fedcli
@@ -27,4 +32,4 @@ lint: $(BIN)/fedcli
 test: lint
 	$(BIN)/python -m pytest -q
 
-.PHONY: install demo lint test
+.PHONY: install demo demo-fraud lint test
