@@ -5,6 +5,7 @@ One run is a short pipeline of named stages:
     plan_round          what the spec turns on (sync or async, DP equal weights), decided once
     collect_candidates  the updates this run looks at
     verify              check each one; fold the good ones into the round's aggregator, reject the rest
+    record_rejections   sign the list of rejected updates and their reasons
     aggregate           the aggregator's result, or why the round waits
     server_step         the server optimiser turns the aggregated delta into the next global
     publish             sign and publish it (under the lease lock's fencing check)
@@ -167,16 +168,15 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
 def _aggregate_locked(
     store: Store, private: Ed25519PrivateKey, spec: Spec, spec_sha: str, lock: LeaseLock, console: Console | None
 ) -> AggregateResult:
+    """The stages, in order; the aggregator's temporary files are gone whatever happens."""
     plan = plan_round(store, spec, spec_sha)
     result, candidates = collect_candidates(store, spec, spec_sha, plan)
     context = aggregators.RoundContext(spec, plan.shapes, plan.round, store, private, plan.equal_weights)
     aggregator = aggregators.build(context)
     try:
         verify(store, spec, plan, candidates, aggregator, result, console)
-        if result.rejected or store.exists(rounds.rejections_key(plan.round)):  # the latest word, even "none now"
-            rounds.write_rejections(store, private, spec, plan.round, result.rejected)
-        readiness = plan.closing.readiness(len(result.accepted))
-        delta, result.waiting_reason, info = aggregator.result(readiness, sorted(result.rejected))
+        record_rejections(store, private, spec, result)
+        delta, info = aggregate(plan, aggregator, result)
     finally:
         aggregator.close()
     if delta is None:
@@ -231,6 +231,21 @@ def verify(
                 note = aggregator.add(label, manifest, delta, plan.weight(manifest), staleness=plan.round - u)
                 result.accepted.append(_contributor(member, manifest, size, u, plan.round, note))
             progress.advance(task)
+
+
+def record_rejections(store: Store, private: Ed25519PrivateKey, spec: Spec, result: AggregateResult) -> None:
+    """Sign this run's rejections: the latest word, even "none now" once a list exists."""
+    if result.rejected or store.exists(rounds.rejections_key(result.round)):
+        rounds.write_rejections(store, private, spec, result.round, result.rejected)
+
+
+def aggregate(
+    plan: Plan, aggregator: aggregators.Aggregator, result: AggregateResult
+) -> tuple[dict[str, np.ndarray] | None, dict]:
+    """The aggregated delta and what was done (for the manifest), or None with why the round waits."""
+    readiness = plan.closing.readiness(len(result.accepted))
+    delta, result.waiting_reason, info = aggregator.result(readiness, sorted(result.rejected))
+    return delta, info
 
 
 def _contributor(member: str, manifest: UpdateManifest, size: int, u: int, r: int, note: dict) -> dict:
