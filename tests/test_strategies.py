@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from fedcli.aggregation import rules, server_opt, strategy
+from fedcli.aggregation import aggregators, rules, server_opt, strategy
 from fedcli.errors import FedcliError, VerificationError
+from fedcli.privacy.noise import update_norm
 from fedcli.protocol import compression
 
 
@@ -56,7 +57,7 @@ def test_weighted_mean_refuses_bad_input():
 
 def test_norm_bound_hand_values():
     d = {"a": f32([3, 0]), "b": f32([4])}
-    assert rules.l2_norm(d) == 5.0
+    assert update_norm(d) == 5.0
     out, f = rules.norm_bound(d, 2.5)
     assert f == 0.5
     np.testing.assert_allclose(out["a"], [1.5, 0])
@@ -71,7 +72,7 @@ def test_streamed_norm_matches_in_memory():
     rng = np.random.default_rng(0)
     u = {"w": rng.normal(size=(7, 3)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32), "s": f32(2.0)}
     got = rules.streamed_norm(shapes_of(u), rules.memory_reader([u]), 0, chunk_elems=4)
-    assert got == pytest.approx(rules.l2_norm(u), rel=1e-12)
+    assert got == pytest.approx(update_norm(u), rel=1e-12)
 
 
 # ----- median / trimmed mean -----
@@ -188,7 +189,7 @@ def test_poisoned_update_bounded_by_norm_bounding():
     def bounded_mean(ups):
         acc = rules.WeightedMean()
         for u in ups:
-            acc.add(u, scale=rules.clip_factor(rules.l2_norm(u), c))
+            acc.add(u, scale=rules.clip_factor(update_norm(u), c))
         return acc.result()["w"]
 
     clean = bounded_mean(honest + [{"w": np.zeros(50, np.float32)}])
@@ -399,7 +400,7 @@ def test_compression_settings_checked():
     assert math.isclose(compression.wire_bytes(t), 8)
 
 
-# ----- [strategy] spec section and the coordinator's combiner -----
+# ----- [strategy] spec section and the coordinator's aggregators -----
 
 
 def test_strategy_defaults_are_plain_sync_fedavg():
@@ -464,11 +465,13 @@ def test_strategy_errors_name_the_setting(table, msg):
 def test_combiner_resists_one_poisoned_bank_only_with_robust_rules(rule):
     honest, poison = _honest_and_poison(n=6, size=30)
     s = strategy.parse({"rule": rule, "trim_ratio": 0.2, "krum_f": 1, "krum_m": 3}, n_members=7, min_clients=7)
-    comb = strategy.Combiner(s, {"w": (30,)}, chunk_elems=7)
+    rule_class = {"fedavg": aggregators.FedAvg, "median": aggregators.Median}
+    rule_class |= {"trimmed_mean": aggregators.TrimmedMean, "krum": aggregators.Krum}
+    comb = rule_class[rule](s, {"w": (30,)}, chunk_elems=7)
     for i, u in enumerate(honest):
-        comb.add(f"bank-{i}", u, num_examples=100)
-    comb.add("evil", poison, num_examples=100)
-    delta, info = comb.result()
+        comb.add(f"bank-{i}", None, u, weight=100)
+    comb.add("evil", None, poison, weight=100)
+    delta, _, info = comb.result((True, ""))
     assert info["rule"] == rule
     worst = np.max(np.abs(delta["w"]))
     if rule == "fedavg":
@@ -477,17 +480,17 @@ def test_combiner_resists_one_poisoned_bank_only_with_robust_rules(rule):
         assert worst < 1.0
     if rule == "krum":
         assert len(info["krum_selected"]) == 3 and "evil" not in info["krum_selected"]
-    assert comb._tmp is None  # temporary spill files are gone
+    assert getattr(comb, "_tmp", None) is None  # temporary spill files are gone
 
 
 def test_combiner_norm_bound_and_staleness_scale_updates():
     s = strategy.parse({"max_norm": 1.0, "mode": "async", "async": {"buffer_size": 2}}, n_members=2, min_clients=1)
-    comb = strategy.Combiner(s, {"w": (2,)})
-    comb.add("a", {"w": f32([3, 4])}, num_examples=1)  # norm 5 -> clipped by 0.2 -> [0.6, 0.8]
-    comb.add("b", {"w": f32([0, 0.5])}, num_examples=1, staleness=3)  # discount (1+3)^-0.5 = 0.5
-    delta, info = comb.result()
+    comb = aggregators.FedAvg(s, {"w": (2,)})
+    note_a = comb.add("a", None, {"w": f32([3, 4])}, weight=1)  # norm 5 -> clipped by 0.2 -> [0.6, 0.8]
+    note_b = comb.add("b", None, {"w": f32([0, 0.5])}, weight=1, staleness=3)  # discount (1+3)^-0.5 = 0.5
+    delta, _, info = comb.result((True, ""))
     np.testing.assert_allclose(delta["w"], [(0.6 + 0) / 2, (0.8 + 0.25) / 2], rtol=1e-6)
-    assert comb.notes["a"]["clipped_by"] == 0.2 and comb.notes["b"]["discount"] == 0.5
+    assert note_a["clipped_by"] == 0.2 and note_b["discount"] == 0.5
     assert info == {"rule": "fedavg", "max_norm": 1.0}
 
 

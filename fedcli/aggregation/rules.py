@@ -23,6 +23,7 @@ from contextlib import ExitStack
 import numpy as np
 
 from fedcli.errors import FedcliError
+from fedcli.privacy.noise import update_norm  # the one L2 norm of an update (bank clipping and norm bounding)
 
 Delta = Mapping[str, np.ndarray]
 Shapes = Mapping[str, tuple[int, ...]]
@@ -77,7 +78,7 @@ class WeightedMean:
         self._shapes: dict[str, tuple[int, ...]] = {}
         self.total_weight = 0.0
         self.count = 0
-        self._scratch = np.empty(CHUNK, dtype=np.float64)
+        self._scratch: np.ndarray | None = np.empty(CHUNK, dtype=np.float64)  # None once the mean is taken
 
     def add(self, delta: Delta, weight: float = 1.0, scale: float = 1.0) -> None:
         if self._scratch is None:
@@ -117,11 +118,6 @@ class WeightedMean:
 # ----- norm bounding -----
 
 
-def l2_norm(delta: Delta) -> float:
-    """Global L2 norm over all tensors of one delta."""
-    return math.sqrt(sum(float(np.sum(np.square(np.asarray(a, dtype=np.float64)))) for a in delta.values()))
-
-
 def clip_factor(norm: float, max_norm: float) -> float:
     """Factor that scales an update of `norm` down to at most `max_norm` (1.0 if already inside)."""
     if max_norm <= 0:
@@ -133,7 +129,7 @@ def clip_factor(norm: float, max_norm: float) -> float:
 
 def norm_bound(delta: Delta, max_norm: float) -> tuple[dict[str, np.ndarray], float]:
     """Scale delta to L2 norm <= max_norm; returns (bounded delta, factor applied)."""
-    f = clip_factor(l2_norm(delta), max_norm)
+    f = clip_factor(update_norm(dict(delta)), max_norm)
     return {k: (np.asarray(v, dtype=np.float64) * f).astype(np.float32) for k, v in delta.items()}, f
 
 

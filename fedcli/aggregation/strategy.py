@@ -1,4 +1,4 @@
-"""The spec's [strategy] section, and how the coordinator combines verified updates under it.
+"""The spec's [strategy] section: its contract (StrategyTable) and what it decides (StrategySpec).
 
     [strategy]
     mode = "sync"            # sync: quorum or deadline; async: fold in K updates, stale ones discounted
@@ -26,12 +26,9 @@ contract (types, ranges, defaults) is StrategyTable below; docs/spec.md is gener
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
 from fedcli.aggregation import rules, server_opt
@@ -141,9 +138,13 @@ class StrategyTable(BaseModel):
     krum_f: int = Field(1, ge=0, le=1000, description="krum: Byzantine banks tolerated")
     krum_m: int = Field(1, ge=1, le=1000, description="krum: updates averaged (1 = Krum, > 1 = multi-Krum)")
     prox_mu: float = Field(0.0, ge=0, le=1000, description="FedProx proximal term at the banks (0 = off)")
-    server: ServerTable = Field(default_factory=ServerTable, description="server optimiser")
-    compression: CompressionTable = Field(default_factory=CompressionTable, description="update compression")
-    async_: AsyncTable = Field(default_factory=AsyncTable, alias="async", description="asynchronous aggregation")
+    server: ServerTable = Field(default_factory=lambda: ServerTable.model_validate({}), description="server optimiser")
+    compression: CompressionTable = Field(
+        default_factory=lambda: CompressionTable.model_validate({}), description="update compression"
+    )
+    async_: AsyncTable = Field(
+        default_factory=lambda: AsyncTable.model_validate({}), alias="async", description="asynchronous aggregation"
+    )
 
 
 def build(t: StrategyTable, n_members: int, min_clients: int) -> StrategySpec:
@@ -185,83 +186,3 @@ def parse(table: dict | None, n_members: int, min_clients: int) -> StrategySpec:
         return build(t, n_members, min_clients)
     except FedcliError as e:
         raise FedcliError(f"federation spec: {e}") from None
-
-
-class Combiner:
-    """Folds verified, decoded deltas into one aggregated delta under the strategy's rule.
-
-    FedAvg streams (one update in memory). The robust rules need every update's slice at
-    once, so each delta is spilled to a local temporary safetensors file and the rule reads
-    them back chunk by chunk (memory-mapped): memory stays bounded by the chunk size.
-    """
-
-    def __init__(
-        self, strategy: StrategySpec, shapes: dict[str, tuple[int, ...]], chunk_elems: int = rules.DEFAULT_CHUNK_ELEMS
-    ):
-        self.s, self.shapes, self.chunk_elems = strategy, dict(shapes), chunk_elems
-        self.mean = rules.WeightedMean()
-        self.names: list[str] = []
-        self.weights: list[float] = []
-        self.notes: dict[str, dict] = {}
-        self._tmp = None if strategy.rule == "fedavg" else tempfile.TemporaryDirectory(prefix="fedcli-agg-")
-        self._paths: list[Path] = []
-
-    def add(self, name: str, delta: dict[str, np.ndarray], num_examples: float, staleness: int = 0) -> None:
-        """Add one update: norm bounding and staleness discount become one scale factor."""
-        factor = 1.0
-        note: dict = {}
-        if self.s.max_norm > 0:
-            norm = rules.l2_norm(delta)
-            clip = rules.clip_factor(norm, self.s.max_norm)
-            factor *= clip
-            note["norm"] = round(norm, 6)
-            if clip < 1:
-                note["clipped_by"] = round(clip, 6)
-        if staleness:
-            disc = self.s.discount_for(staleness)
-            factor *= disc
-            note["staleness"], note["discount"] = staleness, round(disc, 6)
-        if self._tmp is None:
-            self.mean.add(delta, num_examples, scale=factor)
-        else:
-            from safetensors.numpy import save_file
-
-            path = Path(self._tmp.name) / f"{len(self._paths)}.safetensors"
-            scaled = {k: (np.asarray(v, dtype=np.float64) * factor).astype(np.float32) for k, v in delta.items()}
-            save_file(scaled, str(path))
-            self._paths.append(path)
-        self.names.append(name)
-        self.weights.append(float(num_examples))
-        self.notes[name] = note
-
-    def result(self) -> tuple[dict[str, np.ndarray], dict]:
-        """(aggregated delta, what the rule did: for the signed global manifest)."""
-        n = len(self.names)
-        if n == 0:
-            raise FedcliError("no updates to aggregate")
-        info: dict = {"rule": self.s.rule}
-        if self.s.max_norm > 0:
-            info["max_norm"] = self.s.max_norm
-        if self._tmp is None:
-            return self.mean.result(), info
-        try:
-            with rules.safetensors_reader(self._paths) as read:
-                if self.s.rule == "median":
-                    return rules.coordinate_median(self.shapes, n, read, self.chunk_elems), info
-                if self.s.rule == "trimmed_mean":
-                    info["trim_ratio"] = self.s.trim_ratio
-                    return rules.trimmed_mean(self.shapes, n, read, self.s.trim_ratio, self.chunk_elems), info
-                dists = rules.pairwise_sq_distances(self.shapes, n, read, self.chunk_elems)
-                chosen = rules.krum_select(dists, self.s.krum_f, min(self.s.krum_m, n))
-                info["krum_selected"] = [self.names[i] for i in chosen]
-                mean = rules.WeightedMean()  # unweighted: a poisoner could claim any num_examples
-                for i in chosen:
-                    mean.add({k: read(i, k, 0, rules.n_rows(tuple(s))).reshape(s) for k, s in self.shapes.items()})
-                return mean.result(), info
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None

@@ -9,10 +9,12 @@
 The drop declaration is create-only and final: a member it lists as dropped never gets an
 update accepted for that round (train refuses to write one, aggregate rejects one), because
 with the revealed seeds the coordinator could unmask it; and a survivor refuses to reveal
-anything while a dropped member's update is on the store. The maths is in masking.py.
+anything while a dropped member's update is on the store. The maths is in masking.py; the
+coordinator folds masked updates in through SecureSum, its aggregator (aggregation.aggregators).
 """
 
 import base64
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,10 +30,19 @@ from fedcli.secagg import masking
 
 DROPS_KIND = "secagg-drops"
 RECOVERY_KIND = "secagg-recovery"
+RULE = "secagg-mean"  # the rule the global manifest names
 
 
 def _secagg(message: str) -> VerificationError:
     return VerificationError(message, reason="secagg")
+
+
+def _enrolled(spec: Spec, name: str) -> keys.PublicIdentity:
+    """The signing identity of a member a drop declaration names (check_recovery made sure it is enrolled)."""
+    ident = spec.member(name)
+    if ident is None:
+        raise _secagg(f"{name!r} is not an enrolled member")
+    return ident
 
 
 def drops_key(r: int) -> str:
@@ -137,7 +148,9 @@ def publish_recovery(store, spec: Spec, r: int, me: str, private, mask_key) -> s
     if store.exists(recovery_key(r, me)):
         return _own_recovery(store, spec, r, me, drops)
     what = f"own update of {me}"
-    mine = keys.verify_manifest(rounds.read_manifest(store, rounds.update_keys(r, me)[1], what), spec.member(me), what)
+    mine = keys.verify_manifest(
+        rounds.read_manifest(store, rounds.update_keys(r, me)[1], what), _enrolled(spec, me), what
+    )
     if drops.survivors[me] != mine.get("tensors_sha256"):
         raise VerificationError(f"drop declaration of round {r} names another update of {me} than the one it submitted")
     late = genuine_updates(store, spec, r, drops.dropped)
@@ -170,9 +183,9 @@ def _own_recovery(store, spec: Spec, r: int, me: str, drops: Drops) -> str:
 
     Otherwise a planted file would make this bank wait forever, believing it had published.
     """
-    key, what = recovery_key(r, me), f"recovery shares of {me}"
+    key, what, signer = recovery_key(r, me), f"recovery shares of {me}", _enrolled(spec, me)
     try:
-        doc = keys.verify_manifest(rounds.read_manifest(store, key, what), spec.member(me), what)
+        doc = keys.verify_manifest(rounds.read_manifest(store, key, what), signer, what)
         rounds.expect(
             doc,
             what,
@@ -196,51 +209,6 @@ def _own_recovery(store, spec: Spec, r: int, me: str, drops: Drops) -> str:
 
 
 # --- coordinator side ----------------------------------------------------------------------
-
-
-class MaskedSum:
-    """Running mod-2**32 sum of masked updates, plus each contributor's seed commitments."""
-
-    def __init__(self, spec: Spec, shapes: dict):
-        self.spec, self.shapes = spec, shapes
-        self.layout = [(k, tuple(shapes[k])) for k in sorted(shapes)]
-        self.total = np.zeros(sum(int(np.prod(s)) for _, s in self.layout), dtype=np.uint32)
-        self.commitments: dict[str, dict] = {}  # member -> {peer: seed commitment}
-        self.shas: dict[str, str] = {}  # member -> tensors_sha256
-
-    def check(self, member: str, manifest: UpdateManifest, drops: Drops | None) -> None:
-        """Refuse an update that is not a proper member of this round's masked sum (reason secagg)."""
-        what = f"update from {member}"
-        if drops is not None and member not in drops.survivors:
-            raise _secagg(
-                f"{what}: {member} was declared dropped from this round before its update arrived; "
-                "a late update is never accepted"
-            )
-        rec = manifest.secagg
-        if rec is None:
-            raise _secagg(f"{what}: not masked (secure aggregation is enabled)")
-        if rec.clip != self.spec.secagg.clip or rec.scale != scale(self.spec):
-            raise _secagg(f"{what}: fixed-point clip/scale differ from the spec's")
-        if rec.noise != self.spec.secagg.noise:
-            raise _secagg(f"{what}: declares {rec.noise!r} DP noise, the spec says {self.spec.secagg.noise!r}")
-        peers = sorted(m.name for m in self.spec.members if m.name != member)
-        if sorted(rec.commitments) != peers:
-            raise _secagg(f"{what}: seed commitments do not cover exactly the other members")
-        if drops is not None and drops.survivors[member] != manifest.tensors_sha256:
-            raise _secagg(f"{what}: differs from the update named in the drop declaration")
-
-    def add(self, member: str, manifest: UpdateManifest, tensors: dict) -> None:
-        flat = np.concatenate([np.asarray(tensors[k], dtype=np.uint32).reshape(-1) for k, _ in self.layout])
-        np.add(self.total, flat, out=self.total)
-        self.commitments[member] = dict(manifest.secagg.commitments)
-        self.shas[member] = manifest.tensors_sha256
-
-    def mean(self, revealed: dict) -> dict:
-        """Unmask with the revealed seeds and return the mean delta (float64 tensors)."""
-        survivors = sorted(self.commitments)
-        unmasked = masking.unmask_sum(self.total, survivors, revealed)
-        flat = masking.dequantize(unmasked, scale(self.spec)) / len(survivors)
-        return masking.unflatten(flat, self.layout)
 
 
 def genuine_updates(store, spec: Spec, r: int, members) -> list[str]:
@@ -277,7 +245,10 @@ def declare_drops(store, private, spec: Spec, r: int, survivors: dict[str, str])
         store.put(drops_key(r), keys.sign_manifest(private, doc), create_only=True)
     except AlreadyExists:
         pass  # another aggregate run declared first; use the one on the store
-    return load_drops(store, spec, r)
+    drops = load_drops(store, spec, r)
+    if drops is None:
+        raise StoreError(f"{drops_key(r)} vanished right after it was written; run again")
+    return drops
 
 
 def load_recoveries(store, spec: Spec, r: int, drops: Drops, commitments: dict) -> tuple[dict, list[str]]:
@@ -290,7 +261,7 @@ def load_recoveries(store, spec: Spec, r: int, drops: Drops, commitments: dict) 
         except NotFound:
             missing.append(s)
             continue
-        doc = validate(RecoveryShares, keys.verify_manifest(data, spec.member(s), what), what)
+        doc = validate(RecoveryShares, keys.verify_manifest(data, _enrolled(spec, s), what), what)
         rounds.expect(
             doc,
             what,
@@ -313,27 +284,77 @@ def load_recoveries(store, spec: Spec, r: int, drops: Drops, commitments: dict) 
     return revealed, missing
 
 
-def close_round(
-    store,
-    private,
-    spec: Spec,
-    r: int,
-    acc: MaskedSum,
-    drops: Drops | None,
-    rejected: list[str],
-    quorum: tuple[bool, str],
-) -> tuple[dict | None, str, dict]:
-    """Decide what the masked round needs next: (mean delta or None, waiting reason, manifest extra).
+class SecureSum:
+    """The "secagg" aggregator: a running mod-2**32 sum of masked updates, closed by the dropout exchange.
 
-    All members in: masks cancel. Quorum without everyone: declare the missing dropped, wait for
-    recovery shares. Declaration and all shares in: unmask and publish.
+    All members in: the masks cancel. Quorum without everyone: declare the missing dropped and
+    wait for the survivors' recovery shares. Declaration and all shares in: unmask the sum.
     """
-    everyone = {m.name for m in spec.members}
-    if drops is None:
+
+    def __init__(self, store, private, spec: Spec, r: int, shapes: Mapping[str, tuple[int, ...]]):
+        self.store, self.private, self.spec, self.round = store, private, spec, r
+        self.drops = load_drops(store, spec, r)
+        self.layout = [(k, tuple(shapes[k])) for k in sorted(shapes)]
+        self.total = np.zeros(sum(int(np.prod(s)) for _, s in self.layout), dtype=np.uint32)
+        self.commitments: dict[str, dict] = {}  # member -> {peer: seed commitment}
+        self.shas: dict[str, str] = {}  # member -> tensors_sha256
+
+    def check(self, member: str, manifest: UpdateManifest) -> None:
+        """Refuse an update that is not a proper member of this round's masked sum (reason secagg)."""
+        what, drops = f"update from {member}", self.drops
+        if drops is not None and member not in drops.survivors:
+            raise _secagg(
+                f"{what}: {member} was declared dropped from this round before its update arrived; "
+                "a late update is never accepted"
+            )
+        rec = manifest.secagg
+        if rec is None:
+            raise _secagg(f"{what}: not masked (secure aggregation is enabled)")
+        if rec.clip != self.spec.secagg.clip or rec.scale != scale(self.spec):
+            raise _secagg(f"{what}: fixed-point clip/scale differ from the spec's")
+        if rec.noise != self.spec.secagg.noise:
+            raise _secagg(f"{what}: declares {rec.noise!r} DP noise, the spec says {self.spec.secagg.noise!r}")
+        peers = sorted(m.name for m in self.spec.members if m.name != member)
+        if sorted(rec.commitments) != peers:
+            raise _secagg(f"{what}: seed commitments do not cover exactly the other members")
+        if drops is not None and drops.survivors[member] != manifest.tensors_sha256:
+            raise _secagg(f"{what}: differs from the update named in the drop declaration")
+
+    def add(
+        self, label: str, manifest: UpdateManifest | None, delta: Mapping, weight: float = 1.0, staleness: int = 0
+    ) -> dict:
+        """Add a checked update's masked words (every survivor counts the same: the mean is unweighted)."""
+        if manifest is None or manifest.secagg is None:
+            raise FedcliError("a masked update needs its checked manifest")
+        flat = np.concatenate([np.asarray(delta[k], dtype=np.uint32).reshape(-1) for k, _ in self.layout])
+        np.add(self.total, flat, out=self.total)
+        self.commitments[manifest.member] = dict(manifest.secagg.commitments)
+        self.shas[manifest.member] = manifest.tensors_sha256
+        return {}
+
+    def result(self, readiness: tuple[bool, str], rejected: Sequence[str] = ()) -> tuple[dict | None, str, dict]:
+        """(mean delta or None, waiting reason, manifest info): what the masked round needs next."""
+        if self.drops is None:
+            return self._close_undeclared(readiness, rejected)
+        return self._close_declared(self.drops)
+
+    def close(self) -> None:
+        """Nothing to free: the sum lives in memory."""
+
+    def _mean(self, revealed: dict) -> dict:
+        """Unmask with the revealed seeds and return the mean delta (float64 tensors)."""
+        survivors = sorted(self.commitments)
+        unmasked = masking.unmask_sum(self.total, survivors, revealed)
+        flat = masking.dequantize(unmasked, scale(self.spec)) / len(survivors)
+        return masking.unflatten(flat, self.layout)
+
+    def _close_undeclared(self, readiness: tuple[bool, str], rejected: Sequence[str]) -> tuple[dict | None, str, dict]:
+        """No drop declaration yet: everyone in closes the round, quorum declares the rest dropped."""
+        store, spec, r = self.store, self.spec, self.round
         _orphan_recovery(store, r)
-        if set(acc.commitments) == everyone:
-            return acc.mean({}), "", {"secagg": {"dropped": [], "scale": scale(spec)}}
-        ready, reason = quorum
+        if set(self.commitments) == {m.name for m in spec.members}:
+            return self._mean({}), "", {"rule": RULE, "secagg": {"dropped": [], "scale": scale(spec)}}
+        ready, reason = readiness
         if not ready:
             return None, reason, {}
         genuine = genuine_updates(store, spec, r, rejected)
@@ -342,7 +363,7 @@ def close_round(
                 f"round {r}: the signed update of {', '.join(genuine)} was rejected; declaring it dropped would "
                 "let the coordinator unmask it, so remove that update (the bank then re-submits) before aggregating"
             )
-        drops = declare_drops(store, private, spec, r, dict(acc.shas))
+        drops = declare_drops(store, self.private, spec, r, dict(self.shas))
         return (
             None,
             (
@@ -351,16 +372,17 @@ def close_round(
             ),
             {},
         )
-    lost = sorted(set(drops.survivors) - set(acc.commitments))
-    if lost:
-        raise VerificationError(
-            f"round {r}: {', '.join(lost)} survived the drop declaration but has no valid update; the round cannot complete"
-        )
-    revealed, missing = load_recoveries(store, spec, r, drops, acc.commitments)
-    if missing:
-        return None, f"recovery shares of round {r} still missing from {', '.join(missing)}", {}
-    return (
-        acc.mean(revealed),
-        "",
-        {"secagg": {"dropped": drops.dropped, "drops_sha256": drops.sha256, "scale": scale(spec)}},
-    )
+
+    def _close_declared(self, drops: Drops) -> tuple[dict | None, str, dict]:
+        """A drop declaration stands: unmask once every survivor's recovery shares are in."""
+        r = self.round
+        lost = sorted(set(drops.survivors) - set(self.commitments))
+        if lost:
+            raise VerificationError(
+                f"round {r}: {', '.join(lost)} survived the drop declaration but has no valid update; the round cannot complete"
+            )
+        revealed, missing = load_recoveries(self.store, self.spec, r, drops, self.commitments)
+        if missing:
+            return None, f"recovery shares of round {r} still missing from {', '.join(missing)}", {}
+        secagg = {"dropped": drops.dropped, "drops_sha256": drops.sha256, "scale": scale(self.spec)}
+        return self._mean(revealed), "", {"rule": RULE, "secagg": secagg}
