@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from fedcli import keys
 from fedcli.secagg import masking
 
 
@@ -47,7 +48,7 @@ def main():
     rows = []
     for m in a.members:
         members = [f"bank-{i:02d}" for i in range(m)]
-        priv = {b: masking.generate_key() for b in members}
+        priv = {b: keys.generate_x25519() for b in members}
         roster = {b: k.public_key() for b, k in priv.items()}
         me = members[0]
         scale = masking.fixed_point_scale(1.0, m)

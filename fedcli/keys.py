@@ -18,11 +18,11 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from fedcli.digest import sha256
 from fedcli.errors import FedcliError, InputError, VerificationError
 from fedcli.names import check_name
-from fedcli.secagg import masking
 
 PASSPHRASE_ENV = "FEDCLI_PASSPHRASE"
 # Domain separation: a signature over one kind of document never verifies as another.
@@ -71,7 +71,7 @@ class PublicIdentity:
         """The enrolled X25519 public key (secure aggregation)."""
         if not self.x25519:
             raise FedcliError(f"{self.name} has no X25519 key enrolled (needed for secure aggregation)")
-        return masking.public_from_text(self.x25519)
+        return x25519_from_text(self.x25519)
 
 
 def x25519_path_for(key_path: Path) -> Path:
@@ -98,10 +98,10 @@ def generate(name: str, out_dir: Path, passphrase: str | None = None) -> tuple[P
     enc = serialization.BestAvailableEncryption(passphrase.encode()) if passphrase else serialization.NoEncryption()
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
     _write_private(key_path, pem)
-    mask = masking.generate_key()
-    _write_private(mask_path, masking.private_to_pem(mask, passphrase.encode() if passphrase else None))
+    mask = generate_x25519()
+    _write_private(mask_path, x25519_private_to_pem(mask, passphrase.encode() if passphrase else None))
     raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    ident = PublicIdentity(name=name, ed25519=b64(raw), x25519=masking.public_to_text(mask))
+    ident = PublicIdentity(name=name, ed25519=b64(raw), x25519=x25519_to_text(mask))
     pub_path.write_text(
         f'# fedcli public key. Fingerprint: {ident.fingerprint}\nname = "{name}"\ned25519 = "{ident.ed25519}"\n'
         f'x25519 = "{ident.x25519}"\n'
@@ -186,7 +186,7 @@ def load_private(path: Path, passphrase: str | None = None) -> tuple[Ed25519Priv
 
 def _x25519_loader(pem: bytes, password: bytes | None):
     try:
-        return masking.private_from_pem(pem, password)
+        return x25519_private_from_pem(pem, password)
     except FedcliError as e:  # keep the key-loading errors apart: missing vs wrong passphrase
         text = str(e)
         if "not given" in text or "not encrypted" in text:
@@ -293,3 +293,46 @@ def verify_bytes(
         signer.key().verify(unb64(signature_b64.strip(), f"{what} signature"), domain + data)
     except (InvalidSignature, ValueError, FedcliError):
         raise VerificationError(f"{what}: signature does not verify with {signer.name}'s key") from None
+
+
+# --- X25519 mask keys (secure aggregation): formats only; the masks are in secagg/masking.py ---
+
+
+def generate_x25519() -> X25519PrivateKey:
+    """A fresh X25519 key from the OS random source."""
+    return X25519PrivateKey.generate()
+
+
+def x25519_to_text(key: X25519PrivateKey | X25519PublicKey) -> str:
+    """The raw 32-byte public key in base64, as it appears in the spec and public-key file."""
+    pub = key.public_key() if isinstance(key, X25519PrivateKey) else key
+    raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def x25519_from_text(text: str) -> X25519PublicKey:
+    """Parse a base64 X25519 public key; one-line error if it is not 32 bytes of base64."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (ValueError, AttributeError):
+        raise FedcliError(f"invalid X25519 public key {text!r}: not base64") from None
+    if len(raw) != 32:
+        raise FedcliError(f"invalid X25519 public key {text!r}: expected 32 bytes, got {len(raw)}")
+    return X25519PublicKey.from_public_bytes(raw)
+
+
+def x25519_private_to_pem(key: X25519PrivateKey, password: bytes | None = None) -> bytes:
+    """PKCS#8 PEM, encrypted with password when one is given."""
+    enc = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+
+
+def x25519_private_from_pem(data: bytes, password: bytes | None = None) -> X25519PrivateKey:
+    """Load a PKCS#8 PEM X25519 private key; one-line error for anything else."""
+    try:
+        key = serialization.load_pem_private_key(data, password=password)
+    except (ValueError, TypeError) as e:
+        raise FedcliError(f"cannot load X25519 private key: {e}") from None
+    if not isinstance(key, X25519PrivateKey):
+        raise FedcliError("cannot load X25519 private key: the PEM holds another key type")
+    return key

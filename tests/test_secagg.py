@@ -5,6 +5,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
+from fedcli import keys
 from fedcli.errors import FedcliError, VerificationError
 from fedcli.secagg import masking
 
@@ -169,17 +170,17 @@ def test_mask_refuses_wrong_key_and_tiny_roster():
 
 
 def test_key_serialisation_round_trip_and_errors():
-    k = masking.generate_key()
-    text = masking.public_to_text(k)
-    assert masking.public_to_text(masking.public_from_text(text)) == text
-    pem = masking.private_to_pem(k, b"pw")
-    assert masking.public_to_text(masking.private_from_pem(pem, b"pw")) == text
+    k = keys.generate_x25519()
+    text = keys.x25519_to_text(k)
+    assert keys.x25519_to_text(keys.x25519_from_text(text)) == text
+    pem = keys.x25519_private_to_pem(k, b"pw")
+    assert keys.x25519_to_text(keys.x25519_private_from_pem(pem, b"pw")) == text
     with pytest.raises(FedcliError):
-        masking.public_from_text("not base64!")
+        keys.x25519_from_text("not base64!")
     with pytest.raises(FedcliError, match="32 bytes"):
-        masking.public_from_text("AAAA")
+        keys.x25519_from_text("AAAA")
     # the all-zero point is low order: no shared secret may come from it
-    zero = masking.public_from_text("A" * 43 + "=")
+    zero = keys.x25519_from_text("A" * 43 + "=")
     with pytest.raises(FedcliError, match="low-order"):
         masking.pair_seed(FED, 1, "a", k, "b", zero)
 

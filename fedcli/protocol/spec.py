@@ -62,10 +62,10 @@ def _ed25519(value: str) -> str:
 
 def _x25519(value: str) -> str:
     if value:
-        from fedcli.secagg.masking import public_from_text
+        from fedcli.keys import x25519_from_text
 
         try:
-            public_from_text(value)
+            x25519_from_text(value)
         except (FedcliError, ValueError):
             raise ValueError("is not a base64 X25519 public key of 32 bytes") from None
     return value

@@ -20,7 +20,6 @@ exchange (who writes what, signatures, refusing late updates) lives in the round
 
 from __future__ import annotations
 
-import base64
 import math
 import struct
 from collections.abc import Iterable, Mapping
@@ -39,49 +38,6 @@ from fedcli.randomness import secure_numpy_rng
 MODULUS_BITS = 32
 _HKDF_SALT = b"fedcli secagg v1"
 _NOISE_MODES = ("full", "shared")
-
-
-# --- keys -------------------------------------------------------------------------------
-
-
-def generate_key() -> X25519PrivateKey:
-    """A fresh X25519 key from the OS random source."""
-    return X25519PrivateKey.generate()
-
-
-def public_to_text(key: X25519PrivateKey | X25519PublicKey) -> str:
-    """The raw 32-byte public key in base64, as it appears in the spec and public-key file."""
-    pub = key.public_key() if isinstance(key, X25519PrivateKey) else key
-    raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return base64.b64encode(raw).decode("ascii")
-
-
-def public_from_text(text: str) -> X25519PublicKey:
-    """Parse a base64 X25519 public key; one-line error if it is not 32 bytes of base64."""
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (ValueError, AttributeError):
-        raise FedcliError(f"invalid X25519 public key {text!r}: not base64") from None
-    if len(raw) != 32:
-        raise FedcliError(f"invalid X25519 public key {text!r}: expected 32 bytes, got {len(raw)}")
-    return X25519PublicKey.from_public_bytes(raw)
-
-
-def private_to_pem(key: X25519PrivateKey, password: bytes | None = None) -> bytes:
-    """PKCS#8 PEM, encrypted with password when one is given."""
-    enc = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
-
-
-def private_from_pem(data: bytes, password: bytes | None = None) -> X25519PrivateKey:
-    """Load a PKCS#8 PEM X25519 private key; one-line error for anything else."""
-    try:
-        key = serialization.load_pem_private_key(data, password=password)
-    except (ValueError, TypeError) as e:
-        raise FedcliError(f"cannot load X25519 private key: {e}") from None
-    if not isinstance(key, X25519PrivateKey):
-        raise FedcliError("cannot load X25519 private key: the PEM holds another key type")
-    return key
 
 
 # --- pairwise seeds and masks -------------------------------------------------------------
