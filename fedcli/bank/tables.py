@@ -142,8 +142,9 @@ def parse_labels(values: pd.Series, positive: str) -> np.ndarray:
 
 
 def _seen(values: pd.Series, limit: int = 5) -> str:
+    """The commonest values for a message; a line break inside one is shown as \\n so the message stays one line."""
     counts = values.astype(str).str.strip().value_counts()
-    shown = ", ".join(_short(v) for v in counts.index[:limit])
+    shown = ", ".join(_short("\\n".join(str(v).splitlines())) for v in counts.index[:limit])
     return shown + (f", ... ({len(counts)} distinct)" if len(counts) > limit else "")
 
 
