@@ -80,13 +80,21 @@ class BankPlan:
     def compressed(self) -> bool:
         return self.compression["method"] != "none"
 
+    @classmethod
+    def decide(cls, spec: Spec, key_path: Path, ledger_path: Path, max_epsilon: float | None) -> BankPlan:
+        """Read the spec's switches once. The only I/O: the X25519 key, when secure aggregation is on."""
+        mask_key = keys.load_mask_key(key_path) if spec.secagg.enabled else None
+        privacy, update_noise = _privacy(spec, ledger_path, max_epsilon, mask_key)
+        return cls(privacy, update_noise, mask_key, spec.strategy.compression_meta)
 
-def decide(spec: Spec, key_path: Path, ledger_path: Path, max_epsilon: float | None) -> BankPlan:
-    """Read the spec's switches once. The only I/O is loading the X25519 key when secure aggregation is on."""
-    mask_key = keys.load_mask_key(key_path) if spec.secagg.enabled else None
+
+def _privacy(
+    spec: Spec, ledger_path: Path, max_epsilon: float | None, mask_key: X25519PrivateKey | None
+) -> tuple[PrivacyPlan | None, UpdateNoise | None]:
+    """Differential privacy's part of the plan: the ledger and budget, and the noise of update-level DP."""
     ps = spec.privacy
     if not ps.enabled:
-        return BankPlan(None, None, mask_key, spec.strategy.compression_meta)
+        return None, None
     if ps.budget_epsilon is None:  # privacy_spec fills it in from target_epsilon; unreachable from a parsed spec
         raise FedcliError("[privacy] needs budget_epsilon with a fixed noise_multiplier")
     budget = ps.budget_epsilon if max_epsilon is None else min(ps.budget_epsilon, max_epsilon)
@@ -97,4 +105,4 @@ def decide(spec: Spec, key_path: Path, ledger_path: Path, max_epsilon: float | N
         update_noise = UpdateNoise(
             ps.clip, exchange.member_noise(spec, multiplier) if mask_key is not None else multiplier
         )
-    return BankPlan(privacy, update_noise, mask_key, spec.strategy.compression_meta)
+    return privacy, update_noise

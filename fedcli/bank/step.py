@@ -19,7 +19,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedcli import digest, keys, models
-from fedcli.bank import plan as bank_plan
 from fedcli.bank import tables
 from fedcli.bank.checks import check_own_manifest, refuse_non_finite, require_finite
 from fedcli.bank.plan import BankPlan, Release
@@ -64,7 +63,7 @@ def train_round(
     training, finiteness, budget) runs before the first write to the store, so a refusal leaves
     nothing behind; the ledger is charged last before the upload (a crash after it over-counts)."""
     job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True))
-    plan = bank_plan.decide(job.spec, key_path, ledger_path or ledger_path_for(key_path), max_epsilon)
+    plan = BankPlan.decide(job.spec, key_path, ledger_path or ledger_path_for(key_path), max_epsilon)
     if store.exists(job.manifest_key):
         return resume(job, plan)
     base = verify_base(job, plan)
@@ -90,11 +89,20 @@ class BankRound:
     private: Ed25519PrivateKey
     state: BankState
     shapes: Shapes
-    base_round: int  # the latest published global, which this round trains from
-    round: int
-    tensors_key: str
-    manifest_key: str
+    round: int  # one past the latest published global, which this round trains from
     console: Console
+
+    @property
+    def base_round(self) -> int:
+        return self.round - 1
+
+    @property
+    def tensors_key(self) -> str:
+        return rounds.update_keys(self.round, self.me.name)[0]
+
+    @property
+    def manifest_key(self) -> str:
+        return rounds.update_keys(self.round, self.me.name)[1]
 
     def nothing_to_do(self) -> TrainResult:
         message = f"{self.me.name} already submitted an update for round {self.round}; nothing to do"
@@ -114,22 +122,8 @@ def open_round(
         )
     state = BankState.load(state_path or state_path_for(key_path))
     shapes = models.shapes(spec.model, spec.data.n_features)
-    base_round = rounds.latest_round(store)
-    tensors_key, manifest_key = rounds.update_keys(base_round + 1, me.name)
-    return BankRound(
-        store,
-        spec,
-        spec_sha,
-        me,
-        private,
-        state,
-        shapes,
-        base_round,
-        base_round + 1,
-        tensors_key,
-        manifest_key,
-        console,
-    )
+    next_round = rounds.latest_round(store) + 1
+    return BankRound(store, spec, spec_sha, me, private, state, shapes, next_round, console)
 
 
 def resume(job: BankRound, plan: BankPlan) -> TrainResult:
