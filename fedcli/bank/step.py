@@ -39,6 +39,8 @@ Arrays = dict[str, np.ndarray]
 
 @dataclass
 class TrainResult:
+    """What `fedcli train` reports: submitted or not, and why."""
+
     member: str
     round: int
     submitted: bool
@@ -174,13 +176,14 @@ def prepare_data(job: BankRound, base: rounds.Global, data_path: Path) -> LocalD
     with status:
         prep = tables.prepare(tables.read_table(data_path), job.spec.data, source)
     notes = tables.notes(prep, source)
+    labels = prep.labels()
     try:
-        before = score(prep.labels(), models.predict(job.spec.model, base.tensors, prep.X))
+        before = score(labels, models.predict(job.spec.model, base.tensors, prep.X))
     except FedcliError as e:
         if e.reason != "not-finite":
             raise
         refuse_non_finite(f"the global model's scores on {source} are not finite", base)
-    return LocalData(prep.X, prep.labels(), source, notes, before["auc"])
+    return LocalData(prep.X, labels, source, notes, before["auc"])
 
 
 # --------------------------------------------------------------------------- stage 3: plan privacy
@@ -316,11 +319,11 @@ def encode(job: BankRound, plan: BankPlan, delta: Arrays) -> Encoded:
 
 def _compress(job: BankRound, plan: BankPlan, delta: Arrays) -> Encoded:
     """Compress the delta plus the residual the last compressed update left behind (error feedback)."""
-    residual = compression.load_residual(compression.residual_path(job.state.path), job.shapes)
-    encoded, meta, residual = compression.encode(
-        delta, plan.compression["method"], plan.compression.get("ratio"), residual
+    previous = compression.load_residual(compression.residual_path(job.state.path), job.shapes)
+    compressed, meta, residual = compression.encode(
+        delta, plan.compression["method"], plan.compression.get("ratio"), previous
     )
-    return Encoded(tensors.encode(encoded), meta, residual)
+    return Encoded(tensors.encode(compressed), meta, residual)
 
 
 def _mask(job: BankRound, plan: BankPlan, delta: Arrays) -> Encoded:
