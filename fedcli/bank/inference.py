@@ -29,7 +29,7 @@ def evaluate(store: Store, coordinator_pub: Path, data_path: Path, round_: int |
     return (
         g.round,
         len(p),
-        score(prep.y, p) | {"positive_rate": float(np.mean(prep.y))},
+        score(prep.labels(), p) | {"positive_rate": float(np.mean(prep.labels()))},
         tables.notes(prep, Path(data_path).name),
     )
 

@@ -1,33 +1,46 @@
-"""A bank's step: verify the latest global model, train on local rows, submit a signed delta."""
+"""A bank's step: verify the latest global model, train on local rows, submit a signed delta.
+
+`train_round` is a sequence of stages: verify base -> prepare data -> plan privacy -> train ->
+privatize -> encode (compress or mask) -> submit. What the spec turns on is decided once
+(bank.plan); each stage reads the plan and does one thing. Every check that can fail runs
+before the first write to the store, so a refusal leaves nothing behind.
+"""
 
 import contextlib
-import hashlib
 import math
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedcli import digest, keys, models
 from fedcli.bank import tables
+from fedcli.bank.checks import check_own_manifest, refuse_non_finite, require_finite
+from fedcli.bank.plan import BankPlan, Release
 from fedcli.bank.state import BankState, ledger_path_for, state_path_for
 from fedcli.bank.training import fit, fit_private
-from fedcli.errors import AlreadyExists, FedcliError, NotRegular, StoreError, VerificationError
+from fedcli.errors import AlreadyExists, FedcliError
+from fedcli.keys import PublicIdentity
 from fedcli.metrics import score
 from fedcli.privacy import noise, policy
-from fedcli.privacy.ledger import Ledger
-from fedcli.protocol import compression, rounds
-from fedcli.protocol.spec import summary
-from fedcli.protocol.tensors import encode
+from fedcli.protocol import compression, rounds, tensors
+from fedcli.protocol.spec import Spec, summary
+from fedcli.protocol.tensors import Shapes
+from fedcli.secagg import exchange
 from fedcli.store import Store
+
+Arrays = dict[str, np.ndarray]
 
 
 @dataclass
 class TrainResult:
+    """What `fedcli train` reports: submitted or not, and why."""
+
     member: str
     round: int
     submitted: bool
@@ -51,7 +64,57 @@ def train_round(
     """One round at a bank. Every check that can fail (keys, spec, global model, table, labels,
     training, finiteness, budget) runs before the first write to the store, so a refusal leaves
     nothing behind; the ledger is charged last before the upload (a crash after it over-counts)."""
-    console = console or Console(stderr=True)
+    job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True))
+    plan = BankPlan.decide(job.spec, key_path, ledger_path or ledger_path_for(key_path), max_epsilon)
+    if store.exists(job.manifest_key):
+        return resume(job, plan)
+    base = verify_base(job, plan)
+    data = prepare_data(job, base, Path(data_path))
+    release = plan_privacy(job, plan, data)
+    trained = train(job, base, data, release)
+    delta = privatize(plan, base, trained.weights)
+    encoded = encode(job, plan, delta)
+    return submit(job, base, data, trained, encoded)
+
+
+# --------------------------------------------------------------------------- what every stage reads
+
+
+@dataclass(frozen=True)
+class BankRound:
+    """Who this bank is and which round it works on, fixed before any stage runs."""
+
+    store: Store
+    spec: Spec
+    spec_sha: str
+    me: PublicIdentity
+    private: Ed25519PrivateKey
+    state: BankState
+    shapes: Shapes
+    round: int  # one past the latest published global, which this round trains from
+    console: Console
+
+    @property
+    def base_round(self) -> int:
+        return self.round - 1
+
+    @property
+    def tensors_key(self) -> str:
+        return rounds.update_keys(self.round, self.me.name)[0]
+
+    @property
+    def manifest_key(self) -> str:
+        return rounds.update_keys(self.round, self.me.name)[1]
+
+    def nothing_to_do(self) -> TrainResult:
+        message = f"{self.me.name} already submitted an update for round {self.round}; nothing to do"
+        return TrainResult(self.me.name, self.round, False, message)
+
+
+def open_round(
+    store: Store, key_path: Path, coordinator_pub: Path, state_path: Path | None, console: Console
+) -> BankRound:
+    """Load the keys, the signed spec (this key must be enrolled) and the bank's state; find the round."""
     private, my_pub = keys.load_private(key_path)
     spec, spec_sha = rounds.load_spec(store, keys.load_public(coordinator_pub))
     me = spec.member_by_key(my_pub)
@@ -61,197 +124,274 @@ def train_round(
         )
     state = BankState.load(state_path or state_path_for(key_path))
     shapes = models.shapes(spec.model, spec.data.n_features)
-    base_round = rounds.latest_round(store)
-    r = base_round + 1
-    tkey, mkey = rounds.update_keys(r, me.name)
-    secure = spec.secagg.enabled
-    if secure:
-        from fedcli.secagg import exchange
+    next_round = rounds.latest_round(store) + 1
+    return BankRound(store, spec, spec_sha, me, private, state, shapes, next_round, console)
 
-        mask_key = keys.load_mask_key(key_path)
-    if store.exists(mkey):
-        check_own_manifest(store, spec, r, me, mkey)
-        # Secure aggregation's second exchange: reveal seeds with members declared dropped.
-        msg = exchange.publish_recovery(store, spec, r, me.name, private, mask_key) if secure else None
-        return TrainResult(
-            me.name, r, False, msg or f"{me.name} already submitted an update for round {r}; nothing to do"
-        )
-    if secure:
-        exchange.refuse_if_dropped(store, spec, r, me.name)
-    base = rounds.load_global(store, spec, spec_sha, base_round, shapes)
-    state.check(spec.federation_id, base)
-    console.print(
-        "[bold]in force:[/] " + escape("; ".join(f"{k}: {v}" for k, v in summary(spec))),
+
+def resume(job: BankRound, plan: BankPlan) -> TrainResult:
+    """My update for this round is already on the store; with secure aggregation, the second
+    exchange (revealing seeds shared with members declared dropped) may be due."""
+    check_own_manifest(job.store, job.spec, job.round, job.me, job.manifest_key)
+    if plan.mask_key is None:
+        return job.nothing_to_do()
+    message = exchange.publish_recovery(job.store, job.spec, job.round, job.me.name, job.private, plan.mask_key)
+    return TrainResult(job.me.name, job.round, False, message) if message else job.nothing_to_do()
+
+
+# --------------------------------------------------------------------------- stage 1: verify base
+
+
+def verify_base(job: BankRound, plan: BankPlan) -> rounds.Global:
+    """The latest global model, verified and not rolled back from what this bank last saw."""
+    if plan.mask_key is not None:
+        exchange.refuse_if_dropped(job.store, job.spec, job.round, job.me.name)
+    base = rounds.load_global(job.store, job.spec, job.spec_sha, job.base_round, job.shapes)
+    job.state.check(job.spec.federation_id, base)
+    job.console.print(
+        "[bold]in force:[/] " + escape("; ".join(f"{k}: {v}" for k, v in summary(job.spec))),
         highlight=False,
         soft_wrap=True,
     )
+    return base
 
-    source = Path(data_path).name
-    with console.status(f"reading {escape(source)}") if console.is_terminal else contextlib.nullcontext():
-        prep = tables.prepare(tables.read_table(data_path), spec.data, source)
+
+# --------------------------------------------------------------------------- stage 2: prepare data
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """The bank's rows as model inputs, what preprocessing did to them, and the global model's AUC on them."""
+
+    X: np.ndarray
+    y: np.ndarray
+    source: str  # the file name, for messages
+    notes: list[str]
+    auc_before: float
+
+
+def prepare_data(job: BankRound, base: rounds.Global, data_path: Path) -> LocalData:
+    """Read and preprocess the table as the spec declares, and score the global model on it."""
+    source = data_path.name
+    status = job.console.status(f"reading {escape(source)}") if job.console.is_terminal else contextlib.nullcontext()
+    with status:
+        prep = tables.prepare(tables.read_table(data_path), job.spec.data, source)
     notes = tables.notes(prep, source)
+    labels = prep.labels()
     try:
-        before = score(prep.y, models.predict(spec.model, base.tensors, prep.X))
+        before = score(labels, models.predict(job.spec.model, base.tensors, prep.X))
     except FedcliError as e:
         if e.reason != "not-finite":
             raise
         refuse_non_finite(f"the global model's scores on {source} are not finite", base)
-    ps = spec.privacy
-    if ps.enabled:  # refuse before any work if even this release would break the budget
-        ledger = Ledger(ledger_path or ledger_path_for(key_path))
-        budget = ps.budget_epsilon if max_epsilon is None else min(ps.budget_epsilon, max_epsilon)
-        mech = policy.plan(ps, len(prep.X), spec.training.batch_size, spec.training.epochs)
-        ledger.check(mech, budget, ps.delta)
+    return LocalData(prep.X, labels, source, notes, before["auc"])
 
-    # Training seed is not a secret: it only makes a bank's rerun reproducible.
-    seed = int.from_bytes(hashlib.sha256(f"{spec.federation_id}/{r}/{me.name}".encode()).digest()[:4], "little")
-    batches = -(-len(prep.X) // spec.training.batch_size)
-    expected = mech.steps if ps.mode == "record" else spec.training.epochs * batches
-    with Progress(
-        TextColumn(f"[bold]training[/] round {r}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[loss]}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    ) as progress:
-        task = progress.add_task("train", total=expected, loss="")
-        last = [float("nan")]
 
-        def step(done, total, loss):
-            last[0] = loss
-            progress.update(task, completed=done, total=max(total, done), loss=f"loss {loss:.4f}")
+# --------------------------------------------------------------------------- stage 3: plan privacy
 
-        if ps.mode == "record":
-            weights, mech = fit_private(
-                spec.model, spec.training, base.tensors, prep.X, prep.y, ps.clip, mech.noise_multiplier, step
-            )
-            loss = last[0]
-        else:
-            weights, loss = fit(
-                spec.model, spec.training, base.tensors, prep.X, prep.y, seed, step, prox_mu=spec.strategy.prox_mu
-            )
+
+def plan_privacy(job: BankRound, plan: BankPlan, data: LocalData) -> Release | None:
+    """The DP release this round will make, refused now if even it would break the budget."""
+    if plan.privacy is None:
+        return None
+    training = job.spec.training
+    mechanism = policy.plan(plan.privacy.table, len(data.X), training.batch_size, training.epochs)
+    release = Release(mechanism, plan.privacy)
+    release.check()
+    return release
+
+
+# --------------------------------------------------------------------------- stage 4: train
+
+
+@dataclass(frozen=True)
+class Trained:
+    weights: Arrays
+    metrics: dict[str, float]  # loss, auc_before, auc_after, rounded; they stay at the bank under DP
+    release: Release | None  # with DP-SGD, the mechanism that actually ran
+
+
+class TrainingBar:
+    """The progress bar a terminal shows while the bank trains; it keeps the last batch's loss."""
+
+    def __init__(self, console: Console, round_: int, total: int):
+        self.progress = Progress(
+            TextColumn(f"[bold]training[/] round {round_}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[loss]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        )
+        self.total = total
+        self.last_loss = float("nan")
+
+    def __enter__(self) -> "TrainingBar":
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=self.total, loss="")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.progress.stop()
+
+    def step(self, done: int, total: int, loss: float) -> None:
+        self.last_loss = loss
+        self.progress.update(self.task, completed=done, total=max(total, done), loss=f"loss {loss:.4f}")
+
+
+def train(job: BankRound, base: rounds.Global, data: LocalData, release: Release | None) -> Trained:
+    """Train from the global model (DP-SGD under record-level DP), then refuse anything not finite."""
+    if release is not None and release.dp_sgd:
+        weights, loss, release = _train_dp_sgd(job, base, data, release)
+    else:
+        weights, loss = _train(job, base, data)
+    return Trained(weights, _measure(job, base, data, weights, loss), release)
+
+
+def _train(job: BankRound, base: rounds.Global, data: LocalData) -> tuple[Arrays, float]:
+    spec = job.spec
+    batches = -(-len(data.X) // spec.training.batch_size)
+    # Not a secret: the seed only makes a bank's rerun of a round reproducible.
+    seed = int.from_bytes(
+        bytes.fromhex(digest.sha256(f"{spec.federation_id}/{job.round}/{job.me.name}".encode())[:8]), "little"
+    )
+    with TrainingBar(job.console, job.round, spec.training.epochs * batches) as bar:
+        return fit(
+            spec.model, spec.training, base.tensors, data.X, data.y, seed, bar.step, prox_mu=spec.strategy.prox_mu
+        )
+
+
+def _train_dp_sgd(
+    job: BankRound, base: rounds.Global, data: LocalData, release: Release
+) -> tuple[Arrays, float, Release]:
+    spec, planned = job.spec, release.mechanism
+    with TrainingBar(job.console, job.round, planned.steps) as bar:
+        weights, ran = fit_private(
+            spec.model, spec.training, base.tensors, data.X, data.y, planned.clip, planned.noise_multiplier, bar.step
+        )
+    return weights, bar.last_loss, replace(release, mechanism=ran)
+
+
+def _measure(job: BankRound, base: rounds.Global, data: LocalData, weights: Arrays, loss: float) -> dict[str, float]:
+    """The round's metrics, rounded for the manifest; non-finite weights or metrics are refused."""
     require_finite("the trained weights", weights, base)
-    after = score(prep.y, models.predict(spec.model, weights, prep.X))
-    metrics = {"loss": loss, "auc_before": before["auc"], "auc_after": after["auc"]}
+    after = score(data.y, models.predict(job.spec.model, weights, data.X))
+    metrics = {"loss": loss, "auc_before": data.auc_before, "auc_after": after["auc"]}
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
-        refuse_non_finite(f"training produced non-finite {', '.join(bad)} on {source}", base)
-    metrics = {k: round(v, 6) for k, v in metrics.items()}
+        refuse_non_finite(f"training produced non-finite {', '.join(bad)} on {data.source}", base)
+    return {k: round(v, 6) for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------- stage 5: privatize
+
+
+def privatize(plan: BankPlan, base: rounds.Global, weights: Arrays) -> Arrays:
+    """The delta from the global model, clipped and noised under update-level DP."""
     delta = {k: weights[k] - base.tensors[k] for k in weights}
-    if ps.mode == "update":  # with secure aggregation and shared noise, each bank adds its share
-        nm = exchange.member_noise(spec, mech.noise_multiplier) if secure else mech.noise_multiplier
-        delta, _ = noise.privatize_update(delta, ps.clip, nm)
+    if plan.update_noise is not None:
+        delta, _ = noise.privatize_update(delta, plan.update_noise.clip, plan.update_noise.multiplier)
     require_finite("the update", delta, base)
+    return delta
 
-    # Compression (with the bank's error-feedback residual) only post-processes the delta; secure
-    # aggregation's masking (never combined with compression) comes after it.
-    cmeta = spec.strategy.compression_meta
-    res_path, residual = compression.residual_path(state.path), None
-    if cmeta["method"] != "none":
-        delta, cmeta, residual = compression.encode(
-            delta, cmeta["method"], cmeta.get("ratio"), compression.load_residual(res_path, shapes)
-        )
-    extra = {}
-    if secure:
-        exchange.refuse_if_dropped(store, spec, r, me.name)  # again: training took a while
-        delta, extra["secagg"], clipped = exchange.mask_delta(spec, r, me.name, mask_key, delta)
-        if ps.mode == "update":
-            extra["secagg"]["member_noise_multiplier"] = nm
-        if clipped:
-            notes.append(f"secure aggregation: {clipped} update values beyond ±{spec.secagg.clip} were clipped")
-    data = encode(delta)
-    manifest = {
-        "kind": "update",
-        "format": rounds.FORMAT,
-        "federation_id": spec.federation_id,
-        "round": r,
-        "member": me.name,
-        "base_sha256": base.sha256,
-        "tensors_sha256": digest.sha256(data),
-        "num_examples": int(len(prep.X)),
-        "compression": cmeta,
-        "metrics": metrics,
-        "created_at": rounds.now(),
-        "nonce": secrets.token_hex(16),
-        **extra,
-    }
-    if ps.enabled:  # row count and local metrics are not privatised: they stay at the bank
-        del manifest["num_examples"], manifest["metrics"]
-        manifest["dp"] = mech.manifest() | {"delta": ps.delta}
-    signed = keys.sign_manifest(private, manifest)
 
-    charged = {}
-    if ps.enabled:  # charged before anything leaves the bank: a crash after this over-counts, never under
-        charged = ledger.charge(mech, round=r, federation=spec.federation_id, budget_epsilon=budget, delta=ps.delta)
-    store.put(tkey, data)  # the first write: tensors, then the manifest that commits them
-    try:
-        store.put(mkey, signed, create_only=True)
-    except AlreadyExists:  # another run got there first: it counts only if it is ours
-        check_own_manifest(store, spec, r, me, mkey)
-        return TrainResult(me.name, r, False, f"{me.name} already submitted an update for round {r}; nothing to do")
-    except FedcliError:
-        with contextlib.suppress(FedcliError):  # best effort: leave no tensors without a manifest
-            store.delete(tkey)
-        raise
-    if residual is not None:
-        compression.save_residual(res_path, residual)
-    state.save(spec.federation_id, base)
-    sent = f"{len(data):,} bytes" + ("" if cmeta["method"] == "none" else f", {cmeta['method']}")
+# --------------------------------------------------------------------------- stage 6: encode
+
+
+@dataclass(frozen=True)
+class Encoded:
+    payload: bytes  # the safetensors file to upload
+    compression: dict  # the manifest's compression record
+    residual: Arrays | None = None  # compression's error feedback, saved once the update is committed
+    extra: dict = field(default_factory=dict)  # more manifest fields (secure aggregation's record)
+    notes: list[str] = field(default_factory=list)
+
+
+def encode(job: BankRound, plan: BankPlan, delta: Arrays) -> Encoded:
+    """Compression or secure aggregation's masking (the spec never allows both) post-processes the delta."""
+    if plan.compressed:
+        return _compress(job, plan, delta)
+    if plan.mask_key is not None:
+        return _mask(job, plan, delta)
+    return Encoded(tensors.encode(delta), plan.compression)
+
+
+def _compress(job: BankRound, plan: BankPlan, delta: Arrays) -> Encoded:
+    """Compress the delta plus the residual the last compressed update left behind (error feedback)."""
+    previous = compression.load_residual(compression.residual_path(job.state.path), job.shapes)
+    compressed, meta, residual = compression.encode(
+        delta, plan.compression["method"], plan.compression.get("ratio"), previous
+    )
+    return Encoded(tensors.encode(compressed), meta, residual)
+
+
+def _mask(job: BankRound, plan: BankPlan, delta: Arrays) -> Encoded:
+    """Mask the delta with pairwise seeds so the coordinator only ever sees the sum of updates."""
+    exchange.refuse_if_dropped(job.store, job.spec, job.round, job.me.name)  # again: training took a while
+    masked, record, clipped = exchange.mask_delta(job.spec, job.round, job.me.name, plan.mask_key, delta)
+    if plan.update_noise is not None:
+        record["member_noise_multiplier"] = plan.update_noise.multiplier
+    notes = []
+    if clipped:
+        notes.append(f"secure aggregation: {clipped} update values beyond ±{job.spec.secagg.clip} were clipped")
+    return Encoded(tensors.encode(masked), plan.compression, extra={"secagg": record}, notes=notes)
+
+
+# --------------------------------------------------------------------------- stage 7: submit
+
+
+def submit(job: BankRound, base: rounds.Global, data: LocalData, trained: Trained, encoded: Encoded) -> TrainResult:
+    """Sign, charge the ledger, upload (tensors, then the create-only manifest), then save local state."""
+    signed = keys.sign_manifest(job.private, update_manifest(job, base, data, trained, encoded))
+    release = trained.release
+    charged = release.charge(job.round, job.spec.federation_id) if release is not None else {}
+    if not upload(job, encoded.payload, signed):
+        return job.nothing_to_do()
+    if encoded.residual is not None:
+        compression.save_residual(compression.residual_path(job.state.path), encoded.residual)
+    job.state.save(job.spec.federation_id, base)
+    method = encoded.compression["method"]
+    sent = f"{len(encoded.payload):,} bytes" + ("" if method == "none" else f", {method}")
+    message = f"submitted update for round {job.round} ({sent})"
     return TrainResult(
-        me.name, r, True, f"submitted update for round {r} ({sent})", len(prep.X), metrics, notes, charged
+        job.me.name, job.round, True, message, len(data.X), trained.metrics, data.notes + encoded.notes, charged
     )
 
 
-# Standardised features give weights of order 1; a global weight beyond this is a broken or
-# poisoned model (one member's huge but finite update), not something a bank's table causes.
-GLOBAL_WEIGHT_ALARM = 1e6
+def update_manifest(job: BankRound, base: rounds.Global, data: LocalData, trained: Trained, encoded: Encoded) -> dict:
+    """The update's manifest; under DP, row count and local metrics stay at the bank (they are not privatised)."""
+    manifest = {
+        "kind": "update",
+        "format": rounds.FORMAT,
+        "federation_id": job.spec.federation_id,
+        "round": job.round,
+        "member": job.me.name,
+        "base_sha256": base.sha256,
+        "tensors_sha256": digest.sha256(encoded.payload),
+        "num_examples": int(len(data.X)),
+        "compression": encoded.compression,
+        "metrics": trained.metrics,
+        "created_at": rounds.now(),
+        "nonce": secrets.token_hex(16),
+        **encoded.extra,
+    }
+    if trained.release is not None:
+        del manifest["num_examples"], manifest["metrics"]
+        manifest["dp"] = trained.release.manifest()
+    return manifest
 
 
-def require_finite(what: str, tensors: dict, base=None) -> None:
-    """NaN or infinity in weights or an update is refused before it can be signed or sent."""
-    bad = [k for k, v in tensors.items() if not np.all(np.isfinite(v))]
-    if bad:
-        refuse_non_finite(f"{what} hold non-finite values (in {', '.join(bad[:3])})", base)
-
-
-def refuse_non_finite(problem: str, base=None) -> None:
-    """Nothing is submitted; blame the global model when its weights are absurd, else the table."""
-    largest = max((float(np.max(np.abs(v))) for v in base.tensors.values() if v.size), default=0.0) if base else 0.0
-    if largest > GLOBAL_WEIGHT_ALARM:
-        raise VerificationError(
-            f"{problem}: nothing was submitted. The global model of round {base.round} has weights up to "
-            f"{largest:.3g}, so training on it overflows: it is broken or poisoned by one member's update; "
-            "tell the coordinator (a [strategy] max_norm bounds every update)",
-            reason="not-finite",
-        )
-    raise FedcliError(f"{problem}: nothing was submitted (check the table for extreme values)", reason="not-finite")
-
-
-def check_own_manifest(store: Store, spec, r: int, me, mkey: str) -> None:
-    """An update manifest under my name counts as mine only if my key signed it for this round."""
-    what = f"update manifest for {me.name}"
+def upload(job: BankRound, payload: bytes, signed: bytes) -> bool:
+    """The first writes: tensors, then the manifest that commits them. False if a run of mine got there first."""
+    job.store.put(job.tensors_key, payload)
     try:
-        manifest = keys.verify_manifest(rounds.read_manifest(store, mkey, what), me, what)
-    except StoreError as e:
-        if not isinstance(e, NotRegular):
-            raise
-        manifest = None
+        job.store.put(job.manifest_key, signed, create_only=True)
+    except AlreadyExists:  # another run got there first: it counts only if it is ours
+        check_own_manifest(job.store, job.spec, job.round, job.me, job.manifest_key)
+        return False
     except FedcliError:
-        manifest = None
-    if manifest is None:
-        raise VerificationError(
-            f"an update manifest for {me.name} that this key did not sign sits at {mkey}; "
-            "ask the coordinator to remove it",
-            reason="bad-signature",
-        )
-    try:
-        rounds.expect(manifest, what, kind="update", federation_id=spec.federation_id, round=r, member=me.name)
-    except FedcliError:
-        raise VerificationError(
-            f"an update manifest at {mkey} was signed by this key for another round or "
-            "federation (a replayed copy); ask the coordinator to remove it",
-            reason="wrong-round",
-        ) from None
+        with contextlib.suppress(FedcliError):  # best effort: leave no tensors without a manifest
+            job.store.delete(job.tensors_key)
+        raise
+    return True

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from fedcli.errors import InputError
-from fedcli.protocol.spec import DataSpec
+from fedcli.protocol.spec import CategoricalFeature, DataSpec, NumericFeature
 
 MAX_STD_UNITS = 1e6  # beyond this a value is a unit or column mix-up, and float32 would overflow
 REFUSED = {
@@ -64,7 +64,7 @@ def read_table(path: Path) -> pd.DataFrame:
         if df.shape[1] == 1:  # maybe another separator: count them on the header line
             header = head.decode(encoding, errors="ignore").splitlines()[0] if head else ""
             counts = {s: header.count(s) for s in SEPARATORS}
-            sep = max(counts, key=counts.get)
+            sep = max(counts, key=counts.__getitem__)
             if counts[sep]:
                 df = pd.read_csv(path, sep=sep, encoding=encoding, low_memory=False)
                 df.attrs["separator"] = sep
@@ -93,6 +93,12 @@ class Prepared:
     unknown: dict[str, int]  # feature -> rows whose category the spec does not declare
     text: dict[str, str] = field(default_factory=dict)  # numeric feature -> one text value seen in it
     separator: str = ","
+
+    def labels(self) -> np.ndarray:
+        """The 0/1 labels: prepare(need_target=True) guarantees them; only a table for predict may lack them."""
+        if self.y is None:
+            raise InputError("this table has no target column: it can be scored, not trained or evaluated on")
+        return self.y
 
 
 def feature_names(spec: DataSpec) -> list[str]:
@@ -136,8 +142,9 @@ def parse_labels(values: pd.Series, positive: str) -> np.ndarray:
 
 
 def _seen(values: pd.Series, limit: int = 5) -> str:
+    """The commonest values for a message; a line break inside one is shown as \\n so the message stays one line."""
     counts = values.astype(str).str.strip().value_counts()
-    shown = ", ".join(_short(v) for v in counts.index[:limit])
+    shown = ", ".join(_short("\\n".join(str(v).splitlines())) for v in counts.index[:limit])
     return shown + (f", ... ({len(counts)} distinct)" if len(counts) > limit else "")
 
 
@@ -151,57 +158,20 @@ def prepare(df: pd.DataFrame, spec: DataSpec, source: str, need_target: bool = T
     With need_target (train, evaluate) the labels must hold both classes; without it (predict)
     a target column is optional and only its empty rows are skipped.
     """
-    missing = [f.name for f in (*spec.numeric, *spec.categorical) if f.name not in df.columns]
-    if missing:
-        hint = ""
-        if len(df.columns) == 1:
-            hint = (
-                f" (the table has one column, {_short(str(df.columns[0]), 40)!r}: is it separated by something "
-                "other than ',', ';', tabs or '|'?)"
-            )
-        raise InputError(f"{source} lacks columns the federation spec needs: {', '.join(missing)}{hint}")
-    y = None
-    dropped = 0
-    if spec.target in df.columns:
-        has_target = clean_text(df[spec.target]).notna()
-        dropped = int((~has_target).sum())
-        df = df[has_target]
-        y = parse_labels(df[spec.target], spec.positive)
-        if need_target:
-            _check_classes(df[spec.target], y, spec, source)
-    elif need_target:
-        raise InputError(f"{source} lacks the target column {spec.target!r}")
+    _require_columns(df, spec, source)
+    df, y, dropped = _labelled_rows(df, spec, source, need_target)
     if len(df) == 0:
         raise InputError(f"{source} has no usable rows")
-
     cols, filled, unknown, text_seen = [], {}, {}, {}
     for f in spec.numeric:
-        raw = df[f.name]
-        values = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64)
-        if not pd.api.types.is_numeric_dtype(raw):
-            words = clean_text(raw)[np.isnan(values)].dropna()
-            if len(words):
-                text_seen[f.name] = _short(str(words.iloc[0]))
-        z = (values - f.mean) / f.std
-        absurd = np.isinf(values) | (np.abs(z) > MAX_STD_UNITS)
-        if absurd.any():
-            row = int(np.flatnonzero(absurd)[0])
-            label = df.index[row]
-            label = f"data row {label + 1}" if isinstance(label, (int, np.integer)) else f"row {label!r}"
-            raise InputError(
-                f"{source}: column {f.name} has {int(absurd.sum())} value(s) more than {MAX_STD_UNITS:,.0f} standard "
-                f"deviations from the spec's mean (e.g. {values[row]:g} in {label}); "
-                "fix them or leave the cells empty (empty cells are filled with the mean)"
-            )
-        bad = np.isnan(values)
-        if bad.any():
-            filled[f.name] = int(bad.sum())
-            z = np.where(bad, 0.0, z)
+        z, n_filled, text = _standardised(df[f.name], f, source)
+        if text is not None:
+            text_seen[f.name] = text
+        if n_filled:
+            filled[f.name] = n_filled
         cols.append(z[:, None])
     for c in spec.categorical:
-        raw = df[c.name]
-        text = raw.astype(str).where(raw.notna(), None)
-        onehot = np.stack([(text == lvl).to_numpy() for lvl in c.levels], axis=1).astype(np.float64)
+        onehot = _one_hot(df[c.name], c)
         n_unknown = int((onehot.sum(axis=1) == 0).sum())
         if n_unknown:
             unknown[c.name] = n_unknown
@@ -216,6 +186,71 @@ def prepare(df: pd.DataFrame, spec: DataSpec, source: str, need_target: bool = T
         text=text_seen,
         separator=df.attrs.get("separator", ","),
     )
+
+
+def _require_columns(df: pd.DataFrame, spec: DataSpec, source: str) -> None:
+    """Every declared feature must be a column; a one-column table is probably split on the wrong separator."""
+    declared = [f.name for f in spec.numeric] + [c.name for c in spec.categorical]
+    missing = [name for name in declared if name not in df.columns]
+    if not missing:
+        return
+    hint = ""
+    if len(df.columns) == 1:
+        hint = (
+            f" (the table has one column, {_short(str(df.columns[0]), 40)!r}: is it separated by something "
+            "other than ',', ';', tabs or '|'?)"
+        )
+    raise InputError(f"{source} lacks columns the federation spec needs: {', '.join(missing)}{hint}")
+
+
+def _labelled_rows(
+    df: pd.DataFrame, spec: DataSpec, source: str, need_target: bool
+) -> tuple[pd.DataFrame, np.ndarray | None, int]:
+    """The rows with a target value, their 0/1 labels (None without a target column) and how many were skipped."""
+    if spec.target not in df.columns:
+        if need_target:
+            raise InputError(f"{source} lacks the target column {spec.target!r}")
+        return df, None, 0
+    has_target = clean_text(df[spec.target]).notna()
+    df = df[has_target]
+    y = parse_labels(df[spec.target], spec.positive)
+    if need_target:
+        _check_classes(df[spec.target], y, spec, source)
+    return df, y, int((~has_target).sum())
+
+
+def _standardised(raw: pd.Series, f: NumericFeature, source: str) -> tuple[np.ndarray, int, str | None]:
+    """One numeric column in standard units: (values, how many were filled with the mean, a text value seen).
+
+    Missing or non-numeric cells become the declared mean (0); a value absurdly far from it is refused.
+    """
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64)
+    text = None
+    if not pd.api.types.is_numeric_dtype(raw):
+        words = clean_text(raw)[np.isnan(values)].dropna()
+        if len(words):
+            text = _short(str(words.iloc[0]))
+    z = (values - f.mean) / f.std
+    absurd = np.isinf(values) | (np.abs(z) > MAX_STD_UNITS)
+    if absurd.any():
+        row = int(np.flatnonzero(absurd)[0])
+        label = raw.index[row]
+        label = f"data row {label + 1}" if isinstance(label, (int, np.integer)) else f"row {label!r}"
+        raise InputError(
+            f"{source}: column {f.name} has {int(absurd.sum())} value(s) more than {MAX_STD_UNITS:,.0f} standard "
+            f"deviations from the spec's mean (e.g. {values[row]:g} in {label}); "
+            "fix them or leave the cells empty (empty cells are filled with the mean)"
+        )
+    bad = np.isnan(values)
+    if not bad.any():
+        return z, 0, text
+    return np.where(bad, 0.0, z), int(bad.sum()), text
+
+
+def _one_hot(raw: pd.Series, c: CategoricalFeature) -> np.ndarray:
+    """One column per declared level; a missing or undeclared category is an all-zero row."""
+    text = raw.astype(str).where(raw.notna(), None)
+    return np.stack([(text == lvl).to_numpy() for lvl in c.levels], axis=1).astype(np.float64)
 
 
 def _check_classes(values: pd.Series, y: np.ndarray, spec: DataSpec, source: str) -> None:

@@ -68,7 +68,7 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb).squeeze(1), yb)
             if anchor:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
                 (loss + 0.5 * prox_mu * prox).backward()
             else:
                 loss.backward()
