@@ -352,12 +352,6 @@ def test_any_table_prepares_to_finite_inputs_or_one_clear_refusal(rows, positive
     assert sorted(set(prep.y.tolist())) == [0.0, 1.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known bug, found by the property test above in a random run: bank/tables.py _seen quotes a cell's "
-    "newline raw, so the refusal prints two lines; when fixed this passes and strict xfail fails: drop the mark",
-)
 def test_label_cell_with_a_newline_is_refused_in_one_line():
     df = pd.DataFrame([(None, None, 0.0), (None, None, "0\n0")], columns=["x", "c", "y"], dtype=object)
     with pytest.raises(FedcliError, match="no row of t.csv has y == 'bad'") as refusal:

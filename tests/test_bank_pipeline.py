@@ -4,7 +4,7 @@ import math
 
 import pandas as pd
 import pytest
-from conftest import ROOT, make_fed
+from helpers import ROOT, make_fed
 
 from fedcli import keys
 from fedcli.bank.plan import BankPlan
