@@ -13,10 +13,11 @@ from scipy import optimize, stats
 
 from fedcli import errors, randomness
 from fedcli.errors import ExitCode, FedcliError
+from fedcli.norms import update_norm
 from fedcli.privacy import accounting, dp_sgd, policy
 from fedcli.privacy.accounting import Mechanism
 from fedcli.privacy.ledger import BudgetExceeded, Ledger
-from fedcli.privacy.noise import add_gaussian_noise, clip_update, privatize_update, update_norm
+from fedcli.privacy.noise import add_gaussian_noise, clip_update, privatize_update
 
 
 def _update(scale=10.0, seed=0):

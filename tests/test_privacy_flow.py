@@ -9,7 +9,8 @@ from helpers import BANKS, TEMPLATE, forge, make_fed
 from safetensors.numpy import load_file
 
 from fedcli.errors import ExitCode
-from fedcli.privacy import accounting, noise
+from fedcli.norms import update_norm
+from fedcli.privacy import accounting
 
 
 def dp_fed(tmp_path, credit_split, privacy_toml: str, training_toml: str | None = None):
@@ -56,7 +57,7 @@ def test_update_level_rounds_ledger_and_budget_refusal(tmp_path, credit_split):
             new[k], base[k] + np.mean([d[k].astype(np.float64) for d in deltas], axis=0), atol=1e-6
         )
     # the noise is really there: the norm of a released delta is far above the clip (0.5)
-    assert noise.update_norm(deltas[0]) > 1.0
+    assert update_norm(deltas[0]) > 1.0
 
     ledger = fed.key("bank-a").with_suffix(".ledger.json")
     entries = json.loads(ledger.read_text())["entries"]

@@ -8,7 +8,8 @@ from safetensors.numpy import save_file
 
 from fedcli.aggregation import aggregators, rules, server_opt, strategy
 from fedcli.errors import FedcliError, VerificationError
-from fedcli.privacy.noise import update_norm
+from fedcli.norms import clip_factor, update_norm
+from fedcli.privacy.noise import clip_update
 from fedcli.protocol import compression
 
 
@@ -58,14 +59,13 @@ def test_weighted_mean_refuses_bad_input():
 def test_norm_bound_hand_values():
     d = {"a": f32([3, 0]), "b": f32([4])}
     assert update_norm(d) == 5.0
-    out, f = rules.norm_bound(d, 2.5)
-    assert f == 0.5
+    assert clip_factor(update_norm(d), 2.5) == 0.5
+    assert clip_factor(update_norm(d), 10) == 1.0
+    out, norm = clip_update(d, 2.5)  # the DP clip uses the same rule, then holds the bound exactly
+    assert norm == 5.0
     np.testing.assert_allclose(out["a"], [1.5, 0])
     np.testing.assert_allclose(out["b"], [2.0])
-    out, f = rules.norm_bound(d, 10)
-    assert f == 1.0
-    np.testing.assert_array_equal(out["a"], d["a"])
-    assert rules.clip_factor(float("nan"), 1.0) == 0.0
+    assert clip_factor(float("nan"), 1.0) == 0.0
 
 
 def test_streamed_norm_matches_in_memory():
@@ -189,7 +189,7 @@ def test_poisoned_update_bounded_by_norm_bounding():
     def bounded_mean(ups):
         acc = rules.WeightedMean()
         for u in ups:
-            acc.add(u, scale=rules.clip_factor(update_norm(u), c))
+            acc.add(u, scale=clip_factor(update_norm(u), c))
         return acc.result()["w"]
 
     clean = bounded_mean(honest + [{"w": np.zeros(50, np.float32)}])

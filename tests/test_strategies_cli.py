@@ -9,6 +9,7 @@ from safetensors.numpy import load_file
 from fedcli import digest
 from fedcli.aggregation import rules, server_opt
 from fedcli.errors import ExitCode
+from fedcli.norms import clip_factor, update_norm
 from fedcli.protocol import compression
 
 
@@ -67,7 +68,8 @@ method = "int8"
         dec = compression.decode(
             load_file(fed.store / f"rounds/000002/updates/{b}.safetensors"), {"method": "int8"}, shapes
         )
-        deltas.append(rules.norm_bound(dec, 5.0)[0])
+        factor = clip_factor(update_norm(dec), 5.0)  # norm bounding, as the aggregator scales
+        deltas.append({k: (np.asarray(v, dtype=np.float64) * factor).astype(np.float32) for k, v in dec.items()})
     agg = rules.trimmed_mean(shapes, 4, rules.memory_reader(deltas), 0.25)
     state1 = server_opt.state_from_bytes(state_file.read_bytes(), "fedadam", 1)
     want, _ = server_opt.fedadam(g1, agg, state1, lr=0.05, beta1=0.9, beta2=0.99, tau=1e-3)

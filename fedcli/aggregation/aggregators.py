@@ -24,7 +24,7 @@ import numpy as np
 from fedcli.aggregation import rules
 from fedcli.aggregation.strategy import StrategySpec
 from fedcli.errors import FedcliError
-from fedcli.privacy.noise import update_norm
+from fedcli.norms import clip_factor, update_norm
 from fedcli.secagg.exchange import SecureSum
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def _scale(strategy: StrategySpec, delta: Delta, staleness: int) -> tuple[float,
     note: dict = {}
     if strategy.max_norm > 0:
         norm = update_norm(dict(delta))
-        clip = rules.clip_factor(norm, strategy.max_norm)
+        clip = clip_factor(norm, strategy.max_norm)
         factor *= clip
         note["norm"] = round(norm, 6)
         if clip < 1:

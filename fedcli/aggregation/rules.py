@@ -23,7 +23,6 @@ from contextlib import ExitStack
 import numpy as np
 
 from fedcli.errors import FedcliError
-from fedcli.privacy.noise import update_norm  # the one L2 norm of an update (bank clipping and norm bounding)
 
 Delta = Mapping[str, np.ndarray]
 Shapes = Mapping[str, tuple[int, ...]]
@@ -116,21 +115,6 @@ class WeightedMean:
 
 
 # ----- norm bounding -----
-
-
-def clip_factor(norm: float, max_norm: float) -> float:
-    """Factor that scales an update of `norm` down to at most `max_norm` (1.0 if already inside)."""
-    if max_norm <= 0:
-        raise FedcliError(f"max_norm must be positive, got {max_norm}")
-    if not math.isfinite(norm):
-        return 0.0  # a NaN/inf update contributes nothing
-    return 1.0 if norm <= max_norm else max_norm / norm
-
-
-def norm_bound(delta: Delta, max_norm: float) -> tuple[dict[str, np.ndarray], float]:
-    """Scale delta to L2 norm <= max_norm; returns (bounded delta, factor applied)."""
-    f = clip_factor(update_norm(dict(delta)), max_norm)
-    return {k: (np.asarray(v, dtype=np.float64) * f).astype(np.float32) for k, v in delta.items()}, f
 
 
 def streamed_norm(shapes: Shapes, read: ReadRows, i: int, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> float:

@@ -10,19 +10,9 @@ import math
 import numpy as np
 
 from fedcli.errors import FedcliError
+from fedcli.norms import clip_factor, update_norm
 from fedcli.privacy.accounting import Mechanism
 from fedcli.randomness import secure_numpy_rng
-
-
-def update_norm(update: dict[str, np.ndarray]) -> float:
-    """L2 norm of all arrays of an update taken together, computed in float64."""
-    total = 0.0
-    for name, a in update.items():
-        a = np.asarray(a)
-        if a.dtype.kind != "f":
-            raise FedcliError(f"update tensor {name!r} is not floating point; it cannot be clipped and noised")
-        total += float(np.sum(a.astype(np.float64) ** 2))
-    return math.sqrt(total)
 
 
 def clip_update(update: dict[str, np.ndarray], clip: float) -> tuple[dict[str, np.ndarray], float]:
@@ -38,7 +28,7 @@ def clip_update(update: dict[str, np.ndarray], clip: float) -> tuple[dict[str, n
         raise FedcliError("update contains NaN or infinite values")
     if norm <= clip:
         return {k: np.array(v, copy=True) for k, v in update.items()}, norm
-    factor = clip / norm
+    factor = clip_factor(norm, clip)
     while True:
         clipped = {k: (np.asarray(v, dtype=np.float64) * factor).astype(np.asarray(v).dtype) for k, v in update.items()}
         if update_norm(clipped) <= clip:
