@@ -82,26 +82,29 @@ class Curve:
 
     @classmethod
     def of(cls, y: np.ndarray, p: np.ndarray) -> "Curve":
+        """Two plain sorts (all scores, the positives' scores) and a binary search: no argsort and no
+        gather, several times faster than one argsort on 10 million rows, and no index array in memory."""
         y, p = np.asarray(y).ravel(), np.asarray(p).ravel()
         if y.shape != p.shape:
             raise ValueError(f"{len(y)} labels for {len(p)} scores")
-        order = np.argsort(p)[::-1]
-        ranked = p[order]
-        hits = np.cumsum(y[order] != 0, dtype=np.int64)
-        last = np.flatnonzero(ranked[1:] != ranked[:-1])  # the last row of each group of equal scores
-        ends = np.append(last, len(ranked) - 1) if len(ranked) else last
-        tp = hits[ends]
-        positives = int(hits[-1]) if len(hits) else 0
-        return cls(ranked[ends].astype(np.float64), tp, ends + 1 - tp, positives, len(p) - positives)
+        ascending = np.sort(p)
+        hits = np.sort(p[y != 0])
+        changed = np.concatenate(([len(p) > 0], ascending[1:] != ascending[:-1]))
+        first = np.flatnonzero(changed)[::-1]  # where each run of equal scores starts
+        values = ascending[first]  # each distinct score, highest first
+        alerts = len(p) - first  # rows scored at or above it
+        tp = len(hits) - np.searchsorted(hits, values, side="left")
+        return cls(values.astype(np.float64), tp, alerts - tp, len(hits), len(p) - len(hits))
 
     @property
     def both_classes(self) -> bool:
         return self.positives > 0 and self.negatives > 0
 
     def point(self, i: int, rule: str, threshold: float | None = None) -> OperatingPoint:
-        """The operating point of distinct score i (-1: no alert at all)."""
+        """The operating point of distinct score i (-1: no alert at all); `threshold` if the rule sets one."""
         if i < 0:
-            return OperatingPoint(rule, math.inf, 0, 0, self.positives, self.negatives)
+            at = math.inf if threshold is None else threshold
+            return OperatingPoint(rule, at, 0, 0, self.positives, self.negatives)
         at = float(self.thresholds[i]) if threshold is None else threshold
         return OperatingPoint(rule, at, int(self.tp[i]), int(self.fp[i]), self.positives, self.negatives)
 
