@@ -21,6 +21,9 @@ FPR_LIMITS = (0.001, 0.01)  # recall while at most 0.1 % / 1 % of the negatives 
 ALERT_RATES = (0.001, 0.01)  # precision when the team reviews the top 0.1 % / 1 % of rows
 TABLE_ALERT_RATES = (0.001, 0.005, 0.01, 0.05)  # the threshold table's alert budgets
 TABLE_SCORES = (0.5,)  # ...and its fixed score thresholds (0.5: what a plain classifier would flag)
+# What a bank's update manifest reports, each as <key>_before (the global model it started from) and
+# <key>_after (its locally trained model), on its own rows: status and report show them per round.
+MANIFEST_METRICS = ("auc", "pr_auc", "recall_at_1pct_fpr")
 
 
 def pct(rate: float) -> str:
