@@ -479,13 +479,15 @@ def _evaluation_tables(title: str, ev) -> tuple[Table, Table]:
     meanings = _meanings(ev)
     for key, value in ev.metrics.items():
         headline.add_row(key, _rate(value), meanings.get(key, ""))
-    points = Table(title="operating points: an alert is a row scored at or above the threshold")
+    points = Table(title="operating points: an alert is a row scored at or above the threshold", pad_edge=False)
     for col in ("rule", "threshold", "alerts", "TP", "FP", "precision", "recall", "FPR"):
-        points.add_column(col, justify="left" if col == "rule" else "right")
+        points.add_column(col, justify="left" if col == "rule" else "right", no_wrap=col in ("rule", "threshold"))
     for op in ev.table:
         points.add_row(
             op.rule,
-            "none alerted" if op.threshold == float("inf") else f"{op.threshold:.6g}",
+            "none alerted"
+            if op.threshold == float("inf")
+            else str(op.threshold),  # every digit: it reproduces the counts
             f"{op.alerts:,}",
             f"{op.tp:,}",
             f"{op.fp:,}",

@@ -49,7 +49,7 @@ class OperatingPoint:
     """Alert every row with score >= threshold: the counts a review team would see."""
 
     rule: str  # why this threshold: "top 1%", "FPR ≤ 0.1%", "score ≥ 0.5"
-    threshold: float  # +inf: no row is alerted
+    threshold: float | np.floating  # a score, in the scores' own type (so it prints as they do); +inf: no alert
     tp: int
     fp: int
     positives: int
@@ -77,7 +77,7 @@ class Curve:
     """Cumulative counts at each distinct score, highest first: alerting every row with
     score >= thresholds[i] gives tp[i] true and fp[i] false alerts."""
 
-    thresholds: np.ndarray
+    thresholds: np.ndarray  # in the scores' dtype: a threshold printed is one that reproduces the counts
     tp: np.ndarray
     fp: np.ndarray
     positives: int
@@ -97,7 +97,7 @@ class Curve:
         values = ascending[first]  # each distinct score, highest first
         alerts = len(p) - first  # rows scored at or above it
         tp = len(hits) - np.searchsorted(hits, values, side="left")
-        return cls(values.astype(np.float64), tp, alerts - tp, len(hits), len(p) - len(hits))
+        return cls(values, tp, alerts - tp, len(hits), len(p) - len(hits))
 
     @property
     def both_classes(self) -> bool:
@@ -108,7 +108,7 @@ class Curve:
         if i < 0:
             at = math.inf if threshold is None else threshold
             return OperatingPoint(rule, at, 0, 0, self.positives, self.negatives)
-        at = float(self.thresholds[i]) if threshold is None else threshold
+        at = self.thresholds[i] if threshold is None else threshold
         return OperatingPoint(rule, at, int(self.tp[i]), int(self.fp[i]), self.positives, self.negatives)
 
     def _last(self, allowed: np.ndarray) -> int:

@@ -1,18 +1,26 @@
 """Rare-event metrics: each against scikit-learn or a brute-force reference (ties included), and
 where they show: evaluate, the update manifests, status and report."""
 
+import importlib.util
+import json
 import math
+import re
+import sys
 
 import numpy as np
+import pandas as pd
 import pytest
+from helpers import BANKS, ROOT, forge, make_fed
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
 
 from fedcli.errors import FedcliError
 from fedcli.metrics import (
     ALERT_RATES,
     FPR_LIMITS,
+    MANIFEST_METRICS,
     Curve,
     budget,
     evaluation,
@@ -20,6 +28,8 @@ from fedcli.metrics import (
     recall_key,
     score,
 )
+from fedcli.protocol import rounds
+from fedcli.report import METRICS
 
 # --------------------------------------------------------------------------- references
 
@@ -184,3 +194,157 @@ def test_scores_that_are_not_finite_are_refused():
         assert e.value.reason == "not-finite"
         with pytest.raises(FedcliError, match="not finite"):
             evaluation(y, np.array([0.1, bad, 0.3], dtype=np.float32))
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def _load_simulator():
+    path = ROOT / "examples" / "fraud" / "simulate.py"
+    spec = importlib.util.spec_from_file_location("fraud_simulate_metrics", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def fraud_fed(tmp_path_factory):
+    """The fraud example's spec on a small simulated split: round 1 published, round 2 open (two updates)."""
+    root = tmp_path_factory.mktemp("fraudfed")
+    _load_simulator().main(
+        ["--out", str(root / "split"), "--customers", "400", "--terminals", "800", "--days", "60", "--test-days", "15"]
+    )
+    fed = make_fed(
+        root / "fed", root / "split", spec_text=(ROOT / "examples" / "fraud" / "federation.toml").read_text()
+    )
+    for b in BANKS:
+        fed.train(b)
+    fed.aggregate()
+    for b in BANKS[:2]:
+        fed.train(b)
+    return fed
+
+
+def _manifest(fed, r: int, member: str) -> dict:
+    return json.loads((fed.store / rounds.update_keys(r, member)[1]).read_text())
+
+
+def _cells(output: str) -> list[list[str]]:
+    """The cells of every row of the rich tables in output."""
+    return [[c.strip() for c in line.split("│")[1:-1]] for line in output.splitlines() if line.startswith("│")]
+
+
+def _headline(output: str) -> dict[str, str]:
+    return {row[0]: row[1] for row in _cells(output) if len(row) == 3 and row[0]}
+
+
+@pytest.mark.slow
+def test_update_manifests_carry_pr_auc_and_recall_before_and_after(fraud_fed):
+    fed = fraud_fed
+    keys_ = {"loss"} | {f"{k}_{w}" for k in MANIFEST_METRICS for w in ("before", "after")}
+    for r, members in ((1, BANKS), (2, BANKS[:2])):
+        for b in members:
+            metrics = _manifest(fed, r, b)["metrics"]
+            assert set(metrics) == keys_, metrics
+            assert all(0 <= metrics[k] <= 1 for k in keys_ - {"loss"})
+    # "before" is the global model the bank started from, on its own rows: what evaluate says of it there
+    where = ("--store", fed.store, "--coordinator", fed.pub("coordinator"))
+    for r in (1, 2):
+        shown = _headline(fed.cli("evaluate", *where, "--round", r - 1, "--data", fed.data / "bank-a.csv").output)
+        metrics = _manifest(fed, r, "bank-a")["metrics"]
+        assert shown["auc"] == f"{metrics['auc_before']:.4f}"
+        assert shown["pr_auc"] == f"{metrics['pr_auc_before']:.4f}"
+        assert shown["recall_at_1pct_fpr"] == f"{metrics['recall_at_1pct_fpr_before']:.4f}"
+    # the train command shows them as a before row and an after row
+    res = fed.cli("train", *where[:2], "--key", fed.key("bank-c"), "--data", fed.data / "bank-c.csv", *where[2:])
+    rows = {row[0]: row[1:] for row in _cells(res.output)}
+    metrics = _manifest(fed, 2, "bank-c")["metrics"]
+    stems = list(MANIFEST_METRICS)
+    assert rows["global model it started from"] == [f"{metrics[f'{k}_before']:.4f}" for k in stems]
+    assert rows["trained here"] == [f"{metrics[f'{k}_after']:.4f}" for k in stems]
+
+
+@pytest.mark.slow
+def test_evaluate_shows_the_metrics_of_the_scores_predict_writes(fraud_fed, tmp_path):
+    fed = fraud_fed
+    where = ("--store", fed.store, "--coordinator", fed.pub("coordinator"))
+    res = fed.cli("evaluate", *where, "--data", fed.data / "test.csv")
+    fed.cli("predict", *where, "--data", fed.data / "test.csv", "--out", tmp_path / "scores.csv")
+    scored = pd.read_csv(tmp_path / "scores.csv")
+    y, p = (scored["is_fraud"] == 1).to_numpy(np.float32), scored["score"].to_numpy()
+    shown = _headline(res.output)
+    assert shown["auc"] == f"{roc_auc_score(y, p):.4f}" and shown["pr_auc"] == f"{average_precision_score(y, p):.4f}"
+    for limit in FPR_LIMITS:
+        assert shown[recall_key(limit)] == f"{brute_recall_at_fpr(y, p, limit):.4f}"
+    for rate in ALERT_RATES:
+        assert shown[precision_key(rate)] == f"{brute_precision_at_top(y, p, budget(rate, len(y))):.4f}"
+    assert shown["positive_rate"] == f"{y.mean():.4f}"
+    # the threshold table: each row's counts are what alerting at its threshold gives on predict's scores
+    table = [row for row in _cells(res.output) if len(row) == 8]
+    assert [row[0] for row in table][:1] == ["top 0.1%"] and len(table) == 7
+    for rule, threshold, alerts, tp, fp, _, _, fpr in table:
+        flagged = p >= float(threshold)
+        assert int(alerts.replace(",", "")) == flagged.sum(), rule
+        assert int(tp.replace(",", "")) == (flagged & (y == 1)).sum(), rule
+        assert int(fp.replace(",", "")) == (flagged & (y == 0)).sum(), rule
+        if rule.startswith("top "):
+            assert flagged.sum() <= budget(float(rule[4:-1]) / 100, len(y))
+        if rule.startswith("FPR ≤ "):
+            assert float(fpr) <= float(rule[6:-1]) / 100 + 5e-5
+    assert "operating points: an alert is a row scored at or above the threshold" in res.output
+
+
+@pytest.mark.slow
+def test_status_and_report_show_pr_auc_per_round_and_bank(fraud_fed, tmp_path):
+    fed = fraud_fed
+    res = fed.cli("status", fed.store, "--coordinator", fed.pub("coordinator"))
+    published = json.loads((fed.store / "rounds/000001/global.json").read_text())
+    mean = np.mean([c["metrics"]["pr_auc_before"] for c in published["contributors"]])
+    row = next(row for row in _cells(res.output) if row[0] == "1")
+    assert row[5] == f"{mean:.4f}" and "pr_auc" in res.output
+
+    out = tmp_path / "rep.html"
+    fed.cli("report", fed.store, "--out", out, "--coordinator", fed.pub("coordinator"))
+    page = out.read_text()
+    assert "<th>pr_auc before</th><th>pr_auc after</th>" in page and "recall at 1% FPR after" in page
+    for r, members in ((1, BANKS), (2, BANKS[:2])):
+        for b in members:
+            m = _manifest(fed, r, b)["metrics"]
+            cells = "".join(f"<td>{m[k]:.4f}</td>" for k in METRICS)
+            assert re.search(rf"<td>{r}</td><td>{b}</td><td><span[^>]*>\w+</span></td><td>\d+</td>{cells}", page), b
+    with Image.open(out.with_suffix(".png")) as im:
+        assert im.size[1] >= 1200 and len(im.convert("RGB").getcolors(maxcolors=1 << 20)) > 200
+
+
+def test_a_rate_outside_0_1_is_refused_and_an_old_manifest_still_counts(fed):
+    forge(fed, "bank-a", metrics={"loss": 0.4, "auc_before": 0.5, "auc_after": 0.7})  # what fedcli wrote before
+    forge(fed, "bank-b", metrics={"loss": 0.4, "pr_auc_after": 1.5})
+    forge(fed, "bank-c", metrics={"recall_at_1pct_fpr_before": -0.1})
+    forge(fed, "bank-d", metrics={"loss": 1e300})
+    res = fed.cli("aggregate", "--key", fed.key("coordinator"), "--store", fed.store, code=None)
+    assert "pr_auc_after is 1.5: a rate lies between 0 and 1" in res.output
+    assert "recall_at_1pct_fpr_before is -0.1: a rate lies between 0 and 1" in res.output
+    assert "loss is 1e+300: beyond ±1e+12" in res.output
+    rejected = json.loads((fed.store / "rounds/000001/rejections.json").read_text())["entries"]
+    assert sorted(rejected) == ["bank-b", "bank-c", "bank-d"]
+    assert all(e["reason"] == "malformed" for e in rejected.values())
+
+
+def test_an_empty_panel_says_why():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedcli.report import Entry, _why_empty
+
+    old = [Entry(1, "bank-a", "accepted", 10, {"loss": 0.3, "auc_before": 0.5, "auc_after": 0.6})]
+    dp = [Entry(1, "bank-a", "accepted", None, {})]
+    new = [Entry(1, "bank-a", "accepted", 10, {"pr_auc_after": 0.2})]
+    for entries, said in ((old, "older fedcli"), (dp, "DP updates withhold them"), (new, None)):
+        fig, ax = plt.subplots()
+        _why_empty(ax, entries, "pr_auc_after")
+        texts = [t.get_text() for t in ax.texts]
+        plt.close(fig)
+        assert (said is None and not texts) or (said is not None and said in texts[0]), texts
