@@ -2,8 +2,8 @@
 fraud the operating points a review team actually runs at: recall at a fixed false-positive rate,
 precision within an alert budget, and a threshold table.
 
-One sort of the scores gives every number, so a 10-million-row table is sorted once, not once per
-metric. Ties are handled one way throughout: an alert is a row whose score is at or above a
+One sort of the scores (and one of the positives' scores) gives every number, so a 10-million-row
+table is sorted once, not once per metric. Ties are handled one way throughout: an alert is a row whose score is at or above a
 threshold, so rows with equal scores are alerted together (a tie is never split) and every
 operating point is one a bank can set. ROC AUC counts a tied positive/negative pair as half (the
 trapezoid rule); PR-AUC is scikit-learn's average precision (a step sum over the distinct scores);
@@ -12,6 +12,7 @@ both equal scikit-learn's, which the tests check.
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -73,69 +74,91 @@ class OperatingPoint:
 
 
 @dataclass(frozen=True)
-class Curve:
-    """Cumulative counts at each distinct score, highest first: alerting every row with
-    score >= thresholds[i] gives tp[i] true and fp[i] false alerts."""
+class Ranking:
+    """Every row's score and every positive's score, each sorted: the count of alerts and of true
+    alerts at any threshold is then a binary search, and the metrics need only the distinct scores
+    of the positives (a few thousand for a rare class), never an array per row beyond the sort."""
 
-    thresholds: np.ndarray  # in the scores' dtype: a threshold printed is one that reproduces the counts
-    tp: np.ndarray
-    fp: np.ndarray
-    positives: int
-    negatives: int
+    scores: np.ndarray  # ascending, in the scores' own dtype (so a threshold prints as they do)
+    positive_scores: np.ndarray  # ascending
 
     @classmethod
-    def of(cls, y: np.ndarray, p: np.ndarray) -> "Curve":
-        """Two plain sorts (all scores, the positives' scores) and a binary search: no argsort and no
-        gather, several times faster than one argsort on 10 million rows, and no index array in memory."""
+    def of(cls, y: np.ndarray, p: np.ndarray) -> "Ranking":
         y, p = np.asarray(y).ravel(), np.asarray(p).ravel()
         if y.shape != p.shape:
             raise ValueError(f"{len(y)} labels for {len(p)} scores")
-        ascending = np.sort(p)
-        hits = np.sort(p[y != 0])
-        changed = np.concatenate(([len(p) > 0], ascending[1:] != ascending[:-1]))
-        first = np.flatnonzero(changed)[::-1]  # where each run of equal scores starts
-        values = ascending[first]  # each distinct score, highest first
-        alerts = len(p) - first  # rows scored at or above it
-        tp = len(hits) - np.searchsorted(hits, values, side="left")
-        return cls(values, tp, alerts - tp, len(hits), len(p) - len(hits))
+        return cls(np.sort(p), np.sort(p[y != 0]))
+
+    @property
+    def positives(self) -> int:
+        return len(self.positive_scores)
+
+    @property
+    def negatives(self) -> int:
+        return len(self.scores) - len(self.positive_scores)
 
     @property
     def both_classes(self) -> bool:
         return self.positives > 0 and self.negatives > 0
 
-    def point(self, i: int, rule: str, threshold: float | None = None) -> OperatingPoint:
-        """The operating point of distinct score i (-1: no alert at all); `threshold` if the rule sets one."""
-        if i < 0:
-            at = math.inf if threshold is None else threshold
-            return OperatingPoint(rule, at, 0, 0, self.positives, self.negatives)
-        at = self.thresholds[i] if threshold is None else threshold
-        return OperatingPoint(rule, at, int(self.tp[i]), int(self.fp[i]), self.positives, self.negatives)
+    def counts(self, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(alerts, true alerts) when alerting every row scored >= each threshold in `at`."""
+        alerts = len(self.scores) - np.searchsorted(self.scores, at, side="left")
+        return alerts, self.positives - np.searchsorted(self.positive_scores, at, side="left")
 
-    def _last(self, allowed: np.ndarray) -> int:
-        """The last index where `allowed` (true on a prefix) holds, -1 if none."""
-        return int(np.count_nonzero(allowed)) - 1
+    def point(self, rule: str, threshold) -> OperatingPoint:
+        alerts, tp = self.counts(np.asarray([threshold], dtype=self.scores.dtype))
+        if threshold == math.inf:
+            threshold = math.inf  # a plain float, however the scores are typed
+        return OperatingPoint(rule, threshold, int(tp[0]), int(alerts[0] - tp[0]), self.positives, self.negatives)
 
-    def at_fpr(self, limit: float) -> OperatingPoint:
-        """The most alerts (so the best recall) while the false-positive rate stays <= limit."""
-        return self.point(self._last(self.fp / max(self.negatives, 1) <= limit), f"FPR ≤ {pct(limit)}")
-
-    def at_alerts(self, k: int, rule: str) -> OperatingPoint:
-        """The most alerts that fit a budget of k rows (fewer when the scores at its edge are tied)."""
-        return self.point(self._last(self.tp + self.fp <= k), rule)
-
-    def at_score(self, threshold: float) -> OperatingPoint:
-        return self.point(self._last(self.thresholds >= threshold), f"score ≥ {threshold:g}", threshold)
+    @cached_property
+    def _steps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """At each distinct score a positive has, highest first: the score, the true and false alerts
+        at or above it, and how many positives and negatives have exactly that score (its ties).
+        Between two of these only negatives are added, so every ranking metric is a sum over them."""
+        at = np.unique(self.positive_scores)[::-1]
+        alerts, tp = self.counts(at)
+        tied = np.searchsorted(self.scores, at, side="right") - np.searchsorted(self.scores, at, side="left")
+        tied_pos = np.searchsorted(self.positive_scores, at, side="right") - (self.positives - tp)
+        return at, tp, alerts - tp, tied_pos, tied - tied_pos
 
     def roc_auc(self) -> float:
-        fp, tp = np.append(0, self.fp).astype(np.float64), np.append(0, self.tp).astype(np.float64)
-        return float(np.sum(np.diff(fp) * (tp[1:] + tp[:-1])) / (2.0 * self.positives * self.negatives))
+        """Each positive's share of negatives scored below it, a tied negative counting half."""
+        _, _, fp, tied_pos, tied_neg = self._steps
+        below = self.negatives - fp + 0.5 * tied_neg
+        return float(np.dot(tied_pos, below) / (self.positives * self.negatives))
 
     def average_precision(self) -> float:
-        gained = np.diff(np.append(0, self.tp))
-        return float(np.sum(gained * (self.tp / (self.tp + self.fp))) / self.positives)
+        """scikit-learn's: the precision at each distinct score, weighted by the recall it adds."""
+        _, tp, fp, tied_pos, _ = self._steps
+        return float(np.dot(tied_pos, tp / (tp + fp)) / self.positives)
 
     def ks(self) -> float:
-        return float(max(0.0, np.max(self.tp / self.positives - self.fp / self.negatives)))
+        _, tp, fp, _, _ = self._steps
+        return float(max(0.0, np.max(tp / self.positives - fp / self.negatives)))
+
+    def at_fpr(self, limit: float) -> OperatingPoint:
+        """The best recall while the false-positive rate stays <= limit, at the highest threshold
+        that reaches it (a lower one would only add false alerts)."""
+        rule = f"FPR ≤ {pct(limit)}"
+        at, _, fp, _, _ = self._steps
+        within = np.flatnonzero(fp / max(self.negatives, 1) <= limit)  # a prefix: fp only grows
+        return self.point(rule, at[within[-1]] if len(within) else math.inf)
+
+    def at_alerts(self, k: int, rule: str) -> OperatingPoint:
+        """The most alerts that fit a budget of k rows: fewer when the scores at its edge are tied."""
+        n = len(self.scores)
+        if k <= 0 or n == 0:
+            return self.point(rule, math.inf)
+        edge = self.scores[max(n - k, 0)]  # the k-th highest score
+        if n - np.searchsorted(self.scores, edge, side="left") > k:  # its ties overflow the budget
+            above = np.searchsorted(self.scores, edge, side="right")
+            edge = self.scores[above] if above < n else math.inf
+        return self.point(rule, edge)
+
+    def at_score(self, threshold: float) -> OperatingPoint:
+        return self.point(f"score ≥ {threshold:g}", threshold)
 
 
 def _finite(p: np.ndarray) -> None:
@@ -149,17 +172,17 @@ def _finite(p: np.ndarray) -> None:
         )
 
 
-def _score(curve: Curve) -> dict[str, float]:
+def _score(ranking: Ranking) -> dict[str, float]:
     keys = ["auc", "pr_auc", "ks", *map(recall_key, FPR_LIMITS), *map(precision_key, ALERT_RATES)]
-    if not curve.both_classes:
+    if not ranking.both_classes:
         return dict.fromkeys(keys, math.nan)
-    rows = curve.positives + curve.negatives
+    rows = ranking.positives + ranking.negatives
     return {
-        "auc": curve.roc_auc(),
-        "pr_auc": curve.average_precision(),
-        "ks": curve.ks(),
-        **{recall_key(a): curve.at_fpr(a).recall for a in FPR_LIMITS},
-        **{precision_key(r): curve.at_alerts(budget(r, rows), "").precision for r in ALERT_RATES},
+        "auc": ranking.roc_auc(),
+        "pr_auc": ranking.average_precision(),
+        "ks": ranking.ks(),
+        **{recall_key(a): ranking.at_fpr(a).recall for a in FPR_LIMITS},
+        **{precision_key(r): ranking.at_alerts(budget(r, rows), "").precision for r in ALERT_RATES},
     }
 
 
@@ -171,7 +194,7 @@ def score(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     precision_at_top_1pct (the top r of rows by score, r x rows rounded down).
     """
     _finite(p)
-    return _score(Curve.of(y, p))
+    return _score(Ranking.of(y, p))
 
 
 @dataclass(frozen=True)
@@ -189,31 +212,31 @@ class Evaluation:
 def evaluation(y: np.ndarray, p: np.ndarray) -> Evaluation:
     """score(), the threshold table (alert budgets, the FPR limits, fixed scores) and its notes."""
     _finite(p)
-    curve = Curve.of(y, p)
-    rows = curve.positives + curve.negatives
-    metrics = _score(curve) | {"positive_rate": curve.positives / rows if rows else math.nan}
-    if not curve.both_classes:
+    ranking = Ranking.of(y, p)
+    rows = ranking.positives + ranking.negatives
+    metrics = _score(ranking) | {"positive_rate": ranking.positives / rows if rows else math.nan}
+    if not ranking.both_classes:
         note = f"only one class among the {rows:,} labels: AUC, PR-AUC, KS, recall and FPR need both (n/a)"
-        return Evaluation(rows, curve.positives, metrics, [], [note])
-    table = [curve.at_alerts(budget(r, rows), f"top {pct(r)}") for r in TABLE_ALERT_RATES]
-    table += [curve.at_fpr(a) for a in FPR_LIMITS]
-    table += [curve.at_score(s) for s in TABLE_SCORES]
+        return Evaluation(rows, ranking.positives, metrics, [], [note])
+    table = [ranking.at_alerts(budget(r, rows), f"top {pct(r)}") for r in TABLE_ALERT_RATES]
+    table += [ranking.at_fpr(a) for a in FPR_LIMITS]
+    table += [ranking.at_score(s) for s in TABLE_SCORES]
     table.sort(key=lambda op: (op.alerts, -op.threshold))
-    return Evaluation(rows, curve.positives, metrics, table, _notes(curve, rows))
+    return Evaluation(rows, ranking.positives, metrics, table, _notes(ranking, rows))
 
 
-def _notes(curve: Curve, rows: int) -> list[str]:
+def _notes(ranking: Ranking, rows: int) -> list[str]:
     """Where an operating point is not what its name promises: too few rows or negatives, or ties."""
     notes = []
     for a in FPR_LIMITS:
-        if a * curve.negatives < 1:
+        if a * ranking.negatives < 1:
             notes.append(
-                f"FPR ≤ {pct(a)}: {curve.negatives:,} negatives allow less than one false alert, "
+                f"FPR ≤ {pct(a)}: {ranking.negatives:,} negatives allow less than one false alert, "
                 "so this is the recall with no false alert at all"
             )
     for r in sorted({*ALERT_RATES, *TABLE_ALERT_RATES}):
         k = budget(r, rows)
-        got = curve.at_alerts(k, "").alerts
+        got = ranking.at_alerts(k, "").alerts
         if k == 0:
             notes.append(f"top {pct(r)}: {rows:,} rows give a budget of less than one alert (n/a)")
         elif got < k:

@@ -21,7 +21,7 @@ from fedcli.metrics import (
     ALERT_RATES,
     FPR_LIMITS,
     MANIFEST_METRICS,
-    Curve,
+    Ranking,
     budget,
     evaluation,
     precision_key,
@@ -90,8 +90,13 @@ def test_auc_pr_auc_ks_equal_scikit_learn_with_ties(drawn):
 @given(tables, st.sampled_from([0.0, 0.001, 0.01, 0.1, 0.25, 0.5, 1.0]))
 def test_recall_at_fpr_is_the_best_threshold_within_the_limit(drawn, limit):
     y, p = arrays(drawn)
-    got = Curve.of(y, p).at_fpr(limit).recall
+    point = Ranking.of(y, p).at_fpr(limit)
+    got = point.recall
     assert got == pytest.approx(brute_recall_at_fpr(y, p, limit), abs=1e-12)
+    # at the highest threshold reaching that recall: a lower one would only add false alerts
+    negatives = int(np.sum(y == 0))
+    best = [t for t, tp, fp in brute_points(y, p) if fp / negatives <= limit and tp == point.tp]
+    assert point.threshold == max(best)
     # the same as reading scikit-learn's full ROC curve (no interpolation between thresholds)
     fpr, tpr, _ = roc_curve(y, p, drop_intermediate=False)
     assert got == pytest.approx(np.max(tpr[fpr <= limit]), abs=1e-12)
@@ -100,7 +105,7 @@ def test_recall_at_fpr_is_the_best_threshold_within_the_limit(drawn, limit):
 @given(tables, st.integers(0, 70))
 def test_precision_at_top_k_never_exceeds_the_budget_and_never_splits_a_tie(drawn, k):
     y, p = arrays(drawn)
-    point = Curve.of(y, p).at_alerts(k, f"top {k}")
+    point = Ranking.of(y, p).at_alerts(k, f"top {k}")
     assert point.alerts <= k
     assert same(point.precision, brute_precision_at_top(y, p, k))
     assert point.alerts == int(np.sum(p >= point.threshold))  # a threshold, so whole ties or none
@@ -143,23 +148,28 @@ def test_headline_metrics_are_rows_of_the_table_and_match_references_on_a_realis
 def test_a_tiny_table_by_hand():
     y = np.array([1, 0, 1, 0, 0, 1, 0, 0, 0, 0], dtype=np.float32)
     p = np.array([0.9, 0.8, 0.7, 0.7, 0.6, 0.3, 0.2, 0.2, 0.1, 0.05], dtype=np.float32)
-    c = Curve.of(y, p)
-    # distinct scores, highest first, and the counts of alerting at or above each
-    assert c.thresholds.tolist() == pytest.approx([0.9, 0.8, 0.7, 0.6, 0.3, 0.2, 0.1, 0.05])
-    assert c.tp.tolist() == [1, 1, 2, 2, 3, 3, 3, 3] and c.fp.tolist() == [0, 1, 2, 3, 3, 5, 6, 7]
+    c = Ranking.of(y, p)
     assert (c.positives, c.negatives) == (3, 7)
+    # alerting at or above each score: (alerts, true alerts)
+    alerts, tp = c.counts(np.array([0.9, 0.8, 0.7, 0.6, 0.3, 0.05], dtype=np.float32))
+    assert alerts.tolist() == [1, 2, 4, 5, 6, 10] and tp.tolist() == [1, 1, 2, 2, 3, 3]
     # a budget of 3 alerts: 0.7 is tied across rows 3 and 4, so only the top 2 fit
     top3 = c.at_alerts(3, "top 3")
-    assert (top3.alerts, top3.tp, top3.precision) == (2, 1, 0.5)
-    # FPR <= 1/7: one false alert allowed -> threshold 0.8, recall 1/3
-    assert c.at_fpr(1 / 7).recall == pytest.approx(1 / 3) and c.at_fpr(1 / 7).threshold == pytest.approx(0.8)
-    # no false alert allowed -> threshold 0.9
-    assert c.at_fpr(0.0).tp == 1
+    assert (top3.alerts, top3.tp, top3.precision) == (2, 1, 0.5) and top3.threshold == np.float32(0.8)
+    assert c.at_alerts(4, "top 4").alerts == 4 and c.at_alerts(100, "all").alerts == 10
+    assert c.at_alerts(0, "none").threshold == math.inf
+    # FPR <= 1/7 allows one false alert: the best recall is 1/3, reached already at 0.9 (no false alert)
+    best = c.at_fpr(1 / 7)
+    assert best.recall == pytest.approx(1 / 3) and best.threshold == np.float32(0.9) and best.fp == 0
+    assert c.at_fpr(2 / 7).recall == pytest.approx(2 / 3) and c.at_fpr(2 / 7).threshold == np.float32(0.7)
+    assert c.at_fpr(1.0).recall == 1.0 and c.at_fpr(1.0).threshold == np.float32(0.3)  # not 0.05: no gain below
     assert c.at_score(0.5).alerts == 5 and c.at_score(0.95).alerts == 0 and c.at_score(0.95).threshold == 0.95
     assert math.isnan(c.at_score(0.95).precision)
     # positive/negative pairs ranked right: 7 + 5 + 4 of 21, and the tied pair (0.7, 0.7) counts half
     assert c.roc_auc() == pytest.approx(16.5 / 21)
+    # precision where each positive is found: 1/1, 2/4 (the tie at 0.7 comes in whole), 3/6
     assert c.average_precision() == pytest.approx((1 / 1 + 2 / 4 + 3 / 6) / 3)
+    assert c.ks() == pytest.approx(max(1 / 3 - 0, 2 / 3 - 2 / 7, 1 - 3 / 7))
 
 
 def test_one_class_gives_nan_and_a_note():
