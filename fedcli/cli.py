@@ -470,6 +470,11 @@ def _meanings(ev) -> dict[str, str]:
     return words
 
 
+def _threshold(value) -> str:
+    """Every digit of the score (in the scores' own type), so `score >= threshold` reproduces the counts."""
+    return "none alerted" if value == float("inf") else str(value)
+
+
 def _evaluation_tables(title: str, ev) -> tuple[Table, Table]:
     """The headline metrics, then the operating points behind them (the threshold table)."""
     headline = Table(title=title, min_width=len(title) + 4)  # a title wider than the columns is not wrapped
@@ -485,9 +490,7 @@ def _evaluation_tables(title: str, ev) -> tuple[Table, Table]:
     for op in ev.table:
         points.add_row(
             op.rule,
-            "none alerted"
-            if op.threshold == float("inf")
-            else str(op.threshold),  # every digit: it reproduces the counts
+            _threshold(op.threshold),
             f"{op.alerts:,}",
             f"{op.tp:,}",
             f"{op.fp:,}",
