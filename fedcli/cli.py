@@ -431,7 +431,8 @@ def report(
     ),
     coordinator: Path | None = PinOpt,
 ):
-    """Plot each bank's AUC, PR-AUC, recall at 1 % FPR, loss and rows per round and the privacy budget spent: a PNG and an HTML page."""
+    """Plot each bank's AUC, PR-AUC, recall at 1 % FPR, loss and rows per round, and the privacy budget
+    spent: a PNG and an HTML page."""
     from fedcli.report import write_report
 
     with failures():
