@@ -3,7 +3,8 @@ fraud the operating points a review team actually runs at: recall at a fixed fal
 precision within an alert budget, and a threshold table.
 
 One sort of the scores (and one of the positives' scores) gives every number, so a 10-million-row
-table is sorted once, not once per metric, and nothing else the size of the table is held. Ties
+table is sorted once, not once per metric, and beyond that sorted copy only arrays the size of the
+positives are kept. Ties
 are handled one way throughout: an alert is a row whose score is at or above a threshold, so rows
 with equal scores are alerted together (a tie is never split) and every operating point is one a
 bank can set. ROC AUC counts a tied positive/negative pair as half; PR-AUC is scikit-learn's
