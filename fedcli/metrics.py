@@ -4,12 +4,12 @@ precision within an alert budget, and a threshold table.
 
 One sort of the scores (and one of the positives' scores) gives every number, so a 10-million-row
 table is sorted once, not once per metric, and beyond that sorted copy only arrays the size of the
-positives are kept. Ties
-are handled one way throughout: an alert is a row whose score is at or above a threshold, so rows
-with equal scores are alerted together (a tie is never split) and every operating point is one a
-bank can set. ROC AUC counts a tied positive/negative pair as half; PR-AUC is scikit-learn's
-average precision (a step sum over the distinct scores, no interpolation); both equal
-scikit-learn's, which the tests check. Definitions and how to read them: docs/fraud.md.
+positives are kept. Ties are handled one way throughout: an alert is a row whose score is at or
+above a threshold, so rows with equal scores are alerted together (a tie is never split) and every
+operating point is one a bank can set. ROC AUC counts a tied positive/negative pair as half;
+PR-AUC is scikit-learn's average precision (a step sum over the distinct scores, no
+interpolation); both equal scikit-learn's, which the tests check. Definitions and how to read
+them: docs/fraud.md.
 """
 
 import math
