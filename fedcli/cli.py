@@ -240,12 +240,7 @@ def train(
     if not res.submitted:
         out.print(res.message, soft_wrap=True)
         return
-    table = Table(title=f"{res.member}: update for round {res.round}")
-    table.add_column("rows", justify="right")
-    for k in res.metrics:
-        table.add_column(k, justify="right")
-    table.add_row(str(res.num_examples), *(f"{v:.4f}" for v in res.metrics.values()))
-    out.print(table)
+    out.print(_update_table(res))
     if res.privacy:
         p = res.privacy
         out.print(
@@ -254,6 +249,23 @@ def train(
             soft_wrap=True,
         )
     out.print(res.message, soft_wrap=True)
+
+
+def _update_table(res) -> Table:
+    """The update's metrics on this bank's rows: one row for the global model it started from (the
+    manifest's *_before), one for the model trained here (*_after); the rest (loss) in the title."""
+    stems = [k.removesuffix("_before") for k in res.metrics if k.endswith("_before")]
+    others = ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items() if not k.endswith(("_before", "_after")))
+    title = f"{res.member}: update for round {res.round} ({res.num_examples:,} rows" + (
+        f", {others})" if others else ")"
+    )
+    table = Table(title=title, min_width=min(len(title) + 4, 100))
+    table.add_column("model on this bank's rows")
+    for stem in stems:
+        table.add_column(stem, justify="right")
+    for when, label in (("before", "global model it started from"), ("after", "trained here")):
+        table.add_row(label, *(_rate(res.metrics.get(f"{stem}_{when}", float("nan"))) for stem in stems))
+    return table
 
 
 @app.command()
@@ -308,15 +320,18 @@ def status(
         spec, rows = history(_store(store), pinned)
     _unpinned_note(pinned)
     table = Table(
-        title=escape(f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}")
+        title=escape(f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}"),
+        caption="auc, pr_auc before and loss: means over the round's updates; before: the global model each bank "
+        "started from, scored on its own rows (empty: no update reported them, e.g. under DP)",
     )
     columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("round", "right"),
         ("global", "left"),
         ("updates in", "right"),
         ("rows", "right"),
-        ("mean auc before", "right"),
-        ("mean loss", "right"),
+        ("auc\nbefore", "right"),  # two short lines: the table fits 80 columns
+        ("pr_auc\nbefore", "right"),
+        ("loss", "right"),
         ("other", "left"),
     )
     for col, just in columns:
@@ -337,8 +352,7 @@ def status(
             (f"{len(row.contributors)}/{len(spec.members)}" if row.round else "(initial)")
             + (f"\n{row.bytes_in:,} B" if row.bytes_in else ""),  # bytes the banks uploaded: the wire cost
             str(row.examples) if row.examples else "",
-            f"{row.metrics['auc_before']:.4f}" if "auc_before" in row.metrics else "",
-            f"{row.metrics['loss']:.4f}" if "loss" in row.metrics else "",
+            *(f"{row.metrics[k]:.4f}" if k in row.metrics else "" for k in ("auc_before", "pr_auc_before", "loss")),
             ", ".join(other),
         )
         for m, why in row.rejected.items():
@@ -417,7 +431,8 @@ def report(
     ),
     coordinator: Path | None = PinOpt,
 ):
-    """Plot each bank's loss, AUC and rows per round and the privacy budget spent: a PNG and an HTML page."""
+    """Plot each bank's AUC, PR-AUC, recall at 1 % FPR, loss and rows per round, and the privacy budget
+    spent: a PNG and an HTML page."""
     from fedcli.report import write_report
 
     with failures():
@@ -433,12 +448,58 @@ def _notes(notes: list[str]) -> None:
         err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
-def _metrics_table(title: str, metrics: dict) -> Table:
-    table = Table(title=title, min_width=len(title) + 4)  # a title wider than the columns is not wrapped
-    for k in metrics:
-        table.add_column(k, justify="right")
-    table.add_row(*(f"{v:.4f}" for v in metrics.values()))
-    return table
+def _rate(value: float, fmt: str = "{:.4f}") -> str:
+    """A metric for a table; n/a where it is undefined (the notes under the table say why)."""
+    return "n/a" if value != value else fmt.format(value)  # NaN is the only value not equal to itself
+
+
+def _meanings(ev) -> dict[str, str]:
+    """What each headline metric says, in the words a fraud or credit team uses."""
+    from fedcli.metrics import ALERT_RATES, FPR_LIMITS, budget, pct, precision_key, recall_key
+
+    base = _rate(ev.metrics["positive_rate"])
+    words = {
+        "auc": "ranking over all thresholds (0.5: random)",
+        "pr_auc": f"average precision over recall levels (no skill: the positive rate, {base})",
+        "ks": "largest gap between the score distributions of positives and negatives",
+        "positive_rate": f"{ev.positives:,} positives in {ev.rows:,} rows",
+    }
+    for a in FPR_LIMITS:
+        words[recall_key(a)] = f"share of positives alerted while at most {pct(a)} of negatives are"
+    for r in ALERT_RATES:
+        words[precision_key(r)] = f"share of positives among the top {pct(r)} of scores ({budget(r, ev.rows):,} alerts)"
+    return words
+
+
+def _threshold(value) -> str:
+    """Every digit of the score (in the scores' own type), so `score >= threshold` reproduces the counts."""
+    return "none alerted" if value == float("inf") else str(value)
+
+
+def _evaluation_tables(title: str, ev) -> tuple[Table, Table]:
+    """The headline metrics, then the operating points behind them (the threshold table)."""
+    headline = Table(title=title, min_width=len(title) + 4)  # a title wider than the columns is not wrapped
+    headline.add_column("metric")
+    headline.add_column("value", justify="right")
+    headline.add_column("what it says")
+    meanings = _meanings(ev)
+    for key, value in ev.metrics.items():
+        headline.add_row(key, _rate(value), meanings.get(key, ""))
+    points = Table(title="operating points: an alert is a row scored at or above the threshold", pad_edge=False)
+    for col in ("rule", "threshold", "alerts", "TP", "FP", "precision", "recall", "FPR"):
+        points.add_column(col, justify="left" if col == "rule" else "right", no_wrap=col in ("rule", "threshold"))
+    for op in ev.table:
+        points.add_row(
+            op.rule,
+            _threshold(op.threshold),
+            f"{op.alerts:,}",
+            f"{op.tp:,}",
+            f"{op.fp:,}",
+            _rate(op.precision),
+            _rate(op.recall),
+            _rate(op.fpr),
+        )
+    return headline, points
 
 
 @app.command()
@@ -448,13 +509,18 @@ def evaluate(
     data: Path = typer.Option(..., "--data", "-d", help="Labelled CSV or Parquet table."),
     round_: int | None = typer.Option(None, "--round", help="Round to evaluate (default: latest)."),
 ):
-    """Score a verified global model on a labelled table: AUC, PR-AUC, KS."""
+    """Score a verified global model on a labelled table: AUC, PR-AUC, KS, recall at 0.1 % and 1 % FPR,
+    precision in the top 0.1 % and 1 % of scores, and a threshold table (docs/fraud.md: reading the metrics)."""
     from fedcli.bank.inference import evaluate as run
 
     with failures():
-        r, n, metrics, notes = run(_store(store), coordinator, data, round_)
+        r, n, ev, notes = run(_store(store), coordinator, data, round_)
     _notes(notes)
-    out.print(_metrics_table(f"global model of round {r} on {escape(data.name)} ({n} rows)", metrics))
+    headline, points = _evaluation_tables(f"global model of round {r} on {escape(data.name)} ({n:,} rows)", ev)
+    out.print(headline)
+    if points.row_count:
+        out.print(points)
+    _notes(ev.notes)
 
 
 @app.command()

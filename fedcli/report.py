@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from fedcli.errors import FedcliError
 from fedcli.keys import PublicIdentity, verify_manifest
+from fedcli.metrics import MANIFEST_METRICS
 from fedcli.protocol.rounds import (
     global_manifest,
     global_rounds,
@@ -35,7 +36,7 @@ from fedcli.store import Store
 if TYPE_CHECKING:  # pydantic is imported lazily, only by the commands that read documents
     from fedcli.protocol.documents import UpdateManifest
 
-METRICS = ("loss", "auc_before", "auc_after")
+METRICS = ("loss", *(f"{stem}_{when}" for stem in MANIFEST_METRICS for when in ("before", "after")))
 
 
 @dataclass
@@ -147,8 +148,17 @@ def collect(store: Store, pinned: PublicIdentity | None = None) -> Report:
     )
 
 
+# The before/after panels: manifest key stem, title, y label. PR-AUC and recall at a low false-positive
+# rate are what a rare class (fraud) is judged on: AUC alone stays high while the alerts are mostly false.
+RANKING_PANELS = (
+    ("auc", "local AUC per bank", "ROC AUC on the bank's own rows"),
+    ("pr_auc", "local PR-AUC per bank (no skill: the bank's positive rate)", "average precision"),
+    ("recall_at_1pct_fpr", "local recall at 1% false-positive rate", "share of positives alerted"),
+)
+
+
 def plot(rep: Report) -> bytes:
-    """The four panels as PNG bytes: AUC, loss, rows, privacy budget, per bank per round."""
+    """Six panels as PNG bytes, per bank per round: AUC, PR-AUC, recall at 1 % FPR, loss, rows, privacy budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,14 +166,15 @@ def plot(rep: Report) -> bytes:
 
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(rep.members)}
     good = [e for e in rep.entries if e.status != "invalid"]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=110)
+    fig, axes = plt.subplots(3, 2, figsize=(12, 12), dpi=110)
     fig.suptitle(
         f"federation {rep.federation_id}: {len(rep.published) - 1 if rep.published else 0} rounds "
         f"published, {len(rep.members)} banks",
         fontsize=14,
     )
-    (ax_auc, ax_loss), (ax_rows, ax_eps) = axes
-    _auc_panel(ax_auc, rep.members, good, colors)
+    (ax_auc, ax_pr), (ax_recall, ax_loss), (ax_rows, ax_eps) = axes
+    for ax, (stem, title, ylabel) in zip((ax_auc, ax_pr, ax_recall), RANKING_PANELS, strict=True):
+        _before_after_panel(ax, rep.members, good, colors, stem, title, ylabel)
     _loss_panel(ax_loss, rep.members, good, colors)
     _rows_panel(ax_rows, rep.members, good, colors)
     _privacy_panel(ax_eps, rep, good, colors)
@@ -172,9 +183,9 @@ def plot(rep: Report) -> bytes:
     if not good:
         _say(ax_auc, "no verified updates on the store yet")
     else:
-        for ax, key in ((ax_auc, "auc_after"), (ax_loss, "loss")):
-            if not any(key in e.metrics for e in good):
-                _say(ax, "no metrics in the manifests\n(DP updates withhold them)")
+        for ax, key in ((ax_auc, "auc_after"), (ax_pr, "pr_auc_after"), (ax_recall, "recall_at_1pct_fpr_after")):
+            _why_empty(ax, good, key)
+        _why_empty(ax_loss, good, "loss")
     handles = [plt.Line2D([], [], color=colors[m], marker="o", label=m) for m in rep.members]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False, fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
@@ -190,17 +201,25 @@ def _series(entries: list[Entry], member: str, key: str) -> tuple[list[int], lis
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _auc_panel(ax, members: list[str], good: list[Entry], colors: dict) -> None:
-    """AUC after local training (solid) and of the global model it started from (dashed)."""
+def _why_empty(ax, good: list[Entry], key: str) -> None:
+    """A panel no manifest has numbers for says why: DP withholds metrics; an older fedcli did not report this one."""
+    if any(key in e.metrics for e in good):
+        return
+    if any(e.metrics for e in good):
+        _say(ax, "not in these updates' manifests\n(made by an older fedcli)")
+    else:
+        _say(ax, "no metrics in the manifests\n(DP updates withhold them)")
+
+
+def _before_after_panel(ax, members: list[str], good: list[Entry], colors: dict, stem: str, title: str, ylabel: str):
+    """A metric after local training (solid) and of the global model the bank started from (dashed)."""
     for m in members:
-        x, y = _series(good, m, "auc_after")
+        x, y = _series(good, m, f"{stem}_after")
         ax.plot(x, y, "o-", color=colors[m], label=m)
-        x, y = _series(good, m, "auc_before")
+        x, y = _series(good, m, f"{stem}_before")
         ax.plot(x, y, "o--", color=colors[m], alpha=0.45, markersize=3)
-    ax.set_title(
-        "local AUC per bank\n(solid: after local training; dashed: the global model it started from)", fontsize=11
-    )
-    ax.set_ylabel("ROC AUC on the bank's own rows")
+    ax.set_title(f"{title}\n(solid: after local training; dashed: the global model it started from)", fontsize=11)
+    ax.set_ylabel(ylabel)
 
 
 def _loss_panel(ax, members: list[str], good: list[Entry], colors: dict) -> None:
@@ -281,6 +300,13 @@ def _say(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.35")
 
 
+def _heading(key: str) -> str:
+    """auc_before -> 'auc before'; recall_at_1pct_fpr_after -> 'recall at 1% FPR after'."""
+    return html.escape(
+        key.replace("recall_at_1pct_fpr", "recall at 1% FPR").replace("_before", " before").replace("_after", " after")
+    )
+
+
 def _cell(value, fmt: str = "{:.4f}") -> str:
     return "" if value is None else html.escape(fmt.format(value))
 
@@ -298,9 +324,7 @@ def page(rep: Report, png: bytes) -> str:
                     html.escape(e.member),
                     f'<span class="{e.status}">{e.status}</span>',
                     _cell(e.rows, "{:d}"),
-                    _cell(e.metrics.get("loss")),
-                    _cell(e.metrics.get("auc_before")),
-                    _cell(e.metrics.get("auc_after")),
+                    *(_cell(e.metrics.get(k)) for k in METRICS),
                     _cell(e.epsilon, "{:.3f}"),
                     html.escape(e.note),
                 )
@@ -330,8 +354,12 @@ img {{ max-width: 100%; }}
 update manifest whose signature was checked against the bank's enrolled key.</p>
 <img alt="metrics per round per bank" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">
 <p>{privacy}</p>
+<p>Metrics are each bank's own, on its own rows: "before" scores the global model it started from, "after"
+the model it trained. PR-AUC's no-skill level is the bank's positive rate, so compare it across rounds
+rather than across banks. An empty cell: DP updates withhold metrics, and an older fedcli reported only
+loss and AUC.</p>
 <table>
-<tr><th>round</th><th>bank</th><th>status</th><th>rows</th><th>loss</th><th>auc before</th><th>auc after</th><th>ε spent</th><th>note</th></tr>
+<tr><th>round</th><th>bank</th><th>status</th><th>rows</th>{"".join(f"<th>{_heading(k)}</th>" for k in METRICS)}<th>ε spent</th><th>note</th></tr>
 {chr(10).join(rows)}
 </table>
 </body></html>

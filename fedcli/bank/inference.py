@@ -2,13 +2,12 @@
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from fedcli import keys, models
 from fedcli.bank import tables
 from fedcli.errors import FedcliError
-from fedcli.metrics import score
+from fedcli.metrics import evaluation
 from fedcli.protocol import rounds
 from fedcli.store import Store
 
@@ -22,14 +21,14 @@ def verified_global(store: Store, coordinator_pub: Path, round_: int | None):
 
 
 def evaluate(store: Store, coordinator_pub: Path, data_path: Path, round_: int | None = None):
-    """Return (round, rows, metrics, notes) of the verified global model on a labelled table (both classes)."""
+    """(round, rows, metrics.Evaluation, notes) of the verified global model on a labelled table (both classes)."""
     spec, g = verified_global(store, coordinator_pub, round_)
     prep = tables.prepare(tables.read_table(data_path), spec.data, Path(data_path).name)
     p = models.predict(spec.model, g.tensors, prep.X)
     return (
         g.round,
         len(p),
-        score(prep.labels(), p) | {"positive_rate": float(np.mean(prep.labels()))},
+        evaluation(prep.labels(), p),
         tables.notes(prep, Path(data_path).name),
     )
 

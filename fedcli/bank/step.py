@@ -26,7 +26,7 @@ from fedcli.bank.state import BankState, ledger_path_for, state_path_for
 from fedcli.bank.training import fit, fit_private
 from fedcli.errors import AlreadyExists, FedcliError
 from fedcli.keys import PublicIdentity
-from fedcli.metrics import score
+from fedcli.metrics import MANIFEST_METRICS, score
 from fedcli.privacy import noise, policy
 from fedcli.protocol import compression, rounds, tensors
 from fedcli.protocol.spec import Spec, summary
@@ -206,7 +206,7 @@ def plan_privacy(job: BankRound, plan: BankPlan, data: LocalData) -> Release | N
 @dataclass(frozen=True)
 class Trained:
     weights: Arrays
-    metrics: dict[str, float]  # loss, auc_before, auc_after, rounded; they stay at the bank under DP
+    metrics: dict[str, float]  # loss and metrics.MANIFEST_METRICS before/after, rounded; they stay at the bank under DP
     release: Release | None  # with DP-SGD, the mechanism that actually ran
 
 
@@ -274,10 +274,17 @@ def _train_dp_sgd(
 
 
 def _measure(job: BankRound, base: rounds.Global, data: LocalData, weights: Arrays, loss: float) -> dict[str, float]:
-    """The round's metrics, rounded for the manifest; non-finite weights or metrics are refused."""
+    """The round's metrics for the manifest, rounded: the last epoch's loss, and AUC, PR-AUC and recall at
+    1 % FPR of the global model it started from (before) and of the trained one (after). PR-AUC and recall
+    are what a rare class such as fraud is judged on; AUC alone looks good on them too easily.
+    Non-finite weights or metrics are refused."""
     require_finite("the trained weights", weights, base)
+    # The global model's scores again (prepare_data keeps only their AUC): one more predict and sort.
+    before = score(data.y, models.predict(job.spec.model, base.tensors, data.X))
     after = score(data.y, models.predict(job.spec.model, weights, data.X))
-    metrics = {"loss": loss, "auc_before": data.auc_before, "auc_after": after["auc"]}
+    metrics = {"loss": loss}
+    for key in MANIFEST_METRICS:
+        metrics |= {f"{key}_before": before[key], f"{key}_after": after[key]}
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
         refuse_non_finite(f"training produced non-finite {', '.join(bad)} on {data.source}", base)

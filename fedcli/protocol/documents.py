@@ -39,7 +39,22 @@ Positive = Annotated[float, Field(gt=0)]
 Token = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")]
 Base64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{1,200}={0,2}$")]
 MetricName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]
-Metrics = Annotated[dict[MetricName, float], Field(max_length=32)]
+MAX_METRIC = 1e12  # no loss or score is near it; a value beyond it would only wreck status and report's scales
+RATES = ("auc", "pr_auc", "ks", "recall", "precision")  # metric names starting so are fractions of 1
+
+
+def _bounded_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Every metric within ±MAX_METRIC, and every rate (AUC, PR-AUC, recall, ...) within [0, 1].
+    Names are open (an older or newer bank may report others), values never are."""
+    for name, value in metrics.items():
+        if name.startswith(RATES) and not 0 <= value <= 1:
+            raise ValueError(f"{name} is {value:g}: a rate lies between 0 and 1")
+        if abs(value) > MAX_METRIC:
+            raise ValueError(f"{name} is {value:g}: beyond ±{MAX_METRIC:g}")
+    return metrics
+
+
+Metrics = Annotated[dict[MetricName, float], Field(max_length=32), AfterValidator(_bounded_metrics)]
 
 
 def _iso_time(text: str) -> str:
