@@ -267,12 +267,14 @@ class CsvSource(TableSource):
         source.header, source.columns = header, numbered(header)
         return source
 
-    def _options(self, types: dict[str, pa.DataType] | None, include: list[str] | None, errors: list) -> tuple:
+    def _options(
+        self, types: dict[str, pa.DataType] | None, include: list[str] | None, errors: list, threads: bool = True
+    ) -> tuple:
         def invalid(row) -> str:
             errors.append(row)
             return "error"
 
-        read = pcsv.ReadOptions(block_size=BLOCK_BYTES, encoding=self.encoding, use_threads=False)
+        read = pcsv.ReadOptions(block_size=BLOCK_BYTES, encoding=self.encoding, use_threads=threads)
         parse = pcsv.ParseOptions(delimiter=self.separator, newlines_in_values=True, invalid_row_handler=invalid)
         convert = pcsv.ConvertOptions(
             column_types=types,
@@ -314,10 +316,21 @@ class CsvSource(TableSource):
             )
             yield pa.RecordBatch.from_arrays(arrays, names=columns) if columns else batch.select([])
 
+    def _first_invalid_row(self):
+        """Parse again on one thread, the only way Arrow numbers rows, to say which row is ragged."""
+        errors: list = []
+        try:
+            with self.place.fs.open_input_stream(self.place.path) as f:
+                for _ in pcsv.open_csv(f, *self._options({}, None, errors, threads=False)):
+                    pass
+        except (pa.ArrowException, OSError, ValueError, UnicodeError):
+            pass
+        return errors[0] if errors else None
+
     def _csv_refusal(self, e: BaseException, invalid_rows: list) -> InputError:
         shown = self.place.shown
         if invalid_rows:
-            row = invalid_rows[0]
+            row = invalid_rows[0] if invalid_rows[0].number else self._first_invalid_row() or invalid_rows[0]
             where = f"data row {row.number - 1}" if row.number and row.number > 1 else "a row"
             text = row.text if len(row.text) <= 60 else row.text[:57] + "..."
             return InputError(
@@ -452,7 +465,13 @@ class ParquetSource(TableSource):
 
     def _read(self, columns: list[str], rows_per_batch: int) -> Iterator[pa.RecordBatch]:
         scanner = self.dataset.scanner(
-            columns=columns, batch_size=rows_per_batch, batch_readahead=1, fragment_readahead=1, use_threads=True
+            columns=columns,
+            batch_size=rows_per_batch,
+            batch_readahead=1,
+            fragment_readahead=1,
+            use_threads=True,
+            # pre-buffering reads a whole file's column chunks ahead: memory of the file, not of a row group
+            fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False),
         )
         yield from scanner.to_batches()
 

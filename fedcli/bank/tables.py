@@ -490,7 +490,11 @@ def prepare(
 
 
 class _Rows:
-    """The feature matrix, filled chunk by chunk: written in place when the row count is known, else joined once."""
+    """The feature matrix, filled chunk by chunk: in place when the row count is known (Parquet), else from parts.
+
+    Joining parts copies each into the result and frees it at once; the result's pages are only
+    committed as they are written, so the peak stays near one matrix, not two.
+    """
 
     def __init__(self, width: int, rows: int | None):
         self.width = width
@@ -500,7 +504,7 @@ class _Rows:
 
     def add(self, X: np.ndarray) -> None:
         if self.full is not None and self.n + len(X) > len(self.full):  # the metadata undercounted: join instead
-            self.parts, self.full = [self.full[: self.n]], None
+            self.parts, self.full = [self.full[: self.n].copy()], None
         if self.full is not None:
             self.full[self.n : self.n + len(X)] = X
         else:
@@ -508,9 +512,15 @@ class _Rows:
         self.n += len(X)
 
     def done(self) -> np.ndarray:
-        if self.full is None:
-            return np.concatenate(self.parts) if self.parts else np.zeros((0, self.width), np.float32)
-        return self.full[: self.n]
+        if self.full is not None:
+            return self.full[: self.n]
+        out = np.empty((self.n, self.width), np.float32)
+        at = 0
+        while self.parts:
+            part = self.parts.pop(0)
+            out[at : at + len(part)] = part
+            at += len(part)
+        return out
 
 
 def _require_columns(columns: list, spec: DataSpec, source: str) -> None:
