@@ -129,6 +129,9 @@ def open_table(location: str | Path) -> TableSource:
         return ParquetSource.folder(place)
     if info.type != pafs.FileType.File:
         if place.shown.startswith("s3://"):
+            bucket = place.path.split("/")[0]
+            if _info(Place(place.fs, bucket, place.shown)).type == pafs.FileType.NotFound:
+                raise InputError(f"cannot read {place.shown}: bucket {bucket!r} does not exist")
             raise InputError(f"nothing at {place.shown}: no such object or prefix in the bucket")
         what = "does not exist" if info.type == pafs.FileType.NotFound else "is not a file"
         raise InputError(f"data file {place.shown} {what}")
@@ -224,12 +227,13 @@ def _rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Record
             continue
         pending.append(batch)
         held += batch.num_rows
-        while held >= rows:
-            table = pa.Table.from_batches(pending)
-            yield table.slice(0, rows).combine_chunks().to_batches()[0]
-            rest = table.slice(rows)
-            pending = rest.combine_chunks().to_batches() if rest.num_rows else []
-            held = rest.num_rows
+        if held < rows:
+            continue
+        table, start = pa.Table.from_batches(pending), 0
+        while held - start >= rows:
+            yield table.slice(start, rows).combine_chunks().to_batches()[0]
+            start += rows
+        pending, held = table.slice(start).to_batches(), held - start  # slices: no copy
     if held:
         yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
 
@@ -494,11 +498,16 @@ def _parquet_files(place: Place) -> list[str]:
         if any(part.startswith((".", "_")) for part in relative.parts):
             continue
         (files if relative.suffix.lower() in PARQUET_SUFFIXES else others).append(info.path)
-    if files:
+    if files and not others:
         return sorted(files)
     if not others:
         raise InputError(f"cannot read {place.shown}: the folder is empty (no Parquet files)")
-    example = PurePosixPath(sorted(others)[0]).name
+    example = place.child(sorted(others)[0]).shown
+    if files:
+        raise InputError(
+            f"cannot read {place.shown}: a table folder holds only Parquet files (*.parquet, *.pq), and this one "
+            f"also holds {example!r}; move other files out, or give one file by its own path"
+        )
     raise InputError(
         f"cannot read {place.shown}: the folder has no Parquet files (*.parquet, *.pq), only e.g. {example!r}; "
         "give a CSV file by its own path"
