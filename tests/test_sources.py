@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import BANKS, make_fed, one_line, snapshot, use_s3
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fedcli.bank import sources, tables
 from fedcli.errors import ExitCode, FedcliError
@@ -290,3 +292,46 @@ def test_separators_names_and_batches(tmp_path):
         sources.open_table(tmp_path / "book.csv")
     shutil.copy(tmp_path / "t.pq", tmp_path / "parquet-named.csv")  # a Parquet file is known by its first bytes
     assert sources.open_table(tmp_path / "parquet-named.csv").rows == 10
+
+
+# --------------------------------------------------------------------------- property-based: any file, any cells
+
+_XCY = DataSpec(
+    target="y",
+    positive="1",
+    numeric=(NumericFeature("x", 1.0, 2.0),),
+    categorical=(CategoricalFeature("c", ("a", "1", "True")),),
+)
+_CELL = st.one_of(
+    st.sampled_from(["", " ", "1", "0", "1.0", " 1", "true", "False", "NA", "nan", "a", "A", "1e400", "-3", "x y"]),
+    st.text(alphabet="01.-e aTr", max_size=4),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300), suffix=st.sampled_from([".csv", ".tsv", ".parquet"]), header=st.booleans())
+def test_any_bytes_stream_to_a_table_or_one_clear_refusal(tmp_path, data, suffix, header):
+    path = tmp_path / f"t{suffix}"
+    path.write_bytes((b"x,c,y\n" if header else b"") + data)
+    try:
+        prep = tables.prepare(sources.open_table(path), _XCY, "t", rows_per_batch=3)
+    except FedcliError as e:
+        assert "\n" not in str(e) and e.exit_code == ExitCode.ERROR
+        return
+    assert np.isfinite(prep.X).all() and sorted(set(prep.labels().tolist())) == [0.0, 1.0]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(_CELL, _CELL, _CELL), min_size=1, max_size=12), chunk=st.integers(1, 5))
+def test_streamed_csv_prepares_like_the_whole_table(tmp_path, rows, chunk):
+    """The same cells give the same features, labels, notes or refusal, whole (typed as pandas would) or streamed."""
+    path = tmp_path / "t.csv"
+    pd.DataFrame(rows, columns=["x", "c", "y"]).to_csv(path, index=False)
+    outcomes = []
+    for read in (lambda: tables.read_table(path), lambda: sources.open_table(path)):
+        try:
+            prep = tables.prepare(read(), _XCY, "t", rows_per_batch=chunk)
+            outcomes.append((prep.X.tolist(), prep.labels().tolist(), tables.notes(prep, "t")))
+        except FedcliError as e:
+            outcomes.append(str(e))
+    assert outcomes[0] == outcomes[1]

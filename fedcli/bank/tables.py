@@ -40,7 +40,15 @@ from fedcli.protocol.spec import CategoricalFeature, DataSpec, NumericFeature
 MAX_STD_UNITS = 1e6  # beyond this a value is a unit or column mix-up, and float32 would overflow
 MAX_SEEN = 100_000  # distinct target values remembered for the "values seen" of a refusal
 _SEP_NAMES = {";": "';'", "\t": "tabs", "|": "'|'", ",": "','"}
-_BOOLS = {"True": "true", "False": "false"}  # pandas' spelling of a boolean -> the text it matches in any case
+_BOOLS = {"True": "true", "False": "false"}
+_BOOL_WORDS = [
+    "True",
+    "TRUE",
+    "true",
+    "False",
+    "FALSE",
+    "false",
+]  # what pandas' reader takes for a boolean  # pandas' spelling of a boolean -> the text it matches in any case
 
 Column: TypeAlias = Any  # a pyarrow Array or ChunkedArray, or a pandas Series (pyarrow has no type stubs)
 
@@ -65,16 +73,25 @@ def read_table(location: str | Path) -> pd.DataFrame:
 
 
 def _typed(values: pd.Series) -> pd.Series:
-    """A column of CSV text as pandas' reader would type it: numbers, booleans, or text."""
+    """A column of CSV text as pandas' reader would type it: integers, floats, booleans, or text."""
     present = values.dropna()
     if not len(present):
         return values.astype(np.float64)
-    numbers = pd.to_numeric(present, errors="coerce")
-    if numbers.notna().all():
-        return pd.to_numeric(values, errors="coerce").astype(np.float64)
-    if len(present) == len(values) and present.isin(["True", "TRUE", "true", "False", "FALSE", "false"]).all():
+    numbers = _as_numbers(present, missing=len(present) < len(values))
+    if numbers is not None:
+        return numbers.reindex(values.index) if len(present) < len(values) else numbers
+    if len(present) == len(values) and present.isin(_BOOL_WORDS).all():
         return values.str.casefold() == "true"
     return values.astype(object).where(values.notna(), None)
+
+
+def _as_numbers(text: pd.Series, missing: bool) -> pd.Series | None:
+    """Text cells that are all numbers, typed as pandas' reader types them (int64 only with no cell missing)."""
+    numbers = pd.to_numeric(text, errors="coerce")
+    if not numbers.notna().all():
+        return None
+    whole = not missing and text.astype(str).str.strip().str.fullmatch(r"[+-]?\d+").all()
+    return numbers.astype(np.int64 if whole and numbers.abs().max() < 2**63 else np.float64)
 
 
 @dataclass
@@ -167,6 +184,10 @@ def _plain(col: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     return pc.cast(col, col.type.value_type) if pa.types.is_dictionary(col.type) else col
 
 
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
 def _is_numeric(kind: pa.DataType) -> bool:
     return (
         pa.types.is_integer(kind)
@@ -190,32 +211,27 @@ def _numbers(col: Column, name: str, source: str) -> tuple[np.ndarray, str | Non
     if isinstance(col, pd.Series):
         return _series_numbers(col)
     col = _plain(col)
-    kind = col.type
-    if _is_numeric(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        numbers = _cast_numbers(col)
+    if _is_numeric(col.type) or _is_text(col.type):
+        numbers = _cast_numbers(col)  # the fast path: every cell a number
         if numbers is not None:
             return numbers, None
-        if _is_numeric(kind):  # a decimal beyond float64: let pandas say what it can
-            return _series_numbers(col.to_pandas())
-        values = col.to_pandas()
-        numbers, text = _series_numbers(values)
-        words = values.str.strip().str.casefold()
-        numbers = np.where(np.isnan(numbers) & (words == "true").to_numpy(bool, na_value=False), 1.0, numbers)
-        numbers = np.where(np.isnan(numbers) & (words == "false").to_numpy(bool, na_value=False), 0.0, numbers)
-        return numbers, text
-    if pa.types.is_temporal(kind):
         return _series_numbers(col.to_pandas())
-    raise InputError(f"{source}: column {name} holds {kind} values, not numbers")
+    if pa.types.is_temporal(col.type):
+        return _series_numbers(col.to_pandas())
+    raise InputError(f"{source}: column {name} holds {col.type} values, not numbers")
 
 
 def _series_numbers(raw: pd.Series) -> tuple[np.ndarray, str | None]:
+    """pandas' reading of numbers, plus true/false (any case) as 1/0, whatever else the column holds."""
     values = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64, na_value=np.nan)
-    text = None
-    if not pd.api.types.is_numeric_dtype(raw):
-        words = clean_text(raw)[np.isnan(values)].dropna()
-        if len(words):
-            text = _short(str(words.iloc[0]))
-    return values, text
+    if pd.api.types.is_numeric_dtype(raw) or not np.isnan(values).any():
+        return values, None
+    text = clean_text(raw)
+    words = text.str.casefold()
+    values = np.where(np.isnan(values) & (words == "true").to_numpy(bool, na_value=False), 1.0, values)
+    values = np.where(np.isnan(values) & (words == "false").to_numpy(bool, na_value=False), 0.0, values)
+    left = text[np.isnan(values)].dropna()
+    return values, (_short(str(left.iloc[0])) if len(left) else None)
 
 
 def _label_numbers(col: Column, wanted: float | None) -> np.ndarray | None:
@@ -313,6 +329,7 @@ class Preparation:
         self.absurd: dict[str, _Absurd] = {}
         self.seen: Counter | None = Counter()  # target values while no positive has shown up
         self.seen_capped = False
+        self.target_text, self.target_nulls = False, 0  # the target as CSV text, and its missing cells
 
     @property
     def needed(self) -> list[str]:
@@ -366,6 +383,9 @@ class Preparation:
             values = series[has]
             y = parse_labels(values, self.spec.positive)
         self.rows_dropped += int(len(has) - has.sum())
+        if not isinstance(col, pd.Series) and _is_text(col.type):  # CSV cells: how pandas would have typed them
+            self.target_nulls += col.null_count
+            self.target_text = True
         positives = int(y.sum())
         if self.need_target and self.seen is not None and not positives:
             self._count_seen(values if values is not None else _series(col)[has])
@@ -381,6 +401,24 @@ class Preparation:
                 self.seen[value] += count
             else:
                 self.seen_capped = True
+
+    def _seen_as_pandas_shows(self) -> Counter:
+        """Target values as a whole-table read typed them: in a CSV column of numbers with a missing cell, 0 is 0.0."""
+        counts = self.seen or Counter()
+        if not self.target_text or self.rows_dropped > self.target_nulls or not counts:
+            return counts  # not CSV text, or a blank cell made pandas keep the column as text
+        keys = pd.Series(list(counts), dtype=object)
+        numbers = _as_numbers(keys, missing=self.target_nulls > 0)
+        if numbers is not None:
+            spelt = numbers.astype(str)
+        elif not self.target_nulls and keys.isin(_BOOL_WORDS).all():
+            spelt = (keys.str.casefold() == "true").astype(str)
+        else:
+            return counts
+        shown: Counter = Counter()
+        for text, count in zip(spelt, counts.values(), strict=True):
+            shown[text] += count
+        return shown
 
     def _standardised(self, raw: Column, f: NumericFeature, row_names: np.ndarray) -> np.ndarray:
         """One numeric column in standard units; missing or non-numeric cells become the declared mean (0)."""
@@ -431,7 +469,7 @@ class Preparation:
             raise InputError(f"{source} has {self.rows} usable row: at least 2 are needed, with both classes")
         where = f"{spec.target} == {spec.positive!r} ({label_rule(spec.positive)})"
         if not self.positives:
-            seen = _seen(self.seen or Counter(), capped=self.seen_capped)
+            seen = _seen(self._seen_as_pandas_shows(), capped=self.seen_capped)
             raise InputError(f"no row of {source} has {where}; values seen: {seen}")
         if self.positives == self.rows:
             raise InputError(f"every row of {source} has {where}: both classes are needed")
