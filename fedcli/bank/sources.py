@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from fedcli.errors import InputError
 
@@ -440,6 +441,8 @@ class ParquetSource(TableSource):
             ) from None
         super().__init__(place, list(dataset.schema.names), rows, None)
         self.dataset = dataset
+        partitioning = getattr(dataset, "partitioning", None)
+        self.partitions = set(partitioning.schema.names) if partitioning is not None else set()
 
     @classmethod
     def file(cls, place: Place) -> ParquetSource:
@@ -468,16 +471,26 @@ class ParquetSource(TableSource):
         return cls(place, dataset)
 
     def _read(self, columns: list[str], rows_per_batch: int) -> Iterator[pa.RecordBatch]:
-        scanner = self.dataset.scanner(
-            columns=columns,
-            batch_size=rows_per_batch,
-            batch_readahead=1,
-            fragment_readahead=1,
-            use_threads=True,
-            # pre-buffering reads a whole file's column chunks ahead: memory of the file, not of a row group
-            fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False),
-        )
-        yield from scanner.to_batches()
+        """File by file, row group by row group. (A dataset scanner reads ahead without bound when its
+        consumer is slower than the disk; a file reader holds one row group.)"""
+        for fragment in self.dataset.get_fragments():
+            keys = ds.get_partition_keys(fragment.partition_expression)
+            stored = [c for c in columns if c not in self.partitions] or self.columns[:1]
+            with self.place.fs.open_input_file(fragment.path) as f:
+                reader = pq.ParquetFile(f, pre_buffer=False)
+                for batch in reader.iter_batches(batch_size=rows_per_batch, columns=stored, use_threads=True):
+                    yield self._with_partitions(batch, columns, keys)
+
+    def _with_partitions(self, batch: pa.RecordBatch, columns: list[str], keys: dict) -> pa.RecordBatch:
+        """The batch's columns in the order asked for, the folder's partition values as constant columns."""
+        arrays = []
+        for name in columns:
+            if name in self.partitions:
+                kind = self.dataset.schema.field(name).type
+                arrays.append(pa.repeat(pa.scalar(keys.get(name), type=kind), batch.num_rows))
+            else:
+                arrays.append(batch.column(name))
+        return pa.RecordBatch.from_arrays(arrays, names=columns)
 
     def _refusal(self, e: BaseException) -> InputError:
         return InputError(f"cannot read {self.place.shown}: it is not a readable Parquet table ({_parquet_reason(e)})")
