@@ -13,7 +13,8 @@ times `open + prepare` of the whole table to the float32 matrix the bank trains 
 Peak RSS is the child's VmHWM; "after imports" is its RSS before reading, so the difference is
 what reading costs. The float32 matrix itself is rows x 30 x 4 bytes (120 MB at 1M rows).
 
-    python bench/read_table.py --rows 1000000 --runs 3 --baseline main
+    python bench/read_table.py --rows 1000000 --runs 5 --baseline main
+    python bench/read_table.py --rows 10000000 --runs 3 --skip-before
 """
 
 import argparse
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=3, help="runs per row (median), interleaved")
     ap.add_argument("--baseline", metavar="REF", default="main", help="the 'before' git ref")
+    ap.add_argument("--skip-before", action="store_true", help="only this tree (pandas needs ~10x the memory)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/fedcli-bench-read"))
     ap.add_argument("--child", nargs=2, metavar=("CODE", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -114,9 +116,12 @@ def main() -> None:
         return
     paths = write_tables(args.rows, args.work)
     trees = {"before": export_ref(args.baseline, args.work), "after": ROOT}
+    if args.skip_before:
+        del trees["before"]
     import pyarrow
 
-    print(machine() + f", pyarrow {pyarrow.__version__}, before = {trees['before'].name}")
+    before = f", before = {trees['before'].name}" if "before" in trees else ""
+    print(machine() + f", pyarrow {pyarrow.__version__}{before}")
     print(
         f"{args.rows:,} rows x {FEATURES} features; CSV {paths['csv'].stat().st_size / 2**20:,.0f} MiB, "
         f"Parquet {paths['parquet'].stat().st_size / 2**20:,.0f} MiB; median of {args.runs} runs"
