@@ -169,7 +169,10 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path, credit_split, moto_s3, mon
         assert message in line, (path, line)
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     line = one_line(fed.train("bank-a", code=ExitCode.ERROR, data=f"{url}/bank-a.csv"))
-    assert "no S3 credentials for s3://" in line and "AWS_SECRET_ACCESS_KEY" in line
+    assert "no usable S3 credentials for s3://" in line and "missing: AWS_SECRET_ACCESS_KEY" in line
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")  # nothing at all (no profile, no instance role: see use_s3)
+    line = one_line(fed.train("bank-a", code=ExitCode.ERROR, data=f"{url}/bank-a.csv"))
+    assert "no S3 credentials for s3://" in line and "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in line
     assert snapshot(fed) == before and not fed.key("bank-a").with_suffix(".state.json").exists()
 
 

@@ -159,26 +159,32 @@ def _place(location: str | Path) -> Place:
 
 
 def s3_filesystem(url: str) -> pafs.S3FileSystem:
-    """Arrow's S3 client configured from the same AWS environment as the store (fedcli/store/s3.py)."""
-    access, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if not (access and secret) and not os.environ.get("AWS_PROFILE"):
+    """Arrow's S3 client from the same AWS environment as the store (fedcli/store/s3.py): the credentials boto3
+    finds (variables, AWS_PROFILE, an instance or container role), AWS_ENDPOINT_URL(_S3), the session's region."""
+    import boto3
+    import botocore.exceptions
+
+    try:
+        session = boto3.session.Session()
+        credentials = session.get_credentials()
+        frozen = credentials.get_frozen_credentials() if credentials is not None else None
+    except botocore.exceptions.BotoCoreError as e:
+        raise InputError(f"no usable S3 credentials for {url}: {_first_line(e)}") from None
+    if frozen is None or not (frozen.access_key and frozen.secret_key):
         raise InputError(
             f"no S3 credentials for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
         )
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     scheme, _, host = endpoint.rpartition("://")
     options: dict = {
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "access_key": frozen.access_key,
+        "secret_key": frozen.secret_key,
+        "session_token": frozen.token,
+        "region": session.region_name or "us-east-1",
         "connect_timeout": 10,
         "request_timeout": 60,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
     }
-    if access and secret:
-        options |= {
-            "access_key": access,
-            "secret_key": secret,
-            "session_token": os.environ.get("AWS_SESSION_TOKEN"),
-        }
     if host:
         options |= {"endpoint_override": host.rstrip("/"), "scheme": scheme or "https"}
     try:
