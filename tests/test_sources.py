@@ -176,6 +176,19 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path, credit_split, moto_s3, mon
     assert snapshot(fed) == before and not fed.key("bank-a").with_suffix(".state.json").exists()
 
 
+@pytest.mark.slow
+def test_s3_tables_on_a_server_that_checks_credentials(seaweed_s3, monkeypatch, tmp_path):
+    """SeaweedFS checks signatures (moto does not): a wrong secret is "access denied", in one line."""
+    url = use_s3(seaweed_s3, monkeypatch)
+    (tmp_path / "t.csv").write_text("a;b\n1;2\n3;4\n")
+    table = sources.open_table(upload(seaweed_s3, url, tmp_path / "t.csv"))
+    assert table.separator == ";" and [b.to_pydict() for b in table.batches()] == [{"a": ["1", "3"], "b": ["2", "4"]}]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(FedcliError) as refusal:
+        sources.open_table(f"{url}/t.csv")
+    assert "access denied: check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the bucket policy" in str(refusal.value)
+
+
 def test_a_refusal_many_chunks_down_leaves_no_output(tmp_path, credit_split):
     """A bad value past the first chunk: predict has already scored earlier chunks, yet writes nothing."""
     fed = make_fed(tmp_path / "fed", credit_split, banks=BANKS[:3])
