@@ -40,15 +40,8 @@ from fedcli.protocol.spec import CategoricalFeature, DataSpec, NumericFeature
 MAX_STD_UNITS = 1e6  # beyond this a value is a unit or column mix-up, and float32 would overflow
 MAX_SEEN = 100_000  # distinct target values remembered for the "values seen" of a refusal
 _SEP_NAMES = {";": "';'", "\t": "tabs", "|": "'|'", ",": "','"}
-_BOOLS = {"True": "true", "False": "false"}
-_BOOL_WORDS = [
-    "True",
-    "TRUE",
-    "true",
-    "False",
-    "FALSE",
-    "false",
-]  # what pandas' reader takes for a boolean  # pandas' spelling of a boolean -> the text it matches in any case
+_BOOLS = {"True": "true", "False": "false"}  # pandas' spelling of a boolean level -> the text it matches, any case
+_BOOL_WORDS = ["True", "TRUE", "true", "False", "FALSE", "false"]  # what pandas' reader takes for a boolean
 
 Column: TypeAlias = Any  # a pyarrow Array or ChunkedArray, or a pandas Series (pyarrow has no type stubs)
 
@@ -60,8 +53,9 @@ def separator_name(sep: str) -> str:
 def read_table(location: str | Path) -> pd.DataFrame:
     """The whole table as a DataFrame typed as pandas would (for `fedcli schema`, which needs whole columns).
 
-    Text columns whose every value is a number become float64, those of only true/false booleans;
-    df.attrs['separator'] says how a CSV file was separated. Training, evaluate and predict stream instead.
+    CSV columns whose every cell is a number become numbers (int64 when all are integers and none is
+    missing), those of only true/false booleans, the rest text; df.attrs['separator'] says how a CSV file
+    was separated. Training, evaluate and predict stream instead (`prepare` on a TableSource).
     """
     source = open_table(location)
     frames = [batch.to_pandas() for batch in source.batches()]
@@ -242,7 +236,7 @@ def _label_numbers(col: Column, wanted: float | None) -> np.ndarray | None:
         numeric = pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
         return col.to_numpy(np.float64, na_value=np.nan) if numeric else None
     col = _plain(col)
-    if not (_is_numeric(col.type) or pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+    if not (_is_numeric(col.type) or _is_text(col.type)):
         return None
     numbers = _cast_numbers(col)
     if numbers is None or (not _is_numeric(col.type) and np.isnan(numbers).sum() != col.null_count):
@@ -252,18 +246,15 @@ def _label_numbers(col: Column, wanted: float | None) -> np.ndarray | None:
 
 def _one_hot(col: Column, c: CategoricalFeature) -> np.ndarray:
     """One column per declared level; a missing or undeclared category is an all-zero row."""
-    if isinstance(col, pd.Series) or not (
-        pa.types.is_string(_plain(col).type) or pa.types.is_large_string(_plain(col).type)
-    ):
-        raw = _series(col)
-        text = raw.astype(str).where(raw.notna(), None)
-        onehot = np.stack([(text == lvl).to_numpy(bool) for lvl in c.levels], axis=1)
-    else:
-        raw, text = None, _plain(col)
-        onehot = np.stack(
-            [pc.fill_null(pc.equal(text, lvl), False).to_numpy(zero_copy_only=False) for lvl in c.levels], axis=1
-        )
-    _equivalents(onehot, raw if raw is not None else col, c)
+    if not isinstance(col, pd.Series) and _is_text(_plain(col).type):  # CSV text: compared in Arrow
+        col = _plain(col)
+        matches = [pc.fill_null(pc.equal(col, lvl), False).to_numpy(zero_copy_only=False) for lvl in c.levels]
+    else:  # typed values (Parquet numbers, booleans) compared as pandas spells them
+        col = _series(col)
+        text = col.astype(str).where(col.notna(), None)
+        matches = [(text == lvl).to_numpy(bool, na_value=False) for lvl in c.levels]
+    onehot = np.stack(matches, axis=1)
+    _equivalents(onehot, col, c)
     return onehot.astype(np.float64)
 
 
@@ -279,7 +270,7 @@ def _equivalents(onehot: np.ndarray, col: Column, c: CategoricalFeature) -> None
     raw = _series(col)
     if numeric:
         values = (
-            pd.to_numeric(raw, errors="coerce").to_numpy(np.float64)
+            pd.to_numeric(raw, errors="coerce").to_numpy(np.float64, na_value=np.nan)
             if not pd.api.types.is_bool_dtype(raw)
             else np.full(len(raw), np.nan)
         )
@@ -290,7 +281,7 @@ def _equivalents(onehot: np.ndarray, col: Column, c: CategoricalFeature) -> None
     if bools:
         words = raw.astype(str).str.strip().str.casefold().where(raw.notna(), None)
         for j, word in bools:
-            hit = open_rows & (words == word).to_numpy(bool)
+            hit = open_rows & (words == word).to_numpy(bool, na_value=False)
             onehot[hit, j] = True
             open_rows &= ~hit
 
