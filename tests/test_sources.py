@@ -351,3 +351,12 @@ def test_streamed_csv_prepares_like_the_whole_table(tmp_path, rows, chunk):
         except FedcliError as e:
             outcomes.append(str(e))
     assert outcomes[0] == outcomes[1]
+
+
+def test_schema_drafts_the_same_section_from_every_format(tmp_path, credit_split, fed):
+    a = pd.read_csv(credit_split / "bank-a.csv")
+    drafts = {}
+    for name, path in formats(a, tmp_path / "a").items():
+        res = fed.cli("schema", path, "--target", "Status", "--positive", "bad")
+        drafts[name] = [ln for ln in res.output.splitlines() if not ln.startswith("note:") and '"part"' not in ln]
+    assert all(d == drafts["comma"] for d in drafts.values()) and any("Seniority" in ln for ln in drafts["comma"])
