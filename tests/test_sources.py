@@ -133,6 +133,10 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path, credit_split, moto_s3, mon
     only_csv = bad / "only-csv"
     only_csv.mkdir()
     a.to_csv(only_csv / "a.csv", index=False)
+    looped = bad / "looped"
+    looped.mkdir()
+    a.to_parquet(looped / "a.parquet", index=False)
+    (looped / "again").symlink_to(looped)  # the folder reaches a.parquet again, through a link
     a.to_parquet(bad / "good.parquet", index=False)
     whole = (bad / "good.parquet").read_bytes()
     (bad / "truncated.parquet").write_bytes(whole[: len(whole) // 2])
@@ -152,6 +156,7 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path, credit_split, moto_s3, mon
         mixed: "its files have different columns: a.parquet has Income (double) but b.parquet has Income (",
         with_csv: "a table folder holds only Parquet files (*.parquet, *.pq), and this one also holds 'b.csv'",
         only_csv: "the folder has no Parquet files (*.parquet, *.pq), only e.g. 'a.csv'",
+        looped: "a.parquet and again/a.parquet are the same file (a link inside the folder)",
         bad / "truncated.parquet": "it is not a readable Parquet file (no Parquet footer: the file is truncated",
         bad / "garbled.parquet": "it is not a readable Parquet table",
         bad / "ragged.csv": "data row 5 has 15 field(s) where the header has 14",

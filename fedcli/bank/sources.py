@@ -518,7 +518,7 @@ def _parquet_files(place: Place) -> list[str]:
             continue
         (files if relative.suffix.lower() in PARQUET_SUFFIXES else others).append(info.path)
     if files and not others:
-        return sorted(files)
+        return _once(place, sorted(files))
     if not others:
         raise InputError(f"cannot read {place.shown}: the folder is empty (no Parquet files)")
     example = place.child(sorted(others)[0]).shown
@@ -531,6 +531,23 @@ def _parquet_files(place: Place) -> list[str]:
         f"cannot read {place.shown}: the folder has no Parquet files (*.parquet, *.pq), only e.g. {example!r}; "
         "give a CSV file by its own path"
     )
+
+
+def _once(place: Place, files: list[str]) -> list[str]:
+    """Refuse a folder that reaches one file twice (a link inside it): its rows would count twice."""
+    if not isinstance(place.fs, pafs.LocalFileSystem):
+        return files  # object stores have no links
+    seen: dict[str, str] = {}
+    for path in files:
+        real = os.path.realpath(path)
+        if real in seen:
+            first, again = place.child(seen[real]).shown, place.child(path).shown
+            raise InputError(
+                f"cannot read {place.shown}: {first} and {again} are the same file (a link inside the folder); "
+                "a table folder must reach each file once"
+            )
+        seen[real] = path
+    return files
 
 
 def _same_schema(place: Place, dataset: ds.Dataset) -> None:

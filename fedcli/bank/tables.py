@@ -527,7 +527,10 @@ class _Rows:
 
     def __init__(self, width: int, rows: int | None):
         self.width = width
-        self.full = np.empty((rows, width), np.float32) if rows is not None else None
+        try:  # pages are committed only as rows are written: a false count in hostile metadata costs nothing
+            self.full = np.empty((rows, width), np.float32) if rows is not None else None
+        except (MemoryError, ValueError):  # a count no machine could hold: join the parts actually read
+            self.full = None
         self.parts: list[np.ndarray] = []
         self.n = 0
 
