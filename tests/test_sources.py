@@ -342,7 +342,7 @@ def test_any_bytes_stream_to_a_table_or_one_clear_refusal(tmp_path, data, suffix
     assert np.isfinite(prep.X).all() and sorted(set(prep.labels().tolist())) == [0.0, 1.0]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.tuples(_CELL, _CELL, _CELL), min_size=1, max_size=12), chunk=st.integers(1, 5))
 def test_streamed_csv_prepares_like_the_whole_table(tmp_path, rows, chunk):
     """The same cells give the same features, labels, notes or refusal, whole (typed as pandas would) or streamed."""
