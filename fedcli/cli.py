@@ -213,7 +213,7 @@ def in_force_table(spec) -> Table:
 def train(
     store: str = StoreOpt,
     key: Path = typer.Option(..., "--key", "-k", help="This bank's private key."),
-    data: Path = typer.Option(..., "--data", "-d", help="This bank's CSV or Parquet training table."),
+    data: Path = typer.Option(..., "--data", "-d", help="Training table: CSV, Parquet file or folder, s3://..."),
     coordinator: Path = CoordOpt,
     state: Path | None = typer.Option(None, "--state", help="Bank state file (default: next to the key)."),
     ledger: Path | None = LedgerOpt,
@@ -506,7 +506,7 @@ def _evaluation_tables(title: str, ev) -> tuple[Table, Table]:
 def evaluate(
     store: str = StoreOpt,
     coordinator: Path = CoordOpt,
-    data: Path = typer.Option(..., "--data", "-d", help="Labelled CSV or Parquet table."),
+    data: Path = typer.Option(..., "--data", "-d", help="Labelled table: CSV, Parquet file or folder, s3://..."),
     round_: int | None = typer.Option(None, "--round", help="Round to evaluate (default: latest)."),
 ):
     """Score a verified global model on a labelled table: AUC, PR-AUC, KS, recall at 0.1 % and 1 % FPR,
@@ -527,7 +527,7 @@ def evaluate(
 def predict(
     store: str = StoreOpt,
     coordinator: Path = CoordOpt,
-    data: Path = typer.Option(..., "--data", "-d", help="CSV or Parquet table to score."),
+    data: Path = typer.Option(..., "--data", "-d", help="Table to score: CSV, Parquet file or folder, s3://..."),
     output: Path = typer.Option(..., "--out", "-o", help="CSV to write: the input plus a score column."),
     round_: int | None = typer.Option(None, "--round", help="Round to use (default: latest)."),
 ):

@@ -1,12 +1,19 @@
-"""Using a published global model: score a labelled table, or predict an unlabelled one."""
+"""Using a published global model: score a labelled table, or predict an unlabelled one.
 
+Both stream the table chunk by chunk (bank.sources): evaluate keeps one score and one label per
+row, predict keeps nothing and writes its CSV as it goes, into a temporary file that replaces
+`--out` only once every row was read and checked, so a refusal leaves no half-written output.
+"""
+
+import io
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
 
 from fedcli import keys, models
-from fedcli.bank import tables
+from fedcli.bank import sources, tables
 from fedcli.errors import FedcliError
+from fedcli.files import atomic_writer
 from fedcli.metrics import evaluation
 from fedcli.protocol import rounds
 from fedcli.store import Store
@@ -23,26 +30,50 @@ def verified_global(store: Store, coordinator_pub: Path, round_: int | None):
 def evaluate(store: Store, coordinator_pub: Path, data_path: Path, round_: int | None = None):
     """(round, rows, metrics.Evaluation, notes) of the verified global model on a labelled table (both classes)."""
     spec, g = verified_global(store, coordinator_pub, round_)
-    prep = tables.prepare(tables.read_table(data_path), spec.data, Path(data_path).name)
-    p = models.predict(spec.model, g.tensors, prep.X)
-    return (
-        g.round,
-        len(p),
-        evaluation(prep.labels(), p),
-        tables.notes(prep, Path(data_path).name),
-    )
+    table = sources.open_table(data_path)
+    prep = tables.Preparation(spec.data, table.columns, table.name, need_target=True, separator=table.separator)
+    labels: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    for batch in table.batches(prep.needed):
+        X, y, _ = prep.chunk(tables.columns_of(batch))
+        if len(X) and y is not None:
+            scores.append(models.predict(spec.model, g.tensors, X))
+            labels.append(y)
+    prep.finish()
+    y, p = np.concatenate(labels), np.concatenate(scores)
+    return g.round, len(p), evaluation(y, p), tables.notes(prep, table.name)
 
 
 def predict(store: Store, coordinator_pub: Path, data_path: Path, out: Path, round_: int | None = None):
-    """Write the input table with a `score` column (probability of the positive class)."""
+    """Write the input table with a `score` column (probability of the positive class), chunk by chunk.
+
+    The rows are the input's, minus those whose target cell is present but empty; cells are
+    copied as read (CSV text as written, Parquet values as pandas prints them).
+    """
     spec, g = verified_global(store, coordinator_pub, round_)
-    df = tables.read_table(data_path)
-    prep = tables.prepare(df, spec.data, Path(data_path).name, need_target=False)
-    if spec.data.target in df.columns:  # the same rows prepare kept
-        df = df[tables.clean_text(df[spec.data.target]).notna()]
-    out_df = pd.DataFrame(df).assign(score=models.predict(spec.model, g.tensors, prep.X))
+    table = sources.open_table(data_path)
+    prep = tables.Preparation(spec.data, table.columns, table.name, need_target=False, separator=table.separator)
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise FedcliError(f"cannot write {out}: cannot save a file into a non-existent directory {out.parent}")
     try:
-        out_df.to_csv(out, index=False)
+        with atomic_writer(out, f".{out.name}.") as raw:
+            text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+            try:
+                _write_scores(table, prep, spec.model, g.tensors, text)
+                prep.finish()
+                text.flush()
+            finally:
+                text.detach()  # the atomic writer closes (or discards) the file itself
     except OSError as e:
         raise FedcliError(f"cannot write {out}: {e.strerror or e}") from None
-    return g.round, len(out_df), tables.notes(prep, Path(data_path).name)
+    return g.round, prep.rows, tables.notes(prep, table.name)
+
+
+def _write_scores(table: sources.TableSource, prep: tables.Preparation, model, weights, text: io.TextIOBase) -> None:
+    """Every row with its score, chunk by chunk: the header with the first chunk."""
+    for i, batch in enumerate(table.batches()):
+        X, _, kept = prep.chunk(tables.columns_of(batch))
+        rows = batch.to_pandas() if kept is None else batch.to_pandas()[kept]
+        rows = rows.assign(score=models.predict(model, weights, X) if len(X) else np.zeros(0, np.float32))
+        rows.to_csv(text, header=i == 0, index=False)

@@ -19,7 +19,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedcli import digest, keys, models
-from fedcli.bank import tables
 from fedcli.bank.checks import check_own_manifest, refuse_non_finite, require_finite
 from fedcli.bank.plan import BankPlan, Release
 from fedcli.bank.state import BankState, ledger_path_for, state_path_for
@@ -164,17 +163,20 @@ class LocalData:
 
     X: np.ndarray
     y: np.ndarray
-    source: str  # the file name, for messages
+    source: str  # the file or folder name, for messages
     notes: list[str]
     auc_before: float
 
 
 def prepare_data(job: BankRound, base: rounds.Global, data_path: Path) -> LocalData:
-    """Read and preprocess the table as the spec declares, and score the global model on it."""
-    source = data_path.name
+    """Read and preprocess the table as the spec declares (streamed: only X and y stay), and score the global model on it."""
+    from fedcli.bank import sources, tables  # pandas and pyarrow: only once there is a table to read
+
+    table = sources.open_table(data_path)
+    source = table.name
     status = job.console.status(f"reading {escape(source)}") if job.console.is_terminal else contextlib.nullcontext()
     with status:
-        prep = tables.prepare(tables.read_table(data_path), job.spec.data, source)
+        prep = tables.prepare(table, job.spec.data, source)
     notes = tables.notes(prep, source)
     labels = prep.labels()
     try:
