@@ -22,7 +22,6 @@ from fedcli import digest, keys, models
 from fedcli.bank.checks import check_own_manifest, refuse_non_finite, require_finite
 from fedcli.bank.plan import BankPlan, Release
 from fedcli.bank.state import BankState, ledger_path_for, state_path_for
-from fedcli.bank.training import fit, fit_private
 from fedcli.errors import AlreadyExists, FedcliError
 from fedcli.keys import PublicIdentity
 from fedcli.metrics import MANIFEST_METRICS, score
@@ -252,6 +251,8 @@ def train(job: BankRound, base: rounds.Global, data: LocalData, release: Release
 
 
 def _train(job: BankRound, base: rounds.Global, data: LocalData) -> tuple[Arrays, float]:
+    from fedcli.bank.training import fit  # heavy (torch); imported only when there is work
+
     spec = job.spec
     batches = -(-len(data.X) // spec.training.batch_size)
     # Not a secret: the seed only makes a bank's rerun of a round reproducible.
@@ -267,6 +268,8 @@ def _train(job: BankRound, base: rounds.Global, data: LocalData) -> tuple[Arrays
 def _train_dp_sgd(
     job: BankRound, base: rounds.Global, data: LocalData, release: Release
 ) -> tuple[Arrays, float, Release]:
+    from fedcli.bank.training import fit_private  # heavy (torch, Opacus); imported only when there is work
+
     spec, planned = job.spec, release.mechanism
     with TrainingBar(job.console, job.round, planned.steps) as bar:
         weights, ran = fit_private(
