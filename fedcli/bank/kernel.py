@@ -27,6 +27,8 @@ from fedcli.protocol.spec import ModelSpec, TrainingSpec
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
 BLOCK = 256  # batches trained between two loss summaries (and progress calls)
+# numpy converts a Python scalar operand on every call; a 0-d array costs half as much per call
+_ZERO, _ONE = np.zeros((), np.float32), np.ones((), np.float32)
 
 Arrays = dict[str, np.ndarray]
 
@@ -49,16 +51,16 @@ class Network:
         self.names = list(zip(names[0::2], names[1::2], strict=True))  # (weight, bias) per layer, in order
         dims = [expected[w] for w, _ in self.names]  # (out, in)
         self.theta = np.empty(sum(o * (i + 1) for o, i in dims), np.float32)
-        self.grad = np.zeros_like(self.theta)
+        self.grads = np.zeros((2, len(self.theta)), np.float32)  # row 0: the gradient; row 1: Adam's scratch
         self.layers: list[np.ndarray] = []
-        self.grads: list[np.ndarray] = []
+        self.layer_grads: list[np.ndarray] = []
         offset = 0
         for (w, b), (out, fan_in) in zip(self.names, dims, strict=True):
             end = offset + out * (fan_in + 1)
             layer = self.theta[offset:end].reshape(out, fan_in + 1)
             layer[:, :fan_in], layer[:, fan_in] = start[w], start[b]
             self.layers.append(layer)
-            self.grads.append(self.grad[offset:end].reshape(out, fan_in + 1))
+            self.layer_grads.append(self.grads[0, offset:end].reshape(out, fan_in + 1))
             offset = end
 
     def arrays(self) -> Arrays:
@@ -72,38 +74,42 @@ class Network:
 class Adam:
     """torch.optim.Adam (no weight decay, no amsgrad) on the flat parameter vector, plus FedProx.
 
-    prox_mu > 0 adds the gradient of (mu/2)||theta - start||^2 before the Adam update, as
-    autograd would for that term added to the loss.
+    Both moments live in one (2, P) array and the gradient in row 0 of another whose row 1
+    takes its square, so the two moment updates are three calls together. prox_mu > 0 adds the
+    gradient of (mu/2)||theta - start||^2 before the update, as autograd would for that term.
     """
 
-    def __init__(self, theta: np.ndarray, grad: np.ndarray, lr: float, prox_mu: float = 0.0):
-        self.theta, self.grad, self.lr = theta, grad, lr
-        self.m, self.v, self.tmp = np.zeros_like(theta), np.zeros_like(theta), np.empty_like(theta)
+    def __init__(self, theta: np.ndarray, grads: np.ndarray, lr: float, prox_mu: float = 0.0):
+        self.theta, self.grads, self.lr = theta, grads, lr
+        self.g, self.g_squared = grads[0], grads[1]
+        self.moments, self.tmp = np.zeros_like(grads), np.empty_like(theta)
+        self.m, self.v = self.moments[0], self.moments[1]
+        self.betas = np.array([[BETA1], [BETA2]], np.float32)
+        self.one_minus_betas = np.array([[1 - BETA1], [1 - BETA2]], np.float32)
         self.anchor = theta.copy() if prox_mu > 0 else None
-        self.mu = prox_mu
+        self.mu = np.array(prox_mu, np.float32)
+        self.scale, self.shift = np.zeros((), np.float32), np.zeros((), np.float32)  # per step, below
         self.t = 0
 
     def step(self) -> None:
-        theta, g, m, v, tmp = self.theta, self.grad, self.m, self.v, self.tmp
-        self.t += 1
-        step_size = self.lr / (1 - BETA1**self.t)
-        bc2_sqrt = math.sqrt(1 - BETA2**self.t)
+        theta, grads, moments, tmp = self.theta, self.grads, self.moments, self.tmp
         if self.anchor is not None:
             np.subtract(theta, self.anchor, out=tmp)
             tmp *= self.mu
-            g += tmp
-        np.multiply(g, 1 - BETA1, out=tmp)  # m = b1 m + (1 - b1) g
-        m *= BETA1
-        m += tmp
-        np.multiply(g, g, out=tmp)  # v = b2 v + (1 - b2) g^2
-        tmp *= 1 - BETA2
-        v *= BETA2
-        v += tmp
-        np.sqrt(v, out=tmp)  # theta -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
-        tmp /= bc2_sqrt
-        tmp += EPS
-        np.divide(m, tmp, out=tmp)
-        tmp *= step_size
+            self.g += tmp
+        np.multiply(self.g, self.g, out=self.g_squared)
+        grads *= self.one_minus_betas  # m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+        moments *= self.betas
+        moments += grads
+        # theta -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), with both divisions folded into one denominator
+        self.t += 1
+        step_size = self.lr / (1 - BETA1**self.t)
+        self.scale[()] = 1 / (math.sqrt(1 - BETA2**self.t) * step_size)
+        self.shift[()] = EPS / step_size
+        np.sqrt(self.v, out=tmp)
+        tmp *= self.scale
+        tmp += self.shift
+        np.divide(self.m, tmp, out=tmp)
         theta -= tmp
 
 
@@ -132,7 +138,7 @@ class Kernel:
 
     def __init__(self, net: Network, training: TrainingSpec, prox_mu: float = 0.0):
         self.net, self.bs, self.pos_weight = net, training.batch_size, training.pos_weight
-        self.adam = Adam(net.theta, net.grad, training.lr, prox_mu)
+        self.adam = Adam(net.theta, net.grads, training.lr, prox_mu)
         b = self.bs
         widths = [layer.shape[0] for layer in net.layers[:-1]]  # hidden widths
         self.pre = [np.empty((b, h), np.float32) for h in widths]  # pre-activations
@@ -175,59 +181,67 @@ class Kernel:
         return X, y
 
     def _logreg(self, xa: np.ndarray, c: np.ndarray, w: np.ndarray, z: np.ndarray, s: int, e: int) -> None:
-        weights, grad, dzbuf, step, bs = self.net.layers[0][0], self.net.grads[0][0], self.dz, self.adam.step, self.bs
-        matmul, negative, exp, add, divide = np.matmul, np.negative, np.exp, np.add, np.divide
+        weights, grad, dzbuf, step, bs = (
+            self.net.layers[0][0],
+            self.net.layer_grads[0][0],
+            self.dz,
+            self.adam.step,
+            self.bs,
+        )
+        dot = np.dot
         for i in range(s, e, bs):
             j = i + bs
             xb, zb = xa[i:j], z[i:j]
             dz = dzbuf if len(zb) == bs else dzbuf[: len(zb)]
-            matmul(xb, weights, out=zb)
-            negative(zb, out=dz)  # dz = c + w / (1 + exp(-z))
-            exp(dz, out=dz)
-            add(dz, 1.0, out=dz)
-            divide(w[i:j], dz, out=dz)
-            add(dz, c[i:j], out=dz)
-            matmul(dz, xb, out=grad)  # weights and bias (the ones column) at once
+            dot(xb, weights, out=zb)
+            logit_grad(zb, c[i:j], w[i:j], dz)
+            dot(dz, xb, out=grad)  # weights and bias (the ones column) at once
             step()
 
     def _mlp(self, xa: np.ndarray, c: np.ndarray, w: np.ndarray, z: np.ndarray, s: int, e: int) -> None:
-        layers, grads, bs = self.net.layers, self.net.grads, self.bs
+        layers, bs = self.net.layers, self.bs
         hidden = list(zip(layers[:-1], self.pre, self.acts, self.masks, strict=True))
-        out_w, out_g = layers[-1][0], grads[-1][0]
+        out_w, out_g, out_row = layers[-1][0], self.net.layer_grads[-1][0], layers[-1][:, :-1]
         for i in range(s, e, bs):
             j = i + bs
             a, zb = xa[i:j], z[i:j]
             r = len(zb)
             inputs = [a]
             for layer, pre, act, mask in hidden:
-                np.matmul(a, layer.T, out=pre[:r])
-                np.greater(pre[:r], 0.0, out=mask[:r])
+                p = pre if r == bs else pre[:r]
+                np.dot(a, layer.T, out=p)
+                np.greater(p, _ZERO, out=mask[:r])
                 a = act[:r]
-                np.maximum(pre[:r], 0.0, out=a[:, :-1])
+                np.fmax(p, _ZERO, out=a[:, :-1])  # ReLU (pre-activations are finite: fmax is the faster max)
                 inputs.append(a)
-            np.matmul(a, out_w, out=zb)
+            np.dot(a, out_w, out=zb)
             dz = self.dz[:r]
-            np.negative(zb, out=dz)
-            np.exp(dz, out=dz)
-            np.add(dz, 1.0, out=dz)
-            np.divide(w[i:j], dz, out=dz)
-            np.add(dz, c[i:j], out=dz)
-            np.matmul(dz, a, out=out_g)
+            logit_grad(zb, c[i:j], w[i:j], dz)
+            np.dot(dz, a, out=out_g)
             delta = self.deltas[-1][:r]
-            np.multiply(dz[:, None], out_w[None, :-1], out=delta)
+            np.dot(dz[:, None], out_row, out=delta)  # d loss / d (last hidden output): an outer product
             self._backward(inputs, delta, r)
             self.adam.step()
 
     def _backward(self, inputs: list[np.ndarray], delta: np.ndarray, r: int) -> None:
         """From d loss / d (last hidden ReLU output) down to every hidden layer's [W | b] gradient."""
-        layers, grads = self.net.layers, self.net.grads
+        layers, grads = self.net.layers, self.net.layer_grads
         for k in range(len(layers) - 2, -1, -1):
             delta *= self.masks[k][:r]  # through the ReLU
-            np.matmul(delta.T, inputs[k], out=grads[k])
+            np.dot(delta.T, inputs[k], out=grads[k])
             if k:
                 below = self.deltas[k - 1][:r]
-                np.matmul(delta, layers[k][:, :-1], out=below)
+                np.dot(delta, layers[k][:, :-1], out=below)
                 delta = below
+
+
+def logit_grad(z: np.ndarray, c: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """out = c + w * sigmoid(z) = c + w / (1 + exp(-z)): d(batch mean loss)/d logit (see logit_grad_weights)."""
+    np.negative(z, out=out)
+    np.exp(out, out=out)
+    np.add(out, _ONE, out=out)
+    np.divide(w, out, out=out)
+    np.add(out, c, out=out)
 
 
 def probabilities(model_spec: ModelSpec, weights: Arrays, X: np.ndarray, rows: int = 65_536) -> np.ndarray:
