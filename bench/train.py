@@ -267,7 +267,7 @@ def auc_study(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="credit,fraud", help="credit and/or fraud")
+    ap.add_argument("--data", default="credit,fraud", help="credit and/or fraud (empty: only --auc-seeds)")
     ap.add_argument("--rows", type=int, default=200_000, help="credit training rows (the 3,340 real ones, replicated)")
     ap.add_argument("--fraud-rows", type=int, default=1_000_000, help="simulated fraud training rows")
     ap.add_argument("--batches", default="32,64", help="batch sizes (the specs' epochs and lr are kept)")
@@ -295,7 +295,7 @@ def main() -> None:
     print(machine() + f", numpy {np.__version__}, torch {torch.__version__}, {args.threads} thread(s)")
     loaders = {"credit": lambda: load_credit(args.rows), "fraud": lambda: load_fraud(args.fraud_rows)}
     with tempfile.TemporaryDirectory(prefix="fedcli-bench-train-") as tmp:
-        for name in args.data.split(","):
+        for name in filter(None, args.data.split(",")):
             arrays = loaders[name]()
             cache = Path(tmp) / f"{name}.npz"
             np.savez(cache, X=arrays[0], y=arrays[1], Xt=arrays[2], yt=arrays[3])
