@@ -265,6 +265,33 @@ def auc_study(args) -> None:
             print(f"| {label} | {batch} | " + " | ".join(cells) + f" | {gap:.5f} |", flush=True)
 
 
+def volume(args) -> None:
+    """fit alone on --volume random rows x 30 features (logreg, the fraud spec's hyper-parameters): time, memory."""
+    import numpy as np
+
+    from common import rss_mb
+
+    rng = np.random.default_rng(0)
+    X = np.empty((args.volume, 30), np.float32)
+    for s in range(0, args.volume, 1_000_000):  # in slices: no float64 temporary of the whole table
+        X[s : s + 1_000_000] = rng.standard_normal((min(1_000_000, args.volume - s), 30), np.float32)
+    y = (rng.random(args.volume) < 0.009).astype(np.float32)
+    base = rss_mb()[0]
+    print(f"\nvolume: {args.volume:,} rows x 30 features in memory ({X.nbytes / 2**20:,.0f} MiB), RSS {base:,.0f} MB")
+    print("| batch | epochs | wall s (median) | CPU s | rows x epochs / s | peak RSS MB (+ above the table) |")
+    print("|---|---|---|---|---|---|")
+    for batch in args.batch_sizes:
+        training = hyper("fraud", batch)
+        res = [run_fedcli("logreg", training, X, y, X[:1000], y[:1000], seed) for seed in range(args.runs)]
+        wall, cpu = (statistics.median(r[k] for r in res) for k in ("seconds", "cpu"))
+        peak = rss_mb()[1]
+        print(
+            f"| {batch} | {training.epochs} | {wall:.1f} | {cpu:.1f} | {args.volume * training.epochs / wall:,.0f} | "
+            f"{peak:,.0f} (+{peak - base:,.0f}) |",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="credit,fraud", help="credit and/or fraud (empty: only --auc-seeds)")
@@ -277,6 +304,7 @@ def main() -> None:
     ap.add_argument("--same-batches", action="store_true", help="also torch autograd on fit's own batches (AUC check)")
     ap.add_argument("--baseline", metavar="REF", help="also time fedcli.bank.training.fit as of this git ref")
     ap.add_argument("--auc-seeds", type=int, default=0, help="also: holdout AUC over this many shuffles (credit)")
+    ap.add_argument("--volume", type=int, default=0, help="also: fit alone on this many random rows x 30 (logreg)")
     ap.add_argument(
         "--threads",
         type=int,
@@ -304,6 +332,8 @@ def main() -> None:
             bench_table(args, name, arrays, cache)
     if args.auc_seeds:
         auc_study(args)
+    if args.volume:
+        volume(args)
 
 
 def child_fit(cache: str, name: str, kind: str, batch: int, seed: int) -> dict:
