@@ -37,7 +37,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from common import PYTHON, ROOT, export_ref, machine, run_child
+from common import PYTHON, ROOT, export_ref, machine, rss_mb, run_child
 
 SPECS = {"credit": ROOT / "examples" / "federation.toml", "fraud": ROOT / "examples" / "fraud" / "federation.toml"}
 
@@ -268,8 +268,6 @@ def auc_study(args) -> None:
 def volume(args) -> None:
     """fit alone on --volume random rows x 30 features (logreg, the fraud spec's hyper-parameters): time, memory."""
     import numpy as np
-
-    from common import rss_mb
 
     rng = np.random.default_rng(0)
     X = np.empty((args.volume, 30), np.float32)
