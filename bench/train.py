@@ -259,7 +259,7 @@ def auc_study(args) -> None:
         for batch in args.batch_sizes:
             training = hyper("credit", batch)
             aucs = [[fn(kind, training, X, y, Xt, yt, seed)["auc"] for seed in seeds] for fn in runners]
-            cells = [f"{np.mean(a):.4f} ± {np.std(a):.4f}" for a in aucs]
+            cells = [f"{np.mean(a):.4f} ± {np.std(a):.4f} (se {np.std(a) / np.sqrt(len(a)):.4f})" for a in aucs]
             gap = max(abs(a - b) for a, b in zip(aucs[0], aucs[1], strict=True))
             label = "mlp 32-16" if kind == "mlp" else kind
             print(f"| {label} | {batch} | " + " | ".join(cells) + f" | {gap:.5f} |", flush=True)
