@@ -237,3 +237,17 @@ def test_pos_weight_in_the_spec(tmp_path, credit_split):
         )
         lines = [line for line in res.output.splitlines() if line.strip()]
         assert len(lines) == 1 and "'training.pos_weight'" in lines[0] and message in lines[0], res.output
+
+
+def test_an_absurd_model_overflows_the_loss_as_torch_does_and_quietly(recwarn):
+    """float32 loss, like torch: weights of 3e36 give an infinite loss (the bank step refuses it), no numpy warning."""
+    X, y = random_data(n=64, d=26)
+    X = np.abs(X) + 1.0
+    ms = FAMILIES[0]
+    start = {k: np.full_like(v, 3e36) for k, v in models.initial(ms, 26).items()}
+    training = TrainingSpec(epochs=1, batch_size=32, lr=0.02)
+    _, loss = fit(ms, training, start, X, y, seed=0)
+    model = models.load_arrays(models.build(ms, 26), start)
+    torch_loss = nn.BCEWithLogitsLoss()(model(torch.from_numpy(X[:32])).squeeze(1), torch.from_numpy(y[:32]))
+    assert not np.isfinite(loss) and not torch.isfinite(torch_loss)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -114,10 +114,20 @@ class Adam:
 
 
 def bce_rows(z: np.ndarray, y: np.ndarray, pos_weight: float) -> np.ndarray:
-    """Per-row BCE-with-logits in float64, torch's stable form: (1-y) z + (1+(pw-1) y) softplus(-z)."""
-    z, y = z.astype(np.float64), y.astype(np.float64)
-    softplus_neg = np.log1p(np.exp(-np.abs(z))) + np.maximum(-z, 0.0)
-    return (1.0 - y) * z + (1.0 + (pos_weight - 1.0) * y) * softplus_neg
+    """Per-row BCE-with-logits, torch's stable form (1-y) z + (1 + (pw-1) y) softplus(-z), in float32 as torch.
+
+    float32 like torch's loss, so an absurd model overflows the loss to inf here exactly where a
+    torch loop's would, and the bank step refuses it as it always did.
+    """
+    softplus_neg = np.log1p(np.exp(-np.abs(z))) + np.maximum(-z, _ZERO)
+    return (_ONE - y) * z + (y * np.float32(pos_weight - 1.0) + _ONE) * softplus_neg
+
+
+def batch_means(losses: np.ndarray, batch_size: int) -> np.ndarray:
+    """The float32 mean loss of each batch of `losses` (the last batch may be shorter)."""
+    starts = np.arange(0, len(losses), batch_size)
+    sizes = np.diff(np.append(starts, len(losses))).astype(np.float32)
+    return np.add.reduceat(losses, starts) / sizes
 
 
 def logit_grad_weights(y: np.ndarray, batch_size: int, pos_weight: float) -> tuple[np.ndarray, np.ndarray]:
@@ -169,14 +179,22 @@ class Kernel:
         run = self._logreg if len(self.net.layers) == 1 else self._mlp
         for s in range(0, m, BLOCK * bs):
             e = min(m, s + BLOCK * bs)
-            with np.errstate(over="ignore"):  # exp(-z) may overflow to inf: sigmoid is then exactly 0
+            # exp(-z) may overflow to inf (the sigmoid is then exactly 0); an absurd model makes inf or NaN
+            # weights and losses, which the bank step refuses: no numpy warning on the way
+            with np.errstate(over="ignore", invalid="ignore"):
                 run(xa, c, w, z, s, e)
+                summary = self._losses(z, y, s, e, all_losses)
+            yield summary
+
+    def _losses(self, z: np.ndarray, y: np.ndarray, s: int, e: int, all_losses: bool) -> tuple[int, float, float]:
+        """(batches, sum of row losses or 0.0, last batch's mean loss) of rows s:e, per-batch means in float32."""
+        bs = self.bs
+        if not all_losses:
             last = s + (e - s - 1) // bs * bs
-            if all_losses:
-                losses = bce_rows(z[s:e], y[s:e], self.pos_weight)
-                yield -(-(e - s) // bs), float(losses.sum()), float(losses[last - s :].mean())
-            else:
-                yield -(-(e - s) // bs), 0.0, float(bce_rows(z[last:e], y[last:e], self.pos_weight).mean())
+            return -(-(e - s) // bs), 0.0, float(batch_means(bce_rows(z[last:e], y[last:e], self.pos_weight), bs)[0])
+        means = batch_means(bce_rows(z[s:e], y[s:e], self.pos_weight), bs)
+        sizes = np.minimum(bs, e - np.arange(s, e, bs))
+        return len(means), float(means.astype(np.float64) @ sizes), float(means[-1])
 
     def _check(self, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         X, y = np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.float32)
