@@ -91,7 +91,7 @@ def edit(old: str, new: str) -> str:
         (edit("epochs = 3", "epoch = 50"), "unknown key 'training.epoch'; did you mean 'epochs'?"),
         (edit("min_clients = 3", "min_client = 3"), "unknown key 'federation.min_client'; did you mean 'min_clients'?"),
         (edit("epochs = 3", 'epochs = 3\noptimizer = "sgd"'), "unknown key 'training.optimizer'"),
-        (edit("epochs = 3", "epochs = 3\npos_weight = 100"), "unknown key 'training.pos_weight'"),
+        (edit("epochs = 3", "epochs = 3\nmomentum = 0.9"), "unknown key 'training.momentum'"),
         (TEMPLATE + '\n[strategy]\noptimizer = "fedadam"\n', "unknown key 'strategy.optimizer'"),
         (TEMPLATE + "\n[strategy.asyn]\nbuffer_size = 2\n", "unknown key 'strategy.asyn'; did you mean 'async'?"),
         (TEMPLATE + '\n[strategy.server]\noptimiser = "fedadam"\n', "did you mean 'optimizer'?"),

@@ -27,6 +27,7 @@ def train_dp_sgd(
     lr: float,
     max_grad_norm: float,
     noise_multiplier: float,
+    pos_weight: float = 1.0,
     loss_fn: torch.nn.Module | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> Mechanism:
@@ -39,7 +40,8 @@ def train_dp_sgd(
     with rate batch_size/len(x), as the RDP analysis assumes. Sampling and noise come from
     generators seeded with fresh OS randomness, and the optimizer's ``secure_mode`` noise
     (sum of four Gaussians) is switched on against floating-point attacks.
-    The default loss is BCEWithLogits for a binary target (model output of shape (n,) or (n, 1)).
+    The default loss is BCEWithLogits for a binary target (model output of shape (n,) or (n, 1)),
+    with ``pos_weight`` on the positive class as in the plain loop (a rare class counts more).
     ``on_step(done, total, loss)`` is called after each step (total is the expected count).
     """
     import torch
@@ -54,7 +56,7 @@ def train_dp_sgd(
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise FedcliError(f"model is not compatible with DP-SGD: {errors[0]}")
-    loss_fn = loss_fn or torch.nn.BCEWithLogitsLoss()
+    loss_fn = loss_fn or torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32))
     loader = DataLoader(
         TensorDataset(x, y), batch_size=min(batch_size, len(x)), shuffle=True, generator=secure_torch_generator()
     )

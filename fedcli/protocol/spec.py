@@ -199,6 +199,12 @@ class TrainingTable(BaseModel):
     epochs: int = Field(5, ge=1, le=10_000, description="local epochs per round")
     batch_size: int = Field(64, ge=1, le=1_000_000, description="mini-batch size")
     lr: float = Field(0.01, gt=0, le=10, description="local learning rate (Adam)")
+    pos_weight: float = Field(
+        1.0,
+        gt=0,
+        le=1e6,
+        description="weight of the positive class in the loss, e.g. negatives/positives for a rare class",
+    )
 
 
 class SecAggTable(BaseModel):
@@ -270,6 +276,7 @@ class TrainingSpec:
     epochs: int = 5
     batch_size: int = 64
     lr: float = 0.01
+    pos_weight: float = 1.0  # weight of the positive class in the BCE loss
 
 
 @dataclass(frozen=True)
@@ -358,7 +365,7 @@ def _build(doc: SpecDocument, raw: dict) -> Spec:
         max_rows_per_member=fed.max_rows_per_member,
         model=ModelSpec(kind=m.kind, hidden=tuple(m.hidden), seed=m.seed),
         data=data,
-        training=TrainingSpec(epochs=t.epochs, batch_size=t.batch_size, lr=float(t.lr)),
+        training=TrainingSpec(epochs=t.epochs, batch_size=t.batch_size, lr=float(t.lr), pos_weight=float(t.pos_weight)),
         members=members,
         raw=raw,
         privacy=privacy,
@@ -474,6 +481,9 @@ def summary(spec: Spec) -> list[tuple[str, str]]:
     model = f"{m.kind} on {spec.data.n_features} features"
     if m.kind == "mlp":
         model += f", hidden layers {', '.join(map(str, m.hidden))}"
+    training = f"{t.epochs} epochs, batch size {t.batch_size}, learning rate {t.lr:g}"
+    if t.pos_weight != 1:
+        training += f", positive class weight {t.pos_weight:g}"
     if p.enabled:
         unit = (
             "record-level (DP-SGD, one customer row)" if p.mode == "record" else "update-level (a bank's whole update)"
@@ -512,7 +522,7 @@ def summary(spec: Spec) -> list[tuple[str, str]]:
     )
     return [
         ("model", model),
-        ("training", f"{t.epochs} epochs, batch size {t.batch_size}, learning rate {t.lr:g}"),
+        ("training", training),
         ("differential privacy", dp),
         ("secure aggregation", secagg),
         ("strategy", strategy),
