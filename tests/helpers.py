@@ -78,6 +78,28 @@ class Fed:
     def aggregate(self, code: int | None = 0):
         return self.cli("aggregate", "--store", self.loc, "--key", self.key("coordinator"), code=code)
 
+    def evaluate(self, data: Path, *extra, code: int | None = 0):
+        """`fedcli evaluate` of the latest global on `data`, pinned to the coordinator's key."""
+        return self.cli(
+            "evaluate", "--store", self.loc, "--coordinator", self.pub("coordinator"), "--data", data, *extra, code=code
+        )
+
+    def predict(self, data: Path, out: Path, *extra, code: int | None = 0):
+        """`fedcli predict` of the latest global on `data` into `out`, pinned to the coordinator's key."""
+        return self.cli(
+            "predict",
+            "--store",
+            self.loc,
+            "--coordinator",
+            self.pub("coordinator"),
+            "--data",
+            data,
+            "--out",
+            out,
+            *extra,
+            code=code,
+        )
+
 
 def make_fed(root: Path, credit_split: Path, spec_text: str | None = None, banks=BANKS, url: str | None = None) -> Fed:
     root.mkdir(parents=True, exist_ok=True)

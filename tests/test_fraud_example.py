@@ -231,22 +231,10 @@ def test_a_round_trains_on_simulated_banks(tmp_path, fraud_split):
     assert "published global model of round 1 from 4 updates" in res.output
     res = fed.cli("spec", "show", fed.store, "--coordinator", fed.pub("coordinator"))
     assert "logreg" in res.output and "30" in res.output
-    res = fed.cli(
-        "evaluate", "--store", fed.store, "--coordinator", fed.pub("coordinator"), "--data", fed.data / "test.csv"
-    )
+    res = fed.evaluate(fed.data / "test.csv")
     assert "round 1" in res.output and "auc" in res.output
     scores = tmp_path / "scores.csv"
-    fed.cli(
-        "predict",
-        "--store",
-        fed.store,
-        "--coordinator",
-        fed.pub("coordinator"),
-        "--data",
-        fed.data / "test.csv",
-        "--out",
-        scores,
-    )
+    fed.predict(fed.data / "test.csv", scores)
     from sklearn.metrics import roc_auc_score
 
     truth = pd.read_csv(fraud_split / "test.csv")[sim.TARGET]

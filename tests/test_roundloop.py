@@ -32,22 +32,10 @@ def test_full_rounds_status_evaluate_predict(fed, tmp_path):
     res = fed.cli("status", fed.store)
     assert "published" in res.output and "4/4" in res.output
 
-    res = fed.cli(
-        "evaluate", "--store", fed.store, "--coordinator", fed.pub("coordinator"), "--data", fed.data / "test.csv"
-    )
+    res = fed.evaluate(fed.data / "test.csv")
     assert "round 2" in res.output and "auc" in res.output
     out = tmp_path / "scores.csv"
-    fed.cli(
-        "predict",
-        "--store",
-        fed.store,
-        "--coordinator",
-        fed.pub("coordinator"),
-        "--data",
-        fed.data / "test.csv",
-        "--out",
-        out,
-    )
+    fed.predict(fed.data / "test.csv", out)
     import pandas as pd
 
     scores = pd.read_csv(out)["score"]
