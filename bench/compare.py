@@ -1,0 +1,288 @@
+"""Federated vs pooled vs each bank alone, on credit and on fraud, same holdout (not a test).
+
+For each data set and each seed:
+
+* federated: the real CLI (`fedcli keygen`, `init`, then R rounds of `train` at every bank and
+  `aggregate`), run as `python -m fedcli.cli` with this tree on PYTHONPATH, on a folder store;
+  the global model of every round is verified and scored on the holdout;
+* pooled: the same model family and local loop (`fedcli.bank.training.fit`, the signed spec's
+  training settings) on all banks' rows together, from the same round-0 weights, for the same
+  total epochs (rounds x epochs);
+* each bank alone: the same loop, start and total epochs on that bank's rows only;
+* references, once (deterministic): a converged scikit-learn LogisticRegression (lbfgs, default
+  L2, the spec's preprocessing) on the pooled rows and on each bank's rows.
+
+The seed moves the training randomness: round-0 weights ([model] seed), the federation id (which
+seeds every bank's shuffling in `fedcli train`) and the shuffling seed of the pooled and local
+runs. Prints markdown tables for docs/benchmarks.md (mean and sample standard deviation over
+seeds) and, with --json, writes every number.
+
+    python bench/compare.py [--seeds 3] [--credit-rounds 5] [--fraud-rounds 3]
+        [--customers 1000 --terminals 2000 --days 120] [--only credit|fraud] [--quick] [--json out.json]
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(ROOT / "bench")]
+
+import numpy as np
+from common import PYTHON, machine
+from prepare_credit import BANKS
+from prepare_credit import split as split_credit
+
+from fedcli import keys, models
+from fedcli.bank import tables
+from fedcli.bank.training import fit
+from fedcli.metrics import score
+from fedcli.protocol import rounds as store_rounds
+from fedcli.protocol.spec import DataSpec, Spec, dumps
+from fedcli.store import open_store
+
+TEMPLATES = {"credit": ROOT / "examples" / "federation.toml", "fraud": ROOT / "examples" / "fraud" / "federation.toml"}
+METRICS = ("auc", "pr_auc")
+
+
+# --------------------------------------------------------------------------- data and spec
+
+
+def prepare_data(name: str, out: Path, args: argparse.Namespace) -> dict:
+    """Write bank-*.csv and test.csv into out; return the spec template (a dict) for that data."""
+    raw = tomllib.loads(TEMPLATES[name].read_text())
+    if name == "credit":
+        split_credit(out)
+        return raw
+    simulate = ROOT / "examples" / "fraud" / "simulate.py"
+    sizes = ["--customers", str(args.customers), "--terminals", str(args.terminals), "--days", str(args.days)]
+    subprocess.run([PYTHON, str(simulate), "--out", str(out), *sizes, "--seed", "0"], check=True, capture_output=True)
+    # Redraft the means and stds as `fedcli schema data/bank-a.csv` would: the template's were drafted at the
+    # demo's sizes (identical there), and counts per window grow with the size.
+    section, _ = tables.infer_schema(tables.read_table(out / "bank-a.csv"), "is_fraud", "1")
+    raw["data"] = {k: v for k, v in section.items() if v != []}
+    return raw
+
+
+def cli(*argv: str, cwd: Path) -> None:
+    """One fedcli command through the real CLI of this tree; a failure stops the benchmark with its stderr."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([PYTHON, "-m", "fedcli.cli", *argv], cwd=cwd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"fedcli {' '.join(argv[:2])} exited {res.returncode}: {res.stderr.strip()[-2000:]}")
+
+
+def federate(work: Path, data: Path, template: dict, fed_id: str, seed: int, n_rounds: int) -> None:
+    """keygen, init, then n_rounds of train at every bank and aggregate, all through the CLI, in work/."""
+    raw = {**template, "model": {**template["model"], "seed": template["model"].get("seed", 0) + seed}}
+    (work / "federation.toml").write_bytes(dumps(raw))
+    cli("keygen", "coordinator", "--out", "coordinator", cwd=work)
+    for b in BANKS:
+        cli("keygen", b, "--out", b, cwd=work)
+    members = [arg for b in BANKS for arg in ("--member", f"{b}/{b}.pub")]
+    cli(
+        "init",
+        "store",
+        "--spec",
+        "federation.toml",
+        "--key",
+        "coordinator/coordinator.key",
+        "--id",
+        fed_id,
+        *members,
+        cwd=work,
+    )
+    for _ in range(n_rounds):
+        for b in BANKS:
+            bank = (
+                "--key",
+                f"{b}/{b}.key",
+                "--data",
+                str(data / f"{b}.csv"),
+                "--coordinator",
+                "coordinator/coordinator.pub",
+            )
+            cli("train", "--store", "store", *bank, cwd=work)
+        cli("aggregate", "--store", "store", "--key", "coordinator/coordinator.key", cwd=work)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def load_tables(data: Path, spec: DataSpec) -> tuple[dict[str, tables.Prepared], tables.Prepared]:
+    banks = {b: tables.prepare(tables.read_table(data / f"{b}.csv"), spec, b) for b in BANKS}
+    return banks, tables.prepare(tables.read_table(data / "test.csv"), spec, "test.csv")
+
+
+def pick(m: dict[str, float]) -> dict[str, float]:
+    return {k: m[k] for k in METRICS}
+
+
+def score_run(work: Path, data: Path, seed: int, n_rounds: int) -> tuple[dict, DataSpec]:
+    """Holdout metrics of the federated model of every round, the pooled model and each bank alone.
+
+    Also returns the signed spec's [data] section, for the converged references."""
+    store = open_store(str(work / "store"))
+    spec, spec_sha = store_rounds.load_spec(store, keys.load_public(work / "coordinator" / "coordinator.pub"))
+    shapes = models.shapes(spec.model, spec.data.n_features)
+    banks, test = load_tables(data, spec.data)
+    by_round = []
+    for r in range(1, n_rounds + 1):
+        g = store_rounds.load_global(store, spec, spec_sha, r, shapes)
+        by_round.append(pick(score(test.y, models.predict(spec.model, g.tensors, test.X))))
+    start = store_rounds.load_global(store, spec, spec_sha, 0, shapes).tensors
+    res = {"federated": by_round[-1], "federated_by_round": by_round}
+    X = np.concatenate([t.X for t in banks.values()])
+    y = np.concatenate([t.y for t in banks.values()])
+    res["pooled"] = local_fit(spec, n_rounds, start, X, y, test, seed)
+    for b, t in banks.items():
+        res[f"{b} alone"] = local_fit(spec, n_rounds, start, t.X, t.y, test, seed)
+    return res, spec.data
+
+
+def local_fit(spec: Spec, n_rounds: int, start: dict, X: np.ndarray, y: np.ndarray, test, seed: int) -> dict:
+    """The bank's own loop with the signed spec's settings, for as many epochs as the federation ran in total."""
+    total = dataclasses.replace(spec.training, epochs=spec.training.epochs * n_rounds)
+    weights, _ = fit(spec.model, total, start, X, y, seed=seed)
+    return pick(score(test.y, models.predict(spec.model, weights, test.X)))
+
+
+def converged(data: Path, spec: DataSpec) -> dict[str, dict]:
+    """scikit-learn LogisticRegression to convergence (lbfgs, C=1) on the spec's preprocessing: the upper reference."""
+    from sklearn.linear_model import LogisticRegression
+
+    banks, test = load_tables(data, spec)
+    sets = {"pooled": (np.concatenate([t.X for t in banks.values()]), np.concatenate([t.y for t in banks.values()]))}
+    sets.update({f"{b} alone": (t.X, t.y) for b, t in banks.items()})
+    out = {}
+    for name, (X, y) in sets.items():
+        lr = LogisticRegression(max_iter=10_000).fit(X.astype(np.float64), y)
+        out[name] = pick(score(test.y, lr.decision_function(test.X.astype(np.float64))))
+        out[name]["rows"] = len(y)
+    out["test"] = {"rows": len(test.y), "positives": int(test.y.sum())}
+    return out
+
+
+# --------------------------------------------------------------------------- one data set
+
+
+def run_dataset(name: str, args: argparse.Namespace, n_rounds: int) -> dict:
+    """Every seed's federation and baselines on one data set, plus the converged references."""
+    with tempfile.TemporaryDirectory(prefix=f"fedcli-compare-{name}-") as tmp:
+        data = Path(tmp) / "data"
+        template = prepare_data(name, data, args)
+        runs, data_spec = [], None
+        for seed in range(args.seeds):
+            t0 = time.perf_counter()
+            work = Path(tmp) / f"seed{seed}"
+            work.mkdir()
+            federate(work, data, template, f"compare-{name}-seed{seed}", seed, n_rounds)
+            t1 = time.perf_counter()
+            res, data_spec = score_run(work, data, seed, n_rounds)
+            res["seconds"] = {"federated": t1 - t0, "baselines": time.perf_counter() - t1}
+            runs.append(res)
+            fed, pooled = res["federated"]["auc"], res["pooled"]["auc"]
+            print(
+                f"{name} seed {seed}: federated AUC {fed:.4f}, pooled {pooled:.4f} ({t1 - t0:.0f} s + {res['seconds']['baselines']:.0f} s)",
+                file=sys.stderr,
+            )
+        assert data_spec is not None
+        refs = converged(data, data_spec)
+    training = template["training"]
+    return {"name": name, "rounds": n_rounds, "training": training, "runs": runs, "converged": refs}
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def spread(values: list[float]) -> str:
+    """mean ± sample standard deviation (just the value for one run)."""
+    if len(values) < 2:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def markdown(result: dict) -> str:
+    runs, refs, n_rounds = result["runs"], result["converged"], result["rounds"]
+    epochs = result["training"]["epochs"] * n_rounds
+    labels = {"federated": f"federated, {n_rounds} rounds x {result['training']['epochs']} epochs (CLI)"}
+    labels["pooled"] = f"pooled, {epochs} epochs (same loop)"
+    labels.update({f"{b} alone": f"{b} alone, {epochs} epochs" for b in BANKS})
+    lines = [
+        "| model | training rows | AUC | PR-AUC | AUC - pooled | converged LR AUC | converged LR PR-AUC |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, label in labels.items():
+        auc = [r[key]["auc"] for r in runs]
+        gap = [r[key]["auc"] - r["pooled"]["auc"] for r in runs]
+        ref = refs.get(key, refs["pooled"])
+        rows = f"{ref['rows']:,}"
+        conv = (f"{ref['auc']:.4f}", f"{ref['pr_auc']:.4f}") if key != "federated" else ("", "")
+        lines.append(
+            f"| {label} | {rows} | {spread(auc)} | {spread([r[key]['pr_auc'] for r in runs])} | "
+            f"{spread(gap) if key != 'pooled' else ''} | {conv[0]} | {conv[1]} |"
+        )
+    by_round = [statistics.mean(r["federated_by_round"][i]["auc"] for r in runs) for i in range(n_rounds)]
+    lines.append("")
+    lines.append(
+        "Federated AUC after each round (mean over seeds): "
+        + ", ".join(f"r{i + 1} {a:.4f}" for i, a in enumerate(by_round))
+    )
+    return "\n".join(lines)
+
+
+def verdict(result: dict) -> str:
+    """The issue's goal, checked seed by seed: within 0.005 AUC of pooled, and above every bank alone."""
+    runs = result["runs"]
+    gaps = [r["federated"]["auc"] - r["pooled"]["auc"] for r in runs]
+    within = sum(abs(g) <= 0.005 for g in gaps)
+    above = {b: sum(r["federated"]["auc"] > r[f"{b} alone"]["auc"] for r in runs) for b in BANKS}
+    return (
+        f"{result['name']}: federated - pooled AUC per seed {', '.join(f'{g:+.4f}' for g in gaps)} "
+        f"(within 0.005 in {within} of {len(runs)}); federated above bank alone in "
+        + ", ".join(f"{b} {n}/{len(runs)}" for b, n in above.items())
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds per data set (default 3)")
+    ap.add_argument("--credit-rounds", type=int, default=5, help="rounds on credit (default 5, as the demo)")
+    ap.add_argument("--fraud-rounds", type=int, default=3, help="rounds on fraud (default 3, as the fraud demo)")
+    ap.add_argument("--customers", type=int, default=1000, help="fraud simulator: cards (default 1000, the demo's)")
+    ap.add_argument("--terminals", type=int, default=2000, help="fraud simulator: terminals (default 2000)")
+    ap.add_argument("--days", type=int, default=120, help="fraud simulator: days (default 120)")
+    ap.add_argument("--only", choices=("credit", "fraud"), help="run one data set")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 rounds, a small fraud table")
+    ap.add_argument("--json", type=Path, help="also write every number to this file")
+    args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.credit_rounds, args.fraud_rounds = 1, 2, 2
+        args.customers, args.terminals, args.days = 300, 600, 75
+    if min(args.seeds, args.credit_rounds, args.fraud_rounds) < 1:
+        ap.error("--seeds and --*-rounds must be at least 1")
+    rounds_for = {"credit": args.credit_rounds, "fraud": args.fraud_rounds}
+    results = [run_dataset(name, args, rounds_for[name]) for name in ("credit", "fraud") if args.only in (None, name)]
+    print(f"Machine: {machine()}\n")
+    for result in results:
+        print(f"### {result['name']}\n")
+        print(markdown(result) + "\n")
+        print(verdict(result) + "\n")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"machine": machine(), "args": vars(args) | {"json": str(args.json)}, "results": results}, indent=1
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
