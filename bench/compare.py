@@ -18,7 +18,8 @@ runs. Prints markdown tables for docs/benchmarks.md (mean and sample standard de
 seeds) and, with --json, writes every number.
 
     python bench/compare.py [--seeds 3] [--credit-rounds 5] [--fraud-rounds 3]
-        [--customers 1000 --terminals 2000 --days 120] [--only credit|fraud] [--quick] [--json out.json]
+        [--credit-epochs N] [--fraud-epochs N] [--customers 1000 --terminals 2000 --days 120]
+        [--only credit|fraud] [--quick] [--json out.json]
 """
 
 import argparse
@@ -179,6 +180,9 @@ def run_dataset(name: str, args: argparse.Namespace, n_rounds: int) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"fedcli-compare-{name}-") as tmp:
         data = Path(tmp) / "data"
         template = prepare_data(name, data, args)
+        epochs = getattr(args, f"{name}_epochs")
+        if epochs:  # local epochs per round, instead of the template's
+            template["training"] = {**template["training"], "epochs": epochs}
         runs, data_spec = [], None
         for seed in range(args.seeds):
             t0 = time.perf_counter()
@@ -257,6 +261,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per data set (default 3)")
     ap.add_argument("--credit-rounds", type=int, default=5, help="rounds on credit (default 5, as the demo)")
     ap.add_argument("--fraud-rounds", type=int, default=3, help="rounds on fraud (default 3, as the fraud demo)")
+    ap.add_argument("--credit-epochs", type=int, help="local epochs per round on credit (default: the template's, 3)")
+    ap.add_argument("--fraud-epochs", type=int, help="local epochs per round on fraud (default: the template's, 5)")
     ap.add_argument("--customers", type=int, default=1000, help="fraud simulator: cards (default 1000, the demo's)")
     ap.add_argument("--terminals", type=int, default=2000, help="fraud simulator: terminals (default 2000)")
     ap.add_argument("--days", type=int, default=120, help="fraud simulator: days (default 120)")
@@ -267,8 +273,8 @@ def main() -> None:
     if args.quick:
         args.seeds, args.credit_rounds, args.fraud_rounds = 1, 2, 2
         args.customers, args.terminals, args.days = 300, 600, 75
-    if min(args.seeds, args.credit_rounds, args.fraud_rounds) < 1:
-        ap.error("--seeds and --*-rounds must be at least 1")
+    if min(args.seeds, args.credit_rounds, args.fraud_rounds, args.credit_epochs or 1, args.fraud_epochs or 1) < 1:
+        ap.error("--seeds, --*-rounds and --*-epochs must be at least 1")
     rounds_for = {"credit": args.credit_rounds, "fraud": args.fraud_rounds}
     results = [run_dataset(name, args, rounds_for[name]) for name in ("credit", "fraud") if args.only in (None, name)]
     print(f"Machine: {machine()}\n")
