@@ -51,7 +51,6 @@ from fedcli.protocol.spec import DataSpec, Spec, dumps
 from fedcli.store import open_store
 
 TEMPLATES = {"credit": ROOT / "examples" / "federation.toml", "fraud": ROOT / "examples" / "fraud" / "federation.toml"}
-METRICS = ("auc", "pr_auc")
 
 
 # --------------------------------------------------------------------------- data and spec
@@ -123,8 +122,43 @@ def load_tables(data: Path, spec: DataSpec) -> tuple[dict[str, tables.Prepared],
     return banks, tables.prepare(tables.read_table(data / "test.csv"), spec, "test.csv")
 
 
-def pick(m: dict[str, float]) -> dict[str, float]:
-    return {k: m[k] for k in METRICS}
+class Scorer:
+    """Scores weights on the holdout (as `fedcli evaluate` does) and on the pooled training objective."""
+
+    def __init__(self, spec: Spec, banks: dict[str, tables.Prepared], test: tables.Prepared) -> None:
+        self.spec, self.test = spec, test
+        self.X = np.concatenate([t.X for t in banks.values()])
+        self.y = np.concatenate([t.y for t in banks.values()])
+        self.scores: dict[str, np.ndarray] = {}  # holdout scores kept for the paired bootstrap
+
+    def __call__(self, name: str, weights: dict) -> dict[str, float]:
+        p = models.predict(self.spec.model, weights, self.test.X)
+        self.scores[name] = p
+        m = score(self.test.y, p)
+        return {"auc": m["auc"], "pr_auc": m["pr_auc"], "train_loss": self.train_loss(weights)}
+
+    def train_loss(self, weights: dict) -> float:
+        """Mean BCE on all banks' rows: the objective pooled training minimises (and FedAvg aims at)."""
+        import torch
+
+        model = models.load_arrays(models.build(self.spec.model, self.X.shape[1]), weights).eval()
+        with torch.no_grad():
+            z = model(torch.from_numpy(self.X)).squeeze(1).double().numpy()
+        return float(np.mean(np.logaddexp(0.0, z) - self.y * z))
+
+    def auc_gap_interval(self, a: str, b: str, resamples: int = 500) -> tuple[float, float]:
+        """95% paired-bootstrap interval of AUC(a) - AUC(b) over holdout rows: what the holdout's size resolves."""
+        from sklearn.metrics import roc_auc_score
+
+        y, pa, pb = self.test.y, self.scores[a], self.scores[b]
+        rng = np.random.default_rng(0)
+        gaps = []
+        for _ in range(resamples):
+            i = rng.integers(0, len(y), len(y))
+            if 0 < y[i].sum() < len(i):
+                gaps.append(roc_auc_score(y[i], pa[i]) - roc_auc_score(y[i], pb[i]))
+        lo, hi = np.quantile(gaps, [0.025, 0.975])
+        return float(lo), float(hi)
 
 
 def score_run(work: Path, data: Path, seed: int, n_rounds: int) -> tuple[dict, DataSpec]:
@@ -135,25 +169,24 @@ def score_run(work: Path, data: Path, seed: int, n_rounds: int) -> tuple[dict, D
     spec, spec_sha = store_rounds.load_spec(store, keys.load_public(work / "coordinator" / "coordinator.pub"))
     shapes = models.shapes(spec.model, spec.data.n_features)
     banks, test = load_tables(data, spec.data)
-    by_round = []
-    for r in range(1, n_rounds + 1):
-        g = store_rounds.load_global(store, spec, spec_sha, r, shapes)
-        by_round.append(pick(score(test.y, models.predict(spec.model, g.tensors, test.X))))
+    scorer = Scorer(spec, banks, test)
+    by_round = [
+        scorer("federated", store_rounds.load_global(store, spec, spec_sha, r, shapes).tensors)
+        for r in range(1, n_rounds + 1)
+    ]
     start = store_rounds.load_global(store, spec, spec_sha, 0, shapes).tensors
-    res = {"federated": by_round[-1], "federated_by_round": by_round}
-    X = np.concatenate([t.X for t in banks.values()])
-    y = np.concatenate([t.y for t in banks.values()])
-    res["pooled"] = local_fit(spec, n_rounds, start, X, y, test, seed)
+    res: dict = {"federated": by_round[-1], "federated_by_round": by_round}
+    res["pooled"] = scorer("pooled", local_fit(spec, n_rounds, start, scorer.X, scorer.y, seed))
     for b, t in banks.items():
-        res[f"{b} alone"] = local_fit(spec, n_rounds, start, t.X, t.y, test, seed)
+        res[f"{b} alone"] = scorer(f"{b} alone", local_fit(spec, n_rounds, start, t.X, t.y, seed))
+    res["gap_interval"] = scorer.auc_gap_interval("federated", "pooled")
     return res, spec.data
 
 
-def local_fit(spec: Spec, n_rounds: int, start: dict, X: np.ndarray, y: np.ndarray, test, seed: int) -> dict:
+def local_fit(spec: Spec, n_rounds: int, start: dict, X: np.ndarray, y: np.ndarray, seed: int) -> dict:
     """The bank's own loop with the signed spec's settings, for as many epochs as the federation ran in total."""
     total = dataclasses.replace(spec.training, epochs=spec.training.epochs * n_rounds)
-    weights, _ = fit(spec.model, total, start, X, y, seed=seed)
-    return pick(score(test.y, models.predict(spec.model, weights, test.X)))
+    return fit(spec.model, total, start, X, y, seed=seed)[0]
 
 
 def converged(data: Path, spec: DataSpec) -> dict[str, dict]:
@@ -166,8 +199,10 @@ def converged(data: Path, spec: DataSpec) -> dict[str, dict]:
     out = {}
     for name, (X, y) in sets.items():
         lr = LogisticRegression(max_iter=10_000).fit(X.astype(np.float64), y)
-        out[name] = pick(score(test.y, lr.decision_function(test.X.astype(np.float64))))
-        out[name]["rows"] = len(y)
+        m = score(test.y, lr.decision_function(test.X.astype(np.float64)))
+        z = lr.decision_function(sets["pooled"][0].astype(np.float64))
+        loss = float(np.mean(np.logaddexp(0.0, z) - sets["pooled"][1] * z))
+        out[name] = {"auc": m["auc"], "pr_auc": m["pr_auc"], "train_loss": loss, "rows": len(y)}
     out["test"] = {"rows": len(test.y), "positives": int(test.y.sum())}
     return out
 
@@ -207,11 +242,17 @@ def run_dataset(name: str, args: argparse.Namespace, n_rounds: int) -> dict:
 # --------------------------------------------------------------------------- tables
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], digits: int = 4) -> str:
     """mean ± sample standard deviation (just the value for one run)."""
     if len(values) < 2:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+HEADER = (
+    "| model | training rows | AUC | PR-AUC | AUC - pooled | loss on all training rows "
+    "| converged LR: AUC | PR-AUC | loss |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
 
 
 def markdown(result: dict) -> str:
@@ -220,19 +261,17 @@ def markdown(result: dict) -> str:
     labels = {"federated": f"federated, {n_rounds} rounds x {result['training']['epochs']} epochs (CLI)"}
     labels["pooled"] = f"pooled, {epochs} epochs (same loop)"
     labels.update({f"{b} alone": f"{b} alone, {epochs} epochs" for b in BANKS})
-    lines = [
-        "| model | training rows | AUC | PR-AUC | AUC - pooled | converged LR AUC | converged LR PR-AUC |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = [HEADER]
     for key, label in labels.items():
-        auc = [r[key]["auc"] for r in runs]
-        gap = [r[key]["auc"] - r["pooled"]["auc"] for r in runs]
+        values = {m: [r[key][m] for r in runs] for m in ("auc", "pr_auc", "train_loss")}
+        gap = spread([r[key]["auc"] - r["pooled"]["auc"] for r in runs]) if key != "pooled" else ""
         ref = refs.get(key, refs["pooled"])
-        rows = f"{ref['rows']:,}"
-        conv = (f"{ref['auc']:.4f}", f"{ref['pr_auc']:.4f}") if key != "federated" else ("", "")
+        conv = (
+            "| | | |" if key == "federated" else f"| {ref['auc']:.4f} | {ref['pr_auc']:.4f} | {ref['train_loss']:.5f} |"
+        )
         lines.append(
-            f"| {label} | {rows} | {spread(auc)} | {spread([r[key]['pr_auc'] for r in runs])} | "
-            f"{spread(gap) if key != 'pooled' else ''} | {conv[0]} | {conv[1]} |"
+            f"| {label} | {ref['rows']:,} | {spread(values['auc'])} | {spread(values['pr_auc'])} | {gap} "
+            f"| {spread(values['train_loss'], 5)} {conv}"
         )
     by_round = [statistics.mean(r["federated_by_round"][i]["auc"] for r in runs) for i in range(n_rounds)]
     lines.append("")
@@ -249,10 +288,11 @@ def verdict(result: dict) -> str:
     gaps = [r["federated"]["auc"] - r["pooled"]["auc"] for r in runs]
     within = sum(abs(g) <= 0.005 for g in gaps)
     above = {b: sum(r["federated"]["auc"] > r[f"{b} alone"]["auc"] for r in runs) for b in BANKS}
+    intervals = ", ".join(f"[{lo:+.4f}, {hi:+.4f}]" for lo, hi in (r["gap_interval"] for r in runs))
     return (
         f"{result['name']}: federated - pooled AUC per seed {', '.join(f'{g:+.4f}' for g in gaps)} "
-        f"(within 0.005 in {within} of {len(runs)}); federated above bank alone in "
-        + ", ".join(f"{b} {n}/{len(runs)}" for b, n in above.items())
+        f"(within 0.005 in {within} of {len(runs)}; 95% paired bootstrap over holdout rows {intervals}); "
+        "federated above bank alone in " + ", ".join(f"{b} {n}/{len(runs)}" for b, n in above.items())
     )
 
 
