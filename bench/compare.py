@@ -33,6 +33,7 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(ROOT / "bench")]
@@ -117,15 +118,25 @@ def federate(work: Path, data: Path, template: dict, fed_id: str, seed: int, n_r
 # --------------------------------------------------------------------------- scoring
 
 
-def load_tables(data: Path, spec: DataSpec) -> tuple[dict[str, tables.Prepared], tables.Prepared]:
-    banks = {b: tables.prepare(tables.read_table(data / f"{b}.csv"), spec, b) for b in BANKS}
-    return banks, tables.prepare(tables.read_table(data / "test.csv"), spec, "test.csv")
+class Rows(NamedTuple):
+    X: np.ndarray
+    y: np.ndarray
+
+
+def load_tables(data: Path, spec: DataSpec) -> tuple[dict[str, Rows], Rows]:
+    """Every bank's rows and the holdout, through the same preprocessing `fedcli train` and `evaluate` use."""
+
+    def load(name: str) -> Rows:
+        prepared = tables.prepare(tables.read_table(data / f"{name}.csv"), spec, f"{name}.csv")
+        return Rows(prepared.X, prepared.labels())
+
+    return {b: load(b) for b in BANKS}, load("test")
 
 
 class Scorer:
     """Scores weights on the holdout (as `fedcli evaluate` does) and on the pooled training objective."""
 
-    def __init__(self, spec: Spec, banks: dict[str, tables.Prepared], test: tables.Prepared) -> None:
+    def __init__(self, spec: Spec, banks: dict[str, Rows], test: Rows) -> None:
         self.spec, self.test = spec, test
         self.X = np.concatenate([t.X for t in banks.values()])
         self.y = np.concatenate([t.y for t in banks.values()])
