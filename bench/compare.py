@@ -15,7 +15,10 @@ For each data set and each seed:
 The seed moves the training randomness: round-0 weights ([model] seed), the federation id (which
 seeds every bank's shuffling in `fedcli train`) and the shuffling seed of the pooled and local
 runs. Prints markdown tables for docs/benchmarks.md (mean and sample standard deviation over
-seeds) and, with --json, writes every number.
+seeds): holdout AUC and PR-AUC, the loss on all banks' rows (the objective pooled training
+minimises), a paired-bootstrap interval of AUC(federated) - AUC(pooled) over holdout rows (what
+the holdout can resolve), and for logistic regression the weights where federated and pooled
+differ most. With --json, writes every number.
 
     python bench/compare.py [--seeds 3] [--credit-rounds 5] [--fraud-rounds 3]
         [--credit-epochs N] [--fraud-epochs N] [--customers 1000 --terminals 2000 --days 120]
