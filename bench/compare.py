@@ -15,7 +15,10 @@ For each data set and each seed:
 The seed moves the training randomness: round-0 weights ([model] seed), the federation id (which
 seeds every bank's shuffling in `fedcli train`) and the shuffling seed of the pooled and local
 runs. Prints markdown tables for docs/benchmarks.md (mean and sample standard deviation over
-seeds) and, with --json, writes every number.
+seeds): holdout AUC and PR-AUC, the loss on all banks' rows (the objective pooled training
+minimises), a paired-bootstrap interval of AUC(federated) - AUC(pooled) over holdout rows (what
+the holdout can resolve), and for logistic regression the weights where federated and pooled
+differ most. With --json, writes every number.
 
     python bench/compare.py [--seeds 3] [--credit-rounds 5] [--fraud-rounds 3]
         [--credit-epochs N] [--fraud-epochs N] [--customers 1000 --terminals 2000 --days 120]
@@ -33,6 +36,7 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(ROOT / "bench")]
@@ -117,15 +121,25 @@ def federate(work: Path, data: Path, template: dict, fed_id: str, seed: int, n_r
 # --------------------------------------------------------------------------- scoring
 
 
-def load_tables(data: Path, spec: DataSpec) -> tuple[dict[str, tables.Prepared], tables.Prepared]:
-    banks = {b: tables.prepare(tables.read_table(data / f"{b}.csv"), spec, b) for b in BANKS}
-    return banks, tables.prepare(tables.read_table(data / "test.csv"), spec, "test.csv")
+class Rows(NamedTuple):
+    X: np.ndarray
+    y: np.ndarray
+
+
+def load_tables(data: Path, spec: DataSpec) -> tuple[dict[str, Rows], Rows]:
+    """Every bank's rows and the holdout, through the same preprocessing `fedcli train` and `evaluate` use."""
+
+    def load(name: str) -> Rows:
+        prepared = tables.prepare(tables.read_table(data / f"{name}.csv"), spec, f"{name}.csv")
+        return Rows(prepared.X, prepared.labels())
+
+    return {b: load(b) for b in BANKS}, load("test")
 
 
 class Scorer:
     """Scores weights on the holdout (as `fedcli evaluate` does) and on the pooled training objective."""
 
-    def __init__(self, spec: Spec, banks: dict[str, tables.Prepared], test: tables.Prepared) -> None:
+    def __init__(self, spec: Spec, banks: dict[str, Rows], test: Rows) -> None:
         self.spec, self.test = spec, test
         self.X = np.concatenate([t.X for t in banks.values()])
         self.y = np.concatenate([t.y for t in banks.values()])
@@ -170,13 +184,17 @@ def score_run(work: Path, data: Path, seed: int, n_rounds: int) -> tuple[dict, D
     shapes = models.shapes(spec.model, spec.data.n_features)
     banks, test = load_tables(data, spec.data)
     scorer = Scorer(spec, banks, test)
-    by_round = [
-        scorer("federated", store_rounds.load_global(store, spec, spec_sha, r, shapes).tensors)
-        for r in range(1, n_rounds + 1)
-    ]
-    start = store_rounds.load_global(store, spec, spec_sha, 0, shapes).tensors
+    globals_ = [store_rounds.load_global(store, spec, spec_sha, r, shapes).tensors for r in range(n_rounds + 1)]
+    by_round = [scorer("federated", g) for g in globals_[1:]]
     res: dict = {"federated": by_round[-1], "federated_by_round": by_round}
-    res["pooled"] = scorer("pooled", local_fit(spec, n_rounds, start, scorer.X, scorer.y, seed))
+    pooled = local_fit(spec, n_rounds, globals_[0], scorer.X, scorer.y, seed)
+    res["pooled"] = scorer("pooled", pooled)
+    if spec.model.kind == "logreg":  # one weight per input feature: where the two models differ
+        res["weights"] = {
+            "federated": globals_[-1]["0.weight"].ravel().tolist(),
+            "pooled": pooled["0.weight"].ravel().tolist(),
+        }
+    start = globals_[0]
     for b, t in banks.items():
         res[f"{b} alone"] = scorer(f"{b} alone", local_fit(spec, n_rounds, start, t.X, t.y, seed))
     res["gap_interval"] = scorer.auc_gap_interval("federated", "pooled")
@@ -203,6 +221,7 @@ def converged(data: Path, spec: DataSpec) -> dict[str, dict]:
         z = lr.decision_function(sets["pooled"][0].astype(np.float64))
         loss = float(np.mean(np.logaddexp(0.0, z) - sets["pooled"][1] * z))
         out[name] = {"auc": m["auc"], "pr_auc": m["pr_auc"], "train_loss": loss, "rows": len(y)}
+        out[name]["weights"] = lr.coef_.ravel().tolist()
     out["test"] = {"rows": len(test.y), "positives": int(test.y.sum())}
     return out
 
@@ -236,7 +255,15 @@ def run_dataset(name: str, args: argparse.Namespace, n_rounds: int) -> dict:
         assert data_spec is not None
         refs = converged(data, data_spec)
     training = template["training"]
-    return {"name": name, "rounds": n_rounds, "training": training, "runs": runs, "converged": refs}
+    features = tables.feature_names(data_spec)
+    return {
+        "name": name,
+        "rounds": n_rounds,
+        "training": training,
+        "runs": runs,
+        "converged": refs,
+        "features": features,
+    }
 
 
 # --------------------------------------------------------------------------- tables
@@ -296,6 +323,25 @@ def verdict(result: dict) -> str:
     )
 
 
+def weights_table(result: dict, top: int = 6) -> str:
+    """Logistic regression only: the features whose weights differ most between federated and pooled (seed mean)."""
+    runs = [r for r in result["runs"] if "weights" in r]
+    if not runs:
+        return ""
+    fed = np.mean([r["weights"]["federated"] for r in runs], axis=0)
+    pooled = np.mean([r["weights"]["pooled"] for r in runs], axis=0)
+    conv = result["converged"]["pooled"]["weights"]
+    lines = [
+        f"Largest weight differences, federated vs pooled (standardised inputs, mean over {len(runs)} seeds):",
+        "",
+        "| feature | federated | pooled | converged LR |",
+        "|---|---:|---:|---:|",
+    ]
+    for j in np.argsort(-np.abs(pooled - fed))[:top]:
+        lines.append(f"| `{result['features'][j]}` | {fed[j]:+.3f} | {pooled[j]:+.3f} | {conv[j]:+.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per data set (default 3)")
@@ -322,6 +368,7 @@ def main() -> None:
         print(f"### {result['name']}\n")
         print(markdown(result) + "\n")
         print(verdict(result) + "\n")
+        print(weights_table(result) + "\n")
     if args.json:
         args.json.write_text(
             json.dumps(
