@@ -158,13 +158,13 @@ def verify_base(job: BankRound, plan: BankPlan) -> rounds.Global:
 
 @dataclass(frozen=True)
 class LocalData:
-    """The bank's rows as model inputs, what preprocessing did to them, and the global model's AUC on them."""
+    """The bank's rows as model inputs, what preprocessing did to them, and the global model's metrics on them."""
 
     X: np.ndarray
     y: np.ndarray
     source: str  # the file or folder name, for messages
     notes: list[str]
-    auc_before: float
+    before: dict[str, float]  # metrics.score of the global model it starts from
 
 
 def prepare_data(job: BankRound, base: rounds.Global, data_path: Path) -> LocalData:
@@ -184,7 +184,7 @@ def prepare_data(job: BankRound, base: rounds.Global, data_path: Path) -> LocalD
         if e.reason != "not-finite":
             raise
         refuse_non_finite(f"the global model's scores on {source} are not finite", base)
-    return LocalData(prep.X, labels, source, notes, before["auc"])
+    return LocalData(prep.X, labels, source, notes, before)
 
 
 # --------------------------------------------------------------------------- stage 3: plan privacy
@@ -284,8 +284,7 @@ def _measure(job: BankRound, base: rounds.Global, data: LocalData, weights: Arra
     are what a rare class such as fraud is judged on; AUC alone looks good on them too easily.
     Non-finite weights or metrics are refused."""
     require_finite("the trained weights", weights, base)
-    # The global model's scores again (prepare_data keeps only their AUC): one more predict and sort.
-    before = score(data.y, models.predict(job.spec.model, base.tensors, data.X))
+    before = data.before
     after = score(data.y, models.predict(job.spec.model, weights, data.X))
     metrics = {"loss": loss}
     for key in MANIFEST_METRICS:
