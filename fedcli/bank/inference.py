@@ -12,6 +12,7 @@ import numpy as np
 
 from fedcli import keys, models
 from fedcli.bank import sources, tables
+from fedcli.bank.kernel import probabilities
 from fedcli.errors import FedcliError
 from fedcli.files import atomic_writer
 from fedcli.metrics import evaluation
@@ -37,7 +38,7 @@ def evaluate(store: Store, coordinator_pub: Path, data_path: Path, round_: int |
     for batch in table.batches(prep.needed):
         X, y, _ = prep.chunk(tables.columns_of(batch))
         if len(X) and y is not None:
-            scores.append(models.predict(spec.model, g.tensors, X))
+            scores.append(probabilities(spec.model, g.tensors, X))
             labels.append(y)
     prep.finish()
     y, p = np.concatenate(labels), np.concatenate(scores)
@@ -75,5 +76,5 @@ def _write_scores(table: sources.TableSource, prep: tables.Preparation, model, w
     for i, batch in enumerate(table.batches()):
         X, _, kept = prep.chunk(tables.columns_of(batch))
         rows = batch.to_pandas() if kept is None else batch.to_pandas()[kept]
-        rows = rows.assign(score=models.predict(model, weights, X) if len(X) else np.zeros(0, np.float32))
+        rows = rows.assign(score=probabilities(model, weights, X) if len(X) else np.zeros(0, np.float32))
         rows.to_csv(text, header=i == 0, index=False)

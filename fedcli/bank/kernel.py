@@ -274,11 +274,13 @@ def probabilities(model_spec: ModelSpec, weights: Arrays, X: np.ndarray, rows: i
     """P(positive) per row, the forward pass of `models.build` in numpy (float32, `rows` at a time)."""
     net = Network(model_spec, weights)
     out = np.empty(len(X), np.float32)
-    for s in range(0, len(X), rows):
-        a = np.asarray(X[s : s + rows], dtype=np.float32)
-        for layer in net.layers[:-1]:
-            a = np.maximum(a @ layer[:, :-1].T + layer[:, -1], 0.0)
-        logit = (a @ net.layers[-1][0, :-1] + net.layers[-1][0, -1]).astype(np.float64)
-        with np.errstate(over="ignore"):  # exp(-logit) = inf: the probability is 0
+    # Overflow is not hidden: an inf logit gives a probability of 0 or 1, inf - inf gives NaN, which
+    # metrics.score refuses (the bank then says its scores are not finite).
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s in range(0, len(X), rows):
+            a = np.asarray(X[s : s + rows], dtype=np.float32)
+            for layer in net.layers[:-1]:
+                a = np.maximum(a @ layer[:, :-1].T + layer[:, -1], 0.0)
+            logit = (a @ net.layers[-1][0, :-1] + net.layers[-1][0, -1]).astype(np.float64)
             out[s : s + rows] = 1.0 / (1.0 + np.exp(-logit))
     return out

@@ -20,7 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedcli import digest, keys, models
 from fedcli.bank.checks import check_own_manifest, refuse_non_finite, require_finite
+from fedcli.bank.kernel import probabilities
 from fedcli.bank.plan import BankPlan, Release
+from fedcli.bank.rows import LocalRows
 from fedcli.bank.state import BankState, ledger_path_for, state_path_for
 from fedcli.errors import AlreadyExists, FedcliError
 from fedcli.keys import PublicIdentity
@@ -158,33 +160,40 @@ def verify_base(job: BankRound, plan: BankPlan) -> rounds.Global:
 
 @dataclass(frozen=True)
 class LocalData:
-    """The bank's rows as model inputs, what preprocessing did to them, and the global model's metrics on them."""
+    """The bank's rows as model inputs (bank.rows: in memory or re-read per epoch), and the global model's metrics."""
 
-    X: np.ndarray
-    y: np.ndarray
+    rows: LocalRows
     source: str  # the file or folder name, for messages
-    notes: list[str]
     before: dict[str, float]  # metrics.score of the global model it starts from
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.rows.y
+
+    @property
+    def notes(self) -> list[str]:
+        return self.rows.notes
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 def prepare_data(job: BankRound, base: rounds.Global, data_path: Path) -> LocalData:
-    """Read and preprocess the table as the spec declares (streamed: only X and y stay), and score the global model on it."""
-    from fedcli.bank import sources, tables  # pandas and pyarrow: only once there is a table to read
+    """Read and preprocess the table as the spec declares, scoring the global model on each chunk as it goes."""
+    from fedcli.bank import rows, sources  # pandas and pyarrow: only once there is a table to read
 
     table = sources.open_table(data_path)
     source = table.name
     status = job.console.status(f"reading {escape(source)}") if job.console.is_terminal else contextlib.nullcontext()
     with status:
-        prep = tables.prepare(table, job.spec.data, source)
-    notes = tables.notes(prep, source)
-    labels = prep.labels()
+        local, scores = rows.read(table, job.spec.data, lambda X: probabilities(job.spec.model, base.tensors, X))
     try:
-        before = score(labels, models.predict(job.spec.model, base.tensors, prep.X))
+        before = score(local.y, scores)
     except FedcliError as e:
         if e.reason != "not-finite":
             raise
         refuse_non_finite(f"the global model's scores on {source} are not finite", base)
-    return LocalData(prep.X, labels, source, notes, before)
+    return LocalData(local, source, before)
 
 
 # --------------------------------------------------------------------------- stage 3: plan privacy
@@ -195,7 +204,7 @@ def plan_privacy(job: BankRound, plan: BankPlan, data: LocalData) -> Release | N
     if plan.privacy is None:
         return None
     training = job.spec.training
-    mechanism = policy.plan(plan.privacy.table, len(data.X), training.batch_size, training.epochs)
+    mechanism = policy.plan(plan.privacy.table, len(data), training.batch_size, training.epochs)
     release = Release(mechanism, plan.privacy)
     release.check()
     return release
@@ -251,17 +260,18 @@ def train(job: BankRound, base: rounds.Global, data: LocalData, release: Release
 
 
 def _train(job: BankRound, base: rounds.Global, data: LocalData) -> tuple[Arrays, float]:
-    from fedcli.bank.training import fit  # heavy (torch); imported only when there is work
+    from fedcli.bank.training import fit_stream
 
     spec = job.spec
-    batches = -(-len(data.X) // spec.training.batch_size)
+    batches = -(-len(data) // spec.training.batch_size)
     # Not a secret: the seed only makes a bank's rerun of a round reproducible.
     seed = int.from_bytes(
         bytes.fromhex(digest.sha256(f"{spec.federation_id}/{job.round}/{job.me.name}".encode())[:8]), "little"
     )
     with TrainingBar(job.console, job.round, spec.training.epochs * batches) as bar:
-        return fit(
-            spec.model, spec.training, base.tensors, data.X, data.y, seed, bar.step, prox_mu=spec.strategy.prox_mu
+        epochs = data.rows.epochs(seed, spec.training.batch_size)
+        return fit_stream(
+            spec.model, spec.training, base.tensors, epochs, len(data), seed, bar.step, prox_mu=spec.strategy.prox_mu
         )
 
 
@@ -273,7 +283,14 @@ def _train_dp_sgd(
     spec, planned = job.spec, release.mechanism
     with TrainingBar(job.console, job.round, planned.steps) as bar:
         weights, ran = fit_private(
-            spec.model, spec.training, base.tensors, data.X, data.y, planned.clip, planned.noise_multiplier, bar.step
+            spec.model,
+            spec.training,
+            base.tensors,
+            data.rows.matrix(),
+            data.y,
+            planned.clip,
+            planned.noise_multiplier,
+            bar.step,
         )
     return weights, bar.last_loss, replace(release, mechanism=ran)
 
@@ -285,7 +302,7 @@ def _measure(job: BankRound, base: rounds.Global, data: LocalData, weights: Arra
     Non-finite weights or metrics are refused."""
     require_finite("the trained weights", weights, base)
     before = data.before
-    after = score(data.y, models.predict(job.spec.model, weights, data.X))
+    after = score(data.y, data.rows.scores(lambda X: probabilities(job.spec.model, weights, X)))
     metrics = {"loss": loss}
     for key in MANIFEST_METRICS:
         metrics |= {f"{key}_before": before[key], f"{key}_after": after[key]}
@@ -366,7 +383,7 @@ def submit(job: BankRound, base: rounds.Global, data: LocalData, trained: Traine
     sent = f"{len(encoded.payload):,} bytes" + ("" if method == "none" else f", {method}")
     message = f"submitted update for round {job.round} ({sent})"
     return TrainResult(
-        job.me.name, job.round, True, message, len(data.X), trained.metrics, data.notes + encoded.notes, charged
+        job.me.name, job.round, True, message, len(data), trained.metrics, data.notes + encoded.notes, charged
     )
 
 
@@ -380,7 +397,7 @@ def update_manifest(job: BankRound, base: rounds.Global, data: LocalData, traine
         "member": job.me.name,
         "base_sha256": base.sha256,
         "tensors_sha256": digest.sha256(encoded.payload),
-        "num_examples": int(len(data.X)),
+        "num_examples": len(data),
         "compression": encoded.compression,
         "metrics": trained.metrics,
         "created_at": rounds.now(),

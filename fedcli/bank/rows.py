@@ -1,0 +1,153 @@
+"""A bank's rows for one round: read once to check them and score the global model, then trained on.
+
+A table of up to SHUFFLE_ROWS rows stays in memory as one float32 matrix and every epoch is a
+seeded permutation of all of it (`training.fit`). A bigger table is never held: training memory is
+O(SHUFFLE_ROWS), not O(table). Each epoch re-reads the table through Arrow and preprocesses it
+again, fills a shuffle buffer of SHUFFLE_ROWS rows (whole batches), permutes the buffer with a
+seed of (round seed, buffer, epoch) and trains on it, then the next buffer. Batches therefore mix
+rows from within one buffer: a table sorted by time is trained on in time order at the scale of
+the buffer (about 1M rows), as with any shuffle buffer; shuffle such a table first if that matters.
+Every re-read must give the same rows and labels as the first read, or the round is refused
+(the file changed under the bank). DP-SGD samples rows from the whole table (Poisson sampling for
+its accounting), so under record-level DP the table is held in memory whatever its size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedcli.bank import sources, tables, training
+from fedcli.errors import InputError
+from fedcli.protocol.spec import DataSpec
+
+SHUFFLE_ROWS = 1_048_576  # rows held at once: 120 MiB of float32 at 30 features
+
+Chunk = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class LocalRows:
+    """The rows a bank trains on this round: in memory (X) when they fit the shuffle buffer, else re-read."""
+
+    table: sources.TableSource
+    spec: DataSpec
+    y: np.ndarray  # every usable row's label, in table order
+    X: np.ndarray | None  # the whole feature matrix when it fits SHUFFLE_ROWS rows, else None (streamed)
+    notes: list[str]
+
+    @property
+    def streamed(self) -> bool:
+        return self.X is None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def matrix(self) -> np.ndarray:
+        """The whole feature matrix (DP-SGD needs it): read again when it was not kept."""
+        if self.X is not None:
+            return self.X
+        parts = [X for X, _ in self._reread()]
+        return np.concatenate(parts) if parts else np.zeros((0, self.spec.n_features), np.float32)
+
+    def epochs(self, seed: int, batch_size: int) -> training.Chunks:
+        """`training.fit_stream`'s epochs: a permutation of everything in memory, else shuffled buffers."""
+        if self.X is not None:
+            return training.shuffled_chunks(self.X, self.y, seed, batch_size)
+        step = max(1, SHUFFLE_ROWS // batch_size) * batch_size
+
+        def epoch(e: int) -> Iterator[Chunk]:
+            buffer = _Buffer()
+            for i, (X, y) in enumerate(_buffers(self._reread(), step, buffer)):
+                yield from training.shuffled_chunks(X, y, _buffer_seed(seed, i), batch_size)(e)
+
+        return epoch
+
+    def scores(self, score: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """score(X) for every row, in table order, holding one chunk at a time when streamed."""
+        if self.X is not None:
+            return score(self.X)
+        return np.concatenate([score(X) for X, _ in self._reread()])
+
+    def _reread(self) -> Iterator[Chunk]:
+        """The table's chunks, preprocessed again; refused if they are not the rows read first."""
+        prep = tables.Preparation(self.spec, self.table.columns, self.table.name, True, self.table.separator)
+        at = 0
+        for X, y in _chunks(self.table, prep):
+            if not np.array_equal(y, self.y[at : at + len(y)]):
+                raise _changed(self.table.name)
+            at += len(y)
+            yield X, y
+        if at != len(self.y):
+            raise _changed(self.table.name)
+
+
+def read(table: sources.TableSource, spec: DataSpec, score: Callable[[np.ndarray], np.ndarray]):
+    """(LocalRows, score(X) per row): one pass that preprocesses, checks and scores; X is kept only if it fits."""
+    prep = tables.Preparation(spec, table.columns, table.name, True, table.separator)
+    kept: list[np.ndarray] | None = []
+    labels: list[np.ndarray] = []
+    scored: list[np.ndarray] = []
+    n = 0
+    for X, y in _chunks(table, prep):
+        scored.append(score(X))
+        labels.append(y)
+        n += len(X)
+        if kept is not None and n <= SHUFFLE_ROWS:
+            kept.append(X)
+        else:
+            kept = None
+    prep.finish()
+    y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
+    held = None if kept is None else np.concatenate(kept) if kept else np.zeros((0, spec.n_features), np.float32)
+    rows = LocalRows(table, spec, y, held, tables.notes(prep, table.name))
+    return rows, (np.concatenate(scored) if scored else np.zeros(0, np.float32))
+
+
+def _chunks(table: sources.TableSource, prep: tables.Preparation) -> Iterator[Chunk]:
+    for batch in table.batches(prep.needed):
+        X, y, _ = prep.chunk(tables.columns_of(batch))
+        if len(X):
+            assert y is not None  # need_target: every kept row has a label
+            yield X, y
+
+
+class _Buffer:
+    """Chunks gathered until a shuffle buffer of whole batches is full."""
+
+    def __init__(self) -> None:
+        self.X: list[np.ndarray] = []
+        self.y: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, X: np.ndarray, y: np.ndarray) -> None:
+        self.X.append(X)
+        self.y.append(y)
+        self.n += len(X)
+
+    def take(self, rows: int) -> Chunk:
+        """The first `rows` rows gathered; the rest stay for the next buffer."""
+        X, y = np.concatenate(self.X), np.concatenate(self.y)
+        self.X, self.y, self.n = [X[rows:]], [y[rows:]], len(X) - rows
+        return X[:rows], y[:rows]
+
+
+def _buffers(chunks: Iterator[Chunk], step: int, buffer: _Buffer) -> Iterator[Chunk]:
+    """The chunks regrouped into buffers of `step` rows (whole batches), the last one shorter."""
+    for X, y in chunks:
+        buffer.add(X, y)
+        while buffer.n >= step:
+            yield buffer.take(step)
+    if buffer.n:
+        yield buffer.take(buffer.n)
+
+
+def _buffer_seed(seed: int, i: int) -> int:
+    """Buffer i's permutation seed: a different permutation per buffer, the same on a rerun of the round."""
+    return (seed + 0x9E3779B97F4A7C15 * (i + 1)) % 2**64
+
+
+def _changed(name: str) -> InputError:
+    return InputError(f"{name} changed while the bank was training on it: nothing was submitted; run train again")

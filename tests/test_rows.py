@@ -1,0 +1,84 @@
+"""A table bigger than the shuffle buffer is trained on without being held: re-read per epoch, buffer by buffer."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import make_fed
+
+from fedcli.bank import rows, sources, training
+from fedcli.bank.kernel import probabilities
+from fedcli.errors import InputError
+from fedcli.protocol import rounds
+from fedcli.store import open_store
+
+
+def _spec(fed):
+    spec, _ = rounds.load_spec(open_store(str(fed.store)), None)
+    return spec
+
+
+def _read(fed, path, spec):
+    zeros = {k: np.zeros(s, np.float32) for k, s in _shapes(spec).items()}
+    return rows.read(sources.open_table(path), spec.data, lambda X: probabilities(spec.model, zeros, X))
+
+
+def _shapes(spec):
+    from fedcli import models
+
+    return models.shapes(spec.model, spec.data.n_features)
+
+
+@pytest.fixture
+def small_buffer(monkeypatch):
+    monkeypatch.setattr(rows, "SHUFFLE_ROWS", 300)
+
+
+def test_a_table_that_fits_is_held_and_shuffled_whole(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    spec = _spec(fed)
+    local, scores = _read(fed, fed.data / "bank-a.csv", spec)
+    assert not local.streamed and len(scores) == len(local) == len(local.X)
+    held = list(local.epochs(7, 32)(0))
+    whole = list(training.shuffled_chunks(local.X, local.y, 7, 32)(0))
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(held, whole, strict=True))
+
+
+def test_a_bigger_table_is_streamed_in_whole_batch_buffers(tmp_path, credit_split, small_buffer):
+    fed = make_fed(tmp_path, credit_split)
+    spec = _spec(fed)
+    local, scores = _read(fed, fed.data / "bank-a.csv", spec)
+    assert local.streamed and local.X is None and len(scores) == len(local) > 3 * rows.SHUFFLE_ROWS
+    matrix = local.matrix()
+    for e in range(2):
+        chunks = list(local.epochs(7, 32)(e))
+        seen = np.concatenate([X for X, _ in chunks])
+        # every row exactly once per epoch: the same multiset of rows as the table
+        assert np.array_equal(np.sort(seen, axis=0), np.sort(matrix, axis=0))
+        assert all(len(X) % 32 == 0 for X, _ in chunks[:-1])
+        assert not np.array_equal(seen, matrix)  # shuffled within buffers
+    first, second = (np.concatenate([X for X, _ in local.epochs(7, 32)(e)]) for e in (0, 1))
+    assert not np.array_equal(first, second)  # each epoch its own order
+    np.testing.assert_array_equal(local.scores(lambda X: X[:, 0]), matrix[:, 0])
+
+
+def test_a_table_changed_during_training_is_refused(tmp_path, credit_split, small_buffer):
+    fed = make_fed(tmp_path, credit_split)
+    spec = _spec(fed)
+    path = tmp_path / "bank-a.csv"
+    path.write_text((fed.data / "bank-a.csv").read_text())
+    local, _ = _read(fed, path, spec)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-40]) + "\n")  # rows went missing under the bank
+    with pytest.raises(InputError, match="changed while the bank was training"):
+        list(local.epochs(7, 32)(0))
+
+
+def test_train_streams_a_big_table_through_the_cli(tmp_path, credit_split, small_buffer):
+    fed = make_fed(tmp_path, credit_split)
+    for bank in ("bank-a", "bank-b"):
+        fed.train(bank)
+    manifest = json.loads((fed.store / "rounds/000001/updates/bank-a.json").read_text())
+    body = manifest.get("manifest", manifest)
+    assert body["num_examples"] > 3 * rows.SHUFFLE_ROWS
+    assert body["metrics"]["auc_after"] > body["metrics"]["auc_before"]
