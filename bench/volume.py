@@ -5,7 +5,10 @@ global, 5 epochs of minibatch Adam, score again, sign and export), with its wall
 `/usr/bin/time -v`. The table is the fraud simulator's output (examples/fraud/simulate.py), all banks' rows
 concatenated, written once as Parquet with 100,000-row row groups and cached in --work.
 
-    python bench/volume.py --rows 10000000 --runs 3 --work /tmp/fedcli-volume
+    python bench/volume.py --rows 10000000 --runs 3 --work /tmp/fedcli-volume [--baseline a986ca5]
+
+--baseline REV also times fedcli at git revision REV (exported with `git archive`), run by run
+interleaved with this tree, so both see the same load on the machine.
 """
 
 import argparse
@@ -123,17 +126,40 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/fedcli-volume"))
+    ap.add_argument("--baseline", help="also time this git revision, interleaved run by run")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    trees = {"this tree": ROOT}
+    if args.baseline:
+        trees[f"at {args.baseline}"] = exported(args.baseline, args.work)
     data = table(args.work, args.rows)
-    runs = [one_run(args.work, data, env) for _ in range(args.runs)]
+    load = os.getloadavg()
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
+    for _ in range(args.runs):
+        for name, tree in trees.items():
+            runs[name].append(one_run(args.work, data, dict(os.environ, PYTHONPATH=str(tree))))
     print(machine())
-    print(f"load average before the runs: {os.getloadavg()}")
-    print("| rows | runs | wall s (median) | wall s (each) | peak RSS MiB (median) |\n|---|---|---|---|---|")
-    walls, rss = [w for w, _ in runs], [r for _, r in runs]
-    each = ", ".join(f"{w:.1f}" for w in walls)
-    print(f"| {args.rows:,} | {len(runs)} | {statistics.median(walls):.1f} | {each} | {statistics.median(rss):,.0f} |")
+    print(f"load average before the runs: {load}, after: {os.getloadavg()}")
+    print("| fedcli | rows | runs | wall s (median) | wall s (each) | peak RSS MiB (median) |")
+    print("|---|---|---|---|---|---|")
+    for name, done in runs.items():
+        walls, rss = [w for w, _ in done], [r for _, r in done]
+        each = ", ".join(f"{w:.1f}" for w in walls)
+        median = f"{statistics.median(walls):.1f} | {each} | {statistics.median(rss):,.0f}"
+        print(f"| {name} | {args.rows:,} | {len(done)} | {median} |")
+
+
+def exported(rev: str, work: Path) -> Path:
+    """fedcli's source at git revision `rev`, exported once into work/."""
+    out = work / f"tree-{rev}"
+    if not out.exists():
+        tmp = work / f"tree-{rev}.tmp"
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+        tmp.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "fedcli"], check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
+        tmp.rename(out)
+    return out
 
 
 if __name__ == "__main__":

@@ -239,3 +239,18 @@ def test_a_round_trains_on_simulated_banks(tmp_path, fraud_split):
 
     truth = pd.read_csv(fraud_split / "test.csv")[sim.TARGET]
     assert roc_auc_score(truth, pd.read_csv(scores)["score"]) > 0.75  # one round already finds most frauds
+
+
+def test_parquet_output_holds_the_same_rows_as_csv(tmp_path, fraud_split):
+    """--format parquet writes typed columns with the same values the CSV spells out; train reads either."""
+    import pyarrow.parquet as pq
+
+    args = ["--customers", "400", "--terminals", "800", "--days", "60", "--test-days", "15"]
+    sim.main(["--out", str(tmp_path / "pq"), "--format", "parquet", *args])
+    names = sorted(p.name for p in (tmp_path / "pq").iterdir())
+    assert names == sorted(p.name.replace(".csv", ".parquet") for p in fraud_split.iterdir())
+    for name in ("bank-a", "test"):
+        table = pq.read_table(tmp_path / "pq" / f"{name}.parquet").to_pandas()
+        csv = pd.read_csv(fraud_split / f"{name}.csv")
+        assert list(table.columns) == list(csv.columns) == [*sim.FEATURES, sim.TARGET]
+        np.testing.assert_allclose(table.to_numpy(np.float64), csv.to_numpy(np.float64), rtol=0, atol=5e-6)

@@ -82,3 +82,39 @@ def test_train_streams_a_big_table_through_the_cli(tmp_path, credit_split, small
     body = manifest.get("manifest", manifest)
     assert body["num_examples"] > 3 * rows.SHUFFLE_ROWS
     assert body["metrics"]["auc_after"] > body["metrics"]["auc_before"]
+
+
+def test_parquet_row_groups_are_visited_in_a_new_order_each_epoch(tmp_path, credit_split, small_buffer):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    fed = make_fed(tmp_path, credit_split)
+    spec = _spec(fed)
+    path = tmp_path / "bank-a.parquet"
+    pq.write_table(pacsv.read_csv(fed.data / "bank-a.csv"), path, row_group_size=100)
+    local, _ = _read(fed, path, spec)
+    assert local.streamed and len(local.table.parts()) > 10
+    matrix = local.matrix()
+    firsts = []
+    for e in range(3):
+        seen = np.concatenate([X for X, _ in local.epochs(7, 32)(e)])
+        assert np.array_equal(np.sort(seen, axis=0), np.sort(matrix, axis=0))
+        # which row group the epoch's first buffer drew from: the buffer holds 300 of ~1,350 rows
+        first_buffer = {tuple(r) for r in seen[: rows.SHUFFLE_ROWS // 32 * 32]}
+        firsts.append({i // 100 for i, r in enumerate(matrix) if tuple(r) in first_buffer})
+    assert len({frozenset(f) for f in firsts}) > 1  # the parts' order changes with the epoch
+
+
+def test_a_parquet_table_changed_during_training_is_refused(tmp_path, credit_split, small_buffer):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    fed = make_fed(tmp_path, credit_split)
+    spec = _spec(fed)
+    path = tmp_path / "bank-a.parquet"
+    table = pacsv.read_csv(fed.data / "bank-a.csv")
+    pq.write_table(table, path, row_group_size=100)
+    local, _ = _read(fed, path, spec)
+    pq.write_table(table.slice(0, len(table) - 7), path, row_group_size=100)
+    with pytest.raises(InputError, match="changed while the bank was training"):
+        list(local.epochs(7, 32)(0))

@@ -3,13 +3,17 @@
 A table of up to SHUFFLE_ROWS rows stays in memory as one float32 matrix and every epoch is a
 seeded permutation of all of it (`training.fit`). A bigger table is never held: training memory is
 O(SHUFFLE_ROWS), not O(table). Each epoch re-reads the table through Arrow and preprocesses it
-again, fills a shuffle buffer of SHUFFLE_ROWS rows (whole batches), permutes the buffer with a
-seed of (round seed, buffer, epoch) and trains on it, then the next buffer. Batches therefore mix
-rows from within one buffer: a table sorted by time is trained on in time order at the scale of
-the buffer (about 1M rows), as with any shuffle buffer; shuffle such a table first if that matters.
-Every re-read must give the same rows and labels as the first read, or the round is refused
-(the file changed under the bank). DP-SGD samples rows from the whole table (Poisson sampling for
-its accounting), so under record-level DP the table is held in memory whatever its size.
+again, in two levels of shuffling:
+1. the table's parts in a seeded random order: a Parquet table's row groups (every file's), so an
+   epoch does not always end on the same rows; a CSV file cannot seek and is read in file order;
+2. a shuffle buffer of SHUFFLE_ROWS rows (whole batches), filled from the parts in that order and
+   permuted with a seed of (round seed, buffer, epoch), trained on, then the next buffer.
+A batch therefore mixes rows of about one buffer (1M rows), not of the whole table: a CSV sorted by
+time is trained on in time order at that scale, as with any shuffle buffer (convert such a table to
+Parquet, or shuffle it, if that matters). Every re-read must give the same number of rows, labels
+and feature sums as the first read, or the round is refused: the file changed under the bank.
+DP-SGD samples rows from the whole table (Poisson sampling, which its accounting assumes), so under
+record-level DP the table is held in memory whatever its size.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class LocalRows:
     y: np.ndarray  # every usable row's label, in table order
     X: np.ndarray | None  # the whole feature matrix when it fits SHUFFLE_ROWS rows, else None (streamed)
     notes: list[str]
+    sums: np.ndarray  # every feature's sum over the rows (float64): re-reads must find the same
 
     @property
     def streamed(self) -> bool:
@@ -60,8 +65,11 @@ class LocalRows:
 
         def epoch(e: int) -> Iterator[Chunk]:
             buffer = _Buffer()
-            for i, (X, y) in enumerate(_buffers(self._reread(), step, buffer)):
+            order = training.epoch_order(seed, e, len(parts))
+            for i, (X, y) in enumerate(_buffers(self._reread([parts[k] for k in order]), step, buffer)):
                 yield from training.shuffled_chunks(X, y, _buffer_seed(seed, i), batch_size)(e)
+
+        parts = self.table.parts()
 
         return epoch
 
@@ -71,16 +79,18 @@ class LocalRows:
             return score(self.X)
         return np.concatenate([score(X) for X, _ in self._reread()])
 
-    def _reread(self) -> Iterator[Chunk]:
-        """The table's chunks, preprocessed again; refused if they are not the rows read first."""
+    def _reread(self, parts: list[sources.Part] | None = None) -> Iterator[Chunk]:
+        """The table's chunks (of `parts` in that order, default the whole table), preprocessed again;
+        refused at the end if they are not the rows read first (count, labels, feature sums)."""
         prep = tables.Preparation(self.spec, self.table.columns, self.table.name, True, self.table.separator)
-        at = 0
-        for X, y in _chunks(self.table, prep):
-            if not np.array_equal(y, self.y[at : at + len(y)]):
+        seen = _Tally(self.spec.n_features)
+        in_order = parts is None
+        for X, y in _chunks(self.table, prep, parts):
+            if in_order and not np.array_equal(y, self.y[seen.rows : seen.rows + len(y)]):
                 raise _changed(self.table.name)
-            at += len(y)
+            seen.add(X, y)
             yield X, y
-        if at != len(self.y):
+        if not seen.same(len(self.y), float(self.y.sum()), self.sums):
             raise _changed(self.table.name)
 
 
@@ -90,28 +100,54 @@ def read(table: sources.TableSource, spec: DataSpec, score: Callable[[np.ndarray
     kept: list[np.ndarray] | None = []
     labels: list[np.ndarray] = []
     scored: list[np.ndarray] = []
-    n = 0
+    tally = _Tally(spec.n_features)
     for X, y in _chunks(table, prep):
         scored.append(score(X))
         labels.append(y)
-        n += len(X)
-        if kept is not None and n <= SHUFFLE_ROWS:
+        tally.add(X, y)
+        if kept is not None and tally.rows <= SHUFFLE_ROWS:
             kept.append(X)
         else:
             kept = None
     prep.finish()
     y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
     held = None if kept is None else np.concatenate(kept) if kept else np.zeros((0, spec.n_features), np.float32)
-    rows = LocalRows(table, spec, y, held, tables.notes(prep, table.name))
+    rows = LocalRows(table, spec, y, held, tables.notes(prep, table.name), tally.sums)
     return rows, (np.concatenate(scored) if scored else np.zeros(0, np.float32))
 
 
-def _chunks(table: sources.TableSource, prep: tables.Preparation) -> Iterator[Chunk]:
-    for batch in table.batches(prep.needed):
+def _chunks(
+    table: sources.TableSource, prep: tables.Preparation, parts: list[sources.Part] | None = None
+) -> Iterator[Chunk]:
+    batches = (
+        table.batches(prep.needed)
+        if parts is None
+        else (batch for part in parts for batch in table.part_batches(part, prep.needed))
+    )
+    for batch in batches:
         X, y, _ = prep.chunk(tables.columns_of(batch))
         if len(X):
             assert y is not None  # need_target: every kept row has a label
             yield X, y
+
+
+class _Tally:
+    """Rows, positives and feature sums of a pass: what a re-read must find again, in any order."""
+
+    def __init__(self, width: int) -> None:
+        self.rows, self.positives, self.sums = 0, 0.0, np.zeros(width)
+
+    def add(self, X: np.ndarray, y: np.ndarray) -> None:
+        self.rows += len(X)
+        self.positives += float(y.sum())
+        self.sums += X.sum(axis=0, dtype=np.float64)
+
+    def same(self, rows: int, positives: float, sums: np.ndarray) -> bool:
+        """Equal counts, and sums equal up to float64 rounding in another order."""
+        scale = np.maximum(np.abs(sums), float(self.rows or 1))
+        return (
+            self.rows == rows and self.positives == positives and bool(np.all(np.abs(self.sums - sums) <= 1e-9 * scale))
+        )
 
 
 class _Buffer:

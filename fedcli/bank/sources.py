@@ -85,6 +85,15 @@ class Place:
         return Place(self.fs, path, path[len(self.path) :].lstrip("/") or self.name)
 
 
+@dataclass(frozen=True)
+class Part:
+    """One readable piece of a table: a Parquet row group (file, its partition values, index), or the whole table."""
+
+    path: str | None = None
+    keys: tuple[tuple[str, object], ...] = ()
+    row_group: int = 0
+
+
 class TableSource(ABC):
     """A table read batch by batch: its columns, its row count when known, and its batches."""
 
@@ -111,6 +120,24 @@ class TableSource(ABC):
             yield from _rebatch(self._read(wanted, rows_per_batch), rows_per_batch)
         except (pa.ArrowException, OSError, ValueError) as e:
             raise self._refusal(e) from None
+
+    def parts(self) -> list[Part]:
+        """Pieces of the table that can be read on their own, for shuffling their order: the whole table by
+        default (a CSV file cannot seek); every row group for Parquet."""
+        return [Part()]
+
+    def part_batches(self, part: Part, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+        """The record batches of one part (sizes as the file gives them)."""
+        if part.path is None:
+            yield from self.batches(columns)
+            return
+        try:
+            yield from self._read_part(part, list(columns))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise self._refusal(e) from None
+
+    def _read_part(self, part: Part, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        raise NotImplementedError
 
     @abstractmethod
     def _read(self, columns: list[str], rows_per_batch: int) -> Iterator[pa.RecordBatch]: ...
@@ -486,6 +513,31 @@ class ParquetSource(TableSource):
                 reader = pq.ParquetFile(f, pre_buffer=False)
                 for batch in reader.iter_batches(batch_size=rows_per_batch, columns=stored, use_threads=True):
                     yield self._with_partitions(batch, columns, keys)
+
+    def parts(self) -> list[Part]:
+        """Every row group of every file, from the footers (nothing else is read)."""
+        try:
+            return list(self._row_groups())
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise self._refusal(e) from None
+
+    def _row_groups(self) -> Iterator[Part]:
+        for fragment in self.dataset.get_fragments():
+            keys = tuple(ds.get_partition_keys(fragment.partition_expression).items())
+            with self.place.fs.open_input_file(fragment.path) as f:
+                groups = pq.ParquetFile(f, pre_buffer=False).metadata.num_row_groups
+            yield from (Part(fragment.path, keys, i) for i in range(groups))
+
+    def _read_part(self, part: Part, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        assert part.path is not None
+        stored = [c for c in columns if c not in self.partitions] or self.columns[:1]
+        with self.place.fs.open_input_file(part.path) as f:
+            reader = pq.ParquetFile(f, pre_buffer=False)
+            batches = reader.iter_batches(
+                batch_size=ROWS_PER_BATCH, row_groups=[part.row_group], columns=stored, use_threads=True
+            )
+            for batch in batches:
+                yield self._with_partitions(batch, columns, dict(part.keys))
 
     def _with_partitions(self, batch: pa.RecordBatch, columns: list[str], keys: dict) -> pa.RecordBatch:
         """The batch's columns in the order asked for, the folder's partition values as constant columns."""
