@@ -237,6 +237,8 @@ def run_dataset(name: str, args: argparse.Namespace, n_rounds: int) -> dict:
         epochs = getattr(args, f"{name}_epochs")
         if epochs:  # local epochs per round, instead of the template's
             template["training"] = {**template["training"], "epochs": epochs}
+        if args.server_lr and name in args.server_lr_for:  # FedAvg with a server learning rate (Reddi et al. 2021)
+            template["strategy"] = {"server": {"optimizer": "fedavg", "lr": args.server_lr}}
         runs, data_spec = [], None
         for seed in range(args.seeds):
             t0 = time.perf_counter()
@@ -353,6 +355,8 @@ def main() -> None:
     ap.add_argument("--terminals", type=int, default=2000, help="fraud simulator: terminals (default 2000)")
     ap.add_argument("--days", type=int, default=120, help="fraud simulator: days (default 120)")
     ap.add_argument("--only", choices=("credit", "fraud"), help="run one data set")
+    ap.add_argument("--server-lr", type=float, help="[strategy.server] fedavg lr for the federations (default: template's)")
+    ap.add_argument("--server-lr-for", default="credit,fraud", help="data sets --server-lr applies to (default both)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 rounds, a small fraud table")
     ap.add_argument("--json", type=Path, help="also write every number to this file")
     args = ap.parse_args()
