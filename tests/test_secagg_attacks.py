@@ -252,3 +252,24 @@ def test_dropout_rounds_complete_unattended(tmp_path, credit_split):
     g1 = json.loads((fed.store / f"{R1}/global.json").read_text())
     g2 = json.loads((fed.store / "rounds/000002/global.json").read_text())
     assert g1["secagg"]["dropped"] == ["bank-d"] and g2["secagg"]["dropped"] == []
+
+
+def test_a_survivor_revealing_a_wrong_share_delays_the_round_but_never_corrupts_it(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, SPEC)
+    for b in BANKS:
+        fed.train(b)
+    fed.aggregate(code=ExitCode.WAITING)
+    for b in BANKS[:3]:
+        fed.train(b)
+    # bank-b lies about its share of bank-c's self-mask seed (validly signed by bank-b)
+    path = fed.store / f"{R1}/secagg/recovery/bank-b.json"
+    doc = json.loads(path.read_text())
+    doc.pop("signature")
+    share = keys.unb64(doc["self_shares"]["bank-c"])
+    doc["self_shares"]["bank-c"] = keys.b64(share[:2] + bytes(16))
+    private, _ = keys.load_private(fed.key("bank-b"))
+    path.write_bytes(keys.sign_manifest(private, doc))
+    res = fed.aggregate(code=ExitCode.WAITING)  # t = 3 shares are in, but they do not rebuild bank-c's seed
+    assert "does not rebuild yet; waiting for bank-d" in text(res), text(res)
+    fed.train("bank-d")
+    assert "published global model of round 1" in fed.aggregate().output  # the 3 honest shares rebuild it

@@ -433,13 +433,24 @@ class SecureSum:
     def close(self) -> None:
         """Nothing to free: the sum lives in memory."""
 
-    def _mean(self, drops: Drops, revealed: Revealed) -> dict:
+    def _self_seeds(self, drops: Drops, revealed: Revealed) -> dict[str, bytes] | None:
+        """Every survivor's self-mask seed; None while a seed does not rebuild but more shares may still come."""
+        t, seeds = self.spec.secagg.threshold, {}
+        for s in sorted(drops.survivors):
+            try:
+                seeds[s] = rebuild_self_seed(s, revealed.shares[s], t, self.self_commitments[s])
+            except VerificationError:
+                if revealed.missing:  # a wrong share among the first t: wait for the others' shares
+                    return None
+                raise
+        return seeds
+
+    def _mean(self, drops: Drops, revealed: Revealed, seeds: Mapping[str, bytes]) -> dict:
         """Remove self masks and leftover pairwise masks, check the range, return the mean delta (float64)."""
-        survivors, t = sorted(drops.survivors), self.spec.secagg.threshold
+        survivors = sorted(drops.survivors)
         unmasked = masking.unmask_sum(self.total, survivors, revealed.pairs)
         for s in survivors:
-            seed = rebuild_self_seed(s, revealed.shares[s], t, self.self_commitments[s])
-            masking.remove_self_mask(unmasked, seed)
+            masking.remove_self_mask(unmasked, seeds[s])
         sc = scale(self.spec)
         masking.check_range(unmasked, len(survivors), self.spec.secagg.clip, sc)
         flat = masking.dequantize(unmasked, sc) / len(survivors)
@@ -479,5 +490,12 @@ class SecureSum:
         need = len(drops.survivors) if drops.dropped else self.spec.secagg.threshold
         if len(revealed.present) < need:
             return None, f"recovery shares of round {r} still missing from {', '.join(revealed.missing)}", {}
+        seeds = self._self_seeds(drops, revealed)
+        if seeds is None:
+            return (
+                None,
+                f"a self-mask seed of round {r} does not rebuild yet; waiting for {', '.join(revealed.missing)}",
+                {},
+            )
         secagg = {"dropped": drops.dropped, "drops_sha256": drops.sha256, "scale": scale(self.spec)}
-        return self._mean(drops, revealed), "", {"rule": RULE, "secagg": secagg}
+        return self._mean(drops, revealed, seeds), "", {"rule": RULE, "secagg": secagg}
