@@ -179,13 +179,14 @@ def _survivor_manifest(store, spec: Spec, r: int, member: str, drops: Drops) -> 
             f"the survivor set of round {r} names another base global than {member} trained on "
             "(banks shown different globals): nothing is revealed"
         )
-    if doc.secagg is None or doc.secagg.shares is None or me_missing(doc.secagg.shares, spec):
+    if doc.secagg is None or doc.secagg.shares is None or not covers_roster(doc.secagg.shares, spec):
         raise _secagg(f"{what}: carries no sealed self-mask share for every member")
     return doc
 
 
-def me_missing(shares: Mapping[str, str], spec: Spec) -> bool:
-    return sorted(shares) != sorted(m.name for m in spec.members)
+def covers_roster(shares: Mapping[str, str], spec: Spec) -> bool:
+    """A self-mask seed is shared to exactly the enrolled members (no more, none missing)."""
+    return sorted(shares) == sorted(m.name for m in spec.members)
 
 
 def _my_shares(store, spec: Spec, r: int, me: str, mask_key, drops: Drops) -> dict[str, str]:
@@ -405,7 +406,7 @@ class SecureSum:
             raise _secagg(f"{what}: seed commitments do not cover exactly the other members")
         if rec.threshold != self.spec.secagg.threshold or rec.self_commitment is None or rec.shares is None:
             raise _secagg(f"{what}: no self mask shared {self.spec.secagg.threshold}-of-n (double masking)")
-        if me_missing(rec.shares, self.spec):
+        if not covers_roster(rec.shares, self.spec):
             raise _secagg(f"{what}: self-mask shares are not sealed to exactly the members")
         if drops is not None and drops.survivors[member] != manifest.tensors_sha256:
             raise _secagg(f"{what}: differs from the update named in the drop declaration")
