@@ -293,7 +293,7 @@ def test_deleted_declaration_is_detected(tmp_path, credit_split):
 
 def test_update_dp_shared_noise_sums_to_the_required_noise(tmp_path, credit_split):
     """[privacy] mode update + [secagg] noise shared: each bank adds z/sqrt(t) of the noise,
-    so the sum of the 5 updates carries z*clip*sqrt(5/t) per coordinate (t = min_clients = 3)."""
+    so the sum of the 5 updates carries z*clip*sqrt(5/t) per coordinate (t = max(threshold, min_clients) = 3)."""
     z, clip, t, n = 1.0, 0.5, 3, len(BANKS5)
     spec = (
         SPEC.replace('kind = "logreg"', 'kind = "mlp"').replace("hidden = [16]", "hidden = [256]")

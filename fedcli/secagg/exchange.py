@@ -73,10 +73,6 @@ def scale(spec: Spec) -> float:
     return masking.fixed_point_scale(spec.secagg.clip, len(spec.members))
 
 
-def min_survivors(spec: Spec) -> int:
-    return max(2, spec.min_clients)
-
-
 def fewest_survivors(spec: Spec) -> int:
     """Fewest survivors a round is unmasked with: the spec's t (never below min_clients)."""
     return max(spec.secagg.threshold, spec.min_clients)
@@ -84,7 +80,7 @@ def fewest_survivors(spec: Spec) -> int:
 
 def member_noise(spec: Spec, noise_multiplier: float) -> float:
     """Update-level DP noise multiplier this bank applies (see masking.member_noise_multiplier)."""
-    return masking.member_noise_multiplier(noise_multiplier, spec.secagg.noise, min_survivors(spec))
+    return masking.member_noise_multiplier(noise_multiplier, spec.secagg.noise, fewest_survivors(spec))
 
 
 # --- bank side ---------------------------------------------------------------------------
