@@ -369,3 +369,23 @@ def test_dropout_round_on_s3(moto_s3, tmp_path, credit_split, monkeypatch):
     assert "published global model of round 1" in fed.aggregate().output
     g = json.loads(open_store(fed.url).get("rounds/000001/global.json", max_bytes=1 << 30))
     assert g["secagg"]["dropped"] == ["bank-d"]
+
+
+def test_threshold_holds_the_declaration_until_t_updates_are_in(tmp_path, credit_split):
+    """min_clients 3 is reached, but [secagg] threshold = 4: no survivor set smaller than 4 is ever declared."""
+    fed = make_fed(tmp_path, credit_split, SECAGG_SPEC + "threshold = 4\n", banks=BANKS5)
+    for b in BANKS5[:3]:
+        train(fed, b)
+    res = fed.aggregate(code=ExitCode.WAITING)
+    assert "3 masked updates are in; secure aggregation unmasks no fewer than 4" in text(res)
+    assert not (fed.store / "rounds/000001/secagg/drops.json").exists()
+    train(fed, "bank-d")
+    assert "(bank-e dropped)" in text(fed.aggregate(code=ExitCode.WAITING))
+    manifest = json.loads((fed.store / "rounds/000001/updates/bank-a.json").read_text())
+    assert manifest["secagg"]["threshold"] == 4
+    for b in BANKS5[:3]:
+        train(fed, b)
+    res = fed.aggregate(code=ExitCode.WAITING)  # someone dropped: every survivor's seeds are needed
+    assert "still missing from bank-d" in text(res)
+    train(fed, "bank-d")
+    assert "published global model of round 1" in fed.aggregate().output
