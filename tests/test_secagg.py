@@ -200,3 +200,110 @@ def test_flatten_round_trip():
     assert flat.tolist() == [7.0, 0, 1, 2, 3, 4, 5]
     back = masking.unflatten(flat, layout)
     assert np.array_equal(back["w"], t["w"]) and np.array_equal(back["b"], t["b"])
+
+
+# --- double masking: self-mask seeds shared t-of-n, sealed per recipient ------------------------
+
+
+def test_pair_seed_is_bound_to_the_base_global():
+    _, priv, roster = _keys(2)
+    a = masking.pair_seed(FED, 4, "bank-0", priv["bank-0"], "bank-1", roster["bank-1"], "aa" * 32)
+    b = masking.pair_seed(FED, 4, "bank-1", priv["bank-1"], "bank-0", roster["bank-0"], "bb" * 32)
+    assert a != b  # banks shown different globals derive unrelated masks
+
+
+def test_self_mask_shares_rebuild_only_from_t_and_only_for_their_context():
+    from fedcli.secagg import sharing
+
+    members, priv, roster = _keys(5)
+    seed, base = bytes(range(16)), "ab" * 32
+    sealed = sharing.deal(seed, 3, FED, 2, "bank-0", priv["bank-0"], roster, base)
+    assert sorted(sealed) == members and all(len(v) == sharing.SEALED_BYTES for v in sealed.values())
+    opened = {
+        m: sharing.open_sealed(sealed[m], priv[m], roster["bank-0"], sharing.share_context(FED, 2, "bank-0", m, base))
+        for m in members
+    }
+    assert sharing.combine([opened[m] for m in members[2:]], 3) == seed
+    assert sharing.combine([opened[m] for m in members[:3]], 3) == seed
+    with pytest.raises(VerificationError, match="need 3 distinct shares"):
+        sharing.combine([opened[m] for m in members[:2]], 3)
+    # two shares interpolated as if t were 2 give something else: t-1 shares tell nothing
+    assert sharing.combine([opened[m] for m in members[:2]], 2) != seed
+    # a share moved to another round, base, dealer or recipient does not open
+    for context in (
+        sharing.share_context(FED, 3, "bank-0", "bank-1", base),
+        sharing.share_context(FED, 2, "bank-0", "bank-1", "cd" * 32),
+        sharing.share_context(FED, 2, "bank-2", "bank-1", base),
+    ):
+        with pytest.raises(VerificationError, match="does not decrypt"):
+            sharing.open_sealed(sealed["bank-1"], priv["bank-1"], roster["bank-0"], context)
+    # nobody else (the coordinator has no roster key) can open bank-1's share
+    outsider = X25519PrivateKey.from_private_bytes(bytes([99]) * 32)
+    with pytest.raises(VerificationError):
+        sharing.open_sealed(
+            sealed["bank-1"], outsider, roster["bank-0"], sharing.share_context(FED, 2, "bank-0", "bank-1", base)
+        )
+
+
+def test_rebuild_skips_a_wrong_share_and_blames_when_none_fits():
+    from fedcli.secagg import exchange, sharing
+
+    seed = bytes(range(16))
+    shares = sharing.split(seed, 3, [f"bank-{i}" for i in range(5)])
+    good = [shares[f"bank-{i}"] for i in range(5)]
+    bad = good[0][:2] + bytes(16)
+    commitment = masking.seed_commitment(seed)
+    assert exchange.rebuild_self_seed("bank-9", [bad, *good[1:4]], 3, commitment) == seed
+    with pytest.raises(VerificationError, match="do not rebuild its signed commitment"):
+        exchange.rebuild_self_seed("bank-9", [bad, good[1], good[2]], 3, commitment)
+
+
+def test_double_masked_sum_unmasks_with_self_seeds_and_any_missing_mask_is_refused():
+    members, priv, roster = _keys(5)
+    size = 2_000
+    updates = _updates(members, size)
+    scale = masking.fixed_point_scale(CLIP, len(members))
+    masked, self_seeds = {}, {}
+    for i, m in enumerate(members):
+        q = masking.quantize(updates[m], CLIP, scale, rng=_rounding())
+        masked[m] = masking.mask_update(q, FED, 1, m, priv[m], roster)
+        self_seeds[m] = bytes([i]) * 16
+        masking.add_self_mask(masked[m], self_seeds[m])
+    total = masking.sum_masked(masked.values())
+    with pytest.raises(VerificationError, match="outside ±5·clip"):
+        masking.check_range(total, 5, CLIP, scale)  # self masks still on
+    for m in members[:-1]:
+        masking.remove_self_mask(total, self_seeds[m])
+    with pytest.raises(VerificationError, match="a mask is missing or wrong"):
+        masking.check_range(total, 5, CLIP, scale)  # one self mask left: caught
+    masking.remove_self_mask(total, self_seeds[members[-1]])
+    masking.check_range(total, 5, CLIP, scale)
+    plain = sum(np.clip(updates[m], -CLIP, CLIP) for m in members)
+    assert np.max(np.abs(masking.dequantize(total, scale) - plain)) <= 5 / scale
+
+
+def test_headroom_never_wraps_and_leaves_8_bits():
+    for n in (3, 20, 50, 1000):
+        scale = masking.fixed_point_scale(4.0, n)
+        bound = n * (4.0 * scale + 1)
+        assert bound <= 2 ** (31 - masking.HEADROOM_BITS)
+        assert n * (4.0 * 2 * scale + 1) > 2 ** (31 - masking.HEADROOM_BITS)  # the largest power of two that fits
+    # a sum of n values all at +clip (rounded up) decodes exactly, no wrap
+    n, scale = 50, masking.fixed_point_scale(4.0, 50)
+    total = masking.sum_masked(masking.quantize(np.full(10, 4.0), 4.0, scale) for _ in range(n))
+    masking.check_range(total, n, 4.0, scale)
+    assert np.allclose(masking.dequantize(total, scale), n * 4.0)
+
+
+def test_reveal_record_refuses_a_second_set_and_the_other_secret(tmp_path):
+    from fedcli.secagg import reveals
+
+    path = reveals.record_path_for(tmp_path / "bank-a.state.json")
+    reveals.check_and_record(path, FED, 1, "11" * 32, ["bank-a", "bank-b", "bank-c"], ["bank-d"])
+    reveals.check_and_record(path, FED, 1, "11" * 32, ["bank-a", "bank-b", "bank-c"], ["bank-d"])  # same: fine
+    with pytest.raises(VerificationError, match="different survivor set"):
+        reveals.check_and_record(path, FED, 1, "22" * 32, ["bank-a", "bank-b", "bank-c", "bank-d"], [])
+    reveals.check_and_record(path, FED, 2, "22" * 32, ["bank-a", "bank-b", "bank-c", "bank-d"], [])  # next round
+    path.write_text("[1, 2]")
+    with pytest.raises(FedcliError, match="damaged"):
+        reveals.check_and_record(path, FED, 3, "33" * 32, ["bank-a"], [])

@@ -31,7 +31,7 @@ from fedcli.privacy import noise, policy
 from fedcli.protocol import compression, rounds, tensors
 from fedcli.protocol.spec import Spec, summary
 from fedcli.protocol.tensors import Shapes
-from fedcli.secagg import exchange
+from fedcli.secagg import exchange, reveals
 from fedcli.store import Store
 
 Arrays = dict[str, np.ndarray]
@@ -73,7 +73,7 @@ def train_round(
     release = plan_privacy(job, plan, data)
     trained = train(job, base, data, release)
     delta = privatize(plan, base, trained.weights)
-    encoded = encode(job, plan, delta)
+    encoded = encode(job, plan, delta, base.sha256)
     return submit(job, base, data, trained, encoded)
 
 
@@ -134,7 +134,8 @@ def resume(job: BankRound, plan: BankPlan) -> TrainResult:
     check_own_manifest(job.store, job.spec, job.round, job.me, job.manifest_key)
     if plan.mask_key is None:
         return job.nothing_to_do()
-    message = exchange.publish_recovery(job.store, job.spec, job.round, job.me.name, job.private, plan.mask_key)
+    record = reveals.record_path_for(job.state.path)  # what this bank revealed, per round (never both secrets)
+    message = exchange.publish_recovery(job.store, job.spec, job.round, job.me.name, job.private, plan.mask_key, record)
     return TrainResult(job.me.name, job.round, False, message) if message else job.nothing_to_do()
 
 
@@ -336,12 +337,12 @@ class Encoded:
     notes: list[str] = field(default_factory=list)
 
 
-def encode(job: BankRound, plan: BankPlan, delta: Arrays) -> Encoded:
+def encode(job: BankRound, plan: BankPlan, delta: Arrays, base_sha: str = "") -> Encoded:
     """Compression or secure aggregation's masking (the spec never allows both) post-processes the delta."""
     if plan.compressed:
         return _compress(job, plan, delta)
     if plan.mask_key is not None:
-        return _mask(job, plan, delta)
+        return _mask(job, plan, delta, base_sha)
     return Encoded(tensors.encode(delta), plan.compression)
 
 
@@ -354,10 +355,10 @@ def _compress(job: BankRound, plan: BankPlan, delta: Arrays) -> Encoded:
     return Encoded(tensors.encode(compressed), meta, residual)
 
 
-def _mask(job: BankRound, plan: BankPlan, delta: Arrays) -> Encoded:
+def _mask(job: BankRound, plan: BankPlan, delta: Arrays, base_sha: str) -> Encoded:
     """Mask the delta with pairwise seeds so the coordinator only ever sees the sum of updates."""
     exchange.refuse_if_dropped(job.store, job.spec, job.round, job.me.name)  # again: training took a while
-    masked, record, clipped = exchange.mask_delta(job.spec, job.round, job.me.name, plan.mask_key, delta)
+    masked, record, clipped = exchange.mask_delta(job.spec, job.round, job.me.name, plan.mask_key, delta, base_sha)
     if plan.update_noise is not None:
         record["member_noise_multiplier"] = plan.update_noise.multiplier
     notes = []

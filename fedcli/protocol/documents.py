@@ -111,6 +111,10 @@ class SecAggRecord(Document):
     noise: Literal["full", "shared"]
     commitments: Annotated[dict[Name, Sha256], Field(max_length=10_000)]
     member_noise_multiplier: Positive | None = None
+    # double masking (secagg.sharing): t, the commitment to the self-mask seed, its shares sealed per member
+    threshold: Annotated[int, Field(ge=3, le=10_000)] | None = None
+    self_commitment: Sha256 | None = None
+    shares: Annotated[dict[Name, Base64], Field(max_length=10_000)] | None = None
 
 
 class UpdateManifest(Document):
@@ -194,6 +198,8 @@ class DropDeclaration(Document):
     survivors: Annotated[dict[Name, Sha256], Field(max_length=10_000)]
     dropped: Annotated[list[Name], Field(max_length=10_000)]
     created_at: Timestamp
+    base_sha256: Sha256 | None = None  # the global every survivor trained on (survivors check it)
+    threshold: Annotated[int, Field(ge=3, le=10_000)] | None = None
 
 
 class RecoveryShares(Document):
@@ -205,6 +211,7 @@ class RecoveryShares(Document):
     drops_sha256: Sha256
     seeds: Annotated[dict[Name, Base64], Field(max_length=10_000)]
     created_at: Timestamp
+    self_shares: Annotated[dict[Name, Base64], Field(max_length=10_000)] = Field(default_factory=dict)
 
 
 # --- rejections (the coordinator's signed word on refused updates) --------------------------

@@ -219,6 +219,12 @@ class SecAggTable(BaseModel):
     noise: Literal["full", "shared"] = Field(
         "full", description="update-level DP noise per bank: full at every bank, or shared across banks"
     )
+    threshold: int = Field(
+        0,
+        ge=0,
+        le=MAX_MEMBERS,
+        description="t of the t-of-n key sharing: fewest survivors a round may unmask with; 0 means max(3, n // 2 + 1)",
+    )
 
 
 class SpecDocument(BaseModel):
@@ -286,6 +292,7 @@ class SecAggSpec:
     enabled: bool = False
     clip: float = 10.0  # each update coordinate is clipped to [-clip, clip] before fixed point
     noise: str = "full"  # DP noise per bank: "full" or "shared" (see docs/security.md)
+    threshold: int = 3  # t: self-mask seeds are shared t-of-n; no survivor set smaller than t is unmasked
 
 
 @dataclass(frozen=True)
@@ -386,7 +393,7 @@ def _secagg(
     from fedcli.secagg.masking import fixed_point_scale
 
     if not t.enabled:
-        return SecAggSpec(False, float(t.clip), t.noise)
+        return SecAggSpec(False, float(t.clip), t.noise, t.threshold or 3)
     if t.noise == "shared" and privacy_mode != "update":
         raise FedcliError(
             '[secagg] noise = "shared" splits update-level DP noise across banks; it needs [privacy] mode = "update"'
@@ -408,7 +415,22 @@ def _secagg(
     if len(members) < 2 or min_clients < 2:
         raise FedcliError("[secagg] needs at least 2 members and min_clients >= 2 (a sum of one update is that update)")
     fixed_point_scale(t.clip, len(members))  # fails early if the roster cannot fit in 32 bits
-    return SecAggSpec(True, float(t.clip), t.noise)
+    return SecAggSpec(True, float(t.clip), t.noise, _threshold(t.threshold, len(members)))
+
+
+def _threshold(asked: int, n: int) -> int:
+    """t of the t-of-n sharing (0: max(3, n // 2 + 1)); a roster that can never muster t survivors is refused."""
+    t = asked or max(3, n // 2 + 1)
+    if t < 3:
+        raise FedcliError(
+            f"[secagg] threshold must be at least 3, got {t} (a sum of two updates reveals both to either bank)"
+        )
+    if t > n:
+        raise FedcliError(
+            f"[secagg] threshold is {t} but only {n} members are enrolled: no round could ever be unmasked "
+            "(secure aggregation needs at least 3 banks)"
+        )
+    return t
 
 
 # --------------------------------------------------------------------------- bytes in, bytes out
@@ -497,7 +519,9 @@ def summary(spec: Spec) -> list[tuple[str, str]]:
     else:
         dp = NO_DP
     if sa.enabled:
-        secagg = f"on: the coordinator sees only the sum; clip {sa.clip:g}, DP noise {sa.noise}"
+        secagg = (
+            f"on: the coordinator sees only the sum; clip {sa.clip:g}, DP noise {sa.noise}, threshold {sa.threshold}"
+        )
     else:
         secagg = f"{NO_SECAGG}: the coordinator sees each bank's update"
     strategy = f"{s.mode}, rule {s.rule}, server optimiser {s.server}"

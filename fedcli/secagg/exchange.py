@@ -1,21 +1,33 @@
-"""Secure aggregation's part of the round protocol: masked updates and the dropout exchange.
+"""Secure aggregation's part of the round protocol: masked updates and the unmasking exchange.
 
-    rounds/00000N/updates/<member>.safetensors      masked uint32 tensors (same names and shapes)
-    rounds/00000N/updates/<member>.json             manifest with a "secagg" record: clip, scale,
-                                                    a SHA-256 commitment to each pairwise seed
-    rounds/00000N/secagg/drops.json                 coordinator: who survived, who dropped (signed)
-    rounds/00000N/secagg/recovery/<member>.json     survivor: its seeds with the dropped (signed)
+    rounds/00000N/updates/<member>.safetensors      masked uint32 tensors (self mask + pairwise masks)
+    rounds/00000N/updates/<member>.json             manifest with a "secagg" record: clip, scale, t,
+                                                    commitments to each pairwise seed and to the
+                                                    self-mask seed, the seed's t-of-n shares sealed
+                                                    to each member
+    rounds/00000N/secagg/drops.json                 coordinator: the survivor set (with each survivor's
+                                                    update hash), the dropped, the base global (signed)
+    rounds/00000N/secagg/recovery/<member>.json     survivor: for each survivor its share of that
+                                                    survivor's self-mask seed, for each dropped member
+                                                    its pairwise seed with it (signed, naming the set)
 
-The drop declaration is create-only and final: a member it lists as dropped never gets an
-update accepted for that round (train refuses to write one, aggregate rejects one), because
-with the revealed seeds the coordinator could unmask it; and a survivor refuses to reveal
-anything while a dropped member's update is on the store. The maths is in masking.py; the
-coordinator folds masked updates in through SecureSum, its aggregator (aggregation.aggregators).
+Every masked round takes two exchanges: the banks submit, the coordinator declares the survivor
+set (even when nobody dropped), each survivor reveals on its next `fedcli train`, and the
+coordinator unmasks once t self-mask shares per survivor (and, if someone dropped, every
+survivor's pairwise seeds) are in. The declaration is create-only and final; a survivor reveals
+nothing for a set below t, for a set that names another base global or another update of its
+own, or for a second set of the same round (its local record, reveals.py). A dropped member's
+update keeps its self mask, so it stays hidden even if it reaches the store. The maths is in
+masking.py and sharing.py; the coordinator folds masked updates in through SecureSum, its
+aggregator (aggregation.aggregators), and refuses to publish a sum outside ±n·clip.
 """
 
 import base64
+import itertools
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -26,7 +38,7 @@ from fedcli.errors import AlreadyExists, FedcliError, NotFound, NotRegular, Stor
 from fedcli.protocol import rounds
 from fedcli.protocol.documents import DropDeclaration, RecoveryShares, UpdateManifest
 from fedcli.protocol.spec import Spec
-from fedcli.secagg import masking
+from fedcli.secagg import masking, reveals, sharing
 
 DROPS_KIND = "secagg-drops"
 RECOVERY_KIND = "secagg-recovery"
@@ -61,30 +73,42 @@ def scale(spec: Spec) -> float:
     return masking.fixed_point_scale(spec.secagg.clip, len(spec.members))
 
 
-def min_survivors(spec: Spec) -> int:
-    return max(2, spec.min_clients)
+def fewest_survivors(spec: Spec) -> int:
+    """Fewest survivors a round is unmasked with: the spec's t (never below min_clients)."""
+    return max(spec.secagg.threshold, spec.min_clients)
 
 
 def member_noise(spec: Spec, noise_multiplier: float) -> float:
     """Update-level DP noise multiplier this bank applies (see masking.member_noise_multiplier)."""
-    return masking.member_noise_multiplier(noise_multiplier, spec.secagg.noise, min_survivors(spec))
+    return masking.member_noise_multiplier(noise_multiplier, spec.secagg.noise, fewest_survivors(spec))
 
 
 # --- bank side ---------------------------------------------------------------------------
 
 
-def mask_delta(spec: Spec, r: int, me: str, mask_key, delta: dict) -> tuple[dict, dict, int]:
-    """Clip, quantize and mask a delta; return (uint32 tensors, manifest record, coordinates clipped)."""
+def mask_delta(spec: Spec, r: int, me: str, mask_key, delta: dict, base_sha: str = "") -> tuple[dict, dict, int]:
+    """Clip, quantize, add pairwise masks and a fresh self mask; deal the self-mask seed t-of-n.
+
+    Returns (uint32 tensors, manifest record, coordinates clipped). The self-mask seed itself
+    is dropped here: only its sealed shares (one per member) and its commitment leave the bank.
+    """
     flat, layout = masking.flatten(delta)
-    clip, sc = spec.secagg.clip, scale(spec)
+    clip, sc, t = spec.secagg.clip, scale(spec), spec.secagg.threshold
     clipped = int(np.count_nonzero(np.abs(flat) > clip))
-    seeds = masking.pair_seeds(spec.federation_id, r, me, mask_key, roster(spec))
+    members = roster(spec)
+    seeds = masking.pair_seeds(spec.federation_id, r, me, mask_key, members, base_sha)
     masked = masking.apply_masks(masking.quantize(flat, clip, sc), me, seeds)
+    self_seed = secrets.token_bytes(masking.SELF_SEED_BYTES)
+    masking.add_self_mask(masked, self_seed)
+    sealed = sharing.deal(self_seed, t, spec.federation_id, r, me, mask_key, members, base_sha)
     record = {
         "clip": clip,
         "scale": sc,
         "noise": spec.secagg.noise,
         "commitments": {peer: masking.seed_commitment(seed) for peer, seed in seeds.items()},
+        "threshold": t,
+        "self_commitment": masking.seed_commitment(self_seed),
+        "shares": {m: keys.b64(box) for m, box in sorted(sealed.items())},
     }
     return masking.unflatten(masked, layout), record, clipped
 
@@ -95,10 +119,11 @@ class Drops:
     dropped: list[str]
     sha256: str  # of the declaration file, which recovery shares name
     created_at: str
+    base_sha256: str = ""  # the global every survivor trained on
 
 
 def load_drops(store, spec: Spec, r: int) -> Drops | None:
-    """The verified drop declaration of round r, or None if the coordinator made none."""
+    """The verified survivor set of round r, or None if the coordinator declared none yet."""
     what = f"drop declaration of round {r}"
     try:
         data = rounds.read_manifest(store, drops_key(r), what)
@@ -106,13 +131,15 @@ def load_drops(store, spec: Spec, r: int) -> Drops | None:
         return None
     doc = validate(DropDeclaration, keys.verify_manifest(data, spec.coordinator, what), what)
     rounds.expect(doc, what, kind=DROPS_KIND, federation_id=spec.federation_id, round=r)
+    if doc.base_sha256 is None or doc.threshold != spec.secagg.threshold:
+        raise _secagg(f"{what}: names no base global or another threshold than the spec's ({spec.secagg.threshold})")
     try:
         masking.check_recovery(
-            [m.name for m in spec.members], dict(doc.survivors), list(doc.dropped), min_survivors(spec)
+            [m.name for m in spec.members], dict(doc.survivors), list(doc.dropped), fewest_survivors(spec)
         )
     except FedcliError as e:
         raise VerificationError(f"{what}: {e}", reason="secagg") from None
-    return Drops(dict(doc.survivors), sorted(doc.dropped), sha256(data), doc.created_at)
+    return Drops(dict(doc.survivors), sorted(doc.dropped), sha256(data), doc.created_at, doc.base_sha256)
 
 
 def _orphan_recovery(store, r: int) -> None:
@@ -124,20 +151,61 @@ def _orphan_recovery(store, r: int) -> None:
 
 
 def refuse_if_dropped(store, spec: Spec, r: int, me: str) -> None:
-    """A member declared dropped must not publish its update: it could be unmasked."""
+    """A member declared dropped must not publish its update: it would never be accepted."""
     drops = load_drops(store, spec, r)
     if drops is None:
         _orphan_recovery(store, r)
     elif me not in drops.survivors:
         raise FedcliError(
             f"{me} was declared dropped from round {r} by the coordinator ({drops.created_at}): "
-            f"an update now would never be accepted and could be unmasked; wait for round {r + 1}"
+            f"an update now would never be accepted; wait for round {r + 1}"
         )
 
 
-def publish_recovery(store, spec: Spec, r: int, me: str, private, mask_key) -> str | None:
-    """If round r has a drop declaration, reveal my seeds with the dropped members (signed).
+def _survivor_manifest(store, spec: Spec, r: int, member: str, drops: Drops) -> UpdateManifest:
+    """A survivor's signed update manifest, checked against the declaration (same update, same base)."""
+    what = f"update manifest of {member}"
+    data = rounds.read_manifest(store, rounds.update_keys(r, member)[1], what)
+    doc = validate(UpdateManifest, keys.verify_manifest(data, _enrolled(spec, member), what), what)
+    rounds.expect(doc, what, kind="update", federation_id=spec.federation_id, round=r, member=member)
+    if doc.tensors_sha256 != drops.survivors[member]:
+        raise _secagg(f"the survivor set of round {r} names another update of {member} than the one on the store")
+    if doc.base_sha256 != drops.base_sha256:
+        raise _secagg(
+            f"the survivor set of round {r} names another base global than {member} trained on "
+            "(banks shown different globals): nothing is revealed"
+        )
+    if doc.secagg is None or doc.secagg.shares is None or not covers_roster(doc.secagg.shares, spec):
+        raise _secagg(f"{what}: carries no sealed self-mask share for every member")
+    return doc
 
+
+def covers_roster(shares: Mapping[str, str], spec: Spec) -> bool:
+    """A self-mask seed is shared to exactly the enrolled members (no more, none missing)."""
+    return sorted(shares) == sorted(m.name for m in spec.members)
+
+
+def _my_shares(store, spec: Spec, r: int, me: str, mask_key, drops: Drops) -> dict[str, str]:
+    """My share of every survivor's self-mask seed, decrypted from its signed manifest (base64)."""
+    members, out = roster(spec), {}
+    for s in sorted(drops.survivors):
+        shares = _survivor_manifest(store, spec, r, s, drops).secagg.shares or {}  # type: ignore[union-attr]
+        sealed = keys.unb64(shares[me], f"{s}'s share for {me}")
+        context = sharing.share_context(spec.federation_id, r, s, me, drops.base_sha256)
+        try:
+            out[s] = keys.b64(sharing.open_sealed(sealed, mask_key, members[s], context))
+        except VerificationError as e:
+            raise _secagg(f"the self-mask share {s} sealed to {me}: {e}") from None
+    return out
+
+
+def publish_recovery(
+    store, spec: Spec, r: int, me: str, private, mask_key, record_path: Path | None = None
+) -> str | None:
+    """If round r has a survivor set, reveal what unmasks exactly the survivors' sum (signed).
+
+    For each survivor, my share of its self-mask seed; for each dropped member, my pairwise seed
+    with it; never both for one member, never for two sets of one round (record_path).
     Returns a message, or None when there is no declaration (nothing to do).
     """
     drops = load_drops(store, spec, r)
@@ -147,20 +215,11 @@ def publish_recovery(store, spec: Spec, r: int, me: str, private, mask_key) -> s
         raise FedcliError(f"{me} is declared dropped from round {r}: it has nothing to reveal")
     if store.exists(recovery_key(r, me)):
         return _own_recovery(store, spec, r, me, drops)
-    what = f"own update of {me}"
-    mine = keys.verify_manifest(
-        rounds.read_manifest(store, rounds.update_keys(r, me)[1], what), _enrolled(spec, me), what
-    )
-    if drops.survivors[me] != mine.get("tensors_sha256"):
-        raise VerificationError(f"drop declaration of round {r} names another update of {me} than the one it submitted")
-    late = genuine_updates(store, spec, r, drops.dropped)
-    if late:  # safety over liveness: one survivor refusing keeps a mask on the late update
-        raise VerificationError(
-            f"refusing to reveal seeds: {', '.join(late)} is declared dropped from round {r} but its update is on the "
-            f"store, and the seeds would unmask it; the coordinator should delete rounds/{r:06d}/secagg/ so the "
-            "round completes with everyone in"
-        )
-    seeds = masking.recovery_seeds(spec.federation_id, r, me, mask_key, roster(spec), drops.dropped)
+    _survivor_manifest(store, spec, r, me, drops)  # the set names my update and the base I trained on
+    self_shares = _my_shares(store, spec, r, me, mask_key, drops)
+    seeds = masking.recovery_seeds(spec.federation_id, r, me, mask_key, roster(spec), drops.dropped, drops.base_sha256)
+    if record_path is not None:
+        reveals.check_and_record(record_path, spec.federation_id, r, drops.sha256, drops.survivors, drops.dropped)
     doc = {
         "kind": RECOVERY_KIND,
         "format": rounds.FORMAT,
@@ -169,13 +228,15 @@ def publish_recovery(store, spec: Spec, r: int, me: str, private, mask_key) -> s
         "member": me,
         "drops_sha256": drops.sha256,
         "seeds": {d: base64.b64encode(s).decode("ascii") for d, s in seeds.items()},
+        "self_shares": self_shares,
         "created_at": rounds.now(),
     }
     try:
         store.put(recovery_key(r, me), keys.sign_manifest(private, doc), create_only=True)
     except AlreadyExists:
         return _own_recovery(store, spec, r, me, drops)
-    return f"published recovery shares for round {r} (masks shared with {', '.join(drops.dropped)})"
+    dropped = f"; pairwise seeds with dropped {', '.join(drops.dropped)}" if drops.dropped else ""
+    return f"published recovery shares for round {r} (self-mask shares of {len(self_shares)} survivors{dropped})"
 
 
 def _own_recovery(store, spec: Spec, r: int, me: str, drops: Drops) -> str:
@@ -211,27 +272,10 @@ def _own_recovery(store, spec: Spec, r: int, me: str, drops: Drops) -> str:
 # --- coordinator side ----------------------------------------------------------------------
 
 
-def genuine_updates(store, spec: Spec, r: int, members) -> list[str]:
-    """Members with a genuine (signed by them, for this round) masked update on the store, valid
-    or not: revealing the seeds shared with such a member would let the coordinator unmask it."""
-    genuine = []
-    for m in members:
-        ident = spec.member(m)
-        if ident is None or not store.exists(rounds.update_keys(r, m)[1]):
-            continue
-        try:
-            doc = keys.verify_manifest(rounds.read_manifest(store, rounds.update_keys(r, m)[1], m), ident, m)
-        except FedcliError:
-            continue
-        if doc.get("round") == r and doc.get("federation_id") == spec.federation_id:
-            genuine.append(m)
-    return genuine
-
-
-def declare_drops(store, private, spec: Spec, r: int, survivors: dict[str, str]) -> Drops:
-    """Write the final, signed drop declaration: survivors' update hashes and the dropped rest."""
+def declare_drops(store, private, spec: Spec, r: int, survivors: dict[str, str], base_sha: str) -> Drops:
+    """Write the final, signed survivor set: survivors' update hashes, the dropped rest, the base global."""
     dropped = sorted(m.name for m in spec.members if m.name not in survivors)
-    masking.check_recovery([m.name for m in spec.members], survivors, dropped, min_survivors(spec))
+    masking.check_recovery([m.name for m in spec.members], survivors, dropped, fewest_survivors(spec))
     doc = {
         "kind": DROPS_KIND,
         "format": rounds.FORMAT,
@@ -239,6 +283,8 @@ def declare_drops(store, private, spec: Spec, r: int, survivors: dict[str, str])
         "round": r,
         "survivors": dict(sorted(survivors.items())),
         "dropped": dropped,
+        "base_sha256": base_sha,
+        "threshold": spec.secagg.threshold,
         "created_at": rounds.now(),
     }
     try:
@@ -251,44 +297,79 @@ def declare_drops(store, private, spec: Spec, r: int, survivors: dict[str, str])
     return drops
 
 
-def load_recoveries(store, spec: Spec, r: int, drops: Drops, commitments: dict) -> tuple[dict, list[str]]:
-    """Verified revealed seeds {(survivor, dropped): seed}, and the survivors still to publish."""
-    revealed, missing = {}, []
+@dataclass
+class Revealed:
+    """What the survivors' recovery files hold so far."""
+
+    pairs: dict[tuple[str, str], bytes]  # (survivor, dropped) -> pairwise seed
+    shares: dict[str, list[bytes]]  # survivor -> revealed shares of its self-mask seed
+    present: list[str]  # survivors whose recovery file is in
+    missing: list[str]  # survivors still to publish
+
+
+def _decode(text: str, what: str) -> bytes:
+    try:
+        return keys.unb64(text, what)
+    except FedcliError as e:
+        raise _secagg(str(e)) from None
+
+
+def _read_recovery(store, spec: Spec, r: int, s: str, drops: Drops) -> RecoveryShares | None:
+    what = f"recovery shares of {s}"
+    try:
+        data = rounds.read_manifest(store, recovery_key(r, s), what)
+    except NotFound:
+        return None
+    doc = validate(RecoveryShares, keys.verify_manifest(data, _enrolled(spec, s), what), what)
+    rounds.expect(
+        doc, what, kind=RECOVERY_KIND, federation_id=spec.federation_id, round=r, member=s, drops_sha256=drops.sha256
+    )
+    if sorted(doc.seeds) != drops.dropped or sorted(doc.self_shares) != sorted(drops.survivors):
+        raise _secagg(f"{what}: does not cover exactly the dropped members' pairwise seeds and the survivors' shares")
+    return doc
+
+
+def load_recoveries(store, spec: Spec, r: int, drops: Drops, commitments: dict) -> Revealed:
+    """Verified revealed pairwise seeds and self-mask shares, and who has not published yet."""
+    out = Revealed({}, {s: [] for s in drops.survivors}, [], [])
     for s in sorted(drops.survivors):
-        what = f"recovery shares of {s}"
-        try:
-            data = rounds.read_manifest(store, recovery_key(r, s), what)
-        except NotFound:
-            missing.append(s)
+        doc = _read_recovery(store, spec, r, s, drops)
+        if doc is None:
+            out.missing.append(s)
             continue
-        doc = validate(RecoveryShares, keys.verify_manifest(data, _enrolled(spec, s), what), what)
-        rounds.expect(
-            doc,
-            what,
-            kind=RECOVERY_KIND,
-            federation_id=spec.federation_id,
-            round=r,
-            member=s,
-            drops_sha256=drops.sha256,
-        )
-        if sorted(doc.seeds) != drops.dropped:
-            raise _secagg(f"{what}: seeds do not cover exactly the dropped members")
+        out.present.append(s)
         for d, text in doc.seeds.items():
-            try:
-                seed = keys.unb64(text, f"{what}: seed for {d}")
-            except FedcliError as e:
-                raise _secagg(str(e)) from None
+            seed = _decode(text, f"recovery shares of {s}: seed for {d}")
             if len(seed) != 32 or masking.seed_commitment(seed) != commitments[s].get(d):
-                raise _secagg(f"{what}: seed for {d} does not match {s}'s signed commitment")
-            revealed[(s, d)] = seed
-    return revealed, missing
+                raise _secagg(f"recovery shares of {s}: seed for {d} does not match {s}'s signed commitment")
+            out.pairs[(s, d)] = seed
+        for dealer, text in doc.self_shares.items():
+            out.shares[dealer].append(_decode(text, f"recovery shares of {s}: share of {dealer}"))
+    return out
+
+
+def rebuild_self_seed(member: str, shares: Sequence[bytes], t: int, commitment: str, tries: int = 64) -> bytes:
+    """A survivor's self-mask seed from t of the revealed shares, checked against its signed commitment.
+
+    A wrong share (a dealer that dealt garbage, or a survivor that revealed a wrong one) fails the
+    commitment; other t-subsets are tried, a bounded number of times.
+    """
+    for subset in itertools.islice(itertools.combinations(shares, t), tries):
+        seed = sharing.combine(list(subset), t)
+        if masking.seed_commitment(seed) == commitment:
+            return seed
+    raise _secagg(
+        f"the revealed shares of {member}'s self-mask seed do not rebuild its signed commitment: {member} dealt bad "
+        "shares or a survivor revealed a wrong one; the round cannot be unmasked"
+    )
 
 
 class SecureSum:
-    """The "secagg" aggregator: a running mod-2**32 sum of masked updates, closed by the dropout exchange.
+    """The "secagg" aggregator: a running mod-2**32 sum of masked updates, closed by the unmasking exchange.
 
-    All members in: the masks cancel. Quorum without everyone: declare the missing dropped and
-    wait for the survivors' recovery shares. Declaration and all shares in: unmask the sum.
+    Quorum (or everyone) in: declare the survivor set and wait for the survivors' recovery files.
+    Declaration and enough recovery files in: remove the self masks (t shares each) and the
+    pairwise masks left by dropped members, refuse a sum outside ±n·clip, return the mean.
     """
 
     def __init__(self, store, private, spec: Spec, r: int, shapes: Mapping[str, tuple[int, ...]]):
@@ -297,7 +378,9 @@ class SecureSum:
         self.layout = [(k, tuple(shapes[k])) for k in sorted(shapes)]
         self.total = np.zeros(sum(int(np.prod(s)) for _, s in self.layout), dtype=np.uint32)
         self.commitments: dict[str, dict] = {}  # member -> {peer: seed commitment}
+        self.self_commitments: dict[str, str] = {}  # member -> commitment to its self-mask seed
         self.shas: dict[str, str] = {}  # member -> tensors_sha256
+        self.base_sha = ""  # every accepted update was checked against the same base global
 
     def check(self, member: str, manifest: UpdateManifest) -> None:
         """Refuse an update that is not a proper member of this round's masked sum (reason secagg)."""
@@ -317,6 +400,10 @@ class SecureSum:
         peers = sorted(m.name for m in self.spec.members if m.name != member)
         if sorted(rec.commitments) != peers:
             raise _secagg(f"{what}: seed commitments do not cover exactly the other members")
+        if rec.threshold != self.spec.secagg.threshold or rec.self_commitment is None or rec.shares is None:
+            raise _secagg(f"{what}: no self mask shared {self.spec.secagg.threshold}-of-n (double masking)")
+        if not covers_roster(rec.shares, self.spec):
+            raise _secagg(f"{what}: self-mask shares are not sealed to exactly the members")
         if drops is not None and drops.survivors[member] != manifest.tensors_sha256:
             raise _secagg(f"{what}: differs from the update named in the drop declaration")
 
@@ -324,65 +411,88 @@ class SecureSum:
         self, label: str, manifest: UpdateManifest | None, delta: Mapping, weight: float = 1.0, staleness: int = 0
     ) -> dict:
         """Add a checked update's masked words (every survivor counts the same: the mean is unweighted)."""
-        if manifest is None or manifest.secagg is None:
+        if manifest is None or manifest.secagg is None or manifest.secagg.self_commitment is None:
             raise FedcliError("a masked update needs its checked manifest")
         flat = np.concatenate([np.asarray(delta[k], dtype=np.uint32).reshape(-1) for k, _ in self.layout])
         np.add(self.total, flat, out=self.total)
         self.commitments[manifest.member] = dict(manifest.secagg.commitments)
+        self.self_commitments[manifest.member] = manifest.secagg.self_commitment
         self.shas[manifest.member] = manifest.tensors_sha256
+        self.base_sha = manifest.base_sha256
         return {}
 
     def result(self, readiness: tuple[bool, str], rejected: Sequence[str] = ()) -> tuple[dict | None, str, dict]:
         """(mean delta or None, waiting reason, manifest info): what the masked round needs next."""
         if self.drops is None:
-            return self._close_undeclared(readiness, rejected)
+            return self._declare(readiness)
         return self._close_declared(self.drops)
 
     def close(self) -> None:
         """Nothing to free: the sum lives in memory."""
 
-    def _mean(self, revealed: dict) -> dict:
-        """Unmask with the revealed seeds and return the mean delta (float64 tensors)."""
-        survivors = sorted(self.commitments)
-        unmasked = masking.unmask_sum(self.total, survivors, revealed)
-        flat = masking.dequantize(unmasked, scale(self.spec)) / len(survivors)
+    def _self_seeds(self, drops: Drops, revealed: Revealed) -> dict[str, bytes] | None:
+        """Every survivor's self-mask seed; None while a seed does not rebuild but more shares may still come."""
+        t, seeds = self.spec.secagg.threshold, {}
+        for s in sorted(drops.survivors):
+            try:
+                seeds[s] = rebuild_self_seed(s, revealed.shares[s], t, self.self_commitments[s])
+            except VerificationError:
+                if revealed.missing:  # a wrong share among the first t: wait for the others' shares
+                    return None
+                raise
+        return seeds
+
+    def _mean(self, drops: Drops, revealed: Revealed, seeds: Mapping[str, bytes]) -> dict:
+        """Remove self masks and leftover pairwise masks, check the range, return the mean delta (float64)."""
+        survivors = sorted(drops.survivors)
+        unmasked = masking.unmask_sum(self.total, survivors, revealed.pairs)
+        for s in survivors:
+            masking.remove_self_mask(unmasked, seeds[s])
+        sc = scale(self.spec)
+        masking.check_range(unmasked, len(survivors), self.spec.secagg.clip, sc)
+        flat = masking.dequantize(unmasked, sc) / len(survivors)
         return masking.unflatten(flat, self.layout)
 
-    def _close_undeclared(self, readiness: tuple[bool, str], rejected: Sequence[str]) -> tuple[dict | None, str, dict]:
-        """No drop declaration yet: everyone in closes the round, quorum declares the rest dropped."""
+    def _declare(self, readiness: tuple[bool, str]) -> tuple[dict | None, str, dict]:
+        """No survivor set yet: everyone in, or quorum with at least t survivors, declares one."""
         store, spec, r = self.store, self.spec, self.round
         _orphan_recovery(store, r)
-        if set(self.commitments) == {m.name for m in spec.members}:
-            return self._mean({}), "", {"rule": RULE, "secagg": {"dropped": [], "scale": scale(spec)}}
-        ready, reason = readiness
-        if not ready:
-            return None, reason, {}
-        genuine = genuine_updates(store, spec, r, rejected)
-        if genuine:
-            raise VerificationError(
-                f"round {r}: the signed update of {', '.join(genuine)} was rejected; declaring it dropped would "
-                "let the coordinator unmask it, so remove that update (the bank then re-submits) before aggregating"
-            )
-        drops = declare_drops(store, self.private, spec, r, dict(self.shas))
+        if set(self.commitments) != {m.name for m in spec.members}:
+            ready, reason = readiness
+            if not ready:
+                return None, reason, {}
+        need = fewest_survivors(spec)
+        if len(self.shas) < need:
+            return None, f"{len(self.shas)} masked updates are in; secure aggregation unmasks no fewer than {need}", {}
+        drops = declare_drops(store, self.private, spec, r, dict(self.shas), self.base_sha)
+        gone = f" ({', '.join(drops.dropped)} dropped)" if drops.dropped else ""
         return (
             None,
             (
-                f"declared {', '.join(drops.dropped)} dropped from round {r}; waiting for recovery shares from "
+                f"declared the survivor set of round {r}{gone}; waiting for recovery shares from "
                 f"{', '.join(sorted(drops.survivors))} (each publishes them on its next `fedcli train`)"
             ),
             {},
         )
 
     def _close_declared(self, drops: Drops) -> tuple[dict | None, str, dict]:
-        """A drop declaration stands: unmask once every survivor's recovery shares are in."""
+        """A survivor set stands: unmask once t shares per survivor (and all seeds with the dropped) are in."""
         r = self.round
         lost = sorted(set(drops.survivors) - set(self.commitments))
         if lost:
             raise VerificationError(
                 f"round {r}: {', '.join(lost)} survived the drop declaration but has no valid update; the round cannot complete"
             )
-        revealed, missing = load_recoveries(self.store, self.spec, r, drops, self.commitments)
-        if missing:
-            return None, f"recovery shares of round {r} still missing from {', '.join(missing)}", {}
+        revealed = load_recoveries(self.store, self.spec, r, drops, self.commitments)
+        need = len(drops.survivors) if drops.dropped else self.spec.secagg.threshold
+        if len(revealed.present) < need:
+            return None, f"recovery shares of round {r} still missing from {', '.join(revealed.missing)}", {}
+        seeds = self._self_seeds(drops, revealed)
+        if seeds is None:
+            return (
+                None,
+                f"a self-mask seed of round {r} does not rebuild yet; waiting for {', '.join(revealed.missing)}",
+                {},
+            )
         secagg = {"dropped": drops.dropped, "drops_sha256": drops.sha256, "scale": scale(self.spec)}
-        return self._mean(revealed), "", {"rule": RULE, "secagg": secagg}
+        return self._mean(drops, revealed, seeds), "", {"rule": RULE, "secagg": secagg}

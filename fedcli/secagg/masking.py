@@ -1,21 +1,25 @@
-"""Secure aggregation with pairwise masks (Bonawitz et al. 2017, without the double mask).
+"""Secure aggregation's maths: pairwise masks and self masks (Bonawitz et al. 2017, double masking).
 
-Why: the coordinator must learn only the sum of the banks' updates, never one bank's update.
+Why: the coordinator must learn only the sum of the banks' updates, never one bank's update, even
+when it lies about who dropped out or a bank's upload is cut short.
 
 How, for a fixed roster of members in one round:
 - every member has an X25519 key enrolled in the federation spec; each pair (i, j) derives the
   same 32-byte seed from X25519(i, j) with HKDF-SHA256, bound to the federation id, the round,
-  both member ids (in canonical order) and both public keys, so seeds of different rounds,
-  federations or pairs are unrelated;
-- the seed keys AES-256-CTR, whose keystream read as little-endian uint32 is the pair's mask;
+  the sha256 of the base global, both member ids (in canonical order) and both public keys, so
+  seeds of different rounds, federations, pairs or base models are unrelated;
+- every member also draws a fresh 16-byte self-mask seed per round (never derived from a key);
+  it shares that seed t-of-n with Shamir (sharing.py) so t survivors can remove its self mask;
+- a seed keys AES-256-CTR, whose keystream read as little-endian uint32 is the mask;
 - an update is clipped to [-clip, clip], scaled to fixed point and stochastically rounded to
-  integers modulo 2**32; member i adds the mask shared with every j > i and subtracts the mask
-  shared with every j < i, so all masks cancel in the sum over the whole roster;
-- if members drop out, each survivor reveals the seeds it shared with the dropped members (only
-  those, only for this round) and the coordinator removes the masks that did not cancel.
+  integers modulo 2**32; member i adds its self mask, the mask shared with every j > i and
+  subtracts the mask shared with every j < i, so pairwise masks cancel in the sum;
+- for each member, a survivor reveals its share of the self-mask seed (member survived) or the
+  pairwise seed it shares with it (member dropped), never both: a dropped member's update keeps
+  its self mask, a survivor's keeps the masks it shares with honest peers.
 
 Everything here is a pure function over numpy arrays and `cryptography` keys; the file
-exchange (who writes what, signatures, refusing late updates) lives in the round protocol.
+exchange (who writes what, signatures, refusing late updates) lives in exchange.py.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from fedcli.names import check_name
 from fedcli.randomness import secure_numpy_rng
 
 MODULUS_BITS = 32
+HEADROOM_BITS = 8  # a sum with a missing mask lands inside +-n*clip with probability <= 2**-8 per coordinate
+SELF_SEED_BYTES = 16  # Shamir (pycryptodome) shares 16-byte secrets; HKDF stretches them to an AES-256 key
 _HKDF_SALT = b"fedcli secagg v1"
 _NOISE_MODES = ("full", "shared")
 
@@ -47,13 +53,14 @@ def _field(data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
-def _pair_info(federation: str, round_: int, a: str, pub_a: bytes, b: str, pub_b: bytes) -> bytes:
+def _pair_info(federation: str, round_: int, a: str, pub_a: bytes, b: str, pub_b: bytes, base_sha: str = "") -> bytes:
     """HKDF info: every input length-prefixed so no two contexts encode the same."""
     return b"".join(
         [
             _field(b"pairwise-mask"),
             _field(federation.encode()),
             struct.pack(">Q", round_),
+            _field(base_sha.encode()),
             _field(a.encode()),
             _field(pub_a),
             _field(b.encode()),
@@ -73,8 +80,12 @@ def pair_seed(
     my_key: X25519PrivateKey,
     peer: str,
     peer_public: X25519PublicKey,
+    base_sha: str = "",
 ) -> bytes:
-    """The 32-byte seed that `me` and `peer` both derive for this federation and round.
+    """The 32-byte seed that `me` and `peer` both derive for this federation, round and base global.
+
+    Two banks shown different base globals (base_sha) derive unrelated seeds: their masks do not
+    cancel and the sum is noise, which the range check refuses, instead of a leak.
 
     The X25519 secret never leaves this function; only the HKDF output (one round, one pair)
     is ever used or revealed, so revealing it tells nothing about other rounds or pairs.
@@ -95,7 +106,7 @@ def pair_seed(
     except ValueError:
         raise FedcliError(f"X25519 key of {peer!r} is invalid (low-order point)") from None
     (a, pa), (b, pb) = sorted([(me, my_pub), (peer, peer_pub)])
-    info = _pair_info(federation, round_, a, pa, b, pb)
+    info = _pair_info(federation, round_, a, pa, b, pb, base_sha)
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT, info=info).derive(shared)
 
 
@@ -118,6 +129,23 @@ def expand_mask(seed: bytes, n: int) -> np.ndarray:
     return np.frombuffer(stream, dtype="<u4").astype(np.uint32, copy=False)
 
 
+def self_mask_key(seed: bytes) -> bytes:
+    """The AES-256 key of a self mask, stretched from its 16-byte shared seed."""
+    if len(seed) != SELF_SEED_BYTES:
+        raise FedcliError(f"a self-mask seed must be {SELF_SEED_BYTES} bytes")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT, info=b"self-mask").derive(seed)
+
+
+def add_self_mask(acc: np.ndarray, seed: bytes) -> None:
+    """acc += PRG(seed) (mod 2**32), in place."""
+    _apply(acc, self_mask_key(seed), 1)
+
+
+def remove_self_mask(acc: np.ndarray, seed: bytes) -> None:
+    """acc -= PRG(seed) (mod 2**32), in place."""
+    _apply(acc, self_mask_key(seed), -1)
+
+
 def _sign(me: str, peer: str) -> int:
     """+1 if me adds the pair's mask, -1 if it subtracts it (canonical id order)."""
     return 1 if me < peer else -1
@@ -137,6 +165,7 @@ def pair_seeds(
     me: str,
     my_key: X25519PrivateKey,
     roster: Mapping[str, X25519PublicKey],
+    base_sha: str = "",
 ) -> dict[str, bytes]:
     """The seed `me` shares with every other member of the round's roster.
 
@@ -146,7 +175,9 @@ def pair_seeds(
     if _raw(roster[me]) != _raw(my_key.public_key()):
         raise FedcliError(f"the X25519 key of {me!r} does not match the one enrolled in the spec")
     return {
-        peer: pair_seed(federation, round_, me, my_key, peer, roster[peer]) for peer in sorted(roster) if peer != me
+        peer: pair_seed(federation, round_, me, my_key, peer, roster[peer], base_sha)
+        for peer in sorted(roster)
+        if peer != me
     }
 
 
@@ -227,6 +258,7 @@ def recovery_seeds(
     my_key: X25519PrivateKey,
     roster: Mapping[str, X25519PublicKey],
     dropped: Iterable[str],
+    base_sha: str = "",
 ) -> dict[str, bytes]:
     """What survivor `me` reveals so the coordinator can remove its masks with dropped members:
     the seed it shares with each of them, for this round only. Never call it for a member whose
@@ -239,7 +271,7 @@ def recovery_seeds(
     for d in dropped:
         if d not in roster:
             raise FedcliError(f"dropped member {d!r} is not in this round's roster")
-        out[d] = pair_seed(federation, round_, me, my_key, d, roster[d])
+        out[d] = pair_seed(federation, round_, me, my_key, d, roster[d], base_sha)
     return out
 
 
@@ -266,12 +298,14 @@ def unmask_sum(
 
 def fixed_point_scale(clip: float, n_members: int) -> float:
     """Largest power of two such that the sum of n_members values in [-clip, clip], each
-    rounded up by at most 1, stays inside int32 (so the mod-2**32 sum decodes without wrap)."""
+    rounded up by at most 1, stays inside +-2**(31 - HEADROOM_BITS): the mod-2**32 sum never
+    wraps, and a sum with a missing or wrong mask (uniform words) lands inside that range with
+    probability at most 2**-HEADROOM_BITS per coordinate, so check_range catches it."""
     if not (clip > 0 and math.isfinite(clip)):
         raise FedcliError(f"secagg clip must be a positive number, got {clip!r}")
     if n_members < 1:
         raise FedcliError("secure aggregation needs at least one member")
-    room = (2 ** (MODULUS_BITS - 1) - 1) / n_members - 1
+    room = (2 ** (MODULUS_BITS - 1 - HEADROOM_BITS) - 1) / n_members - 1
     if room < 1 / clip:
         raise FedcliError(f"too many members ({n_members}) for {MODULUS_BITS}-bit secure aggregation")
     return 2.0 ** math.floor(math.log2(room / clip))
@@ -286,6 +320,20 @@ def quantize(x: np.ndarray, clip: float, scale: float, rng: np.random.Generator 
     low = np.floor(y)
     q = low + (rng.random(y.size) < (y - low))
     return (q.astype(np.int64) & 0xFFFFFFFF).astype(np.uint32)
+
+
+def check_range(total: np.ndarray, n_summed: int, clip: float, scale: float) -> None:
+    """Refuse an unmasked sum with a coordinate outside +-n*(clip*scale + 1): only a missing,
+    stale or wrong mask (or a bank that masked against another base global) puts it there."""
+    bound = n_summed * (clip * scale + 1)
+    words = np.asarray(total, dtype=np.uint32).view(np.int32)
+    outside = int(np.count_nonzero(np.abs(words.astype(np.int64)) > bound))
+    if outside:
+        raise VerificationError(
+            f"the unmasked sum has {outside} of {words.size} coordinates outside ±{n_summed}·clip: a mask is missing "
+            "or wrong (a bank masked against another base global, or a file was altered); nothing is published",
+            reason="secagg",
+        )
 
 
 def dequantize(total: np.ndarray, scale: float) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Air-gap bundles: one signed archive carries the files that must cross between two stores.
 
 Out (coordinator -> banks): the signed spec, every global manifest and rejections list, and
-the latest global tensors (and, with secure aggregation, the open round's drop declaration).
+the latest global tensors (and, with secure aggregation, the open round's drop declaration and
+the survivors' signed update manifests, whose sealed self-mask shares each survivor must open).
 In (bank -> coordinator): that bank's committed update for the open round (and its recovery
 shares once it published them). The archive is a plain tar holding
 
@@ -72,7 +73,8 @@ MAX_HEADER_TOTAL = 64 << 20  # all header reads together: (MAX_FILES + 2) member
 MAX_TENSOR_FILES = 1  # a bundle carries one model's (or one update's) tensors
 _INDEX_NAMES = ("bundle.json", "bundle.sig")
 _COORD_KEYS = re.compile(
-    r"^(federation\.toml(\.sig)?|rounds/\d{6}/(global\.(json|safetensors)|rejections\.json|secagg/drops\.json))$"
+    r"^(federation\.toml(\.sig)?|rounds/\d{6}/(global\.(json|safetensors)|rejections\.json|secagg/drops\.json"
+    r"|updates/[^/]+\.json))$"
 )
 _SPEC_KEYS = (SPEC_KEY, SPEC_SIG_KEY)
 
@@ -256,8 +258,26 @@ def _coordinator_files(store: Store, spec: Spec, skipped: list[str]) -> dict[str
     drops = f"{round_dir(latest + 1)}/secagg/drops.json"  # secure aggregation's dropouts
     if store.exists(drops):
         data = store.get(drops, max_bytes=MAX_MANIFEST_BYTES)
-        _verified(data, spec.coordinator, drops, kind="secagg-drops", federation_id=fid, round=latest + 1)
+        doc = _verified(data, spec.coordinator, drops, kind="secagg-drops", federation_id=fid, round=latest + 1)
         files[drops] = data
+        files.update(_survivor_manifests(store, spec, latest + 1, doc.get("survivors")))
+    return files
+
+
+def _survivor_manifests(store: Store, spec: Spec, r: int, survivors) -> dict[str, bytes]:
+    """The signed update manifests of a round's survivors: each holds the self-mask shares sealed to the others."""
+    files = {}
+    for name in sorted(survivors) if isinstance(survivors, dict) else []:
+        member = spec.member(name) if isinstance(name, str) else None
+        if member is None:
+            continue
+        mkey = update_keys(r, name)[1]
+        try:
+            data = store.get(mkey, max_bytes=MAX_MANIFEST_BYTES)
+        except NotFound:
+            continue
+        _verified(data, member, mkey, kind="update", federation_id=spec.federation_id, round=r, member=name)
+        files[mkey] = data
     return files
 
 
