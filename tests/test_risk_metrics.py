@@ -1,6 +1,7 @@
 """Calibration, credit views and prior correction (fedcli.metrics), each against an independent
 reference (scikit-learn, scipy or a brute-force count), and as `fedcli evaluate` / `predict` show them."""
 
+import itertools
 import json
 import math
 
@@ -65,7 +66,7 @@ def test_brier_reliability_and_ece_match_scikit_learn(drawn):
     # ECE from the reference's bins: the rows per bin by counting, the gaps from scikit-learn
     edges = np.linspace(0, 1, 11)
     counts = np.array(
-        [np.sum((p > lo) & (p <= hi)) + (np.sum(p == 0) if lo == 0 else 0) for lo, hi in zip(edges, edges[1:])]
+        [np.sum((p > lo) & (p <= hi)) + (np.sum(p == 0) if lo == 0 else 0) for lo, hi in itertools.pairwise(edges)]
     )
     counts = counts[counts > 0]
     assert [b.rows for b in filled] == counts.tolist()
@@ -92,7 +93,7 @@ def test_score_bands_cover_every_row_once_and_never_split_a_tie(drawn):
     for b in bands:  # brute force: the rows whose score is in [low, high]
         inside = (p >= b.low) & (p <= b.high)
         assert (inside.sum(), y[inside].sum()) == (b.rows, b.positives)
-    for upper, lower in zip(bands, bands[1:]):
+    for upper, lower in itertools.pairwise(bands):
         assert lower.high < upper.low  # a tie is never split across bands
     last = bands[-1]
     assert (last.cum_rows, last.cum_positives, last.cum_share_of_bads) == (len(y), int(y.sum()), 1.0)
