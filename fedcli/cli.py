@@ -773,5 +773,44 @@ def bundle_import(
     _bundle_table(res, "imported")
 
 
+@app.command()
+def scorecard(
+    store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
+    coordinator: Path = CoordOpt,
+    pdo: float = typer.Option(20.0, "--pdo", help="Points that double the good:bad odds."),
+    base_score: float = typer.Option(600.0, "--base-score", help="The score at the base odds."),
+    base_odds: float = typer.Option(50.0, "--base-odds", help="Good:bad odds at the base score (50: 50 to 1)."),
+    output: Path | None = typer.Option(None, "--out", "-o", help="Also write it to this .csv or .json file."),
+    round_: int | None = typer.Option(None, "--round", help="Round to use (default: latest)."),
+):
+    """A logistic global model as a points table: base points, points per unit and per band of each numeric
+    feature (the spec's standardisation folded in), points per level (docs/risk.md)."""
+    from fedcli import scorecard as sc
+
+    with failures():
+        card, about = sc.load(_store(store), coordinator, round_, pdo, base_score, base_odds)
+        if output is not None:
+            sc.write(card, output, about)
+    title = (
+        f"scorecard of the global model of round {about['round']}: {card.base_score:g} points at good:bad odds "
+        f"{card.base_odds:g}:1, +{card.pdo:g} points double them"
+    )
+    table = Table(
+        title=escape(title), caption="a higher score is a lower risk; numeric: points = per unit x (x - mean)"
+    )
+    for col in ("feature", "attribute", "points"):
+        table.add_column(col, justify="right" if col == "points" else "left")
+    for row in sc.rows(card):
+        if row["kind"] == "band":
+            lo, hi = row["points_at_low"], row["points_at_high"]
+            points = " to ".join("..." if v is None else f"{v:+.2f}" for v in (lo, hi))
+        else:
+            points = f"{row['points']:+.4f}" if row["kind"] == "per_unit" else f"{row['points']:+.2f}"
+        table.add_row(escape(row["feature"]), escape(f"{row['kind']}: {row['attribute']}"), points)
+    out.print(table)
+    if output is not None:
+        out.print(f"-> {escape(str(output))}", soft_wrap=True)
+
+
 if __name__ == "__main__":
     app()
