@@ -812,5 +812,28 @@ def scorecard(
         out.print(f"-> {escape(str(output))}", soft_wrap=True)
 
 
+@app.command("export")
+def export_model(
+    store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
+    coordinator: Path = CoordOpt,
+    output: Path = typer.Option(..., "--out", "-o", help="Folder for model.onnx, model_card.json, model_card.md."),
+    data: Path | None = typer.Option(
+        None, "--data", "-d", help="Labelled holdout table: its evaluation goes into the model card."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace the three files in a folder that is not empty."),
+    round_: int | None = typer.Option(None, "--round", help="Round to export (default: latest)."),
+):
+    """Verify the global model and write it as ONNX (preprocessing inside) with a model card in JSON and
+    Markdown: data schema, preprocessing, training and privacy settings, lineage by round (docs/risk.md)."""
+    from fedcli.export.writer import export
+
+    with failures():
+        res = export(_store(store), coordinator, output, force, data, round_)
+    what = f"global model of round {res.round} (tensors {res.tensors_sha256[:16]}...)"
+    if res.evaluated_rows is not None:
+        what += f", evaluated on {res.evaluated_rows:,} rows of {escape(data.name if data else '')}"
+    out.print(f"[green]exported[/] {what} -> {escape(str(output))}: {', '.join(res.files)}", soft_wrap=True)
+
+
 if __name__ == "__main__":
     app()
