@@ -782,13 +782,17 @@ def scorecard(
     base_odds: float = typer.Option(50.0, "--base-odds", help="Good:bad odds at the base score (50: 50 to 1)."),
     output: Path | None = typer.Option(None, "--out", "-o", help="Also write it to this .csv or .json file."),
     round_: int | None = typer.Option(None, "--round", help="Round to use (default: latest)."),
+    undo_pos_weight: bool = RecalOpts["undo_pos_weight"],
+    base_rate: float | None = RecalOpts["base_rate"],
+    train_rate: float | None = RecalOpts["train_rate"],
 ):
     """A logistic global model as a points table: base points, points per unit and per band of each numeric
     feature (the spec's standardisation folded in), points per level (docs/risk.md)."""
     from fedcli import scorecard as sc
 
     with failures():
-        card, about = sc.load(_store(store), coordinator, round_, pdo, base_score, base_odds)
+        prior = _prior(undo_pos_weight, base_rate, train_rate)
+        card, about = sc.load(_store(store), coordinator, round_, pdo, base_score, base_odds, prior)
         if output is not None:
             sc.write(card, output, about)
     title = (
@@ -808,6 +812,8 @@ def scorecard(
             points = f"{row['points']:+.4f}" if row["kind"] == "per_unit" else f"{row['points']:+.2f}"
         table.add_row(escape(row["feature"]), escape(f"{row['kind']}: {row['attribute']}"), points)
     out.print(table)
+    if about["prior_correction"]:
+        err.print(f"[yellow]note:[/] prior-corrected: {escape(about['prior_correction'])}", soft_wrap=True)
     if output is not None:
         out.print(f"-> {escape(str(output))}", soft_wrap=True)
 
@@ -822,13 +828,17 @@ def export_model(
     ),
     force: bool = typer.Option(False, "--force", help="Replace the three files in a folder that is not empty."),
     round_: int | None = typer.Option(None, "--round", help="Round to export (default: latest)."),
+    undo_pos_weight: bool = RecalOpts["undo_pos_weight"],
+    base_rate: float | None = RecalOpts["base_rate"],
+    train_rate: float | None = RecalOpts["train_rate"],
 ):
     """Verify the global model and write it as ONNX (preprocessing inside) with a model card in JSON and
     Markdown: data schema, preprocessing, training and privacy settings, lineage by round (docs/risk.md)."""
     from fedcli.export.writer import export
 
     with failures():
-        res = export(_store(store), coordinator, output, force, data, round_)
+        prior = _prior(undo_pos_weight, base_rate, train_rate)
+        res = export(_store(store), coordinator, output, force, data, round_, prior)
     what = f"global model of round {res.round} (tensors {res.tensors_sha256[:16]}...)"
     if res.evaluated_rows is not None:
         what += f", evaluated on {res.evaluated_rows:,} rows of {escape(data.name if data else '')}"

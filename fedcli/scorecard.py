@@ -92,8 +92,16 @@ def check_scaling(pdo: float, base_score: float, base_odds: float) -> None:
         raise InputError(f"--base-score must be a finite number, not {base_score:g}")
 
 
-def build(spec, tensors: dict[str, np.ndarray], pdo: float = 20, base_score: float = 600, base_odds: float = 50):
-    """The scorecard of a logistic model (spec: protocol.spec.Spec; tensors: the verified global's)."""
+def build(
+    spec,
+    tensors: dict[str, np.ndarray],
+    pdo: float = 20,
+    base_score: float = 600,
+    base_odds: float = 50,
+    shift: float = 0.0,
+):
+    """The scorecard of a logistic model (spec: protocol.spec.Spec; tensors: the verified global's); `shift`
+    is a prior correction added to the logit (metrics.PriorCorrection), so it lands in the base points."""
     if spec.model.kind != "logreg":
         raise InputError(
             f"the global model is an {spec.model.kind}: points per attribute exist only for a logistic "
@@ -101,7 +109,7 @@ def build(spec, tensors: dict[str, np.ndarray], pdo: float = 20, base_score: flo
         )
     check_scaling(pdo, base_score, base_odds)
     weights = np.asarray(tensors["0.weight"], dtype=np.float64).ravel()
-    bias = float(np.asarray(tensors["0.bias"], dtype=np.float64).ravel()[0])
+    bias = float(np.asarray(tensors["0.bias"], dtype=np.float64).ravel()[0]) + shift
     factor = pdo / math.log(2)
     offset = base_score - factor * math.log(base_odds)
     numeric, j = [], 0
@@ -179,12 +187,26 @@ def _band_json(b: Band) -> dict:
     }
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet would run as a formula
+
+
+def _cell(value) -> str:
+    """A CSV cell: floats with every digit; text from the spec that a spreadsheet would take for a
+    formula gets a leading quote (a level named "=HYPERLINK(...)" stays text)."""
+    if isinstance(value, float):
+        return repr(value)
+    if value is None:
+        return ""
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def to_csv(card: Scorecard) -> bytes:
     text = io.StringIO()
     writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows(card):
-        writer.writerow({k: repr(v) if isinstance(v, float) else "" if v is None else v for k, v in row.items()})
+        writer.writerow({k: _cell(v) for k, v in row.items()})
     return text.getvalue().encode()
 
 
@@ -204,13 +226,15 @@ def write(card: Scorecard, path: Path, about: dict) -> None:
         raise InputError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def load(store, coordinator_pub: Path, round_: int | None, pdo: float, base_score: float, base_odds: float):
-    """(scorecard, about) of the verified global model (the checks `fedcli predict` makes)."""
+def load(store, coordinator_pub: Path, round_: int | None, pdo: float, base_score: float, base_odds: float, prior=None):
+    """(scorecard, about) of the verified global model (the checks `fedcli predict` makes), optionally
+    prior-corrected (a metrics.PriorCorrection)."""
     from fedcli.bank.inference import verified_global
 
     check_scaling(pdo, base_score, base_odds)
     spec, g = verified_global(store, coordinator_pub, round_)
-    card = build(spec, g.tensors, pdo, base_score, base_odds)
+    shift = prior.shift(spec.training.pos_weight) if prior is not None else 0.0
+    card = build(spec, g.tensors, pdo, base_score, base_odds, shift)
     about = {
         "federation_id": spec.federation_id,
         "round": g.round,
@@ -218,5 +242,6 @@ def load(store, coordinator_pub: Path, round_: int | None, pdo: float, base_scor
         "target": spec.data.target,
         "positive": spec.data.positive,
         "odds": "good:bad, bad = the positive class; a higher score is a lower risk",
+        "prior_correction": prior.describe(spec.training.pos_weight) if prior is not None else None,
     }
     return card, about

@@ -137,3 +137,21 @@ def test_an_mlp_exports_and_matches_predict(tmp_path, credit_split):
     expected = pd.read_csv(tmp_path / "scores.csv")["score"].to_numpy(np.float64)
     rows = pd.read_csv(fed.data / "bank-a.csv")
     assert np.max(np.abs(_onnx_scores(tmp_path / "out" / "model.onnx", card, rows) - expected)) < 1e-6
+
+
+def test_a_prior_correction_is_folded_into_the_graph_and_named_in_the_card(tmp_path, credit_split):
+    """pos_weight 3, round 0: export --undo-pos-weight scores as predict --undo-pos-weight does."""
+    fed = make_fed(tmp_path, credit_split, TEMPLATE.replace("lr = 0.02", "lr = 0.02\npos_weight = 3.0"))
+    rows = pd.read_csv(fed.data / "bank-b.csv")
+    _export(fed, tmp_path / "plain")
+    card = json.loads((tmp_path / "plain" / "model_card.json").read_text())
+    assert card["model"]["prior_correction"] is None and any("pos_weight 3" in c for c in card["caveats"])
+    _export(fed, tmp_path / "out", "--undo-pos-weight")
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert "pos_weight 3 undone" in card["model"]["prior_correction"]
+    assert "prior-corrected" in (tmp_path / "out" / "model_card.md").read_text()
+    fed.predict(fed.data / "bank-b.csv", tmp_path / "scores.csv", "--undo-pos-weight")
+    expected = pd.read_csv(tmp_path / "scores.csv")["score"].to_numpy(np.float64)
+    assert np.max(np.abs(_onnx_scores(tmp_path / "out" / "model.onnx", card, rows) - expected)) < 1e-6
+    plain = _onnx_scores(tmp_path / "plain" / "model.onnx", card, rows)
+    assert np.max(np.abs(plain - expected)) > 1e-3  # the correction really changed the scores

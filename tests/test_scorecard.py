@@ -114,3 +114,14 @@ def test_an_mlp_is_refused_with_one_line(tmp_path, credit_split):
     res = fed.cli("scorecard", fed.store, "--coordinator", fed.pub("coordinator"), code=1)
     assert "the global model is an mlp: points per attribute exist only for a logistic model" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_undo_pos_weight_moves_only_the_base_points(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, TEMPLATE.replace("lr = 0.02", "lr = 0.02\npos_weight = 3.0"))
+    _card(fed, tmp_path, name="plain.json")
+    res = _card(fed, tmp_path, "--undo-pos-weight", name="undone.json")
+    plain, undone = (json.loads((tmp_path / n).read_text()) for n in ("plain.json", "undone.json"))
+    # the odds divided by 3: every score up by factor x ln 3 (higher score, lower risk)
+    assert undone["base_points"] - plain["base_points"] == pytest.approx(plain["factor"] * math.log(3), rel=1e-12)
+    assert undone["numeric"] == plain["numeric"] and undone["categorical"] == plain["categorical"]
+    assert "pos_weight 3 undone" in undone["prior_correction"] and "prior-corrected" in res.output

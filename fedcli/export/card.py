@@ -14,8 +14,11 @@ from fedcli.export.graph import IR_VERSION, OPSET, input_contract, sizes
 FORMAT = 1
 
 
-def card(spec, spec_sha: str, lineage: list[dict], onnx_sha: str, evaluation: dict | None) -> dict:
-    """The model card as a JSON-ready dict (lineage: the verified global manifests, round 0 first)."""
+def card(
+    spec, spec_sha: str, lineage: list[dict], onnx_sha: str, evaluation: dict | None, prior: str | None = None
+) -> dict:
+    """The model card as a JSON-ready dict (lineage: the verified global manifests, round 0 first; prior:
+    the prior correction folded into the graph, in words, or None)."""
     from fedcli.protocol.spec import summary
 
     last = lineage[-1]
@@ -33,6 +36,7 @@ def card(spec, spec_sha: str, lineage: list[dict], onnx_sha: str, evaluation: di
             "kind": spec.model.kind,
             "layer_widths": sizes(spec),
             "output": f"P({d.target} = {d.positive}): the probability of the positive class",
+            "prior_correction": prior,
         },
         "data_schema": {
             "target": d.target,
@@ -66,7 +70,7 @@ def card(spec, spec_sha: str, lineage: list[dict], onnx_sha: str, evaluation: di
         "members": [{"name": m.name, "fingerprint": m.fingerprint} for m in spec.members],
         "lineage": [_round(m) for m in lineage],
         "evaluation": evaluation,
-        "caveats": _caveats(spec, evaluation),
+        "caveats": _caveats(spec, evaluation, prior),
     }
 
 
@@ -83,14 +87,16 @@ def _round(manifest: dict) -> dict:
     }
 
 
-def _caveats(spec, evaluation: dict | None) -> list[str]:
+def _caveats(spec, evaluation: dict | None, prior: str | None) -> list[str]:
     out = []
     if evaluation is None:
         out.append("no holdout evaluation in this card: pass --data with a labelled holdout table")
-    if spec.training.pos_weight != 1:
+    if prior is not None:
+        out.append(f"scores are prior-corrected inside the graph: {prior}")
+    elif spec.training.pos_weight != 1:
         out.append(
             f"trained with pos_weight {spec.training.pos_weight:g}: the scores' odds are that many times too high; "
-            "`fedcli predict --undo-pos-weight` corrects them (the ONNX graph does not)"
+            "`fedcli export --undo-pos-weight` folds the correction into the graph (this one is uncorrected)"
         )
     out.append(
         "scores are probabilities only as far as the calibration section shows; "
@@ -105,7 +111,8 @@ def to_json(doc: dict) -> bytes:
 
 def _md(text) -> str:
     """A value from the spec or a file name inside a Markdown table cell: no pipe or line break breaks the table."""
-    return " ".join(str(text).split()).replace("|", "\\|").replace("`", "'")
+    text = " ".join(str(text).split()).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("|", "\\|").replace("`", "'")
 
 
 def to_markdown(doc: dict) -> bytes:
@@ -118,7 +125,8 @@ def to_markdown(doc: dict) -> bytes:
         f"- published {doc['published_at']} by coordinator {doc['coordinator']['name']} "
         f"(fingerprint {doc['coordinator']['fingerprint']})",
         f"- model: {doc['model']['kind']}, layer widths {' -> '.join(map(str, doc['model']['layer_widths']))}; "
-        f"output {doc['model']['output']}",
+        f"output {doc['model']['output']}"
+        + (f"; prior-corrected: {_md(doc['model']['prior_correction'])}" if doc["model"]["prior_correction"] else ""),
         "",
         "## Data schema",
         "",

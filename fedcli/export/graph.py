@@ -23,8 +23,9 @@ OPSET = 17  # widely supported by ONNX runtimes; IsNaN, Where, Gemm and Sigmoid 
 IR_VERSION = 8  # what onnxruntime 1.10 and later load
 
 
-def build(spec, tensors: dict[str, np.ndarray], metadata: dict[str, str]):
-    """An onnx.ModelProto for this spec's model and the verified tensors."""
+def build(spec, tensors: dict[str, np.ndarray], metadata: dict[str, str], shift: float = 0.0):
+    """An onnx.ModelProto for this spec's model and the verified tensors; `shift` (a prior correction)
+    is added to the last layer's bias, so `logit` and `score` come out corrected."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -60,9 +61,10 @@ def build(spec, tensors: dict[str, np.ndarray], metadata: dict[str, str]):
     layers = len([k for k in tensors if k.endswith(".weight")])
     for i in range(layers):
         w, b = f"{2 * i}.weight", f"{2 * i}.bias"
+        bias = np.asarray(tensors[b], np.float64) + (shift if i == layers - 1 else 0.0)
         inits += [
             numpy_helper.from_array(np.asarray(tensors[w], np.float32), f"layer{i}.weight"),
-            numpy_helper.from_array(np.asarray(tensors[b], np.float32), f"layer{i}.bias"),
+            numpy_helper.from_array(bias.astype(np.float32), f"layer{i}.bias"),
         ]
         nodes.append(helper.make_node("Gemm", [current, f"layer{i}.weight", f"layer{i}.bias"], [f"h{i}"], transB=1))
         current = f"h{i}"

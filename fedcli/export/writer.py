@@ -53,8 +53,12 @@ def lineage(store, spec, spec_sha: str, last: int) -> list[dict]:
     return out
 
 
-def export(store, coordinator_pub: Path, out: Path, force: bool = False, data: Path | None = None, round_=None):
-    """Write model.onnx, model_card.json and model_card.md for the verified global model into `out`."""
+def export(
+    store, coordinator_pub: Path, out: Path, force: bool = False, data: Path | None = None, round_=None, prior=None
+):
+    """Write model.onnx, model_card.json and model_card.md for the verified global model into `out`; with
+    `prior` (a metrics.PriorCorrection) its shift is added to the last layer's bias, and the holdout
+    evaluation is of the corrected scores, as `predict` and `evaluate` with the same options give."""
     from fedcli.bank.inference import evaluate, verified_global
     from fedcli.export import card, graph
     from fedcli.metrics import evaluation_json
@@ -67,12 +71,14 @@ def export(store, coordinator_pub: Path, out: Path, force: bool = False, data: P
     if chain[-1]["tensors_sha256"] != g.sha256:
         raise VerificationError(f"global model of round {g.round} changed while it was read", reason="bad-hash")
     meta = {"federation_id": spec.federation_id, "round": str(g.round), "tensors_sha256": g.sha256}
-    onnx_bytes = graph.build(spec, g.tensors, meta).SerializeToString()
+    shift = prior.shift(spec.training.pos_weight) if prior is not None else 0.0
+    onnx_bytes = graph.build(spec, g.tensors, meta, shift).SerializeToString()
     ev = None
     if data is not None:
-        _, _, result, _ = evaluate(store, coordinator_pub, data, g.round)
+        _, _, result, _ = evaluate(store, coordinator_pub, data, g.round, prior)
         ev = {"data": Path(data).name, **evaluation_json(result)}
-    doc = card.card(spec, spec_sha, chain, digest.sha256(onnx_bytes), ev)
+    corrected = prior.describe(spec.training.pos_weight) if prior is not None else None
+    doc = card.card(spec, spec_sha, chain, digest.sha256(onnx_bytes), ev, corrected)
     blobs = {"model.onnx": onnx_bytes, "model_card.json": card.to_json(doc), "model_card.md": card.to_markdown(doc)}
     try:
         out.mkdir(exist_ok=True)
