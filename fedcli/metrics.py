@@ -210,21 +210,40 @@ def score(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 # --------------------------------------------------------------------------- calibration and credit views
 
 
+CHUNK = 1 << 20  # rows per step of the calibration sums: their memory stays ~40 MB at any table size
+
+
 def _pair(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Labels as 0/1 float64 and finite scores as float64, same length (else ValueError / not-finite)."""
+    """Labels (nonzero = positive) and finite scores, flat and of the same length (else ValueError /
+    not-finite); not copied: the sums below convert a chunk at a time."""
     y, p = np.asarray(y).ravel(), np.asarray(p).ravel()
     if y.shape != p.shape:
         raise ValueError(f"{len(y)} labels for {len(p)} scores")
     _finite(p)
-    return (y != 0).astype(np.float64), p.astype(np.float64)
+    return y, p
+
+
+def _chunks(y: np.ndarray, p: np.ndarray):
+    """(labels as 0/1 float64, scores as float64) a chunk of rows at a time."""
+    for start in range(0, len(y), CHUNK):
+        yield (y[start : start + CHUNK] != 0).astype(np.float64), p[start : start + CHUNK].astype(np.float64)
 
 
 def brier_score(y: np.ndarray, p: np.ndarray) -> float:
     """brier_score(labels 0/1, scores in [0, 1]) -> mean squared gap between score and outcome.
 
     0 is perfect; a model that always says the base rate b scores b(1 - b). NaN for no rows."""
-    y, p = _pair(y, p)
-    return float(np.mean((p - y) ** 2)) if len(y) else math.nan
+    return _brier(*_pair(y, p))
+
+
+def _brier(y: np.ndarray, p: np.ndarray) -> float:
+    if not len(y):
+        return math.nan
+    total = 0.0
+    for yc, pc in _chunks(y, p):
+        gap = pc - yc
+        total += float(np.dot(gap, gap))
+    return total / len(y)
 
 
 @dataclass(frozen=True)
@@ -247,12 +266,17 @@ def reliability(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> l
 
     Binned as scikit-learn's calibration_curve(strategy="uniform"): bin i holds the scores in
     (i/bins, (i+1)/bins], the first also 0."""
-    y, p = _pair(y, p)
+    return _reliability(*_pair(y, p), bins)
+
+
+def _reliability(y: np.ndarray, p: np.ndarray, bins: int) -> list[ReliabilityBin]:
     edges = np.linspace(0.0, 1.0, bins + 1)
-    ids = np.searchsorted(edges[1:-1], p)
-    rows = np.bincount(ids, minlength=bins)
-    sums = np.bincount(ids, weights=p, minlength=bins)
-    positives = np.bincount(ids, weights=y, minlength=bins)
+    rows, sums, positives = np.zeros(bins, np.int64), np.zeros(bins), np.zeros(bins)
+    for yc, pc in _chunks(y, p):
+        ids = np.searchsorted(edges[1:-1], pc)
+        rows += np.bincount(ids, minlength=bins)
+        sums += np.bincount(ids, weights=pc, minlength=bins)
+        positives += np.bincount(ids, weights=yc, minlength=bins)
     out = []
     for i in range(bins):
         n = int(rows[i])
@@ -265,7 +289,10 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = CALIBRA
     """expected_calibration_error(labels, scores, bins=10) -> sum over the equal-width bins of
     (rows in bin / rows) x |observed rate - mean score|: the average distance between what the model
     promised and what happened, in probability points. NaN for no rows."""
-    table = reliability(y, p, bins)
+    return _ece(reliability(y, p, bins))
+
+
+def _ece(table: list[ReliabilityBin]) -> float:
     total = sum(b.rows for b in table)
     if not total:
         return math.nan
@@ -384,10 +411,11 @@ class CreditView:
 def calibration(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> Calibration:
     """calibration(labels, scores, bins=10) -> Brier, ECE, the reliability table, mean score against positive rate."""
     yy, pp = _pair(y, p)
-    mean, rate = (float(pp.mean()), float(yy.mean())) if len(yy) else (math.nan, math.nan)
-    return Calibration(
-        brier_score(yy, pp), expected_calibration_error(yy, pp, bins), reliability(yy, pp, bins), mean, rate
-    )
+    table = _reliability(yy, pp, bins)
+    n = sum(b.rows for b in table)
+    mean = sum(b.mean_score * b.rows for b in table if b.rows) / n if n else math.nan
+    rate = sum(b.observed_rate * b.rows for b in table if b.rows) / n if n else math.nan
+    return Calibration(_brier(yy, pp), _ece(table), table, mean, rate)
 
 
 def credit_view(y: np.ndarray, p: np.ndarray, bands: int = SCORE_BANDS) -> CreditView:
