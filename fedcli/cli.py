@@ -629,16 +629,21 @@ def evaluate(
 def _write_evaluation(path: Path, r: int, data: Path, ev, prior, store: str, coordinator: Path) -> None:
     import json
 
+    from fedcli import keys
     from fedcli.files import write_atomic
     from fedcli.metrics import evaluation_json
+    from fedcli.protocol.rounds import global_manifest, load_spec
 
-    doc = {"round": r, "data": str(data), "prior_correction": None, **evaluation_json(ev)}
-    if prior is not None:
-        from fedcli import keys
-        from fedcli.protocol.rounds import load_spec
-
-        spec, _ = load_spec(_store(store), keys.load_public(coordinator))
-        doc["prior_correction"] = prior.describe(spec.training.pos_weight)
+    where = _store(store)
+    spec, sha = load_spec(where, keys.load_public(coordinator))
+    doc = {
+        "federation_id": spec.federation_id,
+        "round": r,
+        "tensors_sha256": global_manifest(where, spec, sha, r)["tensors_sha256"],  # which model these numbers are of
+        "data": str(data),
+        "prior_correction": prior.describe(spec.training.pos_weight) if prior is not None else None,
+        **evaluation_json(ev),
+    }
     if not path.parent.is_dir():
         raise FedcliError(f"cannot write {path}: no folder {path.parent}")
     try:

@@ -191,6 +191,8 @@ def test_evaluate_out_json_carries_every_number_of_predicts_scores(credit_fed, t
     y, p = _scores(fed, tmp_path)
     c, k = doc["calibration"], doc["credit"]
     assert doc["round"] == 1 and doc["rows"] == len(y) and doc["prior_correction"] is None
+    manifest = json.loads((fed.store / "rounds/000001/global.json").read_text())
+    assert doc["tensors_sha256"] == manifest["tensors_sha256"] and doc["federation_id"] == "credit-demo"
     assert c["brier"] == pytest.approx(brier_score_loss(y, p), abs=1e-7)
     prob_true, prob_pred = calibration_curve(y, p, n_bins=10)
     shown = [b for b in c["reliability"] if b["rows"]]

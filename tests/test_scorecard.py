@@ -125,3 +125,19 @@ def test_undo_pos_weight_moves_only_the_base_points(tmp_path, credit_split):
     assert undone["base_points"] - plain["base_points"] == pytest.approx(plain["factor"] * math.log(3), rel=1e-12)
     assert undone["numeric"] == plain["numeric"] and undone["categorical"] == plain["categorical"]
     assert "pos_weight 3 undone" in undone["prior_correction"] and "prior-corrected" in res.output
+
+
+def test_hostile_level_names_stay_text_in_the_csv_and_the_markdown_card(tmp_path, credit_split):
+    """A spec (signed by a coordinator who may be malicious) whose level names are a spreadsheet formula
+    and HTML with a table pipe: the CSV quotes the formula, the Markdown card escapes the rest."""
+    spec = TEMPLATE.replace('"ignore",', '"=HYPERLINK(\\"http://x\\")",').replace('"other",', '"<img src=x>|b",')
+    fed = make_fed(tmp_path, credit_split, spec)
+    _card(fed, tmp_path, name="card.csv")
+    table = pd.read_csv(tmp_path / "card.csv", keep_default_na=False)
+    levels = table[(table.feature == "Home") & (table.kind == "level")].attribute.tolist()
+    assert levels[:2] == ['\'=HYPERLINK("http://x")', "<img src=x>|b"]
+    fed.cli("export", fed.store, "--coordinator", fed.pub("coordinator"), "--out", tmp_path / "out")
+    md = (tmp_path / "out" / "model_card.md").read_text()
+    assert "<img" not in md and "&lt;img src=x&gt;\\|b" in md
+    home = next(line for line in md.splitlines() if line.startswith("| Home |"))
+    assert home.count(" | ") == 1  # still two cells: the pipe in the level did not split the row
