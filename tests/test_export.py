@@ -155,3 +155,14 @@ def test_a_prior_correction_is_folded_into_the_graph_and_named_in_the_card(tmp_p
     assert np.max(np.abs(_onnx_scores(tmp_path / "out" / "model.onnx", card, rows) - expected)) < 1e-6
     plain = _onnx_scores(tmp_path / "plain" / "model.onnx", card, rows)
     assert np.max(np.abs(plain - expected)) > 1e-3  # the correction really changed the scores
+
+
+def test_a_spec_with_numeric_features_only_has_one_input(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, TEMPLATE.split("[[data.categorical]]")[0])
+    _export(fed, tmp_path / "out")
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert [i["name"] for i in card["onnx"]["inputs"]] == ["numeric"]
+    fed.predict(fed.data / "bank-c.csv", tmp_path / "scores.csv")
+    expected = pd.read_csv(tmp_path / "scores.csv")["score"].to_numpy(np.float64)
+    rows = pd.read_csv(fed.data / "bank-c.csv")
+    assert np.max(np.abs(_onnx_scores(tmp_path / "out" / "model.onnx", card, rows) - expected)) < 1e-6
