@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 OPSET = 17  # widely supported by ONNX runtimes; IsNaN, Where, Gemm and Sigmoid are all older
-IR_VERSION = 8  # what onnxruntime 1.10 and later load
+IR_VERSION = 8  # loadable by runtimes older than the onnx package that writes it (opset 17: onnxruntime >= 1.13)
 
 
 def build(spec, tensors: dict[str, np.ndarray], metadata: dict[str, str], shift: float = 0.0):
