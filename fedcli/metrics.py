@@ -270,19 +270,64 @@ def reliability(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> l
 
 
 def _reliability(y: np.ndarray, p: np.ndarray, bins: int) -> list[ReliabilityBin]:
+    return calibration_sums(y, p, bins).table()
+
+
+@dataclass(frozen=True)
+class CalibrationSums:
+    """Per equal-width bin: rows, the sum of their scores and their positives; and the sum of squared
+    gaps (Brier's numerator). Every field is a sum over rows, so the sums of several banks add up
+    (`merge`, e.g. through secure aggregation) to the sums of their pooled rows, and `calibration()`
+    of the merged sums is the calibration of the pooled table."""
+
+    rows: tuple[int, ...]
+    score_sums: tuple[float, ...]
+    positives: tuple[float, ...]
+    squared_error: float
+
+    def merge(self, other: "CalibrationSums") -> "CalibrationSums":
+        if len(self.rows) != len(other.rows):
+            raise ValueError(f"{len(self.rows)} bins against {len(other.rows)}")
+        return CalibrationSums(
+            tuple(a + b for a, b in zip(self.rows, other.rows, strict=True)),
+            tuple(a + b for a, b in zip(self.score_sums, other.score_sums, strict=True)),
+            tuple(a + b for a, b in zip(self.positives, other.positives, strict=True)),
+            self.squared_error + other.squared_error,
+        )
+
+    def table(self) -> list[ReliabilityBin]:
+        bins = len(self.rows)
+        edges = np.linspace(0.0, 1.0, bins + 1)
+        out = []
+        for i, n in enumerate(self.rows):
+            mean, rate = (self.score_sums[i] / n, self.positives[i] / n) if n else (math.nan, math.nan)
+            out.append(ReliabilityBin(float(edges[i]), float(edges[i + 1]), int(n), float(mean), float(rate)))
+        return out
+
+    def calibration(self) -> "Calibration":
+        table, n = self.table(), sum(self.rows)
+        if not n:
+            return Calibration(math.nan, math.nan, table, math.nan, math.nan)
+        return Calibration(
+            self.squared_error / n, _ece(table), table, sum(self.score_sums) / n, sum(self.positives) / n
+        )
+
+
+def calibration_sums(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> CalibrationSums:
+    """calibration_sums(labels, scores, bins=10) -> the additive sums behind calibration() (one pass,
+    a chunk of rows at a time)."""
+    y, p = _pair(y, p)
     edges = np.linspace(0.0, 1.0, bins + 1)
     rows, sums, positives = np.zeros(bins, np.int64), np.zeros(bins), np.zeros(bins)
+    squared = 0.0
     for yc, pc in _chunks(y, p):
         ids = np.searchsorted(edges[1:-1], pc)
         rows += np.bincount(ids, minlength=bins)
         sums += np.bincount(ids, weights=pc, minlength=bins)
         positives += np.bincount(ids, weights=yc, minlength=bins)
-    out = []
-    for i in range(bins):
-        n = int(rows[i])
-        mean, rate = (sums[i] / n, positives[i] / n) if n else (math.nan, math.nan)
-        out.append(ReliabilityBin(float(edges[i]), float(edges[i + 1]), n, float(mean), float(rate)))
-    return out
+        gap = pc - yc
+        squared += float(np.dot(gap, gap))
+    return CalibrationSums(tuple(rows.tolist()), tuple(sums.tolist()), tuple(positives.tolist()), squared)
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
@@ -410,12 +455,7 @@ class CreditView:
 
 def calibration(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> Calibration:
     """calibration(labels, scores, bins=10) -> Brier, ECE, the reliability table, mean score against positive rate."""
-    yy, pp = _pair(y, p)
-    table = _reliability(yy, pp, bins)
-    n = sum(b.rows for b in table)
-    mean = sum(b.mean_score * b.rows for b in table if b.rows) / n if n else math.nan
-    rate = sum(b.observed_rate * b.rows for b in table if b.rows) / n if n else math.nan
-    return Calibration(_brier(yy, pp), _ece(table), table, mean, rate)
+    return calibration_sums(y, p, bins).calibration()
 
 
 def credit_view(y: np.ndarray, p: np.ndarray, bands: int = SCORE_BANDS) -> CreditView:

@@ -20,6 +20,7 @@ from fedcli.metrics import (
     PriorCorrection,
     brier_score,
     calibration,
+    calibration_sums,
     evaluation,
     expected_calibration_error,
     gini,
@@ -123,6 +124,20 @@ def test_evaluation_carries_calibration_and_credit_and_one_class_has_none():
     one = evaluation(np.zeros(5, np.float32), np.full(5, 0.3, np.float32))
     assert one.credit is None and one.calibration is not None and one.calibration.brier == pytest.approx(0.09)
     assert math.isnan(gini(np.zeros(3), np.ones(3) / 2)) and math.isnan(ks_threshold(np.ones(3), np.ones(3) / 2)[0])
+
+
+def test_calibration_sums_of_banks_add_up_to_the_pooled_calibration():
+    """What a federated holdout round can aggregate: per-bank sums, merged, give the pooled numbers."""
+    y, p = realistic(3000, seed=4)
+    parts = [calibration_sums(y[a:b], p[a:b]) for a, b in ((0, 700), (700, 2100), (2100, 3000))]
+    merged = parts[0].merge(parts[1]).merge(parts[2]).calibration()
+    pooled = calibration(y, p)
+    assert merged.brier == pytest.approx(pooled.brier, rel=1e-12) and merged.ece == pytest.approx(pooled.ece, rel=1e-12)
+    assert [b.rows for b in merged.bins] == [b.rows for b in pooled.bins]
+    assert merged.positive_rate == pytest.approx(y.mean()) and merged.mean_score == pytest.approx(p.mean(), rel=1e-6)
+    with pytest.raises(ValueError, match="10 bins against 5"):
+        parts[0].merge(calibration_sums(y, p, bins=5))
+    assert math.isnan(calibration(np.zeros(0), np.zeros(0)).brier)
 
 
 def test_metric_functions_refuse_bad_input():
