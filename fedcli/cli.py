@@ -608,6 +608,8 @@ def evaluate(
 
     with failures():
         prior = _prior(undo_pos_weight, base_rate, train_rate)
+        if json_out is not None and not json_out.parent.is_dir():  # before the work, not after
+            raise FedcliError(f"cannot write {json_out}: no folder {json_out.parent}")
         r, n, ev, notes = run(_store(store), coordinator, data, round_, prior)
         if json_out is not None:
             _write_evaluation(json_out, r, data, ev, prior, store, coordinator)
