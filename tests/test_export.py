@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pandas as pd
 import pytest
-from helpers import BANKS, TEMPLATE, make_fed
+from helpers import BANKS, TEMPLATE, make_fed, use_s3
 
 from fedcli import digest
 
@@ -166,3 +166,14 @@ def test_a_spec_with_numeric_features_only_has_one_input(tmp_path, credit_split)
     expected = pd.read_csv(tmp_path / "scores.csv")["score"].to_numpy(np.float64)
     rows = pd.read_csv(fed.data / "bank-c.csv")
     assert np.max(np.abs(_onnx_scores(tmp_path / "out" / "model.onnx", card, rows) - expected)) < 1e-6
+
+
+@pytest.mark.slow
+def test_export_and_scorecard_read_an_s3_store(moto_s3, tmp_path, credit_split, monkeypatch):
+    """Round 0 on the loopback S3 server: the same verified files as from a folder."""
+    fed = make_fed(tmp_path, credit_split, url=use_s3(moto_s3, monkeypatch))
+    fed.cli("export", fed.loc, "--coordinator", fed.pub("coordinator"), "--out", tmp_path / "out")
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert card["round"] == 0 and [r["round"] for r in card["lineage"]] == [0]
+    fed.cli("scorecard", fed.loc, "--coordinator", fed.pub("coordinator"), "--out", tmp_path / "card.json")
+    assert json.loads((tmp_path / "card.json").read_text())["tensors_sha256"] == card["tensors_sha256"]
