@@ -123,7 +123,18 @@ def build(
         levels = {lvl: -factor * float(weights[j + i]) for i, lvl in enumerate(c.levels)}
         categorical.append(CategoricalPoints(c.name, levels))
         j += len(c.levels)
-    return Scorecard(pdo, base_score, base_odds, factor, offset, offset - factor * bias, numeric, categorical)
+    card = Scorecard(pdo, base_score, base_odds, factor, offset, offset - factor * bias, numeric, categorical)
+    _check_finite(card)
+    return card
+
+
+def _check_finite(card: Scorecard) -> None:
+    """Finite weights can still give infinite points (a tiny declared std, an extreme PDO): refused, so no
+    file ever holds inf or NaN."""
+    values = [card.base_points, *(f.per_unit for f in card.numeric)]
+    values += [v for c in card.categorical for v in c.levels.values()]
+    if not all(math.isfinite(v) for v in values):
+        raise InputError("the scorecard's points overflow (a weight over a tiny declared std, or an extreme --pdo)")
 
 
 def _bands(mean: float, std: float, per_unit: float) -> list[Band]:
@@ -175,7 +186,7 @@ def to_json(card: Scorecard, about: dict) -> bytes:
         ],
         "categorical": [asdict(c) | {"other_points": 0.0} for c in card.categorical],
     }
-    return (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode()
+    return (json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 
 def _band_json(b: Band) -> dict:

@@ -141,3 +141,11 @@ def test_hostile_level_names_stay_text_in_the_csv_and_the_markdown_card(tmp_path
     assert "<img" not in md and "&lt;img src=x&gt;\\|b" in md
     home = next(line for line in md.splitlines() if line.startswith("| Home |"))
     assert home.count(" | ") == 1  # still two cells: the pipe in the level did not split the row
+
+
+def test_points_that_overflow_are_refused_not_written(tmp_path, credit_split):
+    """A declared std so small that weight / std is beyond float range: one line, no file with inf."""
+    spec = TEMPLATE.replace("mean = 9.132939, std = 8.547769", "mean = 9.132939, std = 1e-320")
+    fed = make_fed(tmp_path, credit_split, spec)
+    res = _card(fed, tmp_path, code=1)
+    assert "the scorecard's points overflow" in res.output and not (tmp_path / "card.json").exists()
