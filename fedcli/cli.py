@@ -559,7 +559,7 @@ def _bands_table(ev) -> Table:
 
 RecalOpts = {
     "undo_pos_weight": typer.Option(
-        False, "--undo-pos-weight", help="Divide the odds by the spec's pos_weight (exact; docs/risk.md)."
+        False, "--undo-pos-weight", help="Divide the odds by the spec's pos_weight (docs/risk.md)."
     ),
     "base_rate": typer.Option(
         None, "--base-rate", help="Prior correction to this positive rate (needs --train-rate; undoes pos_weight too)."

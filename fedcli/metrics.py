@@ -492,8 +492,8 @@ def odds(rate: float) -> float:
 def prior_shift(pos_weight: float = 1.0, base_rate: float | None = None, train_rate: float | None = None) -> float:
     """prior_shift(pos_weight, base_rate, train_rate) -> the number to add to every logit.
 
-    Training with the positives weighted w multiplies the odds the model learns by w: -log(w) undoes
-    it exactly. A population whose positive rate is base_rate instead of the train_rate the model saw
+    Training with the positives weighted w multiplies the odds the weighted loss is minimised by
+    by w: -log(w) undoes it (exactly where the model can represent the true odds). A population whose positive rate is base_rate instead of the train_rate the model saw
     (after undoing w) multiplies the odds by odds(base_rate) / odds(train_rate): +log of that."""
     if not (pos_weight > 0 and math.isfinite(pos_weight)):
         raise InputError(f"pos_weight must be a positive number, not {pos_weight}")
