@@ -485,6 +485,8 @@ def _evaluation_tables(title: str, ev) -> tuple[Table, Table]:
     meanings = _meanings(ev)
     for key, value in ev.metrics.items():
         headline.add_row(key, _rate(value), meanings.get(key, ""))
+    for key, value, words in _risk_rows(ev):
+        headline.add_row(key, value, words)
     points = Table(title="operating points: an alert is a row scored at or above the threshold", pad_edge=False)
     for col in ("rule", "threshold", "alerts", "TP", "FP", "precision", "recall", "FPR"):
         points.add_column(col, justify="left" if col == "rule" else "right", no_wrap=col in ("rule", "threshold"))
@@ -502,25 +504,154 @@ def _evaluation_tables(title: str, ev) -> tuple[Table, Table]:
     return headline, points
 
 
+def _risk_rows(ev) -> list[tuple[str, str, str]]:
+    """The headline's calibration and credit rows (docs/risk.md says how to read each)."""
+    rows = []
+    if ev.credit is not None:
+        k = ev.credit
+        rows += [
+            ("ks_score", _rate(k.ks_score, "{:.6g}"), "KS is reached alerting every row scored at or above this"),
+            ("gini", _rate(k.gini), "2 AUC - 1: the accuracy ratio (0: random, 1: perfect ranking)"),
+        ]
+    if ev.calibration is not None:
+        c = ev.calibration
+        rows += [
+            (
+                "mean_score",
+                _rate(c.mean_score),
+                f"the positive rate if scores were probabilities (is {_rate(c.positive_rate)})",
+            ),
+            ("brier", _rate(c.brier), "mean squared gap between score and outcome (0: perfect)"),
+            ("ece", _rate(c.ece), f"mean |observed rate - mean score| over {len(c.bins)} equal-width score bins"),
+        ]
+    return rows
+
+
+def _reliability_table(ev) -> Table:
+    table = Table(title="reliability: is a score of p a p chance? (equal-width bins; empty bins left out)")
+    for col in ("scores", "rows", "mean score", "observed rate", "observed - mean"):
+        table.add_column(col, justify="right")
+    for b in ev.calibration.bins if ev.calibration is not None else []:
+        if b.rows:
+            span = f"{'[' if b.low == 0 else '('}{b.low:.1f}, {b.high:.1f}]"
+            table.add_row(span, f"{b.rows:,}", f"{b.mean_score:.4f}", f"{b.observed_rate:.4f}", f"{b.gap:+.4f}")
+    return table
+
+
+def _bands_table(ev) -> Table:
+    table = Table(title="score bands: deciles of rows by score, highest (riskiest) first; a tie is never split")
+    for col in ("band", "from", "to", "rows", "bads", "bad rate", "cum rows", "cum bad rate", "bads so far"):
+        table.add_column(col, justify="right", no_wrap=col in ("from", "to"))
+    for b in ev.credit.bands if ev.credit is not None else []:
+        table.add_row(
+            str(b.band),
+            f"{b.low:.4f}",
+            f"{b.high:.4f}",
+            f"{b.rows:,}",
+            f"{b.positives:,}",
+            f"{b.bad_rate:.4f}",
+            f"{b.cum_share_of_rows:.1%}",
+            f"{b.cum_bad_rate:.4f}",
+            _rate(b.cum_share_of_bads, "{:.1%}"),
+        )
+    return table
+
+
+RecalOpts = {
+    "undo_pos_weight": typer.Option(
+        False, "--undo-pos-weight", help="Divide the odds by the spec's pos_weight (docs/risk.md)."
+    ),
+    "base_rate": typer.Option(
+        None, "--base-rate", help="Prior correction to this positive rate (needs --train-rate; undoes pos_weight too)."
+    ),
+    "train_rate": typer.Option(
+        None, "--train-rate", help="Positive rate of the rows the model was trained on (all banks'), for --base-rate."
+    ),
+}
+
+
+def _prior(undo_pos_weight: bool, base_rate: float | None, train_rate: float | None):
+    """The requested prior correction, checked before any work (None: scores as the model gives them)."""
+    from fedcli.metrics import PriorCorrection, prior_shift
+
+    if not undo_pos_weight and base_rate is None and train_rate is None:
+        return None
+    prior_shift(1.0, base_rate, train_rate)  # refuses a lone or out-of-range rate with one line
+    return PriorCorrection(True, base_rate, train_rate)
+
+
+def _prior_note(store: str, coordinator: Path, prior) -> None:
+    if prior is None:
+        return
+    from fedcli import keys
+    from fedcli.protocol.rounds import load_spec
+
+    spec, _ = load_spec(_store(store), keys.load_public(coordinator))
+    err.print(f"[yellow]note:[/] scores prior-corrected: {prior.describe(spec.training.pos_weight)}", soft_wrap=True)
+
+
 @app.command()
 def evaluate(
     store: str = StoreOpt,
     coordinator: Path = CoordOpt,
     data: Path = typer.Option(..., "--data", "-d", help="Labelled table: CSV, Parquet file or folder, s3://..."),
     round_: int | None = typer.Option(None, "--round", help="Round to evaluate (default: latest)."),
+    json_out: Path | None = typer.Option(None, "--out", "-o", help="Also write every number as JSON to this file."),
+    undo_pos_weight: bool = RecalOpts["undo_pos_weight"],
+    base_rate: float | None = RecalOpts["base_rate"],
+    train_rate: float | None = RecalOpts["train_rate"],
 ):
     """Score a verified global model on a labelled table: AUC, PR-AUC, KS, recall at 0.1 % and 1 % FPR,
-    precision in the top 0.1 % and 1 % of scores, and a threshold table (docs/fraud.md: reading the metrics)."""
+    precision in the top 0.1 % and 1 % of scores, a threshold table (docs/fraud.md), calibration (Brier,
+    ECE, reliability), Gini and score bands (docs/risk.md)."""
     from fedcli.bank.inference import evaluate as run
 
     with failures():
-        r, n, ev, notes = run(_store(store), coordinator, data, round_)
+        prior = _prior(undo_pos_weight, base_rate, train_rate)
+        if json_out is not None and not json_out.parent.is_dir():  # before the work, not after
+            raise FedcliError(f"cannot write {json_out}: no folder {json_out.parent}")
+        r, n, ev, notes = run(_store(store), coordinator, data, round_, prior)
+        if json_out is not None:
+            _write_evaluation(json_out, r, data, ev, prior, store, coordinator)
     _notes(notes)
+    with failures():
+        _prior_note(store, coordinator, prior)
     headline, points = _evaluation_tables(f"global model of round {r} on {escape(data.name)} ({n:,} rows)", ev)
     out.print(headline)
     if points.row_count:
         out.print(points)
+    for extra in (_reliability_table(ev), _bands_table(ev)):
+        if extra.row_count:
+            out.print(extra)
     _notes(ev.notes)
+    if json_out is not None:
+        out.print(f"every number -> {escape(str(json_out))}", soft_wrap=True)
+
+
+def _write_evaluation(path: Path, r: int, data: Path, ev, prior, store: str, coordinator: Path) -> None:
+    import json
+
+    from fedcli import keys
+    from fedcli.files import write_atomic
+    from fedcli.metrics import evaluation_json
+    from fedcli.protocol.rounds import global_manifest, load_spec
+
+    where = _store(store)
+    spec, sha = load_spec(where, keys.load_public(coordinator))
+    doc = {
+        "federation_id": spec.federation_id,
+        "round": r,
+        "tensors_sha256": global_manifest(where, spec, sha, r)["tensors_sha256"],  # which model these numbers are of
+        "data": str(data),
+        "prior_correction": prior.describe(spec.training.pos_weight) if prior is not None else None,
+        **evaluation_json(ev),
+    }
+    if not path.parent.is_dir():
+        raise FedcliError(f"cannot write {path}: no folder {path.parent}")
+    try:
+        write_atomic(path, (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode(), f".{path.name}.")
+    except OSError as e:
+        raise FedcliError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 @app.command()
@@ -530,12 +661,18 @@ def predict(
     data: Path = typer.Option(..., "--data", "-d", help="Table to score: CSV, Parquet file or folder, s3://..."),
     output: Path = typer.Option(..., "--out", "-o", help="CSV to write: the input plus a score column."),
     round_: int | None = typer.Option(None, "--round", help="Round to use (default: latest)."),
+    undo_pos_weight: bool = RecalOpts["undo_pos_weight"],
+    base_rate: float | None = RecalOpts["base_rate"],
+    train_rate: float | None = RecalOpts["train_rate"],
 ):
-    """Write the probability of the positive class for each row, from a verified global model."""
+    """Write the probability of the positive class for each row, from a verified global model (optionally
+    prior-corrected: docs/risk.md)."""
     from fedcli.bank.inference import predict as run
 
     with failures():
-        r, n, notes = run(_store(store), coordinator, data, output, round_)
+        prior = _prior(undo_pos_weight, base_rate, train_rate)
+        r, n, notes = run(_store(store), coordinator, data, output, round_, prior)
+        _prior_note(store, coordinator, prior)
     _notes(notes)
     out.print(f"scored {n} rows with the global model of round {r} -> {escape(str(output))}")
 
@@ -641,6 +778,78 @@ def bundle_import(
     with failures():
         res = import_bundle(_store(store), bundle, coordinator)
     _bundle_table(res, "imported")
+
+
+@app.command()
+def scorecard(
+    store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
+    coordinator: Path = CoordOpt,
+    pdo: float = typer.Option(20.0, "--pdo", help="Points that double the good:bad odds."),
+    base_score: float = typer.Option(600.0, "--base-score", help="The score at the base odds."),
+    base_odds: float = typer.Option(50.0, "--base-odds", help="Good:bad odds at the base score (50: 50 to 1)."),
+    output: Path | None = typer.Option(None, "--out", "-o", help="Also write it to this .csv or .json file."),
+    round_: int | None = typer.Option(None, "--round", help="Round to use (default: latest)."),
+    undo_pos_weight: bool = RecalOpts["undo_pos_weight"],
+    base_rate: float | None = RecalOpts["base_rate"],
+    train_rate: float | None = RecalOpts["train_rate"],
+):
+    """A logistic global model as a points table: base points, points per unit and per band of each numeric
+    feature (the spec's standardisation folded in), points per level (docs/risk.md)."""
+    from fedcli import scorecard as sc
+
+    with failures():
+        prior = _prior(undo_pos_weight, base_rate, train_rate)
+        card, about = sc.load(_store(store), coordinator, round_, pdo, base_score, base_odds, prior)
+        if output is not None:
+            sc.write(card, output, about)
+    title = (
+        f"scorecard of the global model of round {about['round']}: {card.base_score:g} points at good:bad odds "
+        f"{card.base_odds:g}:1, +{card.pdo:g} points double them"
+    )
+    table = Table(
+        title=escape(title), caption="a higher score is a lower risk; numeric: points = per unit x (x - mean)"
+    )
+    for col in ("feature", "attribute", "points"):
+        table.add_column(col, justify="right" if col == "points" else "left")
+    for row in sc.rows(card):
+        if row["kind"] == "band":
+            lo, hi = row["points_at_low"], row["points_at_high"]
+            points = " to ".join("..." if v is None else f"{v:+.2f}" for v in (lo, hi))
+        else:
+            points = f"{row['points']:+.4f}" if row["kind"] == "per_unit" else f"{row['points']:+.2f}"
+        table.add_row(escape(row["feature"]), escape(f"{row['kind']}: {row['attribute']}"), points)
+    out.print(table)
+    if about["prior_correction"]:
+        err.print(f"[yellow]note:[/] prior-corrected: {escape(about['prior_correction'])}", soft_wrap=True)
+    if output is not None:
+        out.print(f"-> {escape(str(output))}", soft_wrap=True)
+
+
+@app.command("export")
+def export_model(
+    store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
+    coordinator: Path = CoordOpt,
+    output: Path = typer.Option(..., "--out", "-o", help="Folder for model.onnx, model_card.json, model_card.md."),
+    data: Path | None = typer.Option(
+        None, "--data", "-d", help="Labelled holdout table: its evaluation goes into the model card."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace the three files in a folder that is not empty."),
+    round_: int | None = typer.Option(None, "--round", help="Round to export (default: latest)."),
+    undo_pos_weight: bool = RecalOpts["undo_pos_weight"],
+    base_rate: float | None = RecalOpts["base_rate"],
+    train_rate: float | None = RecalOpts["train_rate"],
+):
+    """Verify the global model and write it as ONNX (preprocessing inside) with a model card in JSON and
+    Markdown: data schema, preprocessing, training and privacy settings, lineage by round (docs/risk.md)."""
+    from fedcli.export.writer import export
+
+    with failures():
+        prior = _prior(undo_pos_weight, base_rate, train_rate)
+        res = export(_store(store), coordinator, output, force, data, round_, prior)
+    what = f"global model of round {res.round} (tensors {res.tensors_sha256[:16]}...)"
+    if res.evaluated_rows is not None:
+        what += f", evaluated on {res.evaluated_rows:,} rows of {escape(data.name if data else '')}"
+    out.print(f"[green]exported[/] {what} -> {escape(str(output))}: {', '.join(res.files)}", soft_wrap=True)
 
 
 if __name__ == "__main__":

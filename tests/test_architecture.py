@@ -16,6 +16,8 @@ LAYERS = {
     **dict.fromkeys(["protocol", "privacy", "secagg", "store", "aggregation"], 2),
     **dict.fromkeys(["bank", "coordinator"], 3),
     "report": 4,
+    "scorecard": 4,  # the verified global as points (uses bank.inference's checks)
+    "export": 4,  # ONNX and the model card (uses bank.inference's checks)
     "cli": 5,
 }
 

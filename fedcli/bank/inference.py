@@ -15,7 +15,7 @@ from fedcli.bank import sources, tables
 from fedcli.bank.kernel import probabilities
 from fedcli.errors import FedcliError
 from fedcli.files import atomic_writer
-from fedcli.metrics import evaluation
+from fedcli.metrics import PriorCorrection, evaluation, shift_scores
 from fedcli.protocol import rounds
 from fedcli.store import Store
 
@@ -28,8 +28,15 @@ def verified_global(store: Store, coordinator_pub: Path, round_: int | None):
     return spec, rounds.load_global(store, spec, spec_sha, r, models.shapes(spec.model, spec.data.n_features))
 
 
-def evaluate(store: Store, coordinator_pub: Path, data_path: Path, round_: int | None = None):
-    """(round, rows, metrics.Evaluation, notes) of the verified global model on a labelled table (both classes)."""
+def evaluate(
+    store: Store,
+    coordinator_pub: Path,
+    data_path: Path,
+    round_: int | None = None,
+    prior: PriorCorrection | None = None,
+):
+    """(round, rows, metrics.Evaluation, notes) of the verified global model on a labelled table (both classes);
+    with `prior`, of the prior-corrected scores."""
     spec, g = verified_global(store, coordinator_pub, round_)
     table = sources.open_table(data_path)
     prep = tables.Preparation(spec.data, table.columns, table.name, need_target=True, separator=table.separator)
@@ -42,16 +49,27 @@ def evaluate(store: Store, coordinator_pub: Path, data_path: Path, round_: int |
             labels.append(y)
     prep.finish()
     y, p = np.concatenate(labels), np.concatenate(scores)
+    if prior is not None:
+        p = shift_scores(p, prior.shift(spec.training.pos_weight))
     return g.round, len(p), evaluation(y, p), tables.notes(prep, table.name)
 
 
-def predict(store: Store, coordinator_pub: Path, data_path: Path, out: Path, round_: int | None = None):
+def predict(
+    store: Store,
+    coordinator_pub: Path,
+    data_path: Path,
+    out: Path,
+    round_: int | None = None,
+    prior: PriorCorrection | None = None,
+):
     """Write the input table with a `score` column (probability of the positive class), chunk by chunk.
 
     The rows are the input's, minus those whose target cell is present but empty; cells are
-    copied as read (CSV text as written, Parquet values as pandas prints them).
+    copied as read (CSV text as written, Parquet values as pandas prints them). With `prior`, the
+    scores are prior-corrected (metrics.PriorCorrection).
     """
     spec, g = verified_global(store, coordinator_pub, round_)
+    shift = prior.shift(spec.training.pos_weight) if prior is not None else 0.0
     table = sources.open_table(data_path)
     prep = tables.Preparation(spec.data, table.columns, table.name, need_target=False, separator=table.separator)
     out = Path(out)
@@ -61,7 +79,7 @@ def predict(store: Store, coordinator_pub: Path, data_path: Path, out: Path, rou
         with atomic_writer(out, f".{out.name}.") as raw:
             text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
             try:
-                _write_scores(table, prep, spec.model, g.tensors, text)
+                _write_scores(table, prep, spec.model, g.tensors, text, shift)
                 prep.finish()
                 text.flush()
             finally:
@@ -71,10 +89,13 @@ def predict(store: Store, coordinator_pub: Path, data_path: Path, out: Path, rou
     return g.round, prep.rows, tables.notes(prep, table.name)
 
 
-def _write_scores(table: sources.TableSource, prep: tables.Preparation, model, weights, text: io.TextIOBase) -> None:
+def _write_scores(
+    table: sources.TableSource, prep: tables.Preparation, model, weights, text: io.TextIOBase, shift: float = 0.0
+) -> None:
     """Every row with its score, chunk by chunk: the header with the first chunk."""
     for i, batch in enumerate(table.batches()):
         X, _, kept = prep.chunk(tables.columns_of(batch))
         rows = batch.to_pandas() if kept is None else batch.to_pandas()[kept]
-        rows = rows.assign(score=probabilities(model, weights, X) if len(X) else np.zeros(0, np.float32))
+        scores = probabilities(model, weights, X) if len(X) else np.zeros(0, np.float32)
+        rows = rows.assign(score=shift_scores(scores, shift))
         rows.to_csv(text, header=i == 0, index=False)
