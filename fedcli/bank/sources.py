@@ -474,6 +474,7 @@ class ParquetSource(TableSource):
             ) from None
         super().__init__(place, list(dataset.schema.names), rows, None)
         self.dataset = dataset
+        self.footers: dict[str, pq.FileMetaData] = {}
         partitioning = getattr(dataset, "partitioning", None)
         self.partitions = set(partitioning.schema.names) if partitioning is not None else set()
 
@@ -525,14 +526,15 @@ class ParquetSource(TableSource):
         for fragment in self.dataset.get_fragments():
             keys = tuple(ds.get_partition_keys(fragment.partition_expression).items())
             with self.place.fs.open_input_file(fragment.path) as f:
-                groups = pq.ParquetFile(f, pre_buffer=False).metadata.num_row_groups
-            yield from (Part(fragment.path, keys, i) for i in range(groups))
+                footer = pq.ParquetFile(f, pre_buffer=False).metadata
+            self.footers[fragment.path] = footer  # parsed once: a part is read many times
+            yield from (Part(fragment.path, keys, i) for i in range(footer.num_row_groups))
 
     def _read_part(self, part: Part, columns: list[str]) -> Iterator[pa.RecordBatch]:
         assert part.path is not None
         stored = [c for c in columns if c not in self.partitions] or self.columns[:1]
         with self.place.fs.open_input_file(part.path) as f:
-            reader = pq.ParquetFile(f, pre_buffer=False)
+            reader = pq.ParquetFile(f, metadata=self.footers.get(part.path), pre_buffer=False)
             batches = reader.iter_batches(
                 batch_size=ROWS_PER_BATCH, row_groups=[part.row_group], columns=stored, use_threads=True
             )
