@@ -382,14 +382,14 @@ def privacy(
     ledger: Path | None = LedgerOpt,
 ):
     """Bank: show the privacy ledger, every DP release and the epsilon spent against the budget."""
-    from fedcli.bank.state import ledger_path_for
+    from fedcli.bank.state import ledger_for_key
     from fedcli.privacy.ledger import Ledger
 
     with failures():
         if ledger is None:
             if key is None:
                 raise FedcliError("give --key or --ledger")
-            ledger = ledger_path_for(key)
+            ledger = ledger_for_key(key)
         led = Ledger(ledger)
         entries, summary = led.entries(), led.summary()
     table = Table(

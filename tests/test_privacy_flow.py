@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from compare_local import compare
-from helpers import BANKS, TEMPLATE, forge, make_fed
+from helpers import BANKS, TEMPLATE, forge, ledger_file, make_fed
 from safetensors.numpy import load_file
 
 from fedcli.errors import ExitCode
@@ -59,7 +59,7 @@ def test_update_level_rounds_ledger_and_budget_refusal(tmp_path, credit_split):
     # the noise is really there: the norm of a released delta is far above the clip (0.5)
     assert update_norm(deltas[0]) > 1.0
 
-    ledger = fed.key("bank-a").with_suffix(".ledger.json")
+    ledger = ledger_file(fed, "bank-a")
     entries = json.loads(ledger.read_text())["entries"]
     assert [(e["round"], e["mode"], e["noise_multiplier"]) for e in entries] == [(1, "update", 1.0), (2, "update", 1.0)]
     assert entries[1]["epsilon_after"] == accounting.epsilon_update_level(1.0, 2, 1e-5)
@@ -121,7 +121,7 @@ def test_record_level_at_epsilon_3_spends_the_budget_and_learns(tmp_path, credit
     m = json.loads((fed.store / "rounds/000005/updates/bank-d.json").read_text())
     assert m["dp"]["mode"] == "record" and m["dp"]["mechanism"] == "dp-sgd" and m["dp"]["sample_rate"] < 1
     for b in BANKS:  # every bank ends just under its budget, by the ledger and by an independent recount
-        entries = json.loads(fed.key(b).with_suffix(".ledger.json").read_text())["entries"]
+        entries = json.loads(ledger_file(fed, b).read_text())["entries"]
         assert len(entries) == 5
         spent = accounting.epsilon([accounting.Mechanism.from_dict(e) for e in entries], 1e-5)
         assert 2.8 < spent <= 3.0 and entries[-1]["epsilon_after"] == spent

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedcli import digest, keys, models
 from fedcli.bank.checks import check_own_manifest, refuse_non_finite, require_finite
 from fedcli.bank.plan import BankPlan, Release
-from fedcli.bank.state import BankState, ledger_path_for, state_path_for
+from fedcli.bank.state import BankState, bank_files, key_hex
 from fedcli.errors import AlreadyExists, FedcliError
 from fedcli.keys import PublicIdentity
 from fedcli.metrics import MANIFEST_METRICS, score
@@ -62,8 +62,8 @@ def train_round(
     """One round at a bank. Every check that can fail (keys, spec, global model, table, labels,
     training, finiteness, budget) runs before the first write to the store, so a refusal leaves
     nothing behind; the ledger is charged last before the upload (a crash after it over-counts)."""
-    job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True))
-    plan = BankPlan.decide(job.spec, key_path, ledger_path or ledger_path_for(key_path), max_epsilon)
+    job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True), ledger_path)
+    plan = BankPlan.decide(job.spec, key_path, job.ledger_path, max_epsilon)
     if store.exists(job.manifest_key):
         return resume(job, plan)
     base = verify_base(job, plan)
@@ -91,6 +91,7 @@ class BankRound:
     shapes: Shapes
     round: int  # one past the latest published global, which this round trains from
     console: Console
+    ledger_path: Path = Path("ledger.json")  # this key's ledger in this federation (bank.state.bank_files)
 
     @property
     def base_round(self) -> int:
@@ -110,7 +111,12 @@ class BankRound:
 
 
 def open_round(
-    store: Store, key_path: Path, coordinator_pub: Path, state_path: Path | None, console: Console
+    store: Store,
+    key_path: Path,
+    coordinator_pub: Path,
+    state_path: Path | None,
+    console: Console,
+    ledger_path: Path | None = None,
 ) -> BankRound:
     """Load the keys, the signed spec (this key must be enrolled) and the bank's state; find the round."""
     private, my_pub = keys.load_private(key_path)
@@ -120,10 +126,11 @@ def open_round(
         raise FedcliError(
             f"{key_path} (fingerprint {keys.fingerprint(keys.unb64(my_pub))}) is not enrolled in federation {spec.federation_id}"
         )
-    state = BankState.load(state_path or state_path_for(key_path))
+    files = bank_files(key_path, key_hex(my_pub), spec.federation_id, state_path, ledger_path)
+    state = BankState.for_federation(files, spec.federation_id)
     shapes = models.shapes(spec.model, spec.data.n_features)
     next_round = rounds.latest_round(store) + 1
-    return BankRound(store, spec, spec_sha, me, private, state, shapes, next_round, console)
+    return BankRound(store, spec, spec_sha, me, private, state, shapes, next_round, console, files.ledger)
 
 
 def resume(job: BankRound, plan: BankPlan) -> TrainResult:
@@ -360,6 +367,7 @@ def submit(job: BankRound, base: rounds.Global, data: LocalData, trained: Traine
     if not upload(job, encoded.payload, signed):
         return job.nothing_to_do()
     if encoded.residual is not None:
+        job.state.path.parent.mkdir(parents=True, exist_ok=True)
         compression.save_residual(compression.residual_path(job.state.path), encoded.residual)
     job.state.save(job.spec.federation_id, base)
     method = encoded.compression["method"]
