@@ -643,5 +643,22 @@ def bundle_import(
     _bundle_table(res, "imported")
 
 
+@app.command("recover-ledger")
+def recover_ledger(
+    store: str = StoreOpt,
+    key: Path = typer.Option(..., "--key", "-k", help="This bank's private key."),
+    coordinator: Path = CoordOpt,
+    ledger: Path | None = LedgerOpt,
+):
+    """Bank: re-enter into the privacy ledger every DP release the store shows signed by this key (after a lost ledger)."""
+    from fedcli.bank.releases import recover_ledger as run
+
+    with failures():
+        led, added = run(_store(store), key, coordinator, ledger)
+    for e in added:
+        out.print(f"recorded round {e['round']}: {e['mode']}-level, epsilon after {e['epsilon_after']:.4g}")
+    out.print(f"{len(added)} release(s) re-entered into {escape(str(led.path))}", soft_wrap=True)
+
+
 if __name__ == "__main__":
     app()

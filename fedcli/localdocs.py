@@ -72,3 +72,6 @@ class LedgerFile(BaseModel):
     version: Literal[1]
     accountant: Literal["rdp"]
     entries: Annotated[list[LedgerEntry], Field(max_length=1_000_000)]
+    # whose ledger it is: a ledger of another key or federation is refused (absent in older files)
+    key_fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")] | None = None
+    federation_id: Name | None = None

@@ -4,7 +4,9 @@ coordinator's own state, locks, the final marker and moving the store. Everythin
 import json
 import shutil
 
-from helpers import BANKS, bank_dir, make_fed, one_line, state_file
+from helpers import BANKS, TEMPLATE, bank_dir, ledger_file, make_fed, one_line, snapshot, state_file
+
+from fedcli.errors import ExitCode
 
 
 def second_federation(fed, name: str = "second", banks=BANKS[:3]):
@@ -24,7 +26,7 @@ def second_federation(fed, name: str = "second", banks=BANKS[:3]):
     return store
 
 
-def train_on(fed, store, bank: str, *extra, code: int = 0):
+def train_on(fed, store, bank: str, *extra, code: int | None = 0):
     return fed.cli(
         "train",
         "--store",
@@ -86,3 +88,48 @@ def test_fedcli_home_holds_the_state_per_key_and_federation(tmp_path, credit_spl
     found = list((tmp_path / "home").glob("*/credit-demo/state.json"))
     assert len(found) == 1 and len(found[0].parts[-3]) == 16  # the key's fingerprint, then the federation
     assert not bank_dir(fed, "bank-a").exists()
+
+
+DP = TEMPLATE + '\n[privacy]\nmode = "update"\nclip = 0.5\nnoise_multiplier = 1.0\nbudget_epsilon = 50\n'
+
+
+def test_the_ledger_cannot_be_reset_by_moving_files(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, DP, banks=BANKS[:3])
+    for b in BANKS[:3]:
+        fed.train(b)
+    fed.aggregate()
+    ledger = ledger_file(fed, "bank-a")
+    saved = json.loads(ledger.read_text())
+    assert saved["federation_id"] == "credit-demo" and len(saved["key_fingerprint"]) == 16
+    ledger.unlink()  # deleted
+    before = snapshot(fed)
+    line = one_line(fed.train("bank-a", code=ExitCode.BUDGET))
+    assert "rounds 1)" in line and str(ledger) in line and "lacks" in line and "recover-ledger" in line
+    fresh = tmp_path / "fresh.json"  # pointed elsewhere
+    one_line(train_on(fed, fed.store, "bank-a", "--ledger", fresh, code=ExitCode.BUDGET))
+    shutil.copy(ledger_file(fed, "bank-b"), fresh)  # another bank's ledger (same federation, one release too)
+    line = one_line(train_on(fed, fed.store, "bank-a", "--ledger", fresh, code=1))
+    assert "belongs to key" in line and str(fresh) in line
+    assert snapshot(fed) == before and not ledger.exists()
+    res = fed.cli(
+        "recover-ledger", "--store", fed.loc, "--key", fed.key("bank-a"), "--coordinator", fed.pub("coordinator")
+    )
+    assert "recorded round 1: update-level" in res.output and "1 release(s)" in res.output
+    fed.train("bank-a")
+    assert [e["round"] for e in json.loads(ledger.read_text())["entries"]] == [1, 2]
+
+
+def test_a_ledger_of_another_federation_is_refused(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, DP, banks=BANKS[:3])
+    fed.train("bank-a")
+    other = second_federation(fed)
+    line = one_line(train_on(fed, other, "bank-a", "--ledger", ledger_file(fed, "bank-a"), code=1))
+    assert "belongs to federation credit-demo, not second" in line
+
+
+def test_max_epsilon_without_dp_in_the_spec_is_refused(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, banks=BANKS[:3])
+    before = snapshot(fed)
+    line = one_line(train_on(fed, fed.store, "bank-a", "--max-epsilon", "0.5", code=1))
+    assert "--max-epsilon 0.5" in line and "no differential privacy" in line and "nothing was sent" in line
+    assert snapshot(fed) == before and not bank_dir(fed, "bank-a").exists()

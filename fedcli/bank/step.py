@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedcli import digest, keys, models
+from fedcli.bank import releases
 from fedcli.bank.checks import check_own_manifest, refuse_non_finite, require_finite
 from fedcli.bank.plan import BankPlan, Release
 from fedcli.bank.state import BankState, bank_files, key_hex
@@ -26,6 +27,7 @@ from fedcli.errors import AlreadyExists, FedcliError
 from fedcli.keys import PublicIdentity
 from fedcli.metrics import MANIFEST_METRICS, score
 from fedcli.privacy import noise, policy
+from fedcli.privacy.ledger import Ledger
 from fedcli.protocol import compression, rounds, tensors
 from fedcli.protocol.spec import Spec, summary
 from fedcli.protocol.tensors import Shapes
@@ -63,7 +65,9 @@ def train_round(
     training, finiteness, budget) runs before the first write to the store, so a refusal leaves
     nothing behind; the ledger is charged last before the upload (a crash after it over-counts)."""
     job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True), ledger_path)
-    plan = BankPlan.decide(job.spec, key_path, job.ledger_path, max_epsilon)
+    plan = BankPlan.decide(job.spec, key_path, job.ledger, max_epsilon)
+    if plan.privacy is not None:  # the ledger must know every release the store shows (bank.releases)
+        releases.cross_check(store, job.spec, job.me, job.ledger, key_path)
     if store.exists(job.manifest_key):
         return resume(job, plan)
     base = verify_base(job, plan)
@@ -91,7 +95,7 @@ class BankRound:
     shapes: Shapes
     round: int  # one past the latest published global, which this round trains from
     console: Console
-    ledger_path: Path = Path("ledger.json")  # this key's ledger in this federation (bank.state.bank_files)
+    ledger: Ledger  # this key's ledger in this federation (bank.state.bank_files), bound to both
 
     @property
     def base_round(self) -> int:
@@ -130,7 +134,8 @@ def open_round(
     state = BankState.for_federation(files, spec.federation_id)
     shapes = models.shapes(spec.model, spec.data.n_features)
     next_round = rounds.latest_round(store) + 1
-    return BankRound(store, spec, spec_sha, me, private, state, shapes, next_round, console, files.ledger)
+    ledger = releases.bank_ledger(spec, key_path, my_pub, ledger_path)
+    return BankRound(store, spec, spec_sha, me, private, state, shapes, next_round, console, ledger)
 
 
 def resume(job: BankRound, plan: BankPlan) -> TrainResult:
