@@ -75,6 +75,12 @@ PinOpt = typer.Option(
 )
 
 
+BankKeyOpt = typer.Option(
+    None, "--key", "-k", help="A bank's key: refuse a store older than this bank already saw (as train does)."
+)
+BankStateOpt = typer.Option(None, "--state", help="Bank state file (default: chosen from the key and federation).")
+
+
 def _pinned(coordinator: Path | None):
     """The pinned coordinator identity, or None (the store vouches for itself: say so once it loaded)."""
     from fedcli.keys import load_public
@@ -311,13 +317,20 @@ def aggregate(
 def status(
     store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
     coordinator: Path | None = PinOpt,
+    key: Path | None = BankKeyOpt,
+    state: Path | None = BankStateOpt,
 ):
     """Rounds, who submitted, rejections and mean metrics (everything shown is signature-checked)."""
     from fedcli.protocol.rounds import history
 
     with failures():
         pinned = _pinned(coordinator)
-        spec, rows = history(_store(store), pinned)
+        st = _store(store)
+        if key is not None:
+            from fedcli.bank.freshness import check_store_for_key
+
+            check_store_for_key(st, pinned, key, state)
+        spec, rows = history(st, pinned)
     _unpinned_note(pinned)
     table = Table(
         title=escape(f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}"),
@@ -430,6 +443,8 @@ def report(
         help="HTML page to write; the PNG goes next to it with the same name.",
     ),
     coordinator: Path | None = PinOpt,
+    key: Path | None = BankKeyOpt,
+    state: Path | None = BankStateOpt,
 ):
     """Plot each bank's AUC, PR-AUC, recall at 1 % FPR, loss and rows per round, and the privacy budget
     spent: a PNG and an HTML page."""
@@ -437,7 +452,12 @@ def report(
 
     with failures():
         pinned = _pinned(coordinator)
-        html_path, png_path, rep = write_report(_store(store), output, pinned)
+        st = _store(store)
+        if key is not None:
+            from fedcli.bank.freshness import check_store_for_key
+
+            check_store_for_key(st, pinned, key, state)
+        html_path, png_path, rep = write_report(st, output, pinned)
     _unpinned_note(pinned)
     out.print(f"{len(rep.entries)} updates over {len(rep.rounds)} rounds -> {html_path} and {png_path}")
 
@@ -508,13 +528,15 @@ def evaluate(
     coordinator: Path = CoordOpt,
     data: Path = typer.Option(..., "--data", "-d", help="Labelled table: CSV, Parquet file or folder, s3://..."),
     round_: int | None = typer.Option(None, "--round", help="Round to evaluate (default: latest)."),
+    key: Path | None = BankKeyOpt,
+    state: Path | None = BankStateOpt,
 ):
     """Score a verified global model on a labelled table: AUC, PR-AUC, KS, recall at 0.1 % and 1 % FPR,
     precision in the top 0.1 % and 1 % of scores, and a threshold table (docs/fraud.md: reading the metrics)."""
     from fedcli.bank.inference import evaluate as run
 
     with failures():
-        r, n, ev, notes = run(_store(store), coordinator, data, round_)
+        r, n, ev, notes = run(_store(store), coordinator, data, round_, key, state)
     _notes(notes)
     headline, points = _evaluation_tables(f"global model of round {r} on {escape(data.name)} ({n:,} rows)", ev)
     out.print(headline)
@@ -530,12 +552,14 @@ def predict(
     data: Path = typer.Option(..., "--data", "-d", help="Table to score: CSV, Parquet file or folder, s3://..."),
     output: Path = typer.Option(..., "--out", "-o", help="CSV to write: the input plus a score column."),
     round_: int | None = typer.Option(None, "--round", help="Round to use (default: latest)."),
+    key: Path | None = BankKeyOpt,
+    state: Path | None = BankStateOpt,
 ):
     """Write the probability of the positive class for each row, from a verified global model."""
     from fedcli.bank.inference import predict as run
 
     with failures():
-        r, n, notes = run(_store(store), coordinator, data, output, round_)
+        r, n, notes = run(_store(store), coordinator, data, output, round_, key, state)
     _notes(notes)
     out.print(f"scored {n} rows with the global model of round {r} -> {escape(str(output))}")
 

@@ -6,6 +6,7 @@ import shutil
 
 from helpers import BANKS, TEMPLATE, bank_dir, ledger_file, make_fed, one_line, snapshot, state_file
 
+from fedcli import keys
 from fedcli.errors import ExitCode
 
 
@@ -133,3 +134,60 @@ def test_max_epsilon_without_dp_in_the_spec_is_refused(tmp_path, credit_split):
     line = one_line(train_on(fed, fed.store, "bank-a", "--max-epsilon", "0.5", code=1))
     assert "--max-epsilon 0.5" in line and "no differential privacy" in line and "nothing was sent" in line
     assert snapshot(fed) == before and not bank_dir(fed, "bank-a").exists()
+
+
+def test_predict_and_evaluate_refuse_a_store_whose_newest_global_was_deleted(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, banks=BANKS[:3])
+    for _ in (1, 2):
+        for b in BANKS[:3]:
+            fed.train(b)
+        fed.aggregate()
+    holdout = fed.data / "bank-a.csv"
+    res = fed.predict(holdout, tmp_path / "s.csv", "--key", fed.key("bank-a"))
+    assert "round 2" in res.output and "not checked against this bank's state" not in res.output
+    assert json.loads(state_file(fed, "bank-a").read_text())["last_round"] == 2
+    (fed.store / "rounds/000002/global.json").unlink()  # the attacker deletes the newest global
+    out = tmp_path / "old.csv"
+    line = one_line(fed.predict(holdout, out, "--key", fed.key("bank-a"), code=4))
+    assert "rollback" in line and "already saw round 2" in line and not out.exists()
+    line = one_line(fed.evaluate(holdout, "--key", fed.key("bank-a"), code=4))
+    assert "rollback" in line
+    line = one_line(fed.train("bank-a", code=4))
+    assert "rollback" in line
+    # without the key the check cannot be made, and predict says so
+    assert "not checked against this bank's state" in fed.predict(holdout, out).output
+
+
+def resign(fed, key: str, **changes) -> None:
+    """Rewrite a signed document of the store with the coordinator's own key (what an old but genuine one looks like)."""
+    path = fed.store / key
+    doc = json.loads(path.read_text())
+    doc.pop("signature")
+    private, _ = keys.load_private(fed.key("coordinator"))
+    path.write_bytes(keys.sign_manifest(private, doc | changes))
+
+
+def test_max_round_age_refuses_a_store_frozen_in_the_past(tmp_path, credit_split):
+    text = TEMPLATE.replace("[federation]\n", "[federation]\nmax_round_age = 48\n", 1)
+    fed = make_fed(tmp_path, credit_split, text, banks=BANKS[:3])
+    assert "max round age" in fed.cli("spec", "show", fed.loc).output
+    fed.predict(fed.data / "bank-a.csv", tmp_path / "s.csv")  # fresh: fine
+    resign(fed, "rounds/000000/global.json", created_at="2026-01-01T00:00:00+00:00")
+    for res in (fed.predict(fed.data / "bank-a.csv", tmp_path / "s.csv", code=4), fed.train("bank-a", code=4)):
+        line = one_line(res)
+        assert "round 0, published 2026-01-01" in line and "max_round_age of 48 hours" in line and "frozen" in line
+
+
+def test_status_and_report_with_a_key_refuse_a_rolled_back_store(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, banks=BANKS[:3])
+    for b in BANKS[:3]:
+        fed.train(b)
+    fed.aggregate()
+    fed.train("bank-a")  # saw round 1
+    fed.cli("status", fed.loc, "--key", fed.key("bank-a"))
+    shutil.rmtree(fed.store / "rounds/000001")
+    line = one_line(fed.cli("status", fed.loc, "--key", fed.key("bank-a"), code=4))
+    assert "rollback" in line and "already saw round 1" in line
+    out = tmp_path / "r.html"
+    one_line(fed.cli("report", fed.loc, "--out", out, "--key", fed.key("bank-a"), code=4))
+    assert not out.exists()

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedcli import digest, keys, models
-from fedcli.bank import releases
+from fedcli.bank import freshness, releases
 from fedcli.bank.checks import check_own_manifest, refuse_non_finite, require_finite
 from fedcli.bank.plan import BankPlan, Release
 from fedcli.bank.state import BankState, bank_files, key_hex
@@ -28,7 +28,7 @@ from fedcli.keys import PublicIdentity
 from fedcli.metrics import MANIFEST_METRICS, score
 from fedcli.privacy import noise, policy
 from fedcli.privacy.ledger import Ledger
-from fedcli.protocol import compression, rounds, tensors
+from fedcli.protocol import compression, final, rounds, tensors
 from fedcli.protocol.spec import Spec, summary
 from fedcli.protocol.tensors import Shapes
 from fedcli.secagg import exchange
@@ -65,6 +65,11 @@ def train_round(
     training, finiteness, budget) runs before the first write to the store, so a refusal leaves
     nothing behind; the ledger is charged last before the upload (a crash after it over-counts)."""
     job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True), ledger_path)
+    ended = final.load_final(store, job.spec, job.spec_sha)
+    if ended is not None:  # the coordinator signed the end: nothing to train, nothing to spend
+        message = ended.describe(job.spec.federation_id) + "; nothing trained, no privacy budget spent"
+        return TrainResult(job.me.name, job.round, False, message)
+    freshness.check_fresh(store, job.spec, job.spec_sha, job.state)  # rollback and max_round_age, before anything
     plan = BankPlan.decide(job.spec, key_path, job.ledger, max_epsilon)
     if plan.privacy is not None:  # the ledger must know every release the store shows (bank.releases)
         releases.cross_check(store, job.spec, job.me, job.ledger, key_path)
