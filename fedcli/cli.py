@@ -287,6 +287,9 @@ def aggregate(
 
     with failures():
         res = aggregate_round(_store(store), key, err)
+    if res.complete and not res.published:  # the federation ended: nothing to wait for
+        out.print(f"[green]{escape(res.complete)}[/]", soft_wrap=True)
+        return
     table = Table(title=f"round {res.round}")
     for col in ("member", "status", "rows / reason"):
         table.add_column(col)
@@ -308,6 +311,8 @@ def aggregate(
             f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates ({res.how})",
             soft_wrap=True,
         )
+        if res.complete:
+            out.print(f"[green]{escape(res.complete)}[/]", soft_wrap=True)
     else:
         out.print(f"[yellow]waiting:[/] {escape(res.waiting_reason)}", soft_wrap=True)
         raise typer.Exit(ExitCode.WAITING)
@@ -331,6 +336,9 @@ def status(
 
             check_store_for_key(st, pinned, key, state)
         spec, rows = history(st, pinned)
+        from fedcli.protocol.final import final_status
+
+        ended = final_status(st, pinned)
     _unpinned_note(pinned)
     table = Table(
         title=escape(f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}"),
@@ -387,6 +395,8 @@ def status(
     out.print(table)
     if problems.row_count:
         out.print(problems)
+    if ended:
+        out.print(f"[green]{escape(ended)}[/]", soft_wrap=True)
 
 
 @app.command()

@@ -10,10 +10,10 @@ from fedcli import keys
 from fedcli.errors import ExitCode
 
 
-def second_federation(fed, name: str = "second", banks=BANKS[:3]):
-    """Another federation on another store, with the same keys."""
+def second_federation(fed, name: str = "second", banks=BANKS[:3], code: int = 0):
+    """Another federation on another store, with the same keys (the CliRunner result when code is not 0)."""
     store = fed.root / f"store-{name}"
-    fed.cli(
+    res = fed.cli(
         "init",
         store,
         "--spec",
@@ -23,8 +23,9 @@ def second_federation(fed, name: str = "second", banks=BANKS[:3]):
         "--id",
         name,
         *[x for b in banks for x in ("--member", fed.pub(b))],
+        code=code,
     )
-    return store
+    return store if code == 0 else res
 
 
 def train_on(fed, store, bank: str, *extra, code: int | None = 0):
@@ -191,3 +192,74 @@ def test_status_and_report_with_a_key_refuse_a_rolled_back_store(tmp_path, credi
     out = tmp_path / "r.html"
     one_line(fed.cli("report", fed.loc, "--out", out, "--key", fed.key("bank-a"), code=4))
     assert not out.exists()
+
+
+def test_deleting_a_published_manifest_never_leads_to_a_second_round_n(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, banks=BANKS[:3])
+    for b in BANKS[:3]:
+        fed.train(b)
+    fed.aggregate()
+    first = (fed.store / "rounds/000001/global.json").read_bytes()
+    (fed.store / "rounds/000001/global.json").unlink()  # the attacker: round 1 looks unpublished again
+    line = one_line(fed.aggregate(code=4))
+    assert "published round 1" in line and "newest global is round 0" in line and "never signed twice" in line
+    assert not (fed.store / "rounds/000001/global.json").exists()
+    (fed.store / "rounds/000001/global.json").write_bytes(first)  # restored from backup: the round goes on
+    fed.train("bank-a")
+    assert "waiting" in fed.aggregate(code=3).output
+    state = json.loads((tmp_path / "coordinator/coordinator.fedcli/credit-demo/coordinator.json").read_text())
+    assert [p["round"] for p in state["published"]] == [0, 1]
+
+
+def test_init_twice_with_the_same_federation_id_is_refused(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, banks=BANKS[:3])
+    line = one_line(second_federation(fed, "credit-demo", code=1))
+    assert "already published federation credit-demo" in line and "--id" in line
+
+
+def test_planned_rounds_end_the_federation(tmp_path, credit_split):
+    text = TEMPLATE.replace("[federation]\n", "[federation]\nrounds = 1\n", 1)
+    fed = make_fed(tmp_path, credit_split, text + DP.removeprefix(TEMPLATE), banks=BANKS)
+    for b in BANKS[:3]:
+        fed.train(b)
+    res = fed.aggregate()
+    assert (
+        "published global model of round 1" in res.output and "is complete: the planned rounds are done" in res.output
+    )
+    marker = json.loads((fed.store / "final.json").read_text())
+    assert marker["round"] == 1 and marker["reason"] == "rounds" and marker["signature"]
+    before = snapshot(fed)
+    res = fed.train("bank-d")  # the late bank: nothing trained, nothing spent, exit 0
+    assert "federation credit-demo is complete" in res.output and "no privacy budget spent" in res.output
+    assert not ledger_file(fed, "bank-d").exists() and snapshot(fed) == before
+    assert "is complete" in fed.aggregate().output  # exit 0, not 3 forever
+    assert "is complete" in fed.cli("status", fed.loc).output
+    (fed.store / "final.json").unlink()  # deleted: the coordinator remembers and signs it again
+    assert "is complete" in fed.aggregate().output and (fed.store / "final.json").exists()
+
+
+def test_a_forged_final_marker_is_refused(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, banks=BANKS[:3])
+    private, _ = keys.load_private(fed.key("bank-a"))
+    g = json.loads((fed.store / "rounds/000000/global.json").read_text())
+    doc = {"kind": "final", "format": 1, "federation_id": "credit-demo", "spec_sha256": g["spec_sha256"], "round": 0}
+    doc |= {"global_sha256": g["tensors_sha256"], "reason": "rounds", "created_at": "2026-01-01T00:00:00+00:00"}
+    (fed.store / "final.json").write_bytes(keys.sign_manifest(private, doc))
+    line = one_line(fed.train("bank-a", code=4))
+    assert "final marker" in line and "signature does not verify" in line
+    one_line(fed.aggregate(code=4))
+
+
+def test_a_spent_dp_budget_ends_the_federation_instead_of_a_dead_end(tmp_path, credit_split):
+    from fedcli.privacy import accounting
+
+    budget = accounting.epsilon_update_level(1.0, 1, 1e-5) + 1e-3  # room for exactly one release
+    text = TEMPLATE + f'\n[privacy]\nmode = "update"\nclip = 0.5\nnoise_multiplier = 1.0\nbudget_epsilon = {budget}\n'
+    fed = make_fed(tmp_path, credit_split, text, banks=BANKS)
+    for b in BANKS[:3]:
+        fed.train(b)
+    res = fed.aggregate()
+    assert "is complete: the privacy budget is used up" in res.output
+    res = fed.train("bank-a")  # would have exited 6; bank-c would have spent epsilon on a round never closed
+    assert "is complete" in res.output
+    assert "is complete" in fed.train("bank-d").output and not ledger_file(fed, "bank-d").exists()

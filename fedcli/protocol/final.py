@@ -103,3 +103,10 @@ def publish_final(
     if found is None:
         raise VerificationError("final marker: written, then not found on the store", reason="missing")
     return found
+
+
+def final_status(store: Store, pinned) -> str:
+    """`fedcli status`: one line saying the federation ended, or "" while it runs."""
+    spec, spec_sha = rounds.load_spec(store, pinned)
+    found = load_final(store, spec, spec_sha)
+    return found.describe(spec.federation_id) if found else ""
