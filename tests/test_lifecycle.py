@@ -211,12 +211,6 @@ def test_deleting_a_published_manifest_never_leads_to_a_second_round_n(tmp_path,
     assert [p["round"] for p in state["published"]] == [0, 1]
 
 
-def test_init_twice_with_the_same_federation_id_is_refused(tmp_path, credit_split):
-    fed = make_fed(tmp_path, credit_split, banks=BANKS[:3])
-    line = one_line(second_federation(fed, "credit-demo", code=1))
-    assert "already published federation credit-demo" in line and "--id" in line
-
-
 def test_planned_rounds_end_the_federation(tmp_path, credit_split):
     text = TEMPLATE.replace("[federation]\n", "[federation]\nrounds = 1\n", 1)
     fed = make_fed(tmp_path, credit_split, text + DP.removeprefix(TEMPLATE), banks=BANKS)

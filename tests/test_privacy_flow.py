@@ -64,6 +64,9 @@ def test_update_level_rounds_ledger_and_budget_refusal(tmp_path, credit_split):
     assert [(e["round"], e["mode"], e["noise_multiplier"]) for e in entries] == [(1, "update", 1.0), (2, "update", 1.0)]
     assert entries[1]["epsilon_after"] == accounting.epsilon_update_level(1.0, 2, 1e-5)
 
+    res = fed.train("bank-a")  # every bank's budget is spent: the coordinator signed the end (exit 0)
+    assert "is complete: the privacy budget is used up" in res.output and "no privacy budget spent" in res.output
+    (fed.store / "final.json").unlink()  # without the marker, the bank's own ledger still refuses
     res = fed.train("bank-a", code=ExitCode.BUDGET)
     assert "privacy budget exceeded" in res.output and "not exported" in res.output
     assert not list((fed.store / "rounds").glob("000003/updates/*"))  # nothing left the bank

@@ -63,18 +63,13 @@ def init_federation(
         members.append(entry)
     spec = parse(raw, what, InputError)  # validates everything before anything is written
     state = CoordinatorState.for_key(key_path, pub_b64, spec.federation_id)
-    if state.published:
-        raise InputError(
-            f"this coordinator key already published federation {spec.federation_id} (state file {state.path}): "
-            "choose another --id, or move that file away to start the federation over"
-        )
     spec_bytes = dumps(raw)
     store.put(rounds.SPEC_KEY, spec_bytes)
     store.put(rounds.SPEC_SIG_KEY, keys.sign_bytes(private, spec_bytes).encode())
 
     weights = models.initial(spec.model, spec.data.n_features)
     sha = publish_global(store, private, spec, digest.sha256(spec_bytes), 0, weights, prev_sha=None, contributors=[])
-    state.record(0, sha)
+    state.start_over(sha)  # a new history for this federation id: round 0 only
     return spec
 
 
