@@ -3,6 +3,7 @@ coordinator's own state, locks, the final marker and moving the store. Everythin
 
 import json
 import shutil
+import time
 
 from helpers import BANKS, TEMPLATE, bank_dir, ledger_file, make_fed, one_line, snapshot, state_file
 
@@ -257,3 +258,33 @@ def test_a_spent_dp_budget_ends_the_federation_instead_of_a_dead_end(tmp_path, c
     res = fed.train("bank-a")  # would have exited 6; bank-c would have spent epsilon on a round never closed
     assert "is complete" in res.output
     assert "is complete" in fed.train("bank-d").output and not ledger_file(fed, "bank-d").exists()
+
+
+def plant_lease(fed, hours_ahead: float) -> None:
+    now = time.time()
+    rec = {
+        "state": "held",
+        "owner": "ab" * 16,
+        "host": "mallory",
+        "pid": 4242,
+        "at": now,
+        "expires": now + hours_ahead * 3600,
+    }
+    path = fed.store / "locks/aggregate/000000000001.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+
+
+def test_a_lease_longer_than_max_lease_minutes_is_taken_over(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, banks=BANKS[:3])
+    for b in BANKS[:3]:
+        fed.train(b)
+    plant_lease(fed, 4)  # 4 hours: within 10 default lease times, beyond the default max_lease_minutes (120)
+    assert "published global model of round 1" in fed.aggregate().output
+
+
+def test_a_lease_within_max_lease_minutes_holds(tmp_path, credit_split):
+    text = TEMPLATE.replace("[federation]\n", "[federation]\nmax_lease_minutes = 600\n", 1)
+    fed = make_fed(tmp_path, credit_split, text, banks=BANKS[:3])
+    plant_lease(fed, 4)
+    assert "another run holds the aggregate lock" in fed.aggregate(code=ExitCode.WAITING).output
