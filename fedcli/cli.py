@@ -694,5 +694,35 @@ def recover_ledger(
     out.print(f"{len(added)} release(s) re-entered into {escape(str(led.path))}", soft_wrap=True)
 
 
+store_app = typer.Typer(help="A whole store: move a federation to another one.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("copy")
+def store_copy(
+    source: str = typer.Argument(..., help="The store the federation is on (folder or s3://bucket/prefix)."),
+    destination: str = typer.Argument(..., help="An empty store to move it to."),
+    coordinator: Path | None = PinOpt,
+):
+    """Copy a federation to another store, every object read back and compared; banks then continue on the new one."""
+    from fedcli.protocol.rounds import latest_round, load_spec
+    from fedcli.store.copy import copy_store
+
+    with failures():
+        pinned = _pinned(coordinator)
+        src, dst = _store(source), _store(destination)
+        spec, _ = load_spec(src, pinned)  # refuse to spread a store that does not verify
+        res = copy_store(src, dst)
+        load_spec(dst, pinned)
+        latest = latest_round(dst)
+    _unpinned_note(pinned)
+    out.print(
+        f"[green]copied[/] federation {escape(spec.federation_id)} to {escape(str(dst))}: {len(res.copied)} objects "
+        f"written, {len(res.unchanged)} already there, {len(res.skipped)} lock records left behind; newest global: "
+        f"round {latest}. Point every bank's and the coordinator's --store at the new store.",
+        soft_wrap=True,
+    )
+
+
 if __name__ == "__main__":
     app()

@@ -5,7 +5,9 @@ import json
 import shutil
 import time
 
-from helpers import BANKS, TEMPLATE, bank_dir, ledger_file, make_fed, one_line, snapshot, state_file
+import pytest
+
+from helpers import BANKS, TEMPLATE, Fed, bank_dir, ledger_file, make_fed, one_line, snapshot, state_file, use_s3
 
 from fedcli import keys
 from fedcli.errors import ExitCode
@@ -288,3 +290,32 @@ def test_a_lease_within_max_lease_minutes_holds(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split, text, banks=BANKS[:3])
     plant_lease(fed, 4)
     assert "another run holds the aggregate lock" in fed.aggregate(code=ExitCode.WAITING).output
+
+
+@pytest.mark.slow
+def test_store_copy_moves_a_federation_without_a_rollback_alarm(tmp_path, credit_split, moto_s3, monkeypatch):
+    fed = make_fed(tmp_path, credit_split, banks=BANKS[:3])
+    for b in BANKS[:3]:
+        fed.train(b)
+    fed.aggregate()
+    fed.train("bank-a")  # bank-a saw round 1 and is in round 2
+    url = use_s3(moto_s3, monkeypatch)
+    res = fed.cli("store", "copy", fed.store, url, "--coordinator", fed.pub("coordinator"))
+    assert "copied" in res.output and "newest global: round 1" in res.output and "2 lock records left" in res.output
+    moved = Fed(fed.root, fed.runner, url)
+    assert "already submitted an update for round 2" in moved.train("bank-a").output
+    for b in BANKS[1:3]:
+        moved.train(b)
+    assert "published global model of round 2" in moved.aggregate().output
+    moved.predict(fed.data / "bank-a.csv", tmp_path / "s.csv", "--key", fed.key("bank-a"))
+    assert "0 objects written, 14 already there" in fed.cli("store", "copy", fed.store, url).output  # idempotent
+    other = second_federation(fed)
+    line = one_line(fed.cli("store", "copy", other, url, code=1))
+    assert "already holds federation.toml with other content" in line
+
+
+def test_store_copy_refuses_a_source_that_does_not_verify(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, banks=BANKS[:3])
+    (fed.store / "federation.toml.sig").write_text("forged")
+    line = one_line(fed.cli("store", "copy", fed.store, tmp_path / "new", code=4))
+    assert "signature" in line and not (tmp_path / "new").exists()
