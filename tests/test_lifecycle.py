@@ -6,7 +6,6 @@ import shutil
 import time
 
 import pytest
-
 from helpers import BANKS, TEMPLATE, Fed, bank_dir, ledger_file, make_fed, one_line, snapshot, state_file, use_s3
 
 from fedcli import keys
