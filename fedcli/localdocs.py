@@ -44,6 +44,7 @@ class BankStateFile(BaseModel):
     federation_id: Name | None = None
     last_round: Annotated[int, Field(ge=-1, le=999_999)] = -1
     last_sha256: Sha256 | None = None
+    final_round: Round | None = None  # the coordinator's signed end, once this bank saw it
 
 
 class LedgerEntry(BaseModel):

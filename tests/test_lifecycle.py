@@ -97,7 +97,7 @@ def test_fedcli_home_holds_the_state_per_key_and_federation(tmp_path, credit_spl
 DP = TEMPLATE + '\n[privacy]\nmode = "update"\nclip = 0.5\nnoise_multiplier = 1.0\nbudget_epsilon = 50\n'
 
 
-def test_the_ledger_cannot_be_reset_by_moving_files(tmp_path, credit_split):
+def test_the_ledger_cannot_be_reset_by_moving_files(tmp_path, credit_split, monkeypatch):
     fed = make_fed(tmp_path, credit_split, DP, banks=BANKS[:3])
     for b in BANKS[:3]:
         fed.train(b)
@@ -109,6 +109,9 @@ def test_the_ledger_cannot_be_reset_by_moving_files(tmp_path, credit_split):
     before = snapshot(fed)
     line = one_line(fed.train("bank-a", code=ExitCode.BUDGET))
     assert "rounds 1)" in line and str(ledger) in line and "lacks" in line and "recover-ledger" in line
+    monkeypatch.setenv("FEDCLI_HOME", str(tmp_path / "home"))  # the key "copied" to a host with another home
+    one_line(fed.train("bank-a", code=ExitCode.BUDGET))
+    monkeypatch.delenv("FEDCLI_HOME")
     fresh = tmp_path / "fresh.json"  # pointed elsewhere
     one_line(train_on(fed, fed.store, "bank-a", "--ledger", fresh, code=ExitCode.BUDGET))
     shutil.copy(ledger_file(fed, "bank-b"), fresh)  # another bank's ledger (same federation, one release too)
@@ -230,8 +233,11 @@ def test_planned_rounds_end_the_federation(tmp_path, credit_split):
     assert not ledger_file(fed, "bank-d").exists() and snapshot(fed) == before
     assert "is complete" in fed.aggregate().output  # exit 0, not 3 forever
     assert "is complete" in fed.cli("status", fed.loc).output
-    (fed.store / "final.json").unlink()  # deleted: the coordinator remembers and signs it again
-    assert "is complete" in fed.aggregate().output and (fed.store / "final.json").exists()
+    (fed.store / "final.json").unlink()  # deleted: bank-d saw the end and refuses to reopen the federation
+    assert "no longer shows it" in one_line(fed.train("bank-d", code=4))
+    assert not (fed.store / "rounds/000002").exists()
+    assert "is complete" in fed.aggregate().output and (fed.store / "final.json").exists()  # signed again
+    assert "is complete" in fed.train("bank-d").output
 
 
 def test_a_forged_final_marker_is_refused(tmp_path, credit_split):

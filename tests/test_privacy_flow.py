@@ -66,8 +66,9 @@ def test_update_level_rounds_ledger_and_budget_refusal(tmp_path, credit_split):
 
     res = fed.train("bank-a")  # every bank's budget is spent: the coordinator signed the end (exit 0)
     assert "is complete: the privacy budget is used up" in res.output and "no privacy budget spent" in res.output
-    (fed.store / "final.json").unlink()  # without the marker, the bank's own ledger still refuses
-    res = fed.train("bank-a", code=ExitCode.BUDGET)
+    (fed.store / "final.json").unlink()  # deleted: bank-a saw the end and refuses the store
+    assert "no longer shows it" in fed.train("bank-a", code=ExitCode.VERIFY).output
+    res = fed.train("bank-c", code=ExitCode.BUDGET)  # bank-c did not see it: its own ledger still refuses
     assert "privacy budget exceeded" in res.output and "not exported" in res.output
     assert not list((fed.store / "rounds").glob("000003/updates/*"))  # nothing left the bank
     assert len(json.loads(ledger.read_text())["entries"]) == 2
@@ -130,4 +131,5 @@ def test_record_level_at_epsilon_3_spends_the_budget_and_learns(tmp_path, credit
         assert 2.8 < spent <= 3.0 and entries[-1]["epsilon_after"] == spent
     res = compare(str(fed.store), str(fed.pub("coordinator")), fed.data)
     assert res["federated"]["auc"] > 0.80
-    fed.train("bank-a", code=ExitCode.BUDGET)  # a sixth round would exceed epsilon 3
+    # a sixth round would exceed epsilon 3 at every bank: the coordinator signed the end, nothing is spent
+    assert "is complete: the privacy budget is used up" in fed.train("bank-a").output

@@ -81,6 +81,7 @@ class BankState:
     last_round: int = -1
     last_sha256: str | None = None
     files: BankFiles | None = None
+    final_round: int | None = None  # this bank saw the coordinator's final marker for this round
 
     @classmethod
     def load(cls, path: Path) -> "BankState":
@@ -96,7 +97,7 @@ class BankState:
             doc = validate(BankStateFile, load_json(data, what, MAX_STATE_BYTES, InputError), what, InputError)
         except FedcliError as e:
             raise InputError(f"{e} (--state names another file); restore it from backup") from None
-        return cls(path, doc.federation_id, doc.last_round, doc.last_sha256)
+        return cls(path, doc.federation_id, doc.last_round, doc.last_sha256, final_round=doc.final_round)
 
     @classmethod
     def for_federation(cls, files: BankFiles, federation_id: str) -> "BankState":
@@ -105,7 +106,9 @@ class BankState:
         if not files.state.exists() and files.legacy_state is not None and files.legacy_state.exists():
             old = cls.load(files.legacy_state)
             if old.federation_id in (None, federation_id):
-                state = cls(files.state, old.federation_id, old.last_round, old.last_sha256)
+                state = cls(
+                    files.state, old.federation_id, old.last_round, old.last_sha256, final_round=old.final_round
+                )
         state.files = files
         return state
 
@@ -134,15 +137,38 @@ class BankState:
             )
 
     def save(self, federation_id: str, g: rounds.Global) -> None:
+        if g.round < self.last_round:
+            return  # never move backwards (an older round was used on purpose, e.g. predict --round)
+        self.federation_id, self.last_round, self.last_sha256 = federation_id, g.round, g.sha256
+        self._write()
+
+    def _write(self) -> None:
         from fedcli.files import write_atomic
         from fedcli.localdocs import BankStateFile
 
-        if g.round < self.last_round:
-            return  # never move backwards (an older round was used on purpose, e.g. predict --round)
-        doc = BankStateFile(federation_id=federation_id, last_round=g.round, last_sha256=g.sha256)
+        doc = BankStateFile(
+            federation_id=self.federation_id,
+            last_round=self.last_round,
+            last_sha256=self.last_sha256,
+            final_round=self.final_round,
+        )
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(self.path), json.dumps(doc.model_dump(), indent=2).encode(), ".state-")
-        self.federation_id, self.last_round, self.last_sha256 = federation_id, g.round, g.sha256
+        write_atomic(Path(self.path), json.dumps(doc.model_dump(exclude_none=True), indent=2).encode(), ".state-")
+
+    def saw_final(self, federation_id: str, r: int) -> None:
+        """Remember the signed end: a store that later lacks the marker is refused, not trained on."""
+        if self.final_round != r:
+            self.federation_id, self.final_round = federation_id, r
+            self._write()
+
+    def check_not_ended(self) -> None:
+        """The store shows no final marker: refuse if this bank already saw one (it was deleted)."""
+        if self.final_round is not None:
+            raise VerificationError(
+                f"this bank saw the coordinator's final marker (the federation ended at round {self.final_round}; "
+                f"{_flag_hint(self.files, self.path)}), but the store no longer shows it: nothing trained",
+                reason="rollback",
+            )
 
 
 def check_age(g: rounds.Global, max_round_age_hours: float | None) -> None:

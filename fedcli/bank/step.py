@@ -67,8 +67,10 @@ def train_round(
     job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True), ledger_path)
     ended = final.load_final(store, job.spec, job.spec_sha)
     if ended is not None:  # the coordinator signed the end: nothing to train, nothing to spend
+        job.state.saw_final(job.spec.federation_id, ended.round)
         message = ended.describe(job.spec.federation_id) + "; nothing trained, no privacy budget spent"
         return TrainResult(job.me.name, job.round, False, message)
+    job.state.check_not_ended()  # a deleted final marker must not reopen the federation
     freshness.check_fresh(store, job.spec, job.spec_sha, job.state)  # rollback and max_round_age, before anything
     plan = BankPlan.decide(job.spec, key_path, job.ledger, max_epsilon)
     if plan.privacy is not None:  # the ledger must know every release the store shows (bank.releases)
