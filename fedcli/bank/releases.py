@@ -17,11 +17,13 @@ from fedcli.protocol.spec import Spec
 from fedcli.store import Store
 
 
-def store_releases(store: Store, spec: Spec, me: PublicIdentity) -> dict[int, dict]:
-    """Round -> `dp` record of each update manifest on the store that this key signed in this federation."""
+def store_releases(store: Store, spec: Spec, me: PublicIdentity, listing: list[str] | None = None) -> dict[int, dict]:
+    """Round -> `dp` record of each update manifest on the store that this key signed in this federation.
+
+    `listing`: the store's keys under rounds/, when the caller lists once for several members."""
     pattern = re.compile(rf"rounds/(\d{{6}})/updates/{re.escape(me.name)}\.json")
     found: dict[int, dict] = {}
-    for key in store.list("rounds"):
+    for key in store.list("rounds") if listing is None else listing:
         m = pattern.fullmatch(key)
         if not m:
             continue

@@ -33,9 +33,9 @@ def why_end(store: Store, spec: Spec, latest: int) -> tuple[str, str] | None:
 def _able_members(store: Store, spec: Spec, open_round: int) -> list[str]:
     """Members that are in the open round already, or whose next release (like their last) fits the budget."""
     budget, delta = spec.privacy.budget_epsilon or 0.0, spec.privacy.delta
-    able = []
+    able, listing = [], store.list("rounds")
     for member in spec.members:
-        released = store_releases(store, spec, member)
+        released = store_releases(store, spec, member, listing)
         if open_round in released or not released:
             able.append(member.name)
             continue

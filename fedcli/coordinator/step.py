@@ -165,11 +165,11 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
     spec, spec_sha = rounds.load_spec(store, None)
     if pub_b64 != spec.coordinator.ed25519:
         raise VerificationError(f"{key_path} is not the coordinator key of federation {spec.federation_id}")
-    state = CoordinatorState.for_key(key_path, pub_b64, spec.federation_id)
+    history = CoordinatorState.for_key(key_path, pub_b64, spec.federation_id)
     with LeaseLock(store, "aggregate", max_lease=spec.max_lease_minutes * 60) as lock:
-        result = _aggregate_locked(store, private, spec, spec_sha, lock, console, state)
+        result = _aggregate_locked(store, private, spec, spec_sha, lock, console, history)
         if result.published:  # the round just published may be the last one
-            ended = ending.end_after(store, private, spec, spec_sha, state, result.round)
+            ended = ending.end_after(store, private, spec, spec_sha, history, result.round)
             result.complete = ended.describe(spec.federation_id) if ended else ""
         return result
 
@@ -181,11 +181,11 @@ def _aggregate_locked(
     spec_sha: str,
     lock: LeaseLock,
     console: Console | None,
-    state: CoordinatorState,
+    history: CoordinatorState,
 ) -> AggregateResult:
     """The stages, in order; the aggregator's temporary files are gone whatever happens."""
     plan = plan_round(store, spec, spec_sha)
-    ended = ending.check_and_end(store, private, spec, spec_sha, state, plan.base)  # coordinator.ending
+    ended = ending.check_and_end(store, private, spec, spec_sha, history, plan.base)  # coordinator.ending
     if ended is not None:
         return AggregateResult(round=plan.base.round, complete=ended.describe(spec.federation_id))
     result, candidates = collect_candidates(store, spec, spec_sha, plan)
@@ -199,10 +199,10 @@ def _aggregate_locked(
         aggregator.close()
     if delta is None:
         return result
-    weights, server_state = server_step(store, spec, plan, delta)
-    state.refuse_twice(plan.round)  # coordinator.state: never a second, different round N
-    publish(store, private, spec, spec_sha, plan, lock, result, weights, server_state, info)
-    state.record(plan.round, result.global_sha256)
+    weights, state = server_step(store, spec, plan, delta)
+    history.refuse_twice(plan.round)  # coordinator.state: never a second, different round N
+    publish(store, private, spec, spec_sha, plan, lock, result, weights, state, info)
+    history.record(plan.round, result.global_sha256)
     return result
 
 
