@@ -324,3 +324,21 @@ def test_store_copy_refuses_a_source_that_does_not_verify(tmp_path, credit_split
     (fed.store / "federation.toml.sig").write_text("forged")
     line = one_line(fed.cli("store", "copy", fed.store, tmp_path / "new", code=4))
     assert "signature" in line and not (tmp_path / "new").exists()
+
+
+def test_an_old_layout_ledger_is_still_read_and_privacy_asks_which_federation(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, DP, banks=BANKS[:3])
+    for b in BANKS[:3]:
+        fed.train(b)
+    fed.aggregate()
+    old = fed.key("bank-a").with_suffix(".ledger.json")  # what fedcli kept before per-federation folders
+    doc = json.loads(ledger_file(fed, "bank-a").read_text())
+    old.write_text(json.dumps({k: doc[k] for k in ("version", "accountant", "entries")}))
+    ledger_file(fed, "bank-a").unlink()
+    fed.train("bank-a")  # the old ledger's round-1 release counts: no cross-check refusal
+    assert [e["round"] for e in json.loads(ledger_file(fed, "bank-a").read_text())["entries"]] == [1, 2]
+    assert "over 2 release(s)" in fed.cli("privacy", "--key", fed.key("bank-a")).output
+    other = second_federation(fed)
+    train_on(fed, other, "bank-a")
+    line = one_line(fed.cli("privacy", "--key", fed.key("bank-a"), code=1))
+    assert "2 federations (credit-demo, second)" in line and "--ledger" in line
