@@ -342,3 +342,20 @@ def test_an_old_layout_ledger_is_still_read_and_privacy_asks_which_federation(tm
     train_on(fed, other, "bank-a")
     line = one_line(fed.cli("privacy", "--key", fed.key("bank-a"), code=1))
     assert "2 federations (credit-demo, second)" in line and "--ledger" in line
+
+
+def test_coordinator_state_catches_up_after_a_crash_and_a_damaged_one_is_refused(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, banks=BANKS[:3])
+    for b in BANKS[:3]:
+        fed.train(b)
+    fed.aggregate()
+    path = tmp_path / "coordinator/coordinator.fedcli/credit-demo/coordinator.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps(doc | {"published": doc["published"][:1]}))  # crashed before recording round 1
+    for b in BANKS[:3]:
+        fed.train(b)
+    fed.aggregate()
+    assert [p["round"] for p in json.loads(path.read_text())["published"]] == [0, 1, 2]
+    path.write_text('{"federation_id": "credit-demo", "published": [{"round": 1}]}')
+    line = one_line(fed.aggregate(code=1))
+    assert str(path) in line and "restore it from backup" in line
