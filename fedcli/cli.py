@@ -396,7 +396,7 @@ def status(
     if problems.row_count:
         out.print(problems)
     if ended:
-        out.print(f"[green]{escape(ended)}[/]", soft_wrap=True)
+        out.print(f"[{'red' if ended.startswith('unverified') else 'green'}]{escape(ended)}[/]", soft_wrap=True)
 
 
 @app.command()

@@ -250,6 +250,7 @@ def test_a_forged_final_marker_is_refused(tmp_path, credit_split):
     line = one_line(fed.train("bank-a", code=4))
     assert "final marker" in line and "signature does not verify" in line
     one_line(fed.aggregate(code=4))
+    assert "unverified: final.json is not the coordinator's signed end" in fed.cli("status", fed.loc).output
 
 
 def test_a_spent_dp_budget_ends_the_federation_instead_of_a_dead_end(tmp_path, credit_split):

@@ -106,7 +106,11 @@ def publish_final(
 
 
 def final_status(store: Store, pinned) -> str:
-    """`fedcli status`: one line saying the federation ended, or "" while it runs."""
+    """`fedcli status`: one line saying the federation ended, or "" while it runs. A marker that does not
+    verify is shown as such (like an unverified rejections.json), never as the end."""
     spec, spec_sha = rounds.load_spec(store, pinned)
-    found = load_final(store, spec, spec_sha)
+    try:
+        found = load_final(store, spec, spec_sha)
+    except VerificationError as e:
+        return f"unverified: {FINAL_KEY} is not the coordinator's signed end, ignored: {e}"
     return found.describe(spec.federation_id) if found else ""
