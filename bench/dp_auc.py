@@ -24,7 +24,7 @@ from prepare_credit import BANKS, split
 from rich.console import Console
 
 from fedcli import keys
-from fedcli.bank.state import ledger_path_for
+from fedcli.bank.state import ledger_for_key
 from fedcli.bank.step import train_round
 from fedcli.coordinator.federation import init_federation
 from fedcli.coordinator.step import aggregate_round
@@ -62,7 +62,7 @@ def run(work: Path, data: Path, mode: str, eps: float | None, clip: float | None
     spent, noise = [], []
     if mode != "none":
         for k, _ in bank_keys.values():
-            led = ledger.Ledger(ledger_path_for(k))
+            led = ledger.Ledger(ledger_for_key(k))
             spent.append(led.spent(mode, DELTA))
             noise.append(led.entries()[-1]["noise_multiplier"])
     local = [v["auc"] for name, v in res.items() if name != "federated"]

@@ -75,6 +75,12 @@ PinOpt = typer.Option(
 )
 
 
+BankKeyOpt = typer.Option(
+    None, "--key", "-k", help="A bank's key: refuse a store older than this bank already saw (as train does)."
+)
+BankStateOpt = typer.Option(None, "--state", help="Bank state file (default: chosen from the key and federation).")
+
+
 def _pinned(coordinator: Path | None):
     """The pinned coordinator identity, or None (the store vouches for itself: say so once it loaded)."""
     from fedcli.keys import load_public
@@ -281,6 +287,9 @@ def aggregate(
 
     with failures():
         res = aggregate_round(_store(store), key, err)
+    if res.complete and not res.published:  # the federation ended: nothing to wait for
+        out.print(f"[green]{escape(res.complete)}[/]", soft_wrap=True)
+        return
     table = Table(title=f"round {res.round}")
     for col in ("member", "status", "rows / reason"):
         table.add_column(col)
@@ -302,6 +311,8 @@ def aggregate(
             f"[green]published global model of round {res.round}[/] from {len(res.accepted)} updates ({res.how})",
             soft_wrap=True,
         )
+        if res.complete:
+            out.print(f"[green]{escape(res.complete)}[/]", soft_wrap=True)
     else:
         out.print(f"[yellow]waiting:[/] {escape(res.waiting_reason)}", soft_wrap=True)
         raise typer.Exit(ExitCode.WAITING)
@@ -311,13 +322,23 @@ def aggregate(
 def status(
     store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
     coordinator: Path | None = PinOpt,
+    key: Path | None = BankKeyOpt,
+    state: Path | None = BankStateOpt,
 ):
     """Rounds, who submitted, rejections and mean metrics (everything shown is signature-checked)."""
     from fedcli.protocol.rounds import history
 
     with failures():
         pinned = _pinned(coordinator)
-        spec, rows = history(_store(store), pinned)
+        st = _store(store)
+        if key is not None:
+            from fedcli.bank.freshness import check_store_for_key
+
+            check_store_for_key(st, pinned, key, state)
+        spec, rows = history(st, pinned)
+        from fedcli.protocol.final import final_status
+
+        ended = final_status(st, pinned)
     _unpinned_note(pinned)
     table = Table(
         title=escape(f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}"),
@@ -374,6 +395,8 @@ def status(
     out.print(table)
     if problems.row_count:
         out.print(problems)
+    if ended:
+        out.print(f"[{'red' if ended.startswith('unverified') else 'green'}]{escape(ended)}[/]", soft_wrap=True)
 
 
 @app.command()
@@ -382,14 +405,14 @@ def privacy(
     ledger: Path | None = LedgerOpt,
 ):
     """Bank: show the privacy ledger, every DP release and the epsilon spent against the budget."""
-    from fedcli.bank.state import ledger_path_for
+    from fedcli.bank.state import ledger_for_key
     from fedcli.privacy.ledger import Ledger
 
     with failures():
         if ledger is None:
             if key is None:
                 raise FedcliError("give --key or --ledger")
-            ledger = ledger_path_for(key)
+            ledger = ledger_for_key(key)
         led = Ledger(ledger)
         entries, summary = led.entries(), led.summary()
     table = Table(
@@ -430,6 +453,8 @@ def report(
         help="HTML page to write; the PNG goes next to it with the same name.",
     ),
     coordinator: Path | None = PinOpt,
+    key: Path | None = BankKeyOpt,
+    state: Path | None = BankStateOpt,
 ):
     """Plot each bank's AUC, PR-AUC, recall at 1 % FPR, loss and rows per round, and the privacy budget
     spent: a PNG and an HTML page."""
@@ -437,7 +462,12 @@ def report(
 
     with failures():
         pinned = _pinned(coordinator)
-        html_path, png_path, rep = write_report(_store(store), output, pinned)
+        st = _store(store)
+        if key is not None:
+            from fedcli.bank.freshness import check_store_for_key
+
+            check_store_for_key(st, pinned, key, state)
+        html_path, png_path, rep = write_report(st, output, pinned)
     _unpinned_note(pinned)
     out.print(f"{len(rep.entries)} updates over {len(rep.rounds)} rounds -> {html_path} and {png_path}")
 
@@ -600,6 +630,8 @@ def evaluate(
     undo_pos_weight: bool = RecalOpts["undo_pos_weight"],
     base_rate: float | None = RecalOpts["base_rate"],
     train_rate: float | None = RecalOpts["train_rate"],
+    key: Path | None = BankKeyOpt,
+    state: Path | None = BankStateOpt,
 ):
     """Score a verified global model on a labelled table: AUC, PR-AUC, KS, recall at 0.1 % and 1 % FPR,
     precision in the top 0.1 % and 1 % of scores, a threshold table (docs/fraud.md), calibration (Brier,
@@ -610,7 +642,7 @@ def evaluate(
         prior = _prior(undo_pos_weight, base_rate, train_rate)
         if json_out is not None and not json_out.parent.is_dir():  # before the work, not after
             raise FedcliError(f"cannot write {json_out}: no folder {json_out.parent}")
-        r, n, ev, notes = run(_store(store), coordinator, data, round_, prior)
+        r, n, ev, notes = run(_store(store), coordinator, data, round_, prior, key, state)
         if json_out is not None:
             _write_evaluation(json_out, r, data, ev, prior, store, coordinator)
     _notes(notes)
@@ -664,6 +696,8 @@ def predict(
     undo_pos_weight: bool = RecalOpts["undo_pos_weight"],
     base_rate: float | None = RecalOpts["base_rate"],
     train_rate: float | None = RecalOpts["train_rate"],
+    key: Path | None = BankKeyOpt,
+    state: Path | None = BankStateOpt,
 ):
     """Write the probability of the positive class for each row, from a verified global model (optionally
     prior-corrected: docs/risk.md)."""
@@ -671,7 +705,7 @@ def predict(
 
     with failures():
         prior = _prior(undo_pos_weight, base_rate, train_rate)
-        r, n, notes = run(_store(store), coordinator, data, output, round_, prior)
+        r, n, notes = run(_store(store), coordinator, data, output, round_, prior, key, state)
         _prior_note(store, coordinator, prior)
     _notes(notes)
     out.print(f"scored {n} rows with the global model of round {r} -> {escape(str(output))}")
@@ -850,6 +884,53 @@ def export_model(
     if res.evaluated_rows is not None:
         what += f", evaluated on {res.evaluated_rows:,} rows of {escape(data.name if data else '')}"
     out.print(f"[green]exported[/] {what} -> {escape(str(output))}: {', '.join(res.files)}", soft_wrap=True)
+
+
+@app.command("recover-ledger")
+def recover_ledger(
+    store: str = StoreOpt,
+    key: Path = typer.Option(..., "--key", "-k", help="This bank's private key."),
+    coordinator: Path = CoordOpt,
+    ledger: Path | None = LedgerOpt,
+):
+    """Bank: re-enter into the privacy ledger every DP release the store shows signed by this key (after a lost ledger)."""
+    from fedcli.bank.releases import recover_ledger as run
+
+    with failures():
+        led, added = run(_store(store), key, coordinator, ledger)
+    for e in added:
+        out.print(f"recorded round {e['round']}: {e['mode']}-level, epsilon after {e['epsilon_after']:.4g}")
+    out.print(f"{len(added)} release(s) re-entered into {escape(str(led.path))}", soft_wrap=True)
+
+
+store_app = typer.Typer(help="A whole store: move a federation to another one.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("copy")
+def store_copy(
+    source: str = typer.Argument(..., help="The store the federation is on (folder or s3://bucket/prefix)."),
+    destination: str = typer.Argument(..., help="An empty store to move it to."),
+    coordinator: Path | None = PinOpt,
+):
+    """Copy a federation to another store, every object read back and compared; banks then continue on the new one."""
+    from fedcli.protocol.rounds import latest_round, load_spec
+    from fedcli.store.copy import copy_store
+
+    with failures():
+        pinned = _pinned(coordinator)
+        src, dst = _store(source), _store(destination)
+        spec, _ = load_spec(src, pinned)  # refuse to spread a store that does not verify
+        res = copy_store(src, dst)
+        load_spec(dst, pinned)
+        latest = latest_round(dst)
+    _unpinned_note(pinned)
+    out.print(
+        f"[green]copied[/] federation {escape(spec.federation_id)} to {escape(str(dst))}: {len(res.copied)} objects "
+        f"written, {len(res.unchanged)} already there, {len(res.skipped)} lock records left behind; newest global: "
+        f"round {latest}. Point every bank's and the coordinator's --store at the new store.",
+        soft_wrap=True,
+    )
 
 
 if __name__ == "__main__":

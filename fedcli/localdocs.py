@@ -44,6 +44,7 @@ class BankStateFile(BaseModel):
     federation_id: Name | None = None
     last_round: Annotated[int, Field(ge=-1, le=999_999)] = -1
     last_sha256: Sha256 | None = None
+    final_round: Round | None = None  # the coordinator's signed end, once this bank saw it
 
 
 class LedgerEntry(BaseModel):
@@ -72,3 +73,6 @@ class LedgerFile(BaseModel):
     version: Literal[1]
     accountant: Literal["rdp"]
     entries: Annotated[list[LedgerEntry], Field(max_length=1_000_000)]
+    # whose ledger it is: a ledger of another key or federation is refused (absent in older files)
+    key_fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")] | None = None
+    federation_id: Name | None = None

@@ -172,3 +172,16 @@ def one_line(res) -> str:
 def snapshot(fed) -> list[str]:
     """Every path in the folder store, to show a refused command wrote nothing."""
     return sorted(str(p.relative_to(fed.store)) for p in fed.store.rglob("*"))
+
+
+def bank_dir(fed, bank: str, federation: str = "credit-demo") -> Path:
+    """The folder a bank keeps its state, ledger and residual in for one federation (next to its key)."""
+    return fed.root / bank / f"{bank}.fedcli" / federation
+
+
+def state_file(fed, bank: str, federation: str = "credit-demo") -> Path:
+    return bank_dir(fed, bank, federation) / "state.json"
+
+
+def ledger_file(fed, bank: str, federation: str = "credit-demo") -> Path:
+    return bank_dir(fed, bank, federation) / "ledger.json"

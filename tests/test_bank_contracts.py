@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import BANKS, TEMPLATE, forge, make_fed, one_line, snapshot
+from helpers import BANKS, TEMPLATE, bank_dir, forge, ledger_file, make_fed, one_line, snapshot, state_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
@@ -31,8 +31,8 @@ def refused(fed, data, bank="bank-a", code=ExitCode.ERROR) -> str:
     before = snapshot(fed)
     res = fed.train(bank, code=code, data=data)
     assert snapshot(fed) == before
-    assert not fed.key(bank).with_suffix(".ledger.json").exists()  # not charged
-    assert not fed.key(bank).with_suffix(".state.json").exists()
+    assert not ledger_file(fed, bank).exists()  # not charged
+    assert not state_file(fed, bank).exists()
     return one_line(res)
 
 
@@ -117,7 +117,7 @@ def test_tables_that_cannot_train_are_refused_before_anything_is_written(tmp_pat
         line = refused(fed, path)
         assert message in line, (name, line)
     fed.train("bank-a")  # the clean table still trains, and this is the first charge
-    assert len(json.loads(fed.key("bank-a").with_suffix(".ledger.json").read_text())["entries"]) == 1
+    assert len(json.loads(ledger_file(fed, "bank-a").read_text())["entries"]) == 1
 
 
 def _replace_global(fed, value: float) -> None:
@@ -163,7 +163,7 @@ def test_planted_manifest_is_not_already_submitted(fed):
     (upd / "bank-a.json").unlink()
     forge(fed, "bank-a", signer="bank-b")  # another member's key signed it
     assert "this key did not sign" in one_line(fed.train("bank-a", code=ExitCode.VERIFY))
-    assert not fed.key("bank-a").with_suffix(".state.json").exists()
+    assert not state_file(fed, "bank-a").exists()
     (upd / "bank-a.json").unlink()
     (upd / "bank-a.safetensors").unlink()
     assert snapshot(fed) == sorted(before + ["rounds/000001", "rounds/000001/updates"])
@@ -228,7 +228,8 @@ def test_notes_are_summarised_once_and_what_is_in_force_is_shown(tmp_path, credi
 
 def test_corrupt_state_and_ledger_are_refused_with_their_path(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split, DP, banks=BANKS[:3])
-    state = fed.key("bank-a").with_suffix(".state.json")
+    state = state_file(fed, "bank-a")
+    state.parent.mkdir(parents=True)
     for text, why in (
         ("{not json", "not valid JSON"),
         ('{"last_round": 1, "typo": 2}', "unknown key 'typo'"),
@@ -242,7 +243,8 @@ def test_corrupt_state_and_ledger_are_refused_with_their_path(tmp_path, credit_s
     fed.train("bank-a")
     saved = json.loads(state.read_text())
     assert saved["last_round"] == 0 and len(saved["last_sha256"]) == 64
-    ledger = fed.key("bank-b").with_suffix(".ledger.json")
+    ledger = ledger_file(fed, "bank-b")
+    ledger.parent.mkdir(parents=True)
     ledger.write_text(json.dumps({"version": 1, "accountant": "rdp", "entries": [{"round": 1}]}))
     before = snapshot(fed)
     line = one_line(fed.train("bank-b", code=1))
@@ -279,11 +281,11 @@ def test_damaged_residual_is_refused_before_anything_is_written(tmp_path, credit
     )
     for b in BANKS[:3]:
         fed.train(b)
-    residual = fed.key("bank-a").with_suffix(".state.residual.safetensors")
+    residual = bank_dir(fed, "bank-a") / "state.residual.safetensors"
     assert residual.exists()
     fed.aggregate()
     good = residual.read_bytes()
-    state = fed.key("bank-a").with_suffix(".state.json").read_bytes()
+    state = state_file(fed, "bank-a").read_bytes()
     for damage, why in (
         (good[:-3], "offsets do not match"),
         (b"\xff" * 64, "header length"),
@@ -296,7 +298,7 @@ def test_damaged_residual_is_refused_before_anything_is_written(tmp_path, credit
         before = snapshot(fed)
         line = one_line(fed.train("bank-a", code=1))
         assert str(residual) in line and why in line and line.endswith("delete it to start afresh"), line
-        assert snapshot(fed) == before and fed.key("bank-a").with_suffix(".state.json").read_bytes() == state
+        assert snapshot(fed) == before and state_file(fed, "bank-a").read_bytes() == state
     residual.unlink()
     fed.train("bank-a")
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from compare_local import compare
-from helpers import BANKS, TEMPLATE, forge, make_fed
+from helpers import BANKS, TEMPLATE, forge, ledger_file, make_fed
 from safetensors.numpy import load_file
 
 from fedcli.errors import ExitCode
@@ -59,12 +59,16 @@ def test_update_level_rounds_ledger_and_budget_refusal(tmp_path, credit_split):
     # the noise is really there: the norm of a released delta is far above the clip (0.5)
     assert update_norm(deltas[0]) > 1.0
 
-    ledger = fed.key("bank-a").with_suffix(".ledger.json")
+    ledger = ledger_file(fed, "bank-a")
     entries = json.loads(ledger.read_text())["entries"]
     assert [(e["round"], e["mode"], e["noise_multiplier"]) for e in entries] == [(1, "update", 1.0), (2, "update", 1.0)]
     assert entries[1]["epsilon_after"] == accounting.epsilon_update_level(1.0, 2, 1e-5)
 
-    res = fed.train("bank-a", code=ExitCode.BUDGET)
+    res = fed.train("bank-a")  # every bank's budget is spent: the coordinator signed the end (exit 0)
+    assert "is complete: the privacy budget is used up" in res.output and "no privacy budget spent" in res.output
+    (fed.store / "final.json").unlink()  # deleted: bank-a saw the end and refuses the store
+    assert "no longer shows it" in fed.train("bank-a", code=ExitCode.VERIFY).output
+    res = fed.train("bank-c", code=ExitCode.BUDGET)  # bank-c did not see it: its own ledger still refuses
     assert "privacy budget exceeded" in res.output and "not exported" in res.output
     assert not list((fed.store / "rounds").glob("000003/updates/*"))  # nothing left the bank
     assert len(json.loads(ledger.read_text())["entries"]) == 2
@@ -121,10 +125,11 @@ def test_record_level_at_epsilon_3_spends_the_budget_and_learns(tmp_path, credit
     m = json.loads((fed.store / "rounds/000005/updates/bank-d.json").read_text())
     assert m["dp"]["mode"] == "record" and m["dp"]["mechanism"] == "dp-sgd" and m["dp"]["sample_rate"] < 1
     for b in BANKS:  # every bank ends just under its budget, by the ledger and by an independent recount
-        entries = json.loads(fed.key(b).with_suffix(".ledger.json").read_text())["entries"]
+        entries = json.loads(ledger_file(fed, b).read_text())["entries"]
         assert len(entries) == 5
         spent = accounting.epsilon([accounting.Mechanism.from_dict(e) for e in entries], 1e-5)
         assert 2.8 < spent <= 3.0 and entries[-1]["epsilon_after"] == spent
     res = compare(str(fed.store), str(fed.pub("coordinator")), fed.data)
     assert res["federated"]["auc"] > 0.80
-    fed.train("bank-a", code=ExitCode.BUDGET)  # a sixth round would exceed epsilon 3
+    # a sixth round would exceed epsilon 3 at every bank: the coordinator signed the end, nothing is spent
+    assert "is complete: the privacy budget is used up" in fed.train("bank-a").output

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import BANKS, make_fed, one_line, snapshot, use_s3
+from helpers import BANKS, make_fed, one_line, snapshot, state_file, use_s3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -57,7 +57,7 @@ def forget(fed, bank: str) -> None:
     """Undo a bank's round-1 submission so the same bank can train again on another copy of its table."""
     for suffix in ("json", "safetensors"):
         (fed.store / f"rounds/000001/updates/{bank}.{suffix}").unlink()
-    fed.key(bank).with_suffix(".state.json").unlink()
+    state_file(fed, bank).unlink()
 
 
 def upload(srv, url: str, path) -> str:
@@ -180,7 +180,7 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path, credit_split, moto_s3, mon
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")  # nothing at all (no profile, no instance role: see use_s3)
     line = one_line(fed.train("bank-a", code=ExitCode.ERROR, data=f"{url}/bank-a.csv"))
     assert "no S3 credentials for s3://" in line and "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in line
-    assert snapshot(fed) == before and not fed.key("bank-a").with_suffix(".state.json").exists()
+    assert snapshot(fed) == before and not state_file(fed, "bank-a").exists()
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 import json
 
 import numpy as np
-from helpers import BANKS, TEMPLATE, forge, make_fed
+from helpers import BANKS, TEMPLATE, bank_dir, forge, make_fed
 from safetensors.numpy import load_file
 
 from fedcli import digest
@@ -45,7 +45,7 @@ method = "int8"
     m = read_json(fed.store / "rounds/000001/updates/bank-a.json")
     assert m["compression"] == {"method": "int8"}
     # error feedback stays at the bank, next to its state file, and never reaches the store
-    residual = load_file(tmp_path / "bank-a" / "bank-a.state.residual.safetensors")
+    residual = load_file(bank_dir(fed, "bank-a") / "state.residual.safetensors")
     assert set(residual) == set(g0) and any(np.abs(v).max() > 0 for v in residual.values())
     assert not [p for p in fed.store.rglob("*") if "residual" in p.name]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from fedcli import keys, models
-from fedcli.bank import sources, tables
+from fedcli.bank import freshness, sources, tables
 from fedcli.bank.kernel import probabilities
 from fedcli.errors import FedcliError
 from fedcli.files import atomic_writer
@@ -20,12 +20,21 @@ from fedcli.protocol import rounds
 from fedcli.store import Store
 
 
-def verified_global(store: Store, coordinator_pub: Path, round_: int | None):
+def verified_global(
+    store: Store,
+    coordinator_pub: Path,
+    round_: int | None,
+    key_path: Path | None = None,
+    state_path: Path | None = None,
+):
+    """(spec, global, notes): the global of `round_` (default the newest), after the freshness checks
+    `train` makes (bank.freshness: with `key_path`, this bank's state must not be newer than the store)."""
     spec, spec_sha = rounds.load_spec(store, keys.load_public(coordinator_pub))
+    notes = freshness.check_for_key(store, spec, spec_sha, key_path, state_path, save=True)
     r = rounds.latest_round(store) if round_ is None else round_
     if r not in rounds.global_rounds(store):
         raise FedcliError(f"round {r} has no published global model")
-    return spec, rounds.load_global(store, spec, spec_sha, r, models.shapes(spec.model, spec.data.n_features))
+    return spec, rounds.load_global(store, spec, spec_sha, r, models.shapes(spec.model, spec.data.n_features)), notes
 
 
 def evaluate(
@@ -34,10 +43,12 @@ def evaluate(
     data_path: Path,
     round_: int | None = None,
     prior: PriorCorrection | None = None,
+    key_path: Path | None = None,
+    state_path: Path | None = None,
 ):
     """(round, rows, metrics.Evaluation, notes) of the verified global model on a labelled table (both classes);
     with `prior`, of the prior-corrected scores."""
-    spec, g = verified_global(store, coordinator_pub, round_)
+    spec, g, fresh = verified_global(store, coordinator_pub, round_, key_path, state_path)
     table = sources.open_table(data_path)
     prep = tables.Preparation(spec.data, table.columns, table.name, need_target=True, separator=table.separator)
     labels: list[np.ndarray] = []
@@ -51,7 +62,7 @@ def evaluate(
     y, p = np.concatenate(labels), np.concatenate(scores)
     if prior is not None:
         p = shift_scores(p, prior.shift(spec.training.pos_weight))
-    return g.round, len(p), evaluation(y, p), tables.notes(prep, table.name)
+    return g.round, len(p), evaluation(y, p), fresh + tables.notes(prep, table.name)
 
 
 def predict(
@@ -61,6 +72,8 @@ def predict(
     out: Path,
     round_: int | None = None,
     prior: PriorCorrection | None = None,
+    key_path: Path | None = None,
+    state_path: Path | None = None,
 ):
     """Write the input table with a `score` column (probability of the positive class), chunk by chunk.
 
@@ -68,7 +81,7 @@ def predict(
     copied as read (CSV text as written, Parquet values as pandas prints them). With `prior`, the
     scores are prior-corrected (metrics.PriorCorrection).
     """
-    spec, g = verified_global(store, coordinator_pub, round_)
+    spec, g, fresh = verified_global(store, coordinator_pub, round_, key_path, state_path)
     shift = prior.shift(spec.training.pos_weight) if prior is not None else 0.0
     table = sources.open_table(data_path)
     prep = tables.Preparation(spec.data, table.columns, table.name, need_target=False, separator=table.separator)
@@ -86,7 +99,7 @@ def predict(
                 text.detach()  # the atomic writer closes (or discards) the file itself
     except OSError as e:
         raise FedcliError(f"cannot write {out}: {e.strerror or e}") from None
-    return g.round, prep.rows, tables.notes(prep, table.name)
+    return g.round, prep.rows, fresh + tables.notes(prep, table.name)
 
 
 def _write_scores(

@@ -12,7 +12,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcli import keys
-from fedcli.errors import FedcliError
+from fedcli.errors import FedcliError, InputError
 from fedcli.privacy.accounting import Mechanism
 from fedcli.privacy.ledger import Ledger
 from fedcli.privacy.policy import PrivacySpec
@@ -81,24 +81,33 @@ class BankPlan:
         return self.compression["method"] != "none"
 
     @classmethod
-    def decide(cls, spec: Spec, key_path: Path, ledger_path: Path, max_epsilon: float | None) -> BankPlan:
-        """Read the spec's switches once. The only I/O: the X25519 key, when secure aggregation is on."""
+    def decide(cls, spec: Spec, key_path: Path, ledger_path: Path | Ledger, max_epsilon: float | None) -> BankPlan:
+        """Read the spec's switches once. The only I/O: the X25519 key, when secure aggregation is on.
+
+        `ledger_path`: the ledger file, or a Ledger already bound to this key and federation."""
         mask_key = keys.load_mask_key(key_path) if spec.secagg.enabled else None
-        privacy, update_noise = _privacy(spec, ledger_path, max_epsilon, mask_key)
+        ledger = ledger_path if isinstance(ledger_path, Ledger) else Ledger(ledger_path)
+        privacy, update_noise = _privacy(spec, ledger, max_epsilon, mask_key)
         return cls(privacy, update_noise, mask_key, spec.strategy.compression_meta)
 
 
 def _privacy(
-    spec: Spec, ledger_path: Path, max_epsilon: float | None, mask_key: X25519PrivateKey | None
+    spec: Spec, ledger: Ledger, max_epsilon: float | None, mask_key: X25519PrivateKey | None
 ) -> tuple[PrivacyPlan | None, UpdateNoise | None]:
     """Differential privacy's part of the plan: the ledger and budget, and the noise of update-level DP."""
     ps = spec.privacy
     if not ps.enabled:
+        if max_epsilon is not None:  # the bank asked for a budget the spec cannot honour: nothing leaves
+            raise InputError(
+                f"--max-epsilon {max_epsilon:g} was given, but federation {spec.federation_id}'s spec has no "
+                "differential privacy ([privacy] is off): an update would leave without DP; nothing was sent "
+                "(drop --max-epsilon to train without DP)"
+            )
         return None, None
     if ps.budget_epsilon is None:  # privacy_spec fills it in from target_epsilon; unreachable from a parsed spec
         raise FedcliError("[privacy] needs budget_epsilon with a fixed noise_multiplier")
     budget = ps.budget_epsilon if max_epsilon is None else min(ps.budget_epsilon, max_epsilon)
-    privacy = PrivacyPlan(ps, Ledger(ledger_path), budget)
+    privacy = PrivacyPlan(ps, ledger, budget)
     update_noise = None
     if ps.mode == "update":  # with secure aggregation and shared noise, each bank adds its share
         multiplier = ps.noise_for()

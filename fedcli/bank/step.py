@@ -19,16 +19,18 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedcli import digest, keys, models
+from fedcli.bank import freshness, releases
 from fedcli.bank.checks import check_own_manifest, refuse_non_finite, require_finite
 from fedcli.bank.kernel import probabilities
 from fedcli.bank.plan import BankPlan, Release
 from fedcli.bank.rows import LocalRows
-from fedcli.bank.state import BankState, ledger_path_for, state_path_for
+from fedcli.bank.state import BankState, bank_files, key_hex
 from fedcli.errors import AlreadyExists, FedcliError
 from fedcli.keys import PublicIdentity
 from fedcli.metrics import MANIFEST_METRICS, score
 from fedcli.privacy import noise, policy
-from fedcli.protocol import compression, rounds, tensors
+from fedcli.privacy.ledger import Ledger
+from fedcli.protocol import compression, final, rounds, tensors
 from fedcli.protocol.spec import Spec, summary
 from fedcli.protocol.tensors import Shapes
 from fedcli.secagg import exchange, reveals
@@ -64,8 +66,17 @@ def train_round(
     """One round at a bank. Every check that can fail (keys, spec, global model, table, labels,
     training, finiteness, budget) runs before the first write to the store, so a refusal leaves
     nothing behind; the ledger is charged last before the upload (a crash after it over-counts)."""
-    job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True))
-    plan = BankPlan.decide(job.spec, key_path, ledger_path or ledger_path_for(key_path), max_epsilon)
+    job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True), ledger_path)
+    ended = final.load_final(store, job.spec, job.spec_sha)
+    if ended is not None:  # the coordinator signed the end: nothing to train, nothing to spend
+        job.state.saw_final(job.spec.federation_id, ended.round)
+        message = ended.describe(job.spec.federation_id) + "; nothing trained, no privacy budget spent"
+        return TrainResult(job.me.name, job.round, False, message)
+    job.state.check_not_ended()  # a deleted final marker must not reopen the federation
+    freshness.check_fresh(store, job.spec, job.spec_sha, job.state)  # rollback and max_round_age, before anything
+    plan = BankPlan.decide(job.spec, key_path, job.ledger, max_epsilon)
+    if plan.privacy is not None:  # the ledger must know every release the store shows (bank.releases)
+        releases.cross_check(store, job.spec, job.me, job.ledger, key_path)
     if store.exists(job.manifest_key):
         return resume(job, plan)
     base = verify_base(job, plan)
@@ -93,6 +104,7 @@ class BankRound:
     shapes: Shapes
     round: int  # one past the latest published global, which this round trains from
     console: Console
+    ledger: Ledger  # this key's ledger in this federation (bank.state.bank_files), bound to both
 
     @property
     def base_round(self) -> int:
@@ -112,7 +124,12 @@ class BankRound:
 
 
 def open_round(
-    store: Store, key_path: Path, coordinator_pub: Path, state_path: Path | None, console: Console
+    store: Store,
+    key_path: Path,
+    coordinator_pub: Path,
+    state_path: Path | None,
+    console: Console,
+    ledger_path: Path | None = None,
 ) -> BankRound:
     """Load the keys, the signed spec (this key must be enrolled) and the bank's state; find the round."""
     private, my_pub = keys.load_private(key_path)
@@ -122,10 +139,12 @@ def open_round(
         raise FedcliError(
             f"{key_path} (fingerprint {keys.fingerprint(keys.unb64(my_pub))}) is not enrolled in federation {spec.federation_id}"
         )
-    state = BankState.load(state_path or state_path_for(key_path))
+    files = bank_files(key_path, key_hex(my_pub), spec.federation_id, state_path, ledger_path)
+    state = BankState.for_federation(files, spec.federation_id)
     shapes = models.shapes(spec.model, spec.data.n_features)
     next_round = rounds.latest_round(store) + 1
-    return BankRound(store, spec, spec_sha, me, private, state, shapes, next_round, console)
+    ledger = releases.bank_ledger(spec, key_path, my_pub, ledger_path)
+    return BankRound(store, spec, spec_sha, me, private, state, shapes, next_round, console, ledger)
 
 
 def resume(job: BankRound, plan: BankPlan) -> TrainResult:
@@ -378,6 +397,7 @@ def submit(job: BankRound, base: rounds.Global, data: LocalData, trained: Traine
     if not upload(job, encoded.payload, signed):
         return job.nothing_to_do()
     if encoded.residual is not None:
+        job.state.path.parent.mkdir(parents=True, exist_ok=True)
         compression.save_residual(compression.residual_path(job.state.path), encoded.residual)
     job.state.save(job.spec.federation_id, base)
     method = encoded.compression["method"]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from fedcli import digest, keys, models
 from fedcli.contract import load_toml
+from fedcli.coordinator.state import CoordinatorState
 from fedcli.errors import FedcliError, InputError
 from fedcli.names import check_name
 from fedcli.protocol import rounds, tensors
@@ -61,12 +62,14 @@ def init_federation(
             entry["x25519"] = ident.x25519
         members.append(entry)
     spec = parse(raw, what, InputError)  # validates everything before anything is written
+    state = CoordinatorState.for_key(key_path, pub_b64, spec.federation_id)
     spec_bytes = dumps(raw)
     store.put(rounds.SPEC_KEY, spec_bytes)
     store.put(rounds.SPEC_SIG_KEY, keys.sign_bytes(private, spec_bytes).encode())
 
     weights = models.initial(spec.model, spec.data.n_features)
-    publish_global(store, private, spec, digest.sha256(spec_bytes), 0, weights, prev_sha=None, contributors=[])
+    sha = publish_global(store, private, spec, digest.sha256(spec_bytes), 0, weights, prev_sha=None, contributors=[])
+    state.start_over(sha)  # a new history for this federation id: round 0 only
     return spec
 
 

@@ -29,7 +29,9 @@ from rich.progress import Progress
 from fedcli import digest, keys, models
 from fedcli.aggregation import aggregators, server_opt
 from fedcli.aggregation.strategy import StrategySpec
+from fedcli.coordinator import ending
 from fedcli.coordinator.federation import publish_global
+from fedcli.coordinator.state import CoordinatorState
 from fedcli.errors import AlreadyExists, FedcliError, NotFound, VerificationError
 from fedcli.protocol import rounds, tensors
 from fedcli.protocol.documents import rejection
@@ -55,6 +57,8 @@ class AggregateResult:
     published: bool = False
     waiting_reason: str = ""
     how: str = ""  # e.g. "trimmed_mean, fedadam": what the spec's strategy did
+    complete: str = ""  # the federation ended (a signed final marker): why, in one line
+    global_sha256: str = ""  # of the global published by this run
 
 
 def quorum_reached(spec: Spec, n_accepted: int, base_created_at: str) -> tuple[bool, str]:
@@ -161,15 +165,29 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
     spec, spec_sha = rounds.load_spec(store, None)
     if pub_b64 != spec.coordinator.ed25519:
         raise VerificationError(f"{key_path} is not the coordinator key of federation {spec.federation_id}")
-    with LeaseLock(store, "aggregate") as lock:
-        return _aggregate_locked(store, private, spec, spec_sha, lock, console)
+    history = CoordinatorState.for_key(key_path, pub_b64, spec.federation_id)
+    with LeaseLock(store, "aggregate", max_lease=spec.max_lease_minutes * 60) as lock:
+        result = _aggregate_locked(store, private, spec, spec_sha, lock, console, history)
+        if result.published:  # the round just published may be the last one
+            ended = ending.end_after(store, private, spec, spec_sha, history, result.round)
+            result.complete = ended.describe(spec.federation_id) if ended else ""
+        return result
 
 
 def _aggregate_locked(
-    store: Store, private: Ed25519PrivateKey, spec: Spec, spec_sha: str, lock: LeaseLock, console: Console | None
+    store: Store,
+    private: Ed25519PrivateKey,
+    spec: Spec,
+    spec_sha: str,
+    lock: LeaseLock,
+    console: Console | None,
+    history: CoordinatorState,
 ) -> AggregateResult:
     """The stages, in order; the aggregator's temporary files are gone whatever happens."""
     plan = plan_round(store, spec, spec_sha)
+    ended = ending.check_and_end(store, private, spec, spec_sha, history, plan.base)  # coordinator.ending
+    if ended is not None:
+        return AggregateResult(round=plan.base.round, complete=ended.describe(spec.federation_id))
     result, candidates = collect_candidates(store, spec, spec_sha, plan)
     context = aggregators.RoundContext(spec, plan.shapes, plan.round, store, private, plan.equal_weights)
     aggregator = aggregators.build(context)
@@ -182,7 +200,9 @@ def _aggregate_locked(
     if delta is None:
         return result
     weights, state = server_step(store, spec, plan, delta)
+    history.refuse_twice(plan.round)  # coordinator.state: never a second, different round N
     publish(store, private, spec, spec_sha, plan, lock, result, weights, state, info)
+    history.record(plan.round, result.global_sha256)
     return result
 
 
@@ -301,7 +321,7 @@ def publish(
         store.put(rounds.server_state_key(r), data)
         extra["server_state_sha256"] = digest.sha256(data)
     try:
-        publish_global(
+        result.global_sha256 = publish_global(
             store, private, spec, spec_sha, r, weights, prev_sha=plan.base.sha256, contributors=result.accepted, **extra
         )
     except AlreadyExists:

@@ -9,7 +9,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fedcli.errors import ExitCode, FedcliError
+from fedcli.errors import ExitCode, FedcliError, InputError
 from fedcli.privacy.accounting import ACCOUNTANT, Mechanism, epsilon
 
 
@@ -30,24 +30,34 @@ class Ledger:
     under-counts. Writes are atomic (files.write_atomic) and serialised by a lock
     file, so overlapping cron runs cannot lose an entry.
 
-    Composition covers every entry of the same mode, across all federations, because the
-    same bank data may be used in several of them; update and record epsilons protect
-    different units and are kept apart.
+    Composition covers every entry of the same mode in the file; update and record epsilons
+    protect different units and are kept apart. A ledger is bound to one key and one federation
+    (`owner`: key fingerprint, federation id, written into the file): another key's or another
+    federation's file is refused, so pointing --ledger at a fresh or foreign file resets nothing
+    unnoticed (bank.releases also cross-checks the ledger against the bank's signed updates on
+    the store). `legacy`: a ledger of the layout before per-federation folders, read (all its
+    entries: over-counting, never under-counting) until this one is first written.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(
+        self, path: str | os.PathLike, owner: tuple[str, str] | None = None, legacy: str | os.PathLike | None = None
+    ):
         self.path = Path(path)
+        self.owner = owner
+        self.legacy = Path(legacy) if legacy is not None else None
 
     def entries(self) -> list[dict]:
         """Every release so far; a damaged ledger is refused, never read as an empty history."""
         from fedcli.contract import load_json, validate
-        from fedcli.errors import InputError
         from fedcli.files import read_bounded
         from fedcli.localdocs import MAX_LEDGER_BYTES, LedgerFile
 
-        what = f"privacy ledger {self.path}"
+        path = self.path
+        if not path.exists() and self.legacy is not None and self.legacy.is_file():
+            path = self.legacy
+        what = f"privacy ledger {path}"
         try:
-            data = read_bounded(self.path, MAX_LEDGER_BYTES, "privacy ledger")
+            data = read_bounded(path, MAX_LEDGER_BYTES, "privacy ledger")
             if data is None:
                 return []
             doc = validate(LedgerFile, load_json(data, what, MAX_LEDGER_BYTES, InputError), what, InputError)
@@ -55,7 +65,19 @@ class Ledger:
             raise InputError(
                 f"{e}: it is unreadable, and fedcli refuses to guess what was spent; restore it from backup"
             ) from None
+        self._check_owner(path, doc.key_fingerprint, doc.federation_id)
         return [e.model_dump() for e in doc.entries]
+
+    def _check_owner(self, path: Path, fingerprint: str | None, federation: str | None) -> None:
+        """A ledger written for another key or federation is not this one's history."""
+        if self.owner is None:
+            return
+        for what, theirs, mine in zip(("key", "federation"), (fingerprint, federation), self.owner, strict=True):
+            if theirs is not None and theirs != mine:
+                raise InputError(
+                    f"privacy ledger {path} belongs to {what} {theirs}, not {mine}: it is not this bank's "
+                    "history in this federation (--ledger names another file; without it fedcli picks the right one)"
+                )
 
     def mechanisms(self, mode: str) -> list[Mechanism]:
         return [Mechanism.from_dict(e) for e in self.entries() if e.get("mode") == mode]
@@ -98,20 +120,17 @@ class Ledger:
         """Check the budget and append the release to the ledger, atomically; returns the entry."""
         with self._locked():
             after = self.check(mech, budget_epsilon, delta)
-            entry = {
-                "round": int(round),
-                "federation": federation,
-                "mode": mech.mode,
-                "noise_multiplier": float(mech.noise_multiplier),
-                "sample_rate": float(mech.sample_rate),
-                "steps": int(mech.steps),
-                "clip": float(mech.clip),
-                "delta": float(delta),
-                "epsilon_after": float(after),
-                "budget_epsilon": float(budget_epsilon),
-                "time": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
+            entry = _entry(mech, round, federation, delta, after, budget_epsilon)
             self._write([*self.entries(), entry])
+        return entry
+
+    def record(self, mech: Mechanism, *, round: int, federation: str, budget_epsilon: float, delta: float) -> dict:
+        """Append a release that already happened (recovery from the store), whatever the budget says."""
+        with self._locked():
+            history = self.entries()
+            mechs = [Mechanism.from_dict(e) for e in history if e.get("mode") == mech.mode]
+            entry = _entry(mech, round, federation, delta, epsilon([*mechs, mech], delta), budget_epsilon)
+            self._write([*history, entry])
         return entry
 
     @contextlib.contextmanager
@@ -129,5 +148,23 @@ class Ledger:
         from fedcli.files import write_atomic
         from fedcli.localdocs import LedgerFile
 
-        doc = LedgerFile.model_validate({"version": 1, "accountant": ACCOUNTANT, "entries": entries})
-        write_atomic(self.path, json.dumps(doc.model_dump(), indent=2).encode(), self.path.name + ".")
+        owner = {} if self.owner is None else {"key_fingerprint": self.owner[0], "federation_id": self.owner[1]}
+        doc = LedgerFile.model_validate({"version": 1, "accountant": ACCOUNTANT, "entries": entries, **owner})
+        write_atomic(self.path, json.dumps(doc.model_dump(exclude_none=True), indent=2).encode(), self.path.name + ".")
+
+
+def _entry(mech: Mechanism, round_: int, federation: str, delta: float, after: float, budget_epsilon: float) -> dict:
+    """One ledger entry: the mechanism as run, and the epsilon after composing it."""
+    return {
+        "round": int(round_),
+        "federation": federation,
+        "mode": mech.mode,
+        "noise_multiplier": float(mech.noise_multiplier),
+        "sample_rate": float(mech.sample_rate),
+        "steps": int(mech.steps),
+        "clip": float(mech.clip),
+        "delta": float(delta),
+        "epsilon_after": float(after),
+        "budget_epsilon": float(budget_epsilon),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+    }

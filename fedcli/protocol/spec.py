@@ -109,6 +109,22 @@ class FederationTable(BaseModel):
     max_rows_per_member: int = Field(
         100_000_000, ge=1, le=10**10, description="largest num_examples an update may declare (its FedAvg weight)"
     )
+    rounds: int | None = Field(
+        None,
+        ge=1,
+        le=999_999,
+        description="planned rounds: after publishing this round the coordinator signs a final marker (default: no end)",
+    )
+    max_round_age: float | None = Field(
+        None,
+        gt=0,
+        le=87_600,
+        description="hours: banks refuse a store whose newest global is older (a store frozen in the past); "
+        "default: no limit",
+    )
+    max_lease_minutes: float = Field(
+        120, gt=0, le=10_080, description="longest aggregate lock lease; a longer one is invalid and may be taken over"
+    )
 
 
 class MemberTable(BaseModel):
@@ -311,6 +327,9 @@ class Spec:
     strategy: StrategySpec = field(default_factory=StrategySpec)
     privacy: PrivacySpec = PrivacySpec()
     document: Any = field(default=None, repr=False, compare=False)  # the validated SpecDocument
+    rounds: int | None = None  # planned rounds; then the coordinator publishes a signed final marker
+    max_round_age: float | None = None  # hours; banks refuse an older newest global
+    max_lease_minutes: float = 120.0  # a lock lease longer than this is invalid
 
     def member(self, name: str) -> PublicIdentity | None:
         return next((m for m in self.members if m.name == name), None)
@@ -379,6 +398,9 @@ def _build(doc: SpecDocument, raw: dict) -> Spec:
         strategy=strategy,
         secagg=secagg,
         document=doc,
+        rounds=fed.rounds,
+        max_round_age=fed.max_round_age,
+        max_lease_minutes=float(fed.max_lease_minutes),
     )
 
 
@@ -553,7 +575,18 @@ def summary(spec: Spec) -> list[tuple[str, str]]:
         ("compression", compression),
         ("quorum", quorum),
         ("max rows per member", f"{spec.max_rows_per_member:,}"),
+        *_lifetime(spec),
     ]
+
+
+def _lifetime(spec: Spec) -> list[tuple[str, str]]:
+    """The planned end and the freshness bound, when the spec sets them."""
+    rows = []
+    if spec.rounds is not None:
+        rows.append(("planned rounds", f"{spec.rounds}, then a signed final marker ends the federation"))
+    if spec.max_round_age is not None:
+        rows.append(("max round age", f"{spec.max_round_age:g} hours: an older newest global is refused"))
+    return rows
 
 
 def settings(spec: Spec) -> list[tuple[str, str, bool]]:

@@ -102,10 +102,12 @@ class LeaseLock:
         *,
         ttl: float = DEFAULT_TTL,
         clock: Callable[[], float] = time.time,
+        max_lease: float | None = None,
     ):
         self.store = store
         self.name = check_name(name, "lock name")
-        self.ttl = float(ttl)
+        self.max_lease = float(max_lease) if max_lease is not None else None  # seconds: the spec's max_lease_minutes
+        self.ttl = float(ttl) if self.max_lease is None else min(float(ttl), self.max_lease)
         self.clock = clock
         self.owner = secrets.token_hex(16)
         self.gen: int | None = None  # our record number while we hold the lock
@@ -135,12 +137,24 @@ class LeaseLock:
                     f"lock record {key}: lease until {_when(rec['expires'])} is more than "
                     f"{MAX_LEASE_TTLS} lease times ahead"
                 )
+            self._check_lease_length(key, rec)
             return rec
         except NotFound:
             return None
         except FedcliError as e:  # oversized, nested, malformed, linked...: never a live lease
             log.warning("ignoring the %s lock record as expired: %s", self.name, e)
             return {}
+
+    def _check_lease_length(self, key: str, rec: dict) -> None:
+        """A lease that runs further ahead than the spec's maximum is not one a fedcli run took: invalid, so it
+        may be taken over (its `at` is not trusted: a planted record can say anything there)."""
+        if self.max_lease is None:
+            return
+        if rec["expires"] > self.clock() + self.max_lease:
+            raise ContractError(
+                f"lock record {key}: lease until {_when(rec['expires'])} is longer than the spec's "
+                f"max_lease_minutes ({self.max_lease / 60:g})"
+            )
 
     def _record(self, state: str) -> bytes:
         now = self.clock()
