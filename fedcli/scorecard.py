@@ -243,7 +243,7 @@ def load(store, coordinator_pub: Path, round_: int | None, pdo: float, base_scor
     from fedcli.bank.inference import verified_global
 
     check_scaling(pdo, base_score, base_odds)
-    spec, g = verified_global(store, coordinator_pub, round_)
+    spec, g, _fresh = verified_global(store, coordinator_pub, round_)
     shift = prior.shift(spec.training.pos_weight) if prior is not None else 0.0
     card = build(spec, g.tensors, pdo, base_score, base_odds, shift)
     about = {

@@ -65,7 +65,7 @@ def export(
     from fedcli.protocol import rounds
 
     check_folder(out, force)
-    spec, g = verified_global(store, coordinator_pub, round_)
+    spec, g, _fresh = verified_global(store, coordinator_pub, round_)
     _, spec_sha = rounds.load_spec(store, keys.load_public(coordinator_pub))
     chain = lineage(store, spec, spec_sha, g.round)
     if chain[-1]["tensors_sha256"] != g.sha256:
