@@ -109,6 +109,12 @@ class FederationTable(BaseModel):
     max_rows_per_member: int = Field(
         100_000_000, ge=1, le=10**10, description="largest num_examples an update may declare (its FedAvg weight)"
     )
+    roster_countersign: int = Field(
+        0,
+        ge=0,
+        le=MAX_MEMBERS,
+        description="members of this version who must countersign the next version's roster change (0: none)",
+    )
 
 
 class MemberTable(BaseModel):
@@ -304,6 +310,8 @@ class Spec:
     strategy: StrategySpec = field(default_factory=StrategySpec)
     privacy: PrivacySpec = PrivacySpec()
     document: Any = field(default=None, repr=False, compare=False)  # the validated SpecDocument
+    roster_countersign: int = 0  # t of n members countersign a roster change of the next version
+    chain: Any = field(default=None, repr=False, compare=False)  # protocol.chain.Chain it was read from
 
     def member(self, name: str) -> PublicIdentity | None:
         return next((m for m in self.members if m.name == name), None)
@@ -340,6 +348,8 @@ def _build(doc: SpecDocument, raw: dict) -> Spec:
     if min_clients > len(members):
         raise FedcliError(f"[federation] min_clients must be between 1 and the number of members ({len(members)})")
 
+    if fed.roster_countersign > len(members):
+        raise FedcliError(f"[federation] roster_countersign must be at most the number of members ({len(members)})")
     privacy = privacy_spec(doc.privacy)
     strategy = build_strategy(doc.strategy, len(members), min_clients)
     if strategy.prox_mu > 0 and privacy.mode == "record":
@@ -372,6 +382,7 @@ def _build(doc: SpecDocument, raw: dict) -> Spec:
         strategy=strategy,
         secagg=secagg,
         document=doc,
+        roster_countersign=fed.roster_countersign,
     )
 
 
@@ -529,7 +540,7 @@ def summary(spec: Spec) -> list[tuple[str, str]]:
         ("compression", compression),
         ("quorum", quorum),
         ("max rows per member", f"{spec.max_rows_per_member:,}"),
-    ]
+    ] + ([("roster changes", f"countersigned by {spec.roster_countersign} members")] if spec.roster_countersign else [])
 
 
 def settings(spec: Spec) -> list[tuple[str, str, bool]]:

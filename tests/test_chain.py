@@ -1,0 +1,287 @@
+"""The versioned spec (protocol/chain.py): amend, join/leave at a round boundary, key rotation,
+countersigned roster changes, and every way a walker refuses the chain; and a bank's policy pinning
+(bank/pinning.py). All through the CLI."""
+
+import json
+import shutil
+
+import pytest
+from helpers import TEMPLATE, make_fed, one_line, snapshot
+
+from fedcli import keys
+
+
+def amend(fed, *args, code=0, key="coordinator"):
+    return fed.cli("spec", "amend", fed.loc, "--key", fed.key(key), *args, code=code)
+
+
+def show(fed, pub="coordinator", code=0):
+    return fed.cli("spec", "show", fed.loc, "--coordinator", fed.pub(pub), code=code)
+
+
+def newbank(fed, name, folder=None):
+    """A key pair NAME in root/folder (default root/name)."""
+    fed.cli("keygen", name, "--out", fed.root / (folder or name))
+    return fed.root / (folder or name) / f"{name}.pub"
+
+
+def train_as(fed, key, data_bank, *extra, code=0):
+    return fed.cli(
+        "train",
+        "--store",
+        fed.loc,
+        "--key",
+        key,
+        "--data",
+        fed.data / f"{data_bank}.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+        *extra,
+        code=code,
+    )
+
+
+def round_one(fed, banks=("bank-a", "bank-b", "bank-c")):
+    for b in banks:
+        fed.train(b)
+    fed.aggregate()
+
+
+# --------------------------------------------------------------------------- amend and walk (fast)
+
+
+def test_amend_publishes_version_2_that_spec_show_verifies(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    res = amend(fed, "--member", newbank(fed, "bank-e"))
+    assert "join: bank-e" in res.output and "spec version 2 published; applies from round 1" in res.output
+    link = json.loads((fed.store / "specs/000002/link.json").read_text())
+    assert link["version"] == 2 and link["effective_round"] == 1 and set(link["signatures"]) == {"previous"}
+    assert "bank-e" in show(fed).output
+
+
+def test_amend_with_a_key_that_is_not_the_coordinators_is_refused(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    before = snapshot(fed)
+    res = amend(fed, key="bank-a", code=4)
+    assert "is not the coordinator key of spec version 1" in one_line(res)
+    assert snapshot(fed) == before
+
+
+def test_a_gap_in_the_chain_is_refused(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    amend(fed, "--member", newbank(fed, "bank-e"))
+    amend(fed, "--remove", "bank-e")
+    (fed.store / "specs/000002/link.json").unlink()
+    assert "version 2 is missing before version 3" in one_line(show(fed, code=4))
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        ("effective_round", "signature does not verify"),
+        ("signature", "signature does not verify"),
+        ("spec", "does not match the sha256"),
+        ("prev", "signature does not verify"),
+    ],
+)
+def test_a_tampered_version_is_refused(tmp_path, credit_split, tamper, message):
+    fed = make_fed(tmp_path, credit_split)
+    amend(fed, "--member", newbank(fed, "bank-e"))
+    path = fed.store / "specs/000002/link.json"
+    link = json.loads(path.read_text())
+    if tamper == "effective_round":
+        link["effective_round"] = 7
+    elif tamper == "signature":
+        link["signatures"]["previous"] = link["signatures"]["previous"][::-1]
+    elif tamper == "prev":
+        link["prev_spec_sha256"] = "0" * 64
+    if tamper == "spec":
+        spec = fed.store / "specs/000002/federation.toml"
+        spec.write_text(spec.read_text().replace("epochs = 3", "epochs = 4"))
+    else:
+        path.write_text(json.dumps(link))
+    assert message in one_line(show(fed, code=4))
+
+
+def test_a_link_signed_by_anyone_but_the_previous_coordinator_is_refused(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    amend(fed, "--member", newbank(fed, "bank-e"))
+    path = fed.store / "specs/000002/link.json"
+    link = json.loads(path.read_text())
+    del link["signatures"]
+    forger, _ = keys.load_private(fed.key("bank-a"))  # a member re-signs the link: not the coordinator
+    from fedcli.protocol.chain import sign_link
+
+    path.write_bytes(sign_link(link, forger, None))
+    assert "the coordinator of the version before" in one_line(show(fed, code=4))
+
+
+def test_coordinator_key_rotation_is_signed_by_both_keys_and_both_pins_work(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    new = newbank(fed, "coordinator2")
+    res = amend(fed, "--new-key", fed.key("coordinator2"))
+    assert "spec version 2 published" in res.output
+    link = json.loads((fed.store / "specs/000002/link.json").read_text())
+    assert set(link["signatures"]) == {"previous", "next"}
+    show(fed)  # pinned to the old key: walks from version 1
+    show(fed, pub="coordinator2")  # pinned to the new one: version 2 is signed by it
+    assert new.exists()
+    # the old key no longer amends; the new one does
+    assert "not the coordinator key of spec version 2" in one_line(amend(fed, code=4))
+    amend(fed, "--member", newbank(fed, "bank-e"), key="coordinator2")
+    # a version claiming the new key without its signature is refused
+    path = fed.store / "specs/000002/link.json"
+    link = json.loads(path.read_text())
+    del link["signatures"]["next"]
+    path.write_text(json.dumps(link))
+    assert "not signed by the new coordinator key" in one_line(show(fed, code=4))
+
+
+def test_a_pin_no_version_carries_is_refused(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    amend(fed, "--member", newbank(fed, "bank-e"))
+    res = show(fed, pub="bank-a", code=4)
+    assert "no version of it is signed with the pinned coordinator key" in one_line(res)
+
+
+def test_effective_round_cannot_be_a_published_round(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    res = amend(fed, "--effective-round", "1")
+    assert "applies from round 1" in res.output
+    # round 0 is published: a version never applies to it (the option's own range refuses 0)
+    amend(fed, "--effective-round", "0", code=2)
+
+
+def test_the_federation_id_cannot_change(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    other = tmp_path / "other.toml"
+    other.write_text(TEMPLATE.replace('id = "credit-demo"', 'id = "other"'))
+    assert "id must stay 'credit-demo'" in one_line(amend(fed, "--file", other, code=1))
+
+
+# --------------------------------------------------------------------------- roster changes over rounds
+
+
+@pytest.mark.slow
+def test_members_join_and_leave_at_a_round_boundary(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    round_one(fed)
+    res = amend(fed, "--member", newbank(fed, "bank-e"), "--remove", "bank-d")
+    assert "applies from round 2" in res.output
+    train_as(fed, fed.key("bank-e"), "bank-a")
+    assert "is not enrolled" in one_line(fed.train("bank-d", code=1))
+    fed.train("bank-a")
+    fed.train("bank-b")
+    fed.aggregate()
+    g2 = json.loads((fed.store / "rounds/000002/global.json").read_text())
+    assert {c["member"] for c in g2["contributors"]} == {"bank-a", "bank-b", "bank-e"}
+    g1 = json.loads((fed.store / "rounds/000001/global.json").read_text())
+    assert g1["spec_sha256"] != g2["spec_sha256"]  # each global names the version it was made under
+    status = fed.cli("status", fed.loc, "--coordinator", fed.pub("coordinator")).output
+    assert "bank-e" in status and "bank-c" in status
+
+
+@pytest.mark.slow
+def test_a_roster_change_waits_for_countersignatures(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, TEMPLATE.replace("deadline_minutes = 0", "roster_countersign = 2"))
+    res = amend(fed, "--member", newbank(fed, "bank-e"))
+    assert "awaits countersignatures" in res.output
+    assert "is not enrolled" in one_line(train_as(fed, fed.key("bank-e"), "bank-a", code=1))
+    assert "still awaits countersignatures" in one_line(amend(fed, code=1))
+    bad = fed.cli("spec", "countersign", fed.loc, "--key", fed.key("bank-e"), code=1)
+    assert "only its members countersign" in one_line(bad)
+    fed.cli("spec", "countersign", fed.loc, "--key", fed.key("bank-a"))
+    assert "bank-e" not in show(fed).output.split("roster")[-1]
+    fed.cli("spec", "countersign", fed.loc, "--key", fed.key("bank-b"))
+    train_as(fed, fed.key("bank-e"), "bank-a")
+    # a forged countersignature (bank-c's name, bank-e's key) does not count
+    assert (fed.store / "specs/000002/countersign/bank-a.json").exists()
+
+
+@pytest.mark.slow
+def test_a_member_rotates_its_key_with_a_statement_signed_by_the_old_one(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, TEMPLATE.replace("deadline_minutes = 0", "roster_countersign = 3"))
+    new_pub = newbank(fed, "bank-a", folder="bank-a-2026")
+    new_key = fed.root / "bank-a-2026" / "bank-a.key"
+    fed.cli("spec", "rotate-key", fed.loc, "--key", fed.key("bank-a"), "--new", new_pub)
+    res = amend(fed, "--member", new_pub)
+    assert "rotate: bank-a" in res.output and "published" in res.output  # no countersignature needed
+    train_as(fed, new_key, "bank-a")
+    assert "is not enrolled" in one_line(fed.train("bank-a", code=1))
+    # a key change without a statement is a replacement: a roster change that needs countersigning
+    other = newbank(fed, "bank-b", folder="bank-b-new")
+    assert "awaits countersignatures" in amend(fed, "--member", other).output
+
+
+# --------------------------------------------------------------------------- forks and rollback
+
+
+@pytest.mark.slow
+def test_a_bank_refuses_a_forked_or_rolled_back_chain(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    amend(fed, "--member", newbank(fed, "bank-e"))
+    fed.train("bank-a")  # bank-a now trusts version 2
+    saved = tmp_path / "v2"
+    shutil.copytree(fed.store / "specs", saved)
+    shutil.rmtree(fed.store / "specs")
+    assert "already trusted version 2" in one_line(fed.train("bank-a", code=4))
+    amend(fed, "--remove", "bank-d")  # a different version 2 (anyone holding the coordinator key)
+    assert "not the one this bank trusted" in one_line(fed.train("bank-a", code=4))
+
+
+# --------------------------------------------------------------------------- policy pinning
+
+
+DP = '\n[privacy]\nmode = "update"\nclip = 0.5\nnoise_multiplier = 1.0\nbudget_epsilon = 50\n'
+
+
+@pytest.mark.slow
+def test_a_version_that_drops_dp_is_refused_until_accepted(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, TEMPLATE + DP)
+    fed.train("bank-a")
+    weaker = tmp_path / "no-dp.toml"
+    weaker.write_text(TEMPLATE)
+    amend(fed, "--file", weaker, "--effective-round", "2")
+    fed.train("bank-b")
+    fed.train("bank-c")
+    fed.aggregate()  # round 1 under version 1 (DP)
+    before = snapshot(fed)
+    res = fed.train("bank-a", code=4)
+    line = one_line(res)
+    assert "weakens what this bank agreed to in version 1" in line and "--accept-spec-version 2" in line
+    assert "differential privacy" in res.output and "version 2" in res.output  # the difference, as a table
+    assert snapshot(fed) == before
+    assert "weakens" in one_line(fed.train("bank-d", code=4))  # a bank with no record: it agreed to version 1
+    res = fed.cli(
+        "train",
+        "--store",
+        fed.loc,
+        "--key",
+        fed.key("bank-a"),
+        "--data",
+        fed.data / "bank-a.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+        "--accept-spec-version",
+        "2",
+    )
+    assert "submitted update for round 2" in res.output
+    fed.train("bank-a")  # accepted once, remembered
+
+
+SECAGG = DP + '\n[secagg]\nenabled = true\nclip = 1.0\n[strategy]\nmode = "sync"\n'
+
+
+@pytest.mark.slow
+def test_a_coordinator_resigning_the_spec_without_protections_sends_nothing(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, TEMPLATE + DP)
+    fed.train("bank-a")
+    # the coordinator (or anyone with its key) rewrites version 1 in place, without [privacy]
+    spec = (fed.store / "federation.toml").read_text()
+    stripped = spec.split("[privacy]")[0]
+    private, _ = keys.load_private(fed.key("coordinator"))
+    (fed.store / "federation.toml").write_text(stripped)
+    (fed.store / "federation.toml.sig").write_text(keys.sign_bytes(private, stripped.encode()))
+    before = snapshot(fed)
+    assert "not the one this bank trusted" in one_line(fed.train("bank-a", code=4))
+    assert snapshot(fed) == before
