@@ -712,3 +712,30 @@ def spec_rotate_key(
     with failures():
         where = rotate_key(_store(store), key, new)
     out.print(f"key rotation statement written to {escape(where)}: send the new .pub to the coordinator")
+
+
+@app.command()
+def audit(
+    store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
+    coordinator: Path = typer.Option(
+        ..., "--coordinator", "-c", help="Pinned coordinator public key (coordinator.pub) of version 1 or later."
+    ),
+    out_dir: Path = typer.Option(Path("audit"), "--out", "-o", help="Folder for audit.json and audit.html."),
+):
+    """Auditor: verify the whole history offline (spec versions, rounds, signatures, hashes, chain links)
+    and write audit.json and audit.html. Exit 4 on any break, with the first break on one line."""
+    from fedcli import audit as auditing
+    from fedcli.keys import load_public
+
+    with failures():
+        result = auditing.audit(_store(store), load_public(coordinator))
+        paths = auditing.write(result, out_dir)
+        if result.broken:
+            from fedcli.errors import VerificationError
+
+            raise VerificationError(f"audit: {result.broken} (report written to {paths[1]})")
+    out.print(
+        f"audit passed: {len(result.versions)} spec version(s), {len(result.rounds)} round(s), final model "
+        f"{result.final_sha256}; wrote {escape(str(paths[0]))} and {escape(str(paths[1]))}",
+        soft_wrap=True,
+    )

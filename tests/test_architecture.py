@@ -16,6 +16,7 @@ LAYERS = {
     **dict.fromkeys(["protocol", "privacy", "secagg", "store", "aggregation"], 2),
     **dict.fromkeys(["bank", "coordinator"], 3),
     "report": 4,
+    "audit": 4,
     "cli": 5,
 }
 
