@@ -318,3 +318,12 @@ def test_a_coordinator_resigning_the_spec_without_protections_sends_nothing(tmp_
     before = snapshot(fed)
     assert "not the one this bank trusted" in one_line(fed.train("bank-a", code=4))
     assert snapshot(fed) == before
+
+
+def test_amend_refuses_a_model_the_published_globals_cannot_train(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    other = tmp_path / "mlp.toml"
+    other.write_text(TEMPLATE.replace('kind = "logreg"', 'kind = "mlp"'))
+    before = snapshot(fed)
+    assert "model's shape changes" in one_line(amend(fed, "--file", other, code=1))
+    assert snapshot(fed) == before

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcli import keys
+from fedcli import keys, models
 from fedcli.contract import load_toml
 from fedcli.digest import sha256
 from fedcli.errors import AlreadyExists, FedcliError, InputError, VerificationError
@@ -50,6 +50,12 @@ def amend(
     raw = _new_raw(latest, template, add or [], remove or [], new_key, new_pub)
     what = f"spec version {latest.number + 1}"
     spec = parse(raw, what, InputError)
+    old = latest.spec
+    if models.shapes(spec.model, spec.data.n_features) != models.shapes(old.model, old.data.n_features):
+        raise InputError(
+            f"{what}: the model's shape changes (model kind, hidden layers or features): the published "
+            "globals cannot train it; start a new federation with `fedcli init`"
+        )
     data = dumps(raw)
     rotations = [r for r in (_rotation(store, latest, m) for m in spec.members) if r is not None]
     try:
