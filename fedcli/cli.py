@@ -590,6 +590,7 @@ def spec_show(
     out.print(table)
     out.print(in_force_table(spec))
     out.print(roster_table(spec))
+    _chain_line(spec, sha)
     if pinned is None:
         out.print(
             "[yellow]signature checked against the key named in the spec itself (not pinned)[/]: "
@@ -654,6 +655,21 @@ if __name__ == "__main__":
 
 
 # --------------------------------------------------------------------------- the spec's versions (protocol/chain.py)
+
+
+def _chain_line(spec, sha: str) -> None:
+    """Which version of the spec is in force, and what is announced after it (spec show)."""
+    chain = spec.chain
+    if chain is None:
+        return
+    current = next(v for v in chain.versions if v.sha == sha)
+    line = f"spec version {current.number} of {chain.latest.number}, in force from round {current.effective_round}"
+    later = [v for v in chain.versions if v.number > current.number]
+    if later:
+        line += "; announced: " + ", ".join(f"version {v.number} from round {v.effective_round}" for v in later)
+    if chain.pending is not None:
+        line += f"; version {chain.pending.number} awaits countersignatures"
+    out.print(line, soft_wrap=True)
 
 
 @spec_app.command("amend")

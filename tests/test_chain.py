@@ -59,7 +59,10 @@ def test_amend_publishes_version_2_that_spec_show_verifies(tmp_path, credit_spli
     assert "join: bank-e" in res.output and "spec version 2 published; applies from round 1" in res.output
     link = json.loads((fed.store / "specs/000002/link.json").read_text())
     assert link["version"] == 2 and link["effective_round"] == 1 and set(link["signatures"]) == {"previous"}
-    assert "bank-e" in show(fed).output
+    out = show(fed).output
+    assert "bank-e" in out and "spec version 2 of 2, in force from round 1" in out
+    amend(fed, "--remove", "bank-e", "--effective-round", "3")
+    assert "spec version 2 of 3, in force from round 1; announced: version 3 from round 3" in show(fed).output
 
 
 def test_amend_with_a_key_that_is_not_the_coordinators_is_refused(tmp_path, credit_split):
@@ -149,7 +152,8 @@ def test_a_pin_no_version_carries_is_refused(tmp_path, credit_split):
 
 def test_effective_round_cannot_be_a_published_round(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split)
-    res = amend(fed, "--effective-round", "1")
+    assert "nothing to amend" in one_line(amend(fed, code=1))
+    res = amend(fed, "--effective-round", "1", "--remove", "bank-d")
     assert "applies from round 1" in res.output
     # round 0 is published: a version never applies to it (the option's own range refuses 0)
     amend(fed, "--effective-round", "0", code=2)

@@ -57,6 +57,8 @@ def amend(
             "globals cannot train it; start a new federation with `fedcli init`"
         )
     data = dumps(raw)
+    if sha256(data) == latest.sha:
+        raise InputError(f"{what} would be identical to version {latest.number}: nothing to amend")
     rotations = [r for r in (_rotation(store, latest, m) for m in spec.members) if r is not None]
     try:
         changes = chain.roster_changes(latest.spec, spec, rotations)
