@@ -331,3 +331,45 @@ def test_amend_refuses_a_model_the_published_globals_cannot_train(tmp_path, cred
     before = snapshot(fed)
     assert "model's shape changes" in one_line(amend(fed, "--file", other, code=1))
     assert snapshot(fed) == before
+
+
+def test_amend_refuses_removing_a_stranger(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    assert "--remove bank-z: no member of that name" in one_line(amend(fed, "--remove", "bank-z", code=1))
+
+
+@pytest.mark.parametrize(
+    "planted, message",
+    [
+        (b'{"member": "bank-a", "old_ed25519": "OLD", "n": 1e400, "signature": "AA=="}', "too large to be finite"),
+        (b"[1, 2]", "not a JSON object"),
+        (b"{" * 100, ""),
+    ],
+)
+def test_a_planted_rotation_statement_is_refused_with_one_line(tmp_path, credit_split, planted, message):
+    fed = make_fed(tmp_path, credit_split)
+    new_pub = newbank(fed, "bank-a", folder="bank-a-new")
+    new_id = keys.load_public(new_pub).ed25519
+    from fedcli.protocol.chain import rotation_key
+
+    path = fed.store / rotation_key("bank-a", new_id)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(planted.replace(b"OLD", keys.load_public(fed.pub("bank-a")).ed25519.encode()))
+    before = snapshot(fed)
+    res = amend(fed, "--member", new_pub, code=4)
+    assert message in one_line(res)
+    assert snapshot(fed) == before
+
+
+def test_a_rotation_statement_signed_by_another_key_does_not_count(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, TEMPLATE.replace("deadline_minutes = 0", "roster_countersign = 2"))
+    new_pub = newbank(fed, "bank-a", folder="bank-a-new")
+    new_id = keys.load_public(new_pub).ed25519
+    old_id = keys.load_public(fed.pub("bank-a")).ed25519
+    from fedcli.protocol.chain import rotation_key, rotation_statement
+
+    thief, _ = keys.load_private(fed.key("bank-b"))  # bank-b forges bank-a's rotation
+    path = fed.store / rotation_key("bank-a", new_id)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(rotation_statement(thief, "credit-demo", "bank-a", old_id, new_id))
+    assert "signature does not verify with bank-a's key" in one_line(amend(fed, "--member", new_pub, code=4))

@@ -108,6 +108,9 @@ def _new_raw(latest: chain.Version, template, add, remove, new_key, new_pub) -> 
     members = raw.get("members") or [dict(m) for m in base["members"]]
     if not isinstance(members, list):
         raise InputError("spec file: 'members' must be a list of tables")
+    unknown = [name for name in remove if not any(isinstance(m, dict) and m.get("name") == name for m in members)]
+    if unknown:
+        raise InputError(f"--remove {unknown[0]}: no member of that name in the new spec")
     members = [m for m in members if not (isinstance(m, dict) and m.get("name") in remove)]
     for p in add:
         ident = keys.load_public(p)

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
 
 from fedcli import keys
 from fedcli.digest import sha256
-from fedcli.errors import ContractError, FedcliError, InputError, NotFound, VerificationError
+from fedcli.errors import ContractError, FedcliError, NotFound, VerificationError
 from fedcli.keys import PublicIdentity
 from fedcli.protocol.documents import Document, Name, Sha256, Timestamp
 from fedcli.protocol.spec import MAX_SIG_BYTES, MAX_SPEC_BYTES, Spec, verified
@@ -330,7 +329,7 @@ def _check_rotation(statement: dict, old: Spec) -> None:
     if member is None or member.ed25519 != statement.get("old_ed25519"):
         raise VerificationError(f"{what}: the old key is not that member's key in the version before", reason=CHAIN)
     body = {k: v for k, v in statement.items() if k != "signature"}
-    keys.verify_manifest(keys.canonical(statement), member, what)
+    keys.verify_manifest(_signed_body(statement, what), member, what)
     validate(KeyRotation, body, what)
     if statement["federation_id"] != old.federation_id:
         raise VerificationError(f"{what}: names another federation", reason="wrong-round")
@@ -429,9 +428,3 @@ def read_rotation(store: Store, spec: Spec, member: str, new_ed25519: str) -> di
     if doc["new_ed25519"] != new_ed25519:
         raise VerificationError(f"key rotation {key} names another new key", reason=CHAIN)
     return doc
-
-
-def check_template_path(path: Path) -> Path:
-    if not Path(path).is_file():
-        raise InputError(f"cannot read spec file {path}: No such file")
-    return Path(path)
