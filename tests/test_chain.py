@@ -9,7 +9,7 @@ import tomllib
 import tomli_w
 
 import pytest
-from helpers import TEMPLATE, make_fed, one_line, snapshot
+from helpers import TEMPLATE, make_fed, one_line, snapshot, use_s3
 
 from fedcli import keys
 
@@ -373,3 +373,37 @@ def test_a_rotation_statement_signed_by_another_key_does_not_count(tmp_path, cre
     path.parent.mkdir(parents=True)
     path.write_bytes(rotation_statement(thief, "credit-demo", "bank-a", old_id, new_id))
     assert "signature does not verify with bank-a's key" in one_line(amend(fed, "--member", new_pub, code=4))
+
+
+@pytest.mark.slow
+def test_the_chain_on_s3_join_then_rotate_the_coordinator(moto_s3, tmp_path, credit_split, monkeypatch):
+    fed = make_fed(tmp_path, credit_split, url=use_s3(moto_s3, monkeypatch))
+    amend(fed, "--member", newbank(fed, "bank-e"))
+    newbank(fed, "coordinator2")
+    amend(fed, "--new-key", fed.key("coordinator2"), "--effective-round", "2")
+    for b in ("bank-a", "bank-b"):
+        fed.train(b)
+    train_as(fed, fed.key("bank-e"), "bank-c")
+    fed.aggregate()  # round 1: version 2, still the first coordinator's
+    assert "not the coordinator key" in one_line(fed.aggregate(code=4))  # round 2 is version 3's
+    for b in ("bank-a", "bank-b", "bank-c"):
+        fed.train(b)
+    fed.cli("aggregate", "--store", fed.loc, "--key", fed.key("coordinator2"))
+    res = fed.cli("audit", fed.loc, "--coordinator", fed.pub("coordinator"), "--out", tmp_path / "audit")
+    assert "audit passed: 3 spec version(s), 3 round(s)" in res.output
+
+
+@pytest.mark.slow
+def test_an_update_made_under_the_version_before_is_refused_in_a_round_under_the_new_one(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    fed.train("bank-a")  # round 1 under version 1
+    assert "applies from round 2" in amend(fed, "--member", newbank(fed, "bank-e")).output  # the default waits
+    (fed.store / "specs").rename(tmp_path / "specs-default")
+    amend(fed, "--member", fed.pub("bank-e"), "--effective-round", "1")  # the operator insists on round 1
+    for b in ("bank-b", "bank-c"):
+        fed.train(b)
+    train_as(fed, fed.key("bank-e"), "bank-d")
+    res = fed.aggregate()
+    assert "bank-a" in res.output
+    rejections = json.loads((fed.store / "rounds/000001/rejections.json").read_text())["entries"]
+    assert rejections["bank-a"]["reason"] == "wrong-round" and "another version" in rejections["bank-a"]["message"]
