@@ -195,6 +195,9 @@ def test_a_roster_change_waits_for_countersignatures(tmp_path, credit_split):
     assert "awaits countersignatures" in res.output
     assert "is not enrolled" in one_line(train_as(fed, fed.key("bank-e"), "bank-a", code=1))
     assert "still awaits countersignatures" in one_line(amend(fed, code=1))
+    # round 1 is the new version's: nobody plays it under the old one meanwhile (exit 3, cron tries later)
+    assert "awaits countersignatures (0 of 2) before round 1" in fed.train("bank-a", code=3).output
+    assert "awaits countersignatures" in fed.aggregate(code=3).output
     bad = fed.cli("spec", "countersign", fed.loc, "--key", fed.key("bank-e"), code=1)
     assert "only its members countersign" in one_line(bad)
     fed.cli("spec", "countersign", fed.loc, "--key", fed.key("bank-a"))

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from fedcli.contract import strict_config
 from fedcli.errors import FedcliError, InputError, VerificationError
-from fedcli.protocol.chain import Chain, Version
+from fedcli.protocol.chain import Chain, Version, gate
 from fedcli.protocol.spec import Spec
 
 MAX_POSITION_BYTES = 4096
@@ -73,11 +73,13 @@ class Weakening:
     new: str
 
 
-def pin(spec: Spec, spec_sha: str, me: str, state_path: Path, accept: int | None, console: Console) -> None:
-    """Refuse a forked or rolled-back chain, and a version that weakens this bank's policy unless accepted."""
+def pin(spec: Spec, spec_sha: str, me: str, state_path: Path, accept: int | None, console: Console, r: int = 0) -> None:
+    """Refuse a forked or rolled-back chain, and a version that weakens this bank's policy unless accepted;
+    wait (exit 3) while a version that applies to round r awaits countersignatures."""
     walked = spec.chain
     if not isinstance(walked, Chain):
         return
+    gate(spec, r)
     path = position_path_for(state_path)
     pos = load_position(path)
     current = next(v for v in walked.versions if v.sha == spec_sha)

@@ -65,7 +65,7 @@ def train_round(
     training, finiteness, budget) runs before the first write to the store, so a refusal leaves
     nothing behind; the ledger is charged last before the upload (a crash after it over-counts)."""
     job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True))
-    pinning.pin(job.spec, job.spec_sha, job.me.name, job.state.path, accept_spec_version, job.console)
+    pinning.pin(job.spec, job.spec_sha, job.me.name, job.state.path, accept_spec_version, job.console, job.round)
     plan = BankPlan.decide(job.spec, key_path, ledger_path or ledger_path_for(key_path), max_epsilon)
     if store.exists(job.manifest_key):
         return resume(job, plan)

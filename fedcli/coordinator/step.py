@@ -31,7 +31,7 @@ from fedcli.aggregation import aggregators, server_opt
 from fedcli.aggregation.strategy import StrategySpec
 from fedcli.coordinator.federation import publish_global
 from fedcli.errors import AlreadyExists, FedcliError, NotFound, VerificationError
-from fedcli.protocol import rounds, tensors
+from fedcli.protocol import chain, rounds, tensors
 from fedcli.protocol.documents import rejection
 from fedcli.protocol.spec import Spec
 from fedcli.store import Store
@@ -161,6 +161,7 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
     spec, spec_sha = rounds.load_spec(store, None)
     if pub_b64 != spec.coordinator.ed25519:
         raise VerificationError(f"{key_path} is not the coordinator key of federation {spec.federation_id}")
+    chain.gate(spec, rounds.latest_round(store) + 1)
     with LeaseLock(store, "aggregate") as lock:
         return _aggregate_locked(store, private, spec, spec_sha, lock, console)
 

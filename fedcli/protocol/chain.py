@@ -26,7 +26,7 @@ from pydantic import Field
 
 from fedcli import keys
 from fedcli.digest import sha256
-from fedcli.errors import ContractError, FedcliError, NotFound, VerificationError
+from fedcli.errors import ContractError, FedcliError, NotFound, VerificationError, Waiting
 from fedcli.keys import PublicIdentity
 from fedcli.protocol.documents import Document, Name, Sha256, Timestamp
 from fedcli.protocol.spec import MAX_SIG_BYTES, MAX_SPEC_BYTES, Spec, verified
@@ -176,6 +176,19 @@ def in_force(spec: Spec, spec_sha: str | None, r: int) -> tuple[Spec, str | None
     """The spec and its sha for round r: from the chain the spec was read with, else the spec itself."""
     chain = getattr(spec, "chain", None)
     return chain.spec_at(r) if isinstance(chain, Chain) else (spec, spec_sha)
+
+
+def gate(spec: Spec, r: int) -> None:
+    """Round r cannot be played while a version that applies to it awaits countersignatures: its
+    updates and global would be made under a version that is about to stop being the one in force."""
+    walked = spec.chain
+    pending = walked.pending if isinstance(walked, Chain) else None
+    if pending is not None and r >= pending.effective_round:
+        raise Waiting(
+            f"spec version {pending.number} awaits countersignatures ({len(pending.countersigned_by)} of "
+            f"{walked.latest.spec.roster_countersign}) before round {pending.effective_round} can be played: "
+            "members run `fedcli spec countersign`"
+        )
 
 
 def walk(store: Store, pinned: PublicIdentity | None) -> Chain:
