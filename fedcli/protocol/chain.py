@@ -19,7 +19,7 @@ caught by the bank's own record of the versions it trusted (bank.pinning).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
@@ -150,7 +150,6 @@ class Chain:
 
     versions: list[Version]
     pending: Version | None = None
-    problems: list[str] = field(default_factory=list)
 
     @property
     def latest(self) -> Version:
@@ -192,11 +191,12 @@ def gate(spec: Spec, r: int) -> None:
 
 
 def walk(store: Store, pinned: PublicIdentity | None) -> Chain:
-    """Read and verify every version from 1; with `pinned`, some version must be that key's.
+    """Read and verify every version from 1; with `pinned`, some version must name that key.
 
-    Version 1 verifies under the pinned key, or under the key it names itself when that key is
-    a later coordinator's (a bank enrolled after a rotation pins the new key: the version that
-    introduced it is signed by it and by the key before it).
+    Version 1 verifies under the key it names, each later one under the key of the version before
+    (and of its own when it rotates), so every version is signed by the key it names: a bank
+    enrolled after a rotation pins the new key. With no later version, `pinned` is checked before
+    anything is parsed, exactly as before the chain existed.
     """
     try:
         data = store.get(SPEC_KEY, max_bytes=MAX_SPEC_BYTES)
@@ -263,6 +263,8 @@ def _next_version(store: Store, prev: Version, v: int) -> Version:
     if [c for c in changes] != [c.model_dump(exclude_none=True) for c in link.changes]:
         raise VerificationError(f"{what}: the roster changes its link lists are not the spec's", reason=CHAIN)
     version = Version(v, spec, link.spec_sha256, link.effective_round, tuple(changes), (), link.created_at)
+    if prev.spec.roster_countersign == 0 or not roster_changed(version):
+        return version
     return replace(version, countersigned_by=tuple(countersigners(store, prev, version)))
 
 
@@ -361,8 +363,11 @@ def countersigners(store: Store, prev: Version, version: Version) -> list[str]:
     """Members of the version before whose countersignature of this version verifies (others are ignored)."""
     from fedcli.contract import validate
 
+    present = set(store.list(countersign_dir(version.number)))
     found = []
     for m in prev.spec.members:
+        if countersign_key(version.number, m.name) not in present:
+            continue
         what = f"countersignature of version {version.number} by {m.name}"
         try:
             doc = keys.verify_manifest(
