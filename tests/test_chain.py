@@ -313,17 +313,19 @@ def test_a_stronger_version_needs_no_acceptance(tmp_path, credit_split):
 
 @pytest.mark.slow
 def test_a_coordinator_resigning_the_spec_without_protections_sends_nothing(tmp_path, credit_split):
-    fed = make_fed(tmp_path, credit_split, TEMPLATE + DP)
+    fed = make_fed(tmp_path, credit_split, TEMPLATE + SECAGG)
     fed.train("bank-a")
-    # the coordinator (or anyone with its key) rewrites version 1 in place, without [privacy]
+    # the coordinator (or anyone with its key) rewrites version 1 in place, without [secagg] and [privacy]
     raw = tomllib.loads((fed.store / "federation.toml").read_text())
-    del raw["privacy"]
+    del raw["privacy"], raw["secagg"]
     stripped = tomli_w.dumps(raw).encode()
     private, _ = keys.load_private(fed.key("coordinator"))
     (fed.store / "federation.toml").write_bytes(stripped)
     (fed.store / "federation.toml.sig").write_text(keys.sign_bytes(private, stripped))
     before = snapshot(fed)
     assert "not the one this bank trusted" in one_line(fed.train("bank-a", code=4))
+    # a bank with no record yet: round 0's signed global still names the spec it was made under
+    assert "spec_sha256" in one_line(fed.train("bank-b", code=4))
     assert snapshot(fed) == before
 
 
