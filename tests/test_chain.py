@@ -227,16 +227,20 @@ def test_a_member_rotates_its_key_with_a_statement_signed_by_the_old_one(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_bank_refuses_a_forked_or_rolled_back_chain(tmp_path, credit_split):
+def test_a_bank_and_the_coordinator_refuse_a_forked_or_rolled_back_chain(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split)
     amend(fed, "--member", newbank(fed, "bank-e"))
     fed.train("bank-a")  # bank-a now trusts version 2
-    saved = tmp_path / "v2"
-    shutil.copytree(fed.store / "specs", saved)
-    shutil.rmtree(fed.store / "specs")
+    shutil.rmtree(fed.store / "specs")  # someone with write access deletes version 2
     assert "already trusted version 2" in one_line(fed.train("bank-a", code=4))
-    amend(fed, "--remove", "bank-d")  # a different version 2 (anyone holding the coordinator key)
-    assert "not the one this bank trusted" in one_line(fed.train("bank-a", code=4))
+    assert "already trusted version 2" in one_line(fed.aggregate(code=4))  # the coordinator's own record
+    assert "already trusted version 2" in one_line(amend(fed, "--remove", "bank-d", code=4))  # no fork by amend
+    # a thief with a copy of the coordinator key (but not its record) publishes another version 2
+    (tmp_path / "thief").mkdir()
+    shutil.copy(fed.key("coordinator"), tmp_path / "thief" / "coordinator.key")
+    fed.cli("spec", "amend", fed.loc, "--key", tmp_path / "thief" / "coordinator.key", "--remove", "bank-d")
+    assert "not the one this key trusted" in one_line(fed.train("bank-a", code=4))
+    assert "not the one this key trusted" in one_line(fed.aggregate(code=4))
 
 
 # --------------------------------------------------------------------------- policy pinning
@@ -323,7 +327,7 @@ def test_a_coordinator_resigning_the_spec_without_protections_sends_nothing(tmp_
     (fed.store / "federation.toml").write_bytes(stripped)
     (fed.store / "federation.toml.sig").write_text(keys.sign_bytes(private, stripped))
     before = snapshot(fed)
-    assert "not the one this bank trusted" in one_line(fed.train("bank-a", code=4))
+    assert "not the one this key trusted" in one_line(fed.train("bank-a", code=4))
     # a bank with no record yet: round 0's signed global still names the spec it was made under
     assert "spec_sha256" in one_line(fed.train("bank-b", code=4))
     assert snapshot(fed) == before
@@ -403,7 +407,9 @@ def test_an_update_made_under_the_version_before_is_refused_in_a_round_under_the
     fed = make_fed(tmp_path, credit_split)
     fed.train("bank-a")  # round 1 under version 1
     assert "applies from round 2" in amend(fed, "--member", newbank(fed, "bank-e")).output  # the default waits
+    # the operator withdraws that version before anyone used it (and the coordinator's record of it)
     (fed.store / "specs").rename(tmp_path / "specs-default")
+    fed.key("coordinator").with_suffix(".chain.json").unlink()
     amend(fed, "--member", fed.pub("bank-e"), "--effective-round", "1")  # the operator insists on round 1
     for b in ("bank-b", "bank-c"):
         fed.train(b)

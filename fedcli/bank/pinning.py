@@ -9,61 +9,22 @@ holding its key, cannot turn a bank's protections off behind its back.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
-from pydantic import BaseModel, Field
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedcli.contract import strict_config
-from fedcli.errors import FedcliError, InputError, VerificationError
+from fedcli.errors import InputError, VerificationError
 from fedcli.protocol.chain import Chain, Version, gate
+from fedcli.protocol.chain_position import ChainPositionFile, check_position, load_position, save_position
 from fedcli.protocol.spec import Spec
-
-MAX_POSITION_BYTES = 4096
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-Number = Annotated[int, Field(ge=1, le=999_999)]
-
-
-class ChainPositionFile(BaseModel):
-    """NAME.state.chain.json: the newest spec version this bank verified, and the one whose policy it agreed to."""
-
-    model_config = strict_config()
-
-    federation_id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-    version: Number
-    sha256: Sha256
-    policy_version: Number
-    policy_sha256: Sha256
 
 
 def position_path_for(state_path: Path) -> Path:
     state_path = Path(state_path)
     return state_path.with_name(state_path.name.removesuffix(".json") + ".chain.json")
-
-
-def load_position(path: Path) -> ChainPositionFile | None:
-    from fedcli.contract import load_json, validate
-    from fedcli.files import read_bounded
-
-    what = f"spec chain position file {path}"
-    try:
-        data = read_bounded(Path(path), MAX_POSITION_BYTES, what)
-        if data is None:
-            return None
-        return validate(ChainPositionFile, load_json(data, what, MAX_POSITION_BYTES, InputError), what, InputError)
-    except FedcliError as e:
-        raise InputError(f"{e}; restore it from backup") from None
-
-
-def save_position(path: Path, doc: ChainPositionFile) -> None:
-    from fedcli.files import write_atomic
-
-    write_atomic(Path(path), json.dumps(doc.model_dump(), indent=2).encode(), ".chain-")
 
 
 @dataclass(frozen=True)
@@ -112,27 +73,10 @@ def pin(spec: Spec, spec_sha: str, me: str, state_path: Path, accept: int | None
 
 
 def _trusted(walked: Chain, pos: ChainPositionFile, spec: Spec) -> Version:
-    """The versions this bank trusted must still be on the chain, unchanged."""
-    if pos.federation_id != spec.federation_id:
-        raise VerificationError(
-            f"this key's spec chain position belongs to federation {pos.federation_id}, the store holds {spec.federation_id}"
-        )
-    for number, sha in ((pos.version, pos.sha256), (pos.policy_version, pos.policy_sha256)):
-        seen = walked.version(number)
-        if seen is None:
-            raise VerificationError(
-                f"rollback: the store's spec chain ends at version {walked.latest.number}, "
-                f"but this bank already trusted version {number}",
-                reason="rollback",
-            )
-        if seen.sha != sha:
-            raise VerificationError(
-                f"spec version {number} on the store is not the one this bank trusted "
-                "(a fork or a rewritten spec): refusing to trust this store",
-                reason="rollback",
-            )
-    found = walked.version(pos.policy_version)
-    assert found is not None
+    """The versions this bank trusted must still be on the chain, unchanged; its policy version."""
+    check_position(walked, pos, spec.federation_id)
+    found = walked.version(pos.policy_version or pos.version)
+    assert found is not None  # check_position found it
     return found
 
 

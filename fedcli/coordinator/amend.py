@@ -14,7 +14,7 @@ from fedcli import keys, models
 from fedcli.contract import load_toml
 from fedcli.digest import sha256
 from fedcli.errors import AlreadyExists, FedcliError, InputError, VerificationError
-from fedcli.protocol import chain, rounds
+from fedcli.protocol import chain, chain_position, rounds
 from fedcli.protocol.spec import MAX_SPEC_BYTES, dumps, parse, read_template
 from fedcli.store import Store
 
@@ -46,6 +46,7 @@ def amend(
     private, pub = keys.load_private(key_path)
     if pub != latest.spec.coordinator.ed25519:
         raise VerificationError(f"{key_path} is not the coordinator key of spec version {latest.number}")
+    chain_position.hold(walked, chain_position.coordinator_position_path(key_path))  # never fork a rolled-back chain
     new_private, new_pub = keys.load_private(new_key) if new_key is not None else (None, None)
     raw = _new_raw(latest, template, add or [], remove or [], new_key, new_pub)
     what = f"spec version {latest.number + 1}"
@@ -84,7 +85,11 @@ def amend(
     except AlreadyExists:
         raise FedcliError(f"spec version {v} was published meanwhile: check `fedcli spec show` and retry") from None
     version = chain.Version(v, spec, sha256(data), when, tuple(changes))
-    return Amendment(version, latest.spec.roster_countersign > 0 and chain.roster_changed(version))
+    pending = latest.spec.roster_countersign > 0 and chain.roster_changed(version)
+    if not pending:
+        for k in (key_path, new_key) if new_key is not None else (key_path,):
+            chain_position.record(chain_position.coordinator_position_path(k), spec.federation_id, v, version.sha)
+    return Amendment(version, pending)
 
 
 def _new_raw(latest: chain.Version, template, add, remove, new_key, new_pub) -> dict:

@@ -31,7 +31,7 @@ from fedcli.aggregation import aggregators, server_opt
 from fedcli.aggregation.strategy import StrategySpec
 from fedcli.coordinator.federation import publish_global
 from fedcli.errors import AlreadyExists, FedcliError, NotFound, VerificationError
-from fedcli.protocol import chain, rounds, tensors
+from fedcli.protocol import chain, chain_position, rounds, tensors
 from fedcli.protocol.documents import rejection
 from fedcli.protocol.spec import Spec
 from fedcli.store import Store
@@ -162,6 +162,7 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
     if pub_b64 != spec.coordinator.ed25519:
         raise VerificationError(f"{key_path} is not the coordinator key of federation {spec.federation_id}")
     chain.gate(spec, rounds.latest_round(store) + 1)
+    chain_position.hold(spec.chain, chain_position.coordinator_position_path(key_path))
     with LeaseLock(store, "aggregate") as lock:
         return _aggregate_locked(store, private, spec, spec_sha, lock, console)
 
