@@ -418,3 +418,42 @@ def test_an_update_made_under_the_version_before_is_refused_in_a_round_under_the
     assert "bank-a" in res.output
     rejections = json.loads((fed.store / "rounds/000001/rejections.json").read_text())["entries"]
     assert rejections["bank-a"]["reason"] == "wrong-round" and "another version" in rejections["bank-a"]["message"]
+
+
+@pytest.mark.slow
+def test_a_bundle_carries_the_spec_versions_to_a_mirror(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    amend(fed, "--member", newbank(fed, "bank-e"))
+    out = tmp_path / "global-0.bundle"
+    res = fed.cli("bundle", "export", "--store", fed.store, "--key", fed.key("coordinator"), "--out", out)
+    assert "specs/000002/link.json" in res.output
+    mirror = tmp_path / "mirror"
+    fed.cli("bundle", "import", out, "--store", mirror, "--coordinator", fed.pub("coordinator"))
+    assert "spec version 2 of 2" in fed.cli("spec", "show", mirror, "--coordinator", fed.pub("coordinator")).output
+    fed.cli(
+        "train",
+        "--store",
+        mirror,
+        "--key",
+        fed.key("bank-a"),
+        "--data",
+        fed.data / "bank-a.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+    )
+    v2 = json.loads((fed.store / "specs/000002/link.json").read_text())["spec_sha256"]
+    assert json.loads((mirror / "rounds/000001/updates/bank-a.json").read_text())["spec_sha256"] == v2
+    # a version planted into a coordinator bundle's mirror copy is refused by the walk, as on any store
+    link = mirror / "specs/000002/link.json"
+    link.write_text(link.read_text().replace('"effective_round":1', '"effective_round":2'))
+    assert "signature" in one_line(fed.cli("spec", "show", mirror, code=4))
+
+
+def test_after_a_coordinator_rotation_bundle_export_says_what_to_do_in_one_line(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split)
+    newbank(fed, "coordinator2")
+    amend(fed, "--new-key", fed.key("coordinator2"))
+    res = fed.cli(
+        "bundle", "export", "--store", fed.store, "--key", fed.key("coordinator2"), "--out", tmp_path / "b", code=None
+    )
+    assert res.exit_code != 0 and "neither the coordinator nor a member" in one_line(res)
