@@ -457,3 +457,27 @@ def test_after_a_coordinator_rotation_bundle_export_says_what_to_do_in_one_line(
         "bundle", "export", "--store", fed.store, "--key", fed.key("coordinator2"), "--out", tmp_path / "b", code=None
     )
     assert res.exit_code != 0 and "neither the coordinator nor a member" in one_line(res)
+
+
+@pytest.mark.slow
+def test_mutated_links_and_spec_versions_fail_with_one_line(tmp_path, credit_split):
+    """Any bytes at a version's link or spec file: exit 4 with one line, never a traceback."""
+    import numpy as np
+
+    fed = make_fed(tmp_path, credit_split)
+    amend(fed, "--member", newbank(fed, "bank-e"))
+    rng = np.random.default_rng(13)
+    for name in ("link.json", "federation.toml"):
+        path = fed.store / "specs/000002" / name
+        original = path.read_bytes()
+        for _ in range(40):
+            data = bytearray(original)
+            for i in rng.integers(0, len(data), size=int(rng.integers(1, 4))):
+                data[i] = int(rng.integers(0, 256))
+            path.write_bytes(bytes(data[: int(rng.integers(1, len(data) + 1))]))
+            res = show(fed, code=None)
+            assert res.exit_code in (0, 4), res.output
+            if res.exit_code:
+                one_line(res)
+        path.write_bytes(original)
+    show(fed)
