@@ -256,6 +256,10 @@ def to_json(a: Audit) -> bytes:
     return json.dumps(doc, indent=2, sort_keys=False).encode()
 
 
+def _rows(n: int) -> str:
+    return f"{n:,} rows" if n else "rows withheld (DP)"
+
+
 def _e(value) -> str:
     return html.escape(str(value))
 
@@ -295,7 +299,7 @@ def to_html(a: Audit) -> bytes:
                 r.spec_version,
                 r.global_sha256 or "(open)",
                 r.rule or "",
-                ", ".join(c["member"] for c in r.contributors),
+                ", ".join(f"{c['member']} ({_rows(c['num_examples'])})" for c in r.contributors),
                 r.created_at,
             ]
             for r in a.rounds
@@ -310,6 +314,14 @@ def to_html(a: Audit) -> bytes:
         if a.epsilon
         else "<p>no DP releases</p>"
     )
+    checked = (
+        "<p>Checked: every spec version's signature (by the coordinator key of the version before, and by the "
+        "new key when it rotates), its link to the version before, its spec file's sha256, its roster changes "
+        "and countersignatures; every global's signature under the version in force for its round, its spec "
+        "binding, its tensors' sha256 and its link to the global before; every contribution's signature by its "
+        "member, its round, the model it was trained on and its tensors' sha256; the coordinator's signed "
+        "rejections. The privacy budget is composed from each bank's own signed DP parameters.</p>"
+    )
     lineage = "<ol>" + "".join(f"<li>{_e(x)}</li>" for x in a.lineage) + "</ol>"
     style = (
         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
@@ -319,7 +331,7 @@ def to_html(a: Audit) -> bytes:
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>fedcli audit {_e(a.federation_id)}</title>"
         f"<style>{style}</style></head><body><h1>Audit of federation {_e(a.federation_id)}</h1>"
-        f"<p>store {_e(a.store)}; pinned coordinator key {_e(a.pinned)}</p>{verdict}"
+        f"<p>store {_e(a.store)}; pinned coordinator key {_e(a.pinned)}</p>{verdict}{checked}"
         f"<h2>Final model</h2><p>{_e(a.final_sha256)}</p><h2>Lineage (newest first)</h2>{lineage}"
         f"<h2>Spec versions</h2>{versions}<h2>Rounds</h2>{rounds_}<h2>Updates and refusals</h2>{updates}"
         f"<h2>Privacy budget spent (from signed DP manifests)</h2>{eps}</body></html>"
