@@ -73,6 +73,8 @@ def load_spec(store: Store, pinned: PublicIdentity | None) -> tuple[Spec, str]:
     from fedcli.protocol import chain
 
     walked = chain.walk(store, pinned)
+    if len(walked.versions) == 1:  # one version is in force for every round: no need to list the rounds
+        return walked.spec_at(0)
     published = global_rounds(store)
     return walked.spec_at(published[-1] + 1 if published else 0)
 
