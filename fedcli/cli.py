@@ -706,7 +706,7 @@ def spec_countersign(
     key: Path = typer.Option(..., "--key", "-k", help="This bank's private key (a member of the version in force)."),
     version: int | None = typer.Option(None, "--version", min=2, help="The pending version (default: the one)."),
 ):
-    """Bank: countersign a pending version's roster change ([federation] roster_countersign)."""
+    """Bank: countersign a pending version's roster change (the spec's federation.roster_countersign)."""
     from fedcli.coordinator.amend import countersign
 
     with failures():
