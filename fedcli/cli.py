@@ -229,6 +229,12 @@ def train(
         min=0.0,
         help="This bank's own privacy budget, if stricter than the spec's budget_epsilon.",
     ),
+    accept_spec_version: int | None = typer.Option(
+        None,
+        "--accept-spec-version",
+        min=2,
+        help="Accept this spec version although it weakens DP, drops secure aggregation or changes the model.",
+    ),
 ):
     """Bank: verify the latest global model, train locally and submit a signed update.
 
@@ -241,7 +247,7 @@ def train(
     from fedcli.bank.step import train_round
 
     with failures():
-        res = train_round(_store(store), key, data, coordinator, state, err, ledger, max_epsilon)
+        res = train_round(_store(store), key, data, coordinator, state, err, ledger, max_epsilon, accept_spec_version)
     _notes(res.data_notes)
     if not res.submitted:
         out.print(res.message, soft_wrap=True)
@@ -755,6 +761,7 @@ def spec_show(
     out.print(table)
     out.print(in_force_table(spec))
     out.print(roster_table(spec))
+    _chain_line(spec, sha)
     if pinned is None:
         out.print(
             "[yellow]signature checked against the key named in the spec itself (not pinned)[/]: "
@@ -935,3 +942,106 @@ def store_copy(
 
 if __name__ == "__main__":
     app()
+
+
+# --------------------------------------------------------------------------- the spec's versions (protocol/chain.py)
+
+
+def _chain_line(spec, sha: str) -> None:
+    """Which version of the spec is in force, and what is announced after it (spec show)."""
+    chain = spec.chain
+    if chain is None:
+        return
+    current = next(v for v in chain.versions if v.sha == sha)
+    line = f"spec version {current.number} of {chain.latest.number}, in force from round {current.effective_round}"
+    later = [v for v in chain.versions if v.number > current.number]
+    if later:
+        line += "; announced: " + ", ".join(f"version {v.number} from round {v.effective_round}" for v in later)
+    if chain.pending is not None:
+        line += f"; version {chain.pending.number} awaits countersignatures"
+    out.print(line, soft_wrap=True)
+
+
+@spec_app.command("amend")
+def spec_amend(
+    store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
+    key: Path = typer.Option(..., "--key", "-k", help="The coordinator key of the version in force."),
+    file: Path | None = typer.Option(None, "--file", "-f", help="The new spec (default: the current one)."),
+    member: list[Path] = typer.Option([], "--member", help="A bank's .pub to enrol (or its new key: see rotate-key)."),
+    remove: list[str] = typer.Option([], "--remove", help="A member to remove (its key is revoked)."),
+    new_key: Path | None = typer.Option(None, "--new-key", help="Rotate the coordinator key: the new private key."),
+    effective_round: int | None = typer.Option(
+        None, "--effective-round", min=1, help="First round under the new version (default: the next one)."
+    ),
+):
+    """Coordinator: publish the next version of the spec, signed by the current coordinator key.
+
+    Members join or leave, keys rotate, settings change, from a round boundary on. Banks refuse a
+    version that weakens their privacy policy until they accept it (train --accept-spec-version).
+    """
+    from fedcli.coordinator.amend import amend
+
+    with failures():
+        done = amend(_store(store), key, file, effective_round, member, remove, new_key)
+    v = done.version
+    for c in v.changes:
+        out.print(f"  {c['change']}: {escape(c['member'])}", highlight=False)
+    state = "awaits countersignatures (fedcli spec countersign)" if done.pending else "published"
+    out.print(f"spec version {v.number} {state}; applies from round {v.effective_round} (sha256 {v.sha})")
+
+
+@spec_app.command("countersign")
+def spec_countersign(
+    store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
+    key: Path = typer.Option(..., "--key", "-k", help="This bank's private key (a member of the version in force)."),
+    version: int | None = typer.Option(None, "--version", min=2, help="The pending version (default: the one)."),
+):
+    """Bank: countersign a pending version's roster change (the spec's federation.roster_countersign)."""
+    from fedcli.coordinator.amend import countersign
+
+    with failures():
+        v = countersign(_store(store), key, version)
+    for c in v.changes:
+        out.print(f"  {c['change']}: {escape(c['member'])}", highlight=False)
+    out.print(f"countersigned spec version {v.number} (sha256 {v.sha})")
+
+
+@spec_app.command("rotate-key")
+def spec_rotate_key(
+    store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
+    key: Path = typer.Option(..., "--key", "-k", help="This bank's current private key (it signs the statement)."),
+    new: Path = typer.Option(..., "--new", help="The new key's .pub (fedcli keygen, same name)."),
+):
+    """Bank: state, signed with the current key, that the new key replaces it (the coordinator's next amend enrols it)."""
+    from fedcli.coordinator.amend import rotate_key
+
+    with failures():
+        where = rotate_key(_store(store), key, new)
+    out.print(f"key rotation statement written to {escape(where)}: send the new .pub to the coordinator")
+
+
+@app.command()
+def audit(
+    store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
+    coordinator: Path = typer.Option(
+        ..., "--coordinator", "-c", help="Pinned coordinator public key (coordinator.pub) of version 1 or later."
+    ),
+    out_dir: Path = typer.Option(Path("audit"), "--out", "-o", help="Folder for audit.json and audit.html."),
+):
+    """Auditor: verify the whole history offline (spec versions, rounds, signatures, hashes, chain links)
+    and write audit.json and audit.html. Exit 4 on any break, with the first break on one line."""
+    from fedcli import audit as auditing
+    from fedcli.keys import load_public
+
+    with failures():
+        result = auditing.audit(_store(store), load_public(coordinator))
+        paths = auditing.write(result, out_dir)
+        if result.broken:
+            from fedcli.errors import VerificationError
+
+            raise VerificationError(f"audit: {result.broken} (report written to {paths[1]})")
+    out.print(
+        f"audit passed: {len(result.versions)} spec version(s), {len(result.rounds)} round(s), final model "
+        f"{result.final_sha256}; wrote {escape(str(paths[0]))} and {escape(str(paths[1]))}",
+        soft_wrap=True,
+    )

@@ -27,6 +27,7 @@ from fedcli.protocol.rounds import (
     load_rejections,
     load_spec,
     read_manifest,
+    spec_for_round,
     submitted_members,
     update_keys,
 )
@@ -96,7 +97,7 @@ def _verified_update(store: Store, spec: Spec, r: int, member: str) -> UpdateMan
     from fedcli.contract import validate
     from fedcli.protocol.documents import UpdateManifest
 
-    signer, what = spec.member(member), f"update from {member} in round {r}"
+    signer, what = spec_for_round(spec, None, r)[0].member(member), f"update from {member} in round {r}"
     if signer is None:
         raise FedcliError(f"{member} is not an enrolled member")
     signed = verify_manifest(read_manifest(store, update_keys(r, member)[1], what), signer, what)

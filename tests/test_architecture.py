@@ -18,6 +18,7 @@ LAYERS = {
     "report": 4,
     "scorecard": 4,  # the verified global as points (uses bank.inference's checks)
     "export": 4,  # ONNX and the model card (uses bank.inference's checks)
+    "audit": 4,
     "cli": 5,
 }
 

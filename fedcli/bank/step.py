@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedcli import digest, keys, models
-from fedcli.bank import freshness, releases
+from fedcli.bank import freshness, pinning, releases
 from fedcli.bank.checks import check_own_manifest, refuse_non_finite, require_finite
 from fedcli.bank.kernel import probabilities
 from fedcli.bank.plan import BankPlan, Release
@@ -62,11 +62,13 @@ def train_round(
     console: Console | None = None,
     ledger_path: Path | None = None,
     max_epsilon: float | None = None,
+    accept_spec_version: int | None = None,
 ) -> TrainResult:
     """One round at a bank. Every check that can fail (keys, spec, global model, table, labels,
     training, finiteness, budget) runs before the first write to the store, so a refusal leaves
     nothing behind; the ledger is charged last before the upload (a crash after it over-counts)."""
     job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True), ledger_path)
+    pinning.pin(job.spec, job.spec_sha, job.me.name, job.state.path, accept_spec_version, job.console, job.round)
     ended = final.load_final(store, job.spec, job.spec_sha)
     if ended is not None:  # the coordinator signed the end: nothing to train, nothing to spend
         job.state.saw_final(job.spec.federation_id, ended.round)
@@ -423,6 +425,7 @@ def update_manifest(job: BankRound, base: rounds.Global, data: LocalData, traine
         "metrics": trained.metrics,
         "created_at": rounds.now(),
         "nonce": secrets.token_hex(16),
+        "spec_sha256": job.spec_sha,
         **encoded.extra,
     }
     if trained.release is not None:

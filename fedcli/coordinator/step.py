@@ -33,7 +33,7 @@ from fedcli.coordinator import ending
 from fedcli.coordinator.federation import publish_global
 from fedcli.coordinator.state import CoordinatorState
 from fedcli.errors import AlreadyExists, FedcliError, NotFound, VerificationError
-from fedcli.protocol import rounds, tensors
+from fedcli.protocol import chain, chain_position, rounds, tensors
 from fedcli.protocol.documents import rejection
 from fedcli.protocol.spec import Spec
 from fedcli.store import Store
@@ -165,6 +165,8 @@ def aggregate_round(store: Store, key_path: Path, console: Console | None = None
     spec, spec_sha = rounds.load_spec(store, None)
     if pub_b64 != spec.coordinator.ed25519:
         raise VerificationError(f"{key_path} is not the coordinator key of federation {spec.federation_id}")
+    chain.gate(spec, rounds.latest_round(store) + 1)
+    chain_position.hold(spec.chain, chain_position.coordinator_position_path(key_path))
     history = CoordinatorState.for_key(key_path, pub_b64, spec.federation_id)
     with LeaseLock(store, "aggregate", max_lease=spec.max_lease_minutes * 60) as lock:
         result = _aggregate_locked(store, private, spec, spec_sha, lock, console, history)

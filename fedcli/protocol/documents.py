@@ -132,6 +132,7 @@ class UpdateManifest(Document):
     nonce: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{2,128}$")]
     dp: DPRecord | None = None
     secagg: SecAggRecord | None = None
+    spec_sha256: Sha256 | None = None  # the spec version it was made under (protocol.chain); older banks omit it
 
 
 # --- global manifest (the coordinator's signed aggregate) -----------------------------------

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedcli.digest import sha256, sha256_stream
+from fedcli.digest import sha256_stream
 from fedcli.errors import ContractError, FedcliError, NotFound, NotRegular, Oversize, StoreError, VerificationError
 from fedcli.keys import MAX_MANIFEST_BYTES, PublicIdentity, verify_manifest
 from fedcli.privacy.policy import check_declared
 from fedcli.protocol import compression
-from fedcli.protocol.spec import MAX_SIG_BYTES, MAX_SPEC_BYTES, Spec, verified
+from fedcli.protocol.spec import MAX_SIG_BYTES, MAX_SPEC_BYTES, Spec  # noqa: F401 (re-exported)
 from fedcli.protocol.tensors import Shapes, check_finite, decode, itemsizes, max_file_size
 from fedcli.store import Store
 
@@ -65,13 +65,25 @@ def now() -> str:
 
 
 def load_spec(store: Store, pinned: PublicIdentity | None) -> tuple[Spec, str]:
-    """Read the spec and its signature (size-bounded) and verify the signature before the contract."""
-    try:
-        data = store.get(SPEC_KEY, max_bytes=MAX_SPEC_BYTES)
-        sig = store.get(SPEC_SIG_KEY, max_bytes=MAX_SIG_BYTES)
-    except NotFound:
-        raise FedcliError(f"{store} holds no federation: run `fedcli init` first") from None
-    return verified(data, sig, pinned), sha256(data)
+    """The spec in force for the next round to play, from its verified version chain (protocol.chain).
+
+    The Spec returned carries the chain: documents of an earlier round are checked against the
+    version in force for that round (`chain.in_force`).
+    """
+    from fedcli.protocol import chain
+
+    walked = chain.walk(store, pinned)
+    if len(walked.versions) == 1:  # one version is in force for every round: no need to list the rounds
+        return walked.spec_at(0)
+    published = global_rounds(store)
+    return walked.spec_at(published[-1] + 1 if published else 0)
+
+
+def spec_for_round(spec: Spec, spec_sha: str | None, r: int) -> tuple[Spec, str | None]:
+    """The version of the spec in force for round r (the spec itself when it was read without a chain)."""
+    from fedcli.protocol.chain import in_force
+
+    return in_force(spec, spec_sha, r)
 
 
 def global_rounds(store: Store) -> list[int]:
@@ -156,6 +168,8 @@ def global_manifest(store: Store, spec: Spec, spec_sha: str, r: int) -> dict:
     from fedcli.protocol.documents import GlobalManifest
 
     what = f"global model of round {r}"
+    spec, found = spec_for_round(spec, spec_sha, r)
+    spec_sha = found or spec_sha
     try:
         manifest = verify_manifest(read_manifest(store, global_keys(r)[1], what), spec.coordinator, what)
     except NotFound:
@@ -185,12 +199,17 @@ def verify_update(
     from fedcli.protocol.documents import UpdateManifest
 
     what = f"update from {member}"
+    spec, spec_sha = spec_for_round(spec, None, r)
     signer = spec.member(member)
     if signer is None:
         raise VerificationError(f"{what}: {member!r} is not an enrolled member", reason="not-member")
     tkey, mkey = update_keys(r, member)
     manifest = validate(UpdateManifest, verify_manifest(read_manifest(store, mkey, what), signer, what), what)
     expect(manifest, what, kind="update", federation_id=spec.federation_id, round=r, member=member)
+    if spec_sha and manifest.spec_sha256 not in (None, spec_sha):
+        raise VerificationError(
+            f"{what}: made under another version of the spec than round {r}'s", reason="wrong-round"
+        )
     if manifest.base_sha256 != base_sha:
         raise VerificationError(
             f"{what}: trained on a different global model (stale or forged base)", reason="stale-base"
@@ -299,6 +318,7 @@ def load_rejections(store: Store, spec: Spec, r: int) -> RoundRejections | None:
     from fedcli.protocol.documents import Rejections
 
     what = f"rejections of round {r}"
+    spec, _ = spec_for_round(spec, None, r)
     try:
         doc = verify_manifest(store.get(rejections_key(r), max_bytes=MAX_MANIFEST_BYTES), spec.coordinator, what)
         validate(Rejections, doc, what)
@@ -407,6 +427,7 @@ def history(store: Store, pinned: PublicIdentity | None = None) -> tuple[Spec, l
 
 def _signed_update(store: Store, spec: Spec, r: int, member: str) -> bool:
     """Whether member's update manifest for round r carries its signature (status only; aggregate checks all)."""
+    spec, _ = spec_for_round(spec, None, r)
     signer = spec.member(member)
     if signer is None:
         return False

@@ -125,6 +125,12 @@ class FederationTable(BaseModel):
     max_lease_minutes: float = Field(
         120, gt=0, le=10_080, description="longest aggregate lock lease; a longer one is invalid and may be taken over"
     )
+    roster_countersign: int = Field(
+        0,
+        ge=0,
+        le=MAX_MEMBERS,
+        description="members of this version who must countersign the next version's roster change (0: none)",
+    )
 
 
 class MemberTable(BaseModel):
@@ -330,6 +336,8 @@ class Spec:
     rounds: int | None = None  # planned rounds; then the coordinator publishes a signed final marker
     max_round_age: float | None = None  # hours; banks refuse an older newest global
     max_lease_minutes: float = 120.0  # a lock lease longer than this is invalid
+    roster_countersign: int = 0  # t of n members countersign a roster change of the next version
+    chain: Any = field(default=None, repr=False, compare=False)  # protocol.chain.Chain it was read from
 
     def member(self, name: str) -> PublicIdentity | None:
         return next((m for m in self.members if m.name == name), None)
@@ -366,6 +374,8 @@ def _build(doc: SpecDocument, raw: dict) -> Spec:
     if min_clients > len(members):
         raise FedcliError(f"[federation] min_clients must be between 1 and the number of members ({len(members)})")
 
+    if fed.roster_countersign > len(members):
+        raise FedcliError(f"[federation] roster_countersign must be at most the number of members ({len(members)})")
     privacy = privacy_spec(doc.privacy)
     strategy = build_strategy(doc.strategy, len(members), min_clients)
     if strategy.prox_mu > 0 and privacy.mode == "record":
@@ -401,6 +411,7 @@ def _build(doc: SpecDocument, raw: dict) -> Spec:
         rounds=fed.rounds,
         max_round_age=fed.max_round_age,
         max_lease_minutes=float(fed.max_lease_minutes),
+        roster_countersign=fed.roster_countersign,
     )
 
 
@@ -576,7 +587,7 @@ def summary(spec: Spec) -> list[tuple[str, str]]:
         ("quorum", quorum),
         ("max rows per member", f"{spec.max_rows_per_member:,}"),
         *_lifetime(spec),
-    ]
+    ] + ([("roster changes", f"countersigned by {spec.roster_countersign} members")] if spec.roster_countersign else [])
 
 
 def _lifetime(spec: Spec) -> list[tuple[str, str]]:

@@ -1,8 +1,9 @@
 """Air-gap bundles: one signed archive carries the files that must cross between two stores.
 
-Out (coordinator -> banks): the signed spec, every global manifest and rejections list, and
-the latest global tensors (and, with secure aggregation, the open round's drop declaration and
-the survivors' signed update manifests, whose sealed self-mask shares each survivor must open).
+Out (coordinator -> banks): the signed spec (and its later versions, specs/: protocol/chain.py),
+every global manifest and rejections list, and the latest global tensors (and, with secure
+aggregation, the open round's drop declaration and the survivors' signed update manifests, whose
+sealed self-mask shares each survivor must open).
 In (bank -> coordinator): that bank's committed update for the open round (and its recovery
 shares once it published them). The archive is a plain tar holding
 
@@ -56,9 +57,10 @@ from fedcli.protocol.rounds import (
     now,
     rejections_key,
     round_dir,
+    spec_for_round,
     update_keys,
 )
-from fedcli.protocol.spec import Spec, loads
+from fedcli.protocol.spec import Spec
 
 if TYPE_CHECKING:
     from fedcli.store import Store
@@ -74,8 +76,10 @@ MAX_TENSOR_FILES = 1  # a bundle carries one model's (or one update's) tensors
 _INDEX_NAMES = ("bundle.json", "bundle.sig")
 _COORD_KEYS = re.compile(
     r"^(federation\.toml(\.sig)?|rounds/\d{6}/(global\.(json|safetensors)|rejections\.json|secagg/drops\.json"
-    r"|updates/[^/]+\.json))$"
+    r"|updates/[^/]+\.json)"
+    r"|specs/\d{6}/(federation\.toml|link\.json|countersign/[a-z0-9][a-z0-9_-]{0,62}\.json))$"
 )
+_CHAIN_SPEC = re.compile(r"^specs/\d{6}/federation\.toml$")  # spec versions >= 2 (protocol/chain.py)
 _SPEC_KEYS = (SPEC_KEY, SPEC_SIG_KEY)
 
 
@@ -162,8 +166,12 @@ def tensor_bound(spec: Spec, key: str) -> int:
 
 def kind_bound(spec: Spec | None, key: str) -> int:
     """The bound of a store key's kind: spec 1 MiB, signature 1 KiB, documents 64 KiB, tensors by the model."""
-    if key == SPEC_KEY:
+    if key == SPEC_KEY or _CHAIN_SPEC.match(key):
         return MAX_SPEC_BYTES
+    if key.startswith("specs/") and key.endswith("/link.json"):
+        from fedcli.protocol.chain import MAX_LINK_BYTES
+
+        return MAX_LINK_BYTES
     if key == SPEC_SIG_KEY:
         return MAX_SIG_BYTES
     if key.endswith(".safetensors"):
@@ -223,7 +231,7 @@ def _exporter_spec(store: Store, pub_b64: str) -> tuple[Spec, bytes, bytes, bool
         )
     except VerificationError:  # not signed with this key: a bank (or a stranger)
         return load_spec(store, None)[0], b"", b"", False
-    spec = loads(data)
+    spec = load_spec(store, keys.PublicIdentity("coordinator", pub_b64))[0]  # with its version chain
     if spec.coordinator.ed25519 != pub_b64:
         raise VerificationError("the federation spec is signed by your key but names another coordinator")
     return spec, data, sig, True
@@ -234,7 +242,7 @@ def _coordinator_files(store: Store, spec: Spec, skipped: list[str]) -> dict[str
     rounds = global_rounds(store)
     if not rounds:
         raise FedcliError(f"{store} has no global model yet: run `fedcli init` first")
-    fid, files = spec.federation_id, {}
+    fid, files = spec.federation_id, _chain_files(store, spec)
     for r in rounds:
         key = rejections_key(r)
         try:
@@ -250,7 +258,8 @@ def _coordinator_files(store: Store, spec: Spec, skipped: list[str]) -> dict[str
     for r in rounds:
         key = global_keys(r)[1]
         data = store.get(key, max_bytes=MAX_MANIFEST_BYTES)
-        manifests[key] = data, _verified(data, spec.coordinator, key, kind="global", federation_id=fid, round=r)
+        signer = spec_for_round(spec, None, r)[0].coordinator  # the version in force for round r
+        manifests[key] = data, _verified(data, signer, key, kind="global", federation_id=fid, round=r)
     latest = rounds[-1]
     tkey, mkey = global_keys(latest)
     files[tkey] = _tensors(store, tkey, manifests[mkey][1].get("tensors_sha256"), kind_bound(spec, tkey))
@@ -278,6 +287,27 @@ def _survivor_manifests(store: Store, spec: Spec, r: int, survivors) -> dict[str
             continue
         _verified(data, member, mkey, kind="update", federation_id=spec.federation_id, round=r, member=name)
         files[mkey] = data
+    return files
+
+
+def _chain_files(store: Store, spec: Spec) -> dict[str, bytes]:
+    """Spec versions 2.. that are in force or announced (verified by load_spec's walk), their
+    countersignatures, each spec file packed only if it still has the sha256 its link signs."""
+    from fedcli.protocol import chain
+
+    files: dict[str, bytes] = {}
+    walked = spec.chain
+    for v in walked.versions[1:] if isinstance(walked, chain.Chain) else []:
+        data = store.get(chain.spec_key(v.number), max_bytes=MAX_SPEC_BYTES)
+        if sha256(data) != v.sha:
+            raise VerificationError(
+                f"spec version {v.number} changed while it was packed; not packed", reason="bad-hash"
+            )
+        files[chain.spec_key(v.number)] = data
+        for member in v.countersigned_by:
+            key = chain.countersign_key(v.number, member)
+            files[key] = store.get(key, max_bytes=MAX_MANIFEST_BYTES)
+        files[chain.link_key(v.number)] = store.get(chain.link_key(v.number), max_bytes=chain.MAX_LINK_BYTES)
     return files
 
 
@@ -558,7 +588,7 @@ def _write(store: Store, entries: dict[str, bytes], result: BundleResult) -> Non
     def rank(key: str) -> tuple:
         kind = (
             0
-            if key in _SPEC_KEYS
+            if key in _SPEC_KEYS or key.startswith("specs/")
             else 1
             if key.endswith(".safetensors")
             else 2
