@@ -68,7 +68,6 @@ def train_round(
     training, finiteness, budget) runs before the first write to the store, so a refusal leaves
     nothing behind; the ledger is charged last before the upload (a crash after it over-counts)."""
     job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True), ledger_path)
-    pinning.pin(job.spec, job.spec_sha, job.me.name, job.state.path, accept_spec_version, job.console, job.round)
     ended = final.load_final(store, job.spec, job.spec_sha)
     if ended is not None:  # the coordinator signed the end: nothing to train, nothing to spend
         job.state.saw_final(job.spec.federation_id, ended.round)
@@ -77,6 +76,7 @@ def train_round(
     job.state.check_not_ended()  # a deleted final marker must not reopen the federation
     freshness.check_fresh(store, job.spec, job.spec_sha, job.state)  # rollback and max_round_age, before anything
     plan = BankPlan.decide(job.spec, key_path, job.ledger, max_epsilon)
+    pinning.pin(job.spec, job.spec_sha, job.me.name, job.state.path, accept_spec_version, job.console, job.round)
     if plan.privacy is not None:  # the ledger must know every release the store shows (bank.releases)
         releases.cross_check(store, job.spec, job.me, job.ledger, key_path)
     if store.exists(job.manifest_key):

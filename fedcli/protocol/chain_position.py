@@ -58,6 +58,7 @@ def load_position(path: Path) -> ChainPositionFile | None:
 def save_position(path: Path, doc: ChainPositionFile) -> None:
     from fedcli.files import write_atomic
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # a bank's per-federation folder is made on first use
     write_atomic(Path(path), json.dumps(doc.model_dump(exclude_none=True), indent=2).encode(), ".chain-")
 
 

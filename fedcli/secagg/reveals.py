@@ -63,4 +63,5 @@ def check_and_record(
                 reason="secagg",
             )
     record[key] = {"drops_sha256": drops_sha, "self": self_for, "pair": pair_for}
+    path.parent.mkdir(parents=True, exist_ok=True)  # the per-federation folder is made on first use
     write_atomic(path, json.dumps(record, sort_keys=True, indent=1).encode(), ".secagg-reveals.")
