@@ -313,11 +313,14 @@ def status(
     coordinator: Path | None = PinOpt,
 ):
     """Rounds, who submitted, rejections and mean metrics (everything shown is signature-checked)."""
+    from fedcli.protocol.evaluations import collect
     from fedcli.protocol.rounds import history
 
     with failures():
         pinned = _pinned(coordinator)
-        spec, rows = history(_store(store), pinned)
+        opened = _store(store)
+        spec, rows = history(opened, pinned)
+        holdouts = collect(opened, pinned)
     _unpinned_note(pinned)
     table = Table(
         title=escape(f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}"),
@@ -374,6 +377,39 @@ def status(
     out.print(table)
     if problems.row_count:
         out.print(problems)
+    _holdout_status(holdouts)
+
+
+def _holdout_status(found) -> None:
+    """status: each evaluated global's holdout metrics for the federation (the banks' histograms summed) and per bank."""
+    for line in found.ignored:
+        err.print(f"[yellow]ignored evaluation:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    if not found.rounds:
+        out.print(escape(found.why_none()), soft_wrap=True)
+        return
+    fed = Table(
+        title="holdout: each global model on the rows the banks never train on (federation = banks summed)",
+        caption="auc, ks, pr_auc from binned scores (approximate); brier exact; ece over the bins",
+    )
+    for col in ("round", "banks", "rows", "bad rate", "auc", "ks", "pr_auc", "brier", "ece"):
+        fed.add_column(col, justify="right")
+    members = found.spec.members
+    banks = Table(title="holdout AUC per bank (approximate; blank: that bank published no evaluation)")
+    banks.add_column("round", justify="right")
+    for m in members:
+        banks.add_column(escape(m.name), justify="right")
+    for r in found.rounds:
+        total, mine = found.federation(r), found.by_round[r]
+        m = total.metrics()
+        fed.add_row(
+            str(r),
+            f"{len(mine)}/{len(members)}",
+            f"{total.rows:,}",
+            *(_rate(m[k]) for k in ("positive_rate", "auc", "ks", "pr_auc", "brier", "ece")),
+        )
+        banks.add_row(str(r), *(_rate(mine[b.name].metrics()["auc"]) if b.name in mine else "" for b in members))
+    out.print(fed)
+    out.print(banks)
 
 
 @app.command()
@@ -641,6 +677,24 @@ def bundle_import(
     with failures():
         res = import_bundle(_store(store), bundle, coordinator)
     _bundle_table(res, "imported")
+
+
+@app.command()
+def holdout(
+    store: str = StoreOpt,
+    key: Path = typer.Option(..., "--key", "-k", help="This bank's private key."),
+    data: Path = typer.Option(..., "--data", "-d", help="This bank's table (the same one it trains on)."),
+    coordinator: Path = CoordOpt,
+    publish: bool = typer.Option(True, "--publish/--no-publish", help="Publish the signed binned scores."),
+):
+    """Bank: score the latest global model on this bank's holdout rows ([evaluation] holdout) and publish the
+    signed score histogram (train does this for the global it starts from; run this after the last round)."""
+    from fedcli.bank.holdout import evaluate_latest
+
+    with failures():
+        result, message = evaluate_latest(_store(store), key, data, coordinator, publish_it=publish, console=err)
+    out.print(escape(result.line()), soft_wrap=True)
+    out.print(escape(message), soft_wrap=True)
 
 
 if __name__ == "__main__":

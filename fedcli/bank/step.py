@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedcli import digest, keys, models
+from fedcli.bank import holdout
 from fedcli.bank.checks import check_own_manifest, refuse_non_finite, require_finite
 from fedcli.bank.plan import BankPlan, Release
 from fedcli.bank.state import BankState, ledger_path_for, state_path_for
@@ -68,11 +69,12 @@ def train_round(
         return resume(job, plan)
     base = verify_base(job, plan)
     data = prepare_data(job, base, Path(data_path))
+    data, evaluation = holdout.split(job, base, data)  # [evaluation] holdout: rows never trained on
     release = plan_privacy(job, plan, data)
     trained = train(job, base, data, release)
     delta = privatize(plan, base, trained.weights)
     encoded = encode(job, plan, delta)
-    return submit(job, base, data, trained, encoded)
+    return holdout.publish_after_training(job, evaluation, submit(job, base, data, trained, encoded))
 
 
 # --------------------------------------------------------------------------- what every stage reads

@@ -221,6 +221,21 @@ class SecAggTable(BaseModel):
     )
 
 
+class EvaluationTable(BaseModel):
+    """[evaluation]: federated evaluation on rows each bank holds out (never trained on)."""
+
+    model_config = strict_config()
+
+    holdout: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="share of each bank's rows held out by a keyed hash of the row (stable across rounds, never "
+        "trained on); each bank publishes signed binned scores of the global it starts from. 0: off",
+    )
+    bins: int = Field(40, ge=10, le=200, description="score bins of the published holdout histograms")
+
+
 class SpecDocument(BaseModel):
     """The whole federation spec: federation.toml."""
 
@@ -234,6 +249,7 @@ class SpecDocument(BaseModel):
     privacy: PrivacyTable = Field(default_factory=PrivacyTable)
     secagg: SecAggTable = Field(default_factory=SecAggTable)
     strategy: StrategyTable = Field(default_factory=StrategyTable)
+    evaluation: EvaluationTable = Field(default_factory=EvaluationTable)
 
 
 # --------------------------------------------------------------------------- what the code uses
@@ -289,6 +305,14 @@ class SecAggSpec:
 
 
 @dataclass(frozen=True)
+class EvaluationSpec:
+    """[evaluation]: the share of rows each bank holds out (0: off) and the histogram's bins."""
+
+    holdout: float = 0.0
+    bins: int = 40
+
+
+@dataclass(frozen=True)
 class Spec:
     federation_id: str
     coordinator: PublicIdentity
@@ -303,6 +327,7 @@ class Spec:
     secagg: SecAggSpec = SecAggSpec()
     strategy: StrategySpec = field(default_factory=StrategySpec)
     privacy: PrivacySpec = PrivacySpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
     document: Any = field(default=None, repr=False, compare=False)  # the validated SpecDocument
 
     def member(self, name: str) -> PublicIdentity | None:
@@ -371,6 +396,7 @@ def _build(doc: SpecDocument, raw: dict) -> Spec:
         privacy=privacy,
         strategy=strategy,
         secagg=secagg,
+        evaluation=EvaluationSpec(float(doc.evaluation.holdout), doc.evaluation.bins),
         document=doc,
     )
 
@@ -529,7 +555,20 @@ def summary(spec: Spec) -> list[tuple[str, str]]:
         ("compression", compression),
         ("quorum", quorum),
         ("max rows per member", f"{spec.max_rows_per_member:,}"),
+        ("holdout evaluation", _holdout_summary(spec)),
     ]
+
+
+def _holdout_summary(spec: Spec) -> str:
+    share = spec.evaluation.holdout
+    if share == 0:
+        return "off: no rows held out, no federated evaluation"
+    published = (
+        "not published under DP (the counts are not privatised)"
+        if spec.privacy.enabled
+        else f"each bank publishes signed {spec.evaluation.bins}-bin score histograms of the global it starts from"
+    )
+    return f"{share * 100:g}% of each bank's rows held out, never trained on; {published}"
 
 
 def settings(spec: Spec) -> list[tuple[str, str, bool]]:
