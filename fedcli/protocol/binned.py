@@ -7,7 +7,7 @@ two open-ended bins beyond), so every bank bins alike and the histograms add up.
 keep resolution where a rare class (fraud, defaults) puts most of its rows: near 0.
 
 From a histogram: ROC AUC, KS and PR-AUC are *approximate* (rows in one bin count as tied: AUC
-counts a tied positive/negative pair as half, PR-AUC steps once per bin); Brier score and ECE are
+counts a tied positive/negative pair as half, PR-AUC takes precision as linear across a bin); Brier score and ECE are
 exact up to float rounding (the sums make the Brier score exact, ECE is defined on these bins).
 """
 
@@ -127,7 +127,11 @@ class Histogram:
         ks = float(np.max(tp / P - fp / N))
         alerted = tp + fp
         precision = np.divide(tp, alerted, out=np.zeros_like(tp), where=alerted > 0)
-        pr_auc = float(np.dot(pos[::-1], precision) / P)
+        # Within a bin the rows' order is unknown: precision is taken to move linearly from its value
+        # before the bin to its value after (the first bin with rows starts at its own precision).
+        started = np.concatenate([[0.0], alerted[:-1]]) > 0
+        before = np.where(started, np.concatenate([[0.0], precision[:-1]]), precision)
+        pr_auc = float(np.dot(pos[::-1], (precision + before) / 2) / P)
         return {"auc": auc, "ks": max(ks, 0.0), "pr_auc": pr_auc}
 
     def reliability(self, min_rows: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

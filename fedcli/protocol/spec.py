@@ -233,7 +233,7 @@ class EvaluationTable(BaseModel):
         description="share of each bank's rows held out by a keyed hash of the row (stable across rounds, never "
         "trained on); each bank publishes signed binned scores of the global it starts from. 0: off",
     )
-    bins: int = Field(40, ge=10, le=200, description="score bins of the published holdout histograms")
+    bins: int = Field(50, ge=10, le=200, description="score bins of the published holdout histograms")
 
 
 class SpecDocument(BaseModel):
@@ -309,7 +309,7 @@ class EvaluationSpec:
     """[evaluation]: the share of rows each bank holds out (0: off) and the histogram's bins."""
 
     holdout: float = 0.0
-    bins: int = 40
+    bins: int = 50
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,202 @@
+"""Federated evaluation: the holdout split, the signed binned histograms, and status reading them (issue 15)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import BANKS, TEMPLATE, make_fed
+
+from fedcli import keys
+from fedcli.bank.holdout import holdout_rows
+from fedcli.errors import ExitCode
+from fedcli.metrics import score
+from fedcli.protocol import evaluations, rounds
+from fedcli.protocol.binned import Histogram
+from fedcli.store import open_store
+
+HOLDOUT = TEMPLATE.replace("[training]", "[evaluation]\nholdout = 0.2\n\n[training]", 1)
+DP = HOLDOUT + '\n[privacy]\nmode = "update"\nclip = 1.0\nnoise_multiplier = 1.0\nbudget_epsilon = 1000.0\n'
+
+
+def _round(fed):
+    for b in BANKS:
+        fed.train(b)
+    fed.aggregate()
+
+
+def _eval_file(fed, r: int, member: str):
+    return fed.store / evaluations.evaluation_key(r, member)
+
+
+# --------------------------------------------------------------------------- the maths
+
+
+def test_binned_metrics_match_the_exact_ones_closely_and_add_up():
+    rng = np.random.default_rng(1)
+    y = (rng.random(20_000) < 0.1).astype(np.float32)
+    p = 1 / (1 + np.exp(-(rng.normal(-2.5, 1.2, len(y)) + 1.8 * y)))
+    exact = score(y, p)
+    whole = Histogram.of(y, p, 50)
+    m = whole.metrics()
+    for k in ("auc", "ks", "pr_auc"):
+        assert abs(m[k] - exact[k]) < 0.01, (k, m[k], exact[k])
+    assert m["brier"] == pytest.approx(float(np.mean((p - y) ** 2)), abs=1e-9)
+    assert m["positive_rate"] == pytest.approx(float(y.mean()))
+    parts = [Histogram.of(y[i::3], p[i::3], 50) for i in range(3)]
+    summed = Histogram.total(parts)
+    assert summed.rows == len(y) and summed.metrics() == pytest.approx(m)
+    assert Histogram.from_dict(whole.to_dict()).metrics() == pytest.approx(m, abs=1e-6)
+
+
+def test_a_perfectly_calibrated_score_has_a_small_ece_and_a_constant_one_does_not():
+    rng = np.random.default_rng(2)
+    p = rng.random(50_000)
+    y = (rng.random(len(p)) < p).astype(np.float32)
+    assert Histogram.of(y, p, 50).metrics()["ece"] < 0.01
+    assert Histogram.of(y, np.full(len(p), 0.9), 50).metrics()["ece"] > 0.35
+
+
+# --------------------------------------------------------------------------- the split
+
+
+def test_the_holdout_is_stable_under_reordering_and_keeps_duplicates_together():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(5000, 7)).astype(np.float32)
+    X[100] = X[7]  # a duplicate row
+    held = holdout_rows("credit-demo", X, 0.2)
+    assert 0.17 < held.mean() < 0.23
+    order = rng.permutation(len(X))
+    assert np.array_equal(holdout_rows("credit-demo", X[order], 0.2), held[order])
+    assert held[100] == held[7]
+    assert not np.array_equal(holdout_rows("another-federation", X, 0.2), held)  # keyed by the federation
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def test_banks_hold_out_rows_and_publish_signed_histograms_that_status_sums(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, HOLDOUT)
+    _round(fed)
+    total = len(pd.read_csv(credit_split / "bank-a.csv"))
+    update = json.loads((fed.store / rounds.update_keys(1, "bank-a")[1]).read_text())
+    assert 0.7 * total < update["num_examples"] < 0.9 * total  # the holdout rows were not trained on
+    doc = json.loads(_eval_file(fed, 0, "bank-a").read_text())
+    assert doc["kind"] == "evaluation" and doc["round"] == 0 and len(doc["positives"]) == 50
+    assert sum(doc["positives"]) + sum(doc["negatives"]) == total - update["num_examples"]
+    assert set(doc) <= {*evaluations.EvaluationRecord.model_fields, "signature"}  # counts and sums, no rows
+    res = fed.cli(
+        "holdout",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key("bank-b"),
+        "--data",
+        fed.data / "bank-b.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+    )
+    assert "published the signed holdout evaluation of round 1" in res.output
+    again = fed.cli(
+        "holdout",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key("bank-b"),
+        "--data",
+        fed.data / "bank-b.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+    )
+    assert "already published" in again.output
+    status = fed.cli("status", fed.store, "--coordinator", fed.pub("coordinator")).output
+    assert "holdout: each global model" in status and "holdout AUC per bank" in status
+    row0 = next(line for line in status.splitlines() if line.startswith("│     0 │   4/4"))
+    row1 = next(line for line in status.splitlines() if line.startswith("│     1 │   1/4"))
+    assert float(row1.split("│")[5]) > float(row0.split("│")[5])  # round 1 ranks better than the random round 0
+
+
+def test_forged_oversized_and_stray_evaluation_files_are_ignored_with_a_line(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, HOLDOUT)
+    _round(fed)
+    good = json.loads(_eval_file(fed, 0, "bank-a").read_text())
+    del good["signature"]
+    forged = keys.sign_manifest(keys.load_private(fed.key("bank-c"))[0], good)  # bank-c signs as bank-a
+    _eval_file(fed, 0, "bank-a").write_bytes(forged)
+    impossible = json.loads(_eval_file(fed, 0, "bank-b").read_text())
+    del impossible["signature"]
+    impossible["score_sum"][0] = 1e6  # scores the bin cannot hold
+    _eval_file(fed, 0, "bank-b").write_bytes(keys.sign_manifest(keys.load_private(fed.key("bank-b"))[0], impossible))
+    _eval_file(fed, 0, "bank-d").write_bytes(b"{" + b" " * (1 << 20) + b"}")
+    (_eval_file(fed, 0, "bank-a").parent / "mallory.json").write_text("{}")
+    res = fed.cli("status", fed.store)
+    ignored = [line for line in res.output.splitlines() if line.startswith("ignored evaluation:")]
+    assert len(ignored) == 4, res.output
+    assert any("bank-a.json" in line and "signature" in line for line in ignored)
+    assert any("bank-b.json" in line and "bin 0" in line for line in ignored)
+    assert any("bank-d.json" in line and "not read" in line for line in ignored), ignored
+    assert any("mallory.json" in line for line in ignored)
+    assert "│     0 │   1/4" in res.output  # only bank-c's own file counts
+
+
+def test_an_evaluation_of_another_model_is_not_counted(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, HOLDOUT)
+    _round(fed)
+    doc = json.loads(_eval_file(fed, 0, "bank-a").read_text())
+    del doc["signature"]
+    doc["global_sha256"] = "ab" * 32
+    _eval_file(fed, 0, "bank-a").write_bytes(keys.sign_manifest(keys.load_private(fed.key("bank-a"))[0], doc))
+    found = evaluations.collect(open_store(str(fed.store)))
+    assert "bank-a" not in found.by_round[0] and len(found.by_round[0]) == 3
+    assert any("global_sha256" in line for line in found.ignored)
+
+
+def test_someone_elses_file_at_my_place_stops_the_holdout_command(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, HOLDOUT)
+    _round(fed)
+    path = _eval_file(fed, 1, "bank-a")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"planted": true}')
+    res = fed.cli(
+        "holdout",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key("bank-a"),
+        "--data",
+        fed.data / "bank-a.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+        code=ExitCode.VERIFY,
+    )
+    assert "not bank-a's valid evaluation" in res.output
+
+
+def test_under_dp_nothing_is_published_and_status_says_why(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, DP)
+    res = fed.train("bank-a")
+    assert "not published: DP federation" in res.output
+    for b in BANKS[1:]:
+        fed.train(b)
+    fed.aggregate()
+    assert not (fed.store / "rounds/000000/evaluations").exists()
+    assert "under DP the banks keep their holdout counts" in fed.cli("status", fed.store).output
+
+
+def test_without_a_holdout_nothing_changes_and_status_says_so(fed):
+    fed.train("bank-a")
+    assert not (fed.store / "rounds/000000/evaluations").exists()
+    assert "[evaluation] holdout is 0" in fed.cli("status", fed.store).output
+    res = fed.cli(
+        "holdout",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key("bank-a"),
+        "--data",
+        fed.data / "bank-a.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+        code=ExitCode.ERROR,
+    )
+    assert "holds out no rows" in res.output
