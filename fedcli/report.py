@@ -151,7 +151,7 @@ def collect(store: Store, pinned: PublicIdentity | None = None) -> Report:
         rounds,
         entries,
         published,
-        _number(privacy.get("budget_epsilon")),
+        _number(privacy.get("budget_epsilon")) or (spec.privacy.budget_epsilon if spec.privacy.enabled else None),
         note,
         collect_evaluations(store, pinned),
     )
@@ -463,7 +463,7 @@ def _table(head: list[str], body: list[list[str]]) -> str:
     """An HTML table; every cell is already escaped."""
     th = "".join(f"<th>{h}</th>" for h in head)
     trs = "\n".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
-    return f"<table>\n<tr>{th}</tr>\n{trs}\n</table>"
+    return f'<table class="numbers">\n<tr>{th}</tr>\n{trs}\n</table>'
 
 
 def holdout_section(rep: Report) -> str:
@@ -497,24 +497,39 @@ def holdout_section(rep: Report) -> str:
     return section + ignored
 
 
+CALIBRATION_GROUP = 20  # rows: the calibration table merges neighbouring bins up to this many (few rows say little)
+
+
 def _calibration_table(found) -> str:
     from fedcli.protocol.binned import bounds
 
     r = found.rounds[-1]
     total = found.federation(r)
     lo, hi = bounds(total.bins)
-    rows = [
-        [
-            f"{lo[i]:.4f} – {hi[i]:.4f}",
-            f"{int(total.count[i]):,}",
-            f"{total.score_sum[i] / total.count[i]:.4f}",
-            f"{total.positives[i] / total.count[i]:.4f}",
+    groups: list[list[float]] = []  # [low edge, high edge, rows, score sum, positives]
+    open_group: list[float] | None = None
+    for i in np.flatnonzero(total.count > 0):
+        if open_group is None:
+            open_group = [lo[i], hi[i], 0, 0.0, 0]
+        open_group[1:] = [
+            hi[i],
+            open_group[2] + total.count[i],
+            open_group[3] + total.score_sum[i],
+            open_group[4] + total.positives[i],
         ]
-        for i in range(total.bins)
-        if total.count[i] > 0
-    ]
-    return f"<h3>Calibration of the global model of round {r} (federation, bins with rows)</h3>" + _table(
-        ["score bin", "rows", "mean score", "observed bad rate"], rows
+        if open_group[2] >= CALIBRATION_GROUP:
+            groups.append(open_group)
+            open_group = None
+    if open_group is not None:  # the last few rows join the group below them
+        if groups:
+            last = groups[-1]
+            groups[-1] = [last[0], open_group[1], *(a + b for a, b in zip(last[2:], open_group[2:], strict=True))]
+        else:
+            groups.append(open_group)
+    rows = [[f"{g[0]:.4f} – {g[1]:.4f}", f"{int(g[2]):,}", f"{g[3] / g[2]:.4f}", f"{g[4] / g[2]:.4f}"] for g in groups]
+    return (
+        f"<h3>Calibration of the global model of round {r} (federation; neighbouring bins merged to at least "
+        f"{CALIBRATION_GROUP} rows)</h3>" + _table(["score range", "rows", "mean score", "observed bad rate"], rows)
     )
 
 
@@ -562,7 +577,7 @@ table {{ border-collapse: collapse; font-variant-numeric: tabular-nums; margin-b
 th, td {{ border: 1px solid #ccc; padding: 3px 9px; text-align: right; }}
 th {{ background: #f2f2f2; }} td:nth-child(2), td:nth-child(3), td:last-child {{ text-align: left; }}
 .accepted {{ color: #1a7f37; }} .rejected, .invalid, .bad {{ color: #c62828; font-weight: bold; }} .submitted {{ color: #9a6700; }}
-.why {{ color: #555; font-style: italic; }}
+.why {{ color: #555; font-style: italic; }} table.numbers td {{ text-align: right; }}
 img {{ max-width: 100%; }}
 </style></head><body>
 <h1>Federation {html.escape(rep.federation_id)}</h1>
@@ -574,7 +589,7 @@ the bank that made it, checked against the bank's enrolled key. How to read this
 <p>Each bank holds out a fixed share of its rows (chosen by a keyed hash of the row, the same rows every round)
 and never trains on them. It scores each global model on them and publishes only binned counts, signed; the
 federation's numbers are the banks' bins summed. AUC, KS and PR-AUC from bins are approximate (rows in one bin
-count as tied); the Brier score is exact; ECE is measured over these bins. {html.escape(NO_BASELINE.replace(chr(10), " "))}.</p>
+count as tied); the Brier score is exact; ECE is measured over these bins. {html.escape(NO_BASELINE.replace(chr(10), " ").capitalize())}.</p>
 {holdout_section(rep)}
 <h2>Updates per round</h2>
 {updates_table(rep)}
