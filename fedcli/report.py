@@ -577,7 +577,7 @@ table {{ border-collapse: collapse; font-variant-numeric: tabular-nums; margin-b
 th, td {{ border: 1px solid #ccc; padding: 3px 9px; text-align: right; }}
 th {{ background: #f2f2f2; }} td:nth-child(2), td:nth-child(3), td:last-child {{ text-align: left; }}
 .accepted {{ color: #1a7f37; }} .rejected, .invalid, .bad {{ color: #c62828; font-weight: bold; }} .submitted {{ color: #9a6700; }}
-.why {{ color: #555; font-style: italic; }} table.numbers td {{ text-align: right; }}
+td:nth-child(-n+3) {{ white-space: nowrap; }} .why {{ color: #555; font-style: italic; }} table.numbers td {{ text-align: right; }}
 img {{ max-width: 100%; }}
 </style></head><body>
 <h1>Federation {html.escape(rep.federation_id)}</h1>

@@ -3,11 +3,11 @@
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 from helpers import BANKS, TEMPLATE, make_fed
 
 from fedcli import keys
+from fedcli.bank import tables
 from fedcli.bank.holdout import holdout_rows
 from fedcli.errors import ExitCode
 from fedcli.metrics import score
@@ -78,9 +78,14 @@ def test_the_holdout_is_stable_under_reordering_and_keeps_duplicates_together():
 def test_banks_hold_out_rows_and_publish_signed_histograms_that_status_sums(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split, HOLDOUT)
     _round(fed)
-    total = len(pd.read_csv(credit_split / "bank-a.csv"))
+    table = tables.prepare(
+        tables.read_table(credit_split / "bank-a.csv"),
+        rounds.load_spec(open_store(str(fed.store)), None)[0].data,
+        "bank-a",
+    )
+    total, held = len(table.X), holdout_rows("credit-demo", table.X, 0.2)
     update = json.loads((fed.store / rounds.update_keys(1, "bank-a")[1]).read_text())
-    assert 0.7 * total < update["num_examples"] < 0.9 * total  # the holdout rows were not trained on
+    assert update["num_examples"] == total - held.sum() and 0.7 * total < update["num_examples"] < 0.9 * total
     doc = json.loads(_eval_file(fed, 0, "bank-a").read_text())
     assert doc["kind"] == "evaluation" and doc["round"] == 0 and len(doc["positives"]) == 50
     assert sum(doc["positives"]) + sum(doc["negatives"]) == total - update["num_examples"]

@@ -152,6 +152,8 @@ def collect(store: Store, pinned: PublicIdentity | None = None) -> Evaluations:
     """Read and verify every evaluation file of every published global round."""
     spec, spec_sha = load_spec(store, pinned)
     found = Evaluations(spec)
+    if spec.evaluation.holdout == 0 or spec.privacy.enabled:  # no bank publishes one: nothing is read
+        return found
     for r in global_rounds(store):
         prefix = f"{round_dir(r)}/evaluations/"
         names = [k[len(prefix) :] for k in store.list(prefix.rstrip("/")) if k.startswith(prefix)]
