@@ -205,3 +205,27 @@ def test_without_a_holdout_nothing_changes_and_status_says_so(fed):
         code=ExitCode.ERROR,
     )
     assert "holds out no rows" in res.output
+
+
+@pytest.mark.slow
+def test_holdout_evaluations_on_s3(moto_s3, tmp_path, credit_split, monkeypatch):
+    from helpers import use_s3
+
+    fed = make_fed(tmp_path, credit_split, HOLDOUT, url=use_s3(moto_s3, monkeypatch))
+    for b in BANKS[:3]:
+        fed.train(b)
+    fed.aggregate()
+    fed.cli(
+        "holdout",
+        "--store",
+        fed.loc,
+        "--key",
+        fed.key("bank-a"),
+        "--data",
+        fed.data / "bank-a.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+    )
+    found = evaluations.collect(open_store(fed.loc))
+    assert sorted(found.by_round[0]) == ["bank-a", "bank-b", "bank-c"] and list(found.by_round[1]) == ["bank-a"]
+    assert "│     0 │   3/4" in fed.cli("status", fed.loc).output
