@@ -77,7 +77,25 @@ def test_the_holdout_is_stable_under_reordering_and_keeps_duplicates_together():
 
 def test_banks_hold_out_rows_and_publish_signed_histograms_that_status_sums(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split, HOLDOUT)
-    _round(fed)
+    said = fed.train("bank-a").output
+    assert "held out (never trained on)" in said and "published the signed holdout evaluation of round 0" in said
+    for b in BANKS[1:]:
+        fed.train(b)
+    fed.aggregate()
+    quiet = fed.cli(
+        "holdout",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key("bank-c"),
+        "--data",
+        fed.data / "bank-c.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+        "--no-publish",
+    )
+    assert "global of round 1: auc" in quiet.output and "not published (--no-publish)" in quiet.output
+    assert not _eval_file(fed, 1, "bank-c").exists()
     table = tables.prepare(
         tables.read_table(credit_split / "bank-a.csv"),
         rounds.load_spec(open_store(str(fed.store)), None)[0].data,

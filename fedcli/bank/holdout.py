@@ -20,13 +20,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 
 from fedcli import digest, keys, models
 from fedcli.errors import AlreadyExists, FedcliError, InputError, VerificationError
 from fedcli.metrics import score
-from fedcli.protocol import rounds
+from fedcli.protocol import evaluations, rounds
 from fedcli.protocol.binned import MIN_HOLDOUT_ROWS, Histogram
+from fedcli.protocol.evaluations import evaluation_key
+from fedcli.protocol.spec import Spec
 from fedcli.store import Store
 
 if TYPE_CHECKING:
@@ -79,9 +82,7 @@ class Holdout:
         )
 
 
-def score_holdout(
-    spec, base: rounds.Global, y: np.ndarray, p: np.ndarray, federation_dp: bool
-) -> Holdout:  # spec: protocol.spec.Spec
+def score_holdout(spec: Spec, base: rounds.Global, y: np.ndarray, p: np.ndarray, federation_dp: bool) -> Holdout:
     """The holdout's metrics and histogram, and whether the histogram may leave the bank."""
     exact = score(y, p) | {"brier": float(np.mean((p.astype(np.float64) - y) ** 2)) if len(y) else math.nan}
     withheld = ""
@@ -115,11 +116,8 @@ def split(job: BankRound, base: rounds.Global, data: LocalData) -> tuple[LocalDa
     return trimmed, score_holdout(job.spec, base, data.y[held], p[held], job.spec.privacy.enabled)
 
 
-def publish(store: Store, spec, me: keys.PublicIdentity, private, holdout: Holdout) -> str:
+def publish(store: Store, spec: Spec, me: keys.PublicIdentity, private: Ed25519PrivateKey, holdout: Holdout) -> str:
     """Sign and write the holdout histogram (create-only); one line saying what happened."""
-    from fedcli.protocol import evaluations  # pydantic: only once there is a document to write
-    from fedcli.protocol.evaluations import evaluation_key
-
     r = holdout.round
     if holdout.withheld:
         return f"holdout evaluation of round {r} not published: {holdout.withheld}"
