@@ -247,3 +247,15 @@ def test_holdout_evaluations_on_s3(moto_s3, tmp_path, credit_split, monkeypatch)
     found = evaluations.collect(open_store(fed.loc))
     assert sorted(found.by_round[0]) == ["bank-a", "bank-b", "bank-c"] and list(found.by_round[1]) == ["bank-a"]
     assert "│     0 │   3/4" in fed.cli("status", fed.loc).output
+
+
+def test_an_evaluation_claiming_more_rows_than_a_member_may_have_is_ignored(tmp_path, credit_split):
+    spec = HOLDOUT.replace("deadline_minutes = 0 ", "max_rows_per_member = 2000\ndeadline_minutes = 0 ", 1)
+    fed = make_fed(tmp_path, credit_split, spec)
+    _round(fed)
+    doc = json.loads(_eval_file(fed, 0, "bank-b").read_text())
+    del doc["signature"]
+    doc["negatives"][0] += 5000  # with scores the bin can hold: only the row bound catches it
+    _eval_file(fed, 0, "bank-b").write_bytes(keys.sign_manifest(keys.load_private(fed.key("bank-b"))[0], doc))
+    found = evaluations.collect(open_store(str(fed.store)))
+    assert "bank-b" not in found.by_round[0] and any("max_rows_per_member" in line for line in found.ignored)

@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
-from fedcli.errors import FedcliError, NotFound
+from fedcli.errors import ContractError, FedcliError, NotFound
 from fedcli.keys import MAX_MANIFEST_BYTES, PublicIdentity, verify_manifest
 from fedcli.protocol.binned import HISTOGRAM_FIELDS, MIN_HOLDOUT_ROWS, Histogram, bounds
 from fedcli.protocol.documents import MAX_ROWS, Document, Name, Round, Sha256, Timestamp
@@ -108,7 +108,10 @@ def verified(store: Store, spec: Spec, r: int, member: str, global_sha: str) -> 
     validate(EvaluationRecord, doc, what)
     expect(doc, what, kind="evaluation", federation_id=spec.federation_id, round=r, member=member)
     expect(doc, what, global_sha256=global_sha, bins=spec.evaluation.bins)
-    return Histogram.from_dict(doc)
+    hist = Histogram.from_dict(doc)
+    if hist.rows > spec.max_rows_per_member:  # its weight in the federation's sum, bounded as an update's is
+        raise ContractError(f"{what}: {hist.rows:,} rows, more than max_rows_per_member ({spec.max_rows_per_member:,})")
+    return hist
 
 
 def is_mine(store: Store, me: PublicIdentity, spec: Spec, r: int, global_sha: str) -> bool:
