@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -407,9 +408,11 @@ def _round_axis(ax, rep: Report) -> None:
 
     ax.set_xlabel("round")
     ax.grid(alpha=0.3)
+    if not rep.rounds:  # no update yet: no scale to show
+        ax.set_xticks([])
+        return
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if rep.rounds:
-        ax.set_xlim(min(rep.rounds) - 0.6, max(rep.rounds) + 0.6)
+    ax.set_xlim(min(rep.rounds) - 0.6, max(rep.rounds) + 0.6)
     for r in rep.rounds:
         if r not in rep.published:
             ax.axvspan(r - 0.5, r + 0.5, color="0.92", zorder=0)
@@ -430,7 +433,8 @@ def _say(ax, text: str) -> None:
     ax.set_yticks([])
     if not ax.lines and not ax.patches:
         ax.set_xticks([])
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.35")
+    lines = [part for line in text.splitlines() for part in textwrap.wrap(line, 52) or [""]]  # fits half the figure
+    ax.text(0.5, 0.5, "\n".join(lines), ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.35")
 
 
 def _heading(key: str) -> str:

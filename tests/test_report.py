@@ -171,3 +171,12 @@ def test_report_without_a_holdout_says_the_spec_holds_none_out(fed, tmp_path):
     fed.aggregate()
     fed.cli("report", fed.store, "--out", tmp_path / "r.html")
     assert "[evaluation] holdout is 0" in (tmp_path / "r.html").read_text()
+
+
+def test_report_of_a_fresh_federation_says_nothing_is_there_yet(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, HOLDOUT)
+    res = fed.cli("report", fed.store, "--out", tmp_path / "r.html")
+    assert "0 updates over 0 rounds" in res.output
+    assert "no holdout evaluation published yet" in (tmp_path / "r.html").read_text()
+    with Image.open(tmp_path / "r.png") as im:
+        assert im.format == "PNG"
