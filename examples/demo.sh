@@ -17,8 +17,9 @@ fedcli keygen coordinator --out coordinator
 for b in $banks; do fedcli keygen "$b" --out "$b" >/dev/null; done
 
 echo "== 3. Coordinator signs the spec and publishes round 0"
-# The template plus federated evaluation: each bank keeps 20% of its rows out of training (docs/report.md)
-{ cat "$here/federation.toml"; printf '\n[evaluation]\nholdout = 0.2\n'; } > federation.toml
+# The template plus federated evaluation: each bank keeps 20% of its rows out of training and also
+# scores a model trained on its own rows alone (docs/report.md)
+{ cat "$here/federation.toml"; printf '\n[evaluation]\nholdout = 0.2\nbaseline = true\n'; } > federation.toml
 fedcli init store --spec federation.toml --key coordinator/coordinator.key \
   $(for b in $banks; do echo --member "$b/$b.pub"; done)
 

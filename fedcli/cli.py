@@ -394,7 +394,12 @@ def _holdout_status(found) -> None:
     for col in ("round", "banks", "rows", "bad rate", "auc", "ks", "pr_auc", "brier", "ece"):
         fed.add_column(col, justify="right")
     members = found.spec.members
-    banks = Table(title="holdout AUC per bank (approximate; blank: that bank published no evaluation)")
+    banks = Table(
+        title="holdout AUC per bank (approximate; blank: that bank published no evaluation)",
+        caption=escape("in brackets: that bank's own model, trained on its rows alone ([evaluation] baseline)")
+        if found.baselines
+        else None,
+    )
     banks.add_column("round", justify="right")
     for m in members:
         banks.add_column(escape(m.name), justify="right")
@@ -407,9 +412,19 @@ def _holdout_status(found) -> None:
             f"{total.rows:,}",
             *(_rate(m[k]) for k in ("positive_rate", "auc", "ks", "pr_auc", "brier", "ece")),
         )
-        banks.add_row(str(r), *(_rate(mine[b.name].metrics()["auc"]) if b.name in mine else "" for b in members))
+        alone = found.baselines.get(r, {})
+        banks.add_row(str(r), *(_bank_auc(mine.get(b.name), alone.get(b.name)) for b in members))
     out.print(fed)
     out.print(banks)
+
+
+def _bank_auc(hist, alone) -> str:
+    """One bank's holdout AUC of the global, and of its own bank-alone model in brackets when it sent one."""
+    if hist is None:
+        return ""
+    if alone is None:
+        return _rate(hist.metrics()["auc"])
+    return f"{_rate(hist.metrics()['auc'], '{:.3f}')} ({_rate(alone.metrics()['auc'], '{:.3f}')})"  # fits 80 columns
 
 
 @app.command()

@@ -167,8 +167,11 @@ HOLDOUT_PANELS = (
 )
 FEDERATION = "federation"  # the banks' histograms summed
 NO_BASELINE = (
-    "no bank-alone baseline on the store: fedcli trains only the federated model\n"
+    "no bank-alone baseline: [evaluation] baseline is off in the spec\n"
     "(examples/compare_local.py measures each bank alone on the demo's shared holdout)"
+)
+WITH_BASELINE = (
+    "dashed: each bank's own model, trained on its rows alone\n(same epochs per round; grey dashed: all of them summed)"
 )
 
 
@@ -243,6 +246,10 @@ def _holdout_panel(ax, rep: Report, colors: dict, key: str, title: str, ylabel: 
     for member in rep.members:
         pts = [(r, found.by_round[r][member].metrics()[key]) for r in rounds if member in found.by_round[r]]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[member], alpha=0.75, linewidth=1.2)
+        pts = [(r, h.metrics()[key]) for r in rounds if (h := found.baselines.get(r, {}).get(member)) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "x--", color=colors[member], alpha=0.75, linewidth=1)
+    alone = [(r, h.metrics()[key]) for r in rounds if (h := found.alone(r)) is not None]
+    ax.plot([p[0] for p in alone], [p[1] for p in alone], "--", color="0.45", linewidth=2.5)
     if key == "pr_auc":
         ax.plot([r for r, _ in fed], [m["positive_rate"] for _, m in fed], ":", color="0.4")
         ax.text(
@@ -255,7 +262,8 @@ def _holdout_panel(ax, rep: Report, colors: dict, key: str, title: str, ylabel: 
             color="0.3",
         )
     if key == "auc":
-        ax.text(0.98, 0.03, NO_BASELINE, transform=ax.transAxes, fontsize=8, color="0.35", va="bottom", ha="right")
+        said = WITH_BASELINE if found.spec.evaluation.baseline else NO_BASELINE
+        ax.text(0.98, 0.03, said, transform=ax.transAxes, fontsize=8, color="0.35", va="bottom", ha="right")
     _holdout_axis(ax, rounds)
 
 
@@ -459,6 +467,17 @@ def _holdout_cells(hist) -> list[str]:
     ]
 
 
+ALONE_COLUMNS = ("AUC ≈", "KS ≈", "PR-AUC ≈")
+
+
+def _alone_cells(hist) -> list[str]:
+    """The bank-alone model's ranking metrics; blank when there is none (baseline off, or not sent)."""
+    if hist is None:
+        return ["" for _ in ALONE_COLUMNS]
+    m = hist.metrics()
+    return [_nan_cell(m[k]) for k in ("auc", "ks", "pr_auc")]
+
+
 def _nan_cell(value: float) -> str:
     return "n/a" if value != value else f"{value:.4f}"  # NaN: one class only
 
@@ -478,20 +497,31 @@ def holdout_section(rep: Report) -> str:
         section = f'<p class="why">{html.escape(why)}.</p>'
     else:
         fed_rows = [
-            [str(r), f"{len(found.by_round[r])}/{len(rep.members)}", *_holdout_cells(found.federation(r))]
+            [
+                str(r),
+                f"{len(found.by_round[r])}/{len(rep.members)}",
+                *_holdout_cells(found.federation(r)),
+                *_alone_cells(found.alone(r)),
+            ]
             for r in found.rounds
         ]
         bank_rows = [
-            [str(r), html.escape(m), *_holdout_cells(found.by_round[r][m])]
+            [
+                str(r),
+                html.escape(m),
+                *_holdout_cells(found.by_round[r][m]),
+                *_alone_cells(found.baselines.get(r, {}).get(m)),
+            ]
             for r in found.rounds
             for m in rep.members
             if m in found.by_round[r]
         ]
+        alone = [html.escape(f"{k} alone") for k in ALONE_COLUMNS]
         section = (
-            "<h3>Federation (the banks' histograms summed)</h3>"
-            + _table(["global of round", "banks", *map(html.escape, HOLDOUT_COLUMNS)], fed_rows)
-            + "<h3>Each bank</h3>"
-            + _table(["global of round", "bank", *map(html.escape, HOLDOUT_COLUMNS)], bank_rows)
+            "<h3>Federation (the banks' histograms summed; alone: every bank's own model, summed)</h3>"
+            + _table(["global of round", "banks", *map(html.escape, HOLDOUT_COLUMNS), *alone], fed_rows)
+            + "<h3>Each bank (alone: its own model, trained on its rows only)</h3>"
+            + _table(["global of round", "bank", *map(html.escape, HOLDOUT_COLUMNS), *alone], bank_rows)
             + _calibration_table(found)
         )
     ignored = ""
@@ -546,6 +576,15 @@ def updates_table(rep: Report) -> str:
     return _table(["round", *kinds], body)
 
 
+def _baseline_words(rep: Report) -> str:
+    if rep.holdout is not None and rep.holdout.spec.evaluation.baseline:
+        return (
+            "Each bank also trains a model on its own training rows alone ([evaluation] baseline: same round-0 "
+            "weights, same epochs per round, never sent) and scores it on the same holdout rows: the 'alone' columns."
+        )
+    return NO_BASELINE.replace("\n", " ").capitalize() + "."
+
+
 def page(rep: Report, png: bytes) -> str:
     """A self-contained HTML page: the figure inline (base64) and every number in a table."""
     rows = []
@@ -593,7 +632,7 @@ the bank that made it, checked against the bank's enrolled key. How to read this
 <p>Each bank holds out a fixed share of its rows (chosen by a keyed hash of the row, the same rows every round)
 and never trains on them. It scores each global model on them and publishes only binned counts, signed; the
 federation's numbers are the banks' bins summed. AUC, KS and PR-AUC from bins are approximate (rows in one bin
-count as tied); the Brier score is exact; ECE is measured over these bins. {html.escape(NO_BASELINE.replace(chr(10), " ").capitalize())}.</p>
+count as tied); the Brier score is exact; ECE is measured over these bins. {html.escape(_baseline_words(rep))}</p>
 {holdout_section(rep)}
 <h2>Updates per round</h2>
 {updates_table(rep)}

@@ -259,3 +259,41 @@ def test_an_evaluation_claiming_more_rows_than_a_member_may_have_is_ignored(tmp_
     _eval_file(fed, 0, "bank-b").write_bytes(keys.sign_manifest(keys.load_private(fed.key("bank-b"))[0], doc))
     found = evaluations.collect(open_store(str(fed.store)))
     assert "bank-b" not in found.by_round[0] and any("max_rows_per_member" in line for line in found.ignored)
+
+
+BASELINE = HOLDOUT.replace("holdout = 0.2\n", "holdout = 0.2\nbaseline = true\n", 1)
+
+
+def test_each_bank_alone_is_scored_on_the_same_holdout_and_shown_beside_the_federation(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, BASELINE)
+    for _ in (1, 2):
+        _round(fed)
+    found = evaluations.collect(open_store(str(fed.store)))
+    assert sorted(found.baselines[1]) == list(BANKS)
+    for b in BANKS:  # round 0: both are the shared initial weights
+        assert found.baselines[0][b].to_dict() == found.by_round[0][b].to_dict()
+        assert found.baselines[1][b].to_dict() != found.by_round[1][b].to_dict()
+        assert found.baselines[1][b].rows == found.by_round[1][b].rows
+    kept = sorted(p.name for p in (tmp_path / "bank-a").glob("*.baseline-r*.safetensors"))
+    assert kept == ["bank-a.state.credit-demo.baseline-r000001.safetensors"]  # only the latest round is kept
+    status = fed.cli("status", fed.store).output
+    auc = found.by_round[1]["bank-b"].metrics()["auc"]
+    alone = found.baselines[1]["bank-b"].metrics()["auc"]
+    assert f"{auc:.3f} ({alone:.3f})" in status and "trained on its rows alone" in status
+    out = tmp_path / "r.html"
+    fed.cli("report", fed.store, "--out", out)
+    page = out.read_text()
+    assert "AUC ≈ alone" in page and f"<td>{alone:.4f}</td>" in page
+
+
+def test_a_baseline_over_other_rows_is_refused_by_the_contract(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, BASELINE)
+    _round(fed)
+    doc = json.loads(_eval_file(fed, 0, "bank-a").read_text())
+    del doc["signature"]
+    doc["baseline"]["negatives"][0] += 1
+    _eval_file(fed, 0, "bank-a").write_bytes(keys.sign_manifest(keys.load_private(fed.key("bank-a"))[0], doc))
+    found = evaluations.collect(open_store(str(fed.store)))
+    assert "bank-a" not in found.by_round[0] and any("other rows" in line for line in found.ignored)
+    alone = found.alone(0)  # over the same banks as the federation's sum: the three valid ones
+    assert alone is not None and alone.rows == found.federation(0).rows

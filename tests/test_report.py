@@ -147,7 +147,7 @@ def test_report_shows_the_holdout_per_round_for_the_federation_and_each_bank(tmp
             assert f"<td>{r}</td><td>{b}</td><td>{hist.rows:,}</td>" in page
     assert "Evaluation files ignored" in page and "bank-d.json" in page and "0.999" not in page
     assert "Calibration of the global model of round 1" in page
-    assert "no bank-alone baseline on the store" in page.lower()
+    assert "no bank-alone baseline" in page.lower()
     with Image.open(out.with_suffix(".png")) as im:
         assert im.size[1] >= 1800 and len(im.convert("RGB").getcolors(maxcolors=1 << 20)) > 200
 

@@ -71,12 +71,15 @@ class Holdout:
     metrics: dict[str, float]  # exact, on the holdout rows: metrics.score plus brier
     histogram: Histogram
     withheld: str = ""  # why the histogram is not published ("" when it is)
+    baseline: Histogram | None = None  # the same rows scored by the bank-alone model ([evaluation] baseline)
 
     def line(self) -> str:
         m = self.metrics
         shown = ", ".join(
             f"{k} {m[k]:.4f}" for k in ("auc", "pr_auc", "ks", "brier") if math.isfinite(m.get(k, math.nan))
         )
+        if self.baseline is not None and math.isfinite(alone := self.baseline.metrics()["auc"]):
+            shown += f"; this bank alone: auc ≈ {alone:.4f}"
         return f"holdout of {self.rows:,} rows ({self.positives:,} positive), global of round {self.round}: " + (
             shown or "metrics n/a (one class only)"
         )
@@ -113,7 +116,20 @@ def split(job: BankRound, base: rounds.Global, data: LocalData) -> tuple[LocalDa
     trimmed = replace(
         data, X=data.X[keep], y=data.y[keep], before=score(data.y[keep], p[keep]), notes=[*data.notes, note]
     )
-    return trimmed, score_holdout(job.spec, base, data.y[held], p[held], job.spec.privacy.enabled)
+    scored = score_holdout(job.spec, base, data.y[held], p[held], job.spec.privacy.enabled)
+    if job.spec.evaluation.baseline and not scored.withheld:
+        scored = replace(scored, baseline=_alone(job, base.round, trimmed, data.X[held], data.y[held]))
+    return trimmed, scored
+
+
+def _alone(job: BankRound, r: int, train: LocalData, X: np.ndarray, y: np.ndarray) -> Histogram | None:
+    """The bank-alone model after r rounds (bank.baseline), scored on the same holdout rows."""
+    from fedcli.bank import baseline
+
+    p = models.predict(job.spec.model, baseline.model_at(job, r, train.X, train.y), X)
+    if not np.all(np.isfinite(p)):  # the bank's own model diverged: no baseline this round, the rest goes on
+        return None
+    return Histogram.of(y, p, job.spec.evaluation.bins)
 
 
 def publish(store: Store, spec: Spec, me: keys.PublicIdentity, private: Ed25519PrivateKey, holdout: Holdout) -> str:
@@ -122,7 +138,14 @@ def publish(store: Store, spec: Spec, me: keys.PublicIdentity, private: Ed25519P
     if holdout.withheld:
         return f"holdout evaluation of round {r} not published: {holdout.withheld}"
     doc = evaluations.record(
-        spec, r, me.name, holdout.global_sha256, holdout.histogram, rounds.now(), secrets.token_hex(16)
+        spec,
+        r,
+        me.name,
+        holdout.global_sha256,
+        holdout.histogram,
+        rounds.now(),
+        secrets.token_hex(16),
+        holdout.baseline,
     )
     try:
         store.put(evaluation_key(r, me.name), keys.sign_manifest(private, doc), create_only=True)

@@ -38,6 +38,31 @@ def evaluation_key(r: int, member: str) -> str:
     return f"{round_dir(r)}/evaluations/{member}.json"
 
 
+class BaselineHistogram(Document):
+    """The same holdout rows scored by the bank's own bank-alone model ([evaluation] baseline)."""
+
+    negatives: Counts
+    positives: Counts
+    score_sum: Sums
+    positive_score_sum: Sums
+    score_sq_sum: Sums
+
+
+def _check_histogram(h, bins: int, label: str) -> None:
+    """Every field has `bins` entries and every bin's sums are possible for its counts and score range."""
+    if any(len(getattr(h, f)) != bins for f in HISTOGRAM_FIELDS):
+        raise ValueError(f"{label}: every histogram field has exactly bins = {bins} entries")
+    lo, hi = bounds(bins)
+    for i in range(bins):
+        n, pos = h.negatives[i] + h.positives[i], h.positives[i]
+        slack = 1e-6 * (n + 1)  # the sums are rounded to 6 digits
+        within = n * lo[i] - slack <= h.score_sum[i] <= n * hi[i] + slack
+        within &= pos * lo[i] - slack <= h.positive_score_sum[i] <= min(pos * hi[i], h.score_sum[i]) + slack
+        within &= h.score_sq_sum[i] <= h.score_sum[i] + slack
+        if not within:
+            raise ValueError(f"{label} bin {i}: sums impossible for its counts and score range")
+
+
 class EvaluationRecord(Document):
     """A bank's signed holdout histogram of global `round` (whose tensors hash to global_sha256)."""
 
@@ -56,27 +81,36 @@ class EvaluationRecord(Document):
     score_sq_sum: Sums
     created_at: Timestamp
     nonce: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{2,128}$")]
+    baseline: BaselineHistogram | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
-        """The sums must be possible for the counts: no bin may claim scores outside its own range."""
-        if any(len(getattr(self, f)) != self.bins for f in HISTOGRAM_FIELDS):
-            raise ValueError(f"every histogram field has exactly bins = {self.bins} entries")
+        """The sums must be possible for the counts (no bin may claim scores outside its own range), and a
+        baseline scores the very same rows (same counts of negatives and of positives in all)."""
+        _check_histogram(self, self.bins, "the histogram")
         if sum(self.negatives) + sum(self.positives) < MIN_HOLDOUT_ROWS:
             raise ValueError(f"fewer than {MIN_HOLDOUT_ROWS} holdout rows")
-        lo, hi = bounds(self.bins)
-        for i in range(self.bins):
-            n, pos = self.negatives[i] + self.positives[i], self.positives[i]
-            slack = 1e-6 * (n + 1)  # the sums are rounded to 6 digits
-            within = n * lo[i] - slack <= self.score_sum[i] <= n * hi[i] + slack
-            within &= pos * lo[i] - slack <= self.positive_score_sum[i] <= min(pos * hi[i], self.score_sum[i]) + slack
-            within &= self.score_sq_sum[i] <= self.score_sum[i] + slack
-            if not within:
-                raise ValueError(f"bin {i}: sums impossible for its counts and score range")
+        if self.baseline is not None:
+            _check_histogram(self.baseline, self.bins, "baseline")
+            same = (sum(self.negatives), sum(self.positives)) == (
+                sum(self.baseline.negatives),
+                sum(self.baseline.positives),
+            )
+            if not same:
+                raise ValueError("baseline: scores other rows than the histogram (its counts differ)")
         return self
 
 
-def record(spec: Spec, r: int, member: str, global_sha: str, hist: Histogram, created_at: str, nonce: str) -> dict:
+def record(
+    spec: Spec,
+    r: int,
+    member: str,
+    global_sha: str,
+    hist: Histogram,
+    created_at: str,
+    nonce: str,
+    baseline: Histogram | None = None,
+) -> dict:
     """The document to sign (a plain dict, validated against EvaluationRecord before signing)."""
     from fedcli.contract import validate
 
@@ -93,12 +127,15 @@ def record(spec: Spec, r: int, member: str, global_sha: str, hist: Histogram, cr
         "created_at": created_at,
         "nonce": nonce,
     }
+    if baseline is not None:
+        doc["baseline"] = baseline.to_dict()
     validate(EvaluationRecord, doc, f"holdout evaluation of round {r}")
     return doc
 
 
-def verified(store: Store, spec: Spec, r: int, member: str, global_sha: str) -> Histogram:
-    """member's evaluation of global r, every check passed; raises FedcliError (NotFound if absent)."""
+def verified(store: Store, spec: Spec, r: int, member: str, global_sha: str) -> tuple[Histogram, Histogram | None]:
+    """member's evaluation of global r and its bank-alone baseline (if any), every check passed; raises
+    FedcliError (NotFound if absent)."""
     from fedcli.contract import validate
 
     signer, what = spec.member(member), f"holdout evaluation by {member} of round {r}"
@@ -111,7 +148,7 @@ def verified(store: Store, spec: Spec, r: int, member: str, global_sha: str) -> 
     hist = Histogram.from_dict(doc)
     if hist.rows > spec.max_rows_per_member:  # its weight in the federation's sum, bounded as an update's is
         raise ContractError(f"{what}: {hist.rows:,} rows, more than max_rows_per_member ({spec.max_rows_per_member:,})")
-    return hist
+    return hist, Histogram.from_dict(doc["baseline"]) if doc.get("baseline") is not None else None
 
 
 def is_mine(store: Store, me: PublicIdentity, spec: Spec, r: int, global_sha: str) -> bool:
@@ -129,6 +166,7 @@ class Evaluations:
 
     spec: Spec
     by_round: dict[int, dict[str, Histogram]] = field(default_factory=dict)
+    baselines: dict[int, dict[str, Histogram]] = field(default_factory=dict)  # each bank alone, same rows
     ignored: list[str] = field(default_factory=list)  # one line each: round, file, why
 
     @property
@@ -137,6 +175,13 @@ class Evaluations:
 
     def federation(self, r: int) -> Histogram:
         return Histogram.total(list(self.by_round[r].values()))
+
+    def alone(self, r: int) -> Histogram | None:
+        """Every bank's own model on its own holdout, summed: only when every bank of round r sent one."""
+        mine = self.baselines.get(r, {})
+        if not mine or set(mine) != set(self.by_round.get(r, {})):
+            return None
+        return Histogram.total(list(mine.values()))
 
     def why_none(self) -> str:
         """When no histogram is shown: why (from the signed spec), else ''."""
@@ -175,7 +220,10 @@ def _read_one(store: Store, found: Evaluations, r: int, name: str, sha: str) -> 
         found.ignored.append(f"round {r}: {shown}: not a member's evaluation file")
         return
     try:
-        found.by_round.setdefault(r, {})[member] = verified(store, found.spec, r, member, sha)
+        hist, alone = verified(store, found.spec, r, member, sha)
+        found.by_round.setdefault(r, {})[member] = hist
+        if alone is not None:
+            found.baselines.setdefault(r, {})[member] = alone
     except NotFound:
         return
     except FedcliError as e:

@@ -234,6 +234,11 @@ class EvaluationTable(BaseModel):
         "trained on); each bank publishes signed binned scores of the global it starts from. 0: off",
     )
     bins: int = Field(50, ge=10, le=200, description="score bins of the published holdout histograms")
+    baseline: bool = Field(
+        False,
+        description="each bank also trains a model on its own training rows only (same epochs per round, never "
+        "sent) and publishes its holdout histogram beside the federated one: federated vs each bank alone",
+    )
 
 
 class SpecDocument(BaseModel):
@@ -310,6 +315,7 @@ class EvaluationSpec:
 
     holdout: float = 0.0
     bins: int = 50
+    baseline: bool = False  # each bank also scores a model trained on its own rows only
 
 
 @dataclass(frozen=True)
@@ -396,7 +402,7 @@ def _build(doc: SpecDocument, raw: dict) -> Spec:
         privacy=privacy,
         strategy=strategy,
         secagg=secagg,
-        evaluation=EvaluationSpec(float(doc.evaluation.holdout), doc.evaluation.bins),
+        evaluation=EvaluationSpec(float(doc.evaluation.holdout), doc.evaluation.bins, doc.evaluation.baseline),
         document=doc,
     )
 
@@ -568,7 +574,8 @@ def _holdout_summary(spec: Spec) -> str:
         if spec.privacy.enabled
         else f"each bank publishes signed {spec.evaluation.bins}-bin score histograms of the global it starts from"
     )
-    return f"{share * 100:g}% of each bank's rows held out, never trained on; {published}"
+    alone = "; each bank also scores a model trained on its own rows alone" if spec.evaluation.baseline else ""
+    return f"{share * 100:g}% of each bank's rows held out, never trained on; {published}{alone}"
 
 
 def settings(spec: Spec) -> list[tuple[str, str, bool]]:
