@@ -1,7 +1,8 @@
 """Compare the federated model with what each bank could train alone, on the same holdout.
 
 Local-only models start from the same round-0 weights and train for as many epochs as the
-federated model saw in total (rounds x epochs), so the comparison is fair in compute.
+federated model saw in total (rounds x epochs), so the comparison is fair in compute, and on the
+rows the bank trains on in the federation (without its `[evaluation] holdout` rows).
 """
 
 import sys
@@ -12,6 +13,7 @@ from rich.table import Table
 
 from fedcli import keys, models
 from fedcli.bank import tables
+from fedcli.bank.holdout import holdout_rows
 from fedcli.bank.training import fit
 from fedcli.metrics import score
 from fedcli.protocol import rounds
@@ -33,7 +35,8 @@ def compare(store_path: str, coordinator_pub: str, data_dir: Path) -> dict[str, 
     )
     for m in spec.members:
         bank = tables.prepare(tables.read_table(data_dir / f"{m.name}.csv"), spec.data, m.name)
-        w, _ = fit(spec.model, local_cfg, g0.tensors, bank.X, bank.y, seed=1)
+        keep = ~holdout_rows(spec.federation_id, bank.X, spec.evaluation.holdout)  # the rows the bank trains on
+        w, _ = fit(spec.model, local_cfg, g0.tensors, bank.X[keep], bank.y[keep], seed=1)
         results[f"{m.name} alone"] = score(test.y, models.predict(spec.model, w, test.X))
     return results
 

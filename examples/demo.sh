@@ -17,7 +17,10 @@ fedcli keygen coordinator --out coordinator
 for b in $banks; do fedcli keygen "$b" --out "$b" >/dev/null; done
 
 echo "== 3. Coordinator signs the spec and publishes round 0"
-fedcli init store --spec "$here/federation.toml" --key coordinator/coordinator.key \
+# The template plus federated evaluation: each bank keeps 20% of its rows out of training and also
+# scores a model trained on its own rows alone (docs/report.md)
+{ cat "$here/federation.toml"; printf '\n[evaluation]\nholdout = 0.2\nbaseline = true\n'; } > federation.toml
+fedcli init store --spec federation.toml --key coordinator/coordinator.key \
   $(for b in $banks; do echo --member "$b/$b.pub"; done)
 
 for r in $(seq 1 "$rounds"); do
@@ -32,12 +35,17 @@ for r in $(seq 1 "$rounds"); do
   fedcli aggregate --store store --key coordinator/coordinator.key
 done
 
-echo "== Status"
-fedcli status store
-echo "== The federated model on the holdout set"
+echo "== Each bank scores the final global model on its holdout rows and publishes signed binned scores"
+for b in $banks; do
+  fedcli holdout --store store --key "$b/$b.key" --data "data/$b.csv" --coordinator coordinator/coordinator.pub 2>/dev/null \
+    | sed "s/^/   $b: /"
+done
+echo "== Status (with the holdout of every global model, federation and per bank)"
+fedcli status store --coordinator coordinator/coordinator.pub
+echo "== The federated model on the shared holdout set"
 fedcli evaluate --store store --coordinator coordinator/coordinator.pub --data data/test.csv
-echo "== Federated vs each bank alone (same epochs, same holdout)"
+echo "== Federated vs each bank alone (same epochs, same training rows, same shared holdout)"
 python "$here/compare_local.py" store coordinator/coordinator.pub data
-echo "== Report: metrics per round per bank, privacy budget"
-fedcli report store --out report.html
-echo "Open $work/report.html (or $work/report.png) to see the rounds."
+echo "== Report: holdout metrics per round, calibration, score distributions, privacy budget, updates"
+fedcli report store --out report.html --coordinator coordinator/coordinator.pub
+echo "Open $work/report.html (or $work/report.png); docs/report.md says how to read it."

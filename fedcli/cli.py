@@ -332,6 +332,7 @@ def status(
     state: Path | None = BankStateOpt,
 ):
     """Rounds, who submitted, rejections and mean metrics (everything shown is signature-checked)."""
+    from fedcli.protocol.evaluations import collect
     from fedcli.protocol.rounds import history
 
     with failures():
@@ -345,6 +346,7 @@ def status(
         from fedcli.protocol.final import final_status
 
         ended = final_status(st, pinned)
+        holdouts = collect(st, pinned)
     _unpinned_note(pinned)
     table = Table(
         title=escape(f"federation {spec.federation_id}: {len(spec.members)} members, quorum {spec.min_clients}"),
@@ -403,6 +405,54 @@ def status(
         out.print(problems)
     if ended:
         out.print(f"[{'red' if ended.startswith('unverified') else 'green'}]{escape(ended)}[/]", soft_wrap=True)
+    _holdout_status(holdouts)
+
+
+def _holdout_status(found) -> None:
+    """status: each evaluated global's holdout metrics for the federation (the banks' histograms summed) and per bank."""
+    for line in found.ignored:
+        err.print(f"[yellow]ignored evaluation:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    if not found.rounds:
+        out.print(escape(found.why_none()), soft_wrap=True)
+        return
+    fed = Table(
+        title="holdout: each global model on the rows the banks never train on (federation = banks summed)",
+        caption="auc, ks, pr_auc from binned scores (approximate); brier exact; ece over the bins",
+    )
+    for col in ("round", "banks", "rows", "bad rate", "auc", "ks", "pr_auc", "brier", "ece"):
+        fed.add_column(col, justify="right")
+    members = found.spec.members
+    banks = Table(
+        title="holdout AUC per bank (approximate; blank: that bank published no evaluation)",
+        caption=escape("in brackets: that bank's own model, trained on its rows alone ([evaluation] baseline)")
+        if found.baselines
+        else None,
+    )
+    banks.add_column("round", justify="right")
+    for m in members:
+        banks.add_column(escape(m.name), justify="right")
+    for r in found.rounds:
+        total, mine = found.federation(r), found.by_round[r]
+        m = total.metrics()
+        fed.add_row(
+            str(r),
+            f"{len(mine)}/{len(members)}",
+            f"{total.rows:,}",
+            *(_rate(m[k]) for k in ("positive_rate", "auc", "ks", "pr_auc", "brier", "ece")),
+        )
+        alone = found.baselines.get(r, {})
+        banks.add_row(str(r), *(_bank_auc(mine.get(b.name), alone.get(b.name)) for b in members))
+    out.print(fed)
+    out.print(banks)
+
+
+def _bank_auc(hist, alone) -> str:
+    """One bank's holdout AUC of the global, and of its own bank-alone model in brackets when it sent one."""
+    if hist is None:
+        return ""
+    if alone is None:
+        return _rate(hist.metrics()["auc"])
+    return f"{_rate(hist.metrics()['auc'], '{:.3f}')} ({_rate(alone.metrics()['auc'], '{:.3f}')})"  # fits 80 columns
 
 
 @app.command()
@@ -938,6 +988,24 @@ def store_copy(
         f"round {latest}. Point every bank's and the coordinator's --store at the new store.",
         soft_wrap=True,
     )
+
+
+@app.command()
+def holdout(
+    store: str = StoreOpt,
+    key: Path = typer.Option(..., "--key", "-k", help="This bank's private key."),
+    data: Path = typer.Option(..., "--data", "-d", help="This bank's table (the same one it trains on)."),
+    coordinator: Path = CoordOpt,
+    publish: bool = typer.Option(True, "--publish/--no-publish", help="Publish the signed binned scores."),
+):
+    """Bank: score the latest global model on this bank's holdout rows ([evaluation] holdout) and publish the
+    signed score histogram (train does this for the global it starts from; run this after the last round)."""
+    from fedcli.bank.holdout import evaluate_latest
+
+    with failures():
+        result, message = evaluate_latest(_store(store), key, data, coordinator, publish_it=publish, console=err)
+    out.print(escape(result.line()), soft_wrap=True)
+    out.print(escape(message), soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -118,3 +118,65 @@ def test_report_checks_the_pinned_coordinator(tmp_path, credit_split):
         "report", fed.store, "--out", tmp_path / "x.html", "--coordinator", fed.pub("bank-a"), code=ExitCode.VERIFY
     )
     assert not (tmp_path / "x.html").exists()
+
+
+HOLDOUT = TEMPLATE.replace("[training]", "[evaluation]\nholdout = 0.2\n\n[training]", 1)
+
+
+def test_report_shows_the_holdout_per_round_for_the_federation_and_each_bank(tmp_path, credit_split):
+    from fedcli.protocol.evaluations import collect, evaluation_key
+    from fedcli.store import open_store
+
+    fed = make_fed(tmp_path, credit_split, HOLDOUT)
+    for _ in (1, 2):
+        for b in BANKS:
+            fed.train(b)
+        fed.aggregate()
+    planted = fed.store / evaluation_key(1, "bank-d")
+    planted.write_text('{"kind": "evaluation", "auc": 0.999}')  # unsigned: ignored, never a number
+    out = tmp_path / "rep.html"
+    fed.cli("report", fed.store, "--out", out, "--coordinator", fed.pub("coordinator"))
+    page = out.read_text()
+    found = collect(open_store(str(fed.store)))
+    assert found.rounds == [0, 1] and sorted(found.by_round[1]) == ["bank-a", "bank-b", "bank-c"]
+    for r in (0, 1):
+        fed_auc = found.federation(r).metrics()["auc"]
+        banks = f"{len(found.by_round[r])}/4"
+        assert re.search(rf"<td>{r}</td><td>{banks}</td><td>[\d,]+</td><td>[\d.]+</td><td>{fed_auc:.4f}</td>", page)
+        for b, hist in found.by_round[r].items():
+            assert f"<td>{r}</td><td>{b}</td><td>{hist.rows:,}</td>" in page
+    assert "Evaluation files ignored" in page and "bank-d.json" in page and "0.999" not in page
+    assert "Calibration of the global model of round 1" in page
+    assert "no bank-alone baseline" in page.lower()
+    with Image.open(out.with_suffix(".png")) as im:
+        assert im.size[1] >= 1800 and len(im.convert("RGB").getcolors(maxcolors=1 << 20)) > 200
+
+
+def test_report_under_dp_says_why_the_holdout_is_missing_and_draws_the_budget(tmp_path, credit_split):
+    dp = '\n[privacy]\nmode = "update"\nclip = 0.5\ntarget_epsilon = 30\nrounds = 2\n'
+    fed = make_fed(tmp_path, credit_split, HOLDOUT + dp)
+    for b in BANKS:
+        fed.train(b)
+    fed.aggregate()
+    out = tmp_path / "dp.html"
+    fed.cli("report", fed.store, "--out", out)
+    page = out.read_text()
+    assert "under DP the banks keep their holdout counts" in page
+    assert "budget ε=30" in page  # the budget from target_epsilon, not only an explicit budget_epsilon
+
+
+def test_report_without_a_holdout_says_the_spec_holds_none_out(fed, tmp_path):
+    for b in BANKS:
+        fed.train(b)
+    fed.aggregate()
+    fed.cli("report", fed.store, "--out", tmp_path / "r.html")
+    assert "[evaluation] holdout is 0" in (tmp_path / "r.html").read_text()
+
+
+def test_report_of_a_fresh_federation_says_nothing_is_there_yet(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, HOLDOUT)
+    res = fed.cli("report", fed.store, "--out", tmp_path / "r.html")
+    assert "0 updates over 0 rounds" in res.output
+    assert "no holdout evaluation published yet" in (tmp_path / "r.html").read_text()
+    with Image.open(tmp_path / "r.png") as im:
+        assert im.format == "PNG"

@@ -20,7 +20,9 @@ def _spec(fed):
 
 def _read(fed, path, spec):
     zeros = {k: np.zeros(s, np.float32) for k, s in _shapes(spec).items()}
-    return rows.read(sources.open_table(path), spec.data, lambda X: probabilities(spec.model, zeros, X))
+    local, scores, held = rows.read(sources.open_table(path), spec.data, lambda X: probabilities(spec.model, zeros, X))
+    assert held is None  # no holdout selector given
+    return local, scores
 
 
 def _shapes(spec):
@@ -118,3 +120,23 @@ def test_a_parquet_table_changed_during_training_is_refused(tmp_path, credit_spl
     pq.write_table(table.slice(0, len(table) - 7), path, row_group_size=100)
     with pytest.raises(InputError, match="changed while the bank was training"):
         list(local.epochs(7, 32)(0))
+
+
+def test_a_streamed_table_keeps_its_holdout_rows_out_of_every_epoch(tmp_path, credit_split, small_buffer):
+    from fedcli.bank.holdout import holdout_rows
+
+    fed = make_fed(tmp_path, credit_split)
+    spec = _spec(fed)
+    zeros = {k: np.zeros(s, np.float32) for k, s in _shapes(spec).items()}
+    table = sources.open_table(fed.data / "bank-a.csv")
+    local, scores, held = rows.read(
+        table, spec.data, lambda X: probabilities(spec.model, zeros, X), lambda X: holdout_rows("f", X, 0.15)
+    )
+    everything, _, _ = rows.read(table, spec.data, lambda X: X[:, 0])
+    all_rows = everything.matrix()
+    out = holdout_rows("f", all_rows, 0.15)
+    assert local.streamed and len(held.y) == int(out.sum()) and len(local) == int((~out).sum()) == len(scores)
+    assert np.array_equal(np.sort(held.X, axis=0), np.sort(all_rows[out], axis=0))
+    for e in range(2):
+        seen = np.concatenate([X for X, _ in local.epochs(3, 32)(e)])
+        assert np.array_equal(np.sort(seen, axis=0), np.sort(all_rows[~out], axis=0))

@@ -14,6 +14,10 @@ Parquet, or shuffle it, if that matters). Every re-read must give the same numbe
 and feature sums as the first read, or the round is refused: the file changed under the bank.
 DP-SGD samples rows from the whole table (Poisson sampling, which its accounting assumes), so under
 record-level DP the table is held in memory whatever its size.
+
+With `[evaluation] holdout` the rows held out (bank.holdout: a keyed hash of each row) are set aside
+chunk by chunk in every pass: they are never trained on, and their labels and scores of the global
+model are kept from the first read (HeldOut).
 """
 
 from __future__ import annotations
@@ -30,6 +34,16 @@ from fedcli.protocol.spec import DataSpec
 SHUFFLE_ROWS = 1_048_576  # rows held at once: 120 MiB of float32 at 30 features
 
 Chunk = tuple[np.ndarray, np.ndarray]
+Selector = Callable[[np.ndarray], np.ndarray]  # preprocessed rows -> True for the rows held out
+
+
+@dataclass
+class HeldOut:
+    """The rows set aside for evaluation: their labels, the global model's scores, their features while they fit."""
+
+    y: np.ndarray
+    scores: np.ndarray
+    X: np.ndarray | None  # None when more than SHUFFLE_ROWS rows are held out
 
 
 @dataclass
@@ -42,6 +56,7 @@ class LocalRows:
     X: np.ndarray | None  # the whole feature matrix when it fits SHUFFLE_ROWS rows, else None (streamed)
     notes: list[str]
     sums: np.ndarray  # every feature's sum over the rows (float64): re-reads must find the same
+    held_out: Selector | None = None  # rows never trained on (bank.holdout), left out of every pass
 
     @property
     def streamed(self) -> bool:
@@ -85,7 +100,7 @@ class LocalRows:
         prep = tables.Preparation(self.spec, self.table.columns, self.table.name, True, self.table.separator)
         seen = _Tally(self.spec.n_features)
         in_order = parts is None
-        for X, y in _chunks(self.table, prep, parts):
+        for X, y in _chunks(self.table, prep, parts, self.held_out):
             if in_order and not np.array_equal(y, self.y[seen.rows : seen.rows + len(y)]):
                 raise _changed(self.table.name)
             seen.add(X, y)
@@ -94,15 +109,22 @@ class LocalRows:
             raise _changed(self.table.name)
 
 
-def read(table: sources.TableSource, spec: DataSpec, score: Callable[[np.ndarray], np.ndarray]):
-    """(LocalRows, score(X) per row): one pass that preprocesses, checks and scores; X is kept only if it fits."""
+def read(table: sources.TableSource, spec: DataSpec, score: Callable[[np.ndarray], np.ndarray], held_out=None):
+    """(LocalRows, score(X) per training row, HeldOut or None): one pass that preprocesses, checks and scores;
+    the training rows' X is kept only if it fits the shuffle buffer, the held-out rows' likewise."""
     prep = tables.Preparation(spec, table.columns, table.name, True, table.separator)
     kept: list[np.ndarray] | None = []
     labels: list[np.ndarray] = []
     scored: list[np.ndarray] = []
+    aside = _Aside()
     tally = _Tally(spec.n_features)
     for X, y in _chunks(table, prep):
-        scored.append(score(X))
+        p = score(X)
+        if held_out is not None:
+            held = held_out(X)
+            aside.add(X[held], y[held], p[held])
+            X, y, p = X[~held], y[~held], p[~held]
+        scored.append(p)
         labels.append(y)
         tally.add(X, y)
         if kept is not None and tally.rows <= SHUFFLE_ROWS:
@@ -110,14 +132,44 @@ def read(table: sources.TableSource, spec: DataSpec, score: Callable[[np.ndarray
         else:
             kept = None
     prep.finish()
-    y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
-    held = None if kept is None else np.concatenate(kept) if kept else np.zeros((0, spec.n_features), np.float32)
-    rows = LocalRows(table, spec, y, held, tables.notes(prep, table.name), tally.sums)
-    return rows, (np.concatenate(scored) if scored else np.zeros(0, np.float32))
+    y = _joined(labels, (0,))
+    held_matrix = None if kept is None else _joined(kept, (0, spec.n_features))
+    rows = LocalRows(table, spec, y, held_matrix, tables.notes(prep, table.name), tally.sums, held_out)
+    return rows, _joined(scored, (0,)), (aside.done(spec.n_features) if held_out is not None else None)
+
+
+def _joined(parts: list[np.ndarray], empty: tuple[int, ...]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(empty, np.float32)
+
+
+class _Aside:
+    """The held-out rows of the first pass."""
+
+    def __init__(self) -> None:
+        self.X: list[np.ndarray] | None = []
+        self.y: list[np.ndarray] = []
+        self.p: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, X: np.ndarray, y: np.ndarray, p: np.ndarray) -> None:
+        self.y.append(y)
+        self.p.append(p)
+        self.n += len(y)
+        if self.X is not None and self.n <= SHUFFLE_ROWS:
+            self.X.append(X)
+        else:
+            self.X = None
+
+    def done(self, width: int) -> HeldOut:
+        X = None if self.X is None else _joined(self.X, (0, width))
+        return HeldOut(_joined(self.y, (0,)), _joined(self.p, (0,)), X)
 
 
 def _chunks(
-    table: sources.TableSource, prep: tables.Preparation, parts: list[sources.Part] | None = None
+    table: sources.TableSource,
+    prep: tables.Preparation,
+    parts: list[sources.Part] | None = None,
+    held_out: Selector | None = None,
 ) -> Iterator[Chunk]:
     batches = (
         table.batches(prep.needed)
@@ -126,8 +178,11 @@ def _chunks(
     )
     for batch in batches:
         X, y, _ = prep.chunk(tables.columns_of(batch))
+        assert y is not None  # need_target: every kept row has a label
+        if held_out is not None and len(X):
+            train = ~held_out(X)
+            X, y = X[train], y[train]
         if len(X):
-            assert y is not None  # need_target: every kept row has a label
             yield X, y
 
 

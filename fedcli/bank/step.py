@@ -19,11 +19,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedcli import digest, keys, models
-from fedcli.bank import freshness, pinning, releases
+from fedcli.bank import freshness, holdout, pinning, releases
 from fedcli.bank.checks import check_own_manifest, refuse_non_finite, require_finite
 from fedcli.bank.kernel import probabilities
 from fedcli.bank.plan import BankPlan, Release
-from fedcli.bank.rows import LocalRows
+from fedcli.bank.rows import HeldOut, LocalRows
 from fedcli.bank.state import BankState, bank_files, key_hex
 from fedcli.errors import AlreadyExists, FedcliError
 from fedcli.keys import PublicIdentity
@@ -83,11 +83,12 @@ def train_round(
         return resume(job, plan)
     base = verify_base(job, plan)
     data = prepare_data(job, base, Path(data_path))
+    evaluation = holdout.evaluate(job, base, data)  # [evaluation] holdout: the global on rows never trained on
     release = plan_privacy(job, plan, data)
     trained = train(job, base, data, release)
     delta = privatize(plan, base, trained.weights)
     encoded = encode(job, plan, delta, base.sha256)
-    return submit(job, base, data, trained, encoded)
+    return holdout.publish_after_training(job, evaluation, submit(job, base, data, trained, encoded))
 
 
 # --------------------------------------------------------------------------- what every stage reads
@@ -182,19 +183,18 @@ def verify_base(job: BankRound, plan: BankPlan) -> rounds.Global:
 
 @dataclass(frozen=True)
 class LocalData:
-    """The bank's rows as model inputs (bank.rows: in memory or re-read per epoch), and the global model's metrics."""
+    """The rows this round trains on (bank.rows: in memory or re-read per epoch), the global model's metrics on
+    them, and the rows held out for evaluation ([evaluation] holdout)."""
 
     rows: LocalRows
     source: str  # the file or folder name, for messages
-    before: dict[str, float]  # metrics.score of the global model it starts from
+    before: dict[str, float]  # metrics.score of the global model it starts from, on the training rows
+    notes: list[str]
+    held: HeldOut | None = None
 
     @property
     def y(self) -> np.ndarray:
         return self.rows.y
-
-    @property
-    def notes(self) -> list[str]:
-        return self.rows.notes
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -206,16 +206,19 @@ def prepare_data(job: BankRound, base: rounds.Global, data_path: Path) -> LocalD
 
     table = sources.open_table(data_path)
     source = table.name
+    selector = holdout.selector(job.spec)
     status = job.console.status(f"reading {escape(source)}") if job.console.is_terminal else contextlib.nullcontext()
     with status:
-        local, scores = rows.read(table, job.spec.data, lambda X: probabilities(job.spec.model, base.tensors, X))
+        scorer = lambda X: probabilities(job.spec.model, base.tensors, X)  # noqa: E731
+        local, scores, held = rows.read(table, job.spec.data, scorer, selector)
+    notes = list(local.notes) + holdout.notes(source, len(local), held)
     try:
         before = score(local.y, scores)
     except FedcliError as e:
         if e.reason != "not-finite":
             raise
         refuse_non_finite(f"the global model's scores on {source} are not finite", base)
-    return LocalData(local, source, before)
+    return LocalData(local, source, before, notes, held)
 
 
 # --------------------------------------------------------------------------- stage 3: plan privacy

@@ -249,6 +249,26 @@ class SecAggTable(BaseModel):
     )
 
 
+class EvaluationTable(BaseModel):
+    """[evaluation]: federated evaluation on rows each bank holds out (never trained on)."""
+
+    model_config = strict_config()
+
+    holdout: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="share of each bank's rows held out by a keyed hash of the row (stable across rounds, never "
+        "trained on); each bank publishes signed binned scores of the global it starts from. 0: off",
+    )
+    bins: int = Field(50, ge=10, le=200, description="score bins of the published holdout histograms")
+    baseline: bool = Field(
+        False,
+        description="each bank also trains a model on its own training rows only (same epochs per round, never "
+        "sent) and publishes its holdout histogram beside the federated one: federated vs each bank alone",
+    )
+
+
 class SpecDocument(BaseModel):
     """The whole federation spec: federation.toml."""
 
@@ -262,6 +282,7 @@ class SpecDocument(BaseModel):
     privacy: PrivacyTable = Field(default_factory=PrivacyTable)
     secagg: SecAggTable = Field(default_factory=SecAggTable)
     strategy: StrategyTable = Field(default_factory=StrategyTable)
+    evaluation: EvaluationTable = Field(default_factory=EvaluationTable)
 
 
 # --------------------------------------------------------------------------- what the code uses
@@ -318,6 +339,15 @@ class SecAggSpec:
 
 
 @dataclass(frozen=True)
+class EvaluationSpec:
+    """[evaluation]: the share of rows each bank holds out (0: off) and the histogram's bins."""
+
+    holdout: float = 0.0
+    bins: int = 50
+    baseline: bool = False  # each bank also scores a model trained on its own rows only
+
+
+@dataclass(frozen=True)
 class Spec:
     federation_id: str
     coordinator: PublicIdentity
@@ -332,6 +362,7 @@ class Spec:
     secagg: SecAggSpec = SecAggSpec()
     strategy: StrategySpec = field(default_factory=StrategySpec)
     privacy: PrivacySpec = PrivacySpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
     document: Any = field(default=None, repr=False, compare=False)  # the validated SpecDocument
     rounds: int | None = None  # planned rounds; then the coordinator publishes a signed final marker
     max_round_age: float | None = None  # hours; banks refuse an older newest global
@@ -407,6 +438,7 @@ def _build(doc: SpecDocument, raw: dict) -> Spec:
         privacy=privacy,
         strategy=strategy,
         secagg=secagg,
+        evaluation=EvaluationSpec(float(doc.evaluation.holdout), doc.evaluation.bins, doc.evaluation.baseline),
         document=doc,
         rounds=fed.rounds,
         max_round_age=fed.max_round_age,
@@ -587,6 +619,7 @@ def summary(spec: Spec) -> list[tuple[str, str]]:
         ("quorum", quorum),
         ("max rows per member", f"{spec.max_rows_per_member:,}"),
         *_lifetime(spec),
+        ("holdout evaluation", _holdout_summary(spec)),
     ] + ([("roster changes", f"countersigned by {spec.roster_countersign} members")] if spec.roster_countersign else [])
 
 
@@ -598,6 +631,19 @@ def _lifetime(spec: Spec) -> list[tuple[str, str]]:
     if spec.max_round_age is not None:
         rows.append(("max round age", f"{spec.max_round_age:g} hours: an older newest global is refused"))
     return rows
+
+
+def _holdout_summary(spec: Spec) -> str:
+    share = spec.evaluation.holdout
+    if share == 0:
+        return "off: no rows held out, no federated evaluation"
+    published = (
+        "not published under DP (the counts are not privatised)"
+        if spec.privacy.enabled
+        else f"each bank publishes signed {spec.evaluation.bins}-bin score histograms of the global it starts from"
+    )
+    alone = "; each bank also scores a model trained on its own rows alone" if spec.evaluation.baseline else ""
+    return f"{share * 100:g}% of each bank's rows held out, never trained on; {published}{alone}"
 
 
 def settings(spec: Spec) -> list[tuple[str, str, bool]]:

@@ -1,0 +1,206 @@
+"""A bank's holdout: rows it never trains on, and its signed evaluation of each global model on them.
+
+Which rows are held out is decided by a keyed hash of each row's feature values (after the spec's
+preprocessing; the key is the federation id), not by position: the same rows are held out every round
+even if the table is re-sorted or grows, identical rows fall on the same side (no row is both trained
+on and scored), and a label that matures (good today, bad next month) does not move its row.
+
+Each round the bank scores the global it starts from on its holdout and publishes, signed, only a
+score histogram (protocol.binned, protocol.evaluations): the federation sums them into holdout
+metrics per round. Under DP the histogram stays at the bank (its counts are not privatised): the
+bank still sees its own numbers, nobody else does.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from rich.console import Console
+
+from fedcli import digest, keys
+from fedcli.bank.kernel import probabilities
+from fedcli.errors import AlreadyExists, FedcliError, InputError, VerificationError
+from fedcli.metrics import score
+from fedcli.protocol import evaluations, rounds
+from fedcli.protocol.binned import MIN_HOLDOUT_ROWS, Histogram
+from fedcli.protocol.evaluations import evaluation_key
+from fedcli.protocol.spec import Spec
+from fedcli.store import Store
+
+if TYPE_CHECKING:
+    from fedcli.bank.rows import HeldOut
+    from fedcli.bank.step import BankRound, LocalData, TrainResult
+
+_C1, _C2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, on every row at once (uint64 arithmetic wraps)."""
+    h = (h ^ (h >> np.uint64(30))) * _C1
+    h = (h ^ (h >> np.uint64(27))) * _C2
+    return h ^ (h >> np.uint64(31))
+
+
+def holdout_rows(federation_id: str, X: np.ndarray, share: float) -> np.ndarray:
+    """True for the rows held out: a keyed 64-bit hash of the row's features below share x 2**64.
+
+    Not a secret (anyone with the spec and a row can recompute it); it only has to be stable and
+    spread evenly. O(rows x features), one column at a time.
+    """
+    key = int(digest.sha256(f"fedcli-holdout-v1/{federation_id}".encode())[:16], 16)
+    bits = np.ascontiguousarray(np.asarray(X, dtype=np.float32) + np.float32(0)).view(np.uint32)  # -0.0 -> 0.0
+    with np.errstate(over="ignore"):
+        h = np.full(len(bits), key, dtype=np.uint64)
+        for j in range(bits.shape[1]):
+            h = _mix(h ^ (bits[:, j].astype(np.uint64) + np.uint64(j + 1) * _C1))
+    return (h >> np.uint64(11)).astype(np.float64) < share * float(1 << 53)
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """One global model scored on this bank's holdout: exact local metrics, and the histogram to publish."""
+
+    round: int  # the global model's round
+    global_sha256: str
+    rows: int
+    positives: int
+    metrics: dict[str, float]  # exact, on the holdout rows: metrics.score plus brier
+    histogram: Histogram
+    withheld: str = ""  # why the histogram is not published ("" when it is)
+    baseline: Histogram | None = None  # the same rows scored by the bank-alone model ([evaluation] baseline)
+
+    def line(self) -> str:
+        m = self.metrics
+        shown = ", ".join(
+            f"{k} {m[k]:.4f}" for k in ("auc", "pr_auc", "ks", "brier") if math.isfinite(m.get(k, math.nan))
+        )
+        if self.baseline is not None and math.isfinite(alone := self.baseline.metrics()["auc"]):
+            shown += f"; this bank alone: auc ≈ {alone:.4f}"
+        return f"holdout of {self.rows:,} rows ({self.positives:,} positive), global of round {self.round}: " + (
+            shown or "metrics n/a (one class only)"
+        )
+
+
+def score_holdout(spec: Spec, base: rounds.Global, y: np.ndarray, p: np.ndarray, federation_dp: bool) -> Holdout:
+    """The holdout's metrics and histogram, and whether the histogram may leave the bank."""
+    exact = score(y, p) | {"brier": float(np.mean((p.astype(np.float64) - y) ** 2)) if len(y) else math.nan}
+    withheld = ""
+    if federation_dp:
+        withheld = "DP federation: holdout counts are not privatised, so they stay at the bank"
+    elif len(y) < MIN_HOLDOUT_ROWS:
+        withheld = f"only {len(y)} holdout rows (fewer than {MIN_HOLDOUT_ROWS}): a histogram would nearly show them"
+    hist = Histogram.of(y, p, spec.evaluation.bins)
+    return Holdout(base.round, base.sha256, len(y), int(np.sum(y != 0)), exact, hist, withheld)
+
+
+def selector(spec: Spec) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The rows this spec holds out (None: none): decided row by row, so a streamed table is split chunk by chunk."""
+    share = spec.evaluation.holdout
+    if share == 0:
+        return None
+    return lambda X: holdout_rows(spec.federation_id, X, share)
+
+
+def notes(source: str, training_rows: int, held: HeldOut | None) -> list[str]:
+    """The split's note; refused when nothing is left to train on."""
+    if held is None:
+        return []
+    n = training_rows + len(held.y)
+    if training_rows == 0:
+        raise InputError(f"{source}: every one of its {n} rows falls in the holdout; nothing left to train on")
+    return [f"holdout: {len(held.y):,} of {n:,} rows held out (never trained on), training on {training_rows:,}"]
+
+
+def evaluate(job: BankRound, base: rounds.Global, data: LocalData) -> Holdout | None:
+    """The global model it starts from, scored on the rows held out (None when the spec holds out nothing)."""
+    from fedcli.bank.checks import refuse_non_finite
+
+    held = data.held
+    if held is None:
+        return None
+    if not np.all(np.isfinite(held.scores)):
+        refuse_non_finite(f"the global model's scores on {data.source} are not finite", base)
+    scored = score_holdout(job.spec, base, held.y, held.scores, job.spec.privacy.enabled)
+    if job.spec.evaluation.baseline and not scored.withheld and held.X is not None:
+        scored = replace(scored, baseline=_alone(job, base.round, data, held.X, held.y))
+    return scored
+
+
+def _alone(job: BankRound, r: int, train: LocalData, X: np.ndarray, y: np.ndarray) -> Histogram | None:
+    """The bank-alone model after r rounds (bank.baseline), scored on the same holdout rows."""
+    from fedcli.bank import baseline
+
+    p = probabilities(job.spec.model, baseline.model_at(job, r, train.rows), X)
+    if not np.all(np.isfinite(p)):  # the bank's own model diverged: no baseline this round, the rest goes on
+        return None
+    return Histogram.of(y, p, job.spec.evaluation.bins)
+
+
+def publish(store: Store, spec: Spec, me: keys.PublicIdentity, private: Ed25519PrivateKey, holdout: Holdout) -> str:
+    """Sign and write the holdout histogram (create-only); one line saying what happened."""
+    r = holdout.round
+    if holdout.withheld:
+        return f"holdout evaluation of round {r} not published: {holdout.withheld}"
+    doc = evaluations.record(
+        spec,
+        r,
+        me.name,
+        holdout.global_sha256,
+        holdout.histogram,
+        rounds.now(),
+        secrets.token_hex(16),
+        holdout.baseline,
+    )
+    try:
+        store.put(evaluation_key(r, me.name), keys.sign_manifest(private, doc), create_only=True)
+    except AlreadyExists:
+        if evaluations.is_mine(store, me, spec, r, holdout.global_sha256):
+            return f"holdout evaluation of round {r} already published"
+        raise VerificationError(
+            f"{evaluation_key(r, me.name)} holds a file that is not {me.name}'s valid evaluation of round {r}: "
+            "someone else wrote there (left in place; readers ignore it)"
+        ) from None
+    return f"published the signed holdout evaluation of round {r} ({holdout.rows:,} rows, binned scores only)"
+
+
+def publish_after_training(job: BankRound, holdout: Holdout | None, result: TrainResult) -> TrainResult:
+    """The train step's last stage: the update is committed; publishing the evaluation may fail on its own."""
+    if holdout is None:
+        return result
+    try:
+        message = publish(job.store, job.spec, job.me, job.private, holdout)
+    except FedcliError as e:
+        message = f"holdout evaluation of round {holdout.round} not published ({e}); `fedcli holdout` retries"
+    result.data_notes += [holdout.line(), message]
+    return result
+
+
+def evaluate_latest(
+    store: Store,
+    key_path: Path,
+    data_path: Path,
+    coordinator_pub: Path,
+    state_path: Path | None = None,
+    publish_it: bool = True,
+    console: Console | None = None,
+) -> tuple[Holdout, str]:
+    """`fedcli holdout`: score the latest verified global on this bank's holdout; publish its histogram."""
+    from fedcli.bank.step import open_round, prepare_data
+
+    job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True))
+    if job.spec.evaluation.holdout == 0:
+        raise InputError("the spec holds out no rows ([evaluation] holdout is 0): there is no holdout to evaluate on")
+    base = rounds.load_global(job.store, job.spec, job.spec_sha, job.base_round, job.shapes)
+    job.state.check(job.spec.federation_id, base)
+    holdout = evaluate(job, base, prepare_data(job, base, Path(data_path)))
+    assert holdout is not None  # the spec holds out rows
+    if not publish_it:
+        return holdout, "not published (--no-publish)"
+    return holdout, publish(job.store, job.spec, job.me, job.private, holdout)

@@ -1,0 +1,299 @@
+"""Federated evaluation: the holdout split, the signed binned histograms, and status reading them (issue 15)."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import BANKS, TEMPLATE, make_fed
+
+from fedcli import keys
+from fedcli.bank import tables
+from fedcli.bank.holdout import holdout_rows
+from fedcli.errors import ExitCode
+from fedcli.metrics import score
+from fedcli.protocol import evaluations, rounds
+from fedcli.protocol.binned import Histogram
+from fedcli.store import open_store
+
+HOLDOUT = TEMPLATE.replace("[training]", "[evaluation]\nholdout = 0.2\n\n[training]", 1)
+DP = HOLDOUT + '\n[privacy]\nmode = "update"\nclip = 1.0\nnoise_multiplier = 1.0\nbudget_epsilon = 1000.0\n'
+
+
+def _round(fed):
+    for b in BANKS:
+        fed.train(b)
+    fed.aggregate()
+
+
+def _eval_file(fed, r: int, member: str):
+    return fed.store / evaluations.evaluation_key(r, member)
+
+
+# --------------------------------------------------------------------------- the maths
+
+
+def test_binned_metrics_match_the_exact_ones_closely_and_add_up():
+    rng = np.random.default_rng(1)
+    y = (rng.random(20_000) < 0.1).astype(np.float32)
+    p = 1 / (1 + np.exp(-(rng.normal(-2.5, 1.2, len(y)) + 1.8 * y)))
+    exact = score(y, p)
+    whole = Histogram.of(y, p, 50)
+    m = whole.metrics()
+    for k in ("auc", "ks", "pr_auc"):
+        assert abs(m[k] - exact[k]) < 0.01, (k, m[k], exact[k])
+    assert m["brier"] == pytest.approx(float(np.mean((p - y) ** 2)), abs=1e-9)
+    assert m["positive_rate"] == pytest.approx(float(y.mean()))
+    parts = [Histogram.of(y[i::3], p[i::3], 50) for i in range(3)]
+    summed = Histogram.total(parts)
+    assert summed.rows == len(y) and summed.metrics() == pytest.approx(m)
+    assert Histogram.from_dict(whole.to_dict()).metrics() == pytest.approx(m, abs=1e-6)
+
+
+def test_a_perfectly_calibrated_score_has_a_small_ece_and_a_constant_one_does_not():
+    rng = np.random.default_rng(2)
+    p = rng.random(50_000)
+    y = (rng.random(len(p)) < p).astype(np.float32)
+    assert Histogram.of(y, p, 50).metrics()["ece"] < 0.01
+    assert Histogram.of(y, np.full(len(p), 0.9), 50).metrics()["ece"] > 0.35
+
+
+# --------------------------------------------------------------------------- the split
+
+
+def test_the_holdout_is_stable_under_reordering_and_keeps_duplicates_together():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(5000, 7)).astype(np.float32)
+    X[100] = X[7]  # a duplicate row
+    held = holdout_rows("credit-demo", X, 0.2)
+    assert 0.17 < held.mean() < 0.23
+    order = rng.permutation(len(X))
+    assert np.array_equal(holdout_rows("credit-demo", X[order], 0.2), held[order])
+    assert held[100] == held[7]
+    assert not np.array_equal(holdout_rows("another-federation", X, 0.2), held)  # keyed by the federation
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def test_banks_hold_out_rows_and_publish_signed_histograms_that_status_sums(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, HOLDOUT)
+    said = fed.train("bank-a").output
+    assert "held out (never trained on)" in said and "published the signed holdout evaluation of round 0" in said
+    for b in BANKS[1:]:
+        fed.train(b)
+    fed.aggregate()
+    quiet = fed.cli(
+        "holdout",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key("bank-c"),
+        "--data",
+        fed.data / "bank-c.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+        "--no-publish",
+    )
+    assert "global of round 1: auc" in quiet.output and "not published (--no-publish)" in quiet.output
+    assert not _eval_file(fed, 1, "bank-c").exists()
+    table = tables.prepare(
+        tables.read_table(credit_split / "bank-a.csv"),
+        rounds.load_spec(open_store(str(fed.store)), None)[0].data,
+        "bank-a",
+    )
+    total, held = len(table.X), holdout_rows("credit-demo", table.X, 0.2)
+    update = json.loads((fed.store / rounds.update_keys(1, "bank-a")[1]).read_text())
+    assert update["num_examples"] == total - held.sum() and 0.7 * total < update["num_examples"] < 0.9 * total
+    doc = json.loads(_eval_file(fed, 0, "bank-a").read_text())
+    assert doc["kind"] == "evaluation" and doc["round"] == 0 and len(doc["positives"]) == 50
+    assert sum(doc["positives"]) + sum(doc["negatives"]) == total - update["num_examples"]
+    assert set(doc) <= {*evaluations.EvaluationRecord.model_fields, "signature"}  # counts and sums, no rows
+    res = fed.cli(
+        "holdout",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key("bank-b"),
+        "--data",
+        fed.data / "bank-b.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+    )
+    assert "published the signed holdout evaluation of round 1" in res.output
+    again = fed.cli(
+        "holdout",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key("bank-b"),
+        "--data",
+        fed.data / "bank-b.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+    )
+    assert "already published" in again.output
+    status = fed.cli("status", fed.store, "--coordinator", fed.pub("coordinator")).output
+    assert "holdout: each global model" in status and "holdout AUC per bank" in status
+    row0 = next(line for line in status.splitlines() if line.startswith("│     0 │   4/4"))
+    row1 = next(line for line in status.splitlines() if line.startswith("│     1 │   1/4"))
+    assert float(row1.split("│")[5]) > float(row0.split("│")[5])  # round 1 ranks better than the random round 0
+
+
+def test_forged_oversized_and_stray_evaluation_files_are_ignored_with_a_line(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, HOLDOUT)
+    _round(fed)
+    good = json.loads(_eval_file(fed, 0, "bank-a").read_text())
+    del good["signature"]
+    forged = keys.sign_manifest(keys.load_private(fed.key("bank-c"))[0], good)  # bank-c signs as bank-a
+    _eval_file(fed, 0, "bank-a").write_bytes(forged)
+    impossible = json.loads(_eval_file(fed, 0, "bank-b").read_text())
+    del impossible["signature"]
+    impossible["score_sum"][0] = 1e6  # scores the bin cannot hold
+    _eval_file(fed, 0, "bank-b").write_bytes(keys.sign_manifest(keys.load_private(fed.key("bank-b"))[0], impossible))
+    _eval_file(fed, 0, "bank-d").write_bytes(b"{" + b" " * (1 << 20) + b"}")
+    (_eval_file(fed, 0, "bank-a").parent / "mallory.json").write_text("{}")
+    res = fed.cli("status", fed.store)
+    ignored = [line for line in res.output.splitlines() if line.startswith("ignored evaluation:")]
+    assert len(ignored) == 4, res.output
+    assert any("bank-a.json" in line and "signature" in line for line in ignored)
+    assert any("bank-b.json" in line and "bin 0" in line for line in ignored)
+    assert any("bank-d.json" in line and "not read" in line for line in ignored), ignored
+    assert any("mallory.json" in line for line in ignored)
+    assert "│     0 │   1/4" in res.output  # only bank-c's own file counts
+
+
+def test_an_evaluation_of_another_model_is_not_counted(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, HOLDOUT)
+    _round(fed)
+    doc = json.loads(_eval_file(fed, 0, "bank-a").read_text())
+    del doc["signature"]
+    doc["global_sha256"] = "ab" * 32
+    _eval_file(fed, 0, "bank-a").write_bytes(keys.sign_manifest(keys.load_private(fed.key("bank-a"))[0], doc))
+    found = evaluations.collect(open_store(str(fed.store)))
+    assert "bank-a" not in found.by_round[0] and len(found.by_round[0]) == 3
+    assert any("global_sha256" in line for line in found.ignored)
+
+
+def test_someone_elses_file_at_my_place_stops_the_holdout_command(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, HOLDOUT)
+    _round(fed)
+    path = _eval_file(fed, 1, "bank-a")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"planted": true}')
+    res = fed.cli(
+        "holdout",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key("bank-a"),
+        "--data",
+        fed.data / "bank-a.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+        code=ExitCode.VERIFY,
+    )
+    assert "not bank-a's valid evaluation" in res.output
+
+
+def test_under_dp_nothing_is_published_and_status_says_why(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, DP)
+    res = fed.train("bank-a")
+    assert "not published: DP federation" in res.output
+    for b in BANKS[1:]:
+        fed.train(b)
+    fed.aggregate()
+    assert not (fed.store / "rounds/000000/evaluations").exists()
+    assert "under DP the banks keep their holdout counts" in fed.cli("status", fed.store).output
+
+
+def test_without_a_holdout_nothing_changes_and_status_says_so(fed):
+    fed.train("bank-a")
+    assert not (fed.store / "rounds/000000/evaluations").exists()
+    assert "[evaluation] holdout is 0" in fed.cli("status", fed.store).output
+    res = fed.cli(
+        "holdout",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key("bank-a"),
+        "--data",
+        fed.data / "bank-a.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+        code=ExitCode.ERROR,
+    )
+    assert "holds out no rows" in res.output
+
+
+@pytest.mark.slow
+def test_holdout_evaluations_on_s3(moto_s3, tmp_path, credit_split, monkeypatch):
+    from helpers import use_s3
+
+    fed = make_fed(tmp_path, credit_split, HOLDOUT, url=use_s3(moto_s3, monkeypatch))
+    for b in BANKS[:3]:
+        fed.train(b)
+    fed.aggregate()
+    fed.cli(
+        "holdout",
+        "--store",
+        fed.loc,
+        "--key",
+        fed.key("bank-a"),
+        "--data",
+        fed.data / "bank-a.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+    )
+    found = evaluations.collect(open_store(fed.loc))
+    assert sorted(found.by_round[0]) == ["bank-a", "bank-b", "bank-c"] and list(found.by_round[1]) == ["bank-a"]
+    assert "│     0 │   3/4" in fed.cli("status", fed.loc).output
+
+
+def test_an_evaluation_claiming_more_rows_than_a_member_may_have_is_ignored(tmp_path, credit_split):
+    spec = HOLDOUT.replace("deadline_minutes = 0 ", "max_rows_per_member = 2000\ndeadline_minutes = 0 ", 1)
+    fed = make_fed(tmp_path, credit_split, spec)
+    _round(fed)
+    doc = json.loads(_eval_file(fed, 0, "bank-b").read_text())
+    del doc["signature"]
+    doc["negatives"][0] += 5000  # with scores the bin can hold: only the row bound catches it
+    _eval_file(fed, 0, "bank-b").write_bytes(keys.sign_manifest(keys.load_private(fed.key("bank-b"))[0], doc))
+    found = evaluations.collect(open_store(str(fed.store)))
+    assert "bank-b" not in found.by_round[0] and any("max_rows_per_member" in line for line in found.ignored)
+
+
+BASELINE = HOLDOUT.replace("holdout = 0.2\n", "holdout = 0.2\nbaseline = true\n", 1)
+
+
+def test_each_bank_alone_is_scored_on_the_same_holdout_and_shown_beside_the_federation(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, BASELINE)
+    for _ in (1, 2):
+        _round(fed)
+    found = evaluations.collect(open_store(str(fed.store)))
+    assert sorted(found.baselines[1]) == list(BANKS)
+    for b in BANKS:  # round 0: both are the shared initial weights
+        assert found.baselines[0][b].to_dict() == found.by_round[0][b].to_dict()
+        assert found.baselines[1][b].to_dict() != found.by_round[1][b].to_dict()
+        assert found.baselines[1][b].rows == found.by_round[1][b].rows
+    kept = sorted(p.name for p in (tmp_path / "bank-a").rglob("*.baseline-r*.safetensors"))
+    assert len(kept) == 1 and kept[0].endswith(".baseline-r000001.safetensors")  # only the latest round is kept
+    status = fed.cli("status", fed.store).output
+    auc = found.by_round[1]["bank-b"].metrics()["auc"]
+    alone = found.baselines[1]["bank-b"].metrics()["auc"]
+    assert f"{auc:.3f} ({alone:.3f})" in status and "trained on its rows alone" in status
+    out = tmp_path / "r.html"
+    fed.cli("report", fed.store, "--out", out)
+    page = out.read_text()
+    assert "AUC ≈ alone" in page and f"<td>{alone:.4f}</td>" in page
+
+
+def test_a_baseline_over_other_rows_is_refused_by_the_contract(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, BASELINE)
+    _round(fed)
+    doc = json.loads(_eval_file(fed, 0, "bank-a").read_text())
+    del doc["signature"]
+    doc["baseline"]["negatives"][0] += 1
+    _eval_file(fed, 0, "bank-a").write_bytes(keys.sign_manifest(keys.load_private(fed.key("bank-a"))[0], doc))
+    found = evaluations.collect(open_store(str(fed.store)))
+    assert "bank-a" not in found.by_round[0] and any("other rows" in line for line in found.ignored)
+    alone = found.alone(0)  # over the same banks as the federation's sum: the three valid ones
+    assert alone is not None and alone.rows == found.federation(0).rows
