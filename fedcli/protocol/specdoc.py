@@ -7,6 +7,7 @@ default and range), and a test regenerates it, so the page cannot drift from the
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
@@ -116,7 +117,7 @@ def _type(tp) -> str:
         return _type(args[0])
     if origin is typing.Literal:
         return "one of " + ", ".join(f'`"{a}"`' for a in args)
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:
         kinds = [a for a in args if a is not type(None)]
         text = " or ".join(_type(a) for a in kinds)
         return text + (" (optional)" if len(kinds) < len(args) else "")
@@ -136,7 +137,10 @@ def _default(f: FieldInfo) -> str:
 
 def _range(f: FieldInfo) -> str:
     parts = _bounds(f.metadata, "value")
-    origin, args = typing.get_origin(f.annotation), typing.get_args(f.annotation)
+    tp = f.annotation
+    if typing.get_origin(tp) is types.UnionType:  # an optional list: its items' bounds
+        tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is list and typing.get_origin(args[0]) is typing.Annotated:
         parts += _bounds(_flatten(typing.get_args(args[0])[1:]), "each")
     return "; ".join(parts)
