@@ -71,7 +71,10 @@ def load_spec(store: Store, pinned: PublicIdentity | None) -> tuple[Spec, str]:
         sig = store.get(SPEC_SIG_KEY, max_bytes=MAX_SIG_BYTES)
     except NotFound:
         raise FedcliError(f"{store} holds no federation: run `fedcli init` first") from None
-    return verified(data, sig, pinned), sha256(data)
+    from fedcli.protocol.statistics import resolve  # federated statistics fill the data section
+
+    spec_sha = sha256(data)
+    return resolve(store, verified(data, sig, pinned), spec_sha), spec_sha
 
 
 def global_rounds(store: Store) -> list[int]:
@@ -162,6 +165,9 @@ def global_manifest(store: Store, spec: Spec, spec_sha: str, r: int) -> dict:
         raise FedcliError(f"{what} is not published") from None
     validate(GlobalManifest, manifest, what)
     expect(manifest, what, kind="global", federation_id=spec.federation_id, round=r, spec_sha256=spec_sha)
+    from fedcli.protocol.statistics import check_global
+
+    check_global(spec, manifest, what)
     return manifest
 
 
