@@ -730,6 +730,9 @@ def _stats_table(res) -> None:
         for c in doc.categorical:
             table.add_row(escape(c.name), escape(f"{len(c.levels)} levels: {', '.join(c.levels)}"))
         out.print(table)
+    if res.waiting:
+        out.print(f"[yellow]waiting:[/] {escape(res.message)}", soft_wrap=True)
+        raise typer.Exit(ExitCode.WAITING)
     out.print(f"[green]{escape(res.message)}[/]" if res.published else escape(res.message), soft_wrap=True)
 
 
@@ -752,10 +755,7 @@ def _stats_aggregated(store, key) -> bool:
     with failures():
         if not pending(_store(store)):
             return False
-        try:
-            stats_aggregate(store, key)
-        except typer.Exit:
-            raise
+    stats_aggregate(store, key)
     return True
 
 

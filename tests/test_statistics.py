@@ -9,10 +9,9 @@ import json
 import re
 import tomllib
 
-import numpy as np
 import pandas as pd
 import pytest
-from helpers import BANKS, TEMPLATE, forge, make_fed, one_line, snapshot
+from helpers import BANKS, TEMPLATE, make_fed, one_line, snapshot
 
 from fedcli import keys
 from fedcli.digest import sha256
@@ -159,3 +158,174 @@ def test_template_mixing_declared_and_federated_statistics_is_refused(tmp_path, 
     text = federated_template().replace('{ name = "Age" }', '{ name = "Age", mean = 40.0, std = 10.0 }')
     with pytest.raises(AssertionError, match="computes them: remove them"):
         make_fed(tmp_path / "f", credit_split, text)
+
+
+# --------------------------------------------------------------------------- hostile contributions
+
+
+def test_forged_oversized_replayed_and_planted_contributions_are_refused(ffed, tmp_path, credit_split):
+    fed = ffed
+    submit(fed, "bank-a")
+    good = contribution_path(fed, "bank-a").read_bytes()
+    folder = contribution_path(fed, "bank-a").parent
+    # bank-b's contribution signed by bank-c's key
+    doc = json.loads(good)
+    del doc["signature"]
+    private, _ = keys.load_private(fed.key("bank-c"))
+    (folder / "bank-b.json").write_bytes(keys.sign_manifest(private, doc | {"member": "bank-b"}))
+    # bank-c's: larger than any contribution may be
+    (folder / "bank-c.json").write_bytes(b" " * (70 * 1024))
+    # bank-d's: a genuine contribution of bank-d to another federation, replayed here
+    template = tmp_path / "other.toml"
+    template.write_text(federated_template(data_extra="min_level_count = 5\n"))
+    members = [x for b in BANKS for x in ("--member", fed.pub(b))]
+    fed.cli("init", tmp_path / "other", "--spec", template, "--key", fed.key("coordinator"), *members)
+    fed.cli(
+        "stats",
+        "submit",
+        "--store",
+        tmp_path / "other",
+        "--key",
+        fed.key("bank-d"),
+        "--data",
+        fed.data / "bank-d.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+    )
+    (replayed,) = (tmp_path / "other/statistics").glob("*/bank-d.json")
+    (folder / "bank-d.json").write_bytes(replayed.read_bytes())
+    # a planted file for someone who is not a member
+    (folder / "mallory.json").write_bytes(good)
+    res = stats_aggregate(fed, code=3)
+    rejected = {ln.split()[1]: ln for ln in res.output.splitlines() if ln.startswith("rejected")}
+    assert set(rejected) == {"bank-b", "bank-c", "bank-d", "mallory"}, res.output
+    assert "(bad-signature)" in rejected["bank-b"]
+    assert "(oversize)" in rejected["bank-c"]
+    assert "(wrong-round)" in rejected["bank-d"] and "another spec" in rejected["bank-d"]
+    assert "(not-member)" in rejected["mallory"]
+    assert "1 valid contribution(s), quorum is 3" in res.output
+    assert not (fed.store / "statistics/statistics.json").exists()
+
+
+def test_a_contribution_claiming_more_than_its_rows_is_refused(ffed):
+    fed = ffed
+    for b in BANKS[:3]:
+        submit(fed, b)
+    path = contribution_path(fed, "bank-c")
+    doc = json.loads(path.read_text())
+    del doc["signature"]
+    doc["numeric"]["Age"]["count"] = doc["rows"] + 1
+    path.write_bytes(keys.sign_manifest(keys.load_private(fed.key("bank-c"))[0], doc))
+    res = stats_aggregate(fed, code=3)
+    assert "rejected bank-c (malformed): statistics contribution from bank-c: column Age counts more" in res.output
+
+
+def test_a_bank_without_a_declared_column_is_refused_before_any_write(ffed, tmp_path):
+    fed = ffed
+    pd.read_csv(fed.data / "bank-b.csv").drop(columns=["Age"]).to_csv(tmp_path / "no-age.csv", index=False)
+    before = snapshot(fed)
+    line = one_line(submit(fed, "bank-b", code=1, data=tmp_path / "no-age.csv"))
+    assert line == "error: no-age.csv lacks columns the federation spec needs: Age"
+    assert snapshot(fed) == before
+
+
+def test_a_level_seen_at_one_bank_is_kept_only_with_enough_rows(ffed, tmp_path):
+    fed = ffed
+    a = pd.read_csv(fed.data / "bank-a.csv")
+    a.loc[:11, "Home"] = "castle"  # 12 rows, at bank-a only
+    a.loc[12:14, "Marital"] = "eloped"  # 3 rows, at bank-a only
+    a.to_csv(tmp_path / "a.csv", index=False)
+    submit(fed, "bank-a", data=tmp_path / "a.csv")
+    for b in BANKS[1:]:
+        submit(fed, b)
+    stats_aggregate(fed)
+    levels = {c["name"]: c["levels"] for c in statistics(fed)["categorical"]}
+    assert "castle" in levels["Home"] and "eloped" not in levels["Marital"]
+    res = fed.train("bank-a", data=tmp_path / "a.csv")
+    assert "Marital 3 rows" in res.output  # the dropped level trains as an unknown category, said once
+
+
+def test_a_tampered_or_removed_statistics_document_stops_every_bank(ffed):
+    fed = ffed
+    for b in BANKS:
+        submit(fed, b)
+    stats_aggregate(fed)
+    path = fed.store / "statistics/statistics.json"
+    genuine = path.read_bytes()
+    doc = json.loads(genuine)
+    doc["numeric"][0]["mean"] += 1
+    path.write_text(json.dumps(doc))
+    assert "signature does not verify" in one_line(fed.train("bank-a", code=4))
+    path.unlink()
+    line = one_line(fed.train("bank-a", code=4))
+    assert "statistics document does not" in line
+    path.write_bytes(genuine)
+    fed.train("bank-a")
+
+
+def test_federated_statistics_with_privacy_need_ranges_and_levels(tmp_path, credit_split):
+    privacy = '\n[privacy]\nmode = "record"\ntarget_epsilon = 3.0\nrounds = 5\n'
+    with pytest.raises(AssertionError, match="need a range for every numeric feature"):
+        make_fed(tmp_path / "f", credit_split, federated_template(privacy))
+
+
+# --------------------------------------------------------------------------- privacy
+
+
+def close_to_pooled(doc: dict, df: pd.DataFrame, within: float) -> None:
+    """Means within a share of each feature's public range, variances within that share of its square
+    (noise and fixed point blur both; a wide range blurs more)."""
+    for n in doc["numeric"]:
+        low, high = RANGES[n["name"]]
+        assert abs(n["mean"] - df[n["name"]].mean()) < within * (high - low), n
+        assert abs(n["std"] ** 2 - df[n["name"]].var()) < within * (high - low) ** 2, n
+
+
+def test_with_dp_each_bank_adds_noise_and_charges_its_ledger(tmp_path, credit_split):
+    privacy = '\n[privacy]\nmode = "record"\ntarget_epsilon = 3.0\nrounds = 5\n'
+    fed = make_fed(tmp_path / "f", credit_split, federated_template(privacy, ranges=True, levels=True))
+    for b in BANKS:
+        assert "with DP noise" in submit(fed, b).output
+    contribution = json.loads(contribution_path(fed, "bank-a").read_text())
+    assert contribution["dp"]["noise_multiplier"] == 5.0 and "numeric" not in contribution
+    assert any(v != round(v) for v in contribution["values"])  # noised counts are not whole numbers
+    ledger = fed.cli("privacy", "--key", fed.key("bank-a")).output
+    assert re.search(r"record-level: epsilon [0-9.]+ spent of budget 3", ledger)
+    stats_aggregate(fed)
+    doc = statistics(fed)
+    assert doc["encoding"] == "noised"
+    close_to_pooled(doc, pooled(credit_split), 0.05)
+    home = next(c for c in doc["categorical"] if c["name"] == "Home")["levels"]
+    assert {"owner", "rent", "parents"} <= set(home) <= set(LEVELS["Home"])
+
+
+def test_a_contribution_with_less_noise_than_the_spec_is_refused(tmp_path, credit_split):
+    privacy = '\n[privacy]\nmode = "record"\ntarget_epsilon = 3.0\nrounds = 5\n'
+    fed = make_fed(tmp_path / "f", credit_split, federated_template(privacy, ranges=True, levels=True))
+    for b in BANKS:
+        submit(fed, b)
+    path = contribution_path(fed, "bank-d")
+    doc = json.loads(path.read_text())
+    del doc["signature"]
+    doc["dp"]["noise_multiplier"] = 0.1
+    path.write_bytes(keys.sign_manifest(keys.load_private(fed.key("bank-d"))[0], doc))
+    res = stats_aggregate(fed)
+    assert "rejected bank-d (weak-privacy)" in res.output and "of 3 contributions" in res.output
+
+
+def test_with_secure_aggregation_the_coordinator_only_reads_the_sum(tmp_path, credit_split):
+    secagg = "\n[secagg]\nenabled = true\n"
+    fed = make_fed(tmp_path / "f", credit_split, federated_template(secagg, ranges=True, levels=True))
+    for b in BANKS[:3]:
+        assert "masked for secure aggregation" in submit(fed, b).output
+    assert "needs every member's" in stats_aggregate(fed, code=3).output
+    submit(fed, "bank-d")
+    contribution = json.loads(contribution_path(fed, "bank-a").read_text())
+    assert "masked" in contribution and "numeric" not in contribution and "values" not in contribution
+    stats_aggregate(fed)
+    doc = statistics(fed)
+    assert doc["encoding"] == "masked" and doc["rows"] == pytest.approx(3341, abs=2)
+    close_to_pooled(doc, pooled(credit_split), 0.002)
+    home = next(c for c in doc["categorical"] if c["name"] == "Home")["levels"]
+    assert home == LEVELS["Home"]
+    fed.train("bank-a")

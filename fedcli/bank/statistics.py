@@ -53,7 +53,7 @@ class Tally:
 def pending_for(store: Store, coordinator_pub: Path) -> bool:
     """Whether the federation's statistics round is still open (train then submits a contribution instead)."""
     spec, _ = rounds.load_spec(store, keys.load_public(coordinator_pub))
-    return stats.pending(spec)
+    return stats.pending(spec) and not store.exists(rounds.global_keys(0)[1])  # else train's checks refuse
 
 
 def submit(
@@ -74,6 +74,11 @@ def submit(
         raise InputError(f"federation {spec.federation_id} declares its statistics in the spec: nothing to submit")
     if not stats.pending(spec):
         return SubmitResult(me.name, False, "the federation's statistics are published; nothing to do")
+    if store.exists(rounds.global_keys(0)[1]):
+        raise VerificationError(
+            "round 0 is published but the federation's statistics document is missing: refusing to trust this store",
+            reason="missing",
+        )
     key = stats.contribution_key(spec_sha, me.name)
     if store.exists(key):
         stats.verify_contribution(store, spec, spec_sha, me.name)  # a file under my name must be mine

@@ -18,7 +18,7 @@ import numpy as np
 
 from fedcli import digest, keys, models
 from fedcli.contract import validate
-from fedcli.errors import AlreadyExists, ContractError, FedcliError, InputError, VerificationError, Waiting
+from fedcli.errors import AlreadyExists, ContractError, FedcliError, InputError, VerificationError
 from fedcli.names import check_name
 from fedcli.protocol import rounds
 from fedcli.protocol import statistics as stats
@@ -32,6 +32,7 @@ class StatsResult:
 
     published: bool
     message: str
+    waiting: bool = False  # quorum not reached: the message says why (exit 3)
     accepted: list[str] = field(default_factory=list)
     rejected: dict[str, dict] = field(default_factory=dict)  # member -> {"reason", "message"}
     missing: list[str] = field(default_factory=list)
@@ -57,7 +58,10 @@ def aggregate(store: Store, key_path: Path) -> StatsResult:
         message = "published round 0" if published else "the statistics and round 0 are published; nothing to do"
         return StatsResult(published, message)
     result, docs = collect(store, spec, spec_sha)
-    _check_quorum(spec, result, docs)
+    result.message = _waiting_for(spec, docs)
+    if result.message:
+        result.waiting = True
+        return result
     document = combine(spec, spec_sha, docs)
     data = keys.sign_manifest(private, document)
     try:
@@ -115,20 +119,16 @@ def collect(store: Store, spec: Spec, spec_sha: str) -> tuple[StatsResult, dict[
     return result, docs
 
 
-def _check_quorum(spec: Spec, result: StatsResult, docs: dict) -> None:
+def _waiting_for(spec: Spec, docs: dict) -> str:
+    """Why the statistics round cannot publish yet ("" when it can)."""
     have = len(docs)
     if stats.encoding(spec) == "masked" and have < len(spec.members):
-        raise Waiting(
-            f"statistics round: {have} of {len(spec.members)} contributions in; secure aggregation needs every member's"
-            + (f" (refused: {', '.join(result.rejected)})" if result.rejected else "")
-        )
+        return f"statistics round: {have} of {len(spec.members)} valid contributions in; secure aggregation needs every member's"
     if have < spec.min_clients:
-        raise Waiting(
-            f"statistics round: {have} valid contribution(s), quorum is {spec.min_clients}"
-            + (f" (refused: {', '.join(result.rejected)})" if result.rejected else "")
-        )
+        return f"statistics round: {have} valid contribution(s), quorum is {spec.min_clients}"
     if spec.deadline_minutes > 0 and have < len(spec.members) and not _deadline_passed(spec, docs):
-        raise Waiting(f"statistics round: {have} of {len(spec.members)} in; waiting for the rest until the deadline")
+        return f"statistics round: {have} of {len(spec.members)} in; waiting for the rest until the deadline"
+    return ""
 
 
 def _deadline_passed(spec: Spec, docs: dict[str, stats.Contribution]) -> bool:
@@ -166,7 +166,7 @@ def combine(spec: Spec, spec_sha: str, docs: dict[str, stats.Contribution]) -> d
     if kind == "plain":
         rows, numeric, levels = _sum_plain(spec, docs)
     else:
-        rows, numeric, levels = _from_vector(spec, _sum_vector(spec, docs))
+        rows, numeric, levels = _from_vector(spec, _sum_vector(spec, docs), len(docs))
     document = {
         "kind": stats.STATISTICS_KIND,
         "format": stats.FORMAT,
@@ -193,7 +193,7 @@ def _sum_plain(spec: Spec, docs: dict[str, stats.Contribution]) -> tuple[float, 
         parts = [(d.numeric or {})[f.name] for d in docs.values()]
         n = sum(p.count for p in parts)
         total, squares = math.fsum(p.sum for p in parts), math.fsum(p.sum_squares for p in parts)
-        numeric.append(_moments(f.name, n, total, squares, (0.0, 1.0), 1.0))
+        numeric.append(_moments(f.name, n, total, squares, (0.0, 1.0), 0.0))
     levels: dict[str, Counter] = {c.name: Counter() for c in spec.data.categorical}
     for d in docs.values():
         for name, counts in (d.categorical or {}).items():
@@ -212,11 +212,14 @@ def _sum_vector(spec: Spec, docs: dict[str, stats.Contribution]) -> np.ndarray:
     return masking.dequantize(masking.sum_masked(words), scale) * spec.max_rows_per_member
 
 
-def _from_vector(spec: Spec, v: np.ndarray) -> tuple[float, list[dict], dict[str, Counter]]:
+def _from_vector(spec: Spec, v: np.ndarray, contributors: int) -> tuple[float, list[dict], dict[str, Counter]]:
+    """Moments in public-range units; under DP a variance is never taken below what the noise can resolve."""
     numeric = []
+    noise = spec.data.statistics_noise * stats.sensitivity(spec.data) * math.sqrt(contributors)
     for i, f in enumerate(spec.data.numeric):
         n, total, squares = (float(x) for x in v[1 + 3 * i : 4 + 3 * i])
-        numeric.append(_moments(f.name, n, total, squares, stats.unit_scale(f), 1.0))
+        floor = noise / n if spec.privacy.enabled and n > 0 else 0.0
+        numeric.append(_moments(f.name, n, total, squares, stats.unit_scale(f), floor))
     levels: dict[str, Counter] = {}
     at = 1 + 3 * len(spec.data.numeric)
     for c in spec.data.categorical:
@@ -226,7 +229,10 @@ def _from_vector(spec: Spec, v: np.ndarray) -> tuple[float, list[dict], dict[str
 
 
 def _moments(name: str, n: float, total: float, squares: float, unit: tuple[float, float], floor: float) -> dict:
-    """Mean and sample std from count, sum and sum of squares (in public-range units when unit is a range)."""
+    """Mean and sample std from count, sum and sum of squares (in public-range units when unit is a range).
+
+    A variance at or below `floor` (the noise's own spread under DP) becomes `floor`; a constant column
+    (variance 0 without DP) gets std 1 in its own units, or half its public range."""
     if not (math.isfinite(n) and n >= 2):
         raise FedcliError(
             f"column {name}: fewer than 2 numbers across the contributions ({n:.3g}); "
@@ -238,7 +244,8 @@ def _moments(name: str, n: float, total: float, squares: float, unit: tuple[floa
     if half != 1.0 or centre != 0.0:  # public-range units: the mean of values in [-1, 1] lies in it
         mean_u = min(1.0, max(-1.0, mean_u))
     mean = centre + half * mean_u
-    std = half * math.sqrt(var_u) if var_u > 0 and math.isfinite(var_u) else floor * half
+    var_u = max(var_u, floor) if math.isfinite(var_u) else floor
+    std = half * math.sqrt(var_u) if var_u > 0 else half
     if not (math.isfinite(mean) and abs(mean) <= 1e15 and 0 < std <= 1e15):
         raise FedcliError(f"column {name}: its mean or std is out of range ({mean:g}, {std:g})")
     return {"name": name, "mean": mean, "std": std, "count": max(0.0, min(n, 1e12))}
