@@ -563,6 +563,8 @@ def summary(spec: Spec) -> list[tuple[str, str]]:
     """
     m, p, s, sa, t = spec.model, spec.privacy, spec.strategy, spec.secagg, spec.training
     model = f"{m.kind} on {spec.data.n_features} features"
+    if spec.data.statistics == "federated" and spec.statistics_sha256 is None:
+        model = f"{m.kind} on {len(spec.data.numeric)} numeric and {len(spec.data.categorical)} categorical columns"
     if m.kind == "mlp":
         model += f", hidden layers {', '.join(map(str, m.hidden))}"
     training = f"{t.epochs} epochs, batch size {t.batch_size}, learning rate {t.lr:g}"
