@@ -51,8 +51,12 @@ class Tally:
 
 
 def pending_for(store: Store, coordinator_pub: Path) -> bool:
-    """Whether the federation's statistics round is still open (train then submits a contribution instead)."""
-    spec, _ = rounds.load_spec(store, keys.load_public(coordinator_pub))
+    """Whether the federation's statistics round is still open (train then submits a contribution instead).
+    Any failure to tell is False: train's own checks then report it."""
+    try:
+        spec, _ = rounds.load_spec(store, keys.load_public(coordinator_pub))
+    except FedcliError:
+        return False
     return stats.pending(spec) and not store.exists(rounds.global_keys(0)[1])  # else train's checks refuse
 
 

@@ -40,8 +40,12 @@ class StatsResult:
 
 
 def pending(store: Store) -> bool:
-    """Whether this store's federation still needs its statistics round (aggregate then runs it instead)."""
-    spec, _ = rounds.load_spec(store, None)
+    """Whether this store's federation still needs its statistics round (aggregate then runs it instead).
+    Any failure to tell is False: aggregate's own checks then report it."""
+    try:
+        spec, _ = rounds.load_spec(store, None)
+    except FedcliError:
+        return False
     return stats.federated(spec) and (stats.pending(spec) or not store.exists(rounds.global_keys(0)[1]))
 
 
