@@ -207,17 +207,24 @@ def test_forged_oversized_replayed_and_planted_contributions_are_refused(ffed, t
     assert not (fed.store / "statistics/statistics.json").exists()
 
 
-def test_a_contribution_claiming_more_than_its_rows_is_refused(ffed):
-    fed = ffed
-    for b in BANKS[:3]:
-        submit(fed, b)
-    path = contribution_path(fed, "bank-c")
+def resign(fed, bank, change) -> None:
+    """Rewrite bank's contribution with change(doc) applied, signed by bank's own key (a malicious bank)."""
+    path = contribution_path(fed, bank)
     doc = json.loads(path.read_text())
     del doc["signature"]
-    doc["numeric"]["Age"]["count"] = doc["rows"] + 1
-    path.write_bytes(keys.sign_manifest(keys.load_private(fed.key("bank-c"))[0], doc))
+    change(doc)
+    path.write_bytes(keys.sign_manifest(keys.load_private(fed.key(bank))[0], doc))
+
+
+def test_a_malicious_bank_cannot_claim_impossible_sums(ffed):
+    fed = ffed
+    for b in BANKS:
+        submit(fed, b)
+    resign(fed, "bank-c", lambda d: d["numeric"]["Age"].update(count=d["rows"] + 1))
+    resign(fed, "bank-d", lambda d: d["numeric"]["Assets"].update(sum_squares=1.0))  # to blow up the pooled std
     res = stats_aggregate(fed, code=3)
     assert "rejected bank-c (malformed): statistics contribution from bank-c: column Age counts more" in res.output
+    assert "rejected bank-d (malformed)" in res.output and "Assets's sums cannot come from numbers" in res.output
 
 
 def test_a_bank_without_a_declared_column_is_refused_before_any_write(ffed, tmp_path):
@@ -304,11 +311,7 @@ def test_a_contribution_with_less_noise_than_the_spec_is_refused(tmp_path, credi
     fed = make_fed(tmp_path / "f", credit_split, federated_template(privacy, ranges=True, levels=True))
     for b in BANKS:
         submit(fed, b)
-    path = contribution_path(fed, "bank-d")
-    doc = json.loads(path.read_text())
-    del doc["signature"]
-    doc["dp"]["noise_multiplier"] = 0.1
-    path.write_bytes(keys.sign_manifest(keys.load_private(fed.key("bank-d"))[0], doc))
+    resign(fed, "bank-d", lambda d: d["dp"].update(noise_multiplier=0.1))
     res = stats_aggregate(fed)
     assert "rejected bank-d (weak-privacy)" in res.output and "of 3 contributions" in res.output
 

@@ -27,7 +27,7 @@ from fedcli.protocol import statistics as stats
 from fedcli.protocol.spec import CategoricalFeature, NumericFeature, Spec
 from fedcli.store import Store
 
-MAX_VALUE = 1e15  # a number beyond this is a unit or column mix-up (the spec's own bound on a mean)
+MAX_VALUE = stats.MAX_VALUE  # a number beyond this is a unit or column mix-up (the spec's own bound on a mean)
 
 
 @dataclass

@@ -197,7 +197,7 @@ def _sum_plain(spec: Spec, docs: dict[str, stats.Contribution]) -> tuple[float, 
         parts = [(d.numeric or {})[f.name] for d in docs.values()]
         n = sum(p.count for p in parts)
         total, squares = math.fsum(p.sum for p in parts), math.fsum(p.sum_squares for p in parts)
-        numeric.append(_moments(f.name, n, total, squares, (0.0, 1.0), 0.0))
+        numeric.append(_moments(f.name, n, total, squares, None, 0.0))
     levels: dict[str, Counter] = {c.name: Counter() for c in spec.data.categorical}
     for d in docs.values():
         for name, counts in (d.categorical or {}).items():
@@ -232,8 +232,9 @@ def _from_vector(spec: Spec, v: np.ndarray, contributors: int) -> tuple[float, l
     return float(v[0]), numeric, levels
 
 
-def _moments(name: str, n: float, total: float, squares: float, unit: tuple[float, float], floor: float) -> dict:
-    """Mean and sample std from count, sum and sum of squares (in public-range units when unit is a range).
+def _moments(name: str, n: float, total: float, squares: float, unit: tuple[float, float] | None, floor: float) -> dict:
+    """Mean and sample std from count, sum and sum of squares: in the column's own units (unit None), or in
+    public-range units (unit = (centre, half width)), where the mean stays in the range and the std within it.
 
     A variance at or below `floor` (the noise's own spread under DP) becomes `floor`; a constant column
     (variance 0 without DP) gets std 1 in its own units, or half its public range."""
@@ -242,13 +243,13 @@ def _moments(name: str, n: float, total: float, squares: float, unit: tuple[floa
             f"column {name}: fewer than 2 numbers across the contributions ({n:.3g}); "
             "the statistics round cannot fill its mean and std"
         )
-    centre, half = unit
+    centre, half = unit or (0.0, 1.0)
     mean_u = total / n
     var_u = (squares - n * mean_u * mean_u) / (n - 1)
-    if half != 1.0 or centre != 0.0:  # public-range units: the mean of values in [-1, 1] lies in it
-        mean_u = min(1.0, max(-1.0, mean_u))
-    mean = centre + half * mean_u
     var_u = max(var_u, floor) if math.isfinite(var_u) else floor
+    if unit is not None:  # values in [-1, 1]: noise or a forged sum cannot move the mean out or blow the std up
+        mean_u, var_u = min(1.0, max(-1.0, mean_u)), min(var_u, 1.0)
+    mean = centre + half * mean_u
     std = half * math.sqrt(var_u) if var_u > 0 else half
     if not (math.isfinite(mean) and abs(mean) <= 1e15 and 0 < std <= 1e15):
         raise FedcliError(f"column {name}: its mean or std is out of range ({mean:g}, {std:g})")

@@ -41,6 +41,7 @@ CONTRIBUTION_KIND = "statistics-contribution"
 STATISTICS_KIND = "statistics"
 FORMAT = 1
 MAX_ROWS = 10**10
+MAX_VALUE = 1e15  # a bank refuses numbers beyond this (a unit or column mix-up), so sums are bounded by it
 MASK_ROUND = 0  # secure aggregation's pairwise seeds for the statistics round: no update round is 0
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
@@ -243,12 +244,28 @@ def _check_plain(doc: Contribution, spec: Spec, what: str) -> None:
     for name, sums in numeric.items():
         if sums.count > rows:
             raise ContractError(f"{what}: column {name} counts more values than rows")
+        if not _possible(sums):
+            raise ContractError(f"{what}: column {name}'s sums cannot come from numbers within ±{MAX_VALUE:g}")
     for c in spec.data.categorical:
         counts = categorical[c.name]
         if len(counts) > c.max_levels or sum(counts.values()) > rows:
             raise ContractError(f"{what}: column {c.name} reports more levels or rows than allowed")
         if c.levels and set(counts) - set(c.levels):
             raise ContractError(f"{what}: column {c.name} reports levels the spec does not list")
+
+
+def _possible(sums: NumericSums) -> bool:
+    """Sums that `count` numbers within ±MAX_VALUE can have: |sum| <= count * MAX_VALUE, sum of squares at most
+    count * MAX_VALUE**2 and at least sum**2 / count (Cauchy-Schwarz). A bank cannot blow up a pooled std."""
+    n = sums.count
+    if n == 0:
+        return sums.sum == 0 and sums.sum_squares == 0
+    slack = 1 + 1e-9  # float rounding of honest sums
+    return (
+        abs(sums.sum) <= n * MAX_VALUE * slack
+        and sums.sum_squares <= n * MAX_VALUE**2 * slack
+        and sums.sum * sums.sum <= n * sums.sum_squares * slack
+    )
 
 
 def load_statistics(store: Store, spec: Spec, spec_sha: str) -> tuple[StatisticsDocument, str] | None:
