@@ -715,6 +715,39 @@ def stats_aggregate(
     _stats_table(res)
 
 
+@stats_app.command("show")
+def stats_show(
+    store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
+    coordinator: Path | None = PinOpt,
+):
+    """Anyone: whether the statistics round is open (and who contributed) or its verified result."""
+    from fedcli.protocol import statistics
+    from fedcli.protocol.rounds import load_spec
+
+    with failures():
+        pinned = _pinned(coordinator)
+        s = _store(store)
+        spec, sha = load_spec(s, pinned)
+        found = statistics.load_statistics(s, spec, sha) if statistics.federated(spec) else None
+        names = statistics.contributors(s, sha) if statistics.federated(spec) else []
+    _unpinned_note(pinned)
+    if not statistics.federated(spec):
+        out.print(f"federation {escape(spec.federation_id)} declares its feature statistics in the spec")
+        return
+    if found is None:
+        shown = ", ".join(escape(n) for n in names) or "none yet"
+        out.print(
+            f"statistics round open ({statistics.encoding(spec)}): {len(names)} of {len(spec.members)} members "
+            f"submitted ({shown}); quorum {spec.min_clients}",
+            soft_wrap=True,
+        )
+        return
+    from fedcli.coordinator.statistics import StatsResult
+
+    doc, doc_sha = found
+    _stats_table(StatsResult(True, f"statistics document sha256 {doc_sha}", document=doc))
+
+
 def _stats_table(res) -> None:
     for m, why in res.rejected.items():
         err.print(

@@ -11,7 +11,7 @@ import tomllib
 
 import pandas as pd
 import pytest
-from helpers import BANKS, TEMPLATE, make_fed, one_line, snapshot
+from helpers import BANKS, TEMPLATE, make_fed, one_line, snapshot, use_s3
 
 from fedcli import keys
 from fedcli.digest import sha256
@@ -130,7 +130,12 @@ def test_train_and_aggregate_run_the_statistics_round_themselves(ffed):
 
 def test_quorum_and_pending_state(ffed):
     fed = ffed
+    show = ("stats", "show", fed.loc, "--coordinator", fed.pub("coordinator"))
+    assert "statistics round open (plain): 0 of 4 members submitted (none yet); quorum 3" in fed.cli(*show).output
+    shown = fed.cli("spec", "show", fed.loc, "--coordinator", fed.pub("coordinator")).output
+    assert "pending (federated statistics)" in shown and "logreg on 9 numeric and 4 categorical columns" in shown
     submit(fed, "bank-a")
+    assert "1 of 4 members submitted (bank-a)" in fed.cli(*show).output
     assert "quorum is 3" in stats_aggregate(fed, code=3).output
     line = one_line(fed.evaluate(fed.data / "bank-a.csv", code=1))
     assert "no global model yet" in line
@@ -138,6 +143,9 @@ def test_quorum_and_pending_state(ffed):
     submit(fed, "bank-c")
     assert "published the statistics of 3 contributions" in stats_aggregate(fed).output
     assert "nothing to do" in submit(fed, "bank-d").output  # late: the statistics are published
+    res = fed.cli(*show)
+    assert "federated statistics of" in res.output and "from bank-a, bank-b, bank-c" in res.output
+    assert "statistics document sha256" in res.output
 
 
 def test_schema_proposes_types_only(fed, credit_split):
@@ -332,3 +340,14 @@ def test_with_secure_aggregation_the_coordinator_only_reads_the_sum(tmp_path, cr
     home = next(c for c in doc["categorical"] if c["name"] == "Home")["levels"]
     assert home == LEVELS["Home"]
     fed.train("bank-a")
+
+
+@pytest.mark.slow
+def test_the_statistics_round_on_s3(tmp_path, credit_split, moto_s3, monkeypatch):
+    fed = make_fed(tmp_path / "s3", credit_split, federated_template(), url=use_s3(moto_s3, monkeypatch))
+    for b in BANKS:
+        fed.train(b)
+    assert "published the statistics of 4 contributions" in fed.aggregate().output
+    fed.train("bank-a")
+    shown = fed.cli("stats", "show", fed.loc, "--coordinator", fed.pub("coordinator")).output
+    assert "Marital" in shown and "federated statistics of 3,341 rows" in shown

@@ -323,3 +323,10 @@ def check_global(spec: Spec, manifest: dict, what: str) -> None:
         )
     if manifest.get("statistics_sha256") != spec.statistics_sha256:
         raise VerificationError(f"{what}: names another statistics document than the store's", reason="bad-hash")
+
+
+def contributors(store: Store, spec_sha: str) -> list[str]:
+    """Names under which a contribution file exists (unverified: `fedcli stats aggregate` checks each)."""
+    prefix = contributions_prefix(spec_sha) + "/"
+    names = [k[len(prefix) :].removesuffix(".json") for k in store.list(prefix.rstrip("/")) if k.endswith(".json")]
+    return sorted(n for n in names if n.isprintable())
