@@ -759,7 +759,10 @@ def _stats_table(res) -> None:
         for col in ("feature", "statistics"):
             table.add_column(col)
         for n in doc.numeric:
-            table.add_row(escape(n.name), f"mean {n.mean:.6g}, std {n.std:.6g} ({n.count:,.0f} values)")
+            shown = f"mean {n.mean:.6g}, std {n.std:.6g} ({n.count:,.0f} values)"
+            if n.deciles:
+                shown += "; deciles " + ", ".join(f"{d:.4g}" for d in n.deciles)
+            table.add_row(escape(n.name), shown)
         for c in doc.categorical:
             table.add_row(escape(c.name), escape(f"{len(c.levels)} levels: {', '.join(c.levels)}"))
         out.print(table)

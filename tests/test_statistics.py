@@ -9,6 +9,7 @@ import json
 import re
 import tomllib
 
+import numpy as np
 import pandas as pd
 import pytest
 from helpers import BANKS, TEMPLATE, make_fed, one_line, snapshot, use_s3
@@ -37,10 +38,23 @@ LEVELS = {
 }
 
 
-def federated_template(extra: str = "", ranges: bool = False, levels: bool = False, data_extra: str = "") -> str:
-    """The demo's template with its [data] section replaced by column names and types only."""
+def federated_template(
+    extra: str = "", ranges: bool = False, levels: bool = False, data_extra: str = "", bins: int = 0
+) -> str:
+    """The demo's template with its [data] section replaced by column names and types only
+    (with public ranges, candidate levels, and `bins` histogram bins for Age and Income, when asked)."""
     head = TEMPLATE.split("[data]")[0]
-    numeric = ",\n".join(f'    {{ name = "{n}"' + (f", range = {RANGES[n]}" if ranges else "") + " }" for n in NUMERIC)
+
+    def numeric_entry(n: str) -> str:
+        binned = bins and n in ("Age", "Income")
+        return (
+            f'    {{ name = "{n}"'
+            + (f", range = {RANGES[n]}" if ranges or binned else "")
+            + (f", bins = {bins}" if binned else "")
+            + " }"
+        )
+
+    numeric = ",\n".join(numeric_entry(n) for n in NUMERIC)
     text = head + f'[data]\ntarget = "Status"\npositive = "bad"\nstatistics = "federated"\n{data_extra}'
     text += f"numeric = [\n{numeric},\n]\n"
     for c in CATEGORICAL:
@@ -351,3 +365,49 @@ def test_the_statistics_round_on_s3(tmp_path, credit_split, moto_s3, monkeypatch
     fed.train("bank-a")
     shown = fed.cli("stats", "show", fed.loc, "--coordinator", fed.pub("coordinator")).output
     assert "Marital" in shown and "federated statistics of 3,341 rows" in shown
+
+
+def check_deciles(doc: dict, df: pd.DataFrame, bins: int, levels_off: float = 0.0) -> None:
+    """Exact counts: deciles within one bin width of the pooled ones. Noised counts: each decile cuts the
+    pooled values within levels_off of its level (a sparse tail's values spread too far to compare)."""
+    for n in doc["numeric"]:
+        if n["name"] not in ("Age", "Income"):
+            assert n.get("deciles") is None
+            continue
+        low, high = RANGES[n["name"]]
+        values = df[n["name"]].dropna().to_numpy()
+        found = np.asarray(n["deciles"])
+        if levels_off:
+            below = np.array([(values <= d).mean() for d in found])
+            assert np.all(np.abs(below - np.arange(1, 10) / 10) <= levels_off), (n["name"], below)
+        else:
+            pooled_deciles = np.quantile(values, np.arange(1, 10) / 10)
+            assert np.all(np.abs(found - pooled_deciles) <= (high - low) / bins), n
+
+
+def test_histograms_give_deciles_for_binning(tmp_path, credit_split):
+    fed = make_fed(tmp_path / "f", credit_split, federated_template(bins=50))
+    for b in BANKS[:3]:
+        submit(fed, b)
+    contribution = json.loads(contribution_path(fed, "bank-a").read_text())
+    assert len(contribution["numeric"]["Age"]["histogram"]) == 50 and "histogram" not in contribution["numeric"]["Time"]
+    submit(fed, "bank-d")
+    resign(fed, "bank-d", lambda d: d["numeric"]["Age"].update(histogram=[1] * 49))
+    res = stats_aggregate(fed)
+    assert "rejected bank-d (malformed)" in res.output and "histogram does not have the spec's 50 bins" in res.output
+    assert "deciles" in res.output
+    three = pd.concat([pd.read_csv(credit_split / f"{b}.csv") for b in BANKS[:3]], ignore_index=True)
+    check_deciles(statistics(fed), three, 50)
+    assert "deciles" in fed.cli("stats", "show", fed.loc, "--coordinator", fed.pub("coordinator")).output
+
+
+def test_histograms_under_dp_and_secure_aggregation(tmp_path, credit_split):
+    both = '\n[privacy]\nmode = "record"\ntarget_epsilon = 3.0\nrounds = 5\n\n[secagg]\nenabled = true\n'
+    fed = make_fed(tmp_path / "f", credit_split, federated_template(both, ranges=True, levels=True, bins=20))
+    for b in BANKS:
+        assert "with DP noise" not in submit(fed, b).output  # masked (and noised): the sum is all anyone reads
+    stats_aggregate(fed)
+    doc = statistics(fed)
+    assert doc["encoding"] == "masked"
+    close_to_pooled(doc, pooled(credit_split), 0.05)
+    check_deciles(doc, pooled(credit_split), 20, levels_off=0.2)

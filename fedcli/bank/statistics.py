@@ -47,6 +47,7 @@ class Tally:
     rows: int = 0
     numeric: dict[str, list[float]] = field(default_factory=dict)  # name -> [count, sum, sum of squares]
     levels: dict[str, Counter] = field(default_factory=dict)  # name -> level -> rows
+    histograms: dict[str, np.ndarray] = field(default_factory=dict)  # binned numeric name -> rows per bin
     clipped: Counter = field(default_factory=Counter)  # numeric name -> values clipped to the public range
 
 
@@ -107,7 +108,11 @@ def submit(
         stats.verify_contribution(store, spec, spec_sha, me.name)
         return SubmitResult(me.name, False, f"{me.name} already submitted its statistics; nothing to do")
     how = {"plain": "", "noised": " with DP noise", "masked": ", masked for secure aggregation"}[stats.encoding(spec)]
-    notes = [f"{n:,} value(s) of {c} were clipped to its public range" for c, n in tally.clipped.items()]
+    notes = [
+        f"{n:,} value(s) of {c} lie outside its public range (counted at its ends)"
+        for c, n in tally.clipped.items()
+        if n
+    ]
     return SubmitResult(me.name, True, f"submitted statistics of {tally.rows:,} rows{how}", tally.rows, notes, charged)
 
 
@@ -149,11 +154,16 @@ def _add_numbers(tally: Tally, f: NumericFeature, values: np.ndarray, source: st
             f"{source}: column {f.name} holds {int(absurd.sum())} value(s) beyond ±{MAX_VALUE:g} "
             f"(e.g. {float(present[absurd][0]):g}); fix them or leave the cells empty"
         )
-    if unit:  # public-range units: every value in [-1, 1], so one row moves a sum by at most 1
+    if unit or f.bins:  # public-range units: every value in [-1, 1], so one row moves a sum by at most 1
         centre, half = stats.unit_scale(f)
         u = (present - centre) / half
         tally.clipped[f.name] += int((np.abs(u) > 1).sum())
-        present = np.clip(u, -1.0, 1.0)
+        u = np.clip(u, -1.0, 1.0)
+        if f.bins:
+            counts, _ = np.histogram(u, bins=f.bins, range=(-1.0, 1.0))
+            tally.histograms[f.name] = tally.histograms.get(f.name, np.zeros(f.bins, np.int64)) + counts
+        if unit:
+            present = u
     sums = tally.numeric[f.name]
     sums[0] += len(present)
     sums[1] += float(present.sum())
@@ -195,6 +205,8 @@ def encode(spec: Spec, spec_sha: str, member: str, tally: Tally, plan: BankPlan)
     if kind == "plain":
         doc["rows"] = tally.rows
         doc["numeric"] = {n: {"count": int(s[0]), "sum": s[1], "sum_squares": s[2]} for n, s in tally.numeric.items()}
+        for name, counts in tally.histograms.items():
+            doc["numeric"][name]["histogram"] = [int(c) for c in counts]
         doc["categorical"] = {
             c.name: dict(tally.levels[c.name].most_common(c.max_levels)) for c in spec.data.categorical
         }
@@ -235,6 +247,8 @@ def _vector(spec: Spec, tally: Tally) -> np.ndarray:
         values += tally.numeric[f.name]
     for c in spec.data.categorical:
         values += [float(tally.levels[c.name][level]) for level in c.levels]
+    for f in spec.data.numeric:
+        values += [float(x) for x in tally.histograms.get(f.name, np.zeros(f.bins))]
     return np.asarray(values, dtype=np.float64)
 
 

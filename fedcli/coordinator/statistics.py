@@ -198,6 +198,9 @@ def _sum_plain(spec: Spec, docs: dict[str, stats.Contribution]) -> tuple[float, 
         n = sum(p.count for p in parts)
         total, squares = math.fsum(p.sum for p in parts), math.fsum(p.sum_squares for p in parts)
         numeric.append(_moments(f.name, n, total, squares, None, 0.0))
+        if f.bins:
+            histogram = np.sum([np.asarray(p.histogram, dtype=np.float64) for p in parts], axis=0)
+            numeric[-1]["deciles"] = deciles(histogram, stats.unit_scale(f))
     levels: dict[str, Counter] = {c.name: Counter() for c in spec.data.categorical}
     for d in docs.values():
         for name, counts in (d.categorical or {}).items():
@@ -229,7 +232,26 @@ def _from_vector(spec: Spec, v: np.ndarray, contributors: int) -> tuple[float, l
     for c in spec.data.categorical:
         levels[c.name] = Counter({lvl: float(x) for lvl, x in zip(c.levels, v[at : at + len(c.levels)], strict=True)})
         at += len(c.levels)
+    for f, result in zip(spec.data.numeric, numeric, strict=True):
+        if f.bins:
+            result["deciles"] = deciles(v[at : at + f.bins], stats.unit_scale(f))
+            at += f.bins
     return float(v[0]), numeric, levels
+
+
+def deciles(histogram: np.ndarray, unit: tuple[float, float]) -> list[float] | None:
+    """The 10 %, ..., 90 % quantiles of a histogram over the public range, linear within a bin; None when it
+    holds no rows. Noised counts are summed as they are (clipping each at 0 would pile the noise of empty
+    bins into the tails) and the running total is then made non-decreasing."""
+    counts = np.asarray(histogram, dtype=np.float64)
+    cumulative = np.maximum.accumulate(np.concatenate([[0.0], np.cumsum(counts)]))
+    total = float(cumulative[-1])
+    if not total > 0 or not math.isfinite(total):
+        return None
+    centre, half = unit
+    edges = np.linspace(-1.0, 1.0, len(counts) + 1)
+    at = np.interp(np.arange(1, 10) / 10 * total, cumulative, edges)  # cumulative is non-decreasing
+    return [float(centre + half * u) for u in at]
 
 
 def _moments(name: str, n: float, total: float, squares: float, unit: tuple[float, float] | None, floor: float) -> dict:

@@ -156,6 +156,9 @@ class NumericFeatureTable(BaseModel):
         max_length=2,
         description="federated statistics with [privacy] or [secagg]: public bounds [low, high]; values are clipped to them",
     )
+    bins: int = Field(
+        0, ge=0, le=1000, description="federated statistics: histogram bins over range, to publish deciles (0: none)"
+    )
 
     @field_validator("range")
     @classmethod
@@ -163,6 +166,12 @@ class NumericFeatureTable(BaseModel):
         if bounds is not None and not bounds[0] < bounds[1]:
             raise ValueError("must be [low, high] with low < high")
         return bounds
+
+    @model_validator(mode="after")
+    def _binned_over_range(self):
+        if self.bins and self.range is None:
+            raise ValueError("bins needs a range = [low, high] to bin over")
+        return self
 
 
 class CategoricalFeatureTable(BaseModel):
@@ -300,6 +309,7 @@ class NumericFeature:
     mean: float
     std: float
     range: tuple[float, float] | None = None  # federated statistics: public bounds the values are clipped to
+    bins: int = 0  # federated statistics: histogram bins over range, for deciles (0: none)
 
 
 @dataclass(frozen=True)
@@ -449,6 +459,7 @@ def _data(d: DataTable, protected: bool) -> DataSpec:
                 0.0 if f.mean is None else float(f.mean),
                 1.0 if f.std is None else float(f.std),
                 None if f.range is None else (float(f.range[0]), float(f.range[1])),
+                f.bins,
             )
             for f in d.numeric
         ),

@@ -62,6 +62,7 @@ class NumericSums(_Doc):
     count: Count
     sum: Finite
     sum_squares: Annotated[float, Field(ge=0, le=1e30)]
+    histogram: Annotated[list[Count], Field(max_length=1000)] | None = None  # rows per bin over the range (bins > 0)
 
 
 class StatisticsDP(_Doc):
@@ -107,6 +108,9 @@ class NumericResult(_Doc):
     mean: Annotated[float, Field(ge=-1e15, le=1e15)]
     std: Annotated[float, Field(gt=0, le=1e15)]
     count: Annotated[float, Field(ge=0, le=1e12)]  # noised under DP: not an integer
+    deciles: Annotated[list[Annotated[float, Field(ge=-1e15, le=1e15)]], Field(min_length=9, max_length=9)] | None = (
+        None  # 10 %, 20 %, ... 90 % quantiles from the pooled histogram (bins > 0): cut points for binning
+    )
 
 
 class CategoricalResult(_Doc):
@@ -167,13 +171,17 @@ def layout(data: DataSpec) -> list[str]:
         names += [f"{f.name}:count", f"{f.name}:sum", f"{f.name}:sum_squares"]
     for c in data.categorical:
         names += [f"{c.name}={level}" for level in c.levels]
+    for f in data.numeric:
+        names += [f"{f.name}#bin{k}" for k in range(f.bins)]
     return names
 
 
 def sensitivity(data: DataSpec) -> float:
     """L2 change of the vector when one row is added or removed: 1 (rows), at most 1 each for a numeric
-    feature's count, |sum| and sum of squares (values in [-1, 1]), and 1 per categorical feature."""
-    return math.sqrt(1 + 3 * len(data.numeric) + len(data.categorical))
+    feature's count, |sum| and sum of squares (values in [-1, 1]), 1 per categorical feature, and 1 per
+    binned feature's histogram."""
+    binned = sum(1 for f in data.numeric if f.bins)
+    return math.sqrt(1 + 3 * len(data.numeric) + len(data.categorical) + binned)
 
 
 def unit_scale(f: NumericFeature) -> tuple[float, float]:
@@ -241,7 +249,10 @@ def _check_plain(doc: Contribution, spec: Spec, what: str) -> None:
     rows = doc.rows or 0
     if rows > spec.max_rows_per_member:
         raise ContractError(f"{what}: {rows:,} rows, more than the spec's max_rows_per_member")
+    bins = {f.name: f.bins for f in spec.data.numeric}
     for name, sums in numeric.items():
+        if len(sums.histogram or ()) != bins[name] or sum(sums.histogram or ()) > rows:
+            raise ContractError(f"{what}: column {name}'s histogram does not have the spec's {bins[name]} bins")
         if sums.count > rows:
             raise ContractError(f"{what}: column {name} counts more values than rows")
         if not _possible(sums):
