@@ -33,7 +33,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="fedcli-stats-"))
     split(root / "credit")
     df = t.pooled(root / "credit")
-    worst_mean, ratios, worst_level = 0.0, [], 0.0
+    worst_mean, ratios, worst_level = 0.0, {}, 0.0
     for run in range(runs):
         fed = make_fed(root / f"run{run}", root / "credit", t.federated_template(SPEC, True, True, bins=20))
         for b in BANKS:
@@ -51,12 +51,13 @@ def main() -> None:
                 worst_level = max(worst_level, level)
                 line += f", deciles off by up to {level:.3f} in level"
             worst_mean = max(worst_mean, off)
-            ratios.append(ratio)
+            ratios.setdefault(n["name"], []).append(ratio)
             print(line)
-    print(
-        f"over {runs} runs: means within {worst_mean:.4f} of the range; std ratios {min(ratios):.2f}..{max(ratios):.2f}; "
-        f"deciles within {worst_level:.3f} in level"
-    )
+    print(f"over {runs} runs: means within {worst_mean:.4f} of the range; deciles within {worst_level:.3f} in level")
+    for name, found in ratios.items():
+        low, high = t.RANGES[name]
+        spread = df[name].std() / (high - low)
+        print(f"  {name:<9} std / range {spread:.3f}: std ratio {min(found):.2f} .. {max(found):.2f}")
 
 
 if __name__ == "__main__":
