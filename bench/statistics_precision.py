@@ -18,10 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "examples")]
 
-import numpy as np  # noqa: E402
-import test_statistics as t  # noqa: E402
-from helpers import BANKS, make_fed  # noqa: E402
-from prepare_credit import split  # noqa: E402
+import numpy as np
+import test_statistics as t
+from helpers import BANKS, make_fed
+from prepare_credit import split
 
 SPEC = '\n[privacy]\nmode = "record"\ntarget_epsilon = 3.0\nrounds = 5\n\n[secagg]\nenabled = true\n'
 
