@@ -313,6 +313,12 @@ def close_to_pooled(doc: dict, df: pd.DataFrame, within: float) -> None:
 def test_with_dp_each_bank_adds_noise_and_charges_its_ledger(tmp_path, credit_split):
     privacy = '\n[privacy]\nmode = "record"\ntarget_epsilon = 3.0\nrounds = 5\n'
     fed = make_fed(tmp_path / "f", credit_split, federated_template(privacy, ranges=True, levels=True))
+    before = snapshot(fed)
+    strict = fed.cli(
+        "stats", "submit", "--store", fed.loc, "--key", fed.key("bank-a"), "--data", fed.data / "bank-a.csv",
+        "--coordinator", fed.pub("coordinator"), "--max-epsilon", "0.5", code=6,
+    )  # fmt: skip
+    assert "privacy budget exceeded" in one_line(strict) and snapshot(fed) == before
     for b in BANKS:
         assert "with DP noise" in submit(fed, b).output
     contribution = json.loads(contribution_path(fed, "bank-a").read_text())
