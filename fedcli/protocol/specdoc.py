@@ -60,7 +60,11 @@ Rules that span tables (checked after every table is valid):
 - `[strategy.server]` parameters must belong to the chosen optimizer;
 - `[secagg] enabled = true` needs every member's `x25519` key, at least 2 members and
   `min_clients >= 2`, `[strategy]` sync FedAvg with no `max_norm` and no compression, and
-  `noise = "shared"` needs `[privacy] mode = "update"`.
+  `noise = "shared"` needs `[privacy] mode = "update"`;
+- `[data] statistics = "declared"` needs every numeric feature's `mean` and `std` and every categorical
+  feature's `levels`; `"federated"` refuses a `mean` or `std` (the statistics round computes them) and,
+  with `[privacy]` or `[secagg]`, needs every numeric feature's `range` and every categorical feature's
+  candidate `levels`; `bins` needs a `range`.
 """
 
 _CHECKS = {
