@@ -397,6 +397,8 @@ def status(
     out.print(table)
     if problems.row_count:
         out.print(problems)
+    if spec.data.statistics == "federated" and spec.statistics_sha256 is None:
+        out.print("no round yet: the statistics round is open (`fedcli stats show` lists who contributed)")
 
 
 @app.command()

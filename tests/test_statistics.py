@@ -150,6 +150,8 @@ def test_quorum_and_pending_state(ffed):
     assert "pending (federated statistics)" in shown and "logreg on 9 numeric and 4 categorical columns" in shown
     submit(fed, "bank-a")
     assert "1 of 4 members submitted (bank-a)" in fed.cli(*show).output
+    status = fed.cli("status", fed.loc, "--coordinator", fed.pub("coordinator")).output
+    assert "no round yet: the statistics round is open" in status
     assert "quorum is 3" in stats_aggregate(fed, code=3).output
     line = one_line(fed.evaluate(fed.data / "bank-a.csv", code=1))
     assert "no global model yet" in line
