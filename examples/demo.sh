@@ -16,12 +16,24 @@ echo "== 2. Keys: every party makes its own; only .pub files are exchanged"
 fedcli keygen coordinator --out coordinator
 for b in $banks; do fedcli keygen "$b" --out "$b" >/dev/null; done
 
-echo "== 3. Coordinator signs the spec and publishes round 0"
-# The template plus federated evaluation: each bank keeps 20% of its rows out of training and also
-# scores a model trained on its own rows alone (docs/report.md)
-{ cat "$here/federation.toml"; printf '\n[evaluation]\nholdout = 0.2\nbaseline = true\n'; } > federation.toml
+echo "== 3. Coordinator drafts the data section from column types only (fedcli schema) and signs the spec"
+# The template's model and training settings; its declared means and stds are replaced by a
+# statistics round, so no bank's statistics go into the spec (docs/data.md: federated statistics).
+# Federated evaluation: each bank keeps 20% of its rows out of training and also scores a model
+# trained on its own rows alone (docs/report.md).
+sed '/^# Declared preprocessing/,$d' "$here/federation.toml" > federation.toml
+fedcli schema data/bank-a.csv --target Status --positive bad >> federation.toml
+printf '\n[evaluation]\nholdout = 0.2\nbaseline = true\n' >> federation.toml
 fedcli init store --spec federation.toml --key coordinator/coordinator.key \
   $(for b in $banks; do echo --member "$b/$b.pub"; done)
+
+echo "== 4. Statistics round: each bank uploads signed counts, sums and sums of squares; the coordinator"
+echo "   publishes the federation's means, stds and levels, and round 0"
+for b in $banks; do
+  fedcli stats submit --store store --key "$b/$b.key" --data "data/$b.csv" --coordinator coordinator/coordinator.pub \
+    | sed 's/^/   /'
+done
+fedcli stats aggregate --store store --key coordinator/coordinator.key
 
 for r in $(seq 1 "$rounds"); do
   echo "== round $r: each bank trains on its own rows, then the coordinator aggregates"

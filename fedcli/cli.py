@@ -153,17 +153,29 @@ def schema(
         'A number (1) is compared as a number: 1, 1.0, "1" and true all match. '
         "Text is compared after stripping spaces, ignoring case: bad matches BAD.",
     ),
+    levels: bool = typer.Option(
+        False,
+        "--levels",
+        help="Also list the category names seen, as candidate levels ([privacy] and [secagg] need them).",
+    ),
+    declared: bool = typer.Option(
+        False, "--declared", help="Draft means, stds and levels from this table instead (they leak its statistics)."
+    ),
 ):
-    """Draft the spec's data section from a table: only means, stds and category names.
+    """Draft the spec's data section from a table: column names and types, for federated statistics.
 
-    Warns when no row (or every row) matches --positive; refuses a column that mixes numbers and text.
+    The means, stds and levels are then computed by the statistics round from every bank (docs/data.md);
+    --declared drafts them from this one table instead. Warns when no row (or every row) matches
+    --positive; refuses a column that mixes numbers and text.
     """
     from fedcli.bank import tables
+    from fedcli.bank.statistics import propose_types
     from fedcli.protocol.spec import dumps
 
     with failures():
         df = tables.read_table(data)
         section, warnings = tables.infer_schema(df, target, positive)
+        section = section if declared else propose_types(section, levels)
     if df.attrs.get("separator", ",") != ",":
         _notes([f"{data.name} is separated by {tables.separator_name(df.attrs['separator'])}"])
     for w in warnings:
@@ -188,6 +200,13 @@ def init(
         s = init_federation(_store(store), spec, key, member, federation_id)
     out.print(roster_table(s))
     out.print(in_force_table(s))
+    if s.data.statistics == "federated":
+        out.print(
+            f"Federation {escape(s.federation_id)} opened its statistics round: each bank runs `fedcli stats submit` "
+            "(or `fedcli train`), then `fedcli stats aggregate` publishes the statistics and round 0.",
+            soft_wrap=True,
+        )
+        return
     out.print(f"Round 0 of federation {escape(s.federation_id)} published.")
 
 
@@ -246,6 +265,8 @@ def train(
     """
     from fedcli.bank.step import train_round
 
+    if _stats_submitted(store, key, data, coordinator, ledger, max_epsilon):
+        return  # the statistics round was open: this run contributed to it instead of training
     with failures():
         res = train_round(_store(store), key, data, coordinator, state, err, ledger, max_epsilon, accept_spec_version)
     _notes(res.data_notes)
@@ -291,6 +312,8 @@ def aggregate(
     """
     from fedcli.coordinator.step import aggregate_round
 
+    if _stats_aggregated(store, key):
+        return  # the statistics round was open: this run closed it (or waits for it)
     with failures():
         res = aggregate_round(_store(store), key, err)
     if res.complete and not res.published:  # the federation ended: nothing to wait for
@@ -405,6 +428,8 @@ def status(
         out.print(problems)
     if ended:
         out.print(f"[{'red' if ended.startswith('unverified') else 'green'}]{escape(ended)}[/]", soft_wrap=True)
+    if spec.data.statistics == "federated" and spec.statistics_sha256 is None:
+        out.print("no round yet: the statistics round is open (`fedcli stats show` lists who contributed)")
     _holdout_status(holdouts)
 
 
@@ -1006,6 +1031,135 @@ def holdout(
         result, message = evaluate_latest(_store(store), key, data, coordinator, publish_it=publish, console=err)
     out.print(escape(result.line()), soft_wrap=True)
     out.print(escape(message), soft_wrap=True)
+
+
+stats_app = typer.Typer(
+    help="Federated feature statistics: the round before round 1 that fills the spec's means, stds and levels.",
+    no_args_is_help=True,
+)
+app.add_typer(stats_app, name="stats")
+
+
+@stats_app.command("submit")
+def stats_submit(
+    store: str = StoreOpt,
+    key: Path = typer.Option(..., "--key", "-k", help="This bank's private key."),
+    data: Path = typer.Option(..., "--data", "-d", help="Training table: CSV, Parquet file or folder, s3://..."),
+    coordinator: Path = CoordOpt,
+    ledger: Path | None = LedgerOpt,
+    max_epsilon: float | None = typer.Option(
+        None, "--max-epsilon", min=0.0, help="This bank's own privacy budget, if stricter than the spec's."
+    ),
+):
+    """Bank: upload signed counts, sums and sums of squares of this table's features (never a row).
+
+    With [privacy] they carry Gaussian noise charged to the ledger; with [secagg] they are masked.
+    Re-running is a no-op. Exit codes: 1 the table is refused, 4 a check of the store failed, 6 budget.
+    """
+    from fedcli.bank.statistics import submit
+
+    with failures():
+        res = submit(_store(store), key, data, coordinator, ledger, max_epsilon)
+    _notes(res.notes)
+    out.print(f"{escape(res.member)}: {escape(res.message)}", soft_wrap=True)
+    if res.privacy:
+        out.print(f"privacy: record-level epsilon spent {res.privacy['epsilon_after']:.3g}", soft_wrap=True)
+
+
+@stats_app.command("aggregate")
+def stats_aggregate(
+    store: str = StoreOpt,
+    key: Path = typer.Option(..., "--key", "-k", help="Coordinator private key."),
+):
+    """Coordinator: verify the contributions, publish the signed statistics and round 0's global model.
+
+    Exit codes: 0 published, 3 waiting for quorum (every member with [secagg]), 4 verification failure.
+    """
+    from fedcli.coordinator.statistics import aggregate
+
+    with failures():
+        res = aggregate(_store(store), key)
+    _stats_table(res)
+
+
+@stats_app.command("show")
+def stats_show(
+    store: str = typer.Argument(..., help="Shared folder or s3://bucket/prefix."),
+    coordinator: Path | None = PinOpt,
+):
+    """Anyone: whether the statistics round is open (and who contributed) or its verified result."""
+    from fedcli.protocol import statistics
+    from fedcli.protocol.rounds import load_spec
+
+    with failures():
+        pinned = _pinned(coordinator)
+        s = _store(store)
+        spec, sha = load_spec(s, pinned)
+        found = statistics.load_statistics(s, spec, sha) if statistics.federated(spec) else None
+        names = statistics.contributors(s, sha) if statistics.federated(spec) else []
+    _unpinned_note(pinned)
+    if not statistics.federated(spec):
+        out.print(f"federation {escape(spec.federation_id)} declares its feature statistics in the spec")
+        return
+    if found is None:
+        shown = ", ".join(escape(n) for n in names) or "none yet"
+        out.print(
+            f"statistics round open ({statistics.encoding(spec)}): {len(names)} of {len(spec.members)} members "
+            f"submitted ({shown}); quorum {spec.min_clients}",
+            soft_wrap=True,
+        )
+        return
+    from fedcli.coordinator.statistics import StatsResult
+
+    doc, doc_sha = found
+    _stats_table(StatsResult(True, f"statistics document sha256 {doc_sha}", document=doc))
+
+
+def _stats_table(res) -> None:
+    for m, why in res.rejected.items():
+        err.print(
+            f"[red]rejected[/] {escape(m)} ({why['reason']}): {escape(why['message'])}", highlight=False, soft_wrap=True
+        )
+    doc = res.document
+    if doc is not None:
+        table = Table(title=f"federated statistics of {doc.rows:,.0f} rows from {', '.join(doc.contributors)}")
+        for col in ("feature", "statistics"):
+            table.add_column(col)
+        for n in doc.numeric:
+            shown = f"mean {n.mean:.6g}, std {n.std:.6g} ({n.count:,.0f} values)"
+            if n.deciles:
+                shown += "; deciles " + ", ".join(f"{d:.4g}" for d in n.deciles)
+            table.add_row(escape(n.name), shown)
+        for c in doc.categorical:
+            table.add_row(escape(c.name), escape(f"{len(c.levels)} levels: {', '.join(c.levels)}"))
+        out.print(table)
+    if res.waiting:
+        out.print(f"[yellow]waiting:[/] {escape(res.message)}", soft_wrap=True)
+        raise typer.Exit(ExitCode.WAITING)
+    out.print(f"[green]{escape(res.message)}[/]" if res.published else escape(res.message), soft_wrap=True)
+
+
+def _stats_submitted(store, key, data, coordinator, ledger, max_epsilon) -> bool:
+    """train while the statistics round is open: contribute to it (a no-op once contributed)."""
+    from fedcli.bank.statistics import pending_for
+
+    with failures():
+        if not pending_for(_store(store), coordinator):
+            return False
+    stats_submit(store, key, data, coordinator, ledger, max_epsilon)
+    out.print("the statistics round is open: train again once the coordinator published round 0", soft_wrap=True)
+    return True
+
+
+def _stats_aggregated(store, key) -> bool:
+    """aggregate while the statistics round is open: close it (publishes round 0), or wait (exit 3)."""
+    from fedcli.coordinator.statistics import pending
+
+    with failures():
+        if not pending(_store(store)):
+            return False
+    stats_aggregate(store, key)
+    return True
 
 
 if __name__ == "__main__":

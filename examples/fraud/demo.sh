@@ -17,9 +17,20 @@ echo "== 2. Keys: every party makes its own; only .pub files are exchanged"
 fedcli keygen coordinator --out coordinator
 for b in $banks; do fedcli keygen "$b" --out "$b" >/dev/null; done
 
-echo "== 3. Coordinator signs the spec (logreg on 30 features, Adam lr 1e-3, 5 epochs) and publishes round 0"
-fedcli init store --spec "$here/federation.toml" --key coordinator/coordinator.key \
+echo "== 3. Coordinator signs the spec (logreg on 30 features, Adam lr 1e-3, 5 epochs); the data section"
+echo "   names the columns only (fedcli schema), and a statistics round fills their means and stds"
+sed '/^# Declared preprocessing/,$d' "$here/federation.toml" > federation.toml
+fedcli schema data/bank-a.csv --target is_fraud --positive 1 >> federation.toml
+fedcli init store --spec federation.toml --key coordinator/coordinator.key \
   $(for b in $banks; do echo --member "$b/$b.pub"; done)
+
+echo "== 4. Statistics round: each bank uploads signed counts, sums and sums of squares; round 0 follows"
+for b in $banks; do
+  fedcli stats submit --store store --key "$b/$b.key" --data "data/$b.csv" --coordinator coordinator/coordinator.pub \
+    | sed 's/^/   /'
+done
+fedcli stats aggregate --store store --key coordinator/coordinator.key >/dev/null
+echo "   published the federation's means and stds and round 0 (fedcli spec show store lists them)"
 
 for r in $(seq 1 "$rounds"); do
   echo "== round $r: each bank trains on its own transactions, then the coordinator aggregates"

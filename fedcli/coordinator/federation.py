@@ -10,6 +10,7 @@ from fedcli.errors import FedcliError, InputError
 from fedcli.names import check_name
 from fedcli.protocol import rounds, tensors
 from fedcli.protocol.spec import MAX_SPEC_BYTES, Spec, dumps, parse, read_template
+from fedcli.protocol.statistics import STATISTICS_KEY
 from fedcli.store import Store
 
 
@@ -63,14 +64,27 @@ def init_federation(
         members.append(entry)
     spec = parse(raw, what, InputError)  # validates everything before anything is written
     state = CoordinatorState.for_key(key_path, pub_b64, spec.federation_id)
+    _refuse_published_statistics(store, spec)
     spec_bytes = dumps(raw)
     store.put(rounds.SPEC_KEY, spec_bytes)
     store.put(rounds.SPEC_SIG_KEY, keys.sign_bytes(private, spec_bytes).encode())
-
-    weights = models.initial(spec.model, spec.data.n_features)
-    sha = publish_global(store, private, spec, digest.sha256(spec_bytes), 0, weights, prev_sha=None, contributors=[])
-    state.start_over(sha)  # a new history for this federation id: round 0 only
+    state.start_over(_publish_round0(store, private, spec, digest.sha256(spec_bytes)))  # a new history: round 0 only
     return spec
+
+
+def _refuse_published_statistics(store: Store, spec: Spec) -> None:
+    """Federated statistics: round 0 is not published by init, so a finished statistics round marks a federation."""
+    if spec.data.statistics == "federated" and store.exists(STATISTICS_KEY):
+        raise FedcliError(f"{store} already holds a federation (its statistics are published)")
+
+
+def _publish_round0(store: Store, private, spec: Spec, spec_sha: str) -> str | None:
+    """Round 0 from the seed (its sha256); with federated statistics it waits for them (`fedcli stats aggregate`
+    publishes it), None."""
+    if spec.data.statistics == "federated":
+        return None
+    weights = models.initial(spec.model, spec.data.n_features)
+    return publish_global(store, private, spec, spec_sha, 0, weights, prev_sha=None, contributors=[])
 
 
 def publish_global(store, private, spec, spec_sha, r, weights, prev_sha, contributors, **extra) -> str:
@@ -99,6 +113,8 @@ def publish_global(store, private, spec, spec_sha, r, weights, prev_sha, contrib
         "created_at": rounds.now(),
         **extra,
     }
+    if spec.statistics_sha256 is not None:  # federated statistics: every global names the document in force
+        manifest["statistics_sha256"] = spec.statistics_sha256
     validate(GlobalManifest, manifest, what)
     store.put(mkey, keys.sign_manifest(private, manifest), create_only=True)
     return manifest["tensors_sha256"]

@@ -114,9 +114,10 @@ class CoordinatorState:
         self.published[r] = sha
         self._save()
 
-    def start_over(self, round0_sha: str) -> None:
-        """`fedcli init` (the coordinator's deliberate act, never a store's): the history restarts at round 0."""
-        self.published, self.final = {0: round0_sha}, None
+    def start_over(self, round0_sha: str | None) -> None:
+        """`fedcli init` (the coordinator's deliberate act, never a store's): the history restarts at round 0
+        (or before it, while a federated statistics round is pending)."""
+        self.published, self.final = ({0: round0_sha} if round0_sha else {}), None
         self._save()
 
     def record_final(self, r: int, reason: str) -> None:

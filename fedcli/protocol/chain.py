@@ -172,9 +172,20 @@ class Chain:
 
 
 def in_force(spec: Spec, spec_sha: str | None, r: int) -> tuple[Spec, str | None]:
-    """The spec and its sha for round r: from the chain the spec was read with, else the spec itself."""
+    """The spec and its sha for round r: from the chain the spec was read with, else the spec itself.
+
+    The same version is the spec itself (with its data section as federated statistics filled it,
+    protocol.statistics); another version still waiting for statistics takes the ones `spec` has.
+    """
     chain = getattr(spec, "chain", None)
-    return chain.spec_at(r) if isinstance(chain, Chain) else (spec, spec_sha)
+    if not isinstance(chain, Chain):
+        return spec, spec_sha
+    other, other_sha = chain.spec_at(r)
+    if other_sha == spec_sha:
+        return spec, spec_sha
+    if other.data.statistics == "federated" and other.statistics_sha256 is None and spec.statistics_sha256:
+        other = replace(other, data=spec.data, statistics_sha256=spec.statistics_sha256)
+    return other, other_sha
 
 
 def gate(spec: Spec, r: int) -> None:

@@ -180,6 +180,7 @@ class GlobalManifest(Document):
     trim_ratio: Annotated[float, Field(ge=0, le=0.5)] | None = None
     krum_selected: Annotated[list[Label], Field(max_length=10_000)] | None = None
     secagg: GlobalSecAgg | None = None
+    statistics_sha256: Sha256 | None = None  # federated statistics: the signed statistics document in force
 
     @model_validator(mode="after")
     def _chain(self):

@@ -71,12 +71,15 @@ def load_spec(store: Store, pinned: PublicIdentity | None) -> tuple[Spec, str]:
     version in force for that round (`chain.in_force`).
     """
     from fedcli.protocol import chain
+    from fedcli.protocol.statistics import resolve  # federated statistics fill the data section
 
     walked = chain.walk(store, pinned)
     if len(walked.versions) == 1:  # one version is in force for every round: no need to list the rounds
-        return walked.spec_at(0)
-    published = global_rounds(store)
-    return walked.spec_at(published[-1] + 1 if published else 0)
+        spec, spec_sha = walked.spec_at(0)
+    else:
+        published = global_rounds(store)
+        spec, spec_sha = walked.spec_at(published[-1] + 1 if published else 0)
+    return resolve(store, spec, spec_sha), spec_sha
 
 
 def spec_for_round(spec: Spec, spec_sha: str | None, r: int) -> tuple[Spec, str | None]:
@@ -176,6 +179,9 @@ def global_manifest(store: Store, spec: Spec, spec_sha: str, r: int) -> dict:
         raise FedcliError(f"{what} is not published") from None
     validate(GlobalManifest, manifest, what)
     expect(manifest, what, kind="global", federation_id=spec.federation_id, round=r, spec_sha256=spec_sha)
+    from fedcli.protocol.statistics import check_global
+
+    check_global(spec, manifest, what)
     return manifest
 
 

@@ -163,8 +163,37 @@ class NumericFeatureTable(BaseModel):
     model_config = strict_config()
 
     name: Text = Field(description="column name")
-    mean: float = Field(ge=-1e15, le=1e15, description="declared mean (missing values become this)")
-    std: float = Field(gt=0, le=1e15, description="declared standard deviation")
+    mean: float | None = Field(
+        None,
+        ge=-1e15,
+        le=1e15,
+        description="declared mean (missing values become this); omit with federated statistics",
+    )
+    std: float | None = Field(
+        None, gt=0, le=1e15, description="declared standard deviation; omit with federated statistics"
+    )
+    range: list[Annotated[float, Field(ge=-1e15, le=1e15)]] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="federated statistics with [privacy] or [secagg]: public bounds [low, high]; values are clipped to them",
+    )
+    bins: int = Field(
+        0, ge=0, le=1000, description="federated statistics: histogram bins over range, to publish deciles (0: none)"
+    )
+
+    @field_validator("range")
+    @classmethod
+    def _ordered(cls, bounds: list[float] | None) -> list[float] | None:
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError("must be [low, high] with low < high")
+        return bounds
+
+    @model_validator(mode="after")
+    def _binned_over_range(self):
+        if self.bins and self.range is None:
+            raise ValueError("bins needs a range = [low, high] to bin over")
+        return self
 
 
 class CategoricalFeatureTable(BaseModel):
@@ -173,12 +202,19 @@ class CategoricalFeatureTable(BaseModel):
     model_config = strict_config()
 
     name: Text = Field(description="column name")
-    levels: list[Text] = Field(min_length=1, max_length=MAX_FEATURES, description="category values as text, unique")
+    levels: list[Text] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_FEATURES,
+        description="category values as text, unique (federated statistics: the candidate levels, optional without "
+        "[privacy] and [secagg])",
+    )
+    max_levels: int = Field(30, ge=1, le=1000, description="federated statistics: keep at most this many levels")
 
     @field_validator("levels")
     @classmethod
-    def _unique(cls, levels: list[str]) -> list[str]:
-        if len(set(levels)) != len(levels):
+    def _unique(cls, levels: list[str] | None) -> list[str] | None:
+        if levels is not None and len(set(levels)) != len(levels):
             twice = next(x for x in levels if levels.count(x) > 1)
             raise ValueError(f"must be unique ({twice!r} appears twice)")
         return levels
@@ -197,6 +233,34 @@ class DataTable(BaseModel):
     categorical: list[CategoricalFeatureTable] = Field(
         default_factory=list, max_length=MAX_FEATURES, description="categorical features"
     )
+    statistics: Literal["declared", "federated"] = Field(
+        "declared",
+        description="declared: means, stds and levels are in this file; federated: a statistics round before "
+        "round 1 fills them from every bank's counts and sums (docs/data.md)",
+    )
+    min_level_count: int = Field(
+        10, ge=1, le=10**9, description="federated statistics: a level is kept only if this many rows have it"
+    )
+    statistics_noise: float = Field(
+        5.0, gt=0, le=1e6, description="federated statistics with [privacy]: Gaussian noise multiplier on the counts"
+    )
+
+    @model_validator(mode="after")
+    def _statistics(self):
+        if self.statistics == "federated":
+            given = [f.name for f in self.numeric if f.mean is not None or f.std is not None]
+            if given:
+                raise ValueError(
+                    f'declares a mean or std for {given[0]!r} but statistics = "federated" computes them: remove them'
+                )
+            return self
+        missing = [f.name for f in self.numeric if f.mean is None or f.std is None]
+        missing += [c.name for c in self.categorical if c.levels is None]
+        if missing:
+            raise ValueError(
+                f'declares no mean, std or levels for {missing[0]!r}: give them, or set statistics = "federated"'
+            )
+        return self
 
     @model_validator(mode="after")
     def _features(self):
@@ -207,7 +271,7 @@ class DataTable(BaseModel):
             raise ValueError(f"declares the feature {next(c for c in cols if cols.count(c) > 1)!r} twice")
         if self.target in cols:
             raise ValueError(f"has its target {self.target!r} also declared as a feature")
-        n = len(self.numeric) + sum(len(c.levels) for c in self.categorical)
+        n = len(self.numeric) + sum(len(c.levels or ()) or c.max_levels for c in self.categorical)
         if n > MAX_FEATURES:
             raise ValueError(f"declares {n} model inputs (numeric + one-hot levels); at most {MAX_FEATURES}")
         return self
@@ -293,12 +357,15 @@ class NumericFeature:
     name: str
     mean: float
     std: float
+    range: tuple[float, float] | None = None  # federated statistics: public bounds the values are clipped to
+    bins: int = 0  # federated statistics: histogram bins over range, for deciles (0: none)
 
 
 @dataclass(frozen=True)
 class CategoricalFeature:
     name: str
     levels: tuple[str, ...]
+    max_levels: int = 30  # federated statistics: at most this many levels are kept
 
 
 @dataclass(frozen=True)
@@ -307,6 +374,9 @@ class DataSpec:
     positive: str
     numeric: tuple[NumericFeature, ...]
     categorical: tuple[CategoricalFeature, ...]
+    statistics: str = "declared"  # or "federated": means, stds, levels come from the statistics round
+    min_level_count: int = 10  # federated: rows a level needs across the federation to be kept
+    statistics_noise: float = 5.0  # federated with [privacy]: Gaussian noise multiplier on counts and sums
 
     @property
     def n_features(self) -> int:
@@ -369,6 +439,7 @@ class Spec:
     max_lease_minutes: float = 120.0  # a lock lease longer than this is invalid
     roster_countersign: int = 0  # t of n members countersign a roster change of the next version
     chain: Any = field(default=None, repr=False, compare=False)  # protocol.chain.Chain it was read from
+    statistics_sha256: str | None = None  # federated statistics: the signed statistics document filling `data`
 
     def member(self, name: str) -> PublicIdentity | None:
         return next((m for m in self.members if m.name == name), None)
@@ -416,13 +487,7 @@ def _build(doc: SpecDocument, raw: dict) -> Spec:
         )
     secagg = _secagg(doc.secagg, members, min_clients, privacy.mode, strategy)
 
-    d = doc.data
-    data = DataSpec(
-        target=d.target,
-        positive=str(d.positive),
-        numeric=tuple(NumericFeature(f.name, float(f.mean), float(f.std)) for f in d.numeric),
-        categorical=tuple(CategoricalFeature(f.name, tuple(f.levels)) for f in d.categorical),
-    )
+    data = _data(doc.data, privacy.enabled or secagg.enabled)
     m, t = doc.model, doc.training
     return Spec(
         federation_id=fed.id,
@@ -444,6 +509,36 @@ def _build(doc: SpecDocument, raw: dict) -> Spec:
         max_round_age=fed.max_round_age,
         max_lease_minutes=float(fed.max_lease_minutes),
         roster_countersign=fed.roster_countersign,
+    )
+
+
+def _data(d: DataTable, protected: bool) -> DataSpec:
+    """The data section; with federated statistics, placeholders (mean 0, std 1) until the statistics round fills them."""
+    federated = d.statistics == "federated"
+    if federated and protected:
+        unbounded = [f.name for f in d.numeric if f.range is None] + [c.name for c in d.categorical if not c.levels]
+        if unbounded:
+            raise FedcliError(
+                f"[data] federated statistics with [privacy] or [secagg] need a range for every numeric feature and "
+                f"candidate levels for every categorical one ({unbounded[0]!r} has none)"
+            )
+    return DataSpec(
+        target=d.target,
+        positive=str(d.positive),
+        numeric=tuple(
+            NumericFeature(
+                f.name,
+                0.0 if f.mean is None else float(f.mean),
+                1.0 if f.std is None else float(f.std),
+                None if f.range is None else (float(f.range[0]), float(f.range[1])),
+                f.bins,
+            )
+            for f in d.numeric
+        ),
+        categorical=tuple(CategoricalFeature(f.name, tuple(f.levels or ()), f.max_levels) for f in d.categorical),
+        statistics=d.statistics,
+        min_level_count=d.min_level_count,
+        statistics_noise=float(d.statistics_noise),
     )
 
 
@@ -566,6 +661,8 @@ def summary(spec: Spec) -> list[tuple[str, str]]:
     """
     m, p, s, sa, t = spec.model, spec.privacy, spec.strategy, spec.secagg, spec.training
     model = f"{m.kind} on {spec.data.n_features} features"
+    if spec.data.statistics == "federated" and spec.statistics_sha256 is None:
+        model = f"{m.kind} on {len(spec.data.numeric)} numeric and {len(spec.data.categorical)} categorical columns"
     if m.kind == "mlp":
         model += f", hidden layers {', '.join(map(str, m.hidden))}"
     training = f"{t.epochs} epochs, batch size {t.batch_size}, learning rate {t.lr:g}"
@@ -620,7 +717,13 @@ def summary(spec: Spec) -> list[tuple[str, str]]:
         ("max rows per member", f"{spec.max_rows_per_member:,}"),
         *_lifetime(spec),
         ("holdout evaluation", _holdout_summary(spec)),
-    ] + ([("roster changes", f"countersigned by {spec.roster_countersign} members")] if spec.roster_countersign else [])
+        *_statistics_summary(spec),
+        *(
+            [("roster changes", f"countersigned by {spec.roster_countersign} members")]
+            if spec.roster_countersign
+            else []
+        ),
+    ]
 
 
 def _lifetime(spec: Spec) -> list[tuple[str, str]]:
@@ -644,6 +747,15 @@ def _holdout_summary(spec: Spec) -> str:
     )
     alone = "; each bank also scores a model trained on its own rows alone" if spec.evaluation.baseline else ""
     return f"{share * 100:g}% of each bank's rows held out, never trained on; {published}{alone}"
+
+
+def _statistics_summary(spec: Spec) -> list[tuple[str, str]]:
+    """A row only for federated statistics (declared ones are the spec's own numbers)."""
+    if spec.data.statistics != "federated":
+        return []
+    if spec.statistics_sha256 is None:
+        return [("feature statistics", "federated: pending (each bank runs `fedcli stats submit`)")]
+    return [("feature statistics", f"federated: statistics document {spec.statistics_sha256[:12]}")]
 
 
 def settings(spec: Spec) -> list[tuple[str, str, bool]]:
@@ -677,11 +789,14 @@ def settings(spec: Spec) -> list[tuple[str, str, bool]]:
             rows.append((key, _show(value), explicit))
 
     walk(doc, "")
-    for numeric in doc.data.numeric:
-        rows.append((f"data.numeric {numeric.name}", f"mean {numeric.mean:g}, std {numeric.std:g}", True))
-    for categorical in doc.data.categorical:
+    pending = spec.data.statistics == "federated" and spec.statistics_sha256 is None
+    for numeric in spec.data.numeric:
+        shown = "pending (federated statistics)" if pending else f"mean {numeric.mean:g}, std {numeric.std:g}"
+        rows.append((f"data.numeric {numeric.name}", shown, True))
+    for categorical in spec.data.categorical:
         levels = categorical.levels
-        rows.append((f"data.categorical {categorical.name}", f"{len(levels)} levels: {', '.join(levels)}", True))
+        shown = "pending (federated statistics)" if pending else f"{len(levels)} levels: {', '.join(levels)}"
+        rows.append((f"data.categorical {categorical.name}", shown, True))
     return rows
 
 

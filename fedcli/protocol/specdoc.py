@@ -7,6 +7,7 @@ default and range), and a test regenerates it, so the page cannot drift from the
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
@@ -59,7 +60,11 @@ Rules that span tables (checked after every table is valid):
 - `[strategy.server]` parameters must belong to the chosen optimizer;
 - `[secagg] enabled = true` needs every member's `x25519` key, at least 2 members and
   `min_clients >= 2`, `[strategy]` sync FedAvg with no `max_norm` and no compression, and
-  `noise = "shared"` needs `[privacy] mode = "update"`.
+  `noise = "shared"` needs `[privacy] mode = "update"`;
+- `[data] statistics = "declared"` needs every numeric feature's `mean` and `std` and every categorical
+  feature's `levels`; `"federated"` refuses a `mean` or `std` (the statistics round computes them) and,
+  with `[privacy]` or `[secagg]`, needs every numeric feature's `range` and every categorical feature's
+  candidate `levels`; `bins` needs a `range`.
 """
 
 _CHECKS = {
@@ -116,7 +121,7 @@ def _type(tp) -> str:
         return _type(args[0])
     if origin is typing.Literal:
         return "one of " + ", ".join(f'`"{a}"`' for a in args)
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:
         kinds = [a for a in args if a is not type(None)]
         text = " or ".join(_type(a) for a in kinds)
         return text + (" (optional)" if len(kinds) < len(args) else "")
@@ -136,7 +141,10 @@ def _default(f: FieldInfo) -> str:
 
 def _range(f: FieldInfo) -> str:
     parts = _bounds(f.metadata, "value")
-    origin, args = typing.get_origin(f.annotation), typing.get_args(f.annotation)
+    tp = f.annotation
+    if typing.get_origin(tp) is types.UnionType:  # an optional list: its items' bounds
+        tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is list and typing.get_origin(args[0]) is typing.Annotated:
         parts += _bounds(_flatten(typing.get_args(args[0])[1:]), "each")
     return "; ".join(parts)
