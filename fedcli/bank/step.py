@@ -11,6 +11,7 @@ import math
 import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -23,7 +24,6 @@ from fedcli.bank import freshness, holdout, pinning, releases
 from fedcli.bank.checks import check_own_manifest, refuse_non_finite, require_finite
 from fedcli.bank.kernel import probabilities
 from fedcli.bank.plan import BankPlan, Release
-from fedcli.bank.rows import HeldOut, LocalRows
 from fedcli.bank.state import BankState, bank_files, key_hex
 from fedcli.errors import AlreadyExists, FedcliError
 from fedcli.keys import PublicIdentity
@@ -35,6 +35,9 @@ from fedcli.protocol.spec import Spec, summary
 from fedcli.protocol.tensors import Shapes
 from fedcli.secagg import exchange, reveals
 from fedcli.store import Store
+
+if TYPE_CHECKING:  # bank.rows reads tables (pyarrow, pandas): imported once there is a table to read
+    from fedcli.bank.rows import HeldOut, LocalRows
 
 Arrays = dict[str, np.ndarray]
 
@@ -186,11 +189,11 @@ class LocalData:
     """The rows this round trains on (bank.rows: in memory or re-read per epoch), the global model's metrics on
     them, and the rows held out for evaluation ([evaluation] holdout)."""
 
-    rows: LocalRows
+    rows: "LocalRows"
     source: str  # the file or folder name, for messages
     before: dict[str, float]  # metrics.score of the global model it starts from, on the training rows
     notes: list[str]
-    held: HeldOut | None = None
+    held: "HeldOut | None" = None
 
     @property
     def y(self) -> np.ndarray:
