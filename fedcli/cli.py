@@ -1162,10 +1162,6 @@ def _stats_aggregated(store, key) -> bool:
     return True
 
 
-if __name__ == "__main__":
-    app()
-
-
 # --------------------------------------------------------------------------- the spec's versions (protocol/chain.py)
 
 
@@ -1267,3 +1263,7 @@ def audit(
         f"{result.final_sha256}; wrote {escape(str(paths[0]))} and {escape(str(paths[1]))}",
         soft_wrap=True,
     )
+
+
+if __name__ == "__main__":
+    app()

@@ -69,3 +69,10 @@ def test_the_readme_layout_names_every_package():
     readme = Path(ROOT / "README.md").read_text()
     packages = sorted(p.name for p in (ROOT / "fedcli").iterdir() if (p / "__init__.py").exists())
     assert all(f"`{p}/`" in readme for p in packages), packages
+
+
+def test_python_dash_m_sees_every_command():
+    """`python -m fedcli.cli` runs the app at the `__main__` block: commands defined below it would be missing."""
+    text = (ROOT / "fedcli" / "cli.py").read_text()
+    assert text.rstrip().endswith('if __name__ == "__main__":\n    app()')
+    assert text.count("__main__") == 1
