@@ -98,6 +98,14 @@ def _version(v: chain.Version) -> dict:
     }
 
 
+def _spec_at(store: Store, walked: chain.Chain, r: int) -> tuple[Spec, str]:
+    """The version in force for round r, its data section filled by federated statistics when the spec has them."""
+    from fedcli.protocol.statistics import resolve
+
+    spec, sha = walked.spec_at(r)
+    return resolve(store, spec, sha), sha
+
+
 def _rounds(store: Store, walked: chain.Chain, result: Audit) -> None:
     published = rounds.global_rounds(store)
     if published != list(range(len(published))):
@@ -110,14 +118,14 @@ def _rounds(store: Store, walked: chain.Chain, result: Audit) -> None:
         result.final_sha256 = prev = record.global_sha256
     last = published[-1] if published else -1
     if rounds.submitted_members(store, last + 1)[0]:  # the open round: what is waiting, and any refusals
-        spec, _ = walked.spec_at(last + 1)
+        spec, _ = _spec_at(store, walked, last + 1)
         open_round = RoundRecord(last + 1, walked.version_at(last + 1).number, "", prev, "", None, [])
         _updates(store, spec, open_round, set())
         result.rounds.append(open_round)
 
 
 def _round(store: Store, walked: chain.Chain, r: int, prev: str | None) -> RoundRecord:
-    spec, sha = walked.spec_at(r)
+    spec, sha = _spec_at(store, walked, r)
     manifest = rounds.global_manifest(store, spec, sha, r)  # signature, contract, place, spec version
     what = f"global model of round {r}"
     shapes = models.shapes(spec.model, spec.data.n_features)
@@ -149,7 +157,7 @@ def _round(store: Store, walked: chain.Chain, r: int, prev: str | None) -> Round
 
 def _contribution(store: Store, walked: chain.Chain, u: int, member: str, r: int) -> None:
     """A contributor's update: signed by it for round u, trained on global u-1, tensors as signed."""
-    spec, spec_sha = walked.spec_at(u)
+    spec, spec_sha = _spec_at(store, walked, u)
     signer = spec.member(member)
     what = f"round {r}: contribution of {member} (round {u})"
     if signer is None:
@@ -163,7 +171,7 @@ def _contribution(store: Store, walked: chain.Chain, u: int, member: str, r: int
         raise VerificationError(f"{what}: its update manifest is missing", reason="missing") from None
     m = validate(UpdateManifest, verify_manifest(raw, signer, what), what)
     rounds.expect(m, what, kind="update", federation_id=spec.federation_id, round=u, member=member)
-    base = rounds.global_manifest(store, *walked.spec_at(u - 1), u - 1)
+    base = rounds.global_manifest(store, *_spec_at(store, walked, u - 1), u - 1)
     if m.base_sha256 != base["tensors_sha256"]:
         raise VerificationError(
             f"{what}: trained on another model than the global of round {u - 1}", reason="stale-base"

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from helpers import TEMPLATE, forge, make_fed, one_line
+from helpers import BANKS, TEMPLATE, forge, make_fed, one_line
 
 pytestmark = pytest.mark.slow  # one federation of two rounds, built once for the module
 
@@ -110,3 +110,18 @@ def test_tampering_with_any_file_breaks_the_audit(history, tmp_path, kind):
 def test_a_store_from_another_coordinator_is_refused(history, tmp_path):
     res = history.cli("audit", history.store, "--coordinator", history.pub("bank-a"), "--out", tmp_path, code=4)
     assert "pinned coordinator key" in one_line(res)
+
+
+def test_the_audit_passes_a_federation_with_federated_statistics(tmp_path, credit_split):
+    """The data section the statistics round filled is the one every global was made with."""
+    from test_statistics import federated_template, stats_aggregate, submit
+
+    fed = make_fed(tmp_path, credit_split, federated_template(""))
+    for b in BANKS:
+        submit(fed, b)
+    stats_aggregate(fed)
+    for b in BANKS[:3]:
+        fed.train(b)
+    fed.aggregate()
+    res = fed.cli("audit", fed.store, "--coordinator", fed.pub("coordinator"), "--out", tmp_path / "audit")
+    assert "audit passed" in res.output and "2 round(s)" in res.output
