@@ -63,7 +63,7 @@ class Audit:
 
     @property
     def lineage(self) -> list[str]:
-        return [f"round {r.round}: {r.global_sha256}" for r in reversed(self.rounds)]
+        return [f"round {r.round}: {r.global_sha256}" for r in reversed(self.rounds) if r.global_sha256]
 
 
 def audit(store: Store, pinned: PublicIdentity) -> Audit:
