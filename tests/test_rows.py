@@ -140,3 +140,24 @@ def test_a_streamed_table_keeps_its_holdout_rows_out_of_every_epoch(tmp_path, cr
     for e in range(2):
         seen = np.concatenate([X for X, _ in local.epochs(3, 32)(e)])
         assert np.array_equal(np.sort(seen, axis=0), np.sort(all_rows[~out], axis=0))
+
+
+def test_a_no_op_train_reads_no_table_and_imports_no_table_reader(tmp_path, credit_split):
+    """cron re-runs train every few minutes: a bank that already submitted must answer without pyarrow, pandas, torch."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    fed = make_fed(tmp_path, credit_split)
+    fed.train("bank-a")
+    args = ["train", "--store", str(fed.store), "--key", str(fed.key("bank-a")), "--data", str(fed.data / "bank-a.csv")]
+    args += ["--coordinator", str(fed.pub("coordinator"))]
+    code = (
+        "import sys\nfrom fedcli.cli import app\nsys.argv = ['fedcli', *sys.argv[1:]]\n"
+        "try:\n    app()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "print(sorted(m for m in ('torch', 'pandas', 'pyarrow') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "nothing to do" in out.stderr + out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"
