@@ -307,3 +307,61 @@ def test_reveal_record_refuses_a_second_set_and_the_other_secret(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(FedcliError, match="damaged"):
         reveals.check_and_record(path, FED, 3, "33" * 32, ["bank-a"], [])
+
+
+def test_pairwise_seed_shares_rebuild_from_any_t_and_only_for_their_context():
+    from fedcli.secagg import pairshares
+
+    members, priv, roster = _keys(6)
+    base = "ab" * 32
+    seeds = masking.pair_seeds(FED, 2, "bank-0", priv["bank-0"], roster, base)
+    data = pairshares.deal(seeds, 4, FED, 2, "bank-0", priv["bank-0"], roster, base)
+    assert len(data) == pairshares.file_bytes(6)
+    opened = {m: pairshares.open_box(data, FED, 2, "bank-0", m, priv[m], roster, base) for m in members}
+
+    def points(holders, peer):
+        return [(pairshares.x_of(m, members), pairshares.decode_element(opened[m][peer])) for m in holders]
+
+    for holders in (members[:4], members[2:], ["bank-0", "bank-2", "bank-3", "bank-5"]):
+        assert pairshares.combine(points(holders, "bank-4")) == seeds["bank-4"]
+    # t - 1 shares interpolate to something else (or to no 32-byte seed at all)
+    try:
+        assert pairshares.combine(points(members[:3], "bank-4")) != seeds["bank-4"]
+    except VerificationError:
+        pass
+    # the box is bound to round, base global, dealer and recipient; nobody outside the roster opens one
+    for args in ((FED, 3, "bank-0", "bank-1"), (FED, 2, "bank-2", "bank-1")):
+        with pytest.raises(VerificationError, match="do not decrypt"):
+            pairshares.open_box(data, *args, priv["bank-1"], roster, base)
+    with pytest.raises(VerificationError, match="do not decrypt"):
+        pairshares.open_box(data, FED, 2, "bank-0", "bank-1", priv["bank-1"], roster, "cd" * 32)
+    with pytest.raises(VerificationError, match="wrong size"):
+        pairshares.open_box(data + b"x", FED, 2, "bank-0", "bank-1", priv["bank-1"], roster, base)
+    with pytest.raises(VerificationError, match="not a field element"):
+        pairshares.decode_element(b"\xff" * pairshares.ELEMENT_BYTES)
+
+
+def test_pair_seed_rebuild_skips_a_wrong_share_and_blames_when_none_fits():
+    from fedcli.secagg import exchange, pairshares
+
+    seed = bytes(range(32))
+    ys = pairshares.split(int.from_bytes(seed, "big"), 3, 5)
+    good = list(enumerate(ys, start=1))
+    bad = (1, (ys[0] + 1) % pairshares.PRIME)
+    commitment = masking.seed_commitment(seed)
+    assert exchange.rebuild_pair_seed(("bank-1", "bank-4"), [bad, *good[1:4]], 3, commitment) == seed
+    with pytest.raises(VerificationError, match="bank-1's pairwise seed with bank-4 do not rebuild"):
+        exchange.rebuild_pair_seed(("bank-1", "bank-4"), [bad, good[1], good[2]], 3, commitment)
+
+
+@pytest.mark.parametrize(("n", "t", "expected"), [(4, 3, 3), (5, 3, 3), (6, 3, 4), (20, 3, 18), (50, 26, 26)])
+def test_pair_threshold_makes_two_disjoint_revealing_groups_impossible(n, t, expected):
+    """A coordinator showing two survivor sets to two disjoint groups of banks needs t self-mask shares
+    from one and t_pair pairwise shares from the other: t + t_pair > n rules it out."""
+    from types import SimpleNamespace
+
+    from fedcli.secagg import exchange
+
+    spec = SimpleNamespace(secagg=SimpleNamespace(threshold=t), members=list(range(n)))
+    got = exchange.pair_threshold(spec)
+    assert got == expected and got >= t and got + t > n

@@ -83,6 +83,18 @@ def fewest_survivors(spec: Spec) -> int:
     return max(spec.secagg.threshold, spec.min_clients)
 
 
+def pair_threshold(spec: Spec) -> int:
+    """How many survivors' shares rebuild a pairwise seed: max(t, n - t + 1).
+
+    A coordinator that shows two groups of banks two survivor sets (a forked store, bundles) gets
+    a member's self-mask shares from one group and its peers' pairwise-seed shares from the other;
+    each bank acts on one set only, so the groups are disjoint. With t + t_pair > n they cannot
+    both be large enough. The default t = max(3, n // 2 + 1) already gives t_pair = t.
+    """
+    t = spec.secagg.threshold
+    return max(t, len(spec.members) - t + 1)
+
+
 def member_noise(spec: Spec, noise_multiplier: float) -> float:
     """Update-level DP noise multiplier this bank applies (see masking.member_noise_multiplier)."""
     return masking.member_noise_multiplier(noise_multiplier, spec.secagg.noise, fewest_survivors(spec))
@@ -107,7 +119,7 @@ def mask_delta(spec: Spec, r: int, me: str, mask_key, delta: dict, base_sha: str
     self_seed = secrets.token_bytes(masking.SELF_SEED_BYTES)
     masking.add_self_mask(masked, self_seed)
     sealed = sharing.deal(self_seed, t, spec.federation_id, r, me, mask_key, members, base_sha)
-    pair_file = pairshares.deal(seeds, t, spec.federation_id, r, me, mask_key, members, base_sha)
+    pair_file = pairshares.deal(seeds, pair_threshold(spec), spec.federation_id, r, me, mask_key, members, base_sha)
     record = {
         "clip": clip,
         "scale": sc,
@@ -513,7 +525,7 @@ class SecureSum:
 
     def _pair_seeds(self, drops: Drops, revealed: Revealed) -> dict[tuple[str, str], bytes] | None:
         """Every (survivor, dropped) seed: as the survivor revealed it, else rebuilt from t shares; None to wait."""
-        t, out = self.spec.secagg.threshold, {}
+        t, out = pair_threshold(self.spec), {}
         for pair in itertools.product(sorted(drops.survivors), drops.dropped):
             if pair in revealed.pairs:
                 out[pair] = revealed.pairs[pair]
@@ -570,7 +582,8 @@ class SecureSum:
                 f"round {r}: {', '.join(lost)} survived the drop declaration but has no valid update; the round cannot complete"
             )
         revealed = load_recoveries(self.store, self.spec, r, drops, self.commitments)
-        if len(revealed.present) < self.spec.secagg.threshold:  # any t survivors unmask, dropouts or not
+        need = pair_threshold(self.spec) if drops.dropped else self.spec.secagg.threshold
+        if len(revealed.present) < need:  # any `need` survivors unmask; nobody in particular
             return None, f"recovery shares of round {r} still missing from {', '.join(revealed.missing)}", {}
         seeds, pairs = self._self_seeds(drops, revealed), self._pair_seeds(drops, revealed)
         if seeds is None or pairs is None:
