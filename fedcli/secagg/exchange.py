@@ -4,17 +4,20 @@
     rounds/00000N/updates/<member>.json             manifest with a "secagg" record: clip, scale, t,
                                                     commitments to each pairwise seed and to the
                                                     self-mask seed, the seed's t-of-n shares sealed
-                                                    to each member
+                                                    to each member, the pair-shares file's sha256
+    rounds/00000N/pairshares/<member>.bin           t'-of-n shares of each of its pairwise seeds, one
+                                                    sealed box per member (pairshares.py)
     rounds/00000N/secagg/drops.json                 coordinator: the survivor set (with each survivor's
                                                     update hash), the dropped, the base global (signed)
     rounds/00000N/secagg/recovery/<member>.json     survivor: for each survivor its share of that
                                                     survivor's self-mask seed, for each dropped member
-                                                    its pairwise seed with it (signed, naming the set)
+                                                    its pairwise seed with it and its share of every
+                                                    survivor's seed with it (signed, naming the set)
 
 Every masked round takes two exchanges: the banks submit, the coordinator declares the survivor
 set (even when nobody dropped), each survivor reveals on its next `fedcli train`, and the
-coordinator unmasks once t self-mask shares per survivor (and, if someone dropped, every
-survivor's pairwise seeds) are in. The declaration is create-only and final; a survivor reveals
+coordinator unmasks once any t survivors (t' = max(t, n - t + 1) if someone dropped) revealed:
+a survivor that vanishes after submitting no longer stalls the round. The declaration is create-only and final; a survivor reveals
 nothing for a set below t, for a set that names another base global or another update of its
 own, or for a second set of the same round (its local record, reveals.py). A dropped member's
 update keeps its self mask, so it stays hidden even if it reaches the store. The maths is in
@@ -252,7 +255,8 @@ def publish_recovery(
     """If round r has a survivor set, reveal what unmasks exactly the survivors' sum (signed).
 
     For each survivor, my share of its self-mask seed; for each dropped member, my pairwise seed
-    with it; never both for one member, never for two sets of one round (record_path).
+    with it and my share of every survivor's pairwise seed with it; never both kinds for one
+    member, never for two sets of one round (record_path).
     Returns a message, or None when there is no declaration (nothing to do).
     """
     drops = load_drops(store, spec, r)
