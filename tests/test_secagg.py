@@ -365,3 +365,81 @@ def test_pair_threshold_makes_two_disjoint_revealing_groups_impossible(n, t, exp
     spec = SimpleNamespace(secagg=SimpleNamespace(threshold=t), members=list(range(n)))
     got = exchange.pair_threshold(spec)
     assert got == expected and got >= t and got + t > n
+
+
+def _fork_spec(members, roster, t):
+    from types import SimpleNamespace
+
+    def member(name):
+        return SimpleNamespace(name=name, mask_key=lambda: roster[name])
+
+    secagg = SimpleNamespace(clip=CLIP, noise="full", threshold=t, enabled=True)
+    return SimpleNamespace(federation_id=FED, secagg=secagg, min_clients=t, members=[member(m) for m in members])
+
+
+def test_two_survivor_sets_shown_to_two_disjoint_groups_never_unmask_a_bank():
+    """6 banks, t = 3: the coordinator shows group A (banks 0-2) a set where bank-5 dropped and group B
+    (banks 3-5) a set where it survived. B's self-mask shares rebuild bank-5's self seed; A's reveals give
+    banks 0-2's seeds with bank-5, but only 3 shares of banks 3-4's: t' = 4 keeps those masks on. Had the
+    pairwise seeds been shared 3-of-6, the same reveals would unmask bank-5's update."""
+    from fedcli.secagg import exchange, pairshares, sharing
+
+    members, priv, roster = _keys(6)
+    spec, base, victim = _fork_spec(members, roster, 3), "ab" * 32, "bank-5"
+    assert exchange.pair_threshold(spec) == 4
+    x = np.random.default_rng(3).normal(0, 0.3, 64)
+    dealt = {m: exchange.mask_delta(spec, 1, m, priv[m], {"w": x}, base) for m in members}
+    group_a, group_b = members[:3], members[3:]
+
+    # group B, shown "everyone survived", reveals its shares of bank-5's self seed: t = 3 rebuild it
+    self_shares = [
+        sharing.open_sealed(
+            keys.unb64(dealt[victim][1]["shares"][m]),
+            priv[m],
+            roster[victim],
+            sharing.share_context(FED, 1, victim, m, base),
+        )
+        for m in group_b
+    ]
+    self_seed = exchange.rebuild_self_seed(victim, self_shares, 3, dealt[victim][1]["self_commitment"])
+
+    # group A, shown "bank-5 dropped", reveals its own seeds with bank-5 and its shares of the others'
+    # (bank-3's and bank-4's masks with bank-5 stay unless their seeds rebuild)
+    known = {m: masking.pair_seed(FED, 1, m, priv[m], victim, roster[victim], base) for m in group_a}
+
+    def points(dealer, files):
+        return [
+            (
+                pairshares.x_of(m, members),
+                pairshares.decode_element(
+                    pairshares.open_box(files[dealer], FED, 1, dealer, m, priv[m], roster, base)[victim]
+                ),
+            )
+            for m in group_a
+        ]
+
+    files = {m: dealt[m][3] for m in members}
+    for dealer in group_b[:2]:
+        commitment = dealt[dealer][1]["commitments"][victim]
+        with pytest.raises(VerificationError, match="do not rebuild its signed commitment"):
+            exchange.rebuild_pair_seed((dealer, victim), points(dealer, files), 3, commitment)
+
+    words = np.asarray(dealt[victim][0]["w"], dtype=np.uint32).reshape(-1).copy()
+    masking.remove_self_mask(words, self_seed)
+    for m, seed in known.items():
+        words += masking.expand_mask(seed, words.size)  # bank-5 subtracted its masks with lower ids
+    with pytest.raises(VerificationError, match="outside"):
+        masking.check_range(words, 1, CLIP, exchange.scale(spec))
+
+    # the counterfactual: pairwise seeds shared 3-of-6 would let group A's three shares rebuild them
+    weak = {
+        d: pairshares.deal(masking.pair_seeds(FED, 1, d, priv[d], roster, base), 3, FED, 1, d, priv[d], roster, base)
+        for d in group_b[:2]
+    }
+    for dealer in group_b[:2]:
+        seed = exchange.rebuild_pair_seed(
+            (dealer, victim), points(dealer, weak), 3, dealt[dealer][1]["commitments"][victim]
+        )
+        words += masking.expand_mask(seed, words.size)
+    masking.check_range(words, 1, CLIP, exchange.scale(spec))  # bank-5's update in the clear
+    np.testing.assert_allclose(masking.dequantize(words, exchange.scale(spec)), np.clip(x, -CLIP, CLIP), atol=1e-4)
