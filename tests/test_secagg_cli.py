@@ -452,3 +452,21 @@ def test_an_update_without_its_pairwise_shares_is_refused(tmp_path, credit_split
     res = fed.aggregate(code=ExitCode.WAITING)
     assert "pair-shares file of bank-b is missing" in text(res)
     assert "(bank-b dropped)" in text(res)
+
+
+def test_a_pair_shares_file_deleted_after_the_declaration_does_not_stall_the_round(
+    tmp_path, credit_split, plain_deltas
+):
+    """After the declaration a store attacker deletes bank-a's pair-shares file: the survivors reveal
+    without shares of bank-a's seeds (withholding never unmasks anyone) and bank-a's own seed with the
+    dropped bank-e closes the gap; the round publishes the exact mean."""
+    fed = make_fed(tmp_path, credit_split, SECAGG_SPEC, banks=BANKS5)
+    for b in BANKS5[:4]:
+        train(fed, b)
+    assert "(bank-e dropped)" in text(fed.aggregate(code=ExitCode.WAITING))
+    (fed.store / "rounds/000001/pairshares/bank-a.bin").unlink()
+    for b in ("bank-a", "bank-b", "bank-c"):
+        res = text(train(fed, b))
+        assert "published recovery shares" in res and "no shares of the pairwise seeds of bank-a" in res, res
+    assert "published global model of round 1" in fed.aggregate().output
+    assert_close(fed, 1, expected_global(fed, plain_deltas, BANKS5[:4]))

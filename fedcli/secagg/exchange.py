@@ -146,10 +146,8 @@ def read_pair_shares(store, spec: Spec, r: int, member: str, expected_sha: str |
     what = f"pair-shares file of {member}"
     try:
         data = store.get(pair_shares_key(r, member), max_bytes=pairshares.file_bytes(len(spec.members)))
-    except NotFound:
+    except (NotFound, NotRegular):  # other store errors (a network glitch) propagate: run again
         raise _secagg(f"{what} is missing from the store (round {r})") from None
-    except StoreError as e:
-        raise _secagg(f"{what}: {e}") from None
     if expected_sha is None or sha256(data) != expected_sha:
         raise _secagg(f"{what} is not the one {member}'s signed manifest names")
     return data
@@ -242,11 +240,27 @@ def _my_shares(store, spec: Spec, r: int, me: str, mask_key, drops: Drops) -> tu
             self_out[s] = keys.b64(sharing.open_sealed(sealed, mask_key, members[s], context))
         except VerificationError as e:
             raise _secagg(f"the self-mask share {s} sealed to {me}: {e}") from None
-        if drops.dropped:
-            data = read_pair_shares(store, spec, r, s, record.pair_shares_sha256)
-            mine = pairshares.open_box(data, spec.federation_id, r, s, me, mask_key, members, drops.base_sha256)
-            pair_out[s] = {d: keys.b64(mine[d]) for d in drops.dropped}
+        mine = _my_pair_shares(store, spec, r, (s, me), mask_key, drops, record.pair_shares_sha256)
+        if mine is not None:
+            pair_out[s] = mine
     return self_out, pair_out
+
+
+def _my_pair_shares(
+    store, spec: Spec, r: int, pair: tuple[str, str], mask_key, drops: Drops, sha: str | None
+) -> dict[str, str] | None:
+    """My shares of survivor pair[0]'s pairwise seeds with the dropped (base64); None when nobody dropped,
+    or when its pair-shares file is missing or altered: withholding a share never unmasks anyone, and
+    the round can still finish with that survivor's own seeds or the other banks' shares."""
+    if not drops.dropped:
+        return None
+    dealer, me = pair
+    try:
+        data = read_pair_shares(store, spec, r, dealer, sha)
+        mine = pairshares.open_box(data, spec.federation_id, r, dealer, me, mask_key, roster(spec), drops.base_sha256)
+    except VerificationError:
+        return None
+    return {d: keys.b64(mine[d]) for d in drops.dropped}
 
 
 def publish_recovery(
@@ -288,6 +302,9 @@ def publish_recovery(
     except AlreadyExists:
         return _own_recovery(store, spec, r, me, drops)
     dropped = f"; pairwise seeds with dropped {', '.join(drops.dropped)}" if drops.dropped else ""
+    unreadable = sorted(set(drops.survivors) - set(pair_shares)) if drops.dropped else []
+    if unreadable:
+        dropped += f"; no shares of the pairwise seeds of {', '.join(unreadable)} (pair-shares file missing or altered)"
     return f"published recovery shares for round {r} (self-mask shares of {len(self_shares)} survivors{dropped})"
 
 
@@ -379,8 +396,8 @@ def _read_recovery(store, spec: Spec, r: int, s: str, drops: Drops) -> RecoveryS
     )
     if sorted(doc.seeds) != drops.dropped or sorted(doc.self_shares) != sorted(drops.survivors):
         raise _secagg(f"{what}: does not cover exactly the dropped members' pairwise seeds and the survivors' shares")
-    dealers = sorted(drops.survivors) if drops.dropped else []
-    if sorted(doc.pair_shares) != dealers or any(sorted(v) != drops.dropped for v in doc.pair_shares.values()):
+    dealers = set(drops.survivors) if drops.dropped else set()
+    if not set(doc.pair_shares) <= dealers or any(sorted(v) != drops.dropped for v in doc.pair_shares.values()):
         raise _secagg(f"{what}: does not hold a share of exactly every survivor's pairwise seed with the dropped")
     return doc
 
@@ -487,8 +504,8 @@ class SecureSum:
             raise _secagg(f"{what}: no self mask shared {self.spec.secagg.threshold}-of-n (double masking)")
         if not covers_roster(rec.shares, self.spec):
             raise _secagg(f"{what}: self-mask shares are not sealed to exactly the members")
-        # any t survivors must be able to remove this member's pairwise masks: its shares must be on the store
-        read_pair_shares(self.store, self.spec, self.round, member, rec.pair_shares_sha256)
+        if drops is None:  # any t' survivors must be able to remove its pairwise masks: its shares must be in
+            read_pair_shares(self.store, self.spec, self.round, member, rec.pair_shares_sha256)
         if drops is not None and drops.survivors[member] != manifest.tensors_sha256:
             raise _secagg(f"{what}: differs from the update named in the drop declaration")
 
