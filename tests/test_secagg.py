@@ -443,3 +443,19 @@ def test_two_survivor_sets_shown_to_two_disjoint_groups_never_unmask_a_bank():
         words += masking.expand_mask(seed, words.size)
     masking.check_range(words, 1, CLIP, exchange.scale(spec))  # bank-5's update in the clear
     np.testing.assert_allclose(masking.dequantize(words, exchange.scale(spec)), np.clip(x, -CLIP, CLIP), atol=1e-4)
+
+
+def test_a_recovery_file_too_large_for_the_bound_leaves_out_the_last_survivors_pairwise_shares():
+    """100 banks, 51 survivors, 49 dropped: every pairwise share would not fit the 64 kB signed-document
+    bound; the file keeps the shares of the first survivors (the same ones at every bank) and fits."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedcli.secagg import exchange
+
+    share = keys.b64(bytes(33))
+    survivors, dropped = [f"bank-{i:03d}" for i in range(51)], [f"bank-{i:03d}" for i in range(51, 100)]
+    doc = {"kind": "secagg-recovery", "pair_shares": {s: {d: share for d in dropped} for s in survivors}}
+    signed = exchange._sign_within_bound(Ed25519PrivateKey.generate(), doc)
+    assert len(signed) <= keys.MAX_MANIFEST_BYTES
+    kept = sorted(doc["pair_shares"])
+    assert 0 < len(kept) < len(survivors) and kept == survivors[: len(kept)]

@@ -297,15 +297,31 @@ def publish_recovery(
         "pair_shares": pair_shares,
         "created_at": rounds.now(),
     }
+    signed = _sign_within_bound(private, doc)
     try:
-        store.put(recovery_key(r, me), keys.sign_manifest(private, doc), create_only=True)
+        store.put(recovery_key(r, me), signed, create_only=True)
     except AlreadyExists:
         return _own_recovery(store, spec, r, me, drops)
     dropped = f"; pairwise seeds with dropped {', '.join(drops.dropped)}" if drops.dropped else ""
     unreadable = sorted(set(drops.survivors) - set(pair_shares)) if drops.dropped else []
     if unreadable:
-        dropped += f"; no shares of the pairwise seeds of {', '.join(unreadable)} (pair-shares file missing or altered)"
+        dropped += f"; no shares of the pairwise seeds of {', '.join(unreadable)} (pair-shares file missing or altered, or past the size bound)"
     return f"published recovery shares for round {r} (self-mask shares of {len(self_shares)} survivors{dropped})"
+
+
+def _sign_within_bound(private, doc: dict) -> bytes:
+    """The signed recovery file, within the signed-document bound every reader applies.
+
+    With many survivors and many dropped the pairwise shares (survivors x dropped) may not fit:
+    the shares of the last survivors (sorted) are left out until it does. Every bank leaves out
+    the same ones, and a survivor's own revealed seeds still close the gap: the round then needs
+    those survivors' recovery files, as before pairwise shares existed. Withholding never unmasks.
+    """
+    signed = keys.sign_manifest(private, doc)
+    while len(signed) > keys.MAX_MANIFEST_BYTES and doc["pair_shares"]:
+        doc["pair_shares"].pop(max(doc["pair_shares"]))
+        signed = keys.sign_manifest(private, doc)
+    return signed
 
 
 def _own_recovery(store, spec: Spec, r: int, me: str, drops: Drops) -> str:
