@@ -66,7 +66,7 @@ def _cost_row(m, n, runs, x):
     import json
 
     from fedcli.protocol import tensors
-    from fedcli.secagg import exchange, sharing
+    from fedcli.secagg import exchange, pairshares, sharing
 
     members = [f"bank-{i:02d}" for i in range(m)]
     priv = {b: keys.generate_x25519() for b in members}
@@ -74,14 +74,17 @@ def _cost_row(m, n, runs, x):
     spec, base, me = _spec(members, roster), "ab" * 32, members[0]
     t = spec.secagg.threshold
     delta = {"w": x}
-    masked, record, _ = exchange.mask_delta(spec, 1, me, priv[me], delta, base)
+    masked, record, _, pair_file = exchange.mask_delta(spec, 1, me, priv[me], delta, base)
     mask_ms = _median_ms(lambda: exchange.mask_delta(spec, 1, me, priv[me], delta, base), runs)
     update_bytes = len(tensors.encode(masked))
     record_bytes = len(json.dumps(record, separators=(",", ":")))
+    t_pair = exchange.pair_threshold(spec)
     rows = []
     for dropped_n in sorted({0, 1, m - t}):
         survivors, dropped = members[: m - dropped_n], members[m - dropped_n :]
-        records = {s: exchange.mask_delta(spec, 1, s, priv[s], delta, base)[1] for s in survivors}
+        dealt = {s: exchange.mask_delta(spec, 1, s, priv[s], delta, base) for s in survivors}
+        records = {s: v[1] for s, v in dealt.items()}
+        files = {s: v[3] for s, v in dealt.items()}
 
         def reveal():
             shares = {}
@@ -91,7 +94,15 @@ def _cost_row(m, n, runs, x):
                     sharing.open_sealed(keys.unb64(records[s]["shares"][me]), priv[me], roster[s], ctx)
                 )
             seeds = masking.recovery_seeds("bench-fed", 1, me, priv[me], roster, dropped, base)
-            return {"self_shares": shares, "seeds": {d: keys.b64(v) for d, v in seeds.items()}}
+            pair_shares = {}
+            for s in survivors if dropped else []:
+                mine = pairshares.open_box(files[s], "bench-fed", 1, s, me, priv[me], roster, base)
+                pair_shares[s] = {d: keys.b64(mine[d]) for d in dropped}
+            return {
+                "self_shares": shares,
+                "seeds": {d: keys.b64(v) for d, v in seeds.items()},
+                "pair_shares": pair_shares,
+            }
 
         recovery_bytes = len(json.dumps(reveal(), separators=(",", ":"))) + 400  # + header fields and signature
         total = np.zeros(n, dtype=np.uint32)
@@ -101,9 +112,28 @@ def _cost_row(m, n, runs, x):
             for d in dropped
         }
         seeds = {s: bytes([i]) * 16 for i, s in enumerate(survivors)}
+        # the worst case: no survivor revealed its own seeds, every (survivor, dropped) seed is rebuilt from
+        # t_pair revealed shares and checked against its commitment
+        holders = survivors[:t_pair]
+        opened = {
+            (s, h): pairshares.open_box(files[s], "bench-fed", 1, s, h, priv[h], roster, base)
+            for s in survivors
+            if dropped
+            for h in holders
+        }
+        points = {
+            (s, d): [(pairshares.x_of(h, members), pairshares.decode_element(opened[(s, h)][d])) for h in holders]
+            for s in survivors
+            for d in dropped
+        }
 
         def unmask():
-            out = masking.unmask_sum(total, survivors, pairs)
+            rebuilt = {
+                p: exchange.rebuild_pair_seed(p, pts, t_pair, records[p[0]]["commitments"][p[1]])
+                for p, pts in points.items()
+            }
+            assert rebuilt == pairs
+            out = masking.unmask_sum(total, survivors, rebuilt)
             for s in survivors:
                 masking.remove_self_mask(out, seeds[s])
             return out
@@ -116,6 +146,7 @@ def _cost_row(m, n, runs, x):
                 mask_ms,
                 update_bytes,
                 record_bytes,
+                len(pair_file),
                 _median_ms(reveal, runs),
                 recovery_bytes,
                 _median_ms(unmask, max(1, runs // 2)),
@@ -134,13 +165,15 @@ def cost(a, x):
     )
     print(
         "| banks | t | dropped | bank: mask + deal shares (ms) | bank: update file (bytes) | bank: manifest `secagg` "
-        "(bytes) | bank: reveal (ms) | bank: recovery file (bytes) | coordinator: unmask (ms) |"
+        "(bytes) | bank: pair-shares file (bytes) | bank: reveal (ms) | bank: recovery file (bytes) "
+        "| coordinator: rebuild seeds + unmask (ms) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m in a.members:
         for r in _cost_row(m, a.params, a.runs, x):
             print(
-                f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.0f} | {r[4]:,} | {r[5]:,} | {r[6]:.1f} | {r[7]:,} | {r[8]:.0f} |"
+                f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.0f} | {r[4]:,} | {r[5]:,} | {r[6]:,} | {r[7]:.1f} | {r[8]:,} "
+                f"| {r[9]:.0f} |"
             )
 
 

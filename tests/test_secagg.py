@@ -307,3 +307,155 @@ def test_reveal_record_refuses_a_second_set_and_the_other_secret(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(FedcliError, match="damaged"):
         reveals.check_and_record(path, FED, 3, "33" * 32, ["bank-a"], [])
+
+
+def test_pairwise_seed_shares_rebuild_from_any_t_and_only_for_their_context():
+    from fedcli.secagg import pairshares
+
+    members, priv, roster = _keys(6)
+    base = "ab" * 32
+    seeds = masking.pair_seeds(FED, 2, "bank-0", priv["bank-0"], roster, base)
+    data = pairshares.deal(seeds, 4, FED, 2, "bank-0", priv["bank-0"], roster, base)
+    assert len(data) == pairshares.file_bytes(6)
+    opened = {m: pairshares.open_box(data, FED, 2, "bank-0", m, priv[m], roster, base) for m in members}
+
+    def points(holders, peer):
+        return [(pairshares.x_of(m, members), pairshares.decode_element(opened[m][peer])) for m in holders]
+
+    for holders in (members[:4], members[2:], ["bank-0", "bank-2", "bank-3", "bank-5"]):
+        assert pairshares.combine(points(holders, "bank-4")) == seeds["bank-4"]
+    # t - 1 shares interpolate to something else (or to no 32-byte seed at all)
+    try:
+        assert pairshares.combine(points(members[:3], "bank-4")) != seeds["bank-4"]
+    except VerificationError:
+        pass
+    # the box is bound to round, base global, dealer and recipient; nobody outside the roster opens one
+    for args in ((FED, 3, "bank-0", "bank-1"), (FED, 2, "bank-2", "bank-1")):
+        with pytest.raises(VerificationError, match="do not decrypt"):
+            pairshares.open_box(data, *args, priv["bank-1"], roster, base)
+    with pytest.raises(VerificationError, match="do not decrypt"):
+        pairshares.open_box(data, FED, 2, "bank-0", "bank-1", priv["bank-1"], roster, "cd" * 32)
+    with pytest.raises(VerificationError, match="wrong size"):
+        pairshares.open_box(data + b"x", FED, 2, "bank-0", "bank-1", priv["bank-1"], roster, base)
+    with pytest.raises(VerificationError, match="not a field element"):
+        pairshares.decode_element(b"\xff" * pairshares.ELEMENT_BYTES)
+
+
+def test_pair_seed_rebuild_skips_a_wrong_share_and_blames_when_none_fits():
+    from fedcli.secagg import exchange, pairshares
+
+    seed = bytes(range(32))
+    ys = pairshares.split(int.from_bytes(seed, "big"), 3, 5)
+    good = list(enumerate(ys, start=1))
+    bad = (1, (ys[0] + 1) % pairshares.PRIME)
+    commitment = masking.seed_commitment(seed)
+    assert exchange.rebuild_pair_seed(("bank-1", "bank-4"), [bad, *good[1:4]], 3, commitment) == seed
+    with pytest.raises(VerificationError, match="bank-1's pairwise seed with bank-4 do not rebuild"):
+        exchange.rebuild_pair_seed(("bank-1", "bank-4"), [bad, good[1], good[2]], 3, commitment)
+
+
+@pytest.mark.parametrize(("n", "t", "expected"), [(4, 3, 3), (5, 3, 3), (6, 3, 4), (20, 3, 18), (50, 26, 26)])
+def test_pair_threshold_makes_two_disjoint_revealing_groups_impossible(n, t, expected):
+    """A coordinator showing two survivor sets to two disjoint groups of banks needs t self-mask shares
+    from one and t_pair pairwise shares from the other: t + t_pair > n rules it out."""
+    from types import SimpleNamespace
+
+    from fedcli.secagg import exchange
+
+    spec = SimpleNamespace(secagg=SimpleNamespace(threshold=t), members=list(range(n)))
+    got = exchange.pair_threshold(spec)
+    assert got == expected and got >= t and got + t > n
+
+
+def _fork_spec(members, roster, t):
+    from types import SimpleNamespace
+
+    def member(name):
+        return SimpleNamespace(name=name, mask_key=lambda: roster[name])
+
+    secagg = SimpleNamespace(clip=CLIP, noise="full", threshold=t, enabled=True)
+    return SimpleNamespace(federation_id=FED, secagg=secagg, min_clients=t, members=[member(m) for m in members])
+
+
+def test_two_survivor_sets_shown_to_two_disjoint_groups_never_unmask_a_bank():
+    """6 banks, t = 3: the coordinator shows group A (banks 0-2) a set where bank-5 dropped and group B
+    (banks 3-5) a set where it survived. B's self-mask shares rebuild bank-5's self seed; A's reveals give
+    banks 0-2's seeds with bank-5, but only 3 shares of banks 3-4's: t' = 4 keeps those masks on. Had the
+    pairwise seeds been shared 3-of-6, the same reveals would unmask bank-5's update."""
+    from fedcli.secagg import exchange, pairshares, sharing
+
+    members, priv, roster = _keys(6)
+    spec, base, victim = _fork_spec(members, roster, 3), "ab" * 32, "bank-5"
+    assert exchange.pair_threshold(spec) == 4
+    x = np.random.default_rng(3).normal(0, 0.3, 64)
+    dealt = {m: exchange.mask_delta(spec, 1, m, priv[m], {"w": x}, base) for m in members}
+    group_a, group_b = members[:3], members[3:]
+
+    # group B, shown "everyone survived", reveals its shares of bank-5's self seed: t = 3 rebuild it
+    self_shares = [
+        sharing.open_sealed(
+            keys.unb64(dealt[victim][1]["shares"][m]),
+            priv[m],
+            roster[victim],
+            sharing.share_context(FED, 1, victim, m, base),
+        )
+        for m in group_b
+    ]
+    self_seed = exchange.rebuild_self_seed(victim, self_shares, 3, dealt[victim][1]["self_commitment"])
+
+    # group A, shown "bank-5 dropped", reveals its own seeds with bank-5 and its shares of the others'
+    # (bank-3's and bank-4's masks with bank-5 stay unless their seeds rebuild)
+    known = {m: masking.pair_seed(FED, 1, m, priv[m], victim, roster[victim], base) for m in group_a}
+
+    def points(dealer, files):
+        return [
+            (
+                pairshares.x_of(m, members),
+                pairshares.decode_element(
+                    pairshares.open_box(files[dealer], FED, 1, dealer, m, priv[m], roster, base)[victim]
+                ),
+            )
+            for m in group_a
+        ]
+
+    files = {m: dealt[m][3] for m in members}
+    for dealer in group_b[:2]:
+        commitment = dealt[dealer][1]["commitments"][victim]
+        with pytest.raises(VerificationError, match="do not rebuild its signed commitment"):
+            exchange.rebuild_pair_seed((dealer, victim), points(dealer, files), 3, commitment)
+
+    words = np.asarray(dealt[victim][0]["w"], dtype=np.uint32).reshape(-1).copy()
+    masking.remove_self_mask(words, self_seed)
+    for m, seed in known.items():
+        words += masking.expand_mask(seed, words.size)  # bank-5 subtracted its masks with lower ids
+    with pytest.raises(VerificationError, match="outside"):
+        masking.check_range(words, 1, CLIP, exchange.scale(spec))
+
+    # the counterfactual: pairwise seeds shared 3-of-6 would let group A's three shares rebuild them
+    weak = {
+        d: pairshares.deal(masking.pair_seeds(FED, 1, d, priv[d], roster, base), 3, FED, 1, d, priv[d], roster, base)
+        for d in group_b[:2]
+    }
+    for dealer in group_b[:2]:
+        seed = exchange.rebuild_pair_seed(
+            (dealer, victim), points(dealer, weak), 3, dealt[dealer][1]["commitments"][victim]
+        )
+        words += masking.expand_mask(seed, words.size)
+    masking.check_range(words, 1, CLIP, exchange.scale(spec))  # bank-5's update in the clear
+    np.testing.assert_allclose(masking.dequantize(words, exchange.scale(spec)), np.clip(x, -CLIP, CLIP), atol=1e-4)
+
+
+def test_a_recovery_file_too_large_for_the_bound_leaves_out_the_last_survivors_pairwise_shares():
+    """100 banks, 51 survivors, 49 dropped: every pairwise share would not fit the 64 kB signed-document
+    bound; the file keeps the shares of the first survivors (the same ones at every bank) and fits."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedcli.secagg import exchange
+
+    share = keys.b64(bytes(33))
+    survivors, dropped = [f"bank-{i:03d}" for i in range(51)], [f"bank-{i:03d}" for i in range(51, 100)]
+    doc = {"kind": "secagg-recovery", "pair_shares": {s: {d: share for d in dropped} for s in survivors}}
+    signed = exchange._sign_within_bound(Ed25519PrivateKey.generate(), doc)
+    assert len(signed) <= keys.MAX_MANIFEST_BYTES
+    kept = sorted(doc["pair_shares"])
+    assert 0 < len(kept) < len(survivors) and kept == survivors[: len(kept)]

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 from fedcli import keys
 from fedcli.errors import ExitCode, InputError
+from fedcli.secagg import masking
 from fedcli.store import open_store
 
 BANKS5 = ("bank-a", "bank-b", "bank-c", "bank-d", "bank-e")
@@ -191,16 +192,19 @@ def test_dropout_recovery_and_late_update_refused(tmp_path, credit_split, plain_
     assert "declared dropped from round 1" in text(res)
     assert not (fed.store / "rounds/000001/updates/bank-e.json").exists()
 
-    for b in survivors[:3]:
-        assert "published recovery shares for round 1" in text(train(fed, b))
-    res = fed.aggregate(code=ExitCode.WAITING)
-    assert "recovery shares of round 1 still missing from bank-d" in text(res)
-    assert "published recovery shares" in text(train(fed, "bank-d"))
-    assert "already published" in text(train(fed, "bank-d"))
+    assert "published recovery shares for round 1" in text(train(fed, "bank-a"))
+    assert "already published" in text(train(fed, "bank-a"))
+    res = fed.aggregate(code=ExitCode.WAITING)  # 1 of t = 3
+    assert "recovery shares of round 1 still missing from bank-b, bank-c, bank-d" in text(res)
 
     # bank-e's update lands anyway: the coordinator never accepts it
     for ext in ("safetensors", "json"):
         shutil.copy(aside / f"rounds/000001/updates/bank-e.{ext}", fed.store / f"rounds/000001/updates/bank-e.{ext}")
+    # bank-d submitted, survived the declaration, then vanished for good: any t = 3 survivors finish the
+    # round, rebuilding bank-d's pairwise seed with bank-e from their shares (pairshares.py)
+    for b in ("bank-b", "bank-c"):
+        assert "published recovery shares for round 1" in text(train(fed, b))
+    assert not (fed.store / "rounds/000001/secagg/recovery/bank-d.json").exists()
     res = fed.aggregate()
     assert "late update is never accepted" in text(res)
     assert "published global model of round 1" in res.output
@@ -385,7 +389,84 @@ def test_threshold_holds_the_declaration_until_t_updates_are_in(tmp_path, credit
     assert manifest["secagg"]["threshold"] == 4
     for b in BANKS5[:3]:
         train(fed, b)
-    res = fed.aggregate(code=ExitCode.WAITING)  # someone dropped: every survivor's seeds are needed
+    res = fed.aggregate(code=ExitCode.WAITING)  # t = 4 recoveries are needed, dropouts or not
     assert "still missing from bank-d" in text(res)
     train(fed, "bank-d")
     assert "published global model of round 1" in fed.aggregate().output
+
+
+def test_hidden_bank_and_vanished_survivor_the_round_publishes_and_the_hidden_update_stays_masked(
+    tmp_path, credit_split, plain_deltas
+):
+    """The coordinator hides bank-e's files and declares it dropped; bank-d submitted, survived the
+    declaration, then never came back. Any t = 3 survivors finish the round (exact mean of a-d), and
+    everything the coordinator was given (every pairwise seed with bank-e, rebuilt from the shares)
+    still leaves bank-e's update under its self mask: nobody revealed a share of bank-e's self seed."""
+    from fedcli.secagg import exchange, pairshares
+
+    fed = make_fed(tmp_path, credit_split, SECAGG_SPEC, banks=BANKS5)
+    for b in BANKS5:
+        train(fed, b)
+    r1, hidden = fed.store / "rounds/000001", tmp_path / "hidden"
+    hidden.mkdir()
+    for ext in ("json", "safetensors"):
+        shutil.move(r1 / f"updates/bank-e.{ext}", hidden / f"bank-e.{ext}")
+    assert "(bank-e dropped)" in text(fed.aggregate(code=ExitCode.WAITING))
+    for ext in ("json", "safetensors"):
+        shutil.copy(hidden / f"bank-e.{ext}", r1 / f"updates/bank-e.{ext}")
+    for b in ("bank-a", "bank-b", "bank-c"):
+        assert "published recovery shares for round 1" in text(train(fed, b))
+    assert "published global model of round 1" in fed.aggregate().output
+    assert_close(fed, 1, expected_global(fed, plain_deltas, BANKS5[:4]))
+
+    # the coordinator's best view of bank-e: its words minus every pairwise mask with bank-e it can rebuild
+    docs = [json.loads(p.read_text()) for p in sorted((r1 / "secagg/recovery").glob("*.json"))]
+    assert all("bank-e" not in d["self_shares"] for d in docs)
+    members = sorted(BANKS5)
+    upd = load_file(r1 / "updates/bank-e.safetensors")
+    words = np.concatenate([upd[k].reshape(-1) for k in sorted(upd)]).astype(np.uint32)
+    for peer in BANKS5[:4]:
+        points = [
+            (
+                pairshares.x_of(d["member"], members),
+                pairshares.decode_element(keys.unb64(d["pair_shares"][peer]["bank-e"])),
+            )
+            for d in docs
+        ]
+        commitment = json.loads((r1 / f"updates/{peer}.json").read_text())["secagg"]["commitments"]["bank-e"]
+        seed = exchange.rebuild_pair_seed((peer, "bank-e"), points, 3, commitment)  # bank-d's too, without bank-d
+        mask = masking.expand_mask(seed, words.size)
+        words = words + mask if peer < "bank-e" else words - mask  # bank-e subtracted masks with lower ids
+    scale = json.loads((r1 / "global.json").read_text())["secagg"]["scale"]
+    inside = np.abs(words.view(np.int32).astype(np.float64)) <= 4.0 * scale
+    assert inside.mean() < 0.2, inside.mean()  # uniform words: the self mask is still on
+
+
+def test_an_update_without_its_pairwise_shares_is_refused(tmp_path, credit_split):
+    """A store attacker deletes a bank's pair-shares file: the coordinator refuses that update (any t
+    survivors could not remove its masks if it dropped later) and the round goes on with the others."""
+    fed = make_fed(tmp_path, credit_split, SECAGG_SPEC, banks=BANKS5)
+    for b in BANKS5:
+        train(fed, b)
+    (fed.store / "rounds/000001/pairshares/bank-b.bin").unlink()
+    res = fed.aggregate(code=ExitCode.WAITING)
+    assert "pair-shares file of bank-b is missing" in text(res)
+    assert "(bank-b dropped)" in text(res)
+
+
+def test_a_pair_shares_file_deleted_after_the_declaration_does_not_stall_the_round(
+    tmp_path, credit_split, plain_deltas
+):
+    """After the declaration a store attacker deletes bank-a's pair-shares file: the survivors reveal
+    without shares of bank-a's seeds (withholding never unmasks anyone) and bank-a's own seed with the
+    dropped bank-e closes the gap; the round publishes the exact mean."""
+    fed = make_fed(tmp_path, credit_split, SECAGG_SPEC, banks=BANKS5)
+    for b in BANKS5[:4]:
+        train(fed, b)
+    assert "(bank-e dropped)" in text(fed.aggregate(code=ExitCode.WAITING))
+    (fed.store / "rounds/000001/pairshares/bank-a.bin").unlink()
+    for b in ("bank-a", "bank-b", "bank-c"):
+        res = text(train(fed, b))
+        assert "published recovery shares" in res and "no shares of the pairwise seeds of bank-a" in res, res
+    assert "published global model of round 1" in fed.aggregate().output
+    assert_close(fed, 1, expected_global(fed, plain_deltas, BANKS5[:4]))

@@ -385,7 +385,10 @@ def _compress(job: BankRound, plan: BankPlan, delta: Arrays) -> Encoded:
 def _mask(job: BankRound, plan: BankPlan, delta: Arrays, base_sha: str) -> Encoded:
     """Mask the delta with pairwise seeds so the coordinator only ever sees the sum of updates."""
     exchange.refuse_if_dropped(job.store, job.spec, job.round, job.me.name)  # again: training took a while
-    masked, record, clipped = exchange.mask_delta(job.spec, job.round, job.me.name, plan.mask_key, delta, base_sha)
+    masked, record, clipped, pair_file = exchange.mask_delta(
+        job.spec, job.round, job.me.name, plan.mask_key, delta, base_sha
+    )
+    exchange.put_pair_shares(job.store, job.round, job.me.name, pair_file)  # before the manifest that names it
     if plan.update_noise is not None:
         record["member_noise_multiplier"] = plan.update_noise.multiplier
     notes = []

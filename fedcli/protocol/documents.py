@@ -115,6 +115,8 @@ class SecAggRecord(Document):
     threshold: Annotated[int, Field(ge=3, le=10_000)] | None = None
     self_commitment: Sha256 | None = None
     shares: Annotated[dict[Name, Base64], Field(max_length=10_000)] | None = None
+    # t-of-n shares of every pairwise seed, sealed per member in rounds/N/pairshares/<member>.bin (secagg.pairshares)
+    pair_shares_sha256: Sha256 | None = None
 
 
 class UpdateManifest(Document):
@@ -214,6 +216,10 @@ class RecoveryShares(Document):
     seeds: Annotated[dict[Name, Base64], Field(max_length=10_000)]
     created_at: Timestamp
     self_shares: Annotated[dict[Name, Base64], Field(max_length=10_000)] = Field(default_factory=dict)
+    # survivor -> dropped -> my share of the pairwise seed that survivor holds with the dropped member
+    pair_shares: Annotated[
+        dict[Name, Annotated[dict[Name, Base64], Field(max_length=10_000)]], Field(max_length=10_000)
+    ] = Field(default_factory=dict)
 
 
 # --- rejections (the coordinator's signed word on refused updates) --------------------------

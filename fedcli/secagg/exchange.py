@@ -4,17 +4,20 @@
     rounds/00000N/updates/<member>.json             manifest with a "secagg" record: clip, scale, t,
                                                     commitments to each pairwise seed and to the
                                                     self-mask seed, the seed's t-of-n shares sealed
-                                                    to each member
+                                                    to each member, the pair-shares file's sha256
+    rounds/00000N/pairshares/<member>.bin           t'-of-n shares of each of its pairwise seeds, one
+                                                    sealed box per member (pairshares.py)
     rounds/00000N/secagg/drops.json                 coordinator: the survivor set (with each survivor's
                                                     update hash), the dropped, the base global (signed)
     rounds/00000N/secagg/recovery/<member>.json     survivor: for each survivor its share of that
                                                     survivor's self-mask seed, for each dropped member
-                                                    its pairwise seed with it (signed, naming the set)
+                                                    its pairwise seed with it and its share of every
+                                                    survivor's seed with it (signed, naming the set)
 
 Every masked round takes two exchanges: the banks submit, the coordinator declares the survivor
 set (even when nobody dropped), each survivor reveals on its next `fedcli train`, and the
-coordinator unmasks once t self-mask shares per survivor (and, if someone dropped, every
-survivor's pairwise seeds) are in. The declaration is create-only and final; a survivor reveals
+coordinator unmasks once any t survivors (t' = max(t, n - t + 1) if someone dropped) revealed:
+a survivor that vanishes after submitting no longer stalls the round. The declaration is create-only and final; a survivor reveals
 nothing for a set below t, for a set that names another base global or another update of its
 own, or for a second set of the same round (its local record, reveals.py). A dropped member's
 update keeps its self mask, so it stays hidden even if it reaches the store. The maths is in
@@ -38,7 +41,7 @@ from fedcli.errors import AlreadyExists, FedcliError, NotFound, NotRegular, Stor
 from fedcli.protocol import rounds
 from fedcli.protocol.documents import DropDeclaration, RecoveryShares, UpdateManifest
 from fedcli.protocol.spec import Spec
-from fedcli.secagg import masking, reveals, sharing
+from fedcli.secagg import masking, pairshares, reveals, sharing
 
 DROPS_KIND = "secagg-drops"
 RECOVERY_KIND = "secagg-recovery"
@@ -65,6 +68,11 @@ def recovery_key(r: int, member: str) -> str:
     return f"{rounds.round_dir(r)}/secagg/recovery/{member}.json"
 
 
+def pair_shares_key(r: int, member: str) -> str:
+    """The member's t-of-n shares of its pairwise seeds (outside secagg/, which only the exchange writes)."""
+    return f"{rounds.round_dir(r)}/pairshares/{member}.bin"
+
+
 def roster(spec: Spec) -> dict:
     return {m.name: m.mask_key() for m in spec.members}
 
@@ -78,6 +86,18 @@ def fewest_survivors(spec: Spec) -> int:
     return max(spec.secagg.threshold, spec.min_clients)
 
 
+def pair_threshold(spec: Spec) -> int:
+    """How many survivors' shares rebuild a pairwise seed: max(t, n - t + 1).
+
+    A coordinator that shows two groups of banks two survivor sets (a forked store, bundles) gets
+    a member's self-mask shares from one group and its peers' pairwise-seed shares from the other;
+    each bank acts on one set only, so the groups are disjoint. With t + t_pair > n they cannot
+    both be large enough. The default t = max(3, n // 2 + 1) already gives t_pair = t.
+    """
+    t = spec.secagg.threshold
+    return max(t, len(spec.members) - t + 1)
+
+
 def member_noise(spec: Spec, noise_multiplier: float) -> float:
     """Update-level DP noise multiplier this bank applies (see masking.member_noise_multiplier)."""
     return masking.member_noise_multiplier(noise_multiplier, spec.secagg.noise, fewest_survivors(spec))
@@ -86,11 +106,12 @@ def member_noise(spec: Spec, noise_multiplier: float) -> float:
 # --- bank side ---------------------------------------------------------------------------
 
 
-def mask_delta(spec: Spec, r: int, me: str, mask_key, delta: dict, base_sha: str = "") -> tuple[dict, dict, int]:
-    """Clip, quantize, add pairwise masks and a fresh self mask; deal the self-mask seed t-of-n.
+def mask_delta(spec: Spec, r: int, me: str, mask_key, delta: dict, base_sha: str = "") -> tuple[dict, dict, int, bytes]:
+    """Clip, quantize, add pairwise masks and a fresh self mask; deal the self-mask seed and the pairwise seeds t-of-n.
 
-    Returns (uint32 tensors, manifest record, coordinates clipped). The self-mask seed itself
-    is dropped here: only its sealed shares (one per member) and its commitment leave the bank.
+    Returns (uint32 tensors, manifest record, coordinates clipped, pair-shares file). The self-mask
+    seed itself is dropped here: only its sealed shares (one per member) and its commitment leave
+    the bank; the pairwise seeds leave only as sealed shares (pairshares.py) and commitments.
     """
     flat, layout = masking.flatten(delta)
     clip, sc, t = spec.secagg.clip, scale(spec), spec.secagg.threshold
@@ -101,6 +122,7 @@ def mask_delta(spec: Spec, r: int, me: str, mask_key, delta: dict, base_sha: str
     self_seed = secrets.token_bytes(masking.SELF_SEED_BYTES)
     masking.add_self_mask(masked, self_seed)
     sealed = sharing.deal(self_seed, t, spec.federation_id, r, me, mask_key, members, base_sha)
+    pair_file = pairshares.deal(seeds, pair_threshold(spec), spec.federation_id, r, me, mask_key, members, base_sha)
     record = {
         "clip": clip,
         "scale": sc,
@@ -109,8 +131,26 @@ def mask_delta(spec: Spec, r: int, me: str, mask_key, delta: dict, base_sha: str
         "threshold": t,
         "self_commitment": masking.seed_commitment(self_seed),
         "shares": {m: keys.b64(box) for m, box in sorted(sealed.items())},
+        "pair_shares_sha256": sha256(pair_file),
     }
-    return masking.unflatten(masked, layout), record, clipped
+    return masking.unflatten(masked, layout), record, clipped, pair_file
+
+
+def put_pair_shares(store, r: int, me: str, pair_file: bytes) -> None:
+    """Upload my pair-shares file before the manifest that names its sha256 (the manifest commits it)."""
+    store.put(pair_shares_key(r, me), pair_file)
+
+
+def read_pair_shares(store, spec: Spec, r: int, member: str, expected_sha: str | None) -> bytes:
+    """A member's pair-shares file, read within its exact size and checked against its signed manifest."""
+    what = f"pair-shares file of {member}"
+    try:
+        data = store.get(pair_shares_key(r, member), max_bytes=pairshares.file_bytes(len(spec.members)))
+    except (NotFound, NotRegular):  # other store errors (a network glitch) propagate: run again
+        raise _secagg(f"{what} is missing from the store (round {r})") from None
+    if expected_sha is None or sha256(data) != expected_sha:
+        raise _secagg(f"{what} is not the one {member}'s signed manifest names")
+    return data
 
 
 @dataclass
@@ -177,6 +217,8 @@ def _survivor_manifest(store, spec: Spec, r: int, member: str, drops: Drops) -> 
         )
     if doc.secagg is None or doc.secagg.shares is None or not covers_roster(doc.secagg.shares, spec):
         raise _secagg(f"{what}: carries no sealed self-mask share for every member")
+    if doc.secagg.pair_shares_sha256 is None:
+        raise _secagg(f"{what}: names no shares of its pairwise seeds")
     return doc
 
 
@@ -185,18 +227,40 @@ def covers_roster(shares: Mapping[str, str], spec: Spec) -> bool:
     return sorted(shares) == sorted(m.name for m in spec.members)
 
 
-def _my_shares(store, spec: Spec, r: int, me: str, mask_key, drops: Drops) -> dict[str, str]:
-    """My share of every survivor's self-mask seed, decrypted from its signed manifest (base64)."""
-    members, out = roster(spec), {}
+def _my_shares(store, spec: Spec, r: int, me: str, mask_key, drops: Drops) -> tuple[dict, dict]:
+    """My share of every survivor's self-mask seed (from its signed manifest) and, if someone dropped,
+    of every survivor's pairwise seeds with the dropped (from its pair-shares file), base64."""
+    members, self_out, pair_out = roster(spec), {}, {}
     for s in sorted(drops.survivors):
-        shares = _survivor_manifest(store, spec, r, s, drops).secagg.shares or {}  # type: ignore[union-attr]
-        sealed = keys.unb64(shares[me], f"{s}'s share for {me}")
+        record = _survivor_manifest(store, spec, r, s, drops).secagg
+        assert record is not None and record.shares is not None  # _survivor_manifest checked both
+        sealed = keys.unb64(record.shares[me], f"{s}'s share for {me}")
         context = sharing.share_context(spec.federation_id, r, s, me, drops.base_sha256)
         try:
-            out[s] = keys.b64(sharing.open_sealed(sealed, mask_key, members[s], context))
+            self_out[s] = keys.b64(sharing.open_sealed(sealed, mask_key, members[s], context))
         except VerificationError as e:
             raise _secagg(f"the self-mask share {s} sealed to {me}: {e}") from None
-    return out
+        mine = _my_pair_shares(store, spec, r, (s, me), mask_key, drops, record.pair_shares_sha256)
+        if mine is not None:
+            pair_out[s] = mine
+    return self_out, pair_out
+
+
+def _my_pair_shares(
+    store, spec: Spec, r: int, pair: tuple[str, str], mask_key, drops: Drops, sha: str | None
+) -> dict[str, str] | None:
+    """My shares of survivor pair[0]'s pairwise seeds with the dropped (base64); None when nobody dropped,
+    or when its pair-shares file is missing or altered: withholding a share never unmasks anyone, and
+    the round can still finish with that survivor's own seeds or the other banks' shares."""
+    if not drops.dropped:
+        return None
+    dealer, me = pair
+    try:
+        data = read_pair_shares(store, spec, r, dealer, sha)
+        mine = pairshares.open_box(data, spec.federation_id, r, dealer, me, mask_key, roster(spec), drops.base_sha256)
+    except VerificationError:
+        return None
+    return {d: keys.b64(mine[d]) for d in drops.dropped}
 
 
 def publish_recovery(
@@ -205,7 +269,8 @@ def publish_recovery(
     """If round r has a survivor set, reveal what unmasks exactly the survivors' sum (signed).
 
     For each survivor, my share of its self-mask seed; for each dropped member, my pairwise seed
-    with it; never both for one member, never for two sets of one round (record_path).
+    with it and my share of every survivor's pairwise seed with it; never both kinds for one
+    member, never for two sets of one round (record_path).
     Returns a message, or None when there is no declaration (nothing to do).
     """
     drops = load_drops(store, spec, r)
@@ -216,7 +281,7 @@ def publish_recovery(
     if store.exists(recovery_key(r, me)):
         return _own_recovery(store, spec, r, me, drops)
     _survivor_manifest(store, spec, r, me, drops)  # the set names my update and the base I trained on
-    self_shares = _my_shares(store, spec, r, me, mask_key, drops)
+    self_shares, pair_shares = _my_shares(store, spec, r, me, mask_key, drops)
     seeds = masking.recovery_seeds(spec.federation_id, r, me, mask_key, roster(spec), drops.dropped, drops.base_sha256)
     if record_path is not None:
         reveals.check_and_record(record_path, spec.federation_id, r, drops.sha256, drops.survivors, drops.dropped)
@@ -229,14 +294,34 @@ def publish_recovery(
         "drops_sha256": drops.sha256,
         "seeds": {d: base64.b64encode(s).decode("ascii") for d, s in seeds.items()},
         "self_shares": self_shares,
+        "pair_shares": pair_shares,
         "created_at": rounds.now(),
     }
+    signed = _sign_within_bound(private, doc)
     try:
-        store.put(recovery_key(r, me), keys.sign_manifest(private, doc), create_only=True)
+        store.put(recovery_key(r, me), signed, create_only=True)
     except AlreadyExists:
         return _own_recovery(store, spec, r, me, drops)
     dropped = f"; pairwise seeds with dropped {', '.join(drops.dropped)}" if drops.dropped else ""
+    unreadable = sorted(set(drops.survivors) - set(pair_shares)) if drops.dropped else []
+    if unreadable:
+        dropped += f"; no shares of the pairwise seeds of {', '.join(unreadable)} (pair-shares file missing or altered, or past the size bound)"
     return f"published recovery shares for round {r} (self-mask shares of {len(self_shares)} survivors{dropped})"
+
+
+def _sign_within_bound(private, doc: dict) -> bytes:
+    """The signed recovery file, within the signed-document bound every reader applies.
+
+    With many survivors and many dropped the pairwise shares (survivors x dropped) may not fit:
+    the shares of the last survivors (sorted) are left out until it does. Every bank leaves out
+    the same ones, and a survivor's own revealed seeds still close the gap: the round then needs
+    those survivors' recovery files, as before pairwise shares existed. Withholding never unmasks.
+    """
+    signed = keys.sign_manifest(private, doc)
+    while len(signed) > keys.MAX_MANIFEST_BYTES and doc["pair_shares"]:
+        doc["pair_shares"].pop(max(doc["pair_shares"]))
+        signed = keys.sign_manifest(private, doc)
+    return signed
 
 
 def _own_recovery(store, spec: Spec, r: int, me: str, drops: Drops) -> str:
@@ -301,8 +386,9 @@ def declare_drops(store, private, spec: Spec, r: int, survivors: dict[str, str],
 class Revealed:
     """What the survivors' recovery files hold so far."""
 
-    pairs: dict[tuple[str, str], bytes]  # (survivor, dropped) -> pairwise seed
+    pairs: dict[tuple[str, str], bytes]  # (survivor, dropped) -> pairwise seed, revealed by the survivor itself
     shares: dict[str, list[bytes]]  # survivor -> revealed shares of its self-mask seed
+    pair_points: dict[tuple[str, str], list[tuple[int, int]]]  # (survivor, dropped) -> (x, share) of its seed
     present: list[str]  # survivors whose recovery file is in
     missing: list[str]  # survivors still to publish
 
@@ -326,12 +412,16 @@ def _read_recovery(store, spec: Spec, r: int, s: str, drops: Drops) -> RecoveryS
     )
     if sorted(doc.seeds) != drops.dropped or sorted(doc.self_shares) != sorted(drops.survivors):
         raise _secagg(f"{what}: does not cover exactly the dropped members' pairwise seeds and the survivors' shares")
+    dealers = set(drops.survivors) if drops.dropped else set()
+    if not set(doc.pair_shares) <= dealers or any(sorted(v) != drops.dropped for v in doc.pair_shares.values()):
+        raise _secagg(f"{what}: does not hold a share of exactly every survivor's pairwise seed with the dropped")
     return doc
 
 
 def load_recoveries(store, spec: Spec, r: int, drops: Drops, commitments: dict) -> Revealed:
     """Verified revealed pairwise seeds and self-mask shares, and who has not published yet."""
-    out = Revealed({}, {s: [] for s in drops.survivors}, [], [])
+    out = Revealed({}, {s: [] for s in drops.survivors}, {}, [], [])
+    members = [m.name for m in spec.members]
     for s in sorted(drops.survivors):
         doc = _read_recovery(store, spec, r, s, drops)
         if doc is None:
@@ -345,6 +435,14 @@ def load_recoveries(store, spec: Spec, r: int, drops: Drops, commitments: dict) 
             out.pairs[(s, d)] = seed
         for dealer, text in doc.self_shares.items():
             out.shares[dealer].append(_decode(text, f"recovery shares of {s}: share of {dealer}"))
+        x = pairshares.x_of(s, members)
+        for dealer, by_dropped in doc.pair_shares.items():
+            for d, text in by_dropped.items():
+                y = _decode(text, f"recovery shares of {s}: share of {dealer}'s seed with {d}")
+                try:
+                    out.pair_points.setdefault((dealer, d), []).append((x, pairshares.decode_element(y)))
+                except VerificationError as e:
+                    raise _secagg(f"recovery shares of {s}: {e}") from None
     return out
 
 
@@ -361,6 +459,24 @@ def rebuild_self_seed(member: str, shares: Sequence[bytes], t: int, commitment: 
     raise _secagg(
         f"the revealed shares of {member}'s self-mask seed do not rebuild its signed commitment: {member} dealt bad "
         "shares or a survivor revealed a wrong one; the round cannot be unmasked"
+    )
+
+
+def rebuild_pair_seed(
+    pair: tuple[str, str], points: Sequence[tuple[int, int]], t: int, commitment: str | None, tries: int = 64
+) -> bytes:
+    """The pairwise seed a survivor holds with a dropped member, from t revealed shares, checked
+    against the survivor's signed commitment (other t-subsets are tried, a bounded number of times)."""
+    for subset in itertools.islice(itertools.combinations(points, t), tries):
+        try:
+            seed = pairshares.combine(list(subset))
+        except VerificationError:
+            continue
+        if masking.seed_commitment(seed) == commitment:
+            return seed
+    raise _secagg(
+        f"the revealed shares of {pair[0]}'s pairwise seed with {pair[1]} do not rebuild its signed commitment: "
+        f"{pair[0]} dealt bad shares or a survivor revealed a wrong one; the round cannot be unmasked"
     )
 
 
@@ -404,6 +520,8 @@ class SecureSum:
             raise _secagg(f"{what}: no self mask shared {self.spec.secagg.threshold}-of-n (double masking)")
         if not covers_roster(rec.shares, self.spec):
             raise _secagg(f"{what}: self-mask shares are not sealed to exactly the members")
+        if drops is None:  # any t' survivors must be able to remove its pairwise masks: its shares must be in
+            read_pair_shares(self.store, self.spec, self.round, member, rec.pair_shares_sha256)
         if drops is not None and drops.survivors[member] != manifest.tensors_sha256:
             raise _secagg(f"{what}: differs from the update named in the drop declaration")
 
@@ -442,10 +560,27 @@ class SecureSum:
                 raise
         return seeds
 
-    def _mean(self, drops: Drops, revealed: Revealed, seeds: Mapping[str, bytes]) -> dict:
+    def _pair_seeds(self, drops: Drops, revealed: Revealed) -> dict[tuple[str, str], bytes] | None:
+        """Every (survivor, dropped) seed: as the survivor revealed it, else rebuilt from t shares; None to wait."""
+        t, out = pair_threshold(self.spec), {}
+        for pair in itertools.product(sorted(drops.survivors), drops.dropped):
+            if pair in revealed.pairs:
+                out[pair] = revealed.pairs[pair]
+                continue
+            try:
+                out[pair] = rebuild_pair_seed(
+                    pair, revealed.pair_points.get(pair, []), t, self.commitments[pair[0]].get(pair[1])
+                )
+            except VerificationError:
+                if revealed.missing:  # a wrong share among those in: wait for the others'
+                    return None
+                raise
+        return out
+
+    def _mean(self, drops: Drops, pairs: Mapping[tuple[str, str], bytes], seeds: Mapping[str, bytes]) -> dict:
         """Remove self masks and leftover pairwise masks, check the range, return the mean delta (float64)."""
         survivors = sorted(drops.survivors)
-        unmasked = masking.unmask_sum(self.total, survivors, revealed.pairs)
+        unmasked = masking.unmask_sum(self.total, survivors, pairs)
         for s in survivors:
             masking.remove_self_mask(unmasked, seeds[s])
         sc = scale(self.spec)
@@ -484,15 +619,15 @@ class SecureSum:
                 f"round {r}: {', '.join(lost)} survived the drop declaration but has no valid update; the round cannot complete"
             )
         revealed = load_recoveries(self.store, self.spec, r, drops, self.commitments)
-        need = len(drops.survivors) if drops.dropped else self.spec.secagg.threshold
-        if len(revealed.present) < need:
+        need = pair_threshold(self.spec) if drops.dropped else self.spec.secagg.threshold
+        if len(revealed.present) < need:  # any `need` survivors unmask; nobody in particular
             return None, f"recovery shares of round {r} still missing from {', '.join(revealed.missing)}", {}
-        seeds = self._self_seeds(drops, revealed)
-        if seeds is None:
+        seeds, pairs = self._self_seeds(drops, revealed), self._pair_seeds(drops, revealed)
+        if seeds is None or pairs is None:
             return (
                 None,
                 f"a self-mask seed of round {r} does not rebuild yet; waiting for {', '.join(revealed.missing)}",
                 {},
             )
         secagg = {"dropped": drops.dropped, "drops_sha256": drops.sha256, "scale": scale(self.spec)}
-        return self._mean(drops, revealed, seeds), "", {"rule": RULE, "secagg": secagg}
+        return self._mean(drops, pairs, seeds), "", {"rule": RULE, "secagg": secagg}

@@ -34,7 +34,8 @@ SHARE_BYTES = 2 + SELF_SEED_BYTES  # big-endian index, then the 16-byte share
 SEALED_BYTES = _NONCE + SHARE_BYTES + 16  # nonce, ciphertext, Poly1305 tag
 
 
-def _field(data: bytes) -> bytes:
+def field(data: bytes) -> bytes:
+    """Length-prefixed bytes: no two contexts encode the same."""
     return struct.pack(">I", len(data)) + data
 
 
@@ -44,17 +45,17 @@ def share_context(federation: str, round_: int, dealer: str, recipient: str, bas
         check_name(name, "member id")
     return b"".join(
         [
-            _field(b"self-mask-share"),
-            _field(federation.encode()),
+            field(b"self-mask-share"),
+            field(federation.encode()),
             struct.pack(">Q", round_),
-            _field(dealer.encode()),
-            _field(recipient.encode()),
-            _field(base_sha.encode()),
+            field(dealer.encode()),
+            field(recipient.encode()),
+            field(base_sha.encode()),
         ]
     )
 
 
-def _box(my_key: X25519PrivateKey, peer: X25519PublicKey, context: bytes) -> ChaCha20Poly1305:
+def aead(my_key: X25519PrivateKey, peer: X25519PublicKey, context: bytes) -> ChaCha20Poly1305:
     try:
         shared = my_key.exchange(peer)
     except ValueError:
@@ -92,7 +93,7 @@ def seal(share: bytes, my_key: X25519PrivateKey, recipient_key: X25519PublicKey,
     """nonce || ChaCha20-Poly1305(share) under the dealer-recipient key for this context."""
     if len(nonce) != _NONCE:
         raise FedcliError("a share nonce must be 12 bytes")
-    return nonce + _box(my_key, recipient_key, context).encrypt(nonce, share, context)
+    return nonce + aead(my_key, recipient_key, context).encrypt(nonce, share, context)
 
 
 def open_sealed(sealed: bytes, my_key: X25519PrivateKey, dealer_key: X25519PublicKey, context: bytes) -> bytes:
@@ -100,7 +101,7 @@ def open_sealed(sealed: bytes, my_key: X25519PrivateKey, dealer_key: X25519Publi
     if len(sealed) != SEALED_BYTES:
         raise VerificationError("an encrypted self-mask share has the wrong length", reason="secagg")
     try:
-        share = _box(my_key, dealer_key, context).decrypt(sealed[:_NONCE], sealed[_NONCE:], context)
+        share = aead(my_key, dealer_key, context).decrypt(sealed[:_NONCE], sealed[_NONCE:], context)
     except InvalidTag:
         raise VerificationError(
             "an encrypted self-mask share does not decrypt for this federation, round, base model and pair",

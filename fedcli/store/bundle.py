@@ -76,7 +76,7 @@ MAX_TENSOR_FILES = 1  # a bundle carries one model's (or one update's) tensors
 _INDEX_NAMES = ("bundle.json", "bundle.sig")
 _COORD_KEYS = re.compile(
     r"^(federation\.toml(\.sig)?|rounds/\d{6}/(global\.(json|safetensors)|rejections\.json|secagg/drops\.json"
-    r"|updates/[^/]+\.json)"
+    r"|updates/[^/]+\.json|pairshares/[^/]+\.bin)"
     r"|specs/\d{6}/(federation\.toml|link\.json|countersign/[a-z0-9][a-z0-9_-]{0,62}\.json))$"
 )
 _CHAIN_SPEC = re.compile(r"^specs/\d{6}/federation\.toml$")  # spec versions >= 2 (protocol/chain.py)
@@ -85,7 +85,9 @@ _SPEC_KEYS = (SPEC_KEY, SPEC_SIG_KEY)
 
 def _member_keys(member: str) -> re.Pattern:
     m = re.escape(member)
-    return re.compile(rf"^rounds/\d{{6}}/(updates/{m}\.(json|safetensors)|secagg/recovery/{m}\.json)$")
+    return re.compile(
+        rf"^rounds/\d{{6}}/(updates/{m}\.(json|safetensors)|secagg/recovery/{m}\.json|pairshares/{m}\.bin)$"
+    )
 
 
 # -- the index contract ---------------------------------------------------------------
@@ -174,6 +176,12 @@ def kind_bound(spec: Spec | None, key: str) -> int:
         return MAX_LINK_BYTES
     if key == SPEC_SIG_KEY:
         return MAX_SIG_BYTES
+    if key.endswith(".bin") and "/pairshares/" in key:  # secure aggregation's shares of pairwise seeds
+        if spec is None:
+            raise VerificationError(f"{key}: no verified spec to bound pairwise-seed shares by")
+        from fedcli.secagg.pairshares import file_bytes
+
+        return file_bytes(len(spec.members))
     if key.endswith(".safetensors"):
         if spec is None:
             raise VerificationError(f"{key}: no verified spec to bound tensors by")
@@ -285,9 +293,23 @@ def _survivor_manifests(store: Store, spec: Spec, r: int, survivors) -> dict[str
             data = store.get(mkey, max_bytes=MAX_MANIFEST_BYTES)
         except NotFound:
             continue
-        _verified(data, member, mkey, kind="update", federation_id=spec.federation_id, round=r, member=name)
+        doc = _verified(data, member, mkey, kind="update", federation_id=spec.federation_id, round=r, member=name)
+        files.update(_pair_shares(store, spec, r, name, doc))
         files[mkey] = data
     return files
+
+
+def _pair_shares(store: Store, spec: Spec, r: int, name: str, manifest: dict) -> dict[str, bytes]:
+    """A masked update's pair-shares file (secagg.pairshares), packed only with the sha256 its manifest signs."""
+    record = manifest.get("secagg")
+    expected = record.get("pair_shares_sha256") if isinstance(record, dict) else None
+    if not isinstance(expected, str):
+        return {}
+    key = f"{round_dir(r)}/pairshares/{name}.bin"
+    try:
+        return {key: _tensors(store, key, expected, kind_bound(spec, key))}
+    except NotFound:
+        return {}
 
 
 def _chain_files(store: Store, spec: Spec) -> dict[str, bytes]:
@@ -323,7 +345,9 @@ def _member_files(store: Store, spec: Spec, me: keys.PublicIdentity) -> dict[str
         ) from None
     fid = spec.federation_id
     manifest = _verified(manifest_bytes, me, mkey, kind="update", federation_id=fid, round=r, member=me.name)
-    files = {tkey: _tensors(store, tkey, manifest.get("tensors_sha256"), kind_bound(spec, tkey)), mkey: manifest_bytes}
+    files = {tkey: _tensors(store, tkey, manifest.get("tensors_sha256"), kind_bound(spec, tkey))}
+    files.update(_pair_shares(store, spec, r, me.name, manifest))
+    files[mkey] = manifest_bytes
     recovery = f"{round_dir(r)}/secagg/recovery/{me.name}.json"  # secure aggregation's dropouts
     if store.exists(recovery):
         data = store.get(recovery, max_bytes=MAX_MANIFEST_BYTES)
