@@ -324,11 +324,8 @@ def test_pairwise_seed_shares_rebuild_from_any_t_and_only_for_their_context():
 
     for holders in (members[:4], members[2:], ["bank-0", "bank-2", "bank-3", "bank-5"]):
         assert pairshares.combine(points(holders, "bank-4")) == seeds["bank-4"]
-    # t - 1 shares interpolate to something else (or to no 32-byte seed at all)
-    try:
-        assert pairshares.combine(points(members[:3], "bank-4")) != seeds["bank-4"]
-    except VerificationError:
-        pass
+    # t - 1 shares interpolate to something else
+    assert pairshares.combine(points(members[:3], "bank-4")) != seeds["bank-4"]
     # the box is bound to round, base global, dealer and recipient; nobody outside the roster opens one
     for args in ((FED, 3, "bank-0", "bank-1"), (FED, 2, "bank-2", "bank-1")):
         with pytest.raises(VerificationError, match="do not decrypt"):
@@ -337,17 +334,17 @@ def test_pairwise_seed_shares_rebuild_from_any_t_and_only_for_their_context():
         pairshares.open_box(data, FED, 2, "bank-0", "bank-1", priv["bank-1"], roster, "cd" * 32)
     with pytest.raises(VerificationError, match="wrong size"):
         pairshares.open_box(data + b"x", FED, 2, "bank-0", "bank-1", priv["bank-1"], roster, base)
-    with pytest.raises(VerificationError, match="not a field element"):
-        pairshares.decode_element(b"\xff" * pairshares.ELEMENT_BYTES)
+    with pytest.raises(VerificationError, match="wrong length"):
+        pairshares.decode_element(b"\xff" * (pairshares.ELEMENT_BYTES + 1))
 
 
 def test_pair_seed_rebuild_skips_a_wrong_share_and_blames_when_none_fits():
     from fedcli.secagg import exchange, pairshares
 
     seed = bytes(range(32))
-    ys = pairshares.split(int.from_bytes(seed, "big"), 3, 5)
+    ys = pairshares.split(seed, 3, 5)
     good = list(enumerate(ys, start=1))
-    bad = (1, (ys[0] + 1) % pairshares.PRIME)
+    bad = (1, bytes([ys[0][0] ^ 1]) + ys[0][1:])
     commitment = masking.seed_commitment(seed)
     assert exchange.rebuild_pair_seed(("bank-1", "bank-4"), [bad, *good[1:4]], 3, commitment) == seed
     with pytest.raises(VerificationError, match="bank-1's pairwise seed with bank-4 do not rebuild"):

@@ -388,7 +388,7 @@ class Revealed:
 
     pairs: dict[tuple[str, str], bytes]  # (survivor, dropped) -> pairwise seed, revealed by the survivor itself
     shares: dict[str, list[bytes]]  # survivor -> revealed shares of its self-mask seed
-    pair_points: dict[tuple[str, str], list[tuple[int, int]]]  # (survivor, dropped) -> (x, share) of its seed
+    pair_points: dict[tuple[str, str], list[tuple[int, bytes]]]  # (survivor, dropped) -> (x, share) of its seed
     present: list[str]  # survivors whose recovery file is in
     missing: list[str]  # survivors still to publish
 
@@ -463,7 +463,7 @@ def rebuild_self_seed(member: str, shares: Sequence[bytes], t: int, commitment: 
 
 
 def rebuild_pair_seed(
-    pair: tuple[str, str], points: Sequence[tuple[int, int]], t: int, commitment: str | None, tries: int = 64
+    pair: tuple[str, str], points: Sequence[tuple[int, bytes]], t: int, commitment: str | None, tries: int = 64
 ) -> bytes:
     """The pairwise seed a survivor holds with a dropped member, from t revealed shares, checked
     against the survivor's signed commitment (other t-subsets are tried, a bounded number of times)."""

@@ -8,11 +8,11 @@ So each bank deals, with its update, Shamir t-of-n shares of every pairwise seed
 survivors then reveal their shares of the seeds (survivor, d) and the coordinator rebuilds them,
 checking each against the survivor's signed commitment.
 
-Sharing is over the prime field GF(2**256 + 297) (the smallest prime above 2**256, so a 32-byte seed is
-one field element); pycryptodome's Shamir shares 16-byte secrets in GF(2**128) in pure Python at ~8 ms
-per 25-of-50 split, which for n - 1 seeds of two halves each would cost ~0.8 s per bank at 50 banks;
-here the polynomial evaluation is a few big-integer multiply-adds per share (docs/benchmarks.md).
-The file is bound to federation, round, dealer, recipient and base global as sharing.py's boxes are.
+Sharing is pycryptodome's Shamir (a maintained implementation; it shares 16-byte secrets in GF(2**128)),
+applied to the two halves of each 32-byte seed, so a member's share of one seed is 32 bytes. It runs in
+pure Python: dealing n - 1 seeds costs a bank a few ms at 5 banks and about 0.8 s at 50
+(docs/benchmarks.md). The file is bound to federation, round, dealer, recipient and base global as
+sharing.py's boxes are.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from fedcli.errors import FedcliError, VerificationError
 from fedcli.secagg import sharing
 
-PRIME = 2**256 + 297
-ELEMENT_BYTES = 33  # a field element, big-endian
+ELEMENT_BYTES = 32  # one share of each 16-byte half of a seed
+_HALF = 16
 SEED_BYTES = 32
 _NONCE, _TAG = 12, 16
 _LABEL = b"pair-mask-share"
@@ -48,57 +48,38 @@ def x_of(member: str, members: Sequence[str]) -> int:
     return 1 + sorted(members).index(member)
 
 
-def split(secret: int, threshold: int, n: int) -> list[int]:
-    """Shamir shares of one field element at x = 1..n (a random polynomial of degree threshold - 1)."""
-    if not 0 <= secret < PRIME:
-        raise FedcliError("a shared secret must be a field element")
+def split(seed: bytes, threshold: int, n: int) -> list[bytes]:
+    """Shamir shares of a 32-byte seed at x = 1..n: each half shared t-of-n by pycryptodome, the halves' shares joined."""
+    from Crypto.Protocol.SecretSharing import Shamir  # pycryptodome
+
+    if len(seed) != SEED_BYTES:
+        raise FedcliError("a shared pairwise seed is 32 bytes")
     if not 2 <= threshold <= n:
         raise FedcliError(f"cannot share {threshold}-of-{n}")
-    coeffs = [secret] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
-    out = []
-    for x in range(1, n + 1):
-        y = 0
-        for c in reversed(coeffs):
-            y = (y * x + c) % PRIME
-        out.append(y)
-    return out
+    low, high = (Shamir.split(threshold, n, seed[i : i + _HALF]) for i in (0, _HALF))
+    return [a + b for (_, a), (_, b) in zip(low, high, strict=True)]  # pycryptodome's points are x = 1..n
 
 
-def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
-    """Weights w_i with f(0) = sum w_i f(x_i) for any polynomial of degree < len(xs)."""
-    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
-        raise VerificationError("share points must be distinct and non-zero", reason="secagg")
-    weights = []
-    for i, xi in enumerate(xs):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if j != i:
-                num = num * xj % PRIME
-                den = den * (xj - xi) % PRIME
-        weights.append(num * pow(den, -1, PRIME) % PRIME)
-    return weights
-
-
-def combine(points: Sequence[tuple[int, int]]) -> bytes:
+def combine(points: Sequence[tuple[int, bytes]]) -> bytes:
     """The 32-byte seed from (x, share) points; the caller checks it against its commitment."""
-    weights = lagrange_at_zero([x for x, _ in points])
-    secret = sum(w * y for w, (_, y) in zip(weights, points, strict=True)) % PRIME
-    if secret >= 2 ** (8 * SEED_BYTES):
-        raise VerificationError("revealed pairwise shares rebuild no 32-byte seed", reason="secagg")
-    return secret.to_bytes(SEED_BYTES, "big")
+    from Crypto.Protocol.SecretSharing import Shamir  # pycryptodome
+
+    xs = [x for x, _ in points]
+    if len(set(xs)) != len(xs) or any(not 0 < x < 2**16 for x in xs):
+        raise VerificationError("share points must be distinct and non-zero", reason="secagg")
+    low = Shamir.combine([(x, y[:_HALF]) for x, y in points])
+    high = Shamir.combine([(x, y[_HALF:]) for x, y in points])
+    return low + high
 
 
-def encode_element(y: int) -> bytes:
-    return y.to_bytes(ELEMENT_BYTES, "big")
+def encode_element(y: bytes) -> bytes:
+    return y
 
 
-def decode_element(data: bytes) -> int:
+def decode_element(data: bytes) -> bytes:
     if len(data) != ELEMENT_BYTES:
         raise VerificationError("a revealed pairwise share has the wrong length", reason="secagg")
-    y = int.from_bytes(data, "big")
-    if y >= PRIME:
-        raise VerificationError("a revealed pairwise share is not a field element", reason="secagg")
-    return y
+    return data
 
 
 def _context(federation: str, round_: int, dealer: str, recipient: str, base_sha: str) -> bytes:
@@ -120,7 +101,7 @@ def deal(
     peers = [m for m in members if m != me]
     if sorted(seeds) != peers:
         raise FedcliError("pairwise seeds must cover exactly the other members")
-    columns = [split(int.from_bytes(seeds[p], "big"), threshold, len(members)) for p in peers]
+    columns = [split(seeds[p], threshold, len(members)) for p in peers]
     out = []
     for i, member in enumerate(members):
         plain = b"".join(encode_element(col[i]) for col in columns)
@@ -140,7 +121,7 @@ def open_box(
     roster: Mapping[str, X25519PublicKey],
     base_sha: str,
 ) -> dict[str, bytes]:
-    """My shares (peer -> 33 bytes) of every pairwise seed `dealer` holds, from its pair-shares file."""
+    """My shares (peer -> 32 bytes) of every pairwise seed `dealer` holds, from its pair-shares file."""
     members = sorted(roster)
     n, size = len(members), box_bytes(len(members))
     if len(data) != file_bytes(n):
