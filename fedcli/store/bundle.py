@@ -355,13 +355,14 @@ def _survivor_manifests(store: Store, spec: Spec, r: int, survivors) -> dict[str
 
 
 def _chain_files(store: Store, spec: Spec) -> dict[str, bytes]:
-    """Spec versions 2.. that are in force or announced (verified by load_spec's walk), their
+    """Spec versions 2.. that are in force, announced or awaiting countersignatures (verified by load_spec's walk), their
     countersignatures, each spec file packed only if it still has the sha256 its link signs."""
     from fedcli.protocol import chain
 
     files: dict[str, bytes] = {}
     walked = spec.chain
-    for v in walked.versions[1:] if isinstance(walked, chain.Chain) else []:
+    versions = [*walked.versions[1:], *filter(None, [walked.pending])] if isinstance(walked, chain.Chain) else []
+    for v in versions:  # a pending version too: a bank behind the gap must see it to countersign it
         data = store.get(chain.spec_key(v.number), max_bytes=MAX_SPEC_BYTES)
         if sha256(data) != v.sha:
             raise VerificationError(
