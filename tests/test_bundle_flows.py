@@ -256,3 +256,27 @@ def test_a_forged_statistics_document_or_final_marker_is_refused(tmp_path, credi
         assert "signature" in line or "statistics" in line
         assert not (mirror / key).exists()
     assert rounds.latest_round(open_store(str(mirror))) == 0
+
+
+def test_spec_files_read_before_the_signature_are_bounded_in_total(tmp_path, credit_split, monkeypatch):
+    """A bundle's spec files are read to find who may sign it: never more than MAX_SPEC_FILES_BYTES in all."""
+    from fedcli.store import bundle
+
+    fed = make_fed(tmp_path / "fed", credit_split)
+    out = tmp_path / "g0.bundle"
+    export(fed, fed.store, fed.key("coordinator"), out)
+    monkeypatch.setattr(bundle, "MAX_SPEC_FILES_BYTES", 100)
+    line = one_line(import_(fed, out, tmp_path / "mirror", code=ExitCode.VERIFY))
+    assert "spec files are larger than" in line and not (tmp_path / "mirror").exists()
+
+
+def test_a_forged_spec_version_in_a_bundle_is_refused_by_the_chain_walk(tmp_path, credit_split):
+    fed = make_fed(tmp_path / "fed", credit_split)
+    mirror = tmp_path / "mirror"
+    to_mirror(fed, mirror, tmp_path / "g0.bundle")
+    spec = (fed.store / "federation.toml").read_bytes()
+    link = _signed(fed, "bank-a", {"kind": "spec-version", "version": 2})  # a member signs a "new version"
+    bad = tmp_path / "v2.bundle"
+    _forge(fed, bad, "bank-a", {"specs/000002/federation.toml": spec, "specs/000002/link.json": link})
+    line = one_line(import_(fed, bad, mirror, code=ExitCode.VERIFY))
+    assert "spec" in line and not (mirror / "specs").exists()

@@ -72,6 +72,7 @@ MAX_FILES = 10_000
 MAX_BUNDLE_BYTES = 4 << 30  # refuse absurd archives before opening them
 MAX_HEADER_READ = 1 << 20  # one tar header read (pax record, long name): ours are a few hundred bytes
 MAX_HEADER_TOTAL = 64 << 20  # all header reads together: (MAX_FILES + 2) members need far less
+MAX_SPEC_FILES_BYTES = 64 << 20  # spec versions, links, countersignatures, statistics: read before the signature
 MAX_TENSOR_FILES = 1  # a bundle carries one model's (or one update's) tensors
 _INDEX_NAMES = ("bundle.json", "bundle.sig")
 _COORD_KEYS = re.compile(
@@ -681,10 +682,14 @@ def _spec_entries(tar, members, raw: dict, path: Path) -> dict[str, bytes]:
     listed = raw.get("files")
     listed = [f.get("key") if isinstance(f, dict) else None for f in listed] if isinstance(listed, list) else []
     found: dict[str, bytes] = {}
+    budget = MAX_SPEC_FILES_BYTES
     for key in listed:
         if isinstance(key, str) and _SPEC_READ.match(key):
             if f"files/{key}" not in members:  # a half-copied archive
                 raise VerificationError(f"{path}: archive files differ from the signed index", reason="malformed")
+            budget -= members[f"files/{key}"].size
+            if budget < 0:  # read before the signature: bounded in total, not only one by one
+                raise Oversize(f"{path}: its spec files are larger than {MAX_SPEC_FILES_BYTES >> 20} MiB; not read")
             found[key] = _read(tar, members[f"files/{key}"], key, kind_bound(None, key), path)
     return found
 
