@@ -1,11 +1,15 @@
 """Air-gap bundles: one signed archive carries the files that must cross between two stores.
 
-Out (coordinator -> banks): the signed spec (and its later versions, specs/: protocol/chain.py),
-every global manifest and rejections list, and the latest global tensors (and, with secure
-aggregation, the open round's drop declaration and the survivors' signed update manifests, whose
-sealed self-mask shares each survivor must open).
-In (bank -> coordinator): that bank's committed update for the open round (and its recovery
-shares once it published them). The archive is a plain tar holding
+Out (coordinator -> banks, signed by the key the newest spec version names): the signed spec and
+its later versions (specs/: protocol/chain.py, pending ones too, so banks can countersign), the
+statistics document (protocol/statistics.py), every global manifest and rejections list, the
+latest global tensors (and, with secure aggregation, the open round's drop declaration and the
+survivors' signed update manifests, whose sealed self-mask shares each survivor must open), and
+the final marker (protocol/final.py).
+In (bank -> coordinator): only files that bank signed: its committed update for the open round
+(and its recovery shares once it published them), its holdout evaluations
+(protocol/evaluations.py), its statistics contribution, its key rotation statements and
+countersignatures. The archive is a plain tar holding
 
     bundle.json      canonical JSON index (BundleIndex): kind, federation, signer, every file's key, size, sha256
     bundle.sig       Ed25519 signature of the signer over "fedcli-bundle-v1\\n" + bundle.json
@@ -16,10 +20,12 @@ signature, each tensor file's sha256 against its verified manifest. A file plant
 store (a link to a private key, a forged list) never verifies, so it never leaves.
 
 Import walks the tar headers first (regular, non-sparse members only, header reads bounded),
-verifies the index signature over the raw bytes, then validates the index against its
-contract, checks that each signer only carries its own kind of file and that every member
-fits both its signed size and the bound of its kind (tensors by the spec's model), and only
-then reads contents and checks each hash. It refuses conflicts before writing anything,
+reads the spec files the bundle carries (bounded in total) so the chain walk can say who the
+coordinator is now, verifies the index signature over the raw bytes, then validates the index
+against its contract, checks that each signer only carries its own kind of file and that every
+member fits both its signed size and the bound of its kind (tensors by the spec's model), and
+only then reads contents, checks each hash and each carried document's signer and place.
+It refuses conflicts before writing anything,
 then writes like every other writer: tensors first, manifests (create-only) last. Importing
 twice is a no-op. Nothing is ever extracted to disk or unpickled.
 """
