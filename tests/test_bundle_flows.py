@@ -5,7 +5,7 @@ Each test plays a bank whose only link to the coordinator is a bundle file, thro
 import json
 
 import pytest
-from helpers import BANKS, TEMPLATE, make_fed, one_line
+from helpers import BANKS, TEMPLATE, make_fed, one_line, use_s3
 from test_bundle import _forge
 from test_chain import amend, newbank
 from test_statistics import federated_template
@@ -280,3 +280,39 @@ def test_a_forged_spec_version_in_a_bundle_is_refused_by_the_chain_walk(tmp_path
     _forge(fed, bad, "bank-a", {"specs/000002/federation.toml": spec, "specs/000002/link.json": link})
     line = one_line(import_(fed, bad, mirror, code=ExitCode.VERIFY))
     assert "spec version 2" in line and not (mirror / "specs").exists(), line
+
+
+@pytest.mark.slow
+def test_a_masked_statistics_round_with_the_bank_mirror_on_s3(tmp_path, credit_split, moto_s3, monkeypatch):
+    """Secure aggregation's statistics round needs every member: the air-gapped one through bundles, its mirror on S3."""
+    secagg = "\n[secagg]\nenabled = true\n"
+    fed = make_fed(tmp_path / "fed", credit_split, federated_template(secagg, ranges=True, levels=True))
+    mirror = use_s3(moto_s3, monkeypatch)
+    to_mirror(fed, mirror, tmp_path / "spec.bundle")
+    for b in BANKS:
+        store = mirror if b == "bank-a" else fed.store
+        res = fed.cli(
+            "stats",
+            "submit",
+            "--store",
+            store,
+            "--key",
+            fed.key(b),
+            "--data",
+            fed.data / f"{b}.csv",
+            "--coordinator",
+            fed.pub("coordinator"),
+        )
+        assert "masked for secure aggregation" in res.output
+    res = fed.cli("stats", "aggregate", "--store", fed.store, "--key", fed.key("coordinator"), code=3)
+    assert "needs every member's" in res.output  # bank-a's contribution is still behind the gap
+    assert "statistics/" in to_exchange(fed, mirror, "bank-a", tmp_path / "a.bundle")
+    fed.cli("stats", "aggregate", "--store", fed.store, "--key", fed.key("coordinator"))
+    assert json.loads((fed.store / "statistics/statistics.json").read_text())["encoding"] == "masked"
+    to_mirror(fed, mirror, tmp_path / "g0.bundle")
+    s3 = open_store(mirror)
+    assert (
+        s3.get("statistics/statistics.json", max_bytes=1 << 16)
+        == (fed.store / "statistics/statistics.json").read_bytes()
+    )
+    assert "submitted update for round 1" in train_on(fed, mirror, "bank-a").output
