@@ -128,6 +128,7 @@ def test_a_bank_rotates_its_key_across_the_gap(tmp_path, credit_split):
     assert "submitted update for round 1" in train_on(fed, mirror, "bank-a", key=new_key).output
     said = to_exchange(fed, mirror, "bank-a", tmp_path / "a1.bundle", key=new_key)
     assert "rounds/000001/updates/bank-a.json" in said
+    assert "specs/rotations" not in said and "not packed" not in said  # the statement in force stays home
     old = export(fed, mirror, fed.key("bank-a"), tmp_path / "old.bundle", code=1)  # the old key no longer speaks
     assert "neither the coordinator nor a member" in one_line(old)
 

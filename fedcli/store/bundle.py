@@ -448,18 +448,23 @@ def _optional(
 
 
 def _evaluations(store: Store, spec: Spec, me: keys.PublicIdentity, skipped: list[str]) -> dict[str, bytes]:
-    """The bank's signed holdout evaluations of published globals (protocol.evaluations)."""
+    """The bank's signed holdout evaluations of published globals (protocol.evaluations); those made while
+    another key of this bank was in force (before a rotation) crossed with that key's bundles."""
     files: dict[str, bytes] = {}
     mine = re.compile(rf"^rounds/(\d{{6}})/evaluations/{re.escape(me.name)}\.json$")
     published = set(global_rounds(store))
     for key in store.list("rounds"):
         m = mine.match(key)
-        if m and int(m.group(1)) in published:
-            fid = spec.federation_id
-            files.update(
-                _optional(store, key, me, skipped, kind="evaluation", federation_id=fid, round=int(m.group(1)))
-            )
+        r = int(m.group(1)) if m else -1
+        if r not in published or _key_then(spec, r + 1, me.name) != me.ed25519:  # scored while round r+1 trained
+            continue
+        files.update(_optional(store, key, me, skipped, kind="evaluation", federation_id=spec.federation_id, round=r))
     return files
+
+
+def _key_then(spec: Spec, r: int, name: str) -> str | None:
+    member = spec_for_round(spec, None, r)[0].member(name)
+    return member.ed25519 if member is not None else None
 
 
 def _contribution(
@@ -485,8 +490,11 @@ def _chain_statements(store: Store, spec: Spec, me: keys.PublicIdentity, skipped
     """The bank's key rotation statements (signed by its current key) and its countersignatures of spec versions."""
     files: dict[str, bytes] = {}
     fid = spec.federation_id
+    from fedcli.protocol import chain
+
+    done = chain.rotation_key(me.name, me.ed25519)  # the rotation to this key: in force, the coordinator has it
     for key in store.list(f"specs/rotations/{me.name}"):
-        if re.fullmatch(rf"specs/rotations/{re.escape(me.name)}/[0-9a-f]{{16}}\.json", key):
+        if key != done and re.fullmatch(rf"specs/rotations/{re.escape(me.name)}/[0-9a-f]{{16}}\.json", key):
             files.update(
                 _optional(
                     store,
