@@ -80,6 +80,9 @@ def test_an_air_gapped_bank_takes_part_in_the_statistics_round(tmp_path, credit_
     key = str(contribution.relative_to(mirror))
     said = to_exchange(fed, mirror, "bank-a", tmp_path / "a-stats.bundle")
     assert key in said and same(fed, mirror, key)
+    replay = tmp_path / "replay.bundle"  # the same signed contribution under another spec's folder
+    _forge(fed, replay, "bank-a", {"statistics/ffffffffffffffff/bank-a.json": contribution.read_bytes()})
+    assert "another spec version" in one_line(import_(fed, replay, fed.store, pub=None, code=ExitCode.VERIFY))
     for b in BANKS[1:3]:
         fed.cli(
             "stats",
