@@ -320,3 +320,37 @@ def test_a_masked_statistics_round_with_the_bank_mirror_on_s3(tmp_path, credit_s
         == (fed.store / "statistics/statistics.json").read_bytes()
     )
     assert "submitted update for round 1" in train_on(fed, mirror, "bank-a").output
+
+
+def test_an_import_writes_what_others_name_before_them(tmp_path):
+    """Spec and statistics before the globals checked by them, tensors before manifests, the final marker last:
+    an import cut short at any write never leaves a document naming one that is not there yet."""
+    from fedcli.store.bundle import BundleResult, _write
+    from fedcli.store.folder import FolderStore
+
+    class Recording(FolderStore):
+        def put(self, key, data, *, create_only=False):
+            self.order.append(key)
+            super().put(key, data, create_only=create_only)
+
+    store = Recording(tmp_path / "mirror")
+    store.order = []
+    keys_ = [
+        "final.json",
+        "rounds/000001/global.json",
+        "rounds/000001/rejections.json",
+        "rounds/000001/global.safetensors",
+        "statistics/statistics.json",
+        "specs/000002/link.json",
+        "federation.toml",
+    ]
+    _write(store, {k: k.encode() for k in keys_}, BundleResult(tmp_path, "c", "coordinator", "f"))
+    assert store.order == [
+        "federation.toml",
+        "specs/000002/link.json",
+        "statistics/statistics.json",
+        "rounds/000001/global.safetensors",
+        "rounds/000001/rejections.json",
+        "rounds/000001/global.json",
+        "final.json",
+    ]

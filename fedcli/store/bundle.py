@@ -320,6 +320,8 @@ def _spec_files(store: Store, spec: Spec) -> dict[str, bytes]:
     first = spec.chain.versions[0] if spec.chain is not None else None
     signer = first.spec.coordinator if first is not None else spec.coordinator
     keys.verify_bytes(data, sig.decode("ascii", "replace"), signer, "federation spec")
+    if first is not None and sha256(data) != first.sha:
+        raise VerificationError("the federation spec changed while it was packed; not packed", reason="bad-hash")
     return {SPEC_KEY: data, SPEC_SIG_KEY: sig}
 
 
@@ -488,10 +490,10 @@ def _contribution(
 
 def _chain_statements(store: Store, spec: Spec, me: keys.PublicIdentity, skipped: list[str]) -> dict[str, bytes]:
     """The bank's key rotation statements (signed by its current key) and its countersignatures of spec versions."""
-    files: dict[str, bytes] = {}
-    fid = spec.federation_id
     from fedcli.protocol import chain
 
+    files: dict[str, bytes] = {}
+    fid = spec.federation_id
     done = chain.rotation_key(me.name, me.ed25519)  # the rotation to this key: in force, the coordinator has it
     for key in store.list(f"specs/rotations/{me.name}"):
         if key != done and re.fullmatch(rf"specs/rotations/{re.escape(me.name)}/[0-9a-f]{{16}}\.json", key):
@@ -837,7 +839,8 @@ def _documents(entries: dict[str, bytes], spec: Spec, spec_sha: str, role: str, 
 
 
 def _write(store: Store, entries: dict[str, bytes], result: BundleResult) -> None:
-    """Check every conflict first, then write: spec, tensors, rejections, manifests (commit markers) last."""
+    """Check every conflict first, then write: spec and statistics, tensors, rejections, manifests (commit
+    markers), and the final marker last, so an import cut short never leaves a document naming a missing one."""
     todo = []
     for key, data in entries.items():
         try:
@@ -858,11 +861,13 @@ def _write(store: Store, entries: dict[str, bytes], result: BundleResult) -> Non
     def rank(key: str) -> tuple:
         kind = (
             0
-            if key in _SPEC_KEYS or key.startswith("specs/")
+            if key in _SPEC_KEYS or key.startswith("specs/") or key == STATISTICS_KEY  # what globals are checked by
             else 1
             if key.endswith(".safetensors")
             else 2
             if key.endswith("rejections.json")
+            else 4
+            if key == FINAL_KEY  # names the last global: written after it
             else 3
         )
         return (kind, key)
