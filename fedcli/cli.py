@@ -872,7 +872,7 @@ def bundle_export(
     ),
     output: Path = typer.Option(..., "--out", "-o", help="Bundle file to write (e.g. on removable media)."),
 ):
-    """Pack what must cross the air gap: coordinator -> the latest global model; bank -> its update."""
+    """Pack what must cross the air gap: coordinator -> spec, statistics, globals, end; bank -> its own signed files."""
     from fedcli.store.bundle import export_bundle
 
     with failures():

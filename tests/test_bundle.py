@@ -182,7 +182,7 @@ def test_unknown_signer_and_wrong_pinned_coordinator(fed, tmp_path):
         fed.pub("mallory"),
         code=ExitCode.VERIFY,
     )
-    assert "not by the pinned coordinator" in res.output
+    assert "does not verify with the pinned coordinator key" in res.output
     res = _import(fed, out, tmp_path / "mirror", code=1, pinned=False)
     assert "pass --coordinator" in res.output
 

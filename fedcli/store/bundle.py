@@ -1,11 +1,15 @@
 """Air-gap bundles: one signed archive carries the files that must cross between two stores.
 
-Out (coordinator -> banks): the signed spec (and its later versions, specs/: protocol/chain.py),
-every global manifest and rejections list, and the latest global tensors (and, with secure
-aggregation, the open round's drop declaration and the survivors' signed update manifests, whose
-sealed self-mask shares each survivor must open).
-In (bank -> coordinator): that bank's committed update for the open round (and its recovery
-shares once it published them). The archive is a plain tar holding
+Out (coordinator -> banks, signed by the key the newest spec version names): the signed spec and
+its later versions (specs/: protocol/chain.py, pending ones too, so banks can countersign), the
+statistics document (protocol/statistics.py), every global manifest and rejections list, the
+latest global tensors (and, with secure aggregation, the open round's drop declaration and the
+survivors' signed update manifests, whose sealed self-mask shares each survivor must open), and
+the final marker (protocol/final.py).
+In (bank -> coordinator): only files that bank signed: its committed update for the open round
+(and its recovery shares once it published them), its holdout evaluations
+(protocol/evaluations.py), its statistics contribution, its key rotation statements and
+countersignatures. The archive is a plain tar holding
 
     bundle.json      canonical JSON index (BundleIndex): kind, federation, signer, every file's key, size, sha256
     bundle.sig       Ed25519 signature of the signer over "fedcli-bundle-v1\\n" + bundle.json
@@ -16,10 +20,12 @@ signature, each tensor file's sha256 against its verified manifest. A file plant
 store (a link to a private key, a forged list) never verifies, so it never leaves.
 
 Import walks the tar headers first (regular, non-sparse members only, header reads bounded),
-verifies the index signature over the raw bytes, then validates the index against its
-contract, checks that each signer only carries its own kind of file and that every member
-fits both its signed size and the bound of its kind (tensors by the spec's model), and only
-then reads contents and checks each hash. It refuses conflicts before writing anything,
+reads the spec files the bundle carries (bounded in total) so the chain walk can say who the
+coordinator is now, verifies the index signature over the raw bytes, then validates the index
+against its contract, checks that each signer only carries its own kind of file and that every
+member fits both its signed size and the bound of its kind (tensors by the spec's model), and
+only then reads contents, checks each hash and each carried document's signer and place.
+It refuses conflicts before writing anything,
 then writes like every other writer: tensors first, manifests (create-only) last. Importing
 twice is a no-op. Nothing is ever extracted to disk or unpickled.
 """
@@ -52,7 +58,6 @@ from fedcli.protocol.rounds import (
     expect,
     global_keys,
     global_rounds,
-    latest_round,
     load_spec,
     now,
     rejections_key,
@@ -61,6 +66,7 @@ from fedcli.protocol.rounds import (
     update_keys,
 )
 from fedcli.protocol.spec import Spec
+from fedcli.store.base import Store as BaseStore
 
 if TYPE_CHECKING:
     from fedcli.store import Store
@@ -72,21 +78,35 @@ MAX_FILES = 10_000
 MAX_BUNDLE_BYTES = 4 << 30  # refuse absurd archives before opening them
 MAX_HEADER_READ = 1 << 20  # one tar header read (pax record, long name): ours are a few hundred bytes
 MAX_HEADER_TOTAL = 64 << 20  # all header reads together: (MAX_FILES + 2) members need far less
+MAX_SPEC_FILES_BYTES = 64 << 20  # spec versions, links, countersignatures, statistics: read before the signature
 MAX_TENSOR_FILES = 1  # a bundle carries one model's (or one update's) tensors
 _INDEX_NAMES = ("bundle.json", "bundle.sig")
 _COORD_KEYS = re.compile(
     r"^(federation\.toml(\.sig)?|rounds/\d{6}/(global\.(json|safetensors)|rejections\.json|secagg/drops\.json"
     r"|updates/[^/]+\.json|pairshares/[^/]+\.bin)"
-    r"|specs/\d{6}/(federation\.toml|link\.json|countersign/[a-z0-9][a-z0-9_-]{0,62}\.json))$"
+    r"|specs/\d{6}/(federation\.toml|link\.json|countersign/[a-z0-9][a-z0-9_-]{0,62}\.json)"
+    r"|statistics/statistics\.json|final\.json)$"
 )
+# What the spec's verified reading (rounds.load_spec: the chain walk, the statistics document) looks at.
+_SPEC_READ = re.compile(
+    r"^(federation\.toml(\.sig)?|specs/\d{6}/(federation\.toml|link\.json|countersign/[a-z0-9][a-z0-9_-]{0,62}\.json)"
+    r"|statistics/statistics\.json)$"
+)
+STATISTICS_KEY = "statistics/statistics.json"  # protocol.statistics.STATISTICS_KEY
+FINAL_KEY = "final.json"  # protocol.final.FINAL_KEY
 _CHAIN_SPEC = re.compile(r"^specs/\d{6}/federation\.toml$")  # spec versions >= 2 (protocol/chain.py)
 _SPEC_KEYS = (SPEC_KEY, SPEC_SIG_KEY)
 
 
 def _member_keys(member: str) -> re.Pattern:
+    """A member writes only its own files: update, recovery shares, holdout evaluations, its statistics
+    contribution, its key rotation statements and its countersignatures of spec versions."""
     m = re.escape(member)
     return re.compile(
-        rf"^rounds/\d{{6}}/(updates/{m}\.(json|safetensors)|secagg/recovery/{m}\.json|pairshares/{m}\.bin)$"
+        rf"^(rounds/\d{{6}}/(updates/{m}\.(json|safetensors)|secagg/recovery/{m}\.json|evaluations/{m}\.json"
+        rf"|pairshares/{m}\.bin)"
+        rf"|statistics/[0-9a-f]{{16}}/{m}\.json|specs/rotations/{m}/[0-9a-f]{{16}}\.json"
+        rf"|specs/\d{{6}}/countersign/{m}\.json)$"
     )
 
 
@@ -193,19 +213,19 @@ def kind_bound(spec: Spec | None, key: str) -> int:
 
 
 def export_bundle(store: Store, key_path: Path, out: Path) -> BundleResult:
-    """Pack what the holder of key_path must send, each file verified: coordinator globals, or a bank's update."""
+    """Pack what the holder of key_path must send, each file verified: coordinator globals, or a bank's files."""
     private, pub_b64 = keys.load_private(key_path)
-    spec, spec_bytes, sig_bytes, coordinator = _exporter_spec(store, pub_b64)
+    spec, spec_sha, coordinator = _exporter_spec(store, pub_b64)
     skipped: list[str] = []
     if coordinator:
         role, signer = "coordinator", spec.coordinator.name
-        files = {SPEC_KEY: spec_bytes, SPEC_SIG_KEY: sig_bytes, **_coordinator_files(store, spec, skipped)}
+        files = _coordinator_files(store, spec, skipped)
     else:
         me = spec.member_by_key(pub_b64)
         if me is None:
             raise FedcliError(f"{key_path} is neither the coordinator nor a member of federation {spec.federation_id}")
         role, signer = "member", me.name
-        files = _member_files(store, spec, keys.PublicIdentity(me.name, pub_b64))
+        files = _member_files(store, spec, spec_sha, keys.PublicIdentity(me.name, pub_b64), skipped)
     index = {
         "kind": "bundle",
         "format": FORMAT,
@@ -221,41 +241,59 @@ def export_bundle(store: Store, key_path: Path, out: Path) -> BundleResult:
     return BundleResult(Path(out), signer, role, spec.federation_id, written=list(files), skipped=skipped)
 
 
-def _exporter_spec(store: Store, pub_b64: str) -> tuple[Spec, bytes, bytes, bool]:
-    """The store's spec, its raw bytes and signature, and whether the exporter is its coordinator.
+def _exporter_spec(store: Store, pub_b64: str) -> tuple[Spec, str, bool]:
+    """The store's spec (with its verified version chain), its sha256, and whether the exporter is its coordinator.
 
-    The coordinator's own key checks the signature over the raw bytes before they are parsed,
-    and exactly those bytes are packed. For a bank the spec is read as every command reads it
-    (rounds.load_spec); a bank's bundle never carries the spec.
+    The coordinator is the key the newest version names: after `spec amend --new-key` that is the
+    new key (the chain walk verified every version under the key before it). A key that signed
+    only older versions may no longer speak for the federation.
     """
-    try:
-        data = store.get(SPEC_KEY, max_bytes=MAX_SPEC_BYTES)
-        sig = store.get(SPEC_SIG_KEY, max_bytes=MAX_SIG_BYTES)
-    except NotFound:
-        raise FedcliError(f"{store} holds no federation: run `fedcli init` first") from None
-    try:
-        keys.verify_bytes(
-            data, sig.decode("ascii", "replace"), keys.PublicIdentity("coordinator", pub_b64), "federation spec"
+    from fedcli.protocol import chain
+
+    try:  # some version must name this key for it to be the coordinator's (as before the chain: its signature)
+        spec, spec_sha = load_spec(store, keys.PublicIdentity("coordinator", pub_b64))
+    except VerificationError:  # a bank (or a stranger): the spec as every command reads it
+        spec, spec_sha = load_spec(store, None)
+    walked = spec.chain
+    latest = walked.latest.spec if isinstance(walked, chain.Chain) else spec
+    if latest.coordinator.ed25519 == pub_b64:
+        return _with_chain_coordinator(spec, latest), spec_sha, True
+    if spec.member_by_key(pub_b64) is None and any(
+        v.spec.coordinator.ed25519 == pub_b64 for v in getattr(walked, "versions", ())
+    ):
+        raise VerificationError(
+            f"this coordinator key was rotated out: spec version {walked.latest.number} names "
+            f"{latest.coordinator.fingerprint}; export with the new coordinator key",
+            reason="not-member",
         )
-    except VerificationError:  # not signed with this key: a bank (or a stranger)
-        return load_spec(store, None)[0], b"", b"", False
-    spec = load_spec(store, keys.PublicIdentity("coordinator", pub_b64))[0]  # with its version chain
-    if spec.coordinator.ed25519 != pub_b64:
-        raise VerificationError("the federation spec is signed by your key but names another coordinator")
-    return spec, data, sig, True
+    return spec, spec_sha, False
+
+
+def _with_chain_coordinator(spec: Spec, latest: Spec) -> Spec:
+    """The spec in force, signed for by the newest coordinator (a rotation announced for a later round)."""
+    from dataclasses import replace
+
+    return spec if spec.coordinator == latest.coordinator else replace(spec, coordinator=latest.coordinator)
 
 
 def _coordinator_files(store: Store, spec: Spec, skipped: list[str]) -> dict[str, bytes]:
-    """Besides the spec: signed rejections (optional), the latest global tensors, every global manifest, open drops."""
+    """The spec and its versions, the statistics document, signed rejections (optional), the latest global
+    tensors, every global manifest, the open round's drops, and the final marker last."""
     rounds = global_rounds(store)
+    fid = spec.federation_id
+    files = {**_spec_files(store, spec), **_chain_files(store, spec), **_statistics_file(store, spec)}
     if not rounds:
-        raise FedcliError(f"{store} has no global model yet: run `fedcli init` first")
-    fid, files = spec.federation_id, _chain_files(store, spec)
+        from fedcli.protocol.statistics import pending
+
+        if not pending(spec):
+            raise FedcliError(f"{store} has no global model yet: run `fedcli init` first")
+        return files  # the statistics round: banks need the spec to contribute
     for r in rounds:
         key = rejections_key(r)
         try:
             data = store.get(key, max_bytes=MAX_MANIFEST_BYTES)
-            _verified(data, spec.coordinator, key, kind="rejections", federation_id=fid, round=r)
+            signer = spec_for_round(spec, None, r)[0].coordinator
+            _verified(data, signer, key, kind="rejections", federation_id=fid, round=r)
         except NotFound:
             continue
         except FedcliError as e:  # optional: a list the coordinator did not sign (or a link) is not carried
@@ -278,7 +316,44 @@ def _coordinator_files(store: Store, spec: Spec, skipped: list[str]) -> dict[str
         doc = _verified(data, spec.coordinator, drops, kind="secagg-drops", federation_id=fid, round=latest + 1)
         files[drops] = data
         files.update(_survivor_manifests(store, spec, latest + 1, doc.get("survivors")))
+    files.update(_final_file(store, spec, skipped))
     return files
+
+
+def _spec_files(store: Store, spec: Spec) -> dict[str, bytes]:
+    """Version 1's raw bytes and signature, packed only if they are the bytes the chain walk verified."""
+    data = store.get(SPEC_KEY, max_bytes=MAX_SPEC_BYTES)
+    sig = store.get(SPEC_SIG_KEY, max_bytes=MAX_SIG_BYTES)
+    first = spec.chain.versions[0] if spec.chain is not None else None
+    signer = first.spec.coordinator if first is not None else spec.coordinator
+    keys.verify_bytes(data, sig.decode("ascii", "replace"), signer, "federation spec")
+    if first is not None and sha256(data) != first.sha:
+        raise VerificationError("the federation spec changed while it was packed; not packed", reason="bad-hash")
+    return {SPEC_KEY: data, SPEC_SIG_KEY: sig}
+
+
+def _statistics_file(store: Store, spec: Spec) -> dict[str, bytes]:
+    """The coordinator's signed statistics document (federated statistics), once published."""
+    try:
+        data = store.get(STATISTICS_KEY, max_bytes=MAX_MANIFEST_BYTES)
+    except NotFound:
+        return {}
+    signer = spec_for_round(spec, None, 0)[0].coordinator  # published before round 0
+    _verified(data, signer, STATISTICS_KEY, kind="statistics", federation_id=spec.federation_id)
+    return {STATISTICS_KEY: data}
+
+
+def _final_file(store: Store, spec: Spec, skipped: list[str]) -> dict[str, bytes]:
+    """The signed end of the federation: banks behind the gap stop spending budget on rounds that never come."""
+    try:
+        data = store.get(FINAL_KEY, max_bytes=MAX_MANIFEST_BYTES)
+        _verified(data, spec.coordinator, FINAL_KEY, kind="final", federation_id=spec.federation_id)
+    except NotFound:
+        return {}
+    except FedcliError as e:  # like an unsigned rejections list: never shown as the end, never carried
+        skipped.append(f"{FINAL_KEY} not packed: {e}")
+        return {}
+    return {FINAL_KEY: data}
 
 
 def _survivor_manifests(store: Store, spec: Spec, r: int, survivors) -> dict[str, bytes]:
@@ -313,13 +388,14 @@ def _pair_shares(store: Store, spec: Spec, r: int, name: str, manifest: dict) ->
 
 
 def _chain_files(store: Store, spec: Spec) -> dict[str, bytes]:
-    """Spec versions 2.. that are in force or announced (verified by load_spec's walk), their
+    """Spec versions 2.. that are in force, announced or awaiting countersignatures (verified by load_spec's walk), their
     countersignatures, each spec file packed only if it still has the sha256 its link signs."""
     from fedcli.protocol import chain
 
     files: dict[str, bytes] = {}
     walked = spec.chain
-    for v in walked.versions[1:] if isinstance(walked, chain.Chain) else []:
+    versions = [*walked.versions[1:], *filter(None, [walked.pending])] if isinstance(walked, chain.Chain) else []
+    for v in versions:  # a pending version too: a bank behind the gap must see it to countersign it
         data = store.get(chain.spec_key(v.number), max_bytes=MAX_SPEC_BYTES)
         if sha256(data) != v.sha:
             raise VerificationError(
@@ -333,16 +409,39 @@ def _chain_files(store: Store, spec: Spec) -> dict[str, bytes]:
     return files
 
 
-def _member_files(store: Store, spec: Spec, me: keys.PublicIdentity) -> dict[str, bytes]:
-    """The bank's committed update of the open round (manifest signed by it, tensors of the signed hash) and recovery."""
-    r = latest_round(store) + 1
+def _member_files(
+    store: Store, spec: Spec, spec_sha: str, me: keys.PublicIdentity, skipped: list[str]
+) -> dict[str, bytes]:
+    """Everything this bank signed that the coordinator's store needs: its committed update of the open
+    round and recovery shares, its holdout evaluations, its statistics contribution, its key rotation
+    statements and countersignatures. Each file is verified against the bank's key; one that does not
+    verify (a file planted at its place, or signed by its previous key) is left out with a line."""
+    files = _open_update(store, spec, me)
+    files.update(_evaluations(store, spec, me, skipped))
+    files.update(_contribution(store, spec, spec_sha, me, skipped))
+    files.update(_chain_statements(store, spec, me, skipped))
+    if not files:
+        published = global_rounds(store)
+        what = (
+            f"update for round {published[-1] + 1} (`fedcli train`)"
+            if published
+            else "statistics contribution (`fedcli stats submit`)"
+        )
+        raise FedcliError(f"{me.name} has nothing to send from {store}: no committed {what}")
+    return files
+
+
+def _open_update(store: Store, spec: Spec, me: keys.PublicIdentity) -> dict[str, bytes]:
+    """The bank's committed update of the open round (manifest signed by it, tensors of the signed hash), recovery."""
+    published = global_rounds(store)
+    if not published:
+        return {}
+    r = published[-1] + 1
     tkey, mkey = update_keys(r, me.name)
     try:
         manifest_bytes = store.get(mkey, max_bytes=MAX_MANIFEST_BYTES)
     except NotFound:
-        raise FedcliError(
-            f"{me.name} has no committed update for round {r} in {store}: run `fedcli train` first"
-        ) from None
+        return {}
     fid = spec.federation_id
     manifest = _verified(manifest_bytes, me, mkey, kind="update", federation_id=fid, round=r, member=me.name)
     files = {tkey: _tensors(store, tkey, manifest.get("tensors_sha256"), kind_bound(spec, tkey))}
@@ -354,6 +453,102 @@ def _member_files(store: Store, spec: Spec, me: keys.PublicIdentity) -> dict[str
         _verified(data, me, recovery, kind="secagg-recovery", federation_id=fid, round=r, member=me.name)
         files[recovery] = data
     return files
+
+
+def _optional(
+    store: Store, key: str, me: keys.PublicIdentity, skipped: list[str], check=None, **expected
+) -> dict[str, bytes]:
+    """One of the bank's own signed documents, or nothing (with a line) when it does not verify as such."""
+    try:
+        data = store.get(key, max_bytes=MAX_MANIFEST_BYTES)
+        doc = _verified(data, me, key, member=me.name, **expected)
+        if check is not None:
+            check(doc)
+    except NotFound:
+        return {}
+    except FedcliError as e:
+        skipped.append(f"{key} not packed: {e}")
+        return {}
+    return {key: data}
+
+
+def _evaluations(store: Store, spec: Spec, me: keys.PublicIdentity, skipped: list[str]) -> dict[str, bytes]:
+    """The bank's signed holdout evaluations of published globals (protocol.evaluations); those made while
+    another key of this bank was in force (before a rotation) crossed with that key's bundles."""
+    files: dict[str, bytes] = {}
+    mine = re.compile(rf"^rounds/(\d{{6}})/evaluations/{re.escape(me.name)}\.json$")
+    published = set(global_rounds(store))
+    for key in store.list("rounds"):
+        m = mine.match(key)
+        r = int(m.group(1)) if m else -1
+        if r not in published or _key_then(spec, r + 1, me.name) != me.ed25519:  # scored while round r+1 trained
+            continue
+        files.update(_optional(store, key, me, skipped, kind="evaluation", federation_id=spec.federation_id, round=r))
+    return files
+
+
+def _key_then(spec: Spec, r: int, name: str) -> str | None:
+    member = spec_for_round(spec, None, r)[0].member(name)
+    return member.ed25519 if member is not None else None
+
+
+def _contribution(
+    store: Store, spec: Spec, spec_sha: str, me: keys.PublicIdentity, skipped: list[str]
+) -> dict[str, bytes]:
+    """The bank's statistics contribution, while the statistics round is open (protocol.statistics)."""
+    from fedcli.protocol import statistics as stats
+
+    if not stats.pending(spec):
+        return {}
+    key = stats.contribution_key(spec_sha, me.name)
+    if not store.exists(key):
+        return {}
+    try:
+        stats.verify_contribution(store, spec, spec_sha, me.name)  # signature, contract, place and encoding
+    except FedcliError as e:
+        skipped.append(f"{key} not packed: {e}")
+        return {}
+    return {key: store.get(key, max_bytes=MAX_MANIFEST_BYTES)}
+
+
+def _chain_statements(store: Store, spec: Spec, me: keys.PublicIdentity, skipped: list[str]) -> dict[str, bytes]:
+    """The bank's key rotation statements (signed by its current key) and its countersignatures of spec versions."""
+    from fedcli.protocol import chain
+
+    files: dict[str, bytes] = {}
+    fid = spec.federation_id
+    done = chain.rotation_key(me.name, me.ed25519)  # the rotation to this key: in force, the coordinator has it
+    for key in store.list(f"specs/rotations/{me.name}"):
+        if key != done and re.fullmatch(rf"specs/rotations/{re.escape(me.name)}/[0-9a-f]{{16}}\.json", key):
+            files.update(
+                _optional(
+                    store,
+                    key,
+                    me,
+                    skipped,
+                    check=functools.partial(_rotation_at, key),
+                    kind="key-rotation",
+                    federation_id=fid,
+                    old_ed25519=me.ed25519,
+                )
+            )
+    for key in store.list("specs"):
+        m = re.fullmatch(rf"specs/(\d{{6}})/countersign/{re.escape(me.name)}\.json", key)
+        if m:
+            version = int(m.group(1))
+            files.update(
+                _optional(store, key, me, skipped, kind="spec-countersign", federation_id=fid, version=version)
+            )
+    return files
+
+
+def _rotation_at(key: str, doc: dict) -> None:
+    """A rotation statement sits at the place its new key names (chain.rotation_key)."""
+    from fedcli.protocol import chain
+
+    new = doc.get("new_ed25519")
+    if not isinstance(new, str) or chain.rotation_key(str(doc.get("member")), new) != key:
+        raise VerificationError(f"{key}: names another new key than its place", reason="wrong-round")
 
 
 def _verified(data: bytes, signer: keys.PublicIdentity, key: str, **expected) -> dict:
@@ -436,7 +631,6 @@ def import_bundle(store: Store, path: Path, coordinator_pub: Path | None = None)
     """
     path = Path(path)
     pinned = keys.load_public(coordinator_pub) if coordinator_pub else None
-    spec = _store_spec(store, pinned)
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -455,15 +649,14 @@ def import_bundle(store: Store, path: Path, coordinator_pub: Path | None = None)
             with tarfile.open(fileobj=bounded, mode="r:") as tar:  # uncompressed only: no decompression bombs
                 members = _members(tar, path)
                 bounded.limit = None  # headers done: from here every read is sized by a checked bound
-                index, role, signer = _index(tar, members, spec, pinned, path)
-                if spec is None:  # an empty store: the bundle must bring the spec, signed by the pinned coordinator
-                    spec = _bundle_spec(tar, members, index, pinned, path)
+                index, role, signer, spec, spec_sha = _index(tar, members, store, pinned, path)
                 if index.federation_id != spec.federation_id:
                     raise VerificationError(
                         f"{path} is for federation {index.federation_id!r}, the store holds {spec.federation_id!r}",
                         reason="wrong-round",
                     )
                 entries = _contents(tar, members, index, spec, role, signer, path)
+                _documents(entries, spec, spec_sha, role, signer, path)
     except FedcliError:
         raise
     except _TAR_FAULTS:
@@ -496,22 +689,102 @@ def _members(tar: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarInfo]:
     return members
 
 
-def _index(tar, members, spec: Spec | None, pinned, path: Path):
-    """The signed index: bounded generic parse to find the signer, signature over the raw bytes, then the contract."""
+def _index(tar, members, store: Store, pinned, path: Path):
+    """The signed index: bounded generic parse to find the signer, the spec the signer is checked against,
+    signature over the raw bytes, then the contract."""
     body = _read(tar, members.get("bundle.json"), "bundle.json", MAX_INDEX_BYTES, path)
     sig = _read(tar, members.get("bundle.sig"), "bundle.sig", MAX_SIG_BYTES, path)
     raw = load_json(body, f"{path}: bundle index", MAX_INDEX_BYTES)
     name = raw.get("signer") if isinstance(raw, dict) else None
     if not isinstance(name, str):
         raise ContractError(f"{path}: bundle index names no signer")
-    role, signer = _signer(spec, pinned, name, path)
+    carried = _spec_entries(tar, members, raw, path)
+    if pinned is not None and SPEC_KEY not in carried and not store.exists(SPEC_KEY):
+        keys.verify_bytes(body, sig.decode("ascii", "replace"), pinned, f"bundle {path.name}", BUNDLE_DOMAIN)
+        validate(index_model(), raw, f"{path}: bundle index")  # a genuine index that is malformed says how
+    spec, spec_sha = _spec(store, carried, pinned, path)
+    role, signer = _signer(spec, name, path)
     keys.verify_bytes(body, sig.decode("ascii", "replace"), signer, f"bundle {path.name}", BUNDLE_DOMAIN)
     index = validate(index_model(), raw, f"{path}: bundle index")  # authentic; now it must also be well-formed
     if index.role != role:
         raise ContractError(f"{path}: index says role {index.role!r} but {name} is the {role}")
     if set(members) - set(_INDEX_NAMES) != {f"files/{f.key}" for f in index.files}:
         raise VerificationError(f"{path}: archive files differ from the signed index", reason="malformed")
-    return index, role, signer
+    return index, role, signer, spec, spec_sha
+
+
+def _spec_entries(tar, members, raw: dict, path: Path) -> dict[str, bytes]:
+    """The bundle's spec versions and statistics document, each read within its kind's bound.
+
+    Read before the bundle's signature is checked: the chain walk verifies each of them under the
+    key the version before names (from the pinned key or the store's own spec), so a bundle signed
+    by a rotated coordinator key, or one bringing the statistics a global's shape depends on, can be
+    checked against the spec it brings.
+    """
+    listed = raw.get("files")
+    listed = [f.get("key") if isinstance(f, dict) else None for f in listed] if isinstance(listed, list) else []
+    found: dict[str, bytes] = {}
+    budget = MAX_SPEC_FILES_BYTES
+    for key in listed:
+        if isinstance(key, str) and _SPEC_READ.match(key):
+            if f"files/{key}" not in members:  # a half-copied archive
+                raise VerificationError(f"{path}: archive files differ from the signed index", reason="malformed")
+            budget -= members[f"files/{key}"].size
+            if budget < 0:  # read before the signature: bounded in total, not only one by one
+                raise Oversize(f"{path}: its spec files are larger than {MAX_SPEC_FILES_BYTES >> 20} MiB; not read")
+            found[key] = _read(tar, members[f"files/{key}"], key, kind_bound(None, key), path)
+    return found
+
+
+def _spec(store: Store, carried: dict[str, bytes], pinned, path: Path) -> tuple[Spec, str]:
+    """The verified spec the bundle is checked against: the destination's, with the spec files the
+    bundle carries where the store has none (store files win; a differing one is refused on write)."""
+    if not store.exists(SPEC_KEY):
+        if pinned is None:
+            raise FedcliError(
+                f"{path}: the store holds no federation yet; pass --coordinator coordinator.pub to import the first bundle"
+            )
+        if SPEC_KEY not in carried or SPEC_SIG_KEY not in carried:
+            raise VerificationError(
+                f"{path} does not carry the federation spec the empty store needs", reason="missing"
+            )
+    return load_spec(_Overlay(store, carried) if carried else store, pinned)
+
+
+class _Overlay(BaseStore):
+    """The store as the spec reader sees it, with a bundle's spec files added (read-only)."""
+
+    def __init__(self, store: Store, extra: dict[str, bytes]):
+        self.store, self.extra, self.url = store, extra, store.url
+
+    def get(self, key: str, *, max_bytes: int) -> bytes:
+        try:
+            return self.store.get(key, max_bytes=max_bytes)
+        except NotFound:
+            if key not in self.extra:
+                raise
+        if len(self.extra[key]) > max_bytes:
+            raise Oversize(f"{key} in the bundle is larger than {max_bytes:,} bytes")
+        return self.extra[key]
+
+    def exists(self, key: str) -> bool:
+        return key in self.extra or self.store.exists(key)
+
+    def list(self, prefix: str = "") -> list[str]:
+        under = prefix.rstrip("/") + "/" if prefix else ""
+        return sorted(set(self.store.list(prefix)) | {k for k in self.extra if k.startswith(under)})
+
+    def size(self, key: str) -> int:
+        return len(self.extra[key]) if key in self.extra and not self.store.exists(key) else self.store.size(key)
+
+    def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        raise io.UnsupportedOperation("the spec reader never writes")
+
+    def delete(self, key: str) -> None:
+        raise io.UnsupportedOperation("the spec reader never deletes")
+
+    def __str__(self) -> str:
+        return self.url
 
 
 def _contents(tar, members, index, spec: Spec, role: str, signer, path: Path) -> dict[str, bytes]:
@@ -551,47 +824,46 @@ def _read(tar: tarfile.TarFile, info: tarfile.TarInfo | None, name: str, bound: 
     return data
 
 
-def _store_spec(store: Store, pinned: keys.PublicIdentity | None) -> Spec | None:
-    """The destination's verified spec, or None for an empty store."""
-    if not store.exists(SPEC_KEY):
-        return None
-    return load_spec(store, pinned)[0]
+def _signer(spec: Spec, name: str, path: Path) -> tuple[str, keys.PublicIdentity]:
+    """The coordinator is the key the newest verified version names; a member, as the spec in force names it."""
+    from fedcli.protocol import chain
 
-
-def _signer(spec: Spec | None, pinned, name: str, path: Path) -> tuple[str, keys.PublicIdentity]:
-    if spec is None:
-        if pinned is None:
-            raise FedcliError(
-                f"{path}: the store holds no federation yet; pass --coordinator coordinator.pub to import the first bundle"
-            )
-        if name != pinned.name:
-            raise VerificationError(f"{path} is signed by {name!r}, not by the pinned coordinator {pinned.name!r}")
-        return "coordinator", pinned
-    if name == spec.coordinator.name:
-        return "coordinator", spec.coordinator
+    walked = spec.chain
+    coordinator = walked.latest.spec.coordinator if isinstance(walked, chain.Chain) else spec.coordinator
+    if name == coordinator.name:
+        return "coordinator", coordinator
     member = spec.member(name)
     if member is None:
         raise VerificationError(
-            f"{path} is signed by {name!r}, who is not in federation {spec.federation_id}", reason="not-member"
+            f"{path} is signed by {name!r}, who is not in federation {spec.federation_id}",
+            reason="not-member",
         )
     return "member", member
 
 
-def _bundle_spec(tar, members, index, pinned, path: Path) -> Spec:
-    """The spec an empty store needs, from the bundle: signature over the raw bytes (pinned key) before parsing."""
-    from fedcli.protocol.spec import verified
+def _documents(entries: dict[str, bytes], spec: Spec, spec_sha: str, role: str, signer, path: Path) -> None:
+    """Each signed document of a member is that member's, for this federation, at its own place; the
+    coordinator's statistics document and final marker are signed by it."""
+    from fedcli.protocol.statistics import contribution_key
 
-    listed = {f.key: f for f in index.files}
-    if SPEC_KEY not in listed or SPEC_SIG_KEY not in listed:
-        raise VerificationError(f"{path} does not carry the federation spec the empty store needs", reason="missing")
-    data, sig = (
-        _read(tar, members.get(f"files/{k}"), k, min(listed[k].size, kind_bound(None, k)), path) for k in _SPEC_KEYS
-    )
-    return verified(data, sig, pinned, f"federation spec in {path.name}")
+    fid = spec.federation_id
+    for key, data in entries.items():
+        what = f"{path.name}: {key}"
+        if role == "member" and key.endswith(".json"):
+            doc = _verified(data, signer, what, federation_id=fid, member=signer.name)
+            if key.startswith("statistics/") and key != contribution_key(spec_sha, signer.name):
+                raise VerificationError(f"{what}: a contribution to another spec version", reason="wrong-round")
+            if key.startswith("specs/rotations/"):
+                _rotation_at(key, doc)
+        elif key == FINAL_KEY:
+            _verified(data, signer, what, kind="final", federation_id=fid)
+        elif key == STATISTICS_KEY:
+            _verified(data, spec_for_round(spec, None, 0)[0].coordinator, what, kind="statistics", federation_id=fid)
 
 
 def _write(store: Store, entries: dict[str, bytes], result: BundleResult) -> None:
-    """Check every conflict first, then write: spec, tensors, rejections, manifests (commit markers) last."""
+    """Check every conflict first, then write: spec and statistics, tensors, rejections, manifests (commit
+    markers), and the final marker last, so an import cut short never leaves a document naming a missing one."""
     todo = []
     for key, data in entries.items():
         try:
@@ -612,11 +884,13 @@ def _write(store: Store, entries: dict[str, bytes], result: BundleResult) -> Non
     def rank(key: str) -> tuple:
         kind = (
             0
-            if key in _SPEC_KEYS or key.startswith("specs/")
+            if key in _SPEC_KEYS or key.startswith("specs/") or key == STATISTICS_KEY  # what globals are checked by
             else 1
             if key.endswith(".safetensors")
             else 2
             if key.endswith("rejections.json")
+            else 4
+            if key == FINAL_KEY  # names the last global: written after it
             else 3
         )
         return (kind, key)
