@@ -441,8 +441,12 @@ def _holdout_status(found) -> None:
         out.print(escape(found.why_none()), soft_wrap=True)
         return
     fed = Table(
-        title="holdout: each global model on the rows the banks never train on (federation = banks summed)",
-        caption="auc, ks, pr_auc from binned scores (approximate); brier exact; ece over the bins",
+        title="holdout: each global model on the rows the banks never train on (federation = banks summed)"
+        + (" [DP: noised counts]" if found.noised else ""),
+        caption="auc, ks, pr_auc from binned scores (approximate); brier exact; ece over the bins"
+        if not found.noised
+        else f"DP: every count noised (multiplier {found.spec.evaluation.noise:g}), summed, rounded, clipped at 0, "
+        "scores at bin centres: every metric approximate (docs/report.md)",
     )
     for col in ("round", "banks", "rows", "bad rate", "auc", "ks", "pr_auc", "brier", "ece"):
         fed.add_column(col, justify="right")
