@@ -249,13 +249,16 @@ def test_under_dp_banks_publish_noised_counts_charged_to_their_ledger(tmp_path, 
 
 
 def test_under_dp_an_evaluation_past_the_budget_is_refused_and_nothing_is_written(tmp_path, credit_split):
-    tight = DP.replace("noise_multiplier = 1.0\nbudget_epsilon = 1000.0", "noise_multiplier = 5.0\nbudget_epsilon = 1.0")
+    tight = DP.replace(
+        "noise_multiplier = 1.0\nbudget_epsilon = 1000.0", "noise_multiplier = 5.0\nbudget_epsilon = 2.5"
+    )
+    tight = tight.replace("holdout = 0.2\n", "holdout = 0.2\nnoise = 2.0\n", 1)  # 2.17 per evaluation
     fed = make_fed(tmp_path, credit_split, tight)
-    _round(fed)  # each bank: one update (update level) and one evaluation (record level, epsilon 0.79)
+    _round(fed)  # each bank: one update (update level, epsilon 0.79) and one evaluation (record level, 2.17)
     before = _ledger(fed, "bank-a")
     res = _holdout_cmd(fed, "bank-a", code=ExitCode.BUDGET)
     assert "holdout evaluation of round 1 not published, nothing charged" in res.output
-    assert "budget 1" in res.output
+    assert "budget 2.5" in res.output
     assert not _eval_file(fed, 1, "bank-a").exists() and _ledger(fed, "bank-a") == before
     trained = fed.train("bank-b")  # training's own release fits; its evaluation does not, and says so
     assert "holdout evaluation of round 1 not published" in trained.output
@@ -269,12 +272,13 @@ def test_under_dp_a_forged_lower_noise_or_exact_counts_are_ignored(tmp_path, cre
     weak = json.loads(_eval_file(fed, 0, "bank-a").read_text())
     del weak["signature"]
     weak["dp"]["noise_multiplier"] = 0.5  # claims the spec's noise was not needed
+    weak["negatives"], weak["positives"] = ([max(v, 0.0) for v in weak[k]] for k in ("negatives", "positives"))
     _eval_file(fed, 0, "bank-a").write_bytes(keys.sign_manifest(signer["bank-a"], weak))
     exact = json.loads(_eval_file(fed, 0, "bank-b").read_text())
     del exact["signature"], exact["dp"]
     exact |= {k: [0.0] * 50 for k in ("score_sum", "positive_score_sum", "score_sq_sum")}
     exact["negatives"], exact["positives"] = [0] * 50, [0] * 50
-    exact["negatives"][10] = 200
+    exact["negatives"][0] = 200  # bin 0 starts at score 0: zero sums are possible
     _eval_file(fed, 0, "bank-b").write_bytes(keys.sign_manifest(signer["bank-b"], exact))
     sunk = json.loads(_eval_file(fed, 0, "bank-c").read_text())
     del sunk["signature"]
