@@ -509,7 +509,7 @@ def privacy(
         table.add_row(
             e["federation"],
             str(e["round"]),
-            e["mode"],
+            e["mode"] + ("·eval" if e.get("release") == "evaluation" else ""),
             f"{e['noise_multiplier']:.4g}",
             f"{e['sample_rate']:.3g}",
             str(e["steps"]),
@@ -521,9 +521,12 @@ def privacy(
         out.print("no DP release recorded yet")
     for s in summary:
         left = s["budget_epsilon"] - s["epsilon"]
+        evals = sum(1 for e in entries if e["mode"] == s["mode"] and e.get("release") == "evaluation")
         out.print(
             f"{s['mode']}-level: epsilon {s['epsilon']:.4g} spent of budget {s['budget_epsilon']:g} at "
-            f"delta={s['delta']:g} over {s['releases']} release(s); {max(left, 0):.4g} left",
+            f"delta={s['delta']:g} over {s['releases']} release(s)"
+            + (f" ({evals} of them holdout evaluations, mode ·eval)" if evals else "")
+            + f"; {max(left, 0):.4g} left",
             soft_wrap=True,
         )
 

@@ -241,7 +241,11 @@ def test_under_dp_banks_publish_noised_counts_charged_to_their_ledger(tmp_path, 
     row0 = next(line for line in status.splitlines() if line.startswith("│     0 │   4/4"))
     assert 0.3 < float(row0.split("│")[5]) < 0.8  # round 0's random initial weights, through noise
     shown = fed.cli("privacy", "--key", fed.key("bank-a")).output
-    assert "record-level: epsilon" in shown and "2 release(s)" in shown
+    assert (
+        "record-level: epsilon" in shown
+        and "2 release(s)" in shown
+        and "(2 of them holdout evaluations" in shown.replace("\n", "")
+    )
     found = evaluations.collect(open_store(str(fed.store)))
     assert found.noised and sorted(found.by_round[0]) == list(BANKS)
     true_rows = sum(len(tables.read_table(credit_split / f"{b}.csv")) for b in BANKS) * 0.2

@@ -222,6 +222,7 @@ def publish(
             federation=spec.federation_id,
             budget_epsilon=charge.budget_epsilon,
             delta=charge.delta,
+            release="evaluation",
         )
     try:
         store.put(evaluation_key(r, me.name), signed, create_only=True)

@@ -40,7 +40,11 @@ def store_releases(store: Store, spec: Spec, me: PublicIdentity, listing: list[s
 
 def unrecorded(store: Store, spec: Spec, me: PublicIdentity, ledger: Ledger) -> dict[int, dict]:
     """The releases the store shows that the ledger lacks."""
-    known = {e["round"] for e in ledger.entries() if e.get("federation") == spec.federation_id}
+    known = {
+        e["round"]
+        for e in ledger.entries()
+        if e.get("federation") == spec.federation_id and e.get("release") is None  # an evaluation is no update
+    }
     return {r: dp for r, dp in store_releases(store, spec, me).items() if r not in known}
 
 
