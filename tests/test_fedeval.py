@@ -403,3 +403,21 @@ def test_a_baseline_over_other_rows_is_refused_by_the_contract(tmp_path, credit_
     assert "bank-a" not in found.by_round[0] and any("other rows" in line for line in found.ignored)
     alone = found.alone(0)  # over the same banks as the federation's sum: the three valid ones
     assert alone is not None and alone.rows == found.federation(0).rows
+
+
+def test_under_dp_a_lost_ledger_is_caught_and_recovered_with_its_evaluations(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, DP)
+    _round(fed)
+    ledger = next(fed.key("bank-a").parent.rglob("ledger.json"))
+    kept = json.loads(ledger.read_text())["entries"]
+    ledger.unlink()
+    res = _holdout_cmd(fed, "bank-a", code=ExitCode.BUDGET)
+    assert "1, 0 (holdout evaluation)" in res.output and not _eval_file(fed, 1, "bank-a").exists()
+    fed.cli("recover-ledger", "--store", fed.store, "--key", fed.key("bank-a"), "--coordinator", fed.pub("coordinator"))
+    back = json.loads(ledger.read_text())["entries"]
+    assert [(e["round"], e["mode"], e.get("release")) for e in back] == [
+        (1, "update", None),
+        (0, "record", "evaluation"),
+    ]
+    assert [e["noise_multiplier"] for e in back] == [e["noise_multiplier"] for e in kept]
+    assert "published the signed holdout evaluation of round 1" in _holdout_cmd(fed, "bank-a").output
