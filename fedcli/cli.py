@@ -445,7 +445,7 @@ def _holdout_status(found) -> None:
         + (" [DP: noised counts]" if found.noised else ""),
         caption="auc, ks, pr_auc from binned scores (approximate); brier exact; ece over the bins"
         if not found.noised
-        else f"DP: every count noised (multiplier {found.spec.evaluation.noise:g}), summed, rounded, clipped at 0, "
+        else f"DP: every count noised (multiplier {found.spec.evaluation.noise:g}), summed, made non-negative, rounded, "
         "scores at bin centres: every metric approximate (docs/report.md)",
     )
     for col in ("round", "banks", "rows", "bad rate", "auc", "ks", "pr_auc", "brier", "ece"):

@@ -291,7 +291,7 @@ def _calibration_panel(ax, rep: Report, colors: dict) -> None:
     total = found.federation(r)
     m = total.metrics()
     ax.set_title(
-        f"calibration of the global model of round {r} on the holdout\n"
+        f"calibration of the global model of round {r} on the holdout{' [DP: noised]' if found.noised else ''}\n"
         f"federation: Brier {m['brier']:.4f}, ECE {m['ece']:.4f} (points: bins with ≥ 10 rows)",
         fontsize=11,
     )
@@ -322,7 +322,8 @@ def _distribution_panel(ax, rep: Report, colors: dict) -> None:
         return
     found, r = rep.holdout, rounds[-1]
     assert found is not None
-    ax.set_title(f"score distribution per bank, global model of round {r}, holdout rows", fontsize=11)
+    noised = " [DP: noised]" if rep.holdout is not None and rep.holdout.noised else ""
+    ax.set_title(f"score distribution per bank, global model of round {r}, holdout rows{noised}", fontsize=11)
     bins = found.spec.evaluation.bins
     step = 2 * LOGIT_LIMIT / (bins - 2)
     mids = -LOGIT_LIMIT - step / 2 + step * np.arange(bins)
