@@ -8,8 +8,8 @@ and positives and three sums. No score, row or identifier of a row is in it. Sum
 histograms gives federation-level metrics. Under DP (`[privacy]` on) a bank publishes only the two
 counts per bin, each with Gaussian noise of std `[evaluation] noise` (sensitivity 1: one row added or
 removed moves one count by 1), declares it in a `dp` record, and charges its ledger; readers refuse a
-record whose declared noise is not the spec's, sum the banks' noised counts, then round and clip them
-(protocol.binned.Histogram.from_noised).
+record whose declared noise is not the spec's, sum the banks' noised counts, then make them
+non-negative keeping their total and round them (protocol.binned.Histogram.from_noised).
 
 Reading is hostile-input safe: a file is counted only if it is at most MAX_MANIFEST_BYTES, signed by
 the member its name says, meets the contract below, names its place (federation, round, member) and
