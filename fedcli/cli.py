@@ -1029,13 +1029,18 @@ def holdout(
     data: Path = typer.Option(..., "--data", "-d", help="This bank's table (the same one it trains on)."),
     coordinator: Path = CoordOpt,
     publish: bool = typer.Option(True, "--publish/--no-publish", help="Publish the signed binned scores."),
+    max_epsilon: float | None = typer.Option(
+        None, "--max-epsilon", min=0.0, help="Under DP: this bank's own privacy budget, if stricter than the spec's."
+    ),
 ):
     """Bank: score the latest global model on this bank's holdout rows ([evaluation] holdout) and publish the
     signed score histogram (train does this for the global it starts from; run this after the last round)."""
     from fedcli.bank.holdout import evaluate_latest
 
     with failures():
-        result, message = evaluate_latest(_store(store), key, data, coordinator, publish_it=publish, console=err)
+        result, message = evaluate_latest(
+            _store(store), key, data, coordinator, publish_it=publish, console=err, max_epsilon=max_epsilon
+        )
     out.print(escape(result.line()), soft_wrap=True)
     out.print(escape(message), soft_wrap=True)
 

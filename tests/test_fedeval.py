@@ -231,6 +231,21 @@ def test_under_dp_banks_publish_noised_counts_charged_to_their_ledger(tmp_path, 
     record = [e for e in entries if e["mode"] == "record"]
     assert [(e["round"], e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in record] == [(0, 5.0, 1.0, 1)]
     assert [e["mode"] for e in entries] == ["update", "record"]  # the update, then its evaluation
+    stricter = fed.cli(
+        "holdout",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key("bank-a"),
+        "--data",
+        fed.data / "bank-a.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+        "--max-epsilon",
+        "1.0",  # a second evaluation would bring record-level epsilon to 1.16
+        code=ExitCode.BUDGET,
+    )
+    assert "budget 1 " in stricter.output and not _eval_file(fed, 1, "bank-a").exists()
     again = _holdout_cmd(fed, "bank-a")  # the global of round 1: a second release
     assert "record-level epsilon now" in again.output
     assert len([e for e in _ledger(fed, "bank-a") if e["mode"] == "record"]) == 2

@@ -271,6 +271,7 @@ def evaluate_latest(
     state_path: Path | None = None,
     publish_it: bool = True,
     console: Console | None = None,
+    max_epsilon: float | None = None,
 ) -> tuple[Holdout, str]:
     """`fedcli holdout`: score the latest verified global on this bank's holdout; publish its histogram."""
     from fedcli.bank.step import open_round, prepare_data
@@ -278,6 +279,11 @@ def evaluate_latest(
     job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True))
     if job.spec.evaluation.holdout == 0:
         raise InputError("the spec holds out no rows ([evaluation] holdout is 0): there is no holdout to evaluate on")
+    if max_epsilon is not None and not job.spec.privacy.enabled:  # as train: a budget the spec cannot honour
+        raise InputError(
+            f"--max-epsilon {max_epsilon:g} was given, but federation {job.spec.federation_id}'s spec has no "
+            "differential privacy: the evaluation would leave without noise; nothing was published"
+        )
     base = rounds.load_global(job.store, job.spec, job.spec_sha, job.base_round, job.shapes)
     job.state.check(job.spec.federation_id, base)
     holdout = evaluate(job, base, prepare_data(job, base, Path(data_path)))
@@ -288,4 +294,7 @@ def evaluate_latest(
         from fedcli.bank import releases
 
         releases.cross_check(job.store, job.spec, job.me, job.ledger, key_path)
-    return holdout, publish(job.store, job.spec, job.me, job.private, holdout, Charge.of(job.spec, job.ledger))
+    charge = Charge.of(job.spec, job.ledger)
+    if charge is not None and max_epsilon is not None:  # the bank's own policy can only lower the budget
+        charge = replace(charge, budget_epsilon=min(charge.budget_epsilon, max_epsilon))
+    return holdout, publish(job.store, job.spec, job.me, job.private, holdout, charge)
