@@ -438,3 +438,21 @@ def test_under_dp_a_lost_ledger_is_caught_and_recovered_with_its_evaluations(tmp
     ]
     assert [e["noise_multiplier"] for e in back] == [e["noise_multiplier"] for e in kept]
     assert "published the signed holdout evaluation of round 1" in _holdout_cmd(fed, "bank-a").output
+
+
+@pytest.mark.slow
+def test_under_record_level_dp_evaluations_compose_with_dp_sgd_against_one_budget(tmp_path, credit_split):
+    record = (
+        HOLDOUT + '\n[privacy]\nmode = "record"\nclip = 1.0\ntarget_epsilon = 3.0\nrounds = 5\nbudget_epsilon = 6.0\n'
+    )
+    fed = make_fed(tmp_path, credit_split, record)
+    res = fed.train("bank-a")
+    assert "published the signed holdout evaluation of round 0 (noised counts only" in res.output, res.output
+    entries = _ledger(fed, "bank-a")
+    assert [(e["round"], e["mode"], e.get("release")) for e in entries] == [
+        (1, "record", None),
+        (0, "record", "evaluation"),
+    ]
+    trained, evaluated = entries
+    assert trained["sample_rate"] < 1 and evaluated["epsilon_after"] > trained["epsilon_after"] + 0.1
+    assert "record-level: epsilon" in fed.cli("privacy", "--key", fed.key("bank-a")).output
