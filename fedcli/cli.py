@@ -441,8 +441,12 @@ def _holdout_status(found) -> None:
         out.print(escape(found.why_none()), soft_wrap=True)
         return
     fed = Table(
-        title="holdout: each global model on the rows the banks never train on (federation = banks summed)",
-        caption="auc, ks, pr_auc from binned scores (approximate); brier exact; ece over the bins",
+        title="holdout: each global model on the rows the banks never train on (federation = banks summed)"
+        + (" [DP: noised counts]" if found.noised else ""),
+        caption="auc, ks, pr_auc from binned scores (approximate); brier exact; ece over the bins"
+        if not found.noised
+        else f"DP: every count noised (multiplier {found.spec.evaluation.noise:g}), summed, made non-negative, rounded, "
+        "scores at bin centres: every metric approximate (docs/report.md)",
     )
     for col in ("round", "banks", "rows", "bad rate", "auc", "ks", "pr_auc", "brier", "ece"):
         fed.add_column(col, justify="right")
@@ -505,7 +509,7 @@ def privacy(
         table.add_row(
             e["federation"],
             str(e["round"]),
-            e["mode"],
+            e["mode"] + ("·eval" if e.get("release") == "evaluation" else ""),
             f"{e['noise_multiplier']:.4g}",
             f"{e['sample_rate']:.3g}",
             str(e["steps"]),
@@ -517,9 +521,12 @@ def privacy(
         out.print("no DP release recorded yet")
     for s in summary:
         left = s["budget_epsilon"] - s["epsilon"]
+        evals = sum(1 for e in entries if e["mode"] == s["mode"] and e.get("release") == "evaluation")
         out.print(
             f"{s['mode']}-level: epsilon {s['epsilon']:.4g} spent of budget {s['budget_epsilon']:g} at "
-            f"delta={s['delta']:g} over {s['releases']} release(s); {max(left, 0):.4g} left",
+            f"delta={s['delta']:g} over {s['releases']} release(s)"
+            + (f" ({evals} of them holdout evaluations, mode ·eval)" if evals else "")
+            + f"; {max(left, 0):.4g} left",
             soft_wrap=True,
         )
 
@@ -1022,13 +1029,18 @@ def holdout(
     data: Path = typer.Option(..., "--data", "-d", help="This bank's table (the same one it trains on)."),
     coordinator: Path = CoordOpt,
     publish: bool = typer.Option(True, "--publish/--no-publish", help="Publish the signed binned scores."),
+    max_epsilon: float | None = typer.Option(
+        None, "--max-epsilon", min=0.0, help="Under DP: this bank's own privacy budget, if stricter than the spec's."
+    ),
 ):
     """Bank: score the latest global model on this bank's holdout rows ([evaluation] holdout) and publish the
     signed score histogram (train does this for the global it starts from; run this after the last round)."""
     from fedcli.bank.holdout import evaluate_latest
 
     with failures():
-        result, message = evaluate_latest(_store(store), key, data, coordinator, publish_it=publish, console=err)
+        result, message = evaluate_latest(
+            _store(store), key, data, coordinator, publish_it=publish, console=err, max_epsilon=max_epsilon
+        )
     out.print(escape(result.line()), soft_wrap=True)
     out.print(escape(message), soft_wrap=True)
 

@@ -63,6 +63,7 @@ class LedgerEntry(BaseModel):
     epsilon_after: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     budget_epsilon: Positive
     time: Annotated[str, Field(min_length=1, max_length=40)]
+    release: Literal["evaluation"] | None = None  # what was released, when not an update (holdout evaluation)
 
 
 class LedgerFile(BaseModel):

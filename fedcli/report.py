@@ -232,7 +232,8 @@ def _holdout_why(rep: Report) -> str:
 
 def _holdout_panel(ax, rep: Report, colors: dict, key: str, title: str, ylabel: str) -> None:
     """A holdout metric per global round: the federation thick, each bank thin; PR-AUC's no-skill line dotted."""
-    ax.set_title(f"{title}\n(on rows the banks never train on; x: the global model of that round)", fontsize=11)
+    noised = " [DP: noised counts]" if rep.holdout is not None and rep.holdout.noised else ""
+    ax.set_title(f"{title}{noised}\n(on rows the banks never train on; x: the global model of that round)", fontsize=11)
     ax.set_ylabel(ylabel)
     ax.set_xlabel("global model of round")
     ax.grid(alpha=0.3)
@@ -290,7 +291,7 @@ def _calibration_panel(ax, rep: Report, colors: dict) -> None:
     total = found.federation(r)
     m = total.metrics()
     ax.set_title(
-        f"calibration of the global model of round {r} on the holdout\n"
+        f"calibration of the global model of round {r} on the holdout{' [DP: noised]' if found.noised else ''}\n"
         f"federation: Brier {m['brier']:.4f}, ECE {m['ece']:.4f} (points: bins with ≥ 10 rows)",
         fontsize=11,
     )
@@ -321,7 +322,8 @@ def _distribution_panel(ax, rep: Report, colors: dict) -> None:
         return
     found, r = rep.holdout, rounds[-1]
     assert found is not None
-    ax.set_title(f"score distribution per bank, global model of round {r}, holdout rows", fontsize=11)
+    noised = " [DP: noised]" if rep.holdout is not None and rep.holdout.noised else ""
+    ax.set_title(f"score distribution per bank, global model of round {r}, holdout rows{noised}", fontsize=11)
     bins = found.spec.evaluation.bins
     step = 2 * LOGIT_LIMIT / (bins - 2)
     mids = -LOGIT_LIMIT - step / 2 + step * np.arange(bins)
@@ -577,13 +579,30 @@ def updates_table(rep: Report) -> str:
     return _table(["round", *kinds], body)
 
 
+def _dp_words(rep: Report) -> str:
+    """Under DP the holdout numbers come from noised counts: say so, with the noise and what it costs."""
+    if rep.holdout is None or not rep.holdout.noised:
+        return ""
+    z = rep.holdout.spec.evaluation.noise
+    return (
+        f" Differential privacy: each bank published only its counts, each with Gaussian noise of std {z:g} rows "
+        "(one record-level release charged to its ledger per evaluation; `fedcli privacy` lists them). The federation "
+        "sums the noised counts, clips negative ones to 0 keeping the total, rounds them and takes every row's score "
+        "as its bin's centre: every metric here, Brier and ECE included, is approximate (docs/report.md)."
+    )
+
+
 def _baseline_words(rep: Report) -> str:
+    if rep.holdout is not None and rep.holdout.spec.evaluation.baseline and rep.holdout.noised:
+        return "The bank-alone baseline stays at each bank under DP (its model is not trained with DP)." + _dp_words(
+            rep
+        )
     if rep.holdout is not None and rep.holdout.spec.evaluation.baseline:
         return (
             "Each bank also trains a model on its own training rows alone ([evaluation] baseline: same round-0 "
             "weights, same epochs per round, never sent) and scores it on the same holdout rows: the 'alone' columns."
         )
-    return NO_BASELINE.replace("\n", " ").capitalize() + "."
+    return NO_BASELINE.replace("\n", " ").capitalize() + "." + _dp_words(rep)
 
 
 def page(rep: Report, png: bytes) -> str:

@@ -195,15 +195,138 @@ def test_someone_elses_file_at_my_place_stops_the_holdout_command(tmp_path, cred
     assert "not bank-a's valid evaluation" in res.output
 
 
-def test_under_dp_nothing_is_published_and_status_says_why(tmp_path, credit_split):
+def _holdout_cmd(fed, bank: str, code: int = 0):
+    return fed.cli(
+        "holdout",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key(bank),
+        "--data",
+        fed.data / f"{bank}.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+        code=code,
+    )
+
+
+def _ledger(fed, bank: str) -> list[dict]:
+    found = list((tmp := fed.key(bank).parent).rglob("ledger.json"))
+    assert len(found) == 1, (tmp, found)
+    return json.loads(found[0].read_text())["entries"]
+
+
+def test_under_dp_banks_publish_noised_counts_charged_to_their_ledger(tmp_path, credit_split):
     fed = make_fed(tmp_path, credit_split, DP)
     res = fed.train("bank-a")
-    assert "not published: DP federation" in res.output
+    assert "published the signed holdout evaluation of round 0 (noised counts only" in res.output, res.output
     for b in BANKS[1:]:
         fed.train(b)
     fed.aggregate()
-    assert not (fed.store / "rounds/000000/evaluations").exists()
-    assert "under DP the banks keep their holdout counts" in fed.cli("status", fed.store).output
+    doc = json.loads(_eval_file(fed, 0, "bank-a").read_text())
+    assert doc["dp"] == {"mechanism": "gaussian", "accountant": "rdp", "noise_multiplier": 5.0, "sensitivity": 1.0}
+    assert "score_sum" not in doc and "baseline" not in doc
+    assert any(v != round(v) for v in doc["negatives"] + doc["positives"])  # noised: not whole numbers
+    entries = _ledger(fed, "bank-a")
+    record = [e for e in entries if e["mode"] == "record"]
+    assert [(e["round"], e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in record] == [(0, 5.0, 1.0, 1)]
+    assert [e["mode"] for e in entries] == ["update", "record"]  # the update, then its evaluation
+    stricter = fed.cli(
+        "holdout",
+        "--store",
+        fed.store,
+        "--key",
+        fed.key("bank-a"),
+        "--data",
+        fed.data / "bank-a.csv",
+        "--coordinator",
+        fed.pub("coordinator"),
+        "--max-epsilon",
+        "1.0",  # a second evaluation would bring record-level epsilon to 1.16
+        code=ExitCode.BUDGET,
+    )
+    assert "budget 1 " in stricter.output and not _eval_file(fed, 1, "bank-a").exists()
+    again = _holdout_cmd(fed, "bank-a")  # the global of round 1: a second release
+    assert "record-level epsilon now" in again.output
+    assert len([e for e in _ledger(fed, "bank-a") if e["mode"] == "record"]) == 2
+    assert "already published" in _holdout_cmd(fed, "bank-a").output  # a re-run: no third charge
+    assert len([e for e in _ledger(fed, "bank-a") if e["mode"] == "record"]) == 2
+    status = fed.cli("status", fed.store).output
+    assert "[DP: noised counts]" in status and "every metric approximate" in status
+    assert any(line.startswith("│     0 │   4/4") for line in status.splitlines())  # every bank's noised counts
+    shown = fed.cli("privacy", "--key", fed.key("bank-a")).output
+    assert (
+        "record-level: epsilon" in shown
+        and "2 release(s)" in shown
+        and "(2 of them holdout evaluations" in shown.replace("\n", "")
+    )
+    found = evaluations.collect(open_store(str(fed.store)))
+    assert found.noised and sorted(found.by_round[0]) == list(BANKS)
+    true_rows = sum(len(tables.read_table(credit_split / f"{b}.csv")) for b in BANKS) * 0.2
+    total = found.federation(0)
+    raw = sum(float(h.raw_negatives.sum() + h.raw_positives.sum()) for h in found.by_round[0].values())
+    assert abs(raw - true_rows) < 6 * 5.0 * (4 * 2 * 50) ** 0.5  # 400 counts, each with noise of std 5
+    assert abs(total.rows - raw) <= 2 * 50 and total.negatives.min() >= 0  # the projection keeps the total
+
+
+def test_under_dp_an_evaluation_past_the_budget_is_refused_and_nothing_is_written(tmp_path, credit_split):
+    tight = DP.replace(
+        "noise_multiplier = 1.0\nbudget_epsilon = 1000.0", "noise_multiplier = 5.0\nbudget_epsilon = 2.5"
+    )
+    tight = tight.replace("holdout = 0.2\n", "holdout = 0.2\nnoise = 2.0\n", 1)  # 2.17 per evaluation
+    fed = make_fed(tmp_path, credit_split, tight)
+    _round(fed)  # each bank: one update (update level, epsilon 0.79) and one evaluation (record level, 2.17)
+    before = _ledger(fed, "bank-a")
+    res = _holdout_cmd(fed, "bank-a", code=ExitCode.BUDGET)
+    assert "holdout evaluation of round 1 not published, nothing charged" in res.output
+    assert "budget 2.5" in res.output
+    assert not _eval_file(fed, 1, "bank-a").exists() and _ledger(fed, "bank-a") == before
+    trained = fed.train("bank-b")  # training's own release fits; its evaluation does not, and says so
+    assert "holdout evaluation of round 1 not published" in trained.output
+    assert not _eval_file(fed, 1, "bank-b").exists()
+
+
+def test_under_dp_a_forged_lower_noise_or_exact_counts_are_ignored(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, DP)
+    _round(fed)
+    signer = {b: keys.load_private(fed.key(b))[0] for b in BANKS}
+    weak = json.loads(_eval_file(fed, 0, "bank-a").read_text())
+    del weak["signature"]
+    weak["dp"]["noise_multiplier"] = 0.5  # claims the spec's noise was not needed
+    weak["negatives"], weak["positives"] = ([max(v, 0.0) for v in weak[k]] for k in ("negatives", "positives"))
+    _eval_file(fed, 0, "bank-a").write_bytes(keys.sign_manifest(signer["bank-a"], weak))
+    exact = json.loads(_eval_file(fed, 0, "bank-b").read_text())
+    del exact["signature"], exact["dp"]
+    exact |= {k: [0.0] * 50 for k in ("score_sum", "positive_score_sum", "score_sq_sum")}
+    exact["negatives"], exact["positives"] = [0] * 50, [0] * 50
+    exact["negatives"][0] = 200  # bin 0 starts at score 0: zero sums are possible
+    _eval_file(fed, 0, "bank-b").write_bytes(keys.sign_manifest(signer["bank-b"], exact))
+    sunk = json.loads(_eval_file(fed, 0, "bank-c").read_text())
+    del sunk["signature"]
+    sunk["negatives"][3] = -5000.0  # would cancel the other banks' counts
+    _eval_file(fed, 0, "bank-c").write_bytes(keys.sign_manifest(signer["bank-c"], sunk))
+    res = fed.cli("status", fed.store)
+    ignored = [line for line in res.output.splitlines() if line.startswith("ignored evaluation:")]
+    assert any("bank-a.json" in line and "noise multiplier 0.5" in line for line in ignored), ignored
+    assert any("bank-b.json" in line and "no noise declared" in line for line in ignored), ignored
+    assert any("bank-c.json" in line and "more negative than its declared noise" in line for line in ignored)
+    assert "│     0 │   1/4" in res.output  # only bank-d's own file counts
+
+
+def test_noised_counts_give_a_histogram_close_to_the_exact_one():
+    rng = np.random.default_rng(5)
+    y = (rng.random(4000) < 0.2).astype(np.float32)
+    p = 1 / (1 + np.exp(-(rng.normal(-1.5, 1.0, len(y)) + 1.5 * y)))
+    exact = Histogram.of(y, p, 20)
+    from fedcli.protocol.binned import noised
+
+    parts = [noised(exact.negatives / 4, exact.positives / 4, 5.0, rng) for _ in range(4)]
+    summed = Histogram.from_noised(
+        np.sum([q["negatives"] for q in parts], axis=0), np.sum([q["positives"] for q in parts], axis=0)
+    )
+    assert summed.negatives.min() >= 0 and summed.negatives.dtype == np.int64
+    m, want = summed.metrics(), exact.metrics()
+    assert abs(m["auc"] - want["auc"]) < 0.03 and abs(m["brier"] - want["brier"]) < 0.02
 
 
 def test_without_a_holdout_nothing_changes_and_status_says_so(fed):
@@ -297,3 +420,39 @@ def test_a_baseline_over_other_rows_is_refused_by_the_contract(tmp_path, credit_
     assert "bank-a" not in found.by_round[0] and any("other rows" in line for line in found.ignored)
     alone = found.alone(0)  # over the same banks as the federation's sum: the three valid ones
     assert alone is not None and alone.rows == found.federation(0).rows
+
+
+def test_under_dp_a_lost_ledger_is_caught_and_recovered_with_its_evaluations(tmp_path, credit_split):
+    fed = make_fed(tmp_path, credit_split, DP)
+    _round(fed)
+    ledger = next(fed.key("bank-a").parent.rglob("ledger.json"))
+    kept = json.loads(ledger.read_text())["entries"]
+    ledger.unlink()
+    res = _holdout_cmd(fed, "bank-a", code=ExitCode.BUDGET)
+    assert "1, 0 (holdout evaluation)" in res.output and not _eval_file(fed, 1, "bank-a").exists()
+    fed.cli("recover-ledger", "--store", fed.store, "--key", fed.key("bank-a"), "--coordinator", fed.pub("coordinator"))
+    back = json.loads(ledger.read_text())["entries"]
+    assert [(e["round"], e["mode"], e.get("release")) for e in back] == [
+        (1, "update", None),
+        (0, "record", "evaluation"),
+    ]
+    assert [e["noise_multiplier"] for e in back] == [e["noise_multiplier"] for e in kept]
+    assert "published the signed holdout evaluation of round 1" in _holdout_cmd(fed, "bank-a").output
+
+
+@pytest.mark.slow
+def test_under_record_level_dp_evaluations_compose_with_dp_sgd_against_one_budget(tmp_path, credit_split):
+    record = (
+        HOLDOUT + '\n[privacy]\nmode = "record"\nclip = 1.0\ntarget_epsilon = 3.0\nrounds = 5\nbudget_epsilon = 6.0\n'
+    )
+    fed = make_fed(tmp_path, credit_split, record)
+    res = fed.train("bank-a")
+    assert "published the signed holdout evaluation of round 0 (noised counts only" in res.output, res.output
+    entries = _ledger(fed, "bank-a")
+    assert [(e["round"], e["mode"], e.get("release")) for e in entries] == [
+        (1, "record", None),
+        (0, "record", "evaluation"),
+    ]
+    trained, evaluated = entries
+    assert trained["sample_rate"] < 1 and evaluated["epsilon_after"] > trained["epsilon_after"] + 0.1
+    assert "record-level: epsilon" in fed.cli("privacy", "--key", fed.key("bank-a")).output

@@ -152,7 +152,7 @@ def test_report_shows_the_holdout_per_round_for_the_federation_and_each_bank(tmp
         assert im.size[1] >= 1800 and len(im.convert("RGB").getcolors(maxcolors=1 << 20)) > 200
 
 
-def test_report_under_dp_says_why_the_holdout_is_missing_and_draws_the_budget(tmp_path, credit_split):
+def test_report_under_dp_shows_the_noised_holdout_and_draws_the_budget(tmp_path, credit_split):
     dp = '\n[privacy]\nmode = "update"\nclip = 0.5\ntarget_epsilon = 30\nrounds = 2\n'
     fed = make_fed(tmp_path, credit_split, HOLDOUT + dp)
     for b in BANKS:
@@ -161,7 +161,8 @@ def test_report_under_dp_says_why_the_holdout_is_missing_and_draws_the_budget(tm
     out = tmp_path / "dp.html"
     fed.cli("report", fed.store, "--out", out)
     page = out.read_text()
-    assert "under DP the banks keep their holdout counts" in page
+    assert "each bank published only its counts, each with Gaussian noise of std 5 rows" in page
+    assert re.search(r"<td>0</td><td>4/4</td><td>[\d,]+</td>", page)  # the federation's noised holdout row
     assert "budget ε=30" in page  # the budget from target_epsilon, not only an explicit budget_epsilon
 
 

@@ -7,8 +7,10 @@ on and scored), and a label that matures (good today, bad next month) does not m
 
 Each round the bank scores the global it starts from on its holdout and publishes, signed, only a
 score histogram (protocol.binned, protocol.evaluations): the federation sums them into holdout
-metrics per round. Under DP the histogram stays at the bank (its counts are not privatised): the
-bank still sees its own numbers, nobody else does.
+metrics per round. Under DP it publishes only the histogram's counts, each with Gaussian noise of
+std `[evaluation] noise` (one row moves one count by 1), as one record-level release charged to its
+ledger before the write (refused, exit 6, nothing written, past the budget); the bank still sees its
+own exact numbers, nobody else does. The bank-alone baseline stays at the bank under DP.
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ from fedcli import digest, keys
 from fedcli.bank.kernel import probabilities
 from fedcli.errors import AlreadyExists, FedcliError, InputError, VerificationError
 from fedcli.metrics import score
+from fedcli.privacy.accounting import Mechanism
+from fedcli.privacy.ledger import BudgetExceeded, Ledger
 from fedcli.protocol import evaluations, rounds
-from fedcli.protocol.binned import MIN_HOLDOUT_ROWS, Histogram
-from fedcli.protocol.evaluations import evaluation_key
+from fedcli.protocol.binned import MIN_HOLDOUT_ROWS, Histogram, noised
+from fedcli.protocol.evaluations import SENSITIVITY, evaluation_key
 from fedcli.protocol.spec import Spec
 from fedcli.store import Store
 
 if TYPE_CHECKING:
+    from fedcli.bank.plan import BankPlan
     from fedcli.bank.rows import HeldOut
     from fedcli.bank.step import BankRound, LocalData, TrainResult
 
@@ -92,9 +97,7 @@ def score_holdout(spec: Spec, base: rounds.Global, y: np.ndarray, p: np.ndarray,
     """The holdout's metrics and histogram, and whether the histogram may leave the bank."""
     exact = score(y, p) | {"brier": float(np.mean((p.astype(np.float64) - y) ** 2)) if len(y) else math.nan}
     withheld = ""
-    if federation_dp:
-        withheld = "DP federation: holdout counts are not privatised, so they stay at the bank"
-    elif len(y) < MIN_HOLDOUT_ROWS:
+    if not federation_dp and len(y) < MIN_HOLDOUT_ROWS:  # under DP the noise covers a small holdout too
         withheld = f"only {len(y)} holdout rows (fewer than {MIN_HOLDOUT_ROWS}): a histogram would nearly show them"
     hist = Histogram.of(y, p, spec.evaluation.bins)
     return Holdout(base.round, base.sha256, len(y), int(np.sum(y != 0)), exact, hist, withheld)
@@ -128,7 +131,7 @@ def evaluate(job: BankRound, base: rounds.Global, data: LocalData) -> Holdout | 
     if not np.all(np.isfinite(held.scores)):
         refuse_non_finite(f"the global model's scores on {data.source} are not finite", base)
     scored = score_holdout(job.spec, base, held.y, held.scores, job.spec.privacy.enabled)
-    if job.spec.evaluation.baseline and not scored.withheld and held.X is not None:
+    if job.spec.evaluation.baseline and not scored.withheld and not job.spec.privacy.enabled and held.X is not None:
         scored = replace(scored, baseline=_alone(job, base.round, data, held.X, held.y))
     return scored
 
@@ -143,11 +146,62 @@ def _alone(job: BankRound, r: int, train: LocalData, X: np.ndarray, y: np.ndarra
     return Histogram.of(y, p, job.spec.evaluation.bins)
 
 
-def publish(store: Store, spec: Spec, me: keys.PublicIdentity, private: Ed25519PrivateKey, holdout: Holdout) -> str:
-    """Sign and write the holdout histogram (create-only); one line saying what happened."""
+@dataclass(frozen=True)
+class Charge:
+    """Under DP: the ledger an evaluation is charged to, the budget it must stay within, at delta."""
+
+    ledger: Ledger
+    budget_epsilon: float
+    delta: float
+
+    @classmethod
+    def of(cls, spec: Spec, ledger: Ledger, plan: BankPlan | None = None) -> Charge | None:
+        """The train step's plan (with the bank's --max-epsilon), else the spec's budget; None without DP."""
+        if plan is not None and plan.privacy is not None:
+            return cls(plan.privacy.ledger, plan.privacy.budget_epsilon, plan.privacy.table.delta)
+        ps = spec.privacy
+        if not ps.enabled or ps.budget_epsilon is None:
+            return None
+        return cls(ledger, ps.budget_epsilon, ps.delta)
+
+
+def mechanism(spec: Spec) -> Mechanism:
+    """One evaluation under DP: a Gaussian mechanism on the counts (sample rate 1, one step), record level."""
+    return Mechanism("record", spec.evaluation.noise, 1.0, 1, SENSITIVITY)
+
+
+def _noised_counts(spec: Spec, holdout: Holdout, charge: Charge | None) -> dict:
+    """Check the budget (BudgetExceeded, nothing charged) and draw the noise; the caller charges after signing."""
+    r = holdout.round
+    if charge is None:
+        raise FedcliError(f"holdout evaluation of round {r}: a DP federation but no privacy ledger to charge")
+    try:
+        charge.ledger.check(mechanism(spec), charge.budget_epsilon, charge.delta)
+    except BudgetExceeded as e:
+        said = str(e).replace("exporting would bring", "publishing it would bring").replace("; update not exported", "")
+        raise BudgetExceeded(f"holdout evaluation of round {r} not published, nothing charged: {said}") from None
+    from fedcli.randomness import secure_numpy_rng
+
+    h = holdout.histogram
+    return noised(h.negatives, h.positives, spec.evaluation.noise * SENSITIVITY, secure_numpy_rng())
+
+
+def publish(
+    store: Store,
+    spec: Spec,
+    me: keys.PublicIdentity,
+    private: Ed25519PrivateKey,
+    holdout: Holdout,
+    charge: Charge | None = None,
+) -> str:
+    """Sign and write the holdout histogram (create-only); one line saying what happened. Under DP: noised
+    counts, the ledger charged just before the write (a crash between over-counts, never under-counts)."""
     r = holdout.round
     if holdout.withheld:
         return f"holdout evaluation of round {r} not published: {holdout.withheld}"
+    if spec.privacy.enabled and store.exists(evaluation_key(r, me.name)):  # a re-run: no second release
+        return _already(store, spec, me, holdout)
+    dp_counts = _noised_counts(spec, holdout, charge) if spec.privacy.enabled else None
     doc = evaluations.record(
         spec,
         r,
@@ -157,25 +211,52 @@ def publish(store: Store, spec: Spec, me: keys.PublicIdentity, private: Ed25519P
         rounds.now(),
         secrets.token_hex(16),
         holdout.baseline,
+        dp_counts,
     )
+    signed = keys.sign_manifest(private, doc)
+    entry = {}
+    if dp_counts is not None and charge is not None:
+        entry = charge.ledger.charge(
+            mechanism(spec),
+            round=r,
+            federation=spec.federation_id,
+            budget_epsilon=charge.budget_epsilon,
+            delta=charge.delta,
+            release="evaluation",
+        )
     try:
-        store.put(evaluation_key(r, me.name), keys.sign_manifest(private, doc), create_only=True)
+        store.put(evaluation_key(r, me.name), signed, create_only=True)
     except AlreadyExists:
-        if evaluations.is_mine(store, me, spec, r, holdout.global_sha256):
-            return f"holdout evaluation of round {r} already published"
-        raise VerificationError(
-            f"{evaluation_key(r, me.name)} holds a file that is not {me.name}'s valid evaluation of round {r}: "
-            "someone else wrote there (left in place; readers ignore it)"
-        ) from None
+        return _already(store, spec, me, holdout)
+    if entry:
+        return (
+            f"published the signed holdout evaluation of round {r} (noised counts only, noise multiplier "
+            f"{spec.evaluation.noise:g}; record-level epsilon now {entry['epsilon_after']:.3g} of "
+            f"{entry['budget_epsilon']:g})"
+        )
     return f"published the signed holdout evaluation of round {r} ({holdout.rows:,} rows, binned scores only)"
 
 
-def publish_after_training(job: BankRound, holdout: Holdout | None, result: TrainResult) -> TrainResult:
-    """The train step's last stage: the update is committed; publishing the evaluation may fail on its own."""
+def _already(store: Store, spec: Spec, me: keys.PublicIdentity, holdout: Holdout) -> str:
+    """My evaluation's place is taken: by my own valid file (a no-op), or by someone else's (refused)."""
+    r = holdout.round
+    if evaluations.is_mine(store, me, spec, r, holdout.global_sha256):
+        return f"holdout evaluation of round {r} already published"
+    raise VerificationError(
+        f"{evaluation_key(r, me.name)} holds a file that is not {me.name}'s valid evaluation of round {r}: "
+        "someone else wrote there (left in place; readers ignore it)"
+    )
+
+
+def publish_after_training(
+    job: BankRound, holdout: Holdout | None, result: TrainResult, plan: BankPlan | None = None
+) -> TrainResult:
+    """The train step's last stage: the update is committed; publishing the evaluation may fail on its own
+    (under DP, past the budget: the update went out, the evaluation does not)."""
     if holdout is None:
         return result
     try:
-        message = publish(job.store, job.spec, job.me, job.private, holdout)
+        message = publish(job.store, job.spec, job.me, job.private, holdout, Charge.of(job.spec, job.ledger, plan))
     except FedcliError as e:
         message = f"holdout evaluation of round {holdout.round} not published ({e}); `fedcli holdout` retries"
     result.data_notes += [holdout.line(), message]
@@ -190,6 +271,7 @@ def evaluate_latest(
     state_path: Path | None = None,
     publish_it: bool = True,
     console: Console | None = None,
+    max_epsilon: float | None = None,
 ) -> tuple[Holdout, str]:
     """`fedcli holdout`: score the latest verified global on this bank's holdout; publish its histogram."""
     from fedcli.bank.step import open_round, prepare_data
@@ -197,10 +279,22 @@ def evaluate_latest(
     job = open_round(store, key_path, coordinator_pub, state_path, console or Console(stderr=True))
     if job.spec.evaluation.holdout == 0:
         raise InputError("the spec holds out no rows ([evaluation] holdout is 0): there is no holdout to evaluate on")
+    if max_epsilon is not None and not job.spec.privacy.enabled:  # as train: a budget the spec cannot honour
+        raise InputError(
+            f"--max-epsilon {max_epsilon:g} was given, but federation {job.spec.federation_id}'s spec has no "
+            "differential privacy: the evaluation would leave without noise; nothing was published"
+        )
     base = rounds.load_global(job.store, job.spec, job.spec_sha, job.base_round, job.shapes)
     job.state.check(job.spec.federation_id, base)
     holdout = evaluate(job, base, prepare_data(job, base, Path(data_path)))
     assert holdout is not None  # the spec holds out rows
     if not publish_it:
         return holdout, "not published (--no-publish)"
-    return holdout, publish(job.store, job.spec, job.me, job.private, holdout)
+    if job.spec.privacy.enabled:  # the ledger must know every release the store shows (bank.releases)
+        from fedcli.bank import releases
+
+        releases.cross_check(job.store, job.spec, job.me, job.ledger, key_path)
+    charge = Charge.of(job.spec, job.ledger)
+    if charge is not None and max_epsilon is not None:  # the bank's own policy can only lower the budget
+        charge = replace(charge, budget_epsilon=min(charge.budget_epsilon, max_epsilon))
+    return holdout, publish(job.store, job.spec, job.me, job.private, holdout, charge)

@@ -38,17 +38,52 @@ def store_releases(store: Store, spec: Spec, me: PublicIdentity, listing: list[s
     return found
 
 
+def store_evaluations(store: Store, spec: Spec, me: PublicIdentity) -> dict[int, dict]:
+    """Global round -> `dp` record of each DP holdout evaluation on the store signed by this key in this
+    federation (bank.holdout): each one a record-level release too."""
+    pattern = re.compile(rf"rounds/(\d{{6}})/evaluations/{re.escape(me.name)}\.json")
+    found: dict[int, dict] = {}
+    for key in store.list("rounds"):
+        m = pattern.fullmatch(key)
+        if not m:
+            continue
+        r, what = int(m.group(1)), f"holdout evaluation by {me.name}"
+        try:
+            doc = verify_manifest(rounds.read_manifest(store, key, what), me, what)
+        except (VerificationError, NotFound, NotRegular):
+            continue
+        place = (doc.get("kind"), doc.get("federation_id"), doc.get("round"), doc.get("member"))
+        if place == ("evaluation", spec.federation_id, r, me.name) and isinstance(doc.get("dp"), dict):
+            found[r] = doc["dp"]
+    return found
+
+
+def unrecorded_evaluations(store: Store, spec: Spec, me: PublicIdentity, ledger: Ledger) -> dict[int, dict]:
+    """The DP holdout evaluations the store shows that the ledger lacks."""
+    known = {
+        e["round"]
+        for e in ledger.entries()
+        if e.get("federation") == spec.federation_id and e.get("release") == "evaluation"
+    }
+    return {r: dp for r, dp in store_evaluations(store, spec, me).items() if r not in known}
+
+
 def unrecorded(store: Store, spec: Spec, me: PublicIdentity, ledger: Ledger) -> dict[int, dict]:
     """The releases the store shows that the ledger lacks."""
-    known = {e["round"] for e in ledger.entries() if e.get("federation") == spec.federation_id}
+    known = {
+        e["round"]
+        for e in ledger.entries()
+        if e.get("federation") == spec.federation_id and e.get("release") is None  # an evaluation is no update
+    }
     return {r: dp for r, dp in store_releases(store, spec, me).items() if r not in known}
 
 
 def cross_check(store: Store, spec: Spec, me: PublicIdentity, ledger: Ledger, key_path: object) -> None:
     """Refuse a new release while the store shows releases of this key the ledger does not hold."""
-    lacking = sorted(unrecorded(store, spec, me, ledger))
+    lacking = [str(r) for r in sorted(unrecorded(store, spec, me, ledger))]
+    lacking += [f"{r} (holdout evaluation)" for r in sorted(unrecorded_evaluations(store, spec, me, ledger))]
     if lacking:
-        shown = ", ".join(map(str, lacking[:10])) + (" ..." if len(lacking) > 10 else "")
+        shown = ", ".join(lacking[:10]) + (" ..." if len(lacking) > 10 else "")
         raise BudgetExceeded(
             f"the store shows DP releases by this key in federation {spec.federation_id} (rounds {shown}) that "
             f"the privacy ledger {ledger.path} lacks (deleted, moved or replaced?): nothing exported; restore it "
@@ -74,7 +109,29 @@ def recover(store: Store, spec: Spec, me: PublicIdentity, ledger: Ledger) -> lis
         added.append(
             ledger.record(mech, round=r, federation=spec.federation_id, budget_epsilon=ps.budget_epsilon, delta=delta)
         )
+    for r, dp in sorted(unrecorded_evaluations(store, spec, me, ledger).items()):
+        added.append(_recover_evaluation(ledger, spec, r, dp))
     return added
+
+
+def _recover_evaluation(ledger: Ledger, spec: Spec, r: int, dp: dict) -> dict:
+    """A DP holdout evaluation the store shows: one record-level Gaussian release of its declared noise."""
+    ps = spec.privacy
+    assert ps.budget_epsilon is not None
+    try:
+        mech = Mechanism("record", float(dp["noise_multiplier"]), 1.0, 1, float(dp["sensitivity"]))
+    except (FedcliError, KeyError, TypeError, ValueError) as e:
+        raise VerificationError(
+            f"round {r}: the DP record of this bank's signed evaluation is malformed: {e}"
+        ) from None
+    return ledger.record(
+        mech,
+        round=r,
+        federation=spec.federation_id,
+        budget_epsilon=ps.budget_epsilon,
+        delta=ps.delta,
+        release="evaluation",
+    )
 
 
 def bank_ledger(spec: Spec, key_path: Path, pub_b64: str, ledger_path: Path | None) -> Ledger:

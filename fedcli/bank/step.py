@@ -91,7 +91,7 @@ def train_round(
     trained = train(job, base, data, release)
     delta = privatize(plan, base, trained.weights)
     encoded = encode(job, plan, delta, base.sha256)
-    return holdout.publish_after_training(job, evaluation, submit(job, base, data, trained, encoded))
+    return holdout.publish_after_training(job, evaluation, submit(job, base, data, trained, encoded), plan)
 
 
 # --------------------------------------------------------------------------- what every stage reads

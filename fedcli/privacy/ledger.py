@@ -116,20 +116,43 @@ class Ledger:
             )
         return after
 
-    def charge(self, mech: Mechanism, *, round: int, federation: str, budget_epsilon: float, delta: float) -> dict:
-        """Check the budget and append the release to the ledger, atomically; returns the entry."""
+    def charge(
+        self,
+        mech: Mechanism,
+        *,
+        round: int,
+        federation: str,
+        budget_epsilon: float,
+        delta: float,
+        release: str | None = None,
+    ) -> dict:
+        """Check the budget and append the release to the ledger, atomically; returns the entry.
+        `release`: what it is when not a round's update ("evaluation": a holdout evaluation of global `round`)."""
         with self._locked():
             after = self.check(mech, budget_epsilon, delta)
             entry = _entry(mech, round, federation, delta, after, budget_epsilon)
+            if release is not None:
+                entry["release"] = release
             self._write([*self.entries(), entry])
         return entry
 
-    def record(self, mech: Mechanism, *, round: int, federation: str, budget_epsilon: float, delta: float) -> dict:
+    def record(
+        self,
+        mech: Mechanism,
+        *,
+        round: int,
+        federation: str,
+        budget_epsilon: float,
+        delta: float,
+        release: str | None = None,
+    ) -> dict:
         """Append a release that already happened (recovery from the store), whatever the budget says."""
         with self._locked():
             history = self.entries()
             mechs = [Mechanism.from_dict(e) for e in history if e.get("mode") == mech.mode]
             entry = _entry(mech, round, federation, delta, epsilon([*mechs, mech], delta), budget_epsilon)
+            if release is not None:
+                entry["release"] = release
             self._write([*history, entry])
         return entry
 

@@ -331,6 +331,13 @@ class EvaluationTable(BaseModel):
         description="each bank also trains a model on its own training rows only (same epochs per round, never "
         "sent) and publishes its holdout histogram beside the federated one: federated vs each bank alone",
     )
+    noise: float = Field(
+        5.0,
+        ge=0.5,
+        le=1e4,
+        description="with [privacy]: Gaussian noise multiplier on each published holdout count (sensitivity 1: one "
+        "row moves one count by 1); each evaluation is one record-level release charged to the bank's ledger",
+    )
 
 
 class SpecDocument(BaseModel):
@@ -415,6 +422,7 @@ class EvaluationSpec:
     holdout: float = 0.0
     bins: int = 50
     baseline: bool = False  # each bank also scores a model trained on its own rows only
+    noise: float = 5.0  # with [privacy]: Gaussian noise multiplier on the published counts (sensitivity 1)
 
 
 @dataclass(frozen=True)
@@ -503,7 +511,9 @@ def _build(doc: SpecDocument, raw: dict) -> Spec:
         privacy=privacy,
         strategy=strategy,
         secagg=secagg,
-        evaluation=EvaluationSpec(float(doc.evaluation.holdout), doc.evaluation.bins, doc.evaluation.baseline),
+        evaluation=EvaluationSpec(
+            float(doc.evaluation.holdout), doc.evaluation.bins, doc.evaluation.baseline, float(doc.evaluation.noise)
+        ),
         document=doc,
         rounds=fed.rounds,
         max_round_age=fed.max_round_age,
@@ -740,12 +750,15 @@ def _holdout_summary(spec: Spec) -> str:
     share = spec.evaluation.holdout
     if share == 0:
         return "off: no rows held out, no federated evaluation"
-    published = (
-        "not published under DP (the counts are not privatised)"
-        if spec.privacy.enabled
-        else f"each bank publishes signed {spec.evaluation.bins}-bin score histograms of the global it starts from"
-    )
+    published = f"each bank publishes signed {spec.evaluation.bins}-bin score histograms of the global it starts from"
+    if spec.privacy.enabled:
+        published += (
+            f", counts only, with Gaussian noise (multiplier {spec.evaluation.noise:g}, sensitivity 1), each one a "
+            "record-level release charged to the bank's ledger"
+        )
     alone = "; each bank also scores a model trained on its own rows alone" if spec.evaluation.baseline else ""
+    if spec.evaluation.baseline and spec.privacy.enabled:
+        alone += " (kept at the bank under DP)"
     return f"{share * 100:g}% of each bank's rows held out, never trained on; {published}{alone}"
 
 
