@@ -77,13 +77,16 @@ def _number(value) -> float | None:
     return float(value) if ok else None
 
 
-def _epsilons(entries: list[Entry], delta: float) -> None:
+def _epsilons(entries: list[Entry], delta: float, evaluations: dict[str, dict[int, dict]] | None = None) -> None:
     """Fill in epsilon where manifests carry DP parameters but not the epsilon itself.
 
     Uses fedcli.privacy's accountant (if this install has it) over every update the bank
-    released so far, in round order: the same composition its local ledger makes.
+    released so far, in round order, and every DP holdout evaluation it signed before that
+    round's update (`evaluations`: member -> global round -> dp record; record-level DP only):
+    the same composition its local ledger makes.
     """
     try:
+        from fedcli.bank.releases import evaluation_mechanism
         from fedcli.privacy import accounting
     except ImportError:
         return
@@ -93,8 +96,10 @@ def _epsilons(entries: list[Entry], delta: float) -> None:
             continue
         try:
             released.setdefault(e.member, []).append(accounting.Mechanism.from_dict(e.dp))
+            evals = (evaluations or {}).get(e.member, {})
+            before = [evaluation_mechanism(d) for g, d in sorted(evals.items()) if g < e.round]
             if e.epsilon is None:
-                e.epsilon = accounting.epsilon(released[e.member], _number(e.dp.get("delta")) or delta)
+                e.epsilon = accounting.epsilon([*released[e.member], *before], _number(e.dp.get("delta")) or delta)
         except (FedcliError, ImportError, ValueError, TypeError):
             return
 
@@ -109,6 +114,15 @@ def _verified_update(store: Store, spec: Spec, r: int, member: str) -> UpdateMan
         raise FedcliError(f"{member} is not an enrolled member")
     signed = verify_manifest(read_manifest(store, update_keys(r, member)[1], what), signer, what)
     return validate(UpdateManifest, signed, what)
+
+
+def _dp_evaluations(store: Store, spec: Spec) -> dict[str, dict[int, dict]]:
+    """Each member's signed DP holdout evaluations (record-level releases, like DP-SGD's)."""
+    if spec.privacy.mode != "record":
+        return {}
+    from fedcli.bank.releases import store_evaluations
+
+    return {m.name: store_evaluations(store, spec, m) for m in spec.members}
 
 
 def collect(store: Store, pinned: PublicIdentity | None = None) -> Report:
@@ -141,7 +155,7 @@ def collect(store: Store, pinned: PublicIdentity | None = None) -> Report:
             entries.append(Entry(r, member, status, m.num_examples, metrics, None, dp, note))
     privacy = spec.raw.get("privacy", {}) if isinstance(spec.raw.get("privacy"), dict) else {}
     if any(e.dp is not None and e.epsilon is None for e in entries):
-        _epsilons(entries, _number(privacy.get("delta")) or 1e-5)
+        _epsilons(entries, _number(privacy.get("delta")) or 1e-5, _dp_evaluations(store, spec))
     has_dp, has_eps = any(e.dp is not None for e in entries), any(e.epsilon is not None for e in entries)
     note = "" if has_eps else ("DP recorded, but no epsilon could be computed here" if has_dp else "no DP recorded")
     rounds = sorted({e.round for e in entries})

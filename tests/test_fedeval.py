@@ -456,3 +456,25 @@ def test_under_record_level_dp_evaluations_compose_with_dp_sgd_against_one_budge
     trained, evaluated = entries
     assert trained["sample_rate"] < 1 and evaluated["epsilon_after"] > trained["epsilon_after"] + 0.1
     assert "record-level: epsilon" in fed.cli("privacy", "--key", fed.key("bank-a")).output
+
+
+@pytest.mark.slow
+def test_a_target_epsilon_covers_the_evaluations_so_the_planned_rounds_fit_and_the_end_is_signed(tmp_path, credit_split):
+    """target_epsilon over `rounds` rounds: DP-SGD's noise is calibrated with the DP holdout evaluations beside it,
+    so all planned rounds fit the budget; then the coordinator prices the evaluations too and signs the end
+    (before: the third round's training was refused at every bank and aggregate waited forever)."""
+    spec = HOLDOUT + '\n[privacy]\nmode = "record"\nclip = 1.0\ntarget_epsilon = 3.0\nrounds = 2\n'
+    fed = make_fed(tmp_path, credit_split, spec, banks=BANKS[:3])
+    for r in (1, 2):
+        for b in BANKS[:3]:
+            assert f"submitted update for round {r}" in fed.train(b).output
+        res = fed.aggregate()
+    assert "complete" in res.output and "privacy budget is used up" in res.output
+    assert "federation complete" in fed.train("bank-a").output or "is complete" in fed.train("bank-a").output
+    spent = _ledger(fed, "bank-a")[-1]["epsilon_after"]
+    assert 2.5 < spent <= 3.0  # the whole target, training and evaluations together, and not more
+    from fedcli.report import collect
+    from fedcli.store import open_store
+
+    last = max((e for e in collect(open_store(str(fed.store))).entries if e.member == "bank-a"), key=lambda e: e.round)
+    assert last.epsilon == pytest.approx(spent, abs=0.01)  # the report prices the evaluations as the ledger does

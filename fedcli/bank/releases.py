@@ -114,13 +114,22 @@ def recover(store: Store, spec: Spec, me: PublicIdentity, ledger: Ledger) -> lis
     return added
 
 
+def evaluation_mechanism(dp: dict) -> Mechanism:
+    """A signed DP holdout evaluation's `dp` record as the accountant's release: one record-level Gaussian release
+    of its declared noise (sample rate 1, one step)."""
+    try:
+        return Mechanism("record", float(dp["noise_multiplier"]), 1.0, 1, float(dp["sensitivity"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise FedcliError(f"malformed DP record: {e}") from None
+
+
 def _recover_evaluation(ledger: Ledger, spec: Spec, r: int, dp: dict) -> dict:
     """A DP holdout evaluation the store shows: one record-level Gaussian release of its declared noise."""
     ps = spec.privacy
     assert ps.budget_epsilon is not None
     try:
-        mech = Mechanism("record", float(dp["noise_multiplier"]), 1.0, 1, float(dp["sensitivity"]))
-    except (FedcliError, KeyError, TypeError, ValueError) as e:
+        mech = evaluation_mechanism(dp)
+    except FedcliError as e:
         raise VerificationError(
             f"round {r}: the DP record of this bank's signed evaluation is malformed: {e}"
         ) from None

@@ -232,7 +232,8 @@ def plan_privacy(job: BankRound, plan: BankPlan, data: LocalData) -> Release | N
     if plan.privacy is None:
         return None
     training = job.spec.training
-    mechanism = policy.plan(plan.privacy.table, len(data), training.batch_size, training.epochs)
+    beside = holdout.mechanism(job.spec) if data.held is not None else None  # DP holdout evaluations, each round
+    mechanism = policy.plan(plan.privacy.table, len(data), training.batch_size, training.epochs, beside)
     release = Release(mechanism, plan.privacy)
     release.check()
     return release

@@ -1,13 +1,13 @@
 """When a federation ends: the planned rounds are done, or too few banks can still afford a DP release.
 
 The coordinator decides it from signed documents only: the spec (`[federation] rounds`, `[privacy]`)
-and each bank's signed update manifests with their `dp` records, priced by the same accountant the
-banks' ledgers use. It then signs the final marker (protocol.final), and remembers it in its state.
+and each bank's signed update manifests and DP holdout evaluations with their `dp` records, priced by
+the same accountant the banks' ledgers use. It then signs the final marker (protocol.final), and remembers it in its state.
 """
 
 from __future__ import annotations
 
-from fedcli.bank.releases import store_releases
+from fedcli.bank.releases import evaluation_mechanism, store_evaluations, store_releases
 from fedcli.coordinator.state import CoordinatorState
 from fedcli.errors import FedcliError
 from fedcli.privacy.accounting import Mechanism, epsilon
@@ -41,12 +41,22 @@ def _able_members(store: Store, spec: Spec, open_round: int) -> list[str]:
             continue
         try:
             mechs = [Mechanism.from_dict(released[r]) for r in sorted(released)]
-            after = epsilon([*mechs, mechs[-1]], delta)
+            evals = _evaluations(store, spec, member)
+            after = epsilon([*mechs, *evals, mechs[-1], *evals[-1:]], delta)  # spent, and the next round's
         except (FedcliError, ArithmeticError, ValueError):
             continue  # a release the accountant cannot price: it cannot be afforded either
         if after <= budget:
             able.append(member.name)
     return able
+
+
+def _evaluations(store: Store, spec: Spec, member) -> list[Mechanism]:
+    """The member's signed DP holdout evaluations (bank.holdout): record-level releases, so they count
+    against a record-level budget too (an update-level budget is of another unit, the bank's whole update)."""
+    if spec.privacy.mode != "record":
+        return []
+    found = store_evaluations(store, spec, member)
+    return [evaluation_mechanism(found[r]) for r in sorted(found)]
 
 
 def end_if_due(

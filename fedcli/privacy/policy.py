@@ -5,7 +5,8 @@ See docs/privacy.md for what each mode protects and what it does not.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -36,21 +37,61 @@ class PrivacySpec:
     def enabled(self) -> bool:
         return self.mode != "none"
 
-    def noise_for(self, sample_rate: float = 1.0, steps_per_round: int = 1) -> float:
-        """The noise multiplier a bank uses (record mode: pass its DP-SGD schedule)."""
+    def noise_for(self, sample_rate: float = 1.0, steps_per_round: int = 1, beside: Mechanism | None = None) -> float:
+        """The noise multiplier a bank uses (record mode: pass its DP-SGD schedule).
+
+        `beside`: another release of the same privacy unit the bank makes every round (the holdout
+        evaluation under DP, bank.holdout): a target epsilon then covers both over `rounds` rounds,
+        so the evaluations never eat the budget the planned training rounds need.
+        """
         if self.noise_multiplier is not None:
             return self.noise_multiplier
-        return noise_multiplier_for(self.target_epsilon, self.delta, self.rounds, sample_rate, steps_per_round)
+        assert self.target_epsilon is not None  # the contract: one of the two
+        if beside is None:
+            return noise_multiplier_for(self.target_epsilon, self.delta, self.rounds, sample_rate, steps_per_round)
+        return noise_multiplier_beside(
+            self.target_epsilon, self.delta, self.rounds, sample_rate, steps_per_round, beside
+        )
 
 
-def plan(ps: PrivacySpec, n_rows: int, batch_size: int, epochs: int) -> Mechanism:
-    """The mechanism a bank's next release will be, known before training (for the budget check)."""
+def plan(ps: PrivacySpec, n_rows: int, batch_size: int, epochs: int, beside: Mechanism | None = None) -> Mechanism:
+    """The mechanism a bank's next release will be, known before training (for the budget check).
+
+    `beside`: a record-level release made every round next to training (PrivacySpec.noise_for)."""
     if ps.mode == "update":
         return Mechanism("update", ps.noise_for(), 1.0, 1, ps.clip)
     if ps.mode == "record":
         q, steps = dp_sgd_schedule(n_rows, batch_size, epochs)
-        return Mechanism("record", ps.noise_for(q, steps), q, steps, ps.clip)
+        return Mechanism("record", ps.noise_for(q, steps, beside), q, steps, ps.clip)
     raise FedcliError("this federation does not use differential privacy")
+
+
+@functools.lru_cache(maxsize=64)  # pure; a bisection over the accountant
+def noise_multiplier_beside(
+    target_epsilon: float, delta: float, rounds: int, sample_rate: float, steps_per_round: int, beside: Mechanism
+) -> float:
+    """Smallest DP-SGD noise multiplier (to 1 %) so `rounds` rounds of training and of `beside` stay within the target."""
+    alone = epsilon([replace(beside, steps=beside.steps * rounds)], delta)
+    if alone >= target_epsilon:
+        raise FedcliError(
+            f"the holdout evaluations alone would cost epsilon {alone:.3g} over {rounds} rounds, at least the "
+            f"target {target_epsilon:g} (delta={delta:g}): raise [evaluation] noise or [privacy] target_epsilon"
+        )
+
+    def cost(z: float) -> float:
+        training = Mechanism("record", z, sample_rate, steps_per_round * rounds, 1.0)
+        return epsilon([training, replace(beside, steps=beside.steps * rounds)], delta)
+
+    low = noise_multiplier_for(target_epsilon, delta, rounds, sample_rate, steps_per_round)  # training alone
+    high = low * 2
+    while cost(high) > target_epsilon:
+        high *= 2
+        if high > 1e4:
+            raise FedcliError(f"cannot reach epsilon={target_epsilon} at delta={delta} beside the holdout evaluations")
+    while high - low > 0.01 * low:
+        mid = (low + high) / 2
+        low, high = (low, mid) if cost(mid) <= target_epsilon else (mid, high)
+    return high
 
 
 class PrivacyTable(BaseModel):
