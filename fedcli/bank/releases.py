@@ -21,39 +21,37 @@ def store_releases(store: Store, spec: Spec, me: PublicIdentity, listing: list[s
     """Round -> `dp` record of each update manifest on the store that this key signed in this federation.
 
     `listing`: the store's keys under rounds/, when the caller lists once for several members."""
-    pattern = re.compile(rf"rounds/(\d{{6}})/updates/{re.escape(me.name)}\.json")
-    found: dict[int, dict] = {}
-    for key in store.list("rounds") if listing is None else listing:
-        m = pattern.fullmatch(key)
-        if not m:
-            continue
-        r, what = int(m.group(1)), f"update from {me.name}"
-        try:
-            manifest = verify_manifest(rounds.read_manifest(store, key, what), me, what)
-        except (VerificationError, NotFound, NotRegular):
-            continue  # not signed by this key (a forgery the coordinator rejects): not a release of ours
-        place = (manifest.get("federation_id"), manifest.get("round"), manifest.get("member"))
-        if place == (spec.federation_id, r, me.name) and isinstance(manifest.get("dp"), dict):
-            found[r] = manifest["dp"]
-    return found
+    return _signed_dp(store, spec, me, "updates", None, listing)
 
 
 def store_evaluations(store: Store, spec: Spec, me: PublicIdentity) -> dict[int, dict]:
     """Global round -> `dp` record of each DP holdout evaluation on the store signed by this key in this
     federation (bank.holdout): each one a record-level release too."""
-    pattern = re.compile(rf"rounds/(\d{{6}})/evaluations/{re.escape(me.name)}\.json")
+    return _signed_dp(store, spec, me, "evaluations", "evaluation", None)
+
+
+def _signed_dp(
+    store: Store, spec: Spec, me: PublicIdentity, folder: str, kind: str | None, listing: list[str] | None
+) -> dict[int, dict]:
+    """Round -> `dp` record of this key's signed documents under rounds/N/<folder>/ (of `kind`, when given)
+    naming this federation, round and member; anything else (a forgery, a stray file) is not a release of ours."""
+    pattern = re.compile(rf"rounds/(\d{{6}})/{folder}/{re.escape(me.name)}\.json")
     found: dict[int, dict] = {}
-    for key in store.list("rounds"):
+    for key in store.list("rounds") if listing is None else listing:
         m = pattern.fullmatch(key)
         if not m:
             continue
-        r, what = int(m.group(1)), f"holdout evaluation by {me.name}"
+        r, what = int(m.group(1)), f"{folder[:-1]} from {me.name}"
         try:
             doc = verify_manifest(rounds.read_manifest(store, key, what), me, what)
         except (VerificationError, NotFound, NotRegular):
             continue
-        place = (doc.get("kind"), doc.get("federation_id"), doc.get("round"), doc.get("member"))
-        if place == ("evaluation", spec.federation_id, r, me.name) and isinstance(doc.get("dp"), dict):
+        place = (doc.get("federation_id"), doc.get("round"), doc.get("member"))
+        if (
+            place == (spec.federation_id, r, me.name)
+            and kind in (None, doc.get("kind"))
+            and isinstance(doc.get("dp"), dict)
+        ):
             found[r] = doc["dp"]
     return found
 
