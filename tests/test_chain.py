@@ -485,3 +485,18 @@ def test_mutated_links_and_spec_versions_fail_with_one_line(tmp_path, credit_spl
                 one_line(res)
         path.write_bytes(original)
     show(fed)
+
+
+def test_an_older_global_is_scored_with_the_preprocessing_of_the_version_it_was_trained_under(tmp_path, credit_split):
+    """A later version may move a feature's declared mean; evaluating round 1 must still standardise as round 1 did."""
+    fed = make_fed(tmp_path, credit_split)
+    for b in ("bank-a", "bank-b", "bank-c"):
+        fed.train(b)
+    fed.aggregate()
+    before = fed.evaluate(fed.data / "test.csv", "--round", "1").output
+    moved = tmp_path / "moved.toml"
+    moved.write_text(TEMPLATE.replace("mean = 9.132939", "mean = 29.132939", 1))
+    amend(fed, "--file", moved, "--effective-round", "2")
+    assert "spec version 2 of 2" in show(fed).output or "announced: version 2" in show(fed).output
+    after = fed.evaluate(fed.data / "test.csv", "--round", "1").output
+    assert after == before  # the same numbers: version 1's means for the global version 1 trained

@@ -28,13 +28,18 @@ def verified_global(
     state_path: Path | None = None,
 ):
     """(spec, global, notes): the global of `round_` (default the newest), after the freshness checks
-    `train` makes (bank.freshness: with `key_path`, this bank's state must not be newer than the store)."""
+    `train` makes (bank.freshness: with `key_path`, this bank's state must not be newer than the store).
+
+    The spec returned is the version in force for that round (protocol.chain): the global was trained on
+    rows preprocessed as that version declares, so it is scored the same way (a later version may change
+    a feature's mean or a category's levels)."""
     spec, spec_sha = rounds.load_spec(store, keys.load_public(coordinator_pub))
     notes = freshness.check_for_key(store, spec, spec_sha, key_path, state_path, save=True)
     r = rounds.latest_round(store) if round_ is None else round_
     if r not in rounds.global_rounds(store):
         raise FedcliError(f"round {r} has no published global model")
-    return spec, rounds.load_global(store, spec, spec_sha, r, models.shapes(spec.model, spec.data.n_features)), notes
+    g = rounds.load_global(store, spec, spec_sha, r, models.shapes(spec.model, spec.data.n_features))
+    return rounds.spec_for_round(spec, spec_sha, r)[0], g, notes
 
 
 def evaluate(
