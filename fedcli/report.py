@@ -122,7 +122,8 @@ def _dp_evaluations(store: Store, spec: Spec) -> dict[str, dict[int, dict]]:
         return {}
     from fedcli.bank.releases import store_evaluations
 
-    return {m.name: store_evaluations(store, spec, m) for m in spec.members}
+    listing = store.list("rounds")
+    return {m.name: store_evaluations(store, spec, m, listing) for m in spec.members}
 
 
 def collect(store: Store, pinned: PublicIdentity | None = None) -> Report:

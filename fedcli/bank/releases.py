@@ -24,10 +24,12 @@ def store_releases(store: Store, spec: Spec, me: PublicIdentity, listing: list[s
     return _signed_dp(store, spec, me, "updates", None, listing)
 
 
-def store_evaluations(store: Store, spec: Spec, me: PublicIdentity) -> dict[int, dict]:
+def store_evaluations(
+    store: Store, spec: Spec, me: PublicIdentity, listing: list[str] | None = None
+) -> dict[int, dict]:
     """Global round -> `dp` record of each DP holdout evaluation on the store signed by this key in this
-    federation (bank.holdout): each one a record-level release too."""
-    return _signed_dp(store, spec, me, "evaluations", "evaluation", None)
+    federation (bank.holdout): each one a record-level release too. `listing`: as for store_releases."""
+    return _signed_dp(store, spec, me, "evaluations", "evaluation", listing)
 
 
 def _signed_dp(

@@ -41,7 +41,7 @@ def _able_members(store: Store, spec: Spec, open_round: int) -> list[str]:
             continue
         try:
             mechs = [Mechanism.from_dict(released[r]) for r in sorted(released)]
-            evals = _evaluations(store, spec, member)
+            evals = _evaluations(store, spec, member, listing)
             after = epsilon([*mechs, *evals, mechs[-1], *evals[-1:]], delta)  # spent, and the next round's
         except (FedcliError, ArithmeticError, ValueError):
             continue  # a release the accountant cannot price: it cannot be afforded either
@@ -50,12 +50,12 @@ def _able_members(store: Store, spec: Spec, open_round: int) -> list[str]:
     return able
 
 
-def _evaluations(store: Store, spec: Spec, member) -> list[Mechanism]:
+def _evaluations(store: Store, spec: Spec, member, listing: list[str]) -> list[Mechanism]:
     """The member's signed DP holdout evaluations (bank.holdout): record-level releases, so they count
     against a record-level budget too (an update-level budget is of another unit, the bank's whole update)."""
     if spec.privacy.mode != "record":
         return []
-    found = store_evaluations(store, spec, member)
+    found = store_evaluations(store, spec, member, listing)
     return [evaluation_mechanism(found[r]) for r in sorted(found)]
 
 

@@ -128,13 +128,7 @@ class Ledger:
     ) -> dict:
         """Check the budget and append the release to the ledger, atomically; returns the entry.
         `release`: what it is when not a round's update ("evaluation": a holdout evaluation of global `round`)."""
-        with self._locked():
-            after = self.check(mech, budget_epsilon, delta)
-            entry = _entry(mech, round, federation, delta, after, budget_epsilon)
-            if release is not None:
-                entry["release"] = release
-            self._write([*self.entries(), entry])
-        return entry
+        return self._append(mech, round, federation, budget_epsilon, delta, release, enforce=True)
 
     def record(
         self,
@@ -147,13 +141,28 @@ class Ledger:
         release: str | None = None,
     ) -> dict:
         """Append a release that already happened (recovery from the store), whatever the budget says."""
+        return self._append(mech, round, federation, budget_epsilon, delta, release, enforce=False)
+
+    def _append(
+        self,
+        mech: Mechanism,
+        round: int,
+        federation: str,
+        budget_epsilon: float,
+        delta: float,
+        release: str | None,
+        enforce: bool,
+    ) -> dict:
         with self._locked():
-            history = self.entries()
-            mechs = [Mechanism.from_dict(e) for e in history if e.get("mode") == mech.mode]
-            entry = _entry(mech, round, federation, delta, epsilon([*mechs, mech], delta), budget_epsilon)
+            after = (
+                self.check(mech, budget_epsilon, delta)
+                if enforce
+                else epsilon([*self.mechanisms(mech.mode), mech], delta)
+            )
+            entry = _entry(mech, round, federation, delta, after, budget_epsilon)
             if release is not None:
                 entry["release"] = release
-            self._write([*history, entry])
+            self._write([*self.entries(), entry])
         return entry
 
     @contextlib.contextmanager
