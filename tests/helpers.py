@@ -61,17 +61,19 @@ class Fed:
             assert res.exit_code == code, f"exit {res.exit_code} != {code}\n{res.output}\n{res.exception!r}"
         return res
 
-    def train(self, bank: str, code: int | None = 0, data: Path | None = None):
+    def train(self, bank: str, *extra, code: int | None = 0, data: Path | None = None, store=None):
+        """`fedcli train` at one bank on its own table; `extra` options, another `store` (a mirror) if given."""
         return self.cli(
             "train",
             "--store",
-            self.loc,
+            store or self.loc,
             "--key",
             self.key(bank),
             "--data",
             data or self.data / f"{bank}.csv",
             "--coordinator",
             self.pub("coordinator"),
+            *extra,
             code=code,
         )
 

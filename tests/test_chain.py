@@ -267,19 +267,7 @@ def test_a_version_that_drops_dp_is_refused_until_accepted(tmp_path, credit_spli
     assert "differential privacy" in res.output and "version 2" in res.output  # the difference, as a table
     assert snapshot(fed) == before
     assert "weakens" in one_line(fed.train("bank-d", code=4))  # a bank with no record: it agreed to version 1
-    res = fed.cli(
-        "train",
-        "--store",
-        fed.loc,
-        "--key",
-        fed.key("bank-a"),
-        "--data",
-        fed.data / "bank-a.csv",
-        "--coordinator",
-        fed.pub("coordinator"),
-        "--accept-spec-version",
-        "2",
-    )
+    res = fed.train("bank-a", "--accept-spec-version", "2")
     assert "submitted update for round 2" in res.output
     fed.train("bank-a")  # accepted once, remembered
 
@@ -432,17 +420,7 @@ def test_a_bundle_carries_the_spec_versions_to_a_mirror(tmp_path, credit_split):
     mirror = tmp_path / "mirror"
     fed.cli("bundle", "import", out, "--store", mirror, "--coordinator", fed.pub("coordinator"))
     assert "spec version 2 of 2" in fed.cli("spec", "show", mirror, "--coordinator", fed.pub("coordinator")).output
-    fed.cli(
-        "train",
-        "--store",
-        mirror,
-        "--key",
-        fed.key("bank-a"),
-        "--data",
-        fed.data / "bank-a.csv",
-        "--coordinator",
-        fed.pub("coordinator"),
-    )
+    fed.train("bank-a", store=mirror)
     v2 = json.loads((fed.store / "specs/000002/link.json").read_text())["spec_sha256"]
     assert json.loads((mirror / "rounds/000001/updates/bank-a.json").read_text())["spec_sha256"] == v2
     # a version planted into a coordinator bundle's mirror copy is refused by the walk, as on any store

@@ -82,18 +82,7 @@ def test_banks_hold_out_rows_and_publish_signed_histograms_that_status_sums(tmp_
     for b in BANKS[1:]:
         fed.train(b)
     fed.aggregate()
-    quiet = fed.cli(
-        "holdout",
-        "--store",
-        fed.store,
-        "--key",
-        fed.key("bank-c"),
-        "--data",
-        fed.data / "bank-c.csv",
-        "--coordinator",
-        fed.pub("coordinator"),
-        "--no-publish",
-    )
+    quiet = _holdout_cmd(fed, "bank-c", "--no-publish")
     assert "global of round 1: auc" in quiet.output and "not published (--no-publish)" in quiet.output
     assert not _eval_file(fed, 1, "bank-c").exists()
     table = tables.prepare(
@@ -108,29 +97,9 @@ def test_banks_hold_out_rows_and_publish_signed_histograms_that_status_sums(tmp_
     assert doc["kind"] == "evaluation" and doc["round"] == 0 and len(doc["positives"]) == 50
     assert sum(doc["positives"]) + sum(doc["negatives"]) == total - update["num_examples"]
     assert set(doc) <= {*evaluations.EvaluationRecord.model_fields, "signature"}  # counts and sums, no rows
-    res = fed.cli(
-        "holdout",
-        "--store",
-        fed.store,
-        "--key",
-        fed.key("bank-b"),
-        "--data",
-        fed.data / "bank-b.csv",
-        "--coordinator",
-        fed.pub("coordinator"),
-    )
+    res = _holdout_cmd(fed, "bank-b")
     assert "published the signed holdout evaluation of round 1" in res.output
-    again = fed.cli(
-        "holdout",
-        "--store",
-        fed.store,
-        "--key",
-        fed.key("bank-b"),
-        "--data",
-        fed.data / "bank-b.csv",
-        "--coordinator",
-        fed.pub("coordinator"),
-    )
+    again = _holdout_cmd(fed, "bank-b")
     assert "already published" in again.output
     status = fed.cli("status", fed.store, "--coordinator", fed.pub("coordinator")).output
     assert "holdout: each global model" in status and "holdout AUC per bank" in status
@@ -180,32 +149,23 @@ def test_someone_elses_file_at_my_place_stops_the_holdout_command(tmp_path, cred
     path = _eval_file(fed, 1, "bank-a")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('{"planted": true}')
-    res = fed.cli(
-        "holdout",
-        "--store",
-        fed.store,
-        "--key",
-        fed.key("bank-a"),
-        "--data",
-        fed.data / "bank-a.csv",
-        "--coordinator",
-        fed.pub("coordinator"),
-        code=ExitCode.VERIFY,
-    )
+    res = _holdout_cmd(fed, "bank-a", code=ExitCode.VERIFY)
     assert "not bank-a's valid evaluation" in res.output
 
 
-def _holdout_cmd(fed, bank: str, code: int = 0):
+def _holdout_cmd(fed, bank: str, *extra, code: int = 0):
+    """`fedcli holdout` for one bank on its own table (fed.loc: the folder or the S3 store)."""
     return fed.cli(
         "holdout",
         "--store",
-        fed.store,
+        fed.loc,
         "--key",
         fed.key(bank),
         "--data",
         fed.data / f"{bank}.csv",
         "--coordinator",
         fed.pub("coordinator"),
+        *extra,
         code=code,
     )
 
@@ -231,20 +191,8 @@ def test_under_dp_banks_publish_noised_counts_charged_to_their_ledger(tmp_path, 
     record = [e for e in entries if e["mode"] == "record"]
     assert [(e["round"], e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in record] == [(0, 5.0, 1.0, 1)]
     assert [e["mode"] for e in entries] == ["update", "record"]  # the update, then its evaluation
-    stricter = fed.cli(
-        "holdout",
-        "--store",
-        fed.store,
-        "--key",
-        fed.key("bank-a"),
-        "--data",
-        fed.data / "bank-a.csv",
-        "--coordinator",
-        fed.pub("coordinator"),
-        "--max-epsilon",
-        "1.0",  # a second evaluation would bring record-level epsilon to 1.16
-        code=ExitCode.BUDGET,
-    )
+    # a second evaluation would bring record-level epsilon to 1.16
+    stricter = _holdout_cmd(fed, "bank-a", "--max-epsilon", "1.0", code=ExitCode.BUDGET)
     assert "budget 1 " in stricter.output and not _eval_file(fed, 1, "bank-a").exists()
     again = _holdout_cmd(fed, "bank-a")  # the global of round 1: a second release
     assert "record-level epsilon now" in again.output
@@ -333,18 +281,7 @@ def test_without_a_holdout_nothing_changes_and_status_says_so(fed):
     fed.train("bank-a")
     assert not (fed.store / "rounds/000000/evaluations").exists()
     assert "[evaluation] holdout is 0" in fed.cli("status", fed.store).output
-    res = fed.cli(
-        "holdout",
-        "--store",
-        fed.store,
-        "--key",
-        fed.key("bank-a"),
-        "--data",
-        fed.data / "bank-a.csv",
-        "--coordinator",
-        fed.pub("coordinator"),
-        code=ExitCode.ERROR,
-    )
+    res = _holdout_cmd(fed, "bank-a", code=ExitCode.ERROR)
     assert "holds out no rows" in res.output
 
 
@@ -356,17 +293,7 @@ def test_holdout_evaluations_on_s3(moto_s3, tmp_path, credit_split, monkeypatch)
     for b in BANKS[:3]:
         fed.train(b)
     fed.aggregate()
-    fed.cli(
-        "holdout",
-        "--store",
-        fed.loc,
-        "--key",
-        fed.key("bank-a"),
-        "--data",
-        fed.data / "bank-a.csv",
-        "--coordinator",
-        fed.pub("coordinator"),
-    )
+    _holdout_cmd(fed, "bank-a")
     found = evaluations.collect(open_store(fed.loc))
     assert sorted(found.by_round[0]) == ["bank-a", "bank-b", "bank-c"] and list(found.by_round[1]) == ["bank-a"]
     assert "│     0 │   3/4" in fed.cli("status", fed.loc).output
@@ -459,7 +386,9 @@ def test_under_record_level_dp_evaluations_compose_with_dp_sgd_against_one_budge
 
 
 @pytest.mark.slow
-def test_a_target_epsilon_covers_the_evaluations_so_the_planned_rounds_fit_and_the_end_is_signed(tmp_path, credit_split):
+def test_a_target_epsilon_covers_the_evaluations_so_the_planned_rounds_fit_and_the_end_is_signed(
+    tmp_path, credit_split
+):
     """target_epsilon over `rounds` rounds: DP-SGD's noise is calibrated with the DP holdout evaluations beside it,
     so all planned rounds fit the budget; then the coordinator prices the evaluations too and signs the end
     (before: the third round's training was refused at every bank and aggregate waited forever)."""
