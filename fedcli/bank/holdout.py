@@ -111,14 +111,17 @@ def selector(spec: Spec) -> Callable[[np.ndarray], np.ndarray] | None:
     return lambda X: holdout_rows(spec.federation_id, X, share)
 
 
-def notes(source: str, training_rows: int, held: HeldOut | None) -> list[str]:
+def notes(spec: Spec, source: str, training_rows: int, held: HeldOut | None) -> list[str]:
     """The split's note; refused when nothing is left to train on."""
     if held is None:
         return []
     n = training_rows + len(held.y)
     if training_rows == 0:
         raise InputError(f"{source}: every one of its {n} rows falls in the holdout; nothing left to train on")
-    return [f"holdout: {len(held.y):,} of {n:,} rows held out (never trained on), training on {training_rows:,}"]
+    out = [f"holdout: {len(held.y):,} of {n:,} rows held out (never trained on), training on {training_rows:,}"]
+    if spec.evaluation.baseline and held.X is None:
+        out.append("no bank-alone baseline this round: the holdout is bigger than the rows bank.rows holds at once")
+    return out
 
 
 def evaluate(job: BankRound, base: rounds.Global, data: LocalData) -> Holdout | None:

@@ -214,7 +214,7 @@ def prepare_data(job: BankRound, base: rounds.Global, data_path: Path) -> LocalD
     with status:
         scorer = lambda X: probabilities(job.spec.model, base.tensors, X)  # noqa: E731
         local, scores, held = rows.read(table, job.spec.data, scorer, selector)
-    notes = list(local.notes) + holdout.notes(source, len(local), held)
+    notes = list(local.notes) + holdout.notes(job.spec, source, len(local), held)
     try:
         before = score(local.y, scores)
     except FedcliError as e:
