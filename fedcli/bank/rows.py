@@ -77,14 +77,12 @@ class LocalRows:
         if self.X is not None:
             return training.shuffled_chunks(self.X, self.y, seed, batch_size)
         step = max(1, SHUFFLE_ROWS // batch_size) * batch_size
+        parts = self.table.parts()
 
         def epoch(e: int) -> Iterator[Chunk]:
-            buffer = _Buffer()
             order = training.epoch_order(seed, e, len(parts))
-            for i, (X, y) in enumerate(_buffers(self._reread([parts[k] for k in order]), step, buffer)):
+            for i, (X, y) in enumerate(_buffers(self._reread([parts[k] for k in order]), step)):
                 yield from training.shuffled_chunks(X, y, _buffer_seed(seed, i), batch_size)(e)
-
-        parts = self.table.parts()
 
         return epoch
 
@@ -225,8 +223,9 @@ class _Buffer:
         return X[:rows], y[:rows]
 
 
-def _buffers(chunks: Iterator[Chunk], step: int, buffer: _Buffer) -> Iterator[Chunk]:
+def _buffers(chunks: Iterator[Chunk], step: int) -> Iterator[Chunk]:
     """The chunks regrouped into buffers of `step` rows (whole batches), the last one shorter."""
+    buffer = _Buffer()
     for X, y in chunks:
         buffer.add(X, y)
         while buffer.n >= step:
